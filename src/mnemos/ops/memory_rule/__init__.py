@@ -1,0 +1,13 @@
+"""The memory rule of a test-time-trained neural memory, in three forms with one signature.
+
+- :func:`neural_memory_reference`: token by token, plain; the truth (reference.py).
+- :func:`neural_memory_chunked`: chunk-parallel dual form in PyTorch; CPU and CUDA (chunked.py).
+- :func:`neural_memory`: the entry point; picks an implementation for the inputs' device.
+"""
+
+from .common import MemoryState, memory_read
+from .chunked import neural_memory_chunked
+from .reference import neural_memory_reference
+from .dispatch import neural_memory
+
+__all__ = ["neural_memory", "neural_memory_chunked", "neural_memory_reference", "memory_read", "MemoryState"]

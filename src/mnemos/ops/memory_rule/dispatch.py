@@ -1,0 +1,86 @@
+"""The public entry point of the memory rule: one signature, the implementation picked by device and config."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from .chunked import neural_memory_chunked
+from .common import MemoryState
+from .reference import neural_memory_reference
+
+IMPLS = ("auto", "torch", "reference")
+
+
+def neural_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    weights: Sequence[Tensor] | None = None,
+    *,
+    chunk_size: int = 16,
+    momentum: Sequence[Tensor] | None = None,
+    residual: bool = True,
+    activation: str = "gelu",
+    initial_state: MemoryState | None = None,
+    output_final_state: bool = False,
+    impl: str = "auto",
+) -> tuple[Tensor, MemoryState | None]:
+    """Write every token into a neural memory by gradient descent and read it back (Titans, arXiv 2501.00663, §3.2).
+
+    The memory is ``M(x; W) = W_L a_{L-1} (+ x if residual)`` with ``a_0 = x``, ``a_l = act(W_l a_{l-1})``.
+    Tokens are cut into chunks of ``chunk_size``; for token t of chunk c::
+
+        u_t = grad_W || M(k_t; W_anchor) - v_t ||^2     (summed over V; W_anchor = memory at the end of chunk c-1)
+        S_t = eta_t S_{t-1} - theta_t u_t                  (momentum: "surprise")
+        W_t = (1 - alpha_t) W_{t-1} + S_t                  (decay: "forgetting")
+        o_t = M(q_t; W_t)                                  (read after the token's own write)
+
+    ``chunk_size=1`` is online gradient descent with momentum; ``alpha = 1`` empties the memory; ``theta = 0`` leaves
+    it unchanged.
+
+    Args:
+        q, k: ``[B, T, H, K]`` queries and keys (l2-normalised by the Titans layer; any values are accepted).
+        v: ``[B, T, H, V]`` values.
+        theta: ``[B, T, H]`` inner learning rate, >= 0.
+        eta: ``[B, T, H]`` momentum gate in [0, 1].
+        alpha: ``[B, T, H]`` forgetting gate in [0, 1].
+        weights: tuple of L layer weights, each ``[H, D_out, D_in]`` (one initial memory shared by every sequence) or
+            ``[B, H, D_out, D_in]`` (per sequence); layer 1 takes K inputs, layer L gives V outputs. Omit it when
+            ``initial_state`` is given.
+        chunk_size: tokens per gradient anchor, >= 1. Default 16 (the paper's setting).
+        momentum: optional tuple like ``weights`` with leading ``[B, H]``: the initial surprise S_0 (zeros if None).
+        residual: ``M(x) = ... + x``; needs K == V.
+        activation: ``"gelu"`` (erf form) or ``"silu"`` between layers.
+        initial_state: a :class:`MemoryState` from an earlier call; the stream continues exactly, mid-chunk
+            included (then ``chunk_size`` must match the state's).
+        output_final_state: also return the state after the last token.
+        impl: ``"auto"`` (the fastest exact path for the device; today the chunked torch path everywhere),
+            ``"torch"`` (chunked torch path) or ``"reference"`` (token-by-token, for testing).
+
+    Returns:
+        ``(o, state)``: o ``[B, T, H, V]`` in q's dtype; state a :class:`MemoryState` (float32 for half-precision
+        inputs) or None. Differentiable with respect to every tensor argument.
+
+    Example:
+        >>> import torch
+        >>> from mnemos.ops import neural_memory
+        >>> B, T, H, D = 1, 10, 2, 8
+        >>> q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+        >>> theta, eta, alpha = torch.full((B, T, H), 0.1), torch.full((B, T, H), 0.9), torch.zeros(B, T, H)
+        >>> W = (0.1 * torch.randn(H, 4 * D, D), 0.1 * torch.randn(H, D, 4 * D))  # depth-2 MLP memory
+        >>> o, state = neural_memory(q, k, v, theta, eta, alpha, W, chunk_size=4, output_final_state=True)
+        >>> o.shape, state.weights[0].shape, state.offset
+        (torch.Size([1, 10, 2, 8]), torch.Size([1, 2, 32, 8]), 2)
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    fn = neural_memory_reference if impl == "reference" else neural_memory_chunked
+    return fn(
+        q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
+        activation=activation, initial_state=initial_state, output_final_state=output_final_state,
+    )
