@@ -194,6 +194,8 @@ def neural_memory_chunked(
             start = n0
         rest = T - start
         if rest > 0:
+            if rest < C:  # a short input (e.g. one decoding step) is one chunk of its own length, unpadded
+                C = rest
             nc = -(-rest // C)  # number of chunks, the last one padded
             pad = nc * C - rest
 
@@ -216,6 +218,5 @@ def neural_memory_chunked(
         o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype)  # [B, T, H, V]
     if not output_final_state:
         return o, None
-    offset = (spec.offset + T) % C
-    W = tuple(w.expand(B, *w.shape[-3:]) for w in W)  # T >= 1, so W is per-sequence already; expand is a no-op
-    return o, MemoryState(W, S, W if offset == 0 else A, offset, C)
+    offset = (spec.offset + T) % chunk_size
+    return o, MemoryState(W, S, W if offset == 0 else A, offset, chunk_size)

@@ -1,0 +1,195 @@
+"""The Titans neural long-term memory as a sequence-mixing layer (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663).
+
+    x -> Linear q, k, v -> causal depthwise conv (4) -> SiLU -> l2-normalise q, k
+    x -> Linear -> theta = max_lr * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.)     (per token and head)
+    (q, k, v, gates, W_0) -> memory rule (mnemos.ops.neural_memory) -> o
+    o -> RMSNorm(o) * silu(Linear x) -> Linear -> y
+
+Choices the paper leaves open, and what this layer does:
+- Heads: H independent memories of head dim D (the paper's multi-head setting); each head has its own learned W_0.
+- Convolution: one depthwise causal conv per q, k and v channel, no bias; SiLU after it on q, k and v; l2-norm on
+  q and k only (values keep their scale, they are the regression targets).
+- Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head. theta is
+  bounded by ``max_lr`` (default 0.1); initial biases put theta at max_lr/2, eta at sigmoid(2) ~ 0.88 (momentum on)
+  and alpha at sigmoid(-4) ~ 0.018 (little forgetting), so a new model remembers and can learn to forget.
+- Initial memory W_0: learned; hidden layers ``[H, E*D, D]`` with expansion E (default 4), normal init with std
+  1/sqrt(D_in); the last layer gets the same init, and with ``residual=True`` (default) M starts near identity + noise.
+- Output: RMSNorm per head then a SiLU gate from x (as in Gated DeltaNet, which Titans follows), then a projection.
+- Chunk size 16 (the paper's), gradients anchored per chunk; decoding continues the same chunk bookkeeping, so
+  token-by-token decoding equals the parallel pass exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import MemoryState, memory_read, neural_memory
+from .conv import ShortConvolution
+from .norm import GatedRMSNorm
+
+
+@dataclass
+class NeuralMemoryState:
+    """Decoding state of one :class:`NeuralMemory` layer: the memory rule's state and the conv's last inputs."""
+
+    memory: MemoryState
+    conv: Tensor  # [B, 3 * H * D, conv_size - 1]
+
+    def detach(self) -> "NeuralMemoryState":
+        return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+
+    def to(self, *args, **kwargs) -> "NeuralMemoryState":
+        return NeuralMemoryState(self.memory.to(*args, **kwargs), self.conv.to(*args, **kwargs))
+
+
+class NeuralMemory(nn.Module):
+    """Titans long-term memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``.
+
+    Args:
+        dim: model width.
+        heads: number of memory heads H.
+        head_dim: D per head (default ``dim // heads``).
+        depth: memory depth L (1 = matrix memory, >= 2 = MLP memory; paper default 2).
+        expansion: hidden width factor of an MLP memory (paper default 4).
+        residual: ``M(x) = MLP(x) + x``.
+        activation: ``"gelu"`` or ``"silu"`` inside the memory.
+        chunk_size: tokens per gradient anchor (paper: 16).
+        max_lr: upper bound of the inner learning rate theta.
+        conv_size: causal conv width (paper: 4; 1 mixes nothing over time).
+        impl: implementation of the memory rule passed to :func:`mnemos.ops.neural_memory`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        head_dim: int | None = None,
+        *,
+        depth: int = 2,
+        expansion: int = 4,
+        residual: bool = True,
+        activation: str = "gelu",
+        chunk_size: int = 16,
+        max_lr: float = 0.1,
+        conv_size: int = 4,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"heads ({heads}) must divide dim ({dim}) when head_dim is not given")
+            head_dim = dim // heads
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if expansion < 1:
+            raise ValueError(f"expansion must be >= 1, got {expansion}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not max_lr > 0:
+            raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        if activation not in ("gelu", "silu"):
+            raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
+        self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
+        H, D = heads, head_dim
+        inner = H * D
+
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.conv = ShortConvolution(3 * inner, conv_size)
+        self.to_gates = nn.Linear(dim, 3 * H)  # theta, eta, alpha logits
+        widths = [D] + [expansion * D] * (depth - 1) + [D]
+        self.memory = nn.ParameterList(
+            nn.Parameter(torch.empty(H, widths[i + 1], widths[i])) for i in range(depth)
+        )  # W_0, layer i: [H, D_out, D_in]
+        self.to_out_gate = nn.Linear(dim, inner, bias=False)
+        self.out_norm = GatedRMSNorm(D)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in self.memory:
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[-1]))
+        H = self.heads
+        nn.init.normal_(self.to_gates.weight, std=0.02)
+        with torch.no_grad():
+            self.to_gates.bias[:H].fill_(0.0)  # theta = max_lr / 2
+            self.to_gates.bias[H : 2 * H].fill_(2.0)  # eta ~ 0.88
+            self.to_gates.bias[2 * H :].fill_(-4.0)  # alpha ~ 0.018
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def init_state(self, batch: int, device=None, dtype=None) -> NeuralMemoryState:
+        """The state at the start of a stream: W_0 for every sequence, zero momentum, zero conv history."""
+        p = self.memory[0]
+        device = p.device if device is None else device
+        W = tuple(w.to(device).expand(batch, *w.shape) for w in self.memory)  # [B, H, D_out, D_in], tied to W_0
+        S = tuple(torch.zeros(batch, *w.shape, device=device, dtype=w.dtype) for w in self.memory)
+        mem = MemoryState(W, S, W, 0, self.chunk_size)
+        return NeuralMemoryState(mem, self.conv.init_state(batch, device, dtype or p.dtype))
+
+    def _project(self, x: Tensor, conv_state: Tensor | None):
+        """x [B, T, dim] -> q, k, v [B, T, H, D], gates [B, T, H] each, new conv state."""
+        B, T, _ = x.shape
+        H, D = self.heads, self.head_dim
+        qkv, conv_state = self.conv(self.to_qkv(x), conv_state)  # [B, T, 3*H*D]
+        q, k, v = F.silu(qkv).view(B, T, 3, H, D).unbind(2)  # 3 x [B, T, H, D]
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        g = self.to_gates(x).float().view(B, T, 3, H)  # gates in float32
+        theta = self.max_lr * torch.sigmoid(g[:, :, 0])
+        eta, alpha = torch.sigmoid(g[:, :, 1]), torch.sigmoid(g[:, :, 2])
+        return q, k, v, theta, eta, alpha, conv_state
+
+    def _output(self, x: Tensor, o: Tensor) -> Tensor:
+        B, T, H, D = o.shape
+        gate = self.to_out_gate(x).view(B, T, H, D)
+        return self.out_proj(self.out_norm(o.to(gate.dtype), gate).reshape(B, T, H * D))
+
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """Run the layer over x ``[B, T, dim]``, continuing ``state`` when given; returns ``(y, state after x)``."""
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
+        q, k, v, theta, eta, alpha, conv_state = self._project(x, None if state is None else state.conv)
+        kwargs = dict(chunk_size=self.chunk_size, residual=self.residual, activation=self.activation, impl=self.impl)
+        if state is None:
+            o, mem = neural_memory(q, k, v, theta, eta, alpha, tuple(self.memory), output_final_state=True, **kwargs)
+        else:
+            o, mem = neural_memory(q, k, v, theta, eta, alpha, initial_state=state.memory, output_final_state=True, **kwargs)
+        return self._output(x, o), NeuralMemoryState(mem, conv_state)
+
+    def step(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
+        """One decoding step: x ``[B, dim]`` -> ``(y [B, dim], state)``; equal to the parallel pass token for token."""
+        if x.ndim != 2:
+            raise ValueError(f"x must be [B, {self.dim}] for step, got shape {tuple(x.shape)}")
+        y, state = self.forward(x.unsqueeze(1), state)
+        return y.squeeze(1), state
+
+    def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
+        """Read the memory with x's queries and no update (MAC's retrieval): ``[B, T, dim] -> [B, T, H, D]``.
+
+        Reads the memory as it stands in ``state`` (W_0 when None). Uses the query path only: the conv runs from the
+        state's conv history but the state is not advanced.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
+        q = self._project(x, None if state is None else state.conv)[0]
+        W = tuple(self.memory) if state is None else state.memory.weights
+        return memory_read(q, W, residual=self.residual, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
+            f"expansion={self.expansion}, residual={self.residual}, activation={self.activation!r}, "
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}"
+        )
