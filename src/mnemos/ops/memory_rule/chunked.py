@@ -219,4 +219,7 @@ def neural_memory_chunked(
     if not output_final_state:
         return o, None
     offset = (spec.offset + T) % chunk_size
-    return o, MemoryState(W, S, W if offset == 0 else A, offset, chunk_size)
+    if offset == 0:
+        A = W
+    A = tuple(a.expand(B, *a.shape[-3:]) for a in A)  # a short first call may still anchor at the shared W_0
+    return o, MemoryState(W, S, A, offset, chunk_size)
