@@ -146,7 +146,8 @@ class NeuralMemory(nn.Module):
         qkv, conv_state = self.conv(self.to_qkv(x), conv_state)  # [B, T, 3*H*D]
         q, k, v = F.silu(qkv).view(B, T, 3, H, D).unbind(2)  # 3 x [B, T, H, D]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        g = self.to_gates(x).float().view(B, T, 3, H)  # gates in float32
+        g = self.to_gates(x).view(B, T, 3, H)
+        g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g  # gates in float32 at least
         theta = self.max_lr * torch.sigmoid(g[:, :, 0])
         eta, alpha = torch.sigmoid(g[:, :, 1]), torch.sigmoid(g[:, :, 2])
         return q, k, v, theta, eta, alpha, conv_state

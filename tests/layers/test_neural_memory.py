@@ -1,0 +1,182 @@
+"""The Titans memory layer: streaming == parallel, causality, batch independence, gradients, state, bad config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnemos.layers import NeuralMemory, NeuralMemoryState, ShortConvolution
+from mnemos.ops import memory_read
+from mnemos.testing import assert_close
+
+F64 = torch.float64
+
+
+def make_layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(dim=12, heads=3, depth=2, expansion=2, chunk_size=4)
+    cfg.update(kw)
+    layer = NeuralMemory(**cfg).double()
+    # non-trivial gate biases and output norm so that every parameter matters
+    with torch.no_grad():
+        layer.to_gates.bias.add_(0.3 * torch.randn_like(layer.to_gates.bias))
+        layer.out_norm.weight.add_(0.1 * torch.randn_like(layer.out_norm.weight))
+    return layer
+
+
+def x_of(B, T, dim=12, seed=1):
+    return torch.randn(B, T, dim, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("depth,residual,chunk", [(1, False, 1), (2, True, 4), (3, True, 16)])
+def test_step_by_step_equals_parallel(depth, residual, chunk):
+    layer = make_layer(depth=depth, residual=residual, chunk_size=chunk)
+    x = x_of(2, 23)
+    y, state = layer(x)
+    s = layer.init_state(2, dtype=F64)
+    ys = []
+    for t in range(x.shape[1]):
+        yt, s = layer.step(x[:, t], s)
+        ys.append(yt)
+    assert_close("y (stepped)", y, torch.stack(ys, 1), 1e-12)
+    for i, (a, b) in enumerate(zip(state.memory.weights, s.memory.weights)):
+        assert_close(f"memory.weights[{i}]", a, b, 1e-12)
+    assert_close("conv state", state.conv, s.conv, 1e-12)
+
+
+@pytest.mark.parametrize("cuts", [[1], [5, 6, 13], [4, 8, 12, 16, 20], [22]])
+def test_uneven_pieces_equal_one_call(cuts):
+    layer = make_layer()
+    x = x_of(2, 23)
+    y, _ = layer(x)
+    state, outs = None, []
+    for a, b in zip([0] + cuts, cuts + [x.shape[1]]):
+        o, state = layer(x[:, a:b], state)
+        outs.append(o)
+    assert_close("y (pieces)", y, torch.cat(outs, 1), 1e-12)
+
+
+def test_reference_impl_agrees_including_parameter_grads():
+    fast, ref = make_layer(), make_layer(impl="reference")
+    ref.load_state_dict(fast.state_dict())
+    x = x_of(2, 19).requires_grad_()
+    y_fast, _ = fast(x)
+    y_ref, _ = ref(x)
+    assert_close("y", y_ref, y_fast, 1e-12)
+    cot = torch.randn_like(y_ref)
+    (y_fast * cot).sum().backward()
+    gx_fast = x.grad.clone()
+    x.grad = None
+    (y_ref * cot).sum().backward()
+    assert_close("grad x", x.grad, gx_fast, 1e-10)
+    for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
+        assert p_fast.grad is not None and bool(p_fast.grad.abs().sum() > 0), name
+        assert_close(f"grad {name}", p_ref.grad, p_fast.grad, 1e-10)
+
+
+def test_gradcheck_input():
+    layer = make_layer(dim=6, heads=2, expansion=1, chunk_size=2)
+    x = x_of(1, 5, dim=6).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: layer(x)[0], (x,), eps=1e-6, atol=1e-7)
+
+
+def test_strict_causality():
+    layer = make_layer()
+    x = x_of(2, 30)
+    y, _ = layer(x)
+    for t in (0, 3, 4, 17, 28):
+        x2 = x.clone()
+        x2[:, t + 1:] = x_of(2, 30 - t - 1, seed=t + 10)
+        y2, _ = layer(x2)
+        torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-13, atol=1e-13)
+        assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+
+
+def test_batch_independence():
+    layer = make_layer()
+    x = x_of(3, 21)
+    y, _ = layer(x)
+    x2 = x.clone()
+    x2[1] = x_of(1, 21, seed=99)[0]
+    y2, _ = layer(x2)
+    torch.testing.assert_close(y2[[0, 2]], y[[0, 2]], rtol=0, atol=1e-14)
+    assert not torch.allclose(y2[1], y[1])
+
+
+def test_retrieve_reads_without_update():
+    layer = make_layer()
+    x = x_of(2, 9)
+    _, state = layer(x)
+    probe = x_of(2, 5, seed=3)
+    h = layer.retrieve(probe, state)
+    q = layer._project(probe, state.conv)[0]
+    torch.testing.assert_close(h, memory_read(q, state.memory.weights, residual=True), rtol=0, atol=0)
+    h0 = layer.retrieve(probe)  # W_0 when no state
+    assert not torch.allclose(h0, h)
+
+
+def test_state_serialises_and_detaches(tmp_path):
+    layer = make_layer()
+    x = x_of(2, 10)
+    _, state = layer(x[:, :7])
+    torch.save(state.detach(), tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=False)
+    assert isinstance(loaded, NeuralMemoryState) and loaded.memory.offset == 3
+    y_cont, _ = layer(x[:, 7:], loaded)
+    y_full, _ = layer(x)
+    assert_close("y (resumed from disk)", y_full[:, 7:], y_cont, 1e-12)
+
+
+def test_bf16_autocast_keeps_float32_memory_state():
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, heads=2, chunk_size=8)
+    x = torch.randn(2, 40, 32)
+    y32, _ = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = layer(x)
+    assert all(w.dtype == torch.float32 for w in state.memory.weights + state.memory.momentum)
+    assert_close("y (bf16 autocast)", y32, y.float(), 5e-2)
+
+
+def test_short_conv_streaming():
+    torch.manual_seed(0)
+    conv = ShortConvolution(5, 4).double()
+    x = torch.randn(2, 11, 5, dtype=F64)
+    y, s = conv(x)
+    y1, s1 = conv(x[:, :3])
+    y2, s2 = conv(x[:, 3:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    torch.testing.assert_close(s2, s)
+    # the conv is causal and matches an explicit sum
+    w = conv.weight[:, 0]  # [C, K]
+    xp = torch.nn.functional.pad(x, (0, 0, 3, 0))
+    ref = sum(w[:, i] * xp[:, i: i + 11] for i in range(4))
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(dim=10, heads=3), "heads .* must divide dim"),
+        (dict(dim=12, heads=0), "heads must be"),
+        (dict(dim=12, depth=0), "depth must be"),
+        (dict(dim=12, chunk_size=0), "chunk_size must be"),
+        (dict(dim=12, max_lr=0.0), "max_lr must be"),
+        (dict(dim=12, activation="tanh"), "activation must be"),
+        (dict(dim=12, expansion=0), "expansion must be"),
+    ],
+)
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(**kw)
+
+
+def test_bad_input_shapes():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(2, 5, 11, dtype=F64))
+    with pytest.raises(ValueError, match="x must be"):
+        layer.step(torch.randn(2, 1, 12, dtype=F64), layer.init_state(2, dtype=F64))
+    _, state = layer(x_of(2, 5))
+    with pytest.raises(ValueError, match="conv state must be"):
+        layer(x_of(3, 5), state)
