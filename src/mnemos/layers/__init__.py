@@ -1,7 +1,14 @@
-"""Layers: the Titans neural-memory layer, short convolution, norms (attention and KV caches join here)."""
+"""Layers: the Titans neural-memory layer (long-term), attention with a KV cache (short-term), short convolution,
+norms and rotary embeddings."""
 
+from .attention import Attention, causal_attention, causal_attention_reference
 from .conv import ShortConvolution
+from .kv_cache import FullKVCache, KVCache, RollingKVCache
 from .neural_memory import NeuralMemory, NeuralMemoryState
 from .norm import GatedRMSNorm, RMSNorm
+from .rope import RotaryEmbedding
 
-__all__ = ["NeuralMemory", "NeuralMemoryState", "ShortConvolution", "RMSNorm", "GatedRMSNorm"]
+__all__ = [
+    "NeuralMemory", "NeuralMemoryState", "Attention", "causal_attention", "causal_attention_reference",
+    "KVCache", "FullKVCache", "RollingKVCache", "ShortConvolution", "RMSNorm", "GatedRMSNorm", "RotaryEmbedding",
+]
