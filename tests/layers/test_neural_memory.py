@@ -138,6 +138,18 @@ def test_bf16_autocast_keeps_float32_memory_state():
     assert_close("y (bf16 autocast)", y32, y.float(), 5e-2)
 
 
+def test_default_gates_keep_a_long_stream_finite_and_alive():
+    """With the default gate biases a long random stream neither diverges nor decays the MLP memory to zero."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(256, heads=4)
+    with torch.no_grad():
+        y, state = layer(torch.randn(1, 3000, 256))
+    assert bool(torch.isfinite(y).all())
+    for w, w0 in zip(state.memory.weights, layer.memory):
+        ratio = (w.norm(dim=(-1, -2)) / w0.norm(dim=(-1, -2))).min().item()
+        assert 0.1 < ratio < 10, ratio
+
+
 def test_short_conv_streaming():
     torch.manual_seed(0)
     conv = ShortConvolution(5, 4).double()

@@ -294,8 +294,13 @@ def check_inputs(
         weights = _check_weights(weights, B, H, K, V, residual, q.device)
     if momentum is not None:
         momentum = _check_like("momentum", momentum, weights, B, H)
+    prefix = "weights" if initial_state is None else "initial_state.weights"
     for i, w in enumerate(weights):
-        _check_finite(f"weights[{i}]", w)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"{prefix}[{i}] contains NaN or infinite values (if it comes from an earlier call, that memory "
+                "diverged: lower theta, or l2-normalise the keys)"
+            )
     return _Spec(B, T, H, K, V, compute_dtype(q.dtype), weights, momentum, anchor, offset)
 
 
