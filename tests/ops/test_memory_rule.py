@@ -97,7 +97,8 @@ def _draw_configs(n: int, seed: int = 1234):
         configs.append(dict(
             B=rng.choice([1, 2]), T=T, H=rng.choice([1, 2, 3]), K=K, V=V, depth=depth, residual=residual,
             C=C, shared=rng.random() < 0.5, with_momentum=rng.random() < 0.5,
-            activation=rng.choice(["gelu", "silu"]), seed=rng.randint(0, 2**31),
+            activation=rng.choice(["gelu", "silu"]), loss="dot" if rng.random() < 0.2 else "l2",
+            seed=rng.randint(0, 2**31),
         ))
     return configs
 
@@ -108,14 +109,14 @@ CONFIGS = _draw_configs(210)
 def _id(c):
     return (f"B{c['B']}-T{c['T']}-H{c['H']}-K{c['K']}-V{c['V']}-L{c['depth']}-C{c['C']}"
             f"{'-res' if c['residual'] else ''}{'-shared' if c['shared'] else '-perseq'}"
-            f"{'-mom' if c['with_momentum'] else ''}-{c['activation']}")
+            f"{'-mom' if c['with_momentum'] else ''}-{c['activation']}-{c['loss']}")
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[_id(c) for c in CONFIGS])
 def test_chunked_matches_reference(cfg):
     inp = make_inputs(cfg["B"], cfg["T"], cfg["H"], cfg["K"], cfg["V"], cfg["depth"], shared=cfg["shared"],
                       with_momentum=cfg["with_momentum"], seed=cfg["seed"], requires_grad=True)
-    kw = dict(chunk_size=cfg["C"], residual=cfg["residual"], activation=cfg["activation"])
+    kw = dict(chunk_size=cfg["C"], residual=cfg["residual"], activation=cfg["activation"], loss=cfg["loss"])
     o_ref, s_ref = run(neural_memory_reference, inp, **kw)
     o_fast, s_fast = run(neural_memory_chunked, inp, **kw)
     assert_close("o", o_ref, o_fast, 1e-10)
@@ -187,6 +188,20 @@ def test_matrix_memory_hand_written_recurrence(fn):
         torch.testing.assert_close(o[:, t], torch.einsum("bhvk,bhk->bhv", W, q), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.weights[0], W, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(state.momentum[0], S, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C", [1, 5, 64])
+def test_dot_loss_matrix_memory_is_linear_attention(C):
+    """loss="dot", depth 1, no residual, eta = alpha = 0, theta = 1: o_t = W_0 q_t + sum_{j<=t} v_j (k_j . q_t),
+    for any chunk size (the gradient of the dot loss does not depend on the memory)."""
+    B, T, H, K, V = 2, 37, 2, 4, 3
+    inp = make_inputs(B, T, H, K, V, 1, seed=C)
+    inp["theta"], inp["eta"], inp["alpha"] = torch.ones(B, T, H, dtype=F64), torch.zeros(B, T, H, dtype=F64), \
+        torch.zeros(B, T, H, dtype=F64)
+    o, _ = run(neural_memory_chunked, inp, chunk_size=C, residual=False, loss="dot")
+    scores = torch.einsum("bthk,bshk->bhts", inp["q"], inp["k"]).tril()  # causal, no softmax
+    ref = torch.einsum("bhts,bshv->bthv", scores, inp["v"]) + torch.einsum("hvk,bthk->bthv", inp["weights"][0], inp["q"])
+    torch.testing.assert_close(o, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("fn", [neural_memory_chunked, neural_memory_reference], ids=["chunked", "reference"])
@@ -400,6 +415,7 @@ BAD = [
     _bad(lambda a: a.update(weights=(a["weights"][0].int(), a["weights"][1])), TypeError, "weights\\[0\\] must be a floating"),
     _bad(lambda a: a.update(momentum=(a["weights"][0], a["weights"][1])), ValueError, "momentum\\[0\\] must be"),
     _bad(lambda a: a.update(activation="relu"), ValueError, "activation"),
+    _bad(lambda a: a.update(loss="huber"), ValueError, "loss must be one of"),
     _bad(lambda a: a.update(residual=True, v=a["v"][..., :3], weights=(a["weights"][0], a["weights"][1][:, :3])), ValueError, "residual=True"),
 ]
 
@@ -410,7 +426,7 @@ def test_bad_input(fn, mutate, exc, match):
     args = make_inputs(2, 5, 2, 4, 4, 2)
     args.update(chunk_size=4, residual=True, activation="gelu")
     mutate(args)
-    kw = {n: args.pop(n) for n in ("chunk_size", "residual", "activation", "momentum")}
+    kw = {n: args.pop(n) for n in ("chunk_size", "residual", "activation", "momentum", "loss") if n in args}
     with pytest.raises(exc, match=match):
         fn(args["q"], args["k"], args["v"], args["theta"], args["eta"], args["alpha"], args["weights"], **kw)
 

@@ -62,7 +62,7 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tenso
 
 
 def anchor_errors(
-    k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str
+    k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str = "l2"
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Forward the chunk's keys through the anchor memory and backpropagate the associative loss by hand.
 
@@ -80,7 +80,7 @@ def anchor_errors(
         h = activate(z, activation) if i < L - 1 else z
     pred = h + k if residual else h
     errors = [None] * L
-    errors[-1] = loss_output_grad(pred, v)  # [B, H, n, V]
+    errors[-1] = loss_output_grad(pred, v, loss)  # [B, H, n, V]
     for i in range(L - 2, -1, -1):
         back = errors[i + 1] @ anchor[i + 1]  # [B, H, n, D_out of layer i]
         errors[i] = back * activate_grad(pre[i], activation)
@@ -139,10 +139,10 @@ def chunk_state(
     return tuple(W_new), tuple(S_new)
 
 
-def _chunk(qc, kc, vc, coefs, W, S, A, last: int, residual: bool, activation: str):
+def _chunk(qc, kc, vc, coefs, W, S, A, last: int, residual: bool, activation: str, loss: str):
     """One chunk: stages 2-4. ``last`` is the index of the chunk's last real token (the rest is padding)."""
     b, e, f, g_theta, p_theta = coefs
-    inputs, errors = anchor_errors(kc, vc, A, residual=residual, activation=activation)
+    inputs, errors = anchor_errors(kc, vc, A, residual=residual, activation=activation, loss=loss)
     o = chunk_read(qc, W, S, inputs, errors, b, f, g_theta, residual=residual, activation=activation)
     W, S = chunk_state(W, S, inputs, errors, b[..., last], e[..., last], f[..., last], g_theta[..., last, :], p_theta[..., last, :])
     return o, W, S
@@ -161,13 +161,14 @@ def neural_memory_chunked(
     momentum: Sequence[Tensor] | None = None,
     residual: bool = True,
     activation: str = "gelu",
+    loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, MemoryState | None]:
     """Chunk-parallel form of the memory rule; same contract as :func:`mnemos.ops.neural_memory`."""
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, initial_state=initial_state,
+        activation=activation, initial_state=initial_state, loss=loss,
     )
     B, T, H, K, V, dt = spec.B, spec.T, spec.H, spec.K, spec.V, spec.dtype
     C = chunk_size
@@ -189,7 +190,7 @@ def neural_memory_chunked(
             n0 = min(C - spec.offset, T)
             sl = slice(0, n0)
             coefs = chunk_coefficients(th[..., sl], et[..., sl], al[..., sl])
-            o, W, S = _chunk(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], coefs, W, S, A, n0 - 1, residual, activation)
+            o, W, S = _chunk(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], coefs, W, S, A, n0 - 1, residual, activation, loss)
             outputs.append(o)
             start = n0
         rest = T - start
@@ -212,7 +213,7 @@ def neural_memory_chunked(
                 last = C - 1 if c < nc - 1 else C - 1 - pad
                 o, W, S = _chunk(
                     qc[:, :, c], kc[:, :, c], vc[:, :, c], tuple(x[:, :, c] for x in coefs), W, S, A, last,
-                    residual, activation,
+                    residual, activation, loss,
                 )
                 outputs.append(o[:, :, : last + 1])
         o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype)  # [B, T, H, V]

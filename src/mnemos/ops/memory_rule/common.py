@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("gelu", "silu")
-# Associative losses the rule knows. Only Titans' l2 loss is built; the Miras family (lp, Huber, dot-product)
-# plugs in here through `loss_output_grad`.
-LOSSES = ("l2",)
+# Associative losses the rule knows: Titans' l2 regression loss and the dot-product (Hebbian) loss of linear
+# attention. The Miras family (lp, Huber, ...) plugs in beside them: `associative_loss` defines a loss for the
+# reference, `loss_output_grad` gives its gradient for the fast paths.
+LOSSES = ("l2", "dot")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -41,14 +42,19 @@ def activate_grad(x: Tensor, activation: str) -> Tensor:
     return s * (1.0 + x * (1.0 - s))
 
 
-def loss_output_grad(pred: Tensor, target: Tensor, loss: str = "l2") -> Tensor:
-    """Gradient of the associative loss with respect to the memory's output, per token.
+def associative_loss(pred: Tensor, target: Tensor, loss: str) -> Tensor:
+    """The loss of one write, summed over every leading dim: l2 ``||pred - target||^2``, dot ``-<pred, target>``."""
+    if loss == "l2":
+        return (pred - target).pow(2).sum()
+    return -(pred * target).sum()
 
-    l2: ``||pred - target||^2`` summed over the value dim, so the gradient is ``2 (pred - target)``.
-    """
+
+def loss_output_grad(pred: Tensor, target: Tensor, loss: str) -> Tensor:
+    """Gradient of :func:`associative_loss` with respect to the memory's output, per token: l2 ``2 (pred - target)``,
+    dot ``-target`` (independent of the memory, so any chunk size is exact for linear attention)."""
     if loss == "l2":
         return 2.0 * (pred - target)
-    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return -target.expand_as(pred)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def _check_weights(
 
 
 def check_inputs(
-    q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, initial_state
+    q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, initial_state, loss="l2"
 ) -> _Spec:
     """Validate the op's arguments (shared by every implementation) and return the sizes and starting state."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -268,6 +274,8 @@ def check_inputs(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     _check_activation(activation)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     anchor = None
     offset = 0

@@ -26,6 +26,7 @@ def neural_memory(
     momentum: Sequence[Tensor] | None = None,
     residual: bool = True,
     activation: str = "gelu",
+    loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     impl: str = "auto",
@@ -56,6 +57,8 @@ def neural_memory(
         momentum: optional tuple like ``weights`` with leading ``[B, H]``: the initial surprise S_0 (zeros if None).
         residual: ``M(x) = ... + x``; needs K == V.
         activation: ``"gelu"`` (erf form) or ``"silu"`` between layers.
+        loss: the associative loss of a write: ``"l2"`` (Titans, ``||M(k) - v||^2``) or ``"dot"``
+            (``-<M(k), v>``; with depth 1, no residual, eta = alpha = 0 and theta = 1 this is linear attention).
         initial_state: a :class:`MemoryState` from an earlier call; the stream continues exactly, mid-chunk
             included (then ``chunk_size`` must match the state's).
         output_final_state: also return the state after the last token.
@@ -82,5 +85,5 @@ def neural_memory(
     fn = neural_memory_reference if impl == "reference" else neural_memory_chunked
     return fn(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, initial_state=initial_state, output_final_state=output_final_state,
+        activation=activation, loss=loss, initial_state=initial_state, output_final_state=output_final_state,
     )

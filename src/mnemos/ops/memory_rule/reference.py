@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .common import MemoryState, _no_autocast, activate, check_inputs
+from .common import MemoryState, _no_autocast, activate, associative_loss, check_inputs
 
 
 def _memory(x: Tensor, weights: Sequence[Tensor], residual: bool, activation: str) -> Tensor:
@@ -37,6 +37,7 @@ def neural_memory_reference(
     momentum: Sequence[Tensor] | None = None,
     residual: bool = True,
     activation: str = "gelu",
+    loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, MemoryState | None]:
@@ -45,14 +46,15 @@ def neural_memory_reference(
 
     For token t of chunk c (chunks of ``chunk_size`` tokens, counted from the start of the stream)::
 
-        u_t = grad_W || M(k_t; W_anchor) - v_t ||^2      W_anchor = memory at the end of chunk c-1
+        u_t = grad_W loss(M(k_t; W_anchor), v_t)          W_anchor = memory at the end of chunk c-1
+                                                          loss: ||.-v||^2 (l2) or -<., v> (dot)
         S_t = eta_t * S_{t-1} - theta_t * u_t
         W_t = (1 - alpha_t) * W_{t-1} + S_t
         o_t = M(q_t; W_t)
     """
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, initial_state=initial_state,
+        activation=activation, initial_state=initial_state, loss=loss,
     )
     B, T, H, dt = spec.B, spec.T, spec.H, spec.dtype
     # the outer graph is needed when anything that reaches the output requires grad
@@ -78,8 +80,8 @@ def neural_memory_reference(
             # u_t: per (b, h) gradient; the losses of different (b, h) touch disjoint slices, so one sum serves all
             with torch.enable_grad():
                 A_leaf = tuple(a if a.requires_grad else a.detach().requires_grad_() for a in A)
-                loss = (_memory(k_t, A_leaf, residual, activation) - v_t).pow(2).sum()
-                U = torch.autograd.grad(loss, A_leaf, create_graph=create_graph)
+                ell = associative_loss(_memory(k_t, A_leaf, residual, activation), v_t, loss)
+                U = torch.autograd.grad(ell, A_leaf, create_graph=create_graph)
 
             S = tuple(et * s - th * u for s, u in zip(S, U))
             W = tuple((1 - al) * w + s for w, s in zip(W, S))
