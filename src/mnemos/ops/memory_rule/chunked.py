@@ -133,10 +133,24 @@ def chunk_state(
     bb, ee, ff = (c[..., None, None] for c in (b, e, f))  # [B, H, 1, 1]
     W_new, S_new = [], []
     for w, s, a, d in zip(W, S, inputs, errors):
-        # sum_j c_j outer(delta_j, a_j) = delta^T diag(c) a: [B, H, D_out, n] @ [B, H, n, D_in]
-        W_new.append(bb * w + ff * s - d.transpose(-1, -2) @ (g_row.unsqueeze(-1) * a))
-        S_new.append(ee * s - d.transpose(-1, -2) @ (p_row.unsqueeze(-1) * a))
+        W_new.append(_minus_outer_sum(torch.addcmul(bb * w, ff, s), d, g_row, a))
+        S_new.append(_minus_outer_sum(ee * s, d, p_row, a))
     return tuple(W_new), tuple(S_new)
+
+
+def _minus_outer_sum(base: Tensor, d: Tensor, c: Tensor, a: Tensor) -> Tensor:
+    """``base - sum_j c_j outer(d_j, a_j)`` = ``base - d^T diag(c) a``, as one fused batched matmul-add.
+
+    base ``[B, H, D_out, D_in]``, d ``[B, H, n, D_out]``, c ``[B, H, n]``, a ``[B, H, n, D_in]``.
+    """
+    n, d_out, d_in = a.shape[-2], base.shape[-2], base.shape[-1]
+    out = torch.baddbmm(
+        base.reshape(-1, d_out, d_in),
+        d.transpose(-1, -2).reshape(-1, d_out, n),  # [B*H, D_out, n]
+        (c.unsqueeze(-1) * a).reshape(-1, n, d_in),  # [B*H, n, D_in]
+        alpha=-1,
+    )
+    return out.view(base.shape)
 
 
 def _chunk(qc, kc, vc, coefs, W, S, A, last: int, residual: bool, activation: str, loss: str):
@@ -208,14 +222,14 @@ def neural_memory_chunked(
 
             qc, kc, vc, thc, etc, alc = (chunks(x) for x in (qh, kh, vh, th, et, al))
             coefs = chunk_coefficients(thc, etc, alc)  # all chunks at once: [B, H, nc, C(, C)]
-            for c in range(nc):
+            # unbind (not indexing) so that the backward stacks the chunks' gradients once instead of
+            # scattering each chunk into a fresh full-size zero tensor
+            per_chunk = zip(qc.unbind(2), kc.unbind(2), vc.unbind(2), zip(*(x.unbind(2) for x in coefs)))
+            for c, (q_c, k_c, v_c, coefs_c) in enumerate(per_chunk):
                 A = W  # a chunk boundary: this chunk's gradients are taken at the memory as it is now
                 last = C - 1 if c < nc - 1 else C - 1 - pad
-                o, W, S = _chunk(
-                    qc[:, :, c], kc[:, :, c], vc[:, :, c], tuple(x[:, :, c] for x in coefs), W, S, A, last,
-                    residual, activation, loss,
-                )
-                outputs.append(o[:, :, : last + 1])
+                o, W, S = _chunk(q_c, k_c, v_c, coefs_c, W, S, A, last, residual, activation, loss)
+                outputs.append(o if last == C - 1 else o[:, :, : last + 1])
         o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype)  # [B, T, H, V]
     if not output_final_state:
         return o, None
