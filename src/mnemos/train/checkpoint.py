@@ -1,0 +1,183 @@
+"""Checkpoints: the model in safetensors, everything else (optimizer, scheduler, step, RNG, config) in a torch file
+that loads with ``weights_only=True``. Written atomically; read with errors that say what is wrong.
+
+Layout of a checkpoint directory::
+
+    model.safetensors   model weights (tied weights stored once)
+    trainer.pt          {"format": 1, "step", "best_metric", "optimizer", "scheduler", "rng", "extra"}
+    config.json         the resolved run config (also inside trainer.pt's "extra" when given), human readable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = 1
+MODEL_FILE, TRAINER_FILE, CONFIG_FILE = "model.safetensors", "trainer.pt", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every RNG a training run draws from, as tensors and ints (safe for ``weights_only`` loading)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_rest": [int(pos), int(has_gauss), float(gauss)],
+        "python": [int(py_version), list(py_keys), py_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_rest"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    py_version, py_keys, py_gauss = state["python"]
+    random.setstate((int(py_version), tuple(py_keys), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    best_metric: float | None = None,
+    config: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        trainer = {
+            "format": FORMAT,
+            "step": int(step),
+            "best_metric": None if best_metric is None else float(best_metric),
+            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "rng": rng_state(),
+            "config": config,
+            "extra": extra or {},
+        }
+        torch.save(trainer, tmp / TRAINER_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config or {}, indent=2, sort_keys=True))
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """Load ``trainer.pt`` of a checkpoint (weights_only) and check its format."""
+    path = Path(path)
+    f = path / TRAINER_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a mnemos checkpoint: {TRAINER_FILE} is missing")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle
+        raise CheckpointError(f"{f} is corrupt or not a mnemos trainer state: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{f} has format {state.get('format') if isinstance(state, dict) else '?'}, expected {FORMAT}")
+    return state
+
+
+def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
+    """Load ``model.safetensors`` into model, strictly: every missing, unexpected or mis-shaped tensor is named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    f = path / MODEL_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a mnemos checkpoint: {MODEL_FILE} is missing")
+    try:
+        tensors = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f} is corrupt: {e}") from None
+    own = model.state_dict()
+    # tied weights are stored once (safetensors' save_model keeps one name per storage)
+    shared = {}
+    for name, t in own.items():
+        shared.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+    stored_alias = {}
+    for names in shared.values():
+        for n in names:
+            stored_alias[n] = next((m for m in names if m in tensors), n)
+    missing = [n for n in own if stored_alias[n] not in tensors]
+    unexpected = [n for n in tensors if n not in own]
+    mismatched = [
+        f"{n}: checkpoint {tuple(tensors[stored_alias[n]].shape)} vs model {tuple(t.shape)}"
+        for n, t in own.items()
+        if stored_alias[n] in tensors and tuple(tensors[stored_alias[n]].shape) != tuple(t.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if mismatched:
+            parts.append(f"shape mismatch {mismatched[:8]}")
+        raise CheckpointError(f"{f} does not fit this model: " + "; ".join(parts))
+    with torch.no_grad():
+        for n, t in own.items():
+            t.copy_(tensors[stored_alias[n]])
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Restore model (and optimizer, scheduler, RNG when given) from a checkpoint; returns the trainer state dict
+    (step, best_metric, config, extra)."""
+    state = read_trainer_state(path)
+    load_model_weights(path, model)
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise CheckpointError(f"{path} holds no optimizer state")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: optimizer state does not fit: {e}") from None
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return state
