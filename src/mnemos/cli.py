@@ -54,6 +54,101 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple((int(a), int(b)) for a, b in (x.split(":") for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated SEQ_LEN:NUM_KV_PAIRS, got {text!r}") from None
+
+
+def _budget(text: str) -> float | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, 'auto' or 'none', got {text!r}") from None
+
+
+def _eval_task(args: argparse.Namespace):
+    """The task config(s) an ``mnemos eval TASK`` command line describes."""
+    from .data import (MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, BABILongConfig, LMDataConfig, NIAHConfig,
+                       PasskeyCapacityConfig, mqar_grid)
+
+    if args.task == "mqar":
+        pairs = args.pairs or {"zoology": MQAR_ZOOLOGY_GRID, "extrapolation": MQAR_EXTRAPOLATION_GRID}[args.grid]
+        return mqar_grid(pairs, vocab_size=args.vocab_size, num_examples=args.num_examples, power_a=args.power_a)
+    if args.task == "niah":
+        return NIAHConfig(kind=args.kind, lengths=args.lengths, depths=args.depths, samples_per_cell=args.samples,
+                          corpus_paths=tuple(args.corpus))
+    if args.task == "babilong":
+        return BABILongConfig(task=args.qa, lengths=args.lengths, samples_per_length=args.samples,
+                              num_facts=args.num_facts, corpus_paths=tuple(args.corpus))
+    if args.task == "capacity":
+        return PasskeyCapacityConfig(lengths=args.lengths, samples_per_length=args.samples)
+    return LMDataConfig(seq_len=args.seq_len, batch_size=args.batch_size, paths=tuple(args.text),
+                        tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size, val_fraction=args.val_fraction)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import time
+
+    from .eval.harness import EvalOptions, run_eval
+
+    options = EvalOptions(
+        batch_size=args.batch_size, stream_chunk=args.stream_chunk, memory_budget_gb=args.memory_budget_gb,
+        lm_max_windows=getattr(args, "max_windows", None) or None, capacity_threshold=getattr(args, "threshold", 0.95),
+        keep_samples=not args.no_samples, progress=False if args.no_progress else None,
+        raise_errors=args.raise_errors,
+    )
+    out = args.out or f"eval_results/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    results = run_eval(args.model, _eval_task(args), seed=args.seed, options=options, out_dir=out,
+                       device=args.device, dtype=dtype, plots=not args.no_plots)
+    print(results.markdown())
+    print(f"results, report and figures written to {out}/")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .eval.report import report
+
+    written = report(args.results, args.out, plots=not args.no_plots)
+    print(written[1].read_text())
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.loop import train
+
+    cfg = load_config(_preset_path(args.preset) if args.preset else args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result.final_eval:
+        print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()))
+    print(f"{result.step} steps, {result.tokens_per_s:,.0f} tokens/s; run directory {result.out_dir}")
+    return 0
+
+
+def _preset_path(name: str):
+    from pathlib import Path
+
+    presets = Path(__file__).parent / "train" / "presets"
+    path = presets / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in presets.glob("*.yaml"))
+        raise ValueError(f"unknown preset {name!r}; presets: {names}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mnemos", description="The memory hierarchy of sequence models.")
     p.add_argument("--version", action="version", version=f"mnemos {__version__}")
@@ -73,14 +168,107 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=d["seed"])
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     demo.set_defaults(func=_demo)
+    _add_eval_parser(sub)
+
+    tr = sub.add_parser(
+        "train", help="train a model (config file or preset, plus section.key=value overrides; torchrun-ready)",
+        description="Train a mnemos model. Overrides take the form section.key=value (or --section.key=value), "
+                    "e.g. model.variant=lmm model.memory.chunk_size=8 optim.lr=1e-3 run.steps=500.",
+    )
+    src = tr.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE", help="YAML run config (sections model, task, optim, run)")
+    src.add_argument("--preset", metavar="NAME", help="a shipped config: mqar, lm")
+    tr.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
+    tr.add_argument("overrides", nargs="*", metavar="section.key=value")
+    tr.set_defaults(func=_train)
+
+    rep = sub.add_parser("report", help="merge eval results (JSON) into one comparison table and figures")
+    rep.add_argument("results", nargs="+", metavar="RESULTS.json", help="files written by mnemos eval (results.json)")
+    rep.add_argument("--out", required=True, metavar="DIR", help="where to write results.json, report.md, PNGs")
+    rep.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    rep.set_defaults(func=_report)
     return p
 
 
+def _add_eval_parser(sub) -> None:
+    from .data import BABILongConfig, LMDataConfig, MQARConfig, NIAHConfig, PasskeyCapacityConfig
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", action="append", required=True, metavar="SPEC",
+                        help="checkpoint path, Hugging Face directory, mnemos variant (untrained) or "
+                             "baseline:induction[:ORDER] / baseline:random; repeat to compare models")
+    common.add_argument("--seed", type=int, default=0, help="data seed (default %(default)s)")
+    common.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default %(default)s)")
+    common.add_argument("--stream-chunk", type=int, default=None, metavar="TOKENS",
+                        help="feed contexts this many tokens per call, carrying the state (default: one call)")
+    common.add_argument("--memory-budget-gb", type=_budget, default="auto", metavar="GIB",
+                        help="refuse contexts whose growing (attention) state would exceed this many GiB; 'auto' "
+                             "(default): 80%% of the device's memory; 'none': no limit")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    common.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights dtype for loaded models (default %(default)s)")
+    common.add_argument("--out", metavar="DIR", help="output directory (default eval_results/TASK-DATE-TIME)")
+    common.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common.add_argument("--no-samples", action="store_true", help="do not record each prompt's prediction")
+    common.add_argument("--raise-errors", action="store_true",
+                        help="stop at the first failing cell (default: record the error in it and go on)")
+
+    ev = sub.add_parser("eval", help="evaluate models on a benchmark task (see docs/BENCHMARKS.md)")
+    tasks = ev.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    d = {f.name: f.default for f in fields(MQARConfig)}
+    t = tasks.add_parser("mqar", parents=[common], help="multi-query associative recall, teacher-forced accuracy")
+    t.add_argument("--grid", choices=("zoology", "extrapolation"), default="zoology",
+                   help="(seq_len, num_kv_pairs) grid (default %(default)s)")
+    t.add_argument("--pairs", type=_pairs, default=None, metavar="L:K,...", help="explicit grid, e.g. 64:4,256:16")
+    t.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="(default %(default)s)")
+    t.add_argument("--num-examples", type=int, default=d["num_examples"], help="per grid point (default %(default)s)")
+    t.add_argument("--power-a", type=float, default=d["power_a"], help="query position power law (default %(default)s)")
+
+    d = {f.name: f.default for f in fields(NIAHConfig)}
+    t = tasks.add_parser("niah", parents=[common], help="single needle in a haystack: accuracy by length and depth")
+    t.add_argument("--kind", choices=("passkey", "number", "uuid"), default=d["kind"], help="(default %(default)s)")
+    t.add_argument("--lengths", type=_ints, default=d["lengths"], help="context lengths in tokens, e.g. 1024,4096")
+    t.add_argument("--depths", type=_floats, default=d["depths"], help="needle depths in [0, 1], e.g. 0,0.5,1")
+    t.add_argument("--samples", type=int, default=d["samples_per_cell"],
+                   help="per (length, depth) (default %(default)s)")
+    t.add_argument("--corpus", action="append", default=[], metavar="PATH", help="haystack text (number/uuid)")
+
+    d = {f.name: f.default for f in fields(BABILongConfig)}
+    t = tasks.add_parser("babilong", parents=[common], help="bAbI qa1-3 stories in a haystack: accuracy by length")
+    t.add_argument("--qa", choices=("qa1", "qa2", "qa3"), default=d["task"], help="(default %(default)s)")
+    t.add_argument("--lengths", type=_ints, default=d["lengths"], help="context lengths in tokens")
+    t.add_argument("--samples", type=int, default=d["samples_per_length"], help="per length (default %(default)s)")
+    t.add_argument("--num-facts", type=int, default=None, help="story sentences (default: 6, 10, 14 for qa1-3)")
+    t.add_argument("--corpus", action="append", default=[], metavar="PATH", help="haystack text")
+
+    d = {f.name: f.default for f in fields(PasskeyCapacityConfig)}
+    t = tasks.add_parser("capacity", parents=[common], help="passkey accuracy per length; longest length at >= 95%%")
+    t.add_argument("--lengths", type=_ints, default=d["lengths"], help="context lengths in tokens")
+    t.add_argument("--samples", type=int, default=d["samples_per_length"], help="per length (default %(default)s)")
+    t.add_argument("--threshold", type=float, default=0.95, help="accuracy the summary asks for (default %(default)s)")
+
+    d = {f.name: f.default for f in fields(LMDataConfig)}
+    t = tasks.add_parser("lm", parents=[common], help="next-token loss and perplexity on the val split")
+    t.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per window (default %(default)s)")
+    t.add_argument("--text", action="append", default=[], metavar="PATH", help="text files/dirs (default: built-in)")
+    t.add_argument("--tokenizer", choices=("byte", "bpe"), default=d["tokenizer"], help="(default %(default)s)")
+    t.add_argument("--bpe-vocab-size", type=int, default=d["bpe_vocab_size"], help="(default %(default)s)")
+    t.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="(default %(default)s)")
+    t.add_argument("--max-windows", type=int, default=64, help="windows scored, 0 = all (default %(default)s)")
+    for t in tasks.choices.values():
+        t.set_defaults(func=_eval)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # --model.d_model=64 is an override, not a flag
+        argv = [a[2:] if a.startswith("--") and "=" in a and "." in a.split("=")[0] else a for a in argv]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # configuration errors: one clear line, no traceback
+    except (ValueError, ImportError) as e:  # configuration errors, missing optional packages: one clear line
         print(f"mnemos {args.command}: error: {e}", file=sys.stderr)
         return 2
 

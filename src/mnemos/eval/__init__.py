@@ -1,0 +1,39 @@
+"""Evaluation: the benchmark harness (``evaluate``), model adapters, results, reports and plots."""
+
+from mnemos.eval.adapters import (
+    HFCausalLMAdapter,
+    MnemosLMAdapter,
+    StatefulLM,
+    build_mnemos_model,
+    load_mnemos_checkpoint,
+    load_model,
+    state_size,
+)
+from mnemos.eval.baselines import InductionLM, RandomBigramLM
+from mnemos.eval.harness import EvalOptions, config_from_dict, config_to_dict, evaluate, run_eval
+from mnemos.eval.report import capacity_summary, markdown_report, merge_results, report, write_report
+from mnemos.eval.results import Cell, EvalResults
+
+__all__ = [
+    "Cell",
+    "EvalOptions",
+    "EvalResults",
+    "HFCausalLMAdapter",
+    "InductionLM",
+    "MnemosLMAdapter",
+    "RandomBigramLM",
+    "StatefulLM",
+    "build_mnemos_model",
+    "capacity_summary",
+    "config_from_dict",
+    "config_to_dict",
+    "evaluate",
+    "load_mnemos_checkpoint",
+    "load_model",
+    "markdown_report",
+    "merge_results",
+    "report",
+    "run_eval",
+    "state_size",
+    "write_report",
+]

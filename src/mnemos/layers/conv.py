@@ -38,4 +38,5 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"conv state must be {(B, Ch, self.kernel_size - 1)}, got {tuple(state.shape)}")
         xt = torch.cat([state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, Ch, K-1+T]
         y = F.conv1d(xt, self.weight.to(x.dtype), groups=Ch)  # [B, Ch, T]
-        return y.transpose(1, 2), xt[..., xt.shape[-1] - (self.kernel_size - 1):]
+        # clone: a view would keep the whole call's input alive for as long as the state lives
+        return y.transpose(1, 2), xt[..., xt.shape[-1] - (self.kernel_size - 1):].clone()

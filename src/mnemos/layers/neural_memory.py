@@ -10,7 +10,7 @@ Choices the paper leaves open, and what this layer does:
 - Convolution: one depthwise causal conv per q, k and v channel, no bias; SiLU after it on q, k and v; l2-norm on
   q and k only (values keep their scale, they are the regression targets).
 - Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head. theta is
-  bounded by ``max_lr`` (default 0.1). Initial biases: theta = max_lr/2, eta = sigmoid(0) = 0.5, alpha = sigmoid(-8)
+  bounded by ``max_lr`` (default 0.01). Initial biases: theta = max_lr/2, eta = sigmoid(0) = 0.5, alpha = sigmoid(-8)
   ~ 3e-4 (a memory half-life of ~2000 tokens); the outer model then learns data-dependent gates. Measured on random
   inputs over 3000 tokens (dim 256, 4 heads): eta ~ 0.88 with this little forgetting diverges (the chunk's 16 stale
   gradients add up under heavy momentum), and forgetting of ~0.02 per token decays an MLP memory towards W = 0, a
@@ -78,7 +78,7 @@ class NeuralMemory(nn.Module):
         residual: bool = True,
         activation: str = "gelu",
         chunk_size: int = 16,
-        max_lr: float = 0.1,
+        max_lr: float = 0.01,
         conv_size: int = 4,
         impl: str = "auto",
     ):

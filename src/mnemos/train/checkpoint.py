@@ -57,28 +57,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     *,
     step: int,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
     scheduler: Any = None,
     best_metric: float | None = None,
     config: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (a crash mid-write leaves the previous checkpoint intact)."""
-    from safetensors.torch import save_model
+    """Write a checkpoint directory atomically (a crash mid-write leaves the previous checkpoint intact).
+
+    ``model`` and ``optimizer`` may be given as modules or as (full, gathered) state dicts, e.g. from
+    ``torch.distributed.checkpoint.state_dict.get_state_dict`` under FSDP.
+    """
+    from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        save_file(_unique_tensors(model.state_dict() if isinstance(model, nn.Module) else model), str(tmp / MODEL_FILE))
+        opt_state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
         trainer = {
             "format": FORMAT,
             "step": int(step),
             "best_metric": None if best_metric is None else float(best_metric),
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
+            "optimizer": opt_state,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": rng_state(),
             "config": config,
@@ -97,6 +102,18 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One entry per storage (tied weights are stored once, under their first name), contiguous, on the CPU."""
+    out, seen = {}, set()
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().contiguous()
+    return out
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:

@@ -1,0 +1,499 @@
+"""What the harness needs from a model, and adapters that give it that from mnemos and Hugging Face models.
+
+The harness sees every model as a :class:`StatefulLM`: ``init_state(B)`` then ``forward(ids [B, T], state) ->
+(logits [B, T, V], state)``, called as often as needed, so a context of any length can be streamed through it
+chunk by chunk. Besides that the model says whether its state stays the same size (a recurrent memory, a sliding
+window) or grows with the context (an attention KV cache), and the longest context it accepts; the harness uses
+both to refuse, with a message, a context the model cannot hold, instead of running out of memory.
+
+- :class:`MnemosLMAdapter` wraps any object with ``MnemosLM``'s signature: ``forward(input_ids, cache=None) ->
+  (logits, cache)`` and ``init_cache(batch, device, dtype)``.
+- :class:`HFCausalLMAdapter` wraps a Hugging Face causal LM, streaming through ``past_key_values``;
+  ``transformers`` is optional and imported only when a model is loaded from a local path.
+- :func:`load_model` turns a command-line spec (a checkpoint path, a Hugging Face directory, a mnemos variant name
+  or ``baseline:<name>``) into a :class:`StatefulLM`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, get_args
+
+import torch
+from torch import Tensor
+
+from mnemos.data.tokenizer import Tokenizer
+
+__all__ = [
+    "HFCausalLMAdapter",
+    "MNEMOS_VARIANTS",
+    "MnemosLMAdapter",
+    "StateGrowth",
+    "StateSize",
+    "StatefulLM",
+    "build_mnemos_model",
+    "load_mnemos_checkpoint",
+    "load_model",
+    "state_size",
+]
+
+StateGrowth = Literal["constant", "growing"]
+
+# The variants of mnemos.models.MnemosLM and how their inference state scales with the context: only full attention
+# keeps every past token (O(T) KV cache); the others hold a fixed-size memory, a window or a segment.
+MNEMOS_VARIANTS: dict[str, StateGrowth] = {
+    "lmm": "constant",
+    "mac": "constant",
+    "mag": "constant",
+    "mal": "constant",
+    "transformer": "growing",
+    "swa": "constant",
+    "linear_attention": "constant",
+    "deltanet": "constant",
+    "gated_deltanet": "constant",
+}
+
+
+class StatefulLM(ABC):
+    """A causal language model driven one chunk at a time with an explicit state.
+
+    Subclasses set the attributes and implement :meth:`init_state` and :meth:`forward`:
+
+    - ``name``: a short label for tables and plots.
+    - ``vocab_size``: V, the width of the logits (token ids fed in must be < V).
+    - ``state_growth``: ``"constant"`` if the state has a fixed size whatever the context length, ``"growing"`` if
+      it grows with it (an attention KV cache).
+    - ``max_context``: the longest context (prompt + generated tokens) the model accepts, or None for no limit.
+    - ``tokenizer``: None when the model reads the task's own token ids (MQAR's integers; the UTF-8 bytes of
+      :class:`~mnemos.data.ByteTokenizer` for the text tasks), else the :class:`~mnemos.data.Tokenizer` the text
+      tasks' prompts are re-encoded with.
+    - ``device``: where ``forward`` wants its input ids.
+
+    Contract: calling ``forward`` on ``ids[:, :t]`` and then on ``ids[:, t:]`` with the returned state gives the
+    same logits as one call on ``ids`` (up to floating-point rounding). ``forward`` may update the state in place;
+    the harness never reuses a state after passing it on.
+    """
+
+    name: str = "model"
+    vocab_size: int
+    state_growth: StateGrowth = "constant"
+    max_context: int | None = None
+    tokenizer: Tokenizer | None = None
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def init_state(self, batch: int) -> Any:
+        """The state before the first token, for ``batch`` sequences."""
+
+    @abstractmethod
+    def forward(self, ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """``ids [B, T] int64`` and the state -> ``(logits [B, T, V], new state)``; logits at t predict token t+1."""
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt that starts a sequence (a tokenizer may add BOS here). Needs ``tokenizer``."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.name} has no tokenizer; the harness feeds it the task's token ids")
+        return self.tokenizer.encode(text)
+
+    def describe(self) -> dict[str, Any]:
+        """What the results record about the model: name, class, vocab, state growth, max context, parameters."""
+        return {
+            "name": self.name,
+            "class": type(self).__name__,
+            "vocab_size": self.vocab_size,
+            "state_growth": self.state_growth,
+            "max_context": self.max_context,
+            "tokenizer": repr(self.tokenizer) if self.tokenizer is not None else None,
+        }
+
+    def bytes_per_token(self) -> float:
+        """Bytes the state grows by per token and sequence (0 for a constant state).
+
+        Measured once, by feeding one and then two more tokens to a batch of one and weighing the state each time
+        (:func:`state_size`); subclasses that know the number may override it.
+        """
+        if self.state_growth == "constant":
+            return 0.0
+        cached = getattr(self, "_bytes_per_token", None)
+        if cached is None:
+            with torch.no_grad():
+                state = self.init_state(1)
+                _, state = self.forward(torch.zeros(1, 1, dtype=torch.int64, device=self.device), state)
+                one = state_size(state).nbytes
+                _, state = self.forward(torch.zeros(1, 2, dtype=torch.int64, device=self.device), state)
+                three = state_size(state).nbytes
+            cached = max(three - one, 0) / 2
+            self._bytes_per_token = cached
+        return cached
+
+
+class StateSize(NamedTuple):
+    """How big a state is: elements, their bytes, and the bytes of the storages they keep alive."""
+
+    numel: int
+    nbytes: int
+    storage_bytes: int
+
+
+def state_size(state: Any) -> StateSize:
+    """Size of every tensor reachable from ``state``: through dicts, lists, tuples and object attributes (so mnemos
+    caches, ``KVCache`` objects and Hugging Face ``Cache`` objects all count).
+
+    ``numel`` and ``nbytes`` sum the tensors themselves; ``storage_bytes`` sums the distinct storages they live in,
+    which is what the state keeps alive: a state that holds a small view of a large activation (say, the last few
+    inputs of a short conv sliced from the whole call's input) pins all of it. ``nn.Module`` objects are skipped:
+    weights are not state.
+    """
+    numel = nbytes = 0
+    storages: dict[tuple[str, int], int] = {}
+    seen: set[int] = set()
+    stack = [state]
+    while stack:
+        obj = stack.pop()
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+            continue
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Tensor):
+            numel += obj.numel()
+            nbytes += obj.numel() * obj.element_size()
+            if obj.device.type != "meta" and obj.numel() > 0:
+                st = obj.untyped_storage()
+                storages[(str(obj.device), st.data_ptr())] = st.nbytes()
+        elif isinstance(obj, torch.nn.Module):
+            continue
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for cls in type(obj).__mro__:
+                for slot in getattr(cls, "__slots__", ()):
+                    if isinstance(slot, str) and hasattr(obj, slot):
+                        stack.append(getattr(obj, slot))
+    return StateSize(numel, nbytes, sum(storages.values()))
+
+
+def _module_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class MnemosLMAdapter(StatefulLM):
+    """A :class:`StatefulLM` view of any model with ``MnemosLM``'s signature.
+
+    The model needs ``forward(input_ids [B, T], cache=None) -> (logits [B, T, V], cache)``, ``init_cache(batch,
+    device, dtype)`` and a ``config`` with ``vocab_size`` (and, for mnemos models, ``variant``). ``state_growth``
+    is taken, in order, from the argument, the model's ``state_growth`` attribute, or its variant
+    (:data:`MNEMOS_VARIANTS`); ``max_context`` from the argument or ``config.max_context``. ``state_dtype`` is
+    passed to ``init_cache`` (None: the model's choice, its parameters' dtype for ``MnemosLM``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        name: str | None = None,
+        state_growth: StateGrowth | None = None,
+        max_context: int | None = None,
+        tokenizer: Tokenizer | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        for attr in ("forward", "init_cache"):
+            if not callable(getattr(model, attr, None)):
+                raise TypeError(f"{type(model).__name__} has no {attr}(); MnemosLMAdapter needs MnemosLM's signature")
+        config = getattr(model, "config", None)
+        vocab = getattr(config, "vocab_size", getattr(model, "vocab_size", None))
+        if not isinstance(vocab, int):
+            raise TypeError(f"{type(model).__name__} has neither config.vocab_size nor vocab_size")
+        variant = getattr(config, "variant", None)
+        growth = state_growth or getattr(model, "state_growth", None) or MNEMOS_VARIANTS.get(variant)
+        if growth not in get_args(StateGrowth):
+            raise ValueError(
+                f"cannot tell whether {type(model).__name__} (variant {variant!r}) has a constant or a growing state; "
+                f"pass state_growth='constant' or 'growing'"
+            )
+        self.model = model.eval()
+        self.config = config
+        self.variant = variant
+        self.name = name or (str(variant) if variant else type(model).__name__)
+        self.vocab_size = vocab
+        self.state_growth = growth
+        self.max_context = max_context if max_context is not None else getattr(config, "max_context", None)
+        self.tokenizer = tokenizer
+        self.device, self.param_dtype = _module_device_dtype(model)
+        self.state_dtype = state_dtype
+
+    def init_state(self, batch: int) -> Any:
+        return self.model.init_cache(batch, device=self.device, dtype=self.state_dtype)
+
+    def forward(self, ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        return self.model(ids, cache=state)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["variant"] = self.variant
+        d["parameters"] = sum(p.numel() for p in self.model.parameters())
+        d["dtype"] = str(self.param_dtype).removeprefix("torch.")
+        if dataclass_config := _config_dict(self.config):
+            d["config"] = dataclass_config
+        return d
+
+
+def _config_dict(config: Any) -> dict[str, Any] | None:
+    import dataclasses
+
+    if config is not None and dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    to_dict = getattr(config, "to_dict", None)
+    return to_dict() if callable(to_dict) else None
+
+
+class _HFTokenizer:
+    """A Hugging Face tokenizer behind mnemos' :class:`~mnemos.data.Tokenizer` protocol."""
+
+    def __init__(self, tok: Any):
+        self._tok = tok
+        self.vocab_size = len(tok)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else -1
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else -1
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else -1
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({type(self._tok).__name__}, vocab_size={self.vocab_size})"
+
+
+class HFCausalLMAdapter(StatefulLM):
+    """A Hugging Face causal LM (``AutoModelForCausalLM``) streamed through ``past_key_values``.
+
+    Its state is the model's KV cache, so it grows with the context (``state_growth="growing"``) unless told
+    otherwise; ``max_context`` defaults to ``config.max_position_embeddings``. Text prompts are re-encoded with the
+    model's own tokenizer (special tokens such as BOS added once, at the start). Load one from a local directory
+    with :meth:`from_pretrained`; nothing is downloaded.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        max_context: int | None = None,
+        state_growth: StateGrowth = "growing",
+    ):
+        config = model.config
+        self.model = model.eval()
+        self.config = config
+        self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
+        self.vocab_size = int(config.vocab_size)
+        self.state_growth = state_growth
+        self.max_context = max_context if max_context is not None else getattr(config, "max_position_embeddings", None)
+        self.tokenizer = _HFTokenizer(tokenizer) if tokenizer is not None else None
+        self.device, self.param_dtype = _module_device_dtype(model)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+        name: str | None = None,
+    ) -> HFCausalLMAdapter:
+        """Load model and tokenizer from a local directory (``local_files_only``); needs ``transformers``."""
+        try:
+            transformers = importlib.import_module("transformers")
+        except ImportError as e:
+            raise ImportError(
+                "evaluating a Hugging Face model needs the optional 'transformers' package "
+                "(pip install 'mnemos[hf]'); mnemos checkpoints and variants do not"
+            ) from e
+        path = str(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None  # then the model must read byte ids, like mnemos models
+        return cls(model, tokenizer, name=name or Path(path).name)
+
+    def init_state(self, batch: int) -> Any:
+        return None  # the model creates its cache on the first call
+
+    def forward(self, ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        out = self.model(input_ids=ids, past_key_values=state, use_cache=True)
+        return out.logits, out.past_key_values
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            return super().encode_prompt(text)
+        return self.tokenizer.encode_prompt(text)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["parameters"] = sum(p.numel() for p in self.model.parameters())
+        d["dtype"] = str(self.param_dtype).removeprefix("torch.")
+        d["model_type"] = getattr(self.config, "model_type", None)
+        return d
+
+
+# -- building models from names and paths ---------------------------------------------------------------------------
+
+def _import_mnemos_models():
+    """``mnemos.models`` with ``MnemosLM`` and ``MnemosConfig`` in it, or an ImportError saying what is missing."""
+    try:
+        models = importlib.import_module("mnemos.models")
+    except ImportError as e:
+        raise ImportError(f"mnemos.models could not be imported ({e}); it is needed to build mnemos models") from e
+    missing = [n for n in ("MnemosLM", "MnemosConfig") if not hasattr(models, n)]
+    if missing:
+        raise ImportError(
+            f"mnemos.models does not provide {', '.join(missing)} yet, so mnemos variants and checkpoints cannot be "
+            "evaluated in this checkout; models with MnemosLM's signature can still be wrapped in MnemosLMAdapter"
+        )
+    return models
+
+
+def _parse_overrides(text: str) -> dict[str, Any]:
+    """``"d_model=64,n_layers=2,memory.chunk_size=16"`` -> ``{"d_model": 64, "n_layers": 2, "memory":
+    {"chunk_size": 16}}``; values are read as JSON (numbers, true/false, null) and otherwise kept as strings."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"expected KEY=VALUE in a model spec, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
+
+
+def build_mnemos_model(
+    variant: str, vocab_size: int, *, overrides: dict[str, Any] | None = None,
+    device: str | torch.device | None = None, dtype: torch.dtype | None = None, name: str | None = None,
+) -> MnemosLMAdapter:
+    """A freshly initialised (untrained) ``MnemosLM`` of ``variant``, wrapped for the harness.
+
+    ``overrides`` are further ``MnemosConfig`` fields (nested dicts for ``memory``); unknown keys are an error.
+    Untrained models score chance on every task; use this to check a pipeline or to measure state sizes.
+    """
+    if variant not in MNEMOS_VARIANTS:
+        raise ValueError(f"unknown mnemos variant {variant!r}; known: {', '.join(MNEMOS_VARIANTS)}")
+    models = _import_mnemos_models()
+    fields = {"variant": variant, "vocab_size": vocab_size, **(overrides or {})}
+    from_dict = getattr(models.MnemosConfig, "from_dict", None)
+    try:
+        config = from_dict(fields) if callable(from_dict) else models.MnemosConfig(**fields)
+    except TypeError as e:  # a field of the wrong type: a configuration error like any other
+        raise ValueError(f"model {variant}: {e}") from None
+    model = models.MnemosLM(config).to(device=device, dtype=dtype)
+    return MnemosLMAdapter(model, name=name or f"{variant} (untrained)")
+
+
+def _model_config(run_config: Any, where: Path) -> dict[str, Any]:
+    """The ``MnemosConfig`` fields inside a checkpoint's config: the config itself, or its ``"model"`` entry."""
+    if isinstance(run_config, dict):
+        if "variant" in run_config:
+            return run_config
+        if isinstance(run_config.get("model"), dict):
+            return run_config["model"]
+    keys = sorted(run_config) if isinstance(run_config, dict) else type(run_config).__name__
+    raise ValueError(f"{where}: cannot find the model config (a dict with 'variant', or under 'model'); got {keys}")
+
+
+def _checkpoint_tokenizer(run_config: Any) -> Tokenizer | None:
+    """The BPE tokenizer a checkpoint's run trained with, rebuilt from its data config (``"data"``, or the
+    ``"task"`` of ``mnemos train``'s run config); None for byte tokens."""
+    data = (run_config.get("data") or run_config.get("task")) if isinstance(run_config, dict) else None
+    if not isinstance(data, dict) or data.get("tokenizer", "byte") == "byte":
+        return None
+    from mnemos.data import LMDataConfig
+
+    names = {f.name for f in dataclasses.fields(LMDataConfig)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    return LMDataConfig(**kwargs).build(0).tokenizer  # deterministic: the same text gives the same BPE
+
+
+def load_mnemos_checkpoint(
+    path: str | os.PathLike, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> MnemosLMAdapter:
+    """A trained ``MnemosLM`` from a checkpoint directory written by :func:`mnemos.train.checkpoint.save_checkpoint`
+    (``model.safetensors``, ``trainer.pt``, ``config.json``).
+
+    The model config is the run config saved with the checkpoint (``trainer.pt``'s ``"config"``, else
+    ``config.json``): either ``MnemosConfig`` fields or a dict with them under ``"model"`` (``mnemos train``'s
+    run config). A run whose data used the BPE tokenizer gets it rebuilt (unless ``tokenizer`` is given), so text
+    prompts are encoded as in training.
+    """
+    path = Path(path)
+    if not (path.is_dir() and (path / "trainer.pt").is_file()):
+        raise ValueError(f"{path} is not a mnemos checkpoint directory (no trainer.pt in it)")
+    models = _import_mnemos_models()
+    from mnemos.train.checkpoint import load_model_weights, read_trainer_state
+
+    run_config = read_trainer_state(path).get("config")
+    if run_config is None and (path / "config.json").is_file():
+        run_config = json.loads((path / "config.json").read_text())
+    config = models.MnemosConfig.from_dict(_model_config(run_config, path))
+    model = models.MnemosLM(config)
+    load_model_weights(path, model)
+    model = model.to(device=device, dtype=dtype)
+    return MnemosLMAdapter(model, name=path.name, tokenizer=tokenizer or _checkpoint_tokenizer(run_config))
+
+
+def load_model(
+    spec: str, *, vocab_size: int, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+) -> StatefulLM:
+    """The model a command-line spec names.
+
+    - ``baseline:induction[:ORDER]``, ``baseline:random``: reference models that need no weights
+      (:mod:`mnemos.eval.baselines`), sized to the task's ``vocab_size``;
+    - a directory with ``trainer.pt``: a mnemos checkpoint (:func:`load_mnemos_checkpoint`);
+    - another directory with a ``config.json``: a Hugging Face causal LM (needs ``transformers``);
+    - a variant name, optionally with ``MnemosConfig`` overrides (``lmm``, ``mac:d_model=64,n_layers=2``,
+      ``swa:window=128,memory.chunk_size=16``): an untrained ``MnemosLM`` with ``vocab_size`` tokens
+      (:func:`build_mnemos_model`).
+    """
+    if spec.startswith("baseline:"):
+        from mnemos.eval.baselines import make_baseline
+
+        return make_baseline(spec.removeprefix("baseline:"), vocab_size)
+    path = Path(spec)
+    if path.is_dir() and (path / "trainer.pt").is_file():
+        return load_mnemos_checkpoint(path, device=device, dtype=dtype)
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFCausalLMAdapter.from_pretrained(path, device=device, dtype=dtype)
+    variant, _, overrides = spec.partition(":")
+    if variant in MNEMOS_VARIANTS and not path.exists():
+        warnings.warn(f"--model {spec}: a randomly initialised {variant} model (no checkpoint); expect chance scores",
+                      stacklevel=2)
+        return build_mnemos_model(variant, vocab_size, overrides=_parse_overrides(overrides), device=device,
+                                  dtype=dtype, name=f"{spec} (untrained)")
+    raise ValueError(
+        f"model {spec!r} is not a checkpoint directory, a Hugging Face directory, a mnemos variant "
+        f"({', '.join(MNEMOS_VARIANTS)}, optionally VARIANT:KEY=VALUE,...) or a baseline "
+        "(baseline:induction, baseline:random)"
+    )

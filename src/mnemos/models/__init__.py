@@ -1,0 +1,16 @@
+"""Models: Titans (LMM, MAC, MAG, MAL) and baselines (Transformer++, SWA, linear attention, DeltaNet, Gated
+DeltaNet), all one block skeleton, one config and one cache type. See docs/MODELS.md."""
+
+from .baselines import LinearRecurrence
+from .block import Block, SwiGLU
+from .cache import Cache, MACState, MAGState, MALState, RecurrentState
+from .config import BASELINE_VARIANTS, TITANS_VARIANTS, VARIANTS, MemoryConfig, MnemosConfig
+from .lm import MnemosLM, build_mixer
+from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer, mac_attention_mask
+
+__all__ = [
+    "MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS",
+    "MnemosLM", "build_mixer", "Block", "SwiGLU",
+    "Cache", "MACState", "MAGState", "MALState", "RecurrentState",
+    "LongTermMemory", "MemoryAsContext", "MemoryAsGate", "MemoryAsLayer", "LinearRecurrence", "mac_attention_mask",
+]

@@ -1,0 +1,253 @@
+"""Decoding state of a whole model: one typed state per layer plus the absolute position, serialisable.
+
+Per-layer state types (what each variant's mixer keeps between calls):
+
+==================  ===================================================================  =============================
+variant             state                                                                size per sequence
+==================  ===================================================================  =============================
+lmm                 :class:`~mnemos.layers.NeuralMemoryState` (memory rule + conv)        constant
+mac                 :class:`MACState` (memory, segment-start memory, segment K/V)        O(segment_len)
+mag                 :class:`MAGState` (rolling KV cache + memory)                         O(window)
+mal                 :class:`MALState` (memory + rolling KV cache)                         O(window)
+transformer         :class:`~mnemos.layers.FullKVCache`                                   O(tokens seen)
+swa                 :class:`~mnemos.layers.RollingKVCache`                                O(window)
+linear baselines    :class:`RecurrentState` (matrix memory + conv)                        constant
+==================  ===================================================================  =============================
+
+:meth:`Cache.state_dict` flattens everything to plain tensors under dotted keys (``torch.save`` it and
+``torch.load(..., weights_only=True)`` it back); :meth:`Cache.load_state_dict` restores it into a cache made by
+``model.init_cache`` for the same config and batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor
+
+from ..layers import KVCache, NeuralMemoryState
+from ..ops import MemoryState
+
+__all__ = ["Cache", "MACState", "MAGState", "MALState", "RecurrentState", "LayerState"]
+
+# a field whose tensors grow along dim 1 within a bounded range (MAC's segment buffers) is marked so; every other
+# tensor must come back from a state dict with the exact shape it has in a fresh cache
+_RAGGED = {"ragged_dim": 1}
+
+
+@dataclass
+class RecurrentState:
+    """State of a linear-recurrence baseline (linear attention, DeltaNet, Gated DeltaNet): the matrix memory
+    ``[B, H, D, D]`` as a :class:`~mnemos.ops.MemoryState`, and the short conv's last inputs (None without a conv)."""
+
+    memory: MemoryState
+    conv: Tensor | None
+
+
+@dataclass
+class MAGState:
+    """Memory as a gate: the sliding-window attention's rolling cache and the memory branch's state."""
+
+    attn: KVCache
+    memory: NeuralMemoryState
+
+
+@dataclass
+class MALState:
+    """Memory as a layer: the memory's state and the sliding-window attention's rolling cache behind it."""
+
+    memory: NeuralMemoryState
+    attn: KVCache
+
+
+@dataclass
+class MACState:
+    """Memory as a context, in the middle of a segment of N tokens.
+
+    Attributes:
+        memory: the neural memory after the last token (it is written with every attention output y_t).
+        segment_memory: L tensors ``[B, H, D_out, D_in]``, the memory's weights at the start of the current segment:
+            what the segment's retrievals h_t read.
+        x_tail: ``[B, conv_size - 1, d]``, the last mixer inputs (the retrieval queries' conv history).
+        k_h, v_h: ``[B, n, H, D]`` attention keys/values of the segment's retrieved tokens h_1..h_n so far.
+        k_x, v_x: ``[B, n, H, D]`` attention keys/values of the segment's tokens so far.
+
+    ``n = k_x.shape[1]`` is the number of tokens of the current segment already seen, ``0 <= n < N``.
+    """
+
+    memory: NeuralMemoryState
+    segment_memory: tuple[Tensor, ...]
+    x_tail: Tensor
+    k_h: Tensor = field(metadata=_RAGGED)
+    v_h: Tensor = field(metadata=_RAGGED)
+    k_x: Tensor = field(metadata=_RAGGED)
+    v_x: Tensor = field(metadata=_RAGGED)
+
+    @property
+    def segment_offset(self) -> int:
+        return self.k_x.shape[1]
+
+
+LayerState = Union[NeuralMemoryState, KVCache, MACState, MAGState, MALState, RecurrentState]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# generic walks over a state: flatten to tensors, rebuild from tensors, map a function over tensors
+
+
+def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
+    if isinstance(obj, Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, bool):
+        raise TypeError(f"{prefix}: unexpected bool in a decoding state")
+    elif isinstance(obj, int):
+        out[prefix] = torch.tensor(obj, dtype=torch.int64)
+    elif isinstance(obj, KVCache):
+        for k, v in obj.state_dict().items():
+            out[f"{prefix}.{k}"] = v
+    elif dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            _flatten(getattr(obj, f.name), f"{prefix}.{f.name}", out)
+    elif isinstance(obj, (tuple, list)):
+        for i, x in enumerate(obj):
+            _flatten(x, f"{prefix}.{i}", out)
+    elif obj is not None:
+        raise TypeError(f"{prefix}: cannot serialise a {type(obj).__name__}")
+
+
+def _rebuild(template: Any, prefix: str, sd: dict[str, Tensor], used: set[str], ragged: int | None = None) -> Any:
+    """A new state shaped like ``template`` with the tensors of ``sd`` (moved to the template's device and dtype)."""
+    if isinstance(template, Tensor):
+        if prefix not in sd:
+            raise ValueError(f"state dict is missing key {prefix!r}")
+        used.add(prefix)
+        t = sd[prefix]
+        want, got = list(template.shape), list(t.shape)
+        if ragged is not None and len(got) == len(want):
+            got[ragged] = want[ragged] = -1
+        if got != want:
+            raise ValueError(f"{prefix} must have shape {tuple(template.shape)}, got {tuple(t.shape)}")
+        return t.to(device=template.device, dtype=template.dtype)
+    if isinstance(template, int):
+        if prefix not in sd:
+            raise ValueError(f"state dict is missing key {prefix!r}")
+        used.add(prefix)
+        return int(sd[prefix])
+    if isinstance(template, KVCache):
+        keys = set(template.state_dict())
+        missing = [f"{prefix}.{k}" for k in sorted(keys) if f"{prefix}.{k}" not in sd]
+        if missing:
+            raise ValueError(f"state dict is missing keys {missing}")
+        new = copy.copy(template)
+        new.load_state_dict({k: sd[f"{prefix}.{k}"] for k in keys})
+        used.update(f"{prefix}.{k}" for k in keys)
+        return new
+    if dataclasses.is_dataclass(template):
+        kwargs = {
+            f.name: _rebuild(getattr(template, f.name), f"{prefix}.{f.name}", sd, used, f.metadata.get("ragged_dim"))
+            for f in dataclasses.fields(template)
+        }
+        return type(template)(**kwargs)
+    if isinstance(template, (tuple, list)):
+        return type(template)(_rebuild(x, f"{prefix}.{i}", sd, used, ragged) for i, x in enumerate(template))
+    if template is None:
+        return None
+    raise TypeError(f"{prefix}: cannot restore a {type(template).__name__}")
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor], kv_fn: Callable[[KVCache], KVCache]) -> Any:
+    """A copy of a state with ``fn`` applied to every tensor and ``kv_fn`` to every KV cache (which must return a
+    new cache: the original is never changed in place)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, KVCache):
+        return kv_fn(obj)
+    if dataclasses.is_dataclass(obj):
+        return type(obj)(**{f.name: _map_tensors(getattr(obj, f.name), fn, kv_fn) for f in dataclasses.fields(obj)})
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(x, fn, kv_fn) for x in obj)
+    return obj
+
+
+def _detach_kv(kv: KVCache) -> KVCache:
+    new = copy.copy(kv)  # shallow: load_state_dict rebinds the copy's tensors
+    new.load_state_dict({k: v.detach() for k, v in kv.state_dict().items()})
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cache:
+    """Everything :class:`~mnemos.models.MnemosLM` needs to continue a batch of streams exactly.
+
+    Attributes:
+        layers: one state per block, typed by the variant (see the module docstring).
+        position: the absolute position of the next token (tokens consumed so far); the model advances it once per
+            call, by the number of tokens of that call.
+        batch_size: B, fixed for the cache's life.
+
+    A forward call updates the cache it is given *in place* (attention caches grow inside their objects) and returns
+    it. To keep a copy, use ``state_dict`` (or :meth:`detach`, which copies).
+    """
+
+    layers: list[LayerState]
+    position: int = 0
+    batch_size: int = 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain tensors under dotted keys (``position``, ``layers.{i}.<field path>``)."""
+        out: dict[str, Tensor] = {
+            "position": torch.tensor(self.position, dtype=torch.int64),
+            "batch_size": torch.tensor(self.batch_size, dtype=torch.int64),
+        }
+        for i, layer in enumerate(self.layers):
+            _flatten(layer, f"layers.{i}", out)
+        return out
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict` in place. ``self`` must come from ``init_cache`` of a model with the same
+        config and batch size (it supplies the structure, devices and dtypes); every key must be used exactly."""
+        if not isinstance(sd, dict):
+            raise TypeError(f"state dict must be a dict, got {type(sd).__name__}")
+        for key in ("position", "batch_size"):
+            if key not in sd:
+                raise ValueError(f"state dict is missing key {key!r}")
+        if int(sd["batch_size"]) != self.batch_size:
+            raise ValueError(f"state dict is for batch size {int(sd['batch_size'])}, this cache has {self.batch_size}")
+        used = {"position", "batch_size"}
+        layers = [_rebuild(layer, f"layers.{i}", sd, used) for i, layer in enumerate(self.layers)]
+        unknown = sorted(set(sd) - used)
+        if unknown:
+            raise ValueError(f"state dict has unknown keys {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        position = int(sd["position"])
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self.layers, self.position = layers, position
+
+    def detach(self) -> "Cache":
+        """A copy cut from the autograd graph (truncated backpropagation through time)."""
+        return Cache(_map_tensors(self.layers, Tensor.detach, _detach_kv), self.position, self.batch_size)
+
+    def to(self, device=None, dtype=None) -> "Cache":
+        """A copy on ``device`` with floating-point tensors cast to ``dtype`` (each None: unchanged)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        def move_kv(kv: KVCache) -> KVCache:
+            if not hasattr(kv, "to"):
+                raise TypeError(f"{type(kv).__name__} has no .to(device, dtype); it cannot be moved")
+            return copy.copy(kv).to(device=device, dtype=dtype)  # rebinds the copy's tensors only
+
+        return Cache(_map_tensors(self.layers, move, move_kv), self.position, self.batch_size)
+
+    def num_elements(self) -> int:
+        """Elements held across all layers: what decoding memory scales with."""
+        return sum(t.numel() for k, t in self.state_dict().items() if k not in ("position", "batch_size"))
+

@@ -1,0 +1,206 @@
+"""One typed config for every model variant: Titans (LMM, MAC, MAG, MAL) and the baselines.
+
+Plain dataclasses, no framework import, so a Hugging Face ``PretrainedConfig`` can mirror them field for field:
+``MnemosConfig.to_dict()`` gives nested JSON-ready dicts and ``MnemosConfig.from_dict`` reads them back, rejecting
+unknown keys by name. Every field is checked in ``__post_init__`` (type, range, and the combinations that matter).
+
+Which fields each variant reads (the others are ignored, never silently reinterpreted):
+
+==================  ============================================================================================
+every variant       vocab_size, d_model, n_layers, n_heads, mlp_hidden, norm_eps, tie_embeddings, init_std
+lmm                 memory.*, num_persistent (a learned prefix written into each layer's memory at stream start)
+mac                 memory.*, segment_len, num_persistent, rope_base
+mag, mal            memory.*, window, num_persistent, rope_base
+transformer         rope_base
+swa                 window, rope_base
+linear_attention    memory.chunk_size (any chunk size is exact for the dot-product rule)
+deltanet, gated_deltanet  memory.conv_size (their updates are per token: the rule runs with chunk size 1)
+==================  ============================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "Variant"]
+
+Variant = Literal[
+    "lmm", "mac", "mag", "mal", "transformer", "swa", "linear_attention", "deltanet", "gated_deltanet"
+]
+VARIANTS: tuple[str, ...] = typing.get_args(Variant)
+TITANS_VARIANTS: tuple[str, ...] = ("lmm", "mac", "mag", "mal")
+BASELINE_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v not in TITANS_VARIANTS)
+# variants with a softmax-attention mixer (RoPE needs an even head dim)
+ATTENTION_VARIANTS: tuple[str, ...] = ("mac", "mag", "mal", "transformer", "swa")
+
+
+def _check_field(where: str, value: Any, hint: Any) -> None:
+    """Raise unless ``value`` matches the resolved annotation ``hint`` (int, float, bool, str, Literal, X | None)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{where} must be one of {choices}, got {value!r}")
+        return
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        (inner,) = [a for a in args if a is not type(None)]
+        _check_field(where, value, inner)
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:  # nested config classes are checked by their owner
+        return
+    if not ok:
+        raise TypeError(f"{where} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+class _ConfigBase:
+    """``to_dict`` / ``from_dict`` with unknown-key rejection, and field type checks; shared by both configs."""
+
+    _where = ""  # dotted prefix used in error messages
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_field(f"{self._where}{f.name}", getattr(self, f.name), hints[f.name])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-ready) of every field, resolved defaults included."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from a (nested) dict. Unknown keys are an error that names them; missing keys take defaults."""
+        if not isinstance(d, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {[cls._where + k for k in unknown]}; valid keys: {names}")
+        return cls(**d)
+
+
+@dataclass
+class MemoryConfig(_ConfigBase):
+    """The Titans neural memory (:class:`mnemos.layers.NeuralMemory`), shared by every layer that has one.
+
+    Defaults are the paper's (arXiv 2501.00663, sec. 4.4 and 5): a depth-2 MLP memory with expansion 4, gradients
+    anchored per chunk of 16 tokens, a causal conv of width 4 after the q/k/v projections.
+    """
+
+    _where = "memory."
+
+    depth: int = 2  # 1 = matrix memory; >= 2 = MLP memory (the paper finds deeper memories recall more)
+    expansion: int = 4  # hidden width factor of an MLP memory
+    residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
+    activation: Literal["gelu", "silu"] = "gelu"
+    chunk_size: int = 16  # tokens per gradient anchor: the paper's setting; larger is faster but staler
+    # upper bound of the data-dependent inner learning rate theta (the layer's default). Keep it small: an untrained
+    # MAC writes near-identical attention outputs into its memory, a chunk's 16 gradients (one anchor) add up, and
+    # at 0.1 (often at 0.05) the memory diverged at initialisation (docs/MODELS.md, "Stability")
+    max_lr: float = 0.01
+    conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
+    impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
+
+    def __post_init__(self):
+        self._check_types()
+        for name in ("depth", "expansion", "chunk_size", "conv_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_lr > 0:
+            raise ValueError(f"memory.max_lr must be > 0, got {self.max_lr}")
+
+
+@dataclass
+class MnemosConfig(_ConfigBase):
+    """Config of :class:`mnemos.models.MnemosLM` for every variant (see the module docstring for who reads what).
+
+    Example:
+        >>> cfg = MnemosConfig(variant="mag", vocab_size=64, d_model=32, n_layers=2, n_heads=4, window=8)
+        >>> MnemosConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        >>> cfg.head_dim, cfg.mlp_hidden_size
+        (8, 88)
+    """
+
+    variant: Variant = "mac"
+    # sizes: the Titans paper's smallest scale (~170M parameters at a 32k vocabulary)
+    vocab_size: int = 32000  # set it from the tokenizer
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12  # head dim = d_model / n_heads, for attention and memory alike
+    mlp_hidden: int | None = None  # SwiGLU hidden width; None: 8/3 * d_model rounded up to a multiple of 8
+    # short-term memory
+    window: int = 512  # sliding-window width of swa, mag and mal (the token sees itself and window - 1 before)
+    segment_len: int = 512  # MAC's segment length N: attention is local to a segment
+    num_persistent: int = 4  # persistent-memory tokens N_p of the Titans variants (0 = none)
+    rope_base: float = 10000.0
+    # long-term memory
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # the rest of the skeleton
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True  # LM head shares the embedding matrix (saves vocab_size * d_model parameters)
+    init_std: float = 0.02  # embedding (and untied head) init; layers keep their own inits
+
+    def __post_init__(self):
+        if isinstance(self.memory, dict):  # a nested dict, e.g. from JSON or a Hugging Face config
+            self.memory = MemoryConfig.from_dict(self.memory)
+        if not isinstance(self.memory, MemoryConfig):
+            raise TypeError(f"memory must be a MemoryConfig or a dict, got {type(self.memory).__name__}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        self._check_types()
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        if self.variant in ATTENTION_VARIANTS and self.head_dim % 2:
+            raise ValueError(
+                f"variant {self.variant!r} uses RoPE, which needs an even head dim; d_model / n_heads = "
+                f"{self.d_model} / {self.n_heads} = {self.head_dim}"
+            )
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
+        if self.num_persistent < 0:
+            raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
+        if not self.rope_base > 1:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """The SwiGLU hidden width: ``mlp_hidden`` or 8/3 * d_model (same parameters as a 4x GELU MLP), to x8."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        hidden = math.ceil(8 * self.d_model / 3)
+        return -(-hidden // 8) * 8
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MnemosConfig":
+        return super().from_dict(d)

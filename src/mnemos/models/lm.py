@@ -1,0 +1,192 @@
+"""``MnemosLM``: embedding -> blocks (one skeleton, the mixer picked by ``config.variant``) -> RMSNorm -> LM head.
+
+Plain ``nn.Module``; a Hugging Face wrapper can hold one and map ``past_key_values`` to :class:`Cache`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import Attention, RMSNorm
+from .baselines import LinearRecurrence
+from .block import Block, SwiGLU
+from .cache import Cache
+from .config import MnemosConfig
+from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer
+
+__all__ = ["MnemosLM", "build_mixer"]
+
+
+def _memory_kwargs(config: MnemosConfig) -> dict:
+    m = config.memory
+    return dict(
+        depth=m.depth, expansion=m.expansion, residual=m.residual, activation=m.activation,
+        chunk_size=m.chunk_size, max_lr=m.max_lr, conv_size=m.conv_size, impl=m.impl,
+    )
+
+
+def build_mixer(config: MnemosConfig) -> nn.Module:
+    """The token mixer of one block for ``config.variant`` (the registry of every architecture)."""
+    d, H, v = config.d_model, config.n_heads, config.variant
+    P, rope = config.num_persistent, config.rope_base
+    if v == "lmm":
+        return LongTermMemory(d, H, num_persistent=P, **_memory_kwargs(config))
+    if v == "mac":
+        return MemoryAsContext(
+            d, H, segment_len=config.segment_len, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
+            **_memory_kwargs(config),
+        )
+    if v == "mag":
+        return MemoryAsGate(
+            d, H, window=config.window, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
+            **_memory_kwargs(config),
+        )
+    if v == "mal":
+        return MemoryAsLayer(
+            d, H, window=config.window, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
+            **_memory_kwargs(config),
+        )
+    if v == "transformer":
+        return Attention(d, H, rope_base=rope)
+    if v == "swa":
+        return Attention(d, H, window=config.window, rope_base=rope)
+    if v in ("linear_attention", "deltanet", "gated_deltanet"):
+        m = config.memory
+        return LinearRecurrence(d, H, v, chunk_size=m.chunk_size, conv_size=m.conv_size, impl=m.impl)
+    raise ValueError(f"unknown variant {v!r}")  # unreachable: MnemosConfig validates the variant
+
+
+class MnemosLM(nn.Module):
+    """A causal language model of any mnemos variant.
+
+    ``forward(input_ids [B, T], cache=None) -> (logits [B, T, V], cache)``:
+
+    - ``cache=None``: the T tokens are a whole sequence from position 0 (training); the cache returned is None unless
+      ``use_cache=True``, which starts one.
+    - ``cache`` from :meth:`init_cache` (or returned by an earlier call): the tokens continue the stream at
+      ``cache.position``; any number per call, and the logits equal those of one pass over the whole stream. The
+      cache is updated in place and returned; its position advances by T.
+
+    Example:
+        >>> cfg = MnemosConfig(variant="mal", vocab_size=64, d_model=32, n_layers=2, n_heads=4, window=8)
+        >>> model = MnemosLM(cfg)
+        >>> ids = torch.randint(0, 64, (2, 10))
+        >>> logits, _ = model(ids)
+        >>> cache = model.init_cache(2)
+        >>> a, cache = model(ids[:, :7], cache)
+        >>> b, cache = model(ids[:, 7:], cache)
+        >>> torch.allclose(torch.cat([a, b], 1), logits, atol=1e-5), cache.position
+        (True, 10)
+    """
+
+    def __init__(self, config: MnemosConfig):
+        super().__init__()
+        if not isinstance(config, MnemosConfig):
+            raise TypeError(f"config must be a MnemosConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        norm = partial(RMSNorm, d, config.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(build_mixer(config), SwiGLU(d, config.mlp_hidden_size), norm) for _ in range(config.n_layers)
+        )
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=config.init_std)
+
+    def init_cache(self, batch: int, device=None, dtype=None) -> Cache:
+        """An empty cache (position 0) for ``batch`` streams.
+
+        ``device`` defaults to the model's; ``dtype`` (of the attention caches and conv histories: the activations')
+        to the autocast dtype when autocast is on for that device, else the model's. Memory states keep their own
+        dtype (float32 under half precision).
+        """
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        device = self.embed.weight.device if device is None else torch.device(device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.embed.weight.dtype
+        return Cache([b.init_state(batch, device, dtype) for b in self.blocks], 0, batch)
+
+    def _check(self, input_ids: Tensor, cache: Cache | None) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise ValueError(f"input_ids must be an int64 or int32 tensor [B, T], got {type(input_ids).__name__}")
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            got = f"shape {tuple(input_ids.shape)}, dtype {input_ids.dtype}"
+            raise ValueError(f"input_ids must be an int64 or int32 tensor [B, T], got {got}")
+        if input_ids.shape[1] < 1:
+            raise ValueError("input_ids must hold at least one token per sequence")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
+        if cache is not None:
+            if not isinstance(cache, Cache):
+                raise TypeError(f"cache must be a Cache (see init_cache) or None, got {type(cache).__name__}")
+            if cache.batch_size != input_ids.shape[0]:
+                raise ValueError(f"cache is for batch size {cache.batch_size}, input_ids has {input_ids.shape[0]}")
+            if len(cache.layers) != len(self.blocks):
+                raise ValueError(f"cache has {len(cache.layers)} layer states, the model has {len(self.blocks)} blocks")
+
+    def features(self, input_ids: Tensor, cache: Cache | None = None) -> tuple[Tensor, Cache | None]:
+        """The final hidden states ``[B, T, d]`` (after the last norm, before the head) and the cache."""
+        self._check(input_ids, cache)
+        x = self.embed(input_ids)  # [B, T, d]
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, None if cache is None else cache.layers[i])
+            if cache is not None:
+                cache.layers[i] = state
+        if cache is not None:
+            cache.position += input_ids.shape[1]  # the one place the position advances
+        return self.norm(x), cache
+
+    def forward(
+        self, input_ids: Tensor, cache: Cache | None = None, *, use_cache: bool = False
+    ) -> tuple[Tensor, Cache | None]:
+        if cache is None and use_cache:
+            cache = self.init_cache(input_ids.shape[0], input_ids.device)
+        h, cache = self.features(input_ids, cache)
+        return self.lm_head(h), cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        greedy: bool = True,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue ``input_ids [B, T]`` by ``max_new_tokens``: greedy (argmax) or sampled at ``temperature``.
+
+        Returns ``[B, T + max_new_tokens]``. The prompt is read in one call, then one token per call with the cache.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        cache = self.init_cache(input_ids.shape[0], input_ids.device)
+        out = [input_ids]
+        logits, cache = self(input_ids, cache)
+        for i in range(max_new_tokens):
+            last = logits[:, -1].float()  # [B, V]
+            if greedy:
+                nxt = last.argmax(-1)
+            else:
+                nxt = torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=generator).squeeze(-1)
+            out.append(nxt[:, None].to(input_ids.dtype))
+            if i + 1 < max_new_tokens:
+                logits, cache = self(out[-1], cache)
+        return torch.cat(out, dim=1)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,203 @@
+"""The run config of ``mnemos train``: nested typed dataclasses, read from YAML and dotted CLI overrides.
+
+    model:  MnemosConfig   (which architecture; mnemos.models.config)
+    task:   TaskConfig     (what to learn: MQAR recall or language modelling)
+    optim:  OptimConfig    (AdamW, schedule, clipping, accumulation)
+    run:    RunConfig      (steps, batch, device, precision, logging, checkpoints)
+
+Every level rejects unknown keys by their dotted name and checks types and ranges, so a misspelt key is an error,
+never a silent default. ``load_config(yaml_path, ["model.d_model=128", "optim.lr=1e-3"])`` merges overrides into the
+file before validation; values are parsed as YAML scalars (``1e-3``, ``true``, ``[1, 2]``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..models.config import MnemosConfig, _ConfigBase
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1's SafeLoader, but ``1e-3`` is a float (plain YAML 1.1 reads it as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+@dataclass
+class TaskConfig(_ConfigBase):
+    """What the model learns. ``kind="mqar"``: multi-query associative recall (mnemos.data.MQARConfig), labels only at
+    the queries; ``kind="lm"``: next-token prediction on the built-in corpus or ``paths``."""
+
+    _where = "task."
+
+    kind: Literal["mqar", "lm"] = "mqar"
+    seq_len: int = 128
+    # mqar
+    vocab_size: int = 64  # MQAR vocabulary (keys in the lower half, values in the upper half)
+    num_kv_pairs: int = 8
+    power_a: float = 0.01
+    train_examples: int = 20000
+    eval_examples: int = 500
+    # lm
+    paths: tuple[str, ...] = ()  # user text files or directories; empty = the built-in corpus
+    val_fraction: float = 0.05
+
+    def __post_init__(self):
+        if isinstance(self.paths, list):
+            self.paths = tuple(self.paths)
+        self._check_types()
+        for name in ("seq_len", "num_kv_pairs", "train_examples", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"task.val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig(_ConfigBase):
+    _where = "optim."
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        self._check_types()
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0")
+        if self.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class RunConfig(_ConfigBase):
+    _where = "run."
+
+    steps: int = 300
+    batch_size: int = 32  # global batch per optimizer step (split over grad_accum micro-batches and ranks)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    compile: bool = False  # torch.compile the model
+    parallel: Literal["ddp", "fsdp", "none"] = "ddp"  # used under torchrun only
+    eval_every: int = 100
+    log_every: int = 10
+    save_every: int = 0  # 0: save at the end only
+    stop_after: int = 0  # stop (and save) after this many steps of this invocation; 0 = run to the end.
+    # For time-limited jobs: launch again with --resume to continue where it stopped.
+    out_dir: str = "runs/default"
+    progress: bool = True
+    tensorboard: bool = False  # write TensorBoard events when the package is installed
+
+    def __post_init__(self):
+        self._check_types()
+        for name in ("steps", "batch_size", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "stop_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    model: MnemosConfig = field(default_factory=lambda: MnemosConfig(variant="mag", vocab_size=64))
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if self.task.kind == "mqar" and self.model.vocab_size < self.task.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}) must be >= task.vocab_size ({self.task.vocab_size})"
+            )
+        if self.task.kind == "lm" and self.model.vocab_size < 259:
+            raise ValueError(f"task.kind='lm' uses the byte tokenizer (259 ids): model.vocab_size must be >= 259")
+        if self.run.batch_size % self.optim.grad_accum:
+            raise ValueError(
+                f"run.batch_size ({self.run.batch_size}) must be divisible by optim.grad_accum ({self.optim.grad_accum})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in ("model", "task", "optim", "run")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a run config must be a mapping, got {type(d).__name__}")
+        parts = {"model": MnemosConfig, "task": TaskConfig, "optim": OptimConfig, "run": RunConfig}
+        unknown = sorted(set(d) - set(parts))
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; valid sections: {list(parts)}")
+        return cls(**{k: parts[k].from_dict(d[k] or {}) for k in d})
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.memory.chunk_size=16"`` -> (["model", "memory", "chunk_size"], 16)."""
+    if "=" not in text:
+        raise ValueError(f"an override must look like section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().lstrip("-").split(".") if p]
+    if len(path) < 2:
+        raise ValueError(f"an override must name a section and a key (e.g. optim.lr=1e-3), got {text!r}")
+    try:
+        value = _yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse the value of {key!r}: {e}") from None
+    return path, value
+
+
+def merge_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = d
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {p} is a value, not a section")
+        node[path[-1]] = value
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A validated TrainConfig from an optional YAML file plus dotted overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        try:
+            loaded = _yaml(p.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+        d = loaded or {}
+    return TrainConfig.from_dict(merge_overrides(d, overrides or []))
+
+
+__all__ = ["TrainConfig", "TaskConfig", "OptimConfig", "RunConfig", "load_config", "merge_overrides"]

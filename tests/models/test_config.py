@@ -1,0 +1,80 @@
+"""MnemosConfig: validation with clear errors, unknown keys named, dict round trips (what a HF wrapper mirrors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mnemos.models import VARIANTS, MemoryConfig, MnemosConfig, MnemosLM
+
+SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"window": 0}, ValueError, "window must be >= 1, got 0"),
+        ({"window": -3}, ValueError, "window must be >= 1, got -3"),
+        ({"n_heads": 3}, ValueError, r"n_heads \(3\) must divide d_model \(32\)"),
+        ({"variant": "mamba"}, ValueError, "unknown variant 'mamba'"),
+        ({"segment_len": 0}, ValueError, "segment_len must be >= 1, got 0"),
+        ({"num_persistent": -1}, ValueError, "num_persistent must be >= 0"),
+        ({"d_model": 0}, ValueError, "d_model must be >= 1"),
+        ({"vocab_size": 0}, ValueError, "vocab_size must be >= 1"),
+        ({"n_layers": 0}, ValueError, "n_layers must be >= 1"),
+        ({"mlp_hidden": 0}, ValueError, "mlp_hidden must be None or >= 1"),
+        ({"norm_eps": 0.0}, ValueError, "norm_eps must be > 0"),
+        ({"rope_base": 1.0}, ValueError, "rope_base must be > 1"),
+        ({"d_model": 36, "n_heads": 4, "variant": "swa"}, ValueError, "even head dim"),  # head dim 9, RoPE
+        ({"window": 2.5}, TypeError, "window must be of type int"),
+        ({"window": True}, TypeError, "window must be of type int"),
+        ({"tie_embeddings": "yes"}, TypeError, "tie_embeddings must be of type bool"),
+        ({"memory": {"chunk_size": 0}}, ValueError, "memory.chunk_size must be >= 1, got 0"),
+        ({"memory": {"activation": "relu"}}, ValueError, r"memory.activation must be one of \('gelu', 'silu'\)"),
+        ({"memory": {"max_lr": -0.1}}, ValueError, "memory.max_lr must be > 0"),
+        ({"memory": 3}, TypeError, "memory must be a MemoryConfig or a dict"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_bad_configs_are_clear_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        MnemosConfig(**{**SMALL, **overrides})
+
+
+def test_odd_head_dim_is_fine_without_attention():
+    for variant in ("lmm", "linear_attention", "deltanet", "gated_deltanet"):
+        MnemosConfig(**{**SMALL, "d_model": 36, "variant": variant})
+
+
+def test_from_dict_names_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown MnemosConfig keys \['segment_length'\]"):
+        MnemosConfig.from_dict({"variant": "mac", "segment_length": 8})
+    with pytest.raises(ValueError, match=r"unknown MemoryConfig keys \['memory.chunk'\]"):
+        MnemosConfig.from_dict({"memory": {"chunk": 8}})
+    with pytest.raises(TypeError, match="needs a dict"):
+        MnemosConfig.from_dict([("variant", "mac")])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dict_round_trip_is_json_ready(variant):
+    cfg = MnemosConfig(**SMALL, variant=variant, memory=MemoryConfig(depth=1, chunk_size=8))
+    d = cfg.to_dict()
+    assert d["memory"]["depth"] == 1 and d["variant"] == variant
+    again = MnemosConfig.from_dict(json.loads(json.dumps(d)))
+    assert again == cfg
+    assert isinstance(again.memory, MemoryConfig)
+
+
+def test_derived_sizes():
+    cfg = MnemosConfig(**SMALL)
+    assert cfg.head_dim == 8
+    assert cfg.mlp_hidden_size == 88  # ceil(8 * 32 / 3) = 86, rounded up to a multiple of 8
+    assert MnemosConfig(**SMALL, mlp_hidden=40).mlp_hidden_size == 40
+
+
+def test_model_needs_a_config_and_unties_on_request():
+    with pytest.raises(TypeError, match="MnemosConfig"):
+        MnemosLM({"variant": "lmm"})
+    model = MnemosLM(MnemosConfig(**SMALL, variant="swa", tie_embeddings=False))
+    assert model.lm_head.weight is not model.embed.weight

@@ -1,0 +1,193 @@
+"""Mixers checked against independent formulas written here, not against the code paths they run on.
+
+- DeltaNet and Gated DeltaNet (the memory rule with chunk 1 and rescaled gates) == their token-by-token recurrences;
+- linear attention (the dot-loss rule) == the explicit causal-masked formula ``tril(Q K^T) V``;
+- MAC == a naive segment-by-segment construction (memory recomputed from scratch, dense per-query attention over
+  the visible keys), and its attention mask checked by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mnemos.layers import NeuralMemoryState
+from mnemos.models import LinearRecurrence, MemoryAsContext, mac_attention_mask
+from mnemos.models.baselines import GDN_MIN_DECAY
+from mnemos.ops import MemoryState
+
+F64 = torch.float64
+
+
+def x_of(B, T, dim=32, seed=1):
+    return torch.randn(B, T, dim, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_max_err(name, ref, out, tol):
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (ref - out).abs().max().item()
+    assert err <= tol, f"{name}: max |ref - out| = {err:.3e} > {tol:.1e}"
+
+
+def make_recurrence(kind, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = LinearRecurrence(32, 4, kind, chunk_size=kw.pop("chunk_size", 5), **kw).double()
+    if kind == "gated_deltanet":  # spread the decays so that a matters (including a few near the floor)
+        with torch.no_grad():
+            layer.to_decay.weight.normal_(0, 1.0)
+    return layer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# linear baselines
+
+
+def delta_recurrence(q, k, v, beta, a=None):
+    """S_t = a_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t; S [B, H, V, K], one token a time."""
+    B, T, H, D = q.shape
+    S = torch.zeros(B, H, D, D, dtype=q.dtype)
+    eye = torch.eye(D, dtype=q.dtype)
+    out = []
+    for t in range(T):
+        kt, vt, qt = k[:, t], v[:, t], q[:, t]  # [B, H, D]
+        bt = beta[:, t, :, None, None]  # [B, H, 1, 1]
+        at = 1.0 if a is None else a[:, t, :, None, None]
+        S = at * S @ (eye - bt * kt[..., :, None] * kt[..., None, :]) + bt * vt[..., :, None] * kt[..., None, :]
+        out.append((S @ qt[..., None]).squeeze(-1))
+    return torch.stack(out, 1), S  # [B, T, H, D], [B, H, D, D]
+
+
+@pytest.mark.parametrize("kind", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_delta_rules_equal_their_recurrences(kind, impl):
+    layer = make_recurrence(kind, impl=impl)
+    x = x_of(2, 17)
+    q, k, v, beta, a, _ = layer.features(x)
+    if kind == "gated_deltanet":
+        assert a.min() < 0.5 and a.max() < 1, "the decay should matter in this test"
+    else:
+        assert a is None
+    o, S_T = delta_recurrence(q, k, v, beta, a)
+    got, state = layer(x)
+    assert_max_err(f"{kind} output", layer.output(x, o), got, 1e-10)
+    assert_max_err(f"{kind} final state", S_T, state.memory.weights[0], 1e-10)
+
+
+def test_deltanet_is_not_gated_deltanet_with_decay_after_the_step():
+    """The exact reuse needs the rescaled target: decaying after the delta step gives a different recurrence."""
+    layer = make_recurrence("gated_deltanet")
+    x = x_of(1, 9)
+    q, k, v, beta, a, _ = layer.features(x)
+    B, T, H, D = q.shape
+    S = torch.zeros(B, H, D, D, dtype=F64)
+    outs = []
+    for t in range(T):
+        kt, vt = k[:, t], v[:, t]
+        bt = beta[:, t, :, None, None]
+        S = a[:, t, :, None, None] * (S - bt * (S @ kt[..., None] - vt[..., None]) * kt[..., None, :])
+        outs.append((S @ q[:, t, ..., None]).squeeze(-1))
+    wrong = layer.output(x, torch.stack(outs, 1))
+    got, _ = layer(x)
+    assert (wrong - got).abs().max() > 1e-4
+
+
+def test_linear_attention_equals_the_masked_formula():
+    layer = make_recurrence("linear_attention", chunk_size=4)
+    x = x_of(2, 11)
+    q, k, v, beta, a, _ = layer.features(x)
+    assert beta is None and a is None
+    assert (q > 0).all() and (k > 0).all()  # the 1 + elu feature map
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)  # [B, H, T, T]
+    causal = torch.ones(11, 11, dtype=torch.bool).tril()
+    o = torch.einsum("bhij,bjhd->bihd", scores * causal, v)  # [B, T, H, D]
+    want = layer.output(x, o)
+    got, _ = layer(x)
+    assert_max_err("linear attention", want, got, 1e-10)
+    # the per-head output norm makes the Katharopoulos normaliser a no-op (up to the norm's epsilon)
+    normaliser = (scores * causal).sum(-1).transpose(1, 2)[..., None]  # [B, T, H, 1]
+    assert_max_err("normalised variant", want, layer.output(x, o / normaliser), 1e-4)
+
+
+def test_gated_deltanet_decay_is_floored_and_stays_finite():
+    layer = make_recurrence("gated_deltanet")
+    with torch.no_grad():
+        layer.dt_bias.fill_(50.0)  # softplus ~ 50, A >= 1: log a ~ -50 or less without the floor
+    x = x_of(2, 7)
+    _, _, _, _, a, _ = layer.features(x)
+    assert torch.allclose(a, torch.full_like(a, GDN_MIN_DECAY))
+    y, _ = layer(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+def test_bad_kind_is_an_error():
+    with pytest.raises(ValueError, match="kind must be"):
+        LinearRecurrence(32, 4, "mamba")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MAC
+
+
+def test_mac_mask_by_hand():
+    # 2 queries at segment positions 1, 2 (one token already seen); P = 1; keys [P | h0 h1 h2 | x0 x1 x2]
+    got = mac_attention_mask(1, 2, 1).int()
+    want = torch.tensor([[1, 1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    assert torch.equal(got, want)
+
+
+def rope(x, pos, base=10000.0):
+    """Half-split rotary embedding at absolute positions pos (written out here, independently of the layer)."""
+    D = x.shape[-1]
+    inv = base ** (-torch.arange(D // 2, dtype=F64) * 2 / D)
+    ang = torch.as_tensor(pos, dtype=F64)[:, None] * inv  # [T, D/2]
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def naive_mac(mac: MemoryAsContext, x: torch.Tensor) -> torch.Tensor:
+    """MAC from its definition: for each segment, rebuild the memory from every earlier attention output, read it with
+    the segment's queries, attend query by query over exactly the keys it may see, then write and read the memory."""
+    B, T, d = x.shape
+    N, at, mem = mac.segment_len, mac.attn, mac.memory
+    H, D = at.n_heads, at.head_dim
+    ys = []
+    for s0 in range(0, T, N):
+        s1 = min(s0 + N, T)
+        if s0 == 0:
+            W = tuple(w.expand(B, *w.shape) for w in mem.memory)
+        else:  # the memory after segments 0 .. s-1: one pass over all their (normalised) attention outputs
+            W = mem(mac.write_norm(torch.cat(ys, 1)))[1].memory.weights
+        read = NeuralMemoryState(MemoryState(W, W, W, 0, mem.chunk_size), mem.conv.init_state(B, dtype=F64))
+        h = mac.retrieved_proj(mem.retrieve(x[:, :s1], read)[:, s0:].reshape(B, s1 - s0, -1))  # whole x history
+        # segment-local positions: RoPE scores between rotated keys only see differences, but the persistent keys are
+        # not rotated, so their scores depend on the query's own position, which MAC counts from the segment start
+        pos = torch.arange(0, s1 - s0)
+        xs = x[:, s0:s1]
+        q = rope(at.q_proj(xs).view(B, -1, H, D), pos)
+        kx, vx = rope(at.k_proj(xs).view(B, -1, H, D), pos), at.v_proj(xs).view(B, -1, H, D)
+        kh, vh = rope(at.k_proj(h).view(B, -1, H, D), pos), at.v_proj(h).view(B, -1, H, D)
+        out = []
+        for i in range(s1 - s0):  # query i sees persistent, h_0..h_i, x_0..x_i
+            k = torch.cat([at.persistent_k.expand(B, -1, -1, -1), kh[:, : i + 1], kx[:, : i + 1]], 1)
+            v = torch.cat([at.persistent_v.expand(B, -1, -1, -1), vh[:, : i + 1], vx[:, : i + 1]], 1)
+            p = torch.softmax(torch.einsum("bhd,bjhd->bhj", q[:, i], k) / math.sqrt(D), -1)
+            out.append(torch.einsum("bhj,bjhd->bhd", p, v).reshape(B, H * D))
+        ys.append(at.o_proj(torch.stack(out, 1)))
+    y = torch.cat(ys, 1)
+    m, _ = mem(mac.write_norm(y))  # written token by token over the whole stream, read after each write
+    return y * torch.sigmoid(m)
+
+
+@pytest.mark.parametrize("segment_len,chunk", [(5, 4), (4, 4), (16, 3), (1, 2)])
+def test_mac_equals_naive_construction(segment_len, chunk):
+    torch.manual_seed(0)
+    mac = MemoryAsContext(32, 4, segment_len=segment_len, num_persistent=3, depth=2, expansion=2, chunk_size=chunk)
+    mac = mac.double()
+    x = x_of(2, 13)
+    got, _ = mac(x)
+    assert_max_err(f"MAC N={segment_len} C={chunk}", naive_mac(mac, x), got, 1e-10)
