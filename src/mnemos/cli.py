@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -132,6 +133,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(_preset_path(args.preset) if args.preset else args.config, args.overrides)
     result = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     if result.final_eval:
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()))
     print(f"{result.step} steps, {result.tokens_per_s:,.0f} tokens/s; run directory {result.out_dir}")
