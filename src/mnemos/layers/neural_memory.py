@@ -10,11 +10,13 @@ Choices the paper leaves open, and what this layer does:
 - Convolution: one depthwise causal conv per q, k and v channel, no bias; SiLU after it on q, k and v; l2-norm on
   q and k only (values keep their scale, they are the regression targets).
 - Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head. theta is
-  bounded by ``max_lr`` (default 0.01). Initial biases: theta = max_lr/2, eta = sigmoid(0) = 0.5, alpha = sigmoid(-8)
-  ~ 3e-4 (a memory half-life of ~2000 tokens); the outer model then learns data-dependent gates. Measured on random
-  inputs over 3000 tokens (dim 256, 4 heads): eta ~ 0.88 with this little forgetting diverges (the chunk's 16 stale
-  gradients add up under heavy momentum), and forgetting of ~0.02 per token decays an MLP memory towards W = 0, a
-  saddle where its inner gradients vanish. The defaults sit between the two.
+  bounded by ``max_lr`` (default 0.01; titans-pytorch's default bound is 1.0). Initial biases: theta = max_lr/2,
+  eta = sigmoid(0) = 0.5, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000 tokens); the outer model then
+  learns data-dependent gates. Why these: all C gradients of a chunk are taken at one anchor and add up, so near-
+  identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one large step. With max_lr 0.1,
+  untrained models diverged within 128 tokens of MQAR, and in training the learned momentum gate climbed to ~0.9
+  and the memory diverged; at 0.01 both trained without diverging. Strong initial forgetting (~0.02 per token)
+  instead decays an MLP memory towards W = 0, a saddle where its inner gradients vanish.
 - Initial memory W_0: learned; hidden layers ``[H, E*D, D]`` with expansion E (default 4), normal init with std
   1/sqrt(D_in); the last layer gets the same init, and with ``residual=True`` (default) M starts near identity + noise.
 - Output: RMSNorm per head then a SiLU gate from x (as in Gated DeltaNet, which Titans follows), then a projection.
