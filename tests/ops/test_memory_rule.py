@@ -447,3 +447,17 @@ def test_bad_initial_state():
     with pytest.raises(ValueError, match="initial_state.weights\\[0\\] must have leading"):
         neural_memory_chunked(*(wrong_batch[n] for n in ("q", "k", "v", "theta", "eta", "alpha")), chunk_size=4,
                               initial_state=state)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("fn", [neural_memory_chunked, neural_memory_reference], ids=["chunked", "reference"])
+def test_runs_without_grad_and_with_parameters(fn, mode):
+    """Decoding runs under no_grad / inference_mode with nn.Parameter weights; the result equals grad mode's."""
+    inp = make_inputs(1, 9, 2, 4, 4, 2, seed=6)
+    inp["weights"] = tuple(torch.nn.Parameter(w) for w in inp["weights"])
+    o_grad, _ = run(fn, inp, chunk_size=4)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        o, state = run(fn, inp, chunk_size=4)
+    torch.testing.assert_close(o, o_grad.detach(), rtol=1e-12, atol=1e-12)
+    assert not o.requires_grad

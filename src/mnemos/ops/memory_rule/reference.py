@@ -24,6 +24,11 @@ def _memory(x: Tensor, weights: Sequence[Tensor], residual: bool, activation: st
     return h + x if residual else h
 
 
+def _fresh_leaf(a: Tensor) -> Tensor:
+    a = a.detach()
+    return (a.clone() if a.is_inference() else a).requires_grad_()
+
+
 def neural_memory_reference(
     q: Tensor,
     k: Tensor,
@@ -77,10 +82,12 @@ def neural_memory_reference(
             q_t, k_t, v_t = (x[:, t].to(dt) for x in (q, k, v))  # [B, H, D]
             th, et, al = (g[:, t].to(dt)[:, :, None, None] for g in (theta, eta, alpha))  # [B, H, 1, 1]
 
-            # u_t: per (b, h) gradient; the losses of different (b, h) touch disjoint slices, so one sum serves all
-            with torch.enable_grad():
-                A_leaf = tuple(a if a.requires_grad else a.detach().requires_grad_() for a in A)
-                ell = associative_loss(_memory(k_t, A_leaf, residual, activation), v_t, loss)
+            # u_t: per (b, h) gradient; the losses of different (b, h) touch disjoint slices, so one sum serves all.
+            # Under no_grad / inference_mode the gradient is taken on fresh leaves (no outer graph is needed).
+            with torch.inference_mode(False), torch.enable_grad():
+                A_leaf = tuple(a if create_graph and a.requires_grad else _fresh_leaf(a) for a in A)
+                kk, vv = (x.clone() if x.is_inference() else x for x in (k_t, v_t))
+                ell = associative_loss(_memory(kk, A_leaf, residual, activation), vv, loss)
                 U = torch.autograd.grad(ell, A_leaf, create_graph=create_graph)
 
             S = tuple(et * s - th * u for s, u in zip(S, U))

@@ -1,0 +1,230 @@
+"""Hugging Face wrappers: ``MnemosHFConfig`` and ``MnemosForCausalLM`` around :class:`MnemosLM` (transformers >= 5).
+
+Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalLM`` under ``model_type="mnemos"``.
+``transformers`` is an optional dependency: ``mnemos.models`` never imports this module.
+
+- ``MnemosHFConfig`` mirrors :class:`MnemosConfig` field for field (``memory`` is a nested dict of
+  :class:`MemoryConfig` fields). It is validated by building a ``MnemosConfig``, so bad values raise that class's
+  errors, and keys that are neither mnemos fields nor keys Hugging Face itself writes raise a ``ValueError`` naming
+  them.
+- ``MnemosForCausalLM`` holds one ``MnemosLM`` (``self.model``); state-dict keys are ``model.<MnemosLM key>``.
+  ``save_pretrained`` writes safetensors with the tied head dropped, ``from_pretrained`` re-ties it.
+- ``generate``: the mnemos :class:`Cache` is the model's past state. ``forward`` returns it as ``cache`` (the name
+  transformers 5 uses for ``past_key_values``), generation feeds it back with only the new token, so a step costs
+  what a ``MnemosLM`` cached step costs and decoding memory stays flat for lmm/mag/mal/swa and the linear baselines.
+  The model opts out of transformers' default ``DynamicCache`` (``_supports_default_dynamic_cache``), and is marked
+  stateful: the cache cannot be cropped or reordered, so assisted decoding and beam search are not supported.
+
+Example:
+    >>> import mnemos.models.hf  # registers "mnemos"
+    >>> from transformers import AutoModelForCausalLM
+    >>> cfg = MnemosHFConfig(variant="mag", vocab_size=64, d_model=32, n_layers=2, n_heads=4, window=8)
+    >>> model = AutoModelForCausalLM.from_config(cfg)
+    >>> model.generate(torch.zeros(1, 3, dtype=torch.long), do_sample=False, max_new_tokens=4).shape
+    torch.Size([1, 7])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedConfig
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import Cache
+from .config import MemoryConfig, MnemosConfig
+from .lm import MnemosLM
+
+__all__ = ["MnemosHFConfig", "MnemosForCausalLM"]
+
+MNEMOS_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MnemosConfig))
+
+# keys that transformers itself passes to a config's constructor (read from a saved config.json or given to
+# ``from_pretrained``) without declaring them as dataclass fields; anything else that is not a field is a typo
+_HF_EXTRA_KEYS: frozenset[str] = frozenset(
+    {
+        "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
+        "experts_implementation", "_attn_implementation_internal", "_experts_implementation_internal",
+        "per_layer_config", "num_labels", "model_type", "transformers_version",
+    }
+    | set(GenerationConfig._get_default_generation_params())
+)
+
+
+class MnemosHFConfig(PreTrainedConfig):
+    """Hugging Face config of a :class:`MnemosLM`: the fields of :class:`MnemosConfig`, same names and defaults.
+
+    ``memory`` is a dict of :class:`MemoryConfig` fields (None: all defaults); it is stored resolved (every key).
+    ``to_mnemos()`` returns the equivalent ``MnemosConfig``. ``tie_word_embeddings`` reads ``tie_embeddings``.
+    """
+
+    model_type = "mnemos"
+    # the standard names generic transformers code looks up
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "tie_word_embeddings": "tie_embeddings",
+    }
+
+    # MnemosConfig, field for field (test_hf.py checks names and defaults against it)
+    variant: str = "mac"
+    vocab_size: int = 32000
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    mlp_hidden: int | None = None
+    window: int = 512
+    segment_len: int = 512
+    num_persistent: int = 4
+    rope_base: float = 10000.0
+    memory: dict | None = None
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # generation plumbing (not read by MnemosLM)
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(k for k in kwargs if k not in _HF_EXTRA_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown {type(self).__name__} keys {unknown}; mnemos keys: {list(MNEMOS_FIELDS)} "
+                f"(memory.* keys: {[f.name for f in dataclasses.fields(MemoryConfig)]})"
+            )
+        if isinstance(self.memory, MemoryConfig):
+            self.memory = self.memory.to_dict()
+        # validation: MnemosConfig checks every value (and memory's keys); store memory with defaults resolved
+        self.memory = self.to_mnemos().memory.to_dict()
+        super().__post_init__(**kwargs)
+
+    def to_mnemos(self) -> MnemosConfig:
+        """The equivalent :class:`MnemosConfig` (raises its errors for invalid values)."""
+        d = {name: getattr(self, name) for name in MNEMOS_FIELDS}
+        d["memory"] = dict(d["memory"] or {})
+        return MnemosConfig.from_dict(d)
+
+    @classmethod
+    def from_mnemos(cls, config: MnemosConfig, **kwargs) -> "MnemosHFConfig":
+        """Wrap a :class:`MnemosConfig` (``kwargs``: Hugging Face extras such as ``eos_token_id``)."""
+        if not isinstance(config, MnemosConfig):
+            raise TypeError(f"config must be a MnemosConfig, got {type(config).__name__}")
+        return cls(**config.to_dict(), **kwargs)
+
+
+class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
+    """A :class:`MnemosLM` behind the ``PreTrainedModel`` / ``GenerationMixin`` interfaces.
+
+    ``forward(input_ids [B, T], cache=None, ...)`` returns ``CausalLMOutputWithPast(logits [B, T, V], cache)``:
+    ``cache`` is a mnemos :class:`Cache` (started when ``use_cache`` is true, which is the config's default), fed
+    back with only the tokens that follow it. ``labels`` (``-100`` ignored) give the shifted next-token loss.
+    ``attention_mask`` is accepted for the generation API but padding is not supported: it must be all ones.
+    """
+
+    config_class = MnemosHFConfig
+    config: MnemosHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
+    _no_split_modules = ["Block"]
+    _is_stateful = True  # no assisted decoding: a mnemos cache cannot be rolled back
+    _supports_cache_class = False
+
+    def __init__(self, config: MnemosHFConfig):
+        super().__init__(config)
+        self.model = MnemosLM(config.to_mnemos())  # initialises its own weights
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No-op: MnemosLM and its layers initialise themselves; the generic Hugging Face init would undo that."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generation must not hand us a DynamicCache: the first forward starts a mnemos Cache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.model.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        cache: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        if input_ids is None:
+            raise ValueError("MnemosForCausalLM needs input_ids (inputs_embeds are not supported)")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("MnemosForCausalLM does not support inputs_embeds; pass input_ids")
+        if cache is None:
+            cache = past_key_values  # the pre-5 name
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("MnemosForCausalLM does not support padding: attention_mask must be all ones")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if cache is None and use_cache:
+            cache = self.model.init_cache(input_ids.shape[0], input_ids.device)
+        h, cache = self.model.features(input_ids, cache)  # [B, T, d]
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
+        logits = self.model.lm_head(h)  # [B, T or logits_to_keep, V]
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        if not return_dict:
+            out = (logits, cache)
+            return (loss, *out) if loss is not None else out
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Only the tokens the cache has not seen: all of them at the first step, then the new one."""
+        cache = past_key_values if cache is None else cache
+        if cache is not None:
+            input_ids = input_ids[:, cache.position :]
+        elif next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]
+        inputs = {"input_ids": input_ids.contiguous(), "cache": cache, "use_cache": use_cache}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask  # forward rejects padding
+        if kwargs.get("logits_to_keep") is not None:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+
+AutoConfig.register(MnemosHFConfig.model_type, MnemosHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(MnemosHFConfig, MnemosForCausalLM, exist_ok=True)

@@ -1,0 +1,136 @@
+"""The Hugging Face wrappers (mnemos.models.hf): config mirroring and validation, Auto registration, safetensors
+save/load round trips, and ``generate`` against a from-scratch argmax loop over ``MnemosLM``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mnemos.models import VARIANTS, Cache, MemoryConfig, MnemosConfig  # noqa: E402
+from mnemos.models.hf import MnemosForCausalLM, MnemosHFConfig  # noqa: E402
+
+AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM
+
+torch.set_num_threads(1)
+
+V = 64
+# tiny sizes; window 5 and segment 6 are exceeded by the prompts + generated tokens below, memory chunk 4 does not
+# divide the segment. impl "torch": generate runs under no_grad
+TINY = dict(
+    vocab_size=V, d_model=32, n_layers=2, n_heads=4, window=5, segment_len=6, num_persistent=2, init_std=0.5,
+    memory={"chunk_size": 4, "impl": "torch"},
+)
+
+
+def tiny(variant: str, **kw) -> MnemosHFConfig:
+    return MnemosHFConfig(**{**TINY, "variant": variant, **kw})
+
+
+def build(variant: str, seed: int = 0, **kw) -> MnemosForCausalLM:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny(variant, **kw)).eval()
+
+
+def test_config_mirrors_mnemos_config():
+    hf_fields = {f.name: f for f in dataclasses.fields(MnemosHFConfig)}
+    for f in dataclasses.fields(MnemosConfig):
+        assert f.name in hf_fields, f"MnemosHFConfig lacks MnemosConfig field {f.name!r}"
+    # same defaults: the default HF config converts to the default MnemosConfig
+    assert MnemosHFConfig().to_mnemos() == MnemosConfig()
+    cfg = MnemosConfig(variant="mag", **{k: v for k, v in TINY.items() if k != "memory"}, memory={"depth": 1})
+    hf = MnemosHFConfig.from_mnemos(cfg)
+    assert hf.to_mnemos() == cfg
+    assert hf.memory == MemoryConfig(depth=1).to_dict()  # stored resolved
+    assert hf.hidden_size == 32 and hf.num_hidden_layers == 2 and hf.tie_word_embeddings is True
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown MnemosHFConfig keys \['windw'\]"):
+        MnemosHFConfig(variant="swa", windw=8)
+    with pytest.raises(ValueError, match=r"memory\.chunk"):
+        MnemosHFConfig(memory={"chunk": 8})
+    with pytest.raises(ValueError, match="n_heads"):
+        MnemosHFConfig(d_model=32, n_heads=5)
+    with pytest.raises(ValueError, match="variant"):
+        MnemosHFConfig(variant="mamba")
+    # the same checks apply to a saved config.json
+    tiny("lmm").save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    d["segment_length"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="segment_length"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_from_config_builds_every_variant(variant):
+    model = build(variant)
+    assert isinstance(model, MnemosForCausalLM)
+    assert model.model.config == tiny(variant).to_mnemos()
+    ids = torch.randint(0, V, (2, 7))
+    with torch.no_grad():
+        out = model(ids)
+        ref, _ = model.model(ids, use_cache=True)  # the same path: a cached pass from position 0
+    assert out.logits.shape == (2, 7, V) and isinstance(out.cache, Cache) and out.cache.position == 7
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant,tie", [("lmm", True), ("mac", True), ("swa", True), ("mag", False)])
+def test_save_pretrained_round_trip(variant, tie, tmp_path):
+    model = build(variant, seed=1, tie_embeddings=tie)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert isinstance(loaded, MnemosForCausalLM) and loaded.dtype == torch.float32
+    assert loaded.config.to_mnemos() == model.config.to_mnemos()
+    assert (loaded.model.lm_head.weight is loaded.model.embed.weight) == tie
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    ids = torch.randint(0, V, (2, 13))
+    with torch.no_grad():
+        a, b = model(ids).logits, loaded(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "mal", "transformer", "deltanet"])
+def test_generate_matches_argmax_loop(variant):
+    model = build(variant, seed=2)
+    prompt = torch.randint(0, V, (2, 5))
+    out = model.generate(prompt, do_sample=False, max_new_tokens=8)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):  # no cache: recompute the whole sequence each step
+            logits, _ = model.model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mag", "mal"])
+def test_generate_carries_flat_mnemos_cache(variant):
+    model = build(variant, seed=3)
+    prompt = torch.randint(0, V, (1, 4))
+    sizes = []
+    for n in (6, 14):
+        out = model.generate(
+            prompt, do_sample=False, max_new_tokens=n, return_dict_in_generate=True
+        )
+        assert isinstance(out.cache, Cache)
+        assert out.cache.position == 4 + n - 1  # the last generated token is never fed back
+        sizes.append(out.cache.num_elements())
+    assert sizes[0] == sizes[1]
+
+
+def test_padding_is_rejected():
+    model = build("lmm")
+    ids = torch.randint(0, V, (2, 4))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2)
