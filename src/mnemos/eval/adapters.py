@@ -461,7 +461,10 @@ def load_mnemos_checkpoint(
     model = models.MnemosLM(config)
     load_model_weights(path, model)
     model = model.to(device=device, dtype=dtype)
-    return MnemosLMAdapter(model, name=path.name, tokenizer=tokenizer or _checkpoint_tokenizer(run_config))
+    # `mnemos train` writes RUN_DIR/checkpoint: name the model after the run, not the fixed folder name
+    run_name = path.resolve().parent.name if path.name == "checkpoint" else path.name
+    name = f"{run_name} ({config.variant})" if config.variant not in run_name else run_name
+    return MnemosLMAdapter(model, name=name, tokenizer=tokenizer or _checkpoint_tokenizer(run_config))
 
 
 def load_model(
