@@ -101,7 +101,9 @@ def test_save_pretrained_round_trip(variant, tie, tmp_path):
 
 @pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "mal", "transformer", "deltanet"])
 def test_generate_matches_argmax_loop(variant):
-    model = build(variant, seed=2)
+    # untied head: with a tied one the argmax of a random model mostly repeats the last token whatever the context,
+    # and a generate that mishandles the cache would still match
+    model = build(variant, seed=2, tie_embeddings=False)
     prompt = torch.randint(0, V, (2, 5))
     out = model.generate(prompt, do_sample=False, max_new_tokens=8)
     seq = prompt
