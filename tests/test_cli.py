@@ -12,7 +12,7 @@ from mnemos.eval.memorize import MemorizeConfig, memorize_once
 
 def test_demo_small_grid(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["demo", "--pairs", "4,8", "--depths", "1,2", "--chunks", "1,4", "--head-dim", "16",
+    assert main(["memorize", "--pairs", "4,8", "--depths", "1,2", "--chunks", "1,4", "--head-dim", "16",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| depth | chunk | N=4 | N=8 |" in text
@@ -31,10 +31,10 @@ def test_memorize_capacity_is_real():
 
 
 def test_demo_bad_flags(capsys):
-    assert main(["demo", "--passes", "0"]) == 2
+    assert main(["memorize", "--passes", "0"]) == 2
     assert "passes must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["demo", "--pairs", "a,b"])
+        main(["memorize", "--pairs", "a,b"])
     with pytest.raises(ValueError, match="n_pairs"):
         MemorizeConfig(n_pairs=())
 

@@ -106,7 +106,7 @@ class Logger:
 
     def __init__(self, out: Path, cfg: TrainConfig, info: DistInfo, resume: bool):
         self.on = info.is_main
-        self.progress = cfg.run.progress and self.on
+        self.progress = cfg.run.progress and self.on and sys.stderr.isatty()  # no \r-bars in log files
         self.total = cfg.run.steps
         self.t0 = time.perf_counter()
         self.tb = None
