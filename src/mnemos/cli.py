@@ -23,7 +23,10 @@ def _ints(text: str) -> tuple[int, ...]:
 def _demo(args: argparse.Namespace) -> int:
     from .train.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(memory_variant=args.variant, steps=args.steps, seed=args.seed, out_dir=args.out)
+    gpu = torch.cuda.is_available()  # on a GPU the same command trains longer and wider models (not yet run on one)
+    steps = args.steps if args.steps is not None else (3000 if gpu else 600)
+    cfg = DemoConfig(memory_variant=args.variant, steps=steps, d_model=128 if gpu else 64, seed=args.seed,
+                     out_dir=args.out)
     print(f"mnemos {__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads")
     print(
         f"Training a Titans {cfg.memory_variant.upper()} model and a sliding-window-attention (SWA) model of the same "
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = {f.name: f.default for f in fields(MemorizeConfig)}
     dm = sub.add_parser("demo", help="train a Titans model and an SWA baseline on recall; show what memory adds")
     dm.add_argument("--variant", default="mag", choices=["mag", "mal", "mac", "lmm"], help="the Titans model")
-    dm.add_argument("--steps", type=int, default=600, help="training steps per model (default %(default)s)")
+    dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 600 on CPU, 3000 on CUDA)")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default %(default)s)")
     dm.set_defaults(func=_demo)
