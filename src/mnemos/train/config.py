@@ -136,7 +136,7 @@ class TrainConfig:
                 f"model.vocab_size ({self.model.vocab_size}) must be >= task.vocab_size ({self.task.vocab_size})"
             )
         if self.task.kind == "lm" and self.model.vocab_size < 259:
-            raise ValueError(f"task.kind='lm' uses the byte tokenizer (259 ids): model.vocab_size must be >= 259")
+            raise ValueError("task.kind='lm' uses the byte tokenizer (259 ids): model.vocab_size must be >= 259")
         if self.run.batch_size % self.optim.grad_accum:
             raise ValueError(
                 f"run.batch_size ({self.run.batch_size}) must be divisible by optim.grad_accum ({self.optim.grad_accum})"

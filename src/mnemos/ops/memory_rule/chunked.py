@@ -184,7 +184,7 @@ def neural_memory_chunked(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, initial_state=initial_state, loss=loss,
     )
-    B, T, H, K, V, dt = spec.B, spec.T, spec.H, spec.K, spec.V, spec.dtype
+    B, T, H, dt = spec.B, spec.T, spec.H, spec.dtype
     C = chunk_size
     with _no_autocast(q.device):
         # [B, T, H, D] -> [B, H, T, D]; gates [B, T, H] -> [B, H, T]

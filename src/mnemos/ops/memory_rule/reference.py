@@ -61,7 +61,7 @@ def neural_memory_reference(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, initial_state=initial_state, loss=loss,
     )
-    B, T, H, dt = spec.B, spec.T, spec.H, spec.dtype
+    B, T, dt = spec.B, spec.T, spec.dtype
     # the outer graph is needed when anything that reaches the output requires grad
     tensors = [q, k, v, theta, eta, alpha, *spec.weights, *(spec.momentum or ()), *(spec.anchor or ())]
     create_graph = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
