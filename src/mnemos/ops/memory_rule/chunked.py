@@ -1,4 +1,5 @@
-"""The memory rule, chunk-parallel, in plain PyTorch (the "dual form"). Derivation: docs/MEMORY_RULE.md.
+"""The memory rule, chunk-parallel, in plain PyTorch (the "dual form"), with a hand-written backward.
+Derivation: docs/MEMORY_RULE.md.
 
 Inside a chunk every gradient is taken at one anchor state, so token j's update to layer l is an outer product
 ``u_j = delta_j a_j^T`` of two vectors computed once at the anchor (the backpropagated error and the layer input).
@@ -10,11 +11,18 @@ with scalar coefficients built from cumulative products of eta and (1 - alpha). 
 C x C masked matmul per layer; no per-token copy of the weights is ever formed. The chunk-to-chunk dependency (each
 anchor is the previous chunk's last state) is a loop over chunks; everything else is batched.
 
-Stages (each has a counterpart in reference.py's definitions and can be checked alone):
-    1. chunk_coefficients: b, e, f, G, P_eta from the gates                         (no state needed)
-    2. anchor_errors:     layer inputs a and errors delta of the keys at the anchor  (the gradients u = delta a^T)
-    3. chunk_read:        outputs of the chunk's queries through W_1..W_C             (dual form)
-    4. chunk_state:       W and S after the chunk's last token                        (state carry)
+Per layer the state is kept stacked as ``[W; S]`` (``[B, H, 2 D_out, D_in]``), so that reading both, updating both
+and backpropagating into both are one matmul each.
+
+Stages of one chunk (each is a plain function; ``_chunk_backward`` is their reverse, written out):
+    1. chunk_coefficients: b, e, f, G, P from the gates (all chunks at once, differentiated by autograd)
+    2. _anchor_forward:    layer inputs a and errors delta of the keys at the anchor (the gradients u = delta a^T)
+    3. _read_forward:      outputs of the chunk's queries through W_1..W_C (dual form)
+    4. _state_forward:     [W; S] after the chunk's last real token (state carry)
+
+The backward (``_ChunkScan``) walks the chunks in reverse with the gradient of the state as its carry. It keeps the
+state at every chunk start and the chunk's small activations from the forward, and recomputes nothing. Autograd's
+own backward of the same loop was ~3x the forward; this one is ~2x (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -25,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import MemoryState, _no_autocast, activate, activate_grad, check_inputs, loss_output_grad
+from .common import (
+    MemoryState,
+    _no_autocast,
+    activate,
+    activate_grad,
+    activate_grad2,
+    check_inputs,
+    loss_output_grad,
+)
 
 
 def segment_products(x: Tensor) -> Tensor:
@@ -61,105 +77,273 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tenso
     return b, e, f, g * th, p_eta * th
 
 
-def anchor_errors(
-    k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str = "l2"
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Forward the chunk's keys through the anchor memory and backpropagate the associative loss by hand.
 
-    k ``[B, H, n, K]``, v ``[B, H, n, V]``, anchor L x ``[(B,) H, D_out, D_in]``. Returns per layer l the inputs
-    ``a_l [B, H, n, D_in]`` and output errors ``delta_l [B, H, n, D_out]``; token j's gradient for layer l is
-    ``outer(delta_l[j], a_l[j])``.
-    """
-    L = len(anchor)
-    inputs, pre = [], []  # a_{l-1} and z_l per layer
-    h = k
-    for i, w in enumerate(anchor):
-        inputs.append(h)
-        z = h @ w.transpose(-1, -2)  # [B, H, n, D_out]
-        pre.append(z)
-        h = activate(z, activation) if i < L - 1 else z
-    pred = h + k if residual else h
-    errors = [None] * L
-    errors[-1] = loss_output_grad(pred, v, loss)  # [B, H, n, V]
-    for i in range(L - 2, -1, -1):
-        back = errors[i + 1] @ anchor[i + 1]  # [B, H, n, D_out of layer i]
-        errors[i] = back * activate_grad(pre[i], activation)
-    return inputs, errors
+# ----------------------------------------------------------------------------------------------------------------------
+# one chunk, forward. Shapes: tokens [B, H, n, D], coefficients [B, H, n] / [B, H, n, n], states [B, H, 2 D_out, D_in]
 
 
-def chunk_read(
-    q: Tensor,
-    W: Sequence[Tensor],
-    S: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    errors: Sequence[Tensor],
-    b: Tensor,
-    f: Tensor,
-    g_theta: Tensor,
-    *,
-    residual: bool,
-    activation: str,
-) -> Tensor:
-    """``o_i = M(q_i; W_i)`` for every token i of the chunk, without forming W_i. q ``[B, H, n, K]`` -> ``[B, H, n, V]``.
-
-    Layer l maps its query-side input x_i to ``W_{l,i} x_i = b_i W_l x_i + f_i S_l x_i
-    - sum_j G_theta[i, j] (a_{l,j} . x_i) delta_{l,j}``.
-    """
-    L = len(W)
-    x = q
-    for i in range(L):
-        z = (
-            b.unsqueeze(-1) * (x @ W[i].transpose(-1, -2))  # [B, H, n, D_out]
-            + f.unsqueeze(-1) * (x @ S[i].transpose(-1, -2))
-            - (g_theta * (x @ inputs[i].transpose(-1, -2))) @ errors[i]  # ([B, H, n, n] masked) @ [B, H, n, D_out]
-        )
-        x = activate(z, activation) if i < L - 1 else z
-    return x + q if residual else x
+def _split(ws: Tensor) -> tuple[Tensor, Tensor]:
+    """``[W; S]`` -> (W, S), views."""
+    d_out = ws.shape[-2] // 2
+    return ws[..., :d_out, :], ws[..., d_out:, :]
 
 
-def chunk_state(
-    W: Sequence[Tensor],
-    S: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    errors: Sequence[Tensor],
-    b: Tensor,
-    e: Tensor,
-    f: Tensor,
-    g_row: Tensor,
-    p_row: Tensor,
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """Memory and momentum after the chunk's token ``last``: b, e, f ``[B, H]`` and g_row, p_row ``[B, H, n]`` are the
-    coefficients' values (rows) at that token."""
-    bb, ee, ff = (c[..., None, None] for c in (b, e, f))  # [B, H, 1, 1]
-    W_new, S_new = [], []
-    for w, s, a, d in zip(W, S, inputs, errors):
-        W_new.append(_minus_outer_sum(torch.addcmul(bb * w, ff, s), d, g_row, a))
-        S_new.append(_minus_outer_sum(ee * s, d, p_row, a))
-    return tuple(W_new), tuple(S_new)
-
-
-def _minus_outer_sum(base: Tensor, d: Tensor, c: Tensor, a: Tensor) -> Tensor:
-    """``base - sum_j c_j outer(d_j, a_j)`` = ``base - d^T diag(c) a``, as one fused batched matmul-add.
-
-    base ``[B, H, D_out, D_in]``, d ``[B, H, n, D_out]``, c ``[B, H, n]``, a ``[B, H, n, D_in]``.
-    """
-    n, d_out, d_in = a.shape[-2], base.shape[-2], base.shape[-1]
-    out = torch.baddbmm(
-        base.reshape(-1, d_out, d_in),
-        d.transpose(-1, -2).reshape(-1, d_out, n),  # [B*H, D_out, n]
-        (c.unsqueeze(-1) * a).reshape(-1, n, d_in),  # [B*H, n, D_in]
-        alpha=-1,
-    )
+def _bmm_add(base: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+    """``base + alpha * x @ y`` for [B, H, m, n] operands, as one fused batched matmul-add."""
+    out = torch.baddbmm(base.reshape(-1, *base.shape[-2:]), x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]),
+                        alpha=alpha)
     return out.view(base.shape)
 
 
-def _chunk(qc, kc, vc, coefs, W, S, A, last: int, residual: bool, activation: str, loss: str):
-    """One chunk: stages 2-4. ``last`` is the index of the chunk's last real token (the rest is padding)."""
-    b, e, f, g_theta, p_theta = coefs
-    inputs, errors = anchor_errors(kc, vc, A, residual=residual, activation=activation, loss=loss)
-    o = chunk_read(qc, W, S, inputs, errors, b, f, g_theta, residual=residual, activation=activation)
-    W, S = chunk_state(W, S, inputs, errors, b[..., last], e[..., last], f[..., last], g_theta[..., last, :], p_theta[..., last, :])
-    return o, W, S
+def _anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str):
+    """Forward the chunk's keys through the anchor memory and backpropagate the associative loss by hand.
+
+    Returns per layer l: ``a[l]`` its input (a[0] = k), ``d[l]`` its output error (token j's gradient for layer l is
+    ``outer(d[l][j], a[l][j])``); and per hidden layer: ``z[l]`` the pre-activation, ``dact[l] = act'(z[l])``,
+    ``back[l] = d[l + 1] @ W[l + 1]`` (what the backward needs).
+    """
+    L = len(anchor)
+    a, z = [k], []
+    h = k
+    for i, w in enumerate(anchor):
+        zi = h @ w.mT
+        if i < L - 1:
+            z.append(zi)
+            h = activate(zi, activation)
+            a.append(h)
+        else:
+            pred = zi + k if residual else zi
+    dact = [activate_grad(zi, activation) for zi in z]
+    d: list[Tensor] = [None] * L  # type: ignore[list-item]
+    back: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    d[-1] = loss_output_grad(pred, v, loss)
+    for i in range(L - 2, -1, -1):
+        back[i] = d[i + 1] @ anchor[i + 1]
+        d[i] = back[i] * dact[i]
+    return a, z, dact, back, d
+
+
+def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
+    """``o_i = M(q_i; W_i)`` for every token i of the chunk, without forming W_i.
+
+    Layer l maps its query-side input x_i to ``W_{l,i} x_i = b_i W_l x_i + f_i S_l x_i - sum_j G[i, j] (a_{l,j} . x_i)
+    d_{l,j}``. Returns o and, per layer, the input x, ``x @ [W; S]^T`` and ``P = x a^T``, and per hidden layer the
+    pre-activation y (saved for the backward).
+    """
+    L = len(WS)
+    bc, fc = b.unsqueeze(-1), f.unsqueeze(-1)
+    h = q
+    xs, ys, xws, ps = [], [], [], []
+    for i in range(L):
+        d_out = WS[i].shape[-2] // 2
+        xw = h @ WS[i].mT  # [B, H, n, 2 D_out]: x W^T | x S^T
+        p = h @ a[i].mT  # [B, H, n, n]
+        y = torch.addcmul(bc * xw[..., :d_out], fc, xw[..., d_out:]) - (G * p) @ d[i]
+        xs.append(h)
+        xws.append(xw)
+        ps.append(p)
+        if i < L - 1:
+            ys.append(y)
+            h = activate(y, activation)
+    o = y + q if residual else y
+    return o, xs, ys, xws, ps
+
+
+def _mix(ws: Tensor, top: Tensor, bottom: Tensor, cross: Tensor, transpose: bool = False) -> Tensor:
+    """For ``ws = [X; Y]`` and per-(batch, head) scalars ``[B, H]``: ``[top X + cross Y; bottom Y]`` (the state carry
+    of a chunk), or with ``transpose`` ``[top X; bottom Y + cross X]`` (its gradient); 1.5 passes over the state."""
+    d_out = ws.shape[-2] // 2
+    scale = torch.cat((top.unsqueeze(-1).expand(*top.shape, d_out), bottom.unsqueeze(-1).expand(*top.shape, d_out)), -1)
+    out = ws * scale.unsqueeze(-1)  # [B, H, 2 D_out, D_in]
+    X, Y = ws[..., :d_out, :], ws[..., d_out:, :]
+    if transpose:
+        out[..., d_out:, :].addcmul_(cross[..., None, None], X)
+    else:
+        out[..., :d_out, :].addcmul_(cross[..., None, None], Y)
+    return out
+
+
+def _state_forward(WS, a, d, bl, el, fl, gl, pl) -> list[Tensor]:
+    """``[W; S]`` after the chunk's last real token. bl, el, fl ``[B, H]`` and gl, pl ``[B, H, n]`` are the
+    coefficients' values (rows) at that token: ``W' = bl W + fl S - d^T diag(gl) a``, ``S' = el S - d^T diag(pl) a``."""
+    gc, pc = gl.unsqueeze(-1), pl.unsqueeze(-1)
+    out = []
+    for ws, ai, di in zip(WS, a, d):
+        coef = torch.cat((gc * di, pc * di), dim=-1)  # [B, H, n, 2 D_out]
+        out.append(_bmm_add(_mix(ws, bl, el, fl), coef.mT, ai, alpha=-1.0))
+    return out
+
+
+def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save: bool):
+    """Every chunk in order. Chunk-major inputs: tokens ``[nc, B, H, n, D]``, coefficients ``[nc, B, H, n(, n)]`` and
+    ``[nc, B, H(, n)]`` (rows at each chunk's last real token); WS: L x ``[B, H, 2 D_out, D_in]`` at the first chunk's
+    start; A: the first chunk's anchor (L x ``[B, H, D_out, D_in]``) when it is not that chunk's starting memory (a
+    stream continued mid-chunk), else None.
+
+    Returns o ``[nc, B, H, n, V]``, the final WS, the last chunk's starting WS, and when ``save``: every chunk's
+    starting WS and activations."""
+    nc = q.shape[0]
+    o = q.new_empty(*q.shape[:-1], v.shape[-1])
+    starts, saved = [], []
+    opts = dict(residual=residual, activation=activation)
+    for c in range(nc):
+        anchor = A if (c == 0 and A is not None) else [_split(ws)[0] for ws in WS]
+        a, z, dact, back, d = _anchor_forward(k[c], v[c], anchor, loss=loss, **opts)
+        o[c], xs, ys, xws, ps = _read_forward(q[c], WS, a, d, b[c], f[c], G[c], **opts)
+        if save:
+            starts.append(WS)
+            saved.append((a, z, dact, back, d, xs, ys, xws, ps))
+        last_start = WS
+        WS = _state_forward(WS, a, d, bl[c], el[c], fl[c], gl[c], pl[c])
+    return o, WS, last_start, starts, saved
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one chunk, backward: the reverse of the three forward stages, written out
+
+
+def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, residual, activation, loss):
+    """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it).
+
+    Returns (dq, dk, dv, db, df, dG, dbl, del, dfl, dgl, dpl, dWS, dA): dWS is the gradient of the chunk's starting
+    ``[W; S]`` (anchor included when the anchor is W), dA that of a separate anchor (None when A is None)."""
+    a, z, dact, back, d, xs, ys, xws, ps = acts
+    L = len(WS)
+    gc, pc = gl.unsqueeze(-1), pl.unsqueeze(-1)
+    da: list[Tensor] = [None] * L  # type: ignore[list-item]
+    dd: list[Tensor] = [None] * L  # type: ignore[list-item]
+    dWS: list[Tensor] = []
+    dbl = del_ = dfl = dgl = dpl = 0.0
+
+    # 4. state: W' = bl W + fl S - d^T diag(gl) a,  S' = el S - d^T diag(pl) a
+    for i in range(L):
+        g = dWS_next[i]
+        dWS.append(_mix(g, bl, el, fl, transpose=True))  # [dW; dS] = [bl dW'; el dS' + fl dW']
+        d_out = g.shape[-2] // 2
+        # <dW', W>, <dW', S>, <dS', W>, <dS', S> in one pass: [2, 2 D_out D_in] @ [2 D_out D_in, 2]
+        BH = g.shape[0] * g.shape[1]
+        dots = torch.bmm(g.reshape(BH, 2, -1), WS[i].reshape(BH, 2, -1).mT).view(*g.shape[:2], 2, 2)
+        dbl = dbl + dots[..., 0, 0]
+        dfl = dfl + dots[..., 0, 1]
+        del_ = del_ + dots[..., 1, 1]
+        r = a[i] @ g.mT  # [B, H, n, 2 D_out]: a dW'^T | a dS'^T
+        rW, rS = r[..., :d_out], r[..., d_out:]
+        dd[i] = -torch.addcmul(gc * rW, pc, rS)
+        dgl = dgl - (d[i] * rW).sum(-1)
+        dpl = dpl - (d[i] * rS).sum(-1)
+        da[i] = -(torch.cat((gc * d[i], pc * d[i]), dim=-1) @ g)
+
+    # 3. read, last layer first
+    bc, fc = b.unsqueeze(-1), f.unsqueeze(-1)
+    dy = do
+    dq = do if residual else None
+    db = df = dG = 0.0
+    for i in range(L - 1, -1, -1):
+        x, xw, p = xs[i], xws[i], ps[i]
+        d_out = WS[i].shape[-2] // 2
+        dyy = torch.cat((bc * dy, fc * dy), dim=-1)  # [B, H, n, 2 D_out]
+        dWS[i] = _bmm_add(dWS[i], dyy.mT, x)
+        db = db + (dy * xw[..., :d_out]).sum(-1)
+        df = df + (dy * xw[..., d_out:]).sum(-1)
+        gp = G * p
+        dM = -(dy @ d[i].mT)  # [B, H, n, n]
+        dG = dG + dM * p
+        dP = dM * G
+        dd[i] = _bmm_add(dd[i], gp.mT, dy, alpha=-1.0)
+        dx = _bmm_add(dyy @ WS[i], dP, a[i])
+        da[i] = _bmm_add(da[i], dP.mT, x)
+        if i > 0:
+            dy = dx * activate_grad(ys[i - 1], activation)
+        else:
+            dq = dx if dq is None else dq + dx
+
+    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
+    anchor = A if A is not None else [_split(ws)[0] for ws in WS]
+    dA: list[Tensor | None] = [None] * L
+    dz: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
+    for i in range(L - 1):  # d[i] = (d[i+1] @ W[i+1]) * act'(z[i])
+        dback = dd[i] * dact[i]
+        dz[i] = dd[i] * back[i] * activate_grad2(z[i], activation)
+        dd[i + 1] = _bmm_add(dd[i + 1], dback, anchor[i + 1].mT)
+        dA[i + 1] = d[i + 1].mT @ dback
+    if loss == "l2":  # d[L-1] = 2 (pred - v)
+        dpred = 2.0 * dd[-1]
+        dv = -dpred
+    else:  # d[L-1] = -v
+        dpred = None
+        dv = -dd[-1]
+    dzi = dpred
+    for i in range(L - 1, -1, -1):  # z[i] = a[i] @ W[i]^T, a[i+1] = act(z[i])
+        if i < L - 1:
+            dzi = torch.addcmul(dz[i], da[i + 1], dact[i])
+        if dzi is not None:
+            gA = dzi.mT @ a[i]
+            dA[i] = gA if dA[i] is None else dA[i] + gA
+            da[i] = _bmm_add(da[i], dzi, anchor[i])
+    dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
+
+    if A is None:  # the anchor is the chunk's starting memory
+        for i in range(L):
+            if dA[i] is not None:
+                dWS[i][..., : dA[i].shape[-2], :] += dA[i]
+        dA_out = None
+    else:
+        dA_out = [torch.zeros_like(A[i]) if g is None else g for i, g in enumerate(dA)]
+    return dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out
+
+
+class _ChunkScan(torch.autograd.Function):
+    """The chunk loop as one autograd node: forward saves each chunk's starting state and activations, backward is
+    ``_chunk_backward`` over the chunks in reverse. Outputs: o, the final L states ``[W; S]``, and the memory at the
+    last chunk's start (the anchor a stream continued from here would use)."""
+
+    @staticmethod
+    def forward(ctx, opts: dict, q, k, v, b, f, G, bl, el, fl, gl, pl, *states):
+        L = opts["L"]
+        WS, A = list(states[:L]), (list(states[L:]) or None)
+        o, WS_out, last_start, starts, saved = _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, save=True,
+                                                     **opts["kw"])
+        ctx.opts, ctx.starts, ctx.acts, ctx.A = opts, starts, saved, A
+        ctx.coefs = (b, f, G, bl, el, fl, gl, pl)
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        last_anchor = [_split(ws)[0].clone() for ws in last_start]
+        return (o, *WS_out, *last_anchor)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, *grads):
+        opts = ctx.opts
+        L = opts["L"]
+        b, f, G, bl, el, fl, gl, pl = ctx.coefs
+        starts, acts, A = ctx.starts, ctx.acts, ctx.A
+        nc = len(starts)
+        dWS = [torch.zeros_like(ws) if g is None else g for ws, g in zip(starts[-1], grads[:L])]
+        d_last_anchor = grads[L:]
+        qs, ks, vs = ctx.shapes
+        dq, dk, dv = do.new_empty(qs), do.new_empty(ks), do.new_empty(vs)
+        db, df, dG = torch.empty_like(b), torch.empty_like(f), torch.empty_like(G)
+        dbl, del_, dfl = torch.empty_like(bl), torch.empty_like(el), torch.empty_like(fl)
+        dgl, dpl = torch.empty_like(gl), torch.empty_like(pl)
+        dA = None
+        for c in range(nc - 1, -1, -1):
+            Ac = A if c == 0 else None
+            out = _chunk_backward(do[c], dWS, starts[c], Ac, acts[c], b[c], f[c], G[c], bl[c], el[c], fl[c], gl[c],
+                                  pl[c], **opts["kw"])
+            dq[c], dk[c], dv[c], db[c], df[c], dG[c], dbl[c], del_[c], dfl[c], dgl[c], dpl[c], dWS, dA_c = out
+            if c == nc - 1:  # the last chunk's starting memory is also an output
+                for i, g in enumerate(d_last_anchor):
+                    if g is not None:
+                        dWS[i][..., : g.shape[-2], :] += g
+            if c == 0:
+                dA = dA_c
+        grads_in = [None, dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, *dWS]
+        if A is not None:
+            grads_in += dA
+        return tuple(grads_in)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the op
 
 
 def neural_memory_chunked(
@@ -184,57 +368,63 @@ def neural_memory_chunked(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, initial_state=initial_state, loss=loss,
     )
-    B, T, H, dt = spec.B, spec.T, spec.H, spec.dtype
-    C = chunk_size
-    with _no_autocast(q.device):
-        # [B, T, H, D] -> [B, H, T, D]; gates [B, T, H] -> [B, H, T]
-        qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k, v))
-        th, et, al = (g.to(dt).transpose(1, 2) for g in (theta, eta, alpha))
-        W = tuple(w.to(dt) for w in spec.weights)  # [H, ...] (shared) or [B, H, ...]
+    B, T, H, dt, dev = spec.B, spec.T, spec.H, spec.dtype, q.device
+    C, L = chunk_size, len(spec.weights)
+    with _no_autocast(dev):
+        W0 = tuple(w.to(dt).expand(B, *w.shape[-3:]) for w in spec.weights)  # [B, H, D_out, D_in]
         if spec.momentum is None:
-            S = tuple(torch.zeros(B, *w.shape[-3:], dtype=dt, device=q.device) for w in W)
+            S0 = tuple(torch.zeros(B, *w.shape[-3:], dtype=dt, device=dev) for w in W0)
         else:
-            S = tuple(s.to(dt) for s in spec.momentum)
-        A = W if spec.anchor is None else tuple(a.to(dt) for a in spec.anchor)
-
-        outputs = []
+            S0 = tuple(s.to(dt) for s in spec.momentum)
+        WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
         # a stream that stopped inside a chunk finishes that chunk first, against the anchor it carried
-        start = 0
-        if spec.offset > 0:
-            n0 = min(C - spec.offset, T)
-            sl = slice(0, n0)
-            coefs = chunk_coefficients(th[..., sl], et[..., sl], al[..., sl])
-            o, W, S = _chunk(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], coefs, W, S, A, n0 - 1, residual, activation, loss)
-            outputs.append(o)
-            start = n0
-        rest = T - start
-        if rest > 0:
-            if rest < C:  # a short input (e.g. one decoding step) is one chunk of its own length, unpadded
-                C = rest
-            nc = -(-rest // C)  # number of chunks, the last one padded
-            pad = nc * C - rest
+        A = tuple(a.to(dt) for a in spec.anchor) if spec.offset > 0 else None
 
-            def chunks(x: Tensor) -> Tensor:  # [B, H, rest, (D)] -> [B, H, nc, C, (D)]
-                x = x[:, :, start:]
-                if pad:
-                    x = F.pad(x, (0, 0, 0, pad) if x.ndim == 4 else (0, pad))
-                return x.reshape(B, H, nc, C, *x.shape[3:])
+        # chunk layout: [the rest of a chunk in progress] + full chunks + [a last partial chunk], each padded at its
+        # end to the widest (padding sits after every real token of its chunk, so causality keeps it out)
+        n0 = min(C - spec.offset, T) if spec.offset > 0 else 0
+        full, rem = divmod(T - n0, C)
+        lengths = ([n0] if n0 else []) + [C] * full + ([rem] if rem else [])
+        nc, width = len(lengths), max(lengths)
+        idx = torch.full((nc, width), T, dtype=torch.long)
+        pos = 0
+        for c, n in enumerate(lengths):
+            idx[c, :n] = torch.arange(pos, pos + n)
+            pos += n
+        real = (idx < T).flatten().nonzero().squeeze(1).to(dev)  # padded position of token t, in order
+        idx = idx.to(dev)
 
-            qc, kc, vc, thc, etc, alc = (chunks(x) for x in (qh, kh, vh, th, et, al))
-            coefs = chunk_coefficients(thc, etc, alc)  # all chunks at once: [B, H, nc, C(, C)]
-            # unbind (not indexing) so that the backward stacks the chunks' gradients once instead of
-            # scattering each chunk into a fresh full-size zero tensor
-            per_chunk = zip(qc.unbind(2), kc.unbind(2), vc.unbind(2), zip(*(x.unbind(2) for x in coefs)))
-            for c, (q_c, k_c, v_c, coefs_c) in enumerate(per_chunk):
-                A = W  # a chunk boundary: this chunk's gradients are taken at the memory as it is now
-                last = C - 1 if c < nc - 1 else C - 1 - pad
-                o, W, S = _chunk(q_c, k_c, v_c, coefs_c, W, S, A, last, residual, activation, loss)
-                outputs.append(o if last == C - 1 else o[:, :, : last + 1])
-        o = torch.cat(outputs, dim=2).transpose(1, 2).to(q.dtype)  # [B, T, H, V]
+        def chunks(x: Tensor) -> Tensor:  # [B, T, H(, D)] -> chunk-major [nc, B, H, width(, D)]
+            x = x.to(dt).transpose(1, 2)
+            x = F.pad(x, (0, 0, 0, 1) if x.ndim == 4 else (0, 1))  # one zero token to pad with
+            return x[:, :, idx].movedim(2, 0).contiguous()
+
+        qc, kc, vc, thc, etc, alc = (chunks(x) for x in (q, k, v, theta, eta, alpha))
+        b, e, f, G, P = chunk_coefficients(thc, etc, alc)  # [nc, B, H, width(, width)]
+        ar, last = torch.arange(nc, device=dev), torch.tensor(lengths, device=dev) - 1
+        rows = lambda x: x.movedim(0, 2)[:, :, ar, last].movedim(2, 0)  # noqa: E731  value at each chunk's last token
+        bl, el, fl, gl, pl = rows(b), rows(e), rows(f), rows(G), rows(P)
+
+        inputs = (qc, kc, vc, b, f, G, bl, el, fl, gl, pl, *WS0, *(A or ()))
+        kw = dict(residual=residual, activation=activation, loss=loss)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            o_c, *rest = _ChunkScan.apply(dict(L=L, kw=kw), *inputs)
+            WS, last_anchor = rest[:L], rest[L:]
+        else:
+            o_c, WS, last_start, _, _ = _scan(qc, kc, vc, b, f, G, bl, el, fl, gl, pl, list(WS0), A, save=False, **kw)
+            last_anchor = [_split(ws)[0] for ws in last_start]
+        # [nc, B, H, width, V] -> [B, T, H, V]
+        o = o_c.movedim(0, 2).reshape(B, H, nc * width, -1)[:, :, real].transpose(1, 2).to(q.dtype)
     if not output_final_state:
         return o, None
-    offset = (spec.offset + T) % chunk_size
+    W = tuple(_split(ws)[0].contiguous() for ws in WS)
+    S = tuple(_split(ws)[1].contiguous() for ws in WS)
+    offset = (spec.offset + T) % C
     if offset == 0:
-        A = W
-    A = tuple(a.expand(B, *a.shape[-3:]) for a in A)  # a short first call may still anchor at the shared W_0
-    return o, MemoryState(W, S, A, offset, chunk_size)
+        anchor = W
+    elif nc == 1:  # the call never crossed a chunk boundary: the anchor it started with still holds
+        anchor = A if A is not None else W0
+    else:
+        anchor = tuple(last_anchor)
+    anchor = tuple(x.expand(B, *x.shape[-3:]).contiguous() if x.ndim == 3 else x for x in anchor)
+    return o, MemoryState(W, S, anchor, offset, chunk_size)

@@ -42,6 +42,15 @@ def activate_grad(x: Tensor, activation: str) -> Tensor:
     return s * (1.0 + x * (1.0 - s))
 
 
+def activate_grad2(x: Tensor, activation: str) -> Tensor:
+    """d^2 act(x) / dx^2, elementwise (the hand-written backward of the chunked path needs it)."""
+    if activation == "gelu":
+        pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+        return pdf * (2.0 - x * x)
+    s = torch.sigmoid(x)
+    return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
+
+
 def associative_loss(pred: Tensor, target: Tensor, loss: str) -> Tensor:
     """The loss of one write, summed over every leading dim: l2 ``||pred - target||^2``, dot ``-<pred, target>``."""
     if loss == "l2":
