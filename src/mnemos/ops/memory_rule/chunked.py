@@ -363,11 +363,58 @@ def neural_memory_chunked(
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
 ) -> tuple[Tensor, MemoryState | None]:
-    """Chunk-parallel form of the memory rule; same contract as :func:`mnemos.ops.neural_memory`."""
+    """Chunk-parallel form of the memory rule in PyTorch; same contract as :func:`mnemos.ops.neural_memory`."""
+    return _chunked(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
+                    activation=activation, loss=loss, initial_state=initial_state,
+                    output_final_state=output_final_state, backend="torch")
+
+
+def neural_memory_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    weights: Sequence[Tensor] | None = None,
+    *,
+    chunk_size: int = 16,
+    momentum: Sequence[Tensor] | None = None,
+    residual: bool = True,
+    activation: str = "gelu",
+    loss: str = "l2",
+    initial_state: MemoryState | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, MemoryState | None]:
+    """The chunk-parallel form with the chunk loop in fused Triton kernels (triton_scan.py); same contract as
+    :func:`mnemos.ops.neural_memory`. Raises ValueError naming the reason for configs the kernels do not cover."""
+    return _chunked(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
+                    activation=activation, loss=loss, initial_state=initial_state,
+                    output_final_state=output_final_state, backend="triton")
+
+
+def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initial_state: MemoryState | None,
+                              chunk_size: int) -> str | None:
+    """Why :func:`neural_memory_triton` cannot take these inputs (None when it can)."""
+    from .triton_scan import unsupported_reason
+
+    ws = initial_state.weights if initial_state is not None else weights
+    if not isinstance(q, Tensor) or q.ndim != 4 or not ws:
+        return "malformed inputs"
+    widths = [ws[0].shape[-1]] + [w.shape[-2] for w in ws]
+    return unsupported_reason(q.device, q.dtype, widths, chunk_size)
+
+
+def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, loss, initial_state,
+             output_final_state, backend: str):
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, initial_state=initial_state, loss=loss,
     )
+    if backend == "triton":
+        reason = triton_unsupported_reason(q, spec.weights, None, chunk_size)
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run this call: {reason}")
     B, T, H, dt, dev = spec.B, spec.T, spec.H, spec.dtype, q.device
     C, L = chunk_size, len(spec.weights)
     with _no_autocast(dev):
@@ -385,7 +432,8 @@ def neural_memory_chunked(
         n0 = min(C - spec.offset, T) if spec.offset > 0 else 0
         full, rem = divmod(T - n0, C)
         lengths = ([n0] if n0 else []) + [C] * full + ([rem] if rem else [])
-        nc, width = len(lengths), max(lengths)
+        nc = len(lengths)
+        width = C if backend == "triton" else max(lengths)  # the kernels take whole chunks
         idx = torch.full((nc, width), T, dtype=torch.long)
         pos = 0
         for c, n in enumerate(lengths):
@@ -407,7 +455,18 @@ def neural_memory_chunked(
 
         inputs = (qc, kc, vc, b, f, G, bl, el, fl, gl, pl, *WS0, *(A or ()))
         kw = dict(residual=residual, activation=activation, loss=loss)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        if backend == "triton":
+            from .triton_scan import TritonChunkScan, scan_forward_only
+
+            inputs = tuple(t.contiguous() for t in inputs)
+            if grad:
+                o_c, *rest = TritonChunkScan.apply(dict(L=L, kw=kw), *inputs)
+                WS, last_anchor = rest[:L], rest[L:]
+            else:
+                o_c, WS, last_anchor = scan_forward_only(*inputs[:11], list(inputs[11:11 + L]),
+                                                         list(inputs[11 + L:]) or None, L=L, **kw)
+        elif grad:
             o_c, *rest = _ChunkScan.apply(dict(L=L, kw=kw), *inputs)
             WS, last_anchor = rest[:L], rest[L:]
         else:

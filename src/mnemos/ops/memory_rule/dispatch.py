@@ -6,11 +6,11 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .chunked import neural_memory_chunked
+from .chunked import neural_memory_chunked, neural_memory_triton, triton_unsupported_reason
 from .common import MemoryState
 from .reference import neural_memory_reference
 
-IMPLS = ("auto", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "reference")
 
 
 def neural_memory(
@@ -62,8 +62,10 @@ def neural_memory(
         initial_state: a :class:`MemoryState` from an earlier call; the stream continues exactly, mid-chunk
             included (then ``chunk_size`` must match the state's).
         output_final_state: also return the state after the last token.
-        impl: ``"auto"`` (the fastest exact path for the device; today the chunked torch path everywhere),
-            ``"torch"`` (chunked torch path) or ``"reference"`` (token-by-token, for testing).
+        impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise),
+            ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
+            ``TRITON_INTERPRET=1``), ``"torch"`` (chunked torch path) or ``"reference"`` (token-by-token, for
+            testing).
 
     Returns:
         ``(o, state)``: o ``[B, T, H, V]`` in q's dtype; state a :class:`MemoryState` (float32 for half-precision
@@ -82,7 +84,10 @@ def neural_memory(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    fn = neural_memory_reference if impl == "reference" else neural_memory_chunked
+    if impl == "auto":
+        on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
+        impl = "triton" if on_gpu and triton_unsupported_reason(q, weights, initial_state, chunk_size) is None else "torch"
+    fn = {"reference": neural_memory_reference, "torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]
     return fn(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, loss=loss, initial_state=initial_state, output_final_state=output_final_state,
