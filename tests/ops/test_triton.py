@@ -34,6 +34,9 @@ TOL = (2e-5, 1e-4) if CUDA else (1e-10, 1e-9)  # (outputs and states, gradients)
 @pytest.fixture(autouse=True)
 def poison_buffers(monkeypatch):
     monkeypatch.setattr(triton_common, "POISON_BUFFERS", True)
+    # the depth-2 backward rebuilds chunk states from checkpoints; a spacing of 2 puts segment boundaries into
+    # every multi-chunk test (test_triton_checkpoint_spacing covers others)
+    monkeypatch.setattr(triton_common, "CHECKPOINT_EVERY", 2)
 
 
 def to_device(inp, dtype=None):
@@ -144,6 +147,21 @@ def test_triton_low_precision(depth):
         _, g = grads(o, s, dev, 1)
         for name, gr, gt in zip(names, g_ref, g):
             assert_close(f"grad {name} ({dtype})", gr, gt, tol[1])
+
+
+@pytest.mark.parametrize("every", [1, 3, 16])
+def test_triton_checkpoint_spacing(every, monkeypatch):
+    """Any checkpoint spacing of the depth-2 backward gives the same gradients (6 chunks: segments that divide the
+    chunks evenly, unevenly, and one segment for all)."""
+    monkeypatch.setattr(triton_common, "CHECKPOINT_EVERY", every)
+    inp = make_inputs(1, 90, 2, 16, 16, 2, expansion=2, with_momentum=True, seed=every, requires_grad=True)
+    o_ref, s_ref = run(neural_memory_chunked, inp)
+    names, g_ref = grads(o_ref, s_ref, inp, 2)
+    dev = to_device(inp, EXACT)
+    o, s = run(neural_memory, dev, impl="triton")
+    _, g = grads(o, s, dev, 2)
+    for name, gr, gt in zip(names, g_ref, g):
+        assert_close(f"grad {name}", gr, gt, TOL[1])
 
 
 def test_triton_runs_without_grad():

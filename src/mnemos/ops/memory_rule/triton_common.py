@@ -11,6 +11,11 @@ from .triton_scan import interpreting
 _GELU, _SILU = 0, 1
 _L2, _DOT = 0, 1
 
+# The depth-2 forward keeps the state at the start of every CHECKPOINT_EVERY-th chunk; its backward rebuilds the
+# states in between (one more forward of the state update per chunk) instead of storing all of them: at B4 T4096 H8
+# with a 64 x 256 MLP memory, all states are 2 GiB, checkpoints every 16 chunks 128 MiB plus 128 MiB of segment scratch.
+CHECKPOINT_EVERY = 16
+
 # Tests set this to fill every buffer a launcher allocates with NaN, so that an element a kernel forgets to write (or
 # reads before writing) shows up in the results instead of passing by luck.
 POISON_BUFFERS = False

@@ -17,9 +17,9 @@ launchers share one contract:
 with chunk-major contiguous tensors: q, k ``[nc, B, H, C, K]``, v ``[nc, B, H, C, V]``, b, f ``[nc, B, H, C]``,
 G ``[nc, B, H, C, C]``, bl, el, fl ``[nc, B, H]``, gl, pl ``[nc, B, H, C]``; WS a list of L states
 ``[B, H, 2 D_out, D_in]`` (``[W; S]`` stacked), A None or a list of L anchors ``[B, H, D_out, D_in]`` used by chunk
-0 instead of its starting W. ``starts`` holds every chunk's starting ``[W; S]`` per layer ``[nc, B, H, 2 D_out, D_in]``
-(None unless ``save``); ``last_start`` the last chunk's starting W per layer. d_last_anchor / dWS_final entries may be
-None (zero). Gradients come back in the inputs' layouts (dA None when A is None). The state and every accumulation
+0 instead of its starting W. ``starts`` is what the backward needs, a list of tensors opaque to the caller (None
+unless ``save``): every chunk's starting ``[W; S]`` (depth 1) or checkpoints every few chunks (depth 2);
+``last_start`` the last chunk's starting W per layer. d_last_anchor / dWS_final entries may be None (zero). Gradients come back in the inputs' layouts (dA None when A is None). The state and every accumulation
 are float32 for float32/bfloat16 inputs and float64 for float64 inputs.
 """
 
@@ -84,7 +84,7 @@ class TritonChunkScan(torch.autograd.Function):
         o, WS_out, last_start, starts = fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, save=save, **opts["kw"])
         if save:
             ctx.save_for_backward(q, k, v, b, f, G, bl, el, fl, gl, pl, *starts, *(A or ()))
-        ctx.opts, ctx.has_A = opts, A is not None
+        ctx.opts, ctx.has_A, ctx.n_saved = opts, A is not None, len(starts) if save else 0
         return (o, *WS_out, *last_start)
 
     @staticmethod
@@ -94,8 +94,8 @@ class TritonChunkScan(torch.autograd.Function):
         _, bwd = _launchers(L)
         saved = ctx.saved_tensors
         q, k, v, b, f, G, bl, el, fl, gl, pl = saved[:11]
-        starts = list(saved[11 : 11 + L])
-        A = list(saved[11 + L :]) if ctx.has_A else None
+        starts = list(saved[11 : 11 + ctx.n_saved])
+        A = list(saved[11 + ctx.n_saved :]) if ctx.has_A else None
         out = bwd(do.contiguous(), list(grads[:L]), list(grads[L:]), q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A,
                   **ctx.opts["kw"])
         dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS0, dA = out
