@@ -471,16 +471,16 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
             WS, last_anchor = rest[:L], rest[L:]
         else:
             o_c, WS, last_start, _, _ = _scan(qc, kc, vc, b, f, G, bl, el, fl, gl, pl, list(WS0), A, save=False, **kw)
-            last_anchor = [_split(ws)[0] for ws in last_start]
+            last_anchor = [_split(ws)[0].clone() for ws in last_start]
         # [nc, B, H, width, V] -> [B, T, H, V]
         o = o_c.movedim(0, 2).reshape(B, H, nc * width, -1)[:, :, real].transpose(1, 2).to(q.dtype)
     if not output_final_state:
         return o, None
-    W = tuple(_split(ws)[0].contiguous() for ws in WS)
-    S = tuple(_split(ws)[1].contiguous() for ws in WS)
+    W = tuple(_split(ws)[0].clone() for ws in WS)  # own storage: a state is measured and saved by its storage
+    S = tuple(_split(ws)[1].clone() for ws in WS)
     offset = (spec.offset + T) % C
     if offset == 0:
-        anchor = W
+        anchor = tuple(w.view_as(w) for w in W)  # its own tensor objects (views), whatever the offset
     elif nc == 1:  # the call never crossed a chunk boundary: the anchor it started with still holds
         anchor = A if A is not None else W0
     else:
