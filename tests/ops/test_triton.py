@@ -189,6 +189,28 @@ def test_triton_refuses_what_it_does_not_cover():
     assert torch.equal(o_auto, o_torch)
 
 
+def test_auto_dispatch_picks_the_kernels_only_on_cuda(monkeypatch):
+    """auto takes the kernels for CUDA tensors they cover (unless MNEMOS_TRITON=0), the torch path otherwise."""
+    from mnemos.ops.memory_rule import dispatch
+
+    calls = []
+    monkeypatch.setattr(dispatch, "neural_memory_triton", lambda *a, **k: calls.append("triton") or (None, None))
+    monkeypatch.setattr(dispatch, "neural_memory_chunked", lambda *a, **k: calls.append("torch") or (None, None))
+    monkeypatch.setattr(dispatch, "triton_unsupported_reason", lambda *a: None)
+    inp = make_inputs(1, 4, 1, 16, 16, 2, seed=0)
+
+    class FakeCuda(torch.Tensor):  # only .device is consulted before the implementation is chosen
+        @property
+        def device(self):
+            return torch.device("cuda")
+
+    run(neural_memory, inp)
+    run(neural_memory, dict(inp, q=inp["q"].as_subclass(FakeCuda)))
+    monkeypatch.setenv("MNEMOS_TRITON", "0")
+    run(neural_memory, dict(inp, q=inp["q"].as_subclass(FakeCuda)))
+    assert calls == ["torch", "triton", "torch"]
+
+
 @pytest.mark.skipif(CUDA, reason="checks the CPU-without-interpreter message")
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from torch import Tensor
@@ -62,7 +63,8 @@ def neural_memory(
         initial_state: a :class:`MemoryState` from an earlier call; the stream continues exactly, mid-chunk
             included (then ``chunk_size`` must match the state's).
         output_final_state: also return the state after the last token.
-        impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise),
+        impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise;
+            ``MNEMOS_TRITON=0`` in the environment keeps auto on the torch path),
             ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
             ``TRITON_INTERPRET=1``), ``"torch"`` (chunked torch path) or ``"reference"`` (token-by-token, for
             testing).
@@ -86,7 +88,9 @@ def neural_memory(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
-        impl = "triton" if on_gpu and triton_unsupported_reason(q, weights, initial_state, chunk_size) is None else "torch"
+        kernels_ok = on_gpu and os.environ.get("MNEMOS_TRITON", "1") != "0"
+        impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size) is None \
+            else "torch"
     fn = {"reference": neural_memory_reference, "torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]
     return fn(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
