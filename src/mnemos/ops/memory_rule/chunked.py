@@ -89,10 +89,13 @@ def _split(ws: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _bmm_add(base: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
-    """``base + alpha * x @ y`` for [B, H, m, n] operands, as one fused batched matmul-add."""
-    out = torch.baddbmm(base.reshape(-1, *base.shape[-2:]), x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]),
-                        alpha=alpha)
-    return out.view(base.shape)
+    """``base += alpha * x @ y`` in place for [B, H, m, n] operands (one fused batched matmul-add); returns base.
+
+    base must be a tensor the caller owns whose (B, H) dims merge into one (contiguous, or a slice of the last two
+    dims of a contiguous tensor). In place on purpose: a fresh state-sized output per chunk costs
+    more in first-touch page faults than the matmul itself on a CPU."""
+    base.view(-1, *base.shape[-2:]).baddbmm_(x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:]), alpha=alpha)
+    return base
 
 
 def _anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str):
@@ -149,18 +152,23 @@ def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
     return o, xs, ys, xws, ps
 
 
-def _mix(ws: Tensor, top: Tensor, bottom: Tensor, cross: Tensor, transpose: bool = False) -> Tensor:
-    """For ``ws = [X; Y]`` and per-(batch, head) scalars ``[B, H]``: ``[top X + cross Y; bottom Y]`` (the state carry
-    of a chunk), or with ``transpose`` ``[top X; bottom Y + cross X]`` (its gradient); 1.5 passes over the state."""
+def _mix(ws: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> Tensor:
+    """``[top X + cross Y; bottom Y]`` for ``ws = [X; Y]`` and per-(batch, head) scalars ``[B, H]`` (the state carry
+    of a chunk), into a new tensor; 1.5 passes over the state."""
     d_out = ws.shape[-2] // 2
     scale = torch.cat((top.unsqueeze(-1).expand(*top.shape, d_out), bottom.unsqueeze(-1).expand(*top.shape, d_out)), -1)
     out = ws * scale.unsqueeze(-1)  # [B, H, 2 D_out, D_in]
-    X, Y = ws[..., :d_out, :], ws[..., d_out:, :]
-    if transpose:
-        out[..., d_out:, :].addcmul_(cross[..., None, None], X)
-    else:
-        out[..., :d_out, :].addcmul_(cross[..., None, None], Y)
+    out[..., :d_out, :].addcmul_(cross[..., None, None], ws[..., d_out:, :])
     return out
+
+
+def _mix_transposed_(g: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> Tensor:
+    """``[X; Y] <- [top X; bottom Y + cross X]`` in place (the reverse of :func:`_mix`, for the state gradient)."""
+    d_out = g.shape[-2] // 2
+    X, Y = g[..., :d_out, :], g[..., d_out:, :]
+    Y.mul_(bottom[..., None, None]).addcmul_(cross[..., None, None], X)
+    X.mul_(top[..., None, None])
+    return g
 
 
 def _state_forward(WS, a, d, bl, el, fl, gl, pl) -> list[Tensor]:
@@ -203,7 +211,8 @@ def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, 
 
 
 def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, residual, activation, loss):
-    """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it).
+    """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it; owned, and turned in
+    place into the gradient of the state before the chunk).
 
     Returns (dq, dk, dv, db, df, dG, dbl, del, dfl, dgl, dpl, dWS, dA): dWS is the gradient of the chunk's starting
     ``[W; S]`` (anchor included when the anchor is W), dA that of a separate anchor (None when A is None)."""
@@ -218,7 +227,6 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
     # 4. state: W' = bl W + fl S - d^T diag(gl) a,  S' = el S - d^T diag(pl) a
     for i in range(L):
         g = dWS_next[i]
-        dWS.append(_mix(g, bl, el, fl, transpose=True))  # [dW; dS] = [bl dW'; el dS' + fl dW']
         d_out = g.shape[-2] // 2
         # <dW', W>, <dW', S>, <dS', W>, <dS', S> in one pass: [2, 2 D_out D_in] @ [2 D_out D_in, 2]
         BH = g.shape[0] * g.shape[1]
@@ -232,6 +240,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         dgl = dgl - (d[i] * rW).sum(-1)
         dpl = dpl - (d[i] * rS).sum(-1)
         da[i] = -(torch.cat((gc * d[i], pc * d[i]), dim=-1) @ g)
+        dWS.append(_mix_transposed_(g, bl, el, fl))  # [dW; dS] = [bl dW'; el dS' + fl dW'], g is read no more
 
     # 3. read, last layer first
     bc, fc = b.unsqueeze(-1), f.unsqueeze(-1)
@@ -257,15 +266,21 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         else:
             dq = dx if dq is None else dq + dx
 
-    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
-    anchor = A if A is not None else [_split(ws)[0] for ws in WS]
-    dA: list[Tensor | None] = [None] * L
+    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys. The anchor's gradients
+    # accumulate straight into their destination: the chunk's starting W (the carry), or a separate anchor's.
+    if A is None:
+        anchor = [_split(ws)[0] for ws in WS]
+        dA = [_split(g)[0] for g in dWS]
+        dA_out = None
+    else:
+        anchor = A
+        dA = dA_out = [torch.zeros_like(x) for x in A]
     dz: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     for i in range(L - 1):  # d[i] = (d[i+1] @ W[i+1]) * act'(z[i])
         dback = dd[i] * dact[i]
         dz[i] = dd[i] * back[i] * activate_grad2(z[i], activation)
         dd[i + 1] = _bmm_add(dd[i + 1], dback, anchor[i + 1].mT)
-        dA[i + 1] = d[i + 1].mT @ dback
+        _bmm_add(dA[i + 1], d[i + 1].mT, dback)
     if loss == "l2":  # d[L-1] = 2 (pred - v)
         dpred = 2.0 * dd[-1]
         dv = -dpred
@@ -277,18 +292,9 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         if i < L - 1:
             dzi = torch.addcmul(dz[i], da[i + 1], dact[i])
         if dzi is not None:
-            gA = dzi.mT @ a[i]
-            dA[i] = gA if dA[i] is None else dA[i] + gA
+            _bmm_add(dA[i], dzi.mT, a[i])
             da[i] = _bmm_add(da[i], dzi, anchor[i])
     dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
-
-    if A is None:  # the anchor is the chunk's starting memory
-        for i in range(L):
-            if dA[i] is not None:
-                dWS[i][..., : dA[i].shape[-2], :] += dA[i]
-        dA_out = None
-    else:
-        dA_out = [torch.zeros_like(A[i]) if g is None else g for i, g in enumerate(dA)]
     return dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out
 
 
@@ -317,7 +323,8 @@ class _ChunkScan(torch.autograd.Function):
         b, f, G, bl, el, fl, gl, pl = ctx.coefs
         starts, acts, A = ctx.starts, ctx.acts, ctx.A
         nc = len(starts)
-        dWS = [torch.zeros_like(ws) if g is None else g for ws, g in zip(starts[-1], grads[:L])]
+        dWS = [torch.zeros_like(ws) if g is None else g.clone(memory_format=torch.contiguous_format)
+               for ws, g in zip(starts[-1], grads[:L])]  # the carry, updated in place from here on
         d_last_anchor = grads[L:]
         qs, ks, vs = ctx.shapes
         dq, dk, dv = do.new_empty(qs), do.new_empty(ks), do.new_empty(vs)
