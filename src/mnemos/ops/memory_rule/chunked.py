@@ -171,22 +171,30 @@ def _mix_transposed_(g: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> T
     return g
 
 
-def _state_forward(WS, a, d, bl, el, fl, gl, pl) -> list[Tensor]:
+def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[Tensor]:
     """``[W; S]`` after the chunk's last real token. bl, el, fl ``[B, H]`` and gl, pl ``[B, H, n]`` are the
-    coefficients' values (rows) at that token: ``W' = bl W + fl S - d^T diag(gl) a``, ``S' = el S - d^T diag(pl) a``."""
+    coefficients' values (rows) at that token: ``W' = bl W + fl S - d^T diag(gl) a``, ``S' = el S - d^T diag(pl) a``.
+    ``inplace`` overwrites WS (when nothing keeps the chunk's starting state)."""
     gc, pc = gl.unsqueeze(-1), pl.unsqueeze(-1)
     out = []
     for ws, ai, di in zip(WS, a, d):
         coef = torch.cat((gc * di, pc * di), dim=-1)  # [B, H, n, 2 D_out]
-        out.append(_bmm_add(_mix(ws, bl, el, fl), coef.mT, ai, alpha=-1.0))
+        if inplace:
+            X, Y = _split(ws)
+            X.mul_(bl[..., None, None]).addcmul_(fl[..., None, None], Y)
+            Y.mul_(el[..., None, None])
+            mixed = ws
+        else:
+            mixed = _mix(ws, bl, el, fl)
+        out.append(_bmm_add(mixed, coef.mT, ai, alpha=-1.0))
     return out
 
 
 def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save: bool):
     """Every chunk in order. Chunk-major inputs: tokens ``[nc, B, H, n, D]``, coefficients ``[nc, B, H, n(, n)]`` and
     ``[nc, B, H(, n)]`` (rows at each chunk's last real token); WS: L x ``[B, H, 2 D_out, D_in]`` at the first chunk's
-    start; A: the first chunk's anchor (L x ``[B, H, D_out, D_in]``) when it is not that chunk's starting memory (a
-    stream continued mid-chunk), else None.
+    start (without ``save`` they are updated in place: the caller must own them); A: the first chunk's anchor
+    (L x ``[B, H, D_out, D_in]``) when it is not that chunk's starting memory (a stream continued mid-chunk), else None.
 
     Returns o ``[nc, B, H, n, V]``, the final WS, the last chunk's starting WS, and when ``save``: every chunk's
     starting WS and activations."""
@@ -201,8 +209,8 @@ def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, 
         if save:
             starts.append(WS)
             saved.append((a, z, dact, back, d, xs, ys, xws, ps))
-        last_start = WS
-        WS = _state_forward(WS, a, d, bl[c], el[c], fl[c], gl[c], pl[c])
+        last_start = WS if save or c < nc - 1 else [ws.clone() for ws in WS]
+        WS = _state_forward(WS, a, d, bl[c], el[c], fl[c], gl[c], pl[c], inplace=not save)
     return o, WS, last_start, starts, saved
 
 
