@@ -59,8 +59,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, widths: Sequenc
         return f"kernels take float32, bfloat16 or float16 inputs (float64 only under TRITON_INTERPRET=1), got {dtype}"
     if not _pow2(chunk_size) or chunk_size > 64:
         return f"kernels need chunk_size in (16, 32, 64), got {chunk_size}"
-    if any(not _pow2(w) for w in widths) or max(widths) > 512:
-        return f"kernels need every memory width to be a power of two in [16, 512], got {list(widths)}"
+    if any(not _pow2(w) for w in widths) or max(widths[0], widths[-1]) > 128 or max(widths) > 512:
+        return (f"kernels need every memory width to be a power of two >= 16, head dims K, V <= 128 and hidden widths "
+                f"<= 512, got {list(widths)}")
     return None
 
 
