@@ -118,3 +118,30 @@ def test_cli_train_with_preset_and_overrides(tmp_path, capsys):
     assert saved["model"]["variant"] == "lmm" and saved["model"]["d_model"] == 32 and saved["task"]["seq_len"] == 128
     assert main(["train", "--preset", "mqar", "model.d_modle=3"]) == 2
     assert "d_modle" in capsys.readouterr().err
+
+
+def test_steps_with_non_finite_gradients_are_skipped(tmp_path, monkeypatch):
+    """A batch whose loss overflows leaves the weights untouched (the update is skipped and counted); a run that
+    keeps overflowing stops with FloatingPointError instead of training on NaN."""
+    import mnemos.train.loop as loop
+
+    real = loop.loss_and_accuracy
+    poisoned = {2, 3}
+    calls = []
+
+    def loss_and_accuracy(logits, labels):
+        calls.append(1)
+        loss, correct, n = real(logits, labels)
+        return (loss * float("nan") if len(calls) in poisoned else loss), correct, n
+
+    monkeypatch.setattr(loop, "loss_and_accuracy", loss_and_accuracy)
+    r = train(_cfg(tmp_path, "run.steps=6", "optim.lr=1e-2"))
+    assert r.skipped_steps == 2 and r.step == 6
+    assert [torch.isnan(torch.tensor(x)).item() for x in r.train_losses] == [False, True, True, False, False, False]
+    assert all(torch.isfinite(torch.tensor(x)) for x in r.train_losses[3:])  # the weights were never poisoned
+
+    calls.clear()
+    poisoned.update(range(1, 100))
+    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 3)
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        train(_cfg(tmp_path / "b", "run.steps=6"))

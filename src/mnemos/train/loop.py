@@ -29,6 +29,9 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
 from .optim import build_optimizer, build_scheduler
 
+# consecutive steps with non-finite gradients (each skipped) after which training stops as diverged
+MAX_SKIPPED_IN_A_ROW = 10
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # data: a task is a function (step, split) -> (inputs [B, T], labels [B, T]) that depends on nothing else
@@ -171,6 +174,7 @@ class TrainResult:
     train_losses: list[float]  # one per optimizer step (this run's steps only)
     final_eval: dict[str, float]
     tokens_per_s: float
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite: no update was applied
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -239,6 +243,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
               f"process(es) on {info.device}, task {cfg.task.kind}, {run.steps} steps", file=sys.stderr)
 
     losses: list[float] = []
+    skipped = skipped_in_a_row = 0
     final: dict[str, float] = {}
     tokens = 0
     t_start = time.perf_counter()
@@ -256,15 +261,25 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             (loss / opt_cfg.grad_accum).backward()
             step_loss += loss.detach() / opt_cfg.grad_accum
             tokens += inputs.numel() * info.world_size
-        if opt_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        optimizer.step()
+        # a step whose loss or gradients overflowed (the test-time memory can blow up on an unlucky batch) is skipped,
+        # as mixed-precision loss scaling does, rather than writing NaN into every weight; many in a row stop the run
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip if opt_cfg.grad_clip > 0
+                                                   else float("inf"))
+        if bool(torch.isfinite(grad_norm)):
+            optimizer.step()
+            skipped_in_a_row = 0
+        else:
+            skipped += 1
+            skipped_in_a_row += 1
+            if info.is_main:
+                print(f"step {step + 1}: non-finite gradient norm, update skipped ({skipped} so far)", file=sys.stderr)
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(f"training diverged at step {step + 1}: {skipped_in_a_row} steps in a row "
+                                         "with non-finite gradients")
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = all_reduce_mean(step_loss, info).item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"training diverged at step {step + 1}: loss {step_loss}")
-        losses.append(step_loss)
+        losses.append(step_loss)  # NaN for a step whose loss overflowed (its update was skipped above)
         tok_s = tokens / (time.perf_counter() - t_start)
         log.bar(step + 1, step_loss, tok_s, start_step)
         if (step + 1) % run.log_every == 0:
@@ -290,7 +305,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     tok_s = tokens / max(time.perf_counter() - t_start, 1e-9)
     if info.is_main and losses:
         _write_curve(out, start_step, losses)
-    return TrainResult(out, start_step + len(losses), losses, final, tok_s)
+    return TrainResult(out, start_step + len(losses), losses, final, tok_s, skipped)
 
 
 def _write_curve(out: Path, start: int, losses: list[float]) -> None:

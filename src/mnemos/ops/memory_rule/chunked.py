@@ -274,21 +274,15 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         else:
             dq = dx if dq is None else dq + dx
 
-    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys. The anchor's gradients
-    # accumulate straight into their destination: the chunk's starting W (the carry), or a separate anchor's.
-    if A is None:
-        anchor = [_split(ws)[0] for ws in WS]
-        dA = [_split(g)[0] for g in dWS]
-        dA_out = None
-    else:
-        anchor = A
-        dA = dA_out = [torch.zeros_like(x) for x in A]
+    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
+    anchor = A if A is not None else [_split(ws)[0] for ws in WS]
+    dA: list[Tensor | None] = [None] * L
     dz: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     for i in range(L - 1):  # d[i] = (d[i+1] @ W[i+1]) * act'(z[i])
         dback = dd[i] * dact[i]
         dz[i] = dd[i] * back[i] * activate_grad2(z[i], activation)
         dd[i + 1] = _bmm_add(dd[i + 1], dback, anchor[i + 1].mT)
-        _bmm_add(dA[i + 1], d[i + 1].mT, dback)
+        dA[i + 1] = d[i + 1].mT @ dback
     if loss == "l2":  # d[L-1] = 2 (pred - v)
         dpred = 2.0 * dd[-1]
         dv = -dpred
@@ -300,9 +294,18 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         if i < L - 1:
             dzi = torch.addcmul(dz[i], da[i + 1], dact[i])
         if dzi is not None:
-            _bmm_add(dA[i], dzi.mT, a[i])
+            gA = dzi.mT @ a[i]
+            dA[i] = gA if dA[i] is None else dA[i] + gA
             da[i] = _bmm_add(da[i], dzi, anchor[i])
     dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
+
+    if A is None:  # the anchor is the chunk's starting memory
+        for i in range(L):
+            if dA[i] is not None:
+                dWS[i][..., : dA[i].shape[-2], :] += dA[i]
+        dA_out = None
+    else:
+        dA_out = [torch.zeros_like(A[i]) if g is None else g for i, g in enumerate(dA)]
     return dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out
 
 
