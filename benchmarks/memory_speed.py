@@ -250,13 +250,20 @@ def build_memory_op(depth: int, impl: str) -> Callable[[Shape, argparse.Namespac
     return build
 
 
+def token_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (unit rows, as the layers make them) and v ``[B, T, H, D]`` in the op dtype."""
+    B, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
+    dt = op_dtype(args)
+    q = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
+    k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
+    v = torch.randn(B, T, H, D, device=device).to(dt)
+    return q, k, v
+
+
 def memory_op_inputs(depth: int) -> Callable[[Shape, argparse.Namespace, torch.device], tuple[Tensor, ...]]:
     def inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
         B, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
-        dt = op_dtype(args)
-        q = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
-        k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
-        v = torch.randn(B, T, H, D, device=device).to(dt)
+        q, k, v = token_inputs(s, args, device)
         theta = 0.01 * torch.sigmoid(torch.randn(B, T, H, device=device))  # gates and weights float32, as in the layer
         eta = torch.sigmoid(torch.randn(B, T, H, device=device))
         alpha = torch.sigmoid(torch.randn(B, T, H, device=device) - 4)
@@ -302,12 +309,8 @@ def fla_unavailable(device: torch.device, args: argparse.Namespace) -> str | Non
 
 
 def fla_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
-    B, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
-    dt = op_dtype(args)
-    q = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
-    k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
-    v = torch.randn(B, T, H, D, device=device).to(dt)
-    beta = torch.sigmoid(torch.randn(B, T, H, device=device)).to(dt)
+    q, k, v = token_inputs(s, args, device)
+    beta = torch.sigmoid(torch.randn(s.batch, s.seq_len, s.heads, device=device)).to(op_dtype(args))
     return _leaves(q, k, v, beta)
 
 

@@ -77,7 +77,6 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tenso
     return b, e, f, g * th, p_eta * th
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # one chunk, forward. Shapes: tokens [B, H, n, D], coefficients [B, H, n] / [B, H, n, n], states [B, H, 2 D_out, D_in]
 
@@ -152,13 +151,13 @@ def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
     return o, xs, ys, xws, ps
 
 
-def _mix(ws: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> Tensor:
+def _mix(ws: Tensor, top: Tensor, bottom: Tensor, cross: Tensor, inplace: bool = False) -> Tensor:
     """``[top X + cross Y; bottom Y]`` for ``ws = [X; Y]`` and per-(batch, head) scalars ``[B, H]`` (the state carry
-    of a chunk), into a new tensor; 1.5 passes over the state."""
-    d_out = ws.shape[-2] // 2
-    scale = torch.cat((top.unsqueeze(-1).expand(*top.shape, d_out), bottom.unsqueeze(-1).expand(*top.shape, d_out)), -1)
-    out = ws * scale.unsqueeze(-1)  # [B, H, 2 D_out, D_in]
-    out[..., :d_out, :].addcmul_(cross[..., None, None], ws[..., d_out:, :])
+    of a chunk), into a new tensor or, with ``inplace``, into ws; 1.5 passes over the state either way."""
+    out = ws if inplace else torch.empty_like(ws)
+    (X, Y), (oX, oY) = _split(ws), _split(out)
+    torch.mul(X, top[..., None, None], out=oX).addcmul_(cross[..., None, None], Y)  # reads Y before it is scaled
+    torch.mul(Y, bottom[..., None, None], out=oY)
     return out
 
 
@@ -179,14 +178,7 @@ def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[
     out = []
     for ws, ai, di in zip(WS, a, d):
         coef = torch.cat((gc * di, pc * di), dim=-1)  # [B, H, n, 2 D_out]
-        if inplace:
-            X, Y = _split(ws)
-            X.mul_(bl[..., None, None]).addcmul_(fl[..., None, None], Y)
-            Y.mul_(el[..., None, None])
-            mixed = ws
-        else:
-            mixed = _mix(ws, bl, el, fl)
-        out.append(_bmm_add(mixed, coef.mT, ai, alpha=-1.0))
+        out.append(_bmm_add(_mix(ws, bl, el, fl, inplace), coef.mT, ai, alpha=-1.0))
     return out
 
 

@@ -11,6 +11,11 @@ from .triton_scan import interpreting
 _GELU, _SILU = 0, 1
 _L2, _DOT = 0, 1
 
+# ``tl.dot`` input precision for float32 operands on a GPU, for every kernel. "ieee" is exact float32 (CUDA cores);
+# "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) or "tf32" are the faster candidates, unmeasured (no GPU
+# yet). The interpreter ignores it.
+DOT_PRECISION = "ieee"
+
 # The depth-2 forward keeps the state at the start of every CHECKPOINT_EVERY-th chunk; its backward rebuilds the
 # states in between (one more forward of the state update per chunk) instead of storing all of them: at B4 T4096 H8
 # with a 64 x 256 MLP memory, all states are 2 GiB, checkpoints every 16 chunks 128 MiB plus 128 MiB of segment scratch.
@@ -70,7 +75,7 @@ def launch_opts(activation: str, loss: str, acc: torch.dtype, hidden: int) -> di
         ACT=_GELU if activation == "gelu" else _SILU,
         LOSS=_L2 if loss == "l2" else _DOT,
         ACC=acc_dtype(acc),
-        PREC="ieee",
+        PREC=DOT_PRECISION,
         BLOCK_H=min(hidden, 32),
     )
     if not interpreting():

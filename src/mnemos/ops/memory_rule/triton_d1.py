@@ -24,15 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_common
 from .triton_common import acc_dtype, empty
 from .triton_scan import interpreting
 
 # Rows of the state per program (None: the default of ``_block_v``); tests set it to exercise the V split.
 BLOCK_V: int | None = None
-# ``tl.dot`` input precision for float32 operands on a GPU. "ieee" is exact float32 (CUDA cores); "tf32x3" (three
-# TF32 tensor-core products, ~float32 accuracy) is the faster candidate, unmeasured here (no GPU). The interpreter
-# ignores it.
-DOT_PRECISION = "ieee"
 
 
 def _block_v(V: int, K: int) -> int:
@@ -308,7 +305,7 @@ def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, lo
     _fwd_kernel[(BH, V // BV)](
         q, k, v, o, b, f, G, bl, el, fl, gl, pl, ws, a, ws_out, last, starts, nc, BH,
         C=C, K=K, V=V, BV=BV, RESIDUAL=residual, L2=loss == "l2", HAS_A=A is not None, SAVE=save,
-        ACC=acc_dtype(acc), PREC=DOT_PRECISION, **_launch_opts(BV, K),
+        ACC=acc_dtype(acc), PREC=triton_common.DOT_PRECISION, **_launch_opts(BV, K),
     )
     return o, [ws_out], [last], ([starts] if save else None)
 
@@ -342,7 +339,7 @@ def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, res
         dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dws0, dA, nc, BH,
         C=C, K=K, V=V, BV=BV, RESIDUAL=residual, L2=loss == "l2", HAS_A=A is not None,
         HAS_DWS=dWS[0] is not None, HAS_DLAST=d_last[0] is not None,
-        ACC=acc_dtype(acc), PREC=DOT_PRECISION, **_launch_opts(BV, K),
+        ACC=acc_dtype(acc), PREC=triton_common.DOT_PRECISION, **_launch_opts(BV, K),
     )
     parts = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, db, df, dG, dbl, del_, dfl, dgl, dpl)]
     dq, dk, db, df, dG, dbl, del_, dfl, dgl, dpl = parts

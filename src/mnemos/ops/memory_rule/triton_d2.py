@@ -451,17 +451,18 @@ def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, res
     nc, BH, C, K, HD, V = _sizes(q, v, [ck1[0], ck2[0]])
     acc, dev = b.dtype, q.device
     every = spacing.shape[0]
-    st1, st2 = ck1, ck2
     seg1 = empty(BH, every, *ck1.shape[-2:], dtype=acc, device=dev)
     seg2 = empty(BH, every, *ck2.shape[-2:], dtype=acc, device=dev)
-    dws1 = torch.zeros(st1.shape[1:], dtype=acc, device=dev) if dWS[0] is None else dWS[0].to(acc).contiguous().clone()
-    dws2 = torch.zeros(st2.shape[1:], dtype=acc, device=dev) if dWS[1] is None else dWS[1].to(acc).contiguous().clone()
+
+    def owned(g, shape):  # a gradient the kernel may overwrite (zeros for None), in the compute dtype
+        return torch.zeros(shape, dtype=acc, device=dev) if g is None else g.to(acc).contiguous().clone()
+
+    dws1, dws2 = owned(dWS[0], ck1.shape[1:]), owned(dWS[1], ck2.shape[1:])  # the carry, in place
     has_dlast = any(g is not None for g in d_last)
     if has_dlast:
-        dl1 = torch.zeros(*st1.shape[1:3], HD, K, dtype=acc, device=dev) if d_last[0] is None else d_last[0].to(acc).contiguous()
-        dl2 = torch.zeros(*st2.shape[1:3], V, HD, dtype=acc, device=dev) if d_last[1] is None else d_last[1].to(acc).contiguous()
+        dl1, dl2 = owned(d_last[0], (*ck1.shape[1:3], HD, K)), owned(d_last[1], (*ck2.shape[1:3], V, HD))
     else:
-        dl1, dl2 = dws1, dws2
+        dl1, dl2 = dws1, dws2  # unread placeholders
     if A is not None:
         a1, a2 = (a.to(acc).contiguous() for a in A)
         da1, da2 = (empty(*a.shape, dtype=acc, device=dev) for a in (a1, a2))
