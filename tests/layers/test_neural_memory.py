@@ -150,6 +150,42 @@ def test_default_gates_keep_a_long_stream_finite_and_alive():
         assert 0.1 < ratio < 10, ratio
 
 
+def test_ema_momentum_bounds_the_step_of_every_token():
+    """theta = max_lr * sigmoid(.) * (1 - eta), so a token's summed step theta / (1 - eta) never exceeds max_lr."""
+    layer = make_layer(max_lr=0.05)
+    with torch.no_grad():
+        layer.to_gates.bias[3:6].fill_(4.0)  # eta ~ 0.98
+        _, _, _, theta, eta, _, _ = layer._project(x_of(2, 30), None)
+        free = make_layer(max_lr=0.05, ema_momentum=False)
+        free.load_state_dict(layer.state_dict())
+        _, _, _, theta_free, eta_free, _, _ = free._project(x_of(2, 30), None)
+    torch.testing.assert_close(eta, eta_free)
+    torch.testing.assert_close(theta, theta_free * (1 - eta))
+    assert float((theta / (1 - eta)).max()) <= 0.05
+    assert float((theta_free / (1 - eta_free)).max()) > 1.0  # what the bound removes: 20x max_lr per token
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_saturated_gates_on_repeated_tokens(ema):
+    """The worst case for the memory: every token the same (one key, one value, C identical gradients per anchor),
+    the largest inner step and momentum near 1. With the EMA form the memory converges to the stored pair; with the
+    paper's free theta the same gates drive it to overflow (what the bound is for)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(64, heads=2, max_lr=0.05, ema_momentum=ema).double()
+    with torch.no_grad():
+        layer.to_gates.weight.zero_()
+        layer.to_gates.bias[:2].fill_(10.0)  # theta = max_lr
+        layer.to_gates.bias[2:4].fill_(4.0)  # eta ~ 0.98
+        y, state = layer(torch.randn(1, 1, 64, dtype=F64).expand(1, 1024, 64))
+    finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(w).all()) for w in state.memory.weights)
+    if ema:
+        assert finite
+        growth = max((w.norm() / w0.norm()).item() for w, w0 in zip(state.memory.weights, layer.memory))
+        assert growth < 10, growth
+    else:
+        assert not finite or max(w.abs().max().item() for w in state.memory.weights) > 1e6
+
+
 def test_short_conv_streaming():
     torch.manual_seed(0)
     conv = ShortConvolution(5, 4).double()
@@ -181,6 +217,11 @@ def test_short_conv_streaming():
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         NeuralMemory(**kw)
+
+
+def test_ema_momentum_must_be_a_bool():
+    with pytest.raises(TypeError, match="ema_momentum must be a bool"):
+        NeuralMemory(12, ema_momentum=1)
 
 
 def test_bad_input_shapes():

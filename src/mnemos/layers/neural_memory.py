@@ -9,13 +9,18 @@ Choices the paper leaves open, and what this layer does:
 - Heads: H independent memories of head dim D (the paper's multi-head setting); each head has its own learned W_0.
 - Convolution: one depthwise causal conv per q, k and v channel, no bias; SiLU after it on q, k and v; l2-norm on
   q and k only (values keep their scale, they are the regression targets).
-- Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head. theta is
-  bounded by ``max_lr`` (default 0.01; titans-pytorch's default bound is 1.0). Initial biases: theta = max_lr/2,
-  eta = sigmoid(0) = 0.5, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000 tokens); the outer model then
-  learns data-dependent gates. Why these: all C gradients of a chunk are taken at one anchor and add up, so near-
-  identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one large step. With max_lr 0.1,
-  untrained models diverged within 128 tokens of MQAR, and in training the learned momentum gate climbed to ~0.9
-  and the memory diverged; at 0.01 both trained without diverging. Strong initial forgetting (~0.02 per token)
+- Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head:
+  ``theta = max_lr * sigmoid(.) * (1 - eta)``, ``eta = sigmoid(.)``, ``alpha = sigmoid(.)``. The factor ``1 - eta``
+  (``ema_momentum=True``, the default) makes the momentum an exponential moving average of the gradients, so a
+  token's gradient moves the memory by at most max_lr in total, however close to 1 the learned eta gets; with
+  ``ema_momentum=False`` theta is the paper's free ``max_lr * sigmoid(.)`` and one token's total step is
+  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.01 (titans-pytorch's bound is 1.0).
+  Initial biases: sigmoid(0) = 0.5 for theta's and eta's, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000
+  tokens); the outer model then learns data-dependent gates. Why: all C gradients of a chunk are taken at one
+  anchor and add up, so near-identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one
+  large step. With the free theta and max_lr 0.1, untrained models diverged within 128 tokens of MQAR; in training
+  the learned momentum gate climbed to ~0.9 and the memory diverged, and even at max_lr 0.05 one demo seed in six
+  diverged (none with the EMA form; docs/MODELS.md, "Stability"). Strong initial forgetting (~0.02 per token)
   instead decays an MLP memory towards W = 0, a saddle where its inner gradients vanish.
 - Initial memory W_0: learned; hidden layers ``[H, E*D, D]`` with expansion E (default 4), normal init with std
   1/sqrt(D_in); the last layer gets the same init, and with ``residual=True`` (default) M starts near identity + noise.
@@ -64,7 +69,9 @@ class NeuralMemory(nn.Module):
         residual: ``M(x) = MLP(x) + x``.
         activation: ``"gelu"`` or ``"silu"`` inside the memory.
         chunk_size: tokens per gradient anchor (paper: 16).
-        max_lr: upper bound of the inner learning rate theta.
+        max_lr: upper bound of the inner learning rate (of theta / (1 - eta) with ``ema_momentum``, else of theta).
+        ema_momentum: theta = max_lr * sigmoid(.) * (1 - eta), the momentum as a moving average of the gradients
+            (bounds every token's total step by max_lr); False: the paper's theta = max_lr * sigmoid(.).
         conv_size: causal conv width (paper: 4; 1 mixes nothing over time).
         impl: implementation of the memory rule passed to :func:`mnemos.ops.neural_memory`.
     """
@@ -82,6 +89,7 @@ class NeuralMemory(nn.Module):
         chunk_size: int = 16,
         max_lr: float = 0.01,
         conv_size: int = 4,
+        ema_momentum: bool = True,
         impl: str = "auto",
     ):
         super().__init__()
@@ -105,9 +113,11 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
         if activation not in ("gelu", "silu"):
             raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
+        if not isinstance(ema_momentum, bool):
+            raise TypeError(f"ema_momentum must be a bool, got {ema_momentum!r}")
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
-        self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
+        self.chunk_size, self.max_lr, self.ema_momentum, self.impl = chunk_size, max_lr, ema_momentum, impl
         H, D = heads, head_dim
         inner = H * D
 
@@ -155,6 +165,8 @@ class NeuralMemory(nn.Module):
         g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g  # gates in float32 at least
         theta = self.max_lr * torch.sigmoid(g[:, :, 0])
         eta, alpha = torch.sigmoid(g[:, :, 1]), torch.sigmoid(g[:, :, 2])
+        if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
+            theta = theta * (1.0 - eta)
         return q, k, v, theta, eta, alpha, conv_state
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
@@ -197,5 +209,5 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, residual={self.residual}, activation={self.activation!r}, "
-            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}"
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, ema_momentum={self.ema_momentum}"
         )

@@ -114,6 +114,7 @@ class MemoryConfig(_ConfigBase):
     # at 0.1 (often at 0.05) the memory diverged at initialisation (docs/MODELS.md, "Stability")
     max_lr: float = 0.01
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
+    ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
     impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
 
     def __post_init__(self):

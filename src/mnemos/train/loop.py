@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,7 +277,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise FloatingPointError(f"training diverged at step {step + 1}: {skipped_in_a_row} steps in a row "
                                          "with non-finite gradients")
-        scheduler.step()
+        with warnings.catch_warnings():  # the schedule advances over a skipped step too; torch warns if step 1 was
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss = all_reduce_mean(step_loss, info).item()
         losses.append(step_loss)  # NaN for a step whose loss overflowed (its update was skipped above)
