@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mnemos.layers import NeuralMemory, NeuralMemoryState, ShortConvolution
+from mnemos.layers.conv import _CausalDepthwiseConv
 from mnemos.ops import memory_read
 from mnemos.testing import assert_close
 
@@ -200,6 +201,32 @@ def test_short_conv_streaming():
     xp = torch.nn.functional.pad(x, (0, 0, 3, 0))
     ref = sum(w[:, i] * xp[:, i: i + 11] for i in range(4))
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("K,T", [(4, 11), (4, 2), (1, 5), (3, 1)])
+def test_short_conv_matches_conv1d_with_gradients(K, T):
+    """The shifted multiply-adds (and their hand-written backward) against torch's grouped conv1d, in float64:
+    output, new state and the gradients of input, carried state and weight; gradcheck on top."""
+    torch.manual_seed(K * 10 + T)
+    conv = ShortConvolution(6, K).double()
+    x = torch.randn(2, T, 6, dtype=F64, requires_grad=True)
+    s0 = torch.randn(2, 6, K - 1, dtype=F64, requires_grad=True)
+    y, s1 = conv(x, s0)
+    xt = torch.cat([s0, x.transpose(1, 2)], dim=-1)
+    ref = torch.nn.functional.conv1d(xt, conv.weight, groups=6).transpose(1, 2)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(s1, xt[..., xt.shape[-1] - (K - 1):])
+    g = torch.randn_like(y)
+    mine = torch.autograd.grad((y * g).sum(), (x, s0, conv.weight), allow_unused=True)
+    theirs = torch.autograd.grad((ref * g).sum(), (x, s0, conv.weight), allow_unused=True)
+    for a, b in zip(mine, theirs):
+        if b is None:  # K = 1: no state
+            assert a is None or not a.abs().sum()
+        else:
+            torch.testing.assert_close(a, b)
+    w = conv.weight.detach()[:, 0].clone().requires_grad_()
+    apply = lambda x, s, w: _CausalDepthwiseConv.apply(torch.cat([s.transpose(1, 2), x], dim=1), w)  # noqa: E731
+    assert torch.autograd.gradcheck(apply, (x, s0, w))
 
 
 @pytest.mark.parametrize(
