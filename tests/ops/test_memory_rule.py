@@ -461,6 +461,31 @@ def test_bad_input(fn, mutate, exc, match):
         fn(args["q"], args["k"], args["v"], args["theta"], args["eta"], args["alpha"], args["weights"], **kw)
 
 
+@pytest.mark.parametrize("fn", [neural_memory_chunked, neural_memory_reference], ids=["chunked", "reference"])
+def test_check_values_false_skips_only_the_value_checks(fn):
+    """check_values=False (what the layers pass): NaN inputs and out-of-range gates flow through to a non-finite
+    output instead of an error; shape errors are still raised."""
+    args = make_inputs(2, 5, 2, 4, 4, 2)
+    q, k, v, theta, eta, alpha, W = (args[n] for n in ("q", "k", "v", "theta", "eta", "alpha", "weights"))
+    q = q.clone()
+    q[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="q contains NaN"):
+        fn(q, k, v, theta, eta, alpha, W, chunk_size=4)
+    o, state = fn(q, k, v, theta, eta, alpha, W, chunk_size=4, check_values=False, output_final_state=True)
+    assert bool(torch.isnan(o[1, 2, 0]).all()) and bool(torch.isfinite(o[0]).all())  # batch 0 untouched
+    assert bool(torch.isfinite(state.weights[0]).all())  # a query reads, it writes nothing
+    k = k.clone()
+    k[1, 2, 0, 0] = float("nan")
+    _, state = fn(q, k, v, theta, eta, alpha, W, chunk_size=4, check_values=False, output_final_state=True)
+    assert not bool(torch.isfinite(state.weights[0][1]).all()) and bool(torch.isfinite(state.weights[0][0]).all())
+    v = args["v"]
+    with pytest.raises(ValueError, match="eta must lie"):
+        fn(args["q"], args["k"], v, theta, eta + 1.5, alpha, W, chunk_size=4)
+    fn(args["q"], args["k"], v, theta, eta + 1.5, alpha, W, chunk_size=4, check_values=False)
+    with pytest.raises(ValueError, match="k must have"):
+        fn(q, k[:, :-1], v, theta, eta, alpha, W, chunk_size=4, check_values=False)
+
+
 def test_bad_initial_state():
     inp = make_inputs(1, 6, 2, 4, 4, 2, seed=0)
     _, state = run(neural_memory_chunked, inp, chunk_size=4)  # stops 2 tokens into a chunk

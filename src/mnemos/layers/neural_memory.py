@@ -179,7 +179,9 @@ class NeuralMemory(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
         q, k, v, theta, eta, alpha, conv_state = self._project(x, None if state is None else state.conv)
-        kwargs = dict(chunk_size=self.chunk_size, residual=self.residual, activation=self.activation, impl=self.impl)
+        # the layer computes the op's inputs itself: no value checks (no GPU syncs; an overflow gives non-finite y)
+        kwargs = dict(chunk_size=self.chunk_size, residual=self.residual, activation=self.activation, impl=self.impl,
+                      check_values=False)
         if state is None:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, tuple(self.memory), output_final_state=True, **kwargs)
         else:

@@ -152,7 +152,8 @@ class LinearRecurrence(nn.Module):
         q, k, v, beta, a, conv = self.features(x, None if state is None else state.conv)
         target, theta, eta, alpha = self.rule_inputs(v, beta, a)
         loss = "dot" if self.kind == "linear_attention" else "l2"
-        kwargs = dict(chunk_size=self.chunk_size, residual=False, loss=loss, output_final_state=True, impl=self.impl)
+        kwargs = dict(chunk_size=self.chunk_size, residual=False, loss=loss, output_final_state=True, impl=self.impl,
+                      check_values=False)  # inputs computed here (as in NeuralMemory)
         if state is None:
             W0 = (q.new_zeros(self.heads, self.head_dim, self.head_dim),)  # [H, V, K]: the empty memory
             o, memory = neural_memory(q, k, target, theta, eta, alpha, W0, **kwargs)

@@ -372,11 +372,12 @@ def neural_memory_chunked(
     loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
+    check_values: bool = True,
 ) -> tuple[Tensor, MemoryState | None]:
     """Chunk-parallel form of the memory rule in PyTorch; same contract as :func:`mnemos.ops.neural_memory`."""
     return _chunked(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
                     activation=activation, loss=loss, initial_state=initial_state,
-                    output_final_state=output_final_state, backend="torch")
+                    output_final_state=output_final_state, check_values=check_values, backend="torch")
 
 
 def neural_memory_triton(
@@ -395,12 +396,13 @@ def neural_memory_triton(
     loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
+    check_values: bool = True,
 ) -> tuple[Tensor, MemoryState | None]:
     """The chunk-parallel form with the chunk loop in fused Triton kernels (triton_scan.py); same contract as
     :func:`mnemos.ops.neural_memory`. Raises ValueError naming the reason for configs the kernels do not cover."""
     return _chunked(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
                     activation=activation, loss=loss, initial_state=initial_state,
-                    output_final_state=output_final_state, backend="triton")
+                    output_final_state=output_final_state, check_values=check_values, backend="triton")
 
 
 def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initial_state: MemoryState | None,
@@ -416,10 +418,10 @@ def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initi
 
 
 def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, loss, initial_state,
-             output_final_state, backend: str):
+             output_final_state, check_values, backend: str):
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, initial_state=initial_state, loss=loss,
+        activation=activation, initial_state=initial_state, loss=loss, check_values=check_values,
     )
     if backend == "triton":
         reason = triton_unsupported_reason(q, spec.weights, None, chunk_size)

@@ -30,6 +30,7 @@ def neural_memory(
     loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
+    check_values: bool = True,
     impl: str = "auto",
 ) -> tuple[Tensor, MemoryState | None]:
     """Write every token into a neural memory by gradient descent and read it back (Titans, arXiv 2501.00663, §3.2).
@@ -63,6 +64,10 @@ def neural_memory(
         initial_state: a :class:`MemoryState` from an earlier call; the stream continues exactly, mid-chunk
             included (then ``chunk_size`` must match the state's).
         output_final_state: also return the state after the last token.
+        check_values: check that q, k, v and the weights are finite and the gates in range (reads every value;
+            on CUDA one host sync per check). Shapes, dtypes and devices are always checked. Layers that compute
+            these inputs themselves pass False: a memory that overflows then gives non-finite outputs (which
+            training skips like any overflow) instead of an error, and nothing waits on the GPU.
         impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise;
             ``MNEMOS_TRITON=0`` in the environment keeps auto on the torch path),
             ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
@@ -95,4 +100,5 @@ def neural_memory(
     return fn(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, loss=loss, initial_state=initial_state, output_final_state=output_final_state,
+        check_values=check_values,
     )

@@ -45,6 +45,7 @@ def neural_memory_reference(
     loss: str = "l2",
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
+    check_values: bool = True,
 ) -> tuple[Tensor, MemoryState | None]:
     """Titans' memory rule (arXiv 2501.00663, section 3.2), one token at a time. Same contract as
     :func:`mnemos.ops.neural_memory`.
@@ -59,7 +60,7 @@ def neural_memory_reference(
     """
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, initial_state=initial_state, loss=loss,
+        activation=activation, initial_state=initial_state, loss=loss, check_values=check_values,
     )
     B, T, dt = spec.B, spec.T, spec.dtype
     # the outer graph is needed when anything that reaches the output requires grad
