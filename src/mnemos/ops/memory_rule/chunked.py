@@ -417,6 +417,24 @@ def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initi
     return unsupported_reason(q.device, q.dtype, widths, chunk_size)
 
 
+def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, loss):
+    """The rule for a call of one token (decoding), with the per-token update written out: no chunk layout and no
+    coefficients. q, k, v ``[B, H, 1, D]``, gates ``[B, H]``, W0, S0: L x ``[B, H, D_out, D_in]``, A: the anchor.
+    Plain differentiable torch ops; returns o ``[B, H, 1, V]`` and the new W, S (new tensors)."""
+    a, _, _, _, d = _anchor_forward(k, v, A, residual=residual, activation=activation, loss=loss)
+    th, et, be = theta[..., None, None], eta[..., None, None], (1.0 - alpha)[..., None, None]
+    W, S = [], []
+    for w, s, ai, di in zip(W0, S0, a, d):
+        S.append(torch.addcmul(et * s, th, di.mT @ ai, value=-1.0))  # S = eta S - theta u, u = d a^T
+        W.append(torch.addcmul(S[-1], be, w))  # W = (1 - alpha) W + S
+    h = q
+    for i, w in enumerate(W):
+        h = h @ w.mT
+        if i < len(W) - 1:
+            h = activate(h, activation)
+    return (h + q if residual else h), W, S
+
+
 def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, loss, initial_state,
              output_final_state, check_values, backend: str):
     spec = check_inputs(
@@ -435,10 +453,17 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
             S0 = tuple(torch.zeros(B, *w.shape[-3:], dtype=dt, device=dev) for w in W0)
         else:
             S0 = tuple(s.to(dt) for s in spec.momentum)
-        WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
         # a stream that stopped inside a chunk finishes that chunk first, against the anchor it carried
         A = tuple(a.to(dt) for a in spec.anchor) if spec.offset > 0 else None
+        kw = dict(residual=residual, activation=activation, loss=loss)
+        if T == 1 and backend == "torch":  # decoding: one token's update written out, no chunk machinery
+            bh = lambda x: x.to(dt).transpose(1, 2)  # noqa: E731  [B, 1, H, D] -> [B, H, 1, D]; gates -> [B, H]
+            o, W, S = _one_token(bh(q), bh(k), bh(v), bh(theta)[..., 0], bh(eta)[..., 0], bh(alpha)[..., 0], W0, S0,
+                                 W0 if A is None else A, **kw)
+            o = o.transpose(1, 2).to(q.dtype)
+            return o, _final_state(spec, W, S, W0, A, None, nc=1, T=1, chunk_size=C) if output_final_state else None
 
+        WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
         # chunk layout: [the rest of a chunk in progress] + full chunks + [a last partial chunk], each padded at its
         # end to the widest (padding sits after every real token of its chunk, so causality keeps it out)
         n0 = min(C - spec.offset, T) if spec.offset > 0 else 0
@@ -466,7 +491,6 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
         bl, el, fl, gl, pl = rows(b), rows(e), rows(f), rows(G), rows(P)
 
         inputs = (qc, kc, vc, b, f, G, bl, el, fl, gl, pl, *WS0, *(A or ()))
-        kw = dict(residual=residual, activation=activation, loss=loss)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         if backend == "triton":
             from .triton_scan import TritonChunkScan, scan_forward_only
@@ -490,12 +514,19 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
         return o, None
     W = tuple(_split(ws)[0].clone() for ws in WS)  # own storage: a state is measured and saved by its storage
     S = tuple(_split(ws)[1].clone() for ws in WS)
-    offset = (spec.offset + T) % C
+    return o, _final_state(spec, W, S, W0, A, last_anchor, nc=nc, T=T, chunk_size=C)
+
+
+def _final_state(spec, W, S, W0, A, last_anchor, *, nc: int, T: int, chunk_size: int) -> MemoryState:
+    """The state after a call of T tokens in nc chunks: W, S (tensors of their own), and the anchor of the chunk in
+    progress (W itself on a boundary; the one the call started with if it crossed none; else the last chunk's
+    starting memory, ``last_anchor``)."""
+    offset = (spec.offset + T) % chunk_size
     if offset == 0:
         anchor = tuple(w.view_as(w) for w in W)  # its own tensor objects (views), whatever the offset
     elif nc == 1:  # the call never crossed a chunk boundary: the anchor it started with still holds
         anchor = A if A is not None else W0
     else:
         anchor = tuple(last_anchor)
-    anchor = tuple(x.expand(B, *x.shape[-3:]).contiguous() if x.ndim == 3 else x for x in anchor)
-    return o, MemoryState(W, S, anchor, offset, chunk_size)
+    anchor = tuple(x.expand(spec.B, *x.shape[-3:]).contiguous() if x.ndim == 3 else x for x in anchor)
+    return MemoryState(tuple(W), tuple(S), anchor, offset, chunk_size)
