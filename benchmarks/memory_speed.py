@@ -40,6 +40,7 @@ Op level (--level op): the sequence-mixing operators alone, inputs built directl
     op-torch-d2     the same with impl="torch"
     op-triton-d1    depth 1, (W[H,D,D],), residual=False, with the momentum and decay gates; impl="triton"
     op-torch-d1     the same with impl="torch"
+    op-delta        mnemos.ops.delta_rule(q, k, v, beta): the same delta rule in mnemos's exact chunked torch form
     fla-delta       fla.ops.delta_rule.chunk_delta_rule(q, k, v, beta): the delta rule, depth 1 (flash-linear-attention)
     sdpa            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [B, H, T, D]
 
@@ -298,6 +299,15 @@ class FlaDeltaOp(nn.Module):
         return o
 
 
+class DeltaOp(nn.Module):
+    """mnemos's chunked delta rule (ops/delta_rule.py) on fla-delta's inputs; returns o [B, T, H, V]."""
+
+    def forward(self, q, k, v, beta):
+        from mnemos.ops import delta_rule
+
+        return delta_rule(q, k, v, beta, chunk_size=flops.FLA_DELTA_CHUNK)[0]
+
+
 def fla_unavailable(device: torch.device, args: argparse.Namespace) -> str | None:
     if importlib.util.find_spec("fla") is None:
         return "flash-linear-attention is not installed (pip install flash-linear-attention)"
@@ -379,6 +389,9 @@ IMPLS = {
         "call": "fla.ops.delta_rule.chunk_delta_rule", "chunk_size": flops.FLA_DELTA_CHUNK, "scale": "1/sqrt(D)",
         "flash_linear_attention": version("flash-linear-attention")}), call_op, level="op", inputs=fla_inputs,
         out_shape=bthd, unavailable=fla_unavailable, counts=fla_counts, optional=True),
+    "op-delta": Impl("op-delta", "delta rule, depth 1 (mnemos.ops.delta_rule, torch)", lambda s, args: (DeltaOp(), {
+        "call": "mnemos.ops.delta_rule", "chunk_size": flops.FLA_DELTA_CHUNK}), call_op, level="op",
+        inputs=fla_inputs, out_shape=bthd, counts=fla_counts),
     "sdpa": Impl("sdpa", "causal softmax attention (torch SDPA)", lambda s, args: (SdpaOp(), {
         "call": "torch.nn.functional.scaled_dot_product_attention", "is_causal": True, "layout": "[B, H, T, D]"}),
         call_op, level="op", inputs=sdpa_inputs, out_shape=lambda s: (s.batch, s.heads, s.seq_len, s.head_dim),
@@ -387,7 +400,7 @@ IMPLS = {
 ALIASES = {"titans": ["titans-default", "titans-paper"]}
 LEVEL_ROWS = {  # the rows each --level runs when --only is not given
     "layer": ["mnemos", "titans-default", "titans-paper"],
-    "op": ["op-triton-d2", "op-torch-d2", "op-triton-d1", "op-torch-d1", "fla-delta", "sdpa"],
+    "op": ["op-triton-d2", "op-torch-d2", "op-triton-d1", "op-torch-d1", "op-delta", "fla-delta", "sdpa"],
 }
 REFERENCES = {"layer": ("mnemos",), "op": ("op-triton-d2", "op-torch-d2")}  # ratios: the first one measured
 

@@ -1,6 +1,7 @@
 """Mixers checked against independent formulas written here, not against the code paths they run on.
 
-- DeltaNet and Gated DeltaNet (the memory rule with chunk 1 and rescaled gates) == their token-by-token recurrences;
+- DeltaNet and Gated DeltaNet (``ops.delta_rule``) == their token-by-token recurrences, and the memory rule with
+  chunk 1 and the mapped gates == the same;
 - linear attention (the dot-loss rule) == the explicit causal-masked formula ``tril(Q K^T) V``;
 - MAC == a naive segment-by-segment construction (memory recomputed from scratch, dense per-query attention over
   the visible keys), and its attention mask checked by hand.
@@ -16,7 +17,7 @@ import torch
 from mnemos.layers import NeuralMemoryState
 from mnemos.models import LinearRecurrence, MemoryAsContext, mac_attention_mask
 from mnemos.models.baselines import GDN_MIN_DECAY
-from mnemos.ops import MemoryState
+from mnemos.ops import MemoryState, delta_rule, neural_memory
 
 F64 = torch.float64
 
@@ -73,6 +74,22 @@ def test_delta_rules_equal_their_recurrences(kind, impl):
     got, state = layer(x)
     assert_max_err(f"{kind} output", layer.output(x, o), got, 1e-10)
     assert_max_err(f"{kind} final state", S_T, state.memory.weights[0], 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["deltanet", "gated_deltanet"])
+def test_the_memory_rule_with_mapped_gates_is_the_delta_rule(kind):
+    """The family claim: the Titans rule with depth 1, chunk 1, no momentum and the mapped gates (``rule_inputs``)
+    computes the delta rule that the layer runs (``ops.delta_rule``), outputs and state."""
+    layer = make_recurrence(kind)
+    x = x_of(2, 13)
+    q, k, v, beta, a, _ = layer.features(x)
+    target, theta, eta, alpha = layer.rule_inputs(v, beta, a)
+    W0 = (torch.zeros(4, 8, 8, dtype=F64),)
+    o_rule, st = neural_memory(q, k, target, theta, eta, alpha, W0, chunk_size=1, residual=False, loss="l2",
+                               output_final_state=True)
+    o, S = delta_rule(q, k, v, beta, a, chunk_size=4, output_final_state=True)
+    assert_max_err(f"{kind} output", o_rule, o, 1e-10)
+    assert_max_err(f"{kind} state", st.weights[0], S, 1e-10)
 
 
 def test_deltanet_is_not_gated_deltanet_with_decay_after_the_step():

@@ -22,8 +22,12 @@ Gated DeltaNet      ``W_t = a_t W_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^
 
 Gated DeltaNet is not the rule with the decay applied after the gradient step (that would be ``a W - beta (W k - v)
 k^T``): its decay also scales the gradient's W term but not its v term, which the rescaled target ``v / a`` restores.
-To keep ``v / a`` finite and its gradient (which cancels between theta and the target) accurate in float32, the
-decay is floored at ``a >= 1e-3`` (a token's contribution after one step of a = 1e-3 is already negligible).
+The decay is floored at ``a >= 1e-3`` (one such step already erases the memory; the floor keeps ``v / a`` finite
+where the mapping above is used).
+
+The table is what the rule computes (tested: tests/models/test_mixers.py). To run them, linear attention takes the
+rule itself (chunk 64); DeltaNet and Gated DeltaNet take :func:`mnemos.ops.delta_rule`, the same recurrences in the
+exact chunked (WY) form, 64 tokens per step of the loop instead of one (``impl="reference"``: its token loop).
 
 The three share one front end and one output stage: q/k/v projections (DeltaNet and Gated DeltaNet add a causal
 depthwise conv and SiLU, then l2-normalise q and k, as in their papers; linear attention uses the feature map
@@ -31,8 +35,6 @@ depthwise conv and SiLU, then l2-normalise q and k, as in their papers; linear a
 is scale-invariant, so it subsumes linear attention's normaliser ``sum_j phi(q_t) . phi(k_j)`` (a positive scalar
 per token and head) up to its epsilon; it is not computed separately.
 
-Speed: DeltaNet and Gated DeltaNet run the rule with chunk size 1, a loop over tokens; the WY/UT-transform chunked
-algorithm of fla (Yang et al. 2024) is not implemented here.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import GatedRMSNorm, ShortConvolution
-from ..ops import MemoryState, neural_memory
+from ..ops import MemoryState, delta_rule, delta_rule_reference, neural_memory
 from .cache import RecurrentState
 
 __all__ = ["LinearRecurrence", "GDN_MIN_DECAY"]
@@ -61,9 +63,11 @@ class LinearRecurrence(nn.Module):
     Args:
         dim: model width. heads: H; head dim D = dim / H.
         kind: ``"linear_attention"``, ``"deltanet"`` or ``"gated_deltanet"``.
-        chunk_size: chunk size of the rule for linear attention (exact for any value); the delta rules use 1.
+        chunk_size: tokens per step of the computation (exact for any value: linear attention's dot-loss rule and the
+            delta rules' chunked form do not depend on it).
         conv_size: width of the causal conv of the delta rules.
-        impl: implementation of the memory rule (see :func:`mnemos.ops.neural_memory`).
+        impl: implementation of the rule (see :func:`mnemos.ops.neural_memory`); for the delta rules ``"reference"``
+            selects :func:`mnemos.ops.delta_rule_reference` and anything else the chunked :func:`mnemos.ops.delta_rule`.
     """
 
     def __init__(
@@ -75,7 +79,10 @@ class LinearRecurrence(nn.Module):
         if dim % heads:
             raise ValueError(f"heads ({heads}) must divide dim ({dim})")
         self.dim, self.heads, self.head_dim, self.kind, self.impl = dim, heads, dim // heads, kind, impl
-        self.chunk_size = chunk_size if kind == "linear_attention" else 1
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.state_chunk = chunk_size if kind == "linear_attention" else 1  # the rule's anchor spacing (the state's)
         H, D = heads, self.head_dim
         inner = H * D
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
@@ -142,7 +149,7 @@ class LinearRecurrence(nn.Module):
         mdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # the rule's state dtype
         H, D = self.heads, self.head_dim
         W = torch.zeros(batch, H, D, D, device=device, dtype=mdtype)
-        memory = MemoryState((W,), (W.clone(),), (W.clone(),), 0, self.chunk_size)
+        memory = MemoryState((W,), (W.clone(),), (W.clone(),), 0, self.state_chunk)
         conv = None if self.conv is None else self.conv.init_state(batch, device, dtype)
         return RecurrentState(memory, conv)
 
@@ -150,6 +157,14 @@ class LinearRecurrence(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
         q, k, v, beta, a, conv = self.features(x, None if state is None else state.conv)
+        if self.kind != "linear_attention":  # the delta rules, exactly, in their chunked form
+            fn = delta_rule_reference if self.impl == "reference" else delta_rule
+            S0 = None if state is None else state.memory.weights[0]
+            o, S = fn(q, k, v, beta, a, initial_state=S0, chunk_size=self.chunk_size, output_final_state=True,
+                      check_values=False)
+            momentum = (torch.zeros_like(S),) if state is None else state.memory.momentum  # none in a delta rule
+            memory = MemoryState((S,), momentum, (S.view_as(S),), 0, 1)
+            return self.output(x, o), RecurrentState(memory, conv)
         target, theta, eta, alpha = self.rule_inputs(v, beta, a)
         loss = "dot" if self.kind == "linear_attention" else "l2"
         kwargs = dict(chunk_size=self.chunk_size, residual=False, loss=loss, output_final_state=True, impl=self.impl,

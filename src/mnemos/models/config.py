@@ -13,8 +13,8 @@ mac                 memory.*, segment_len, num_persistent, rope_base
 mag, mal            memory.*, window, num_persistent, rope_base
 transformer         rope_base
 swa                 window, rope_base
-linear_attention    memory.chunk_size (any chunk size is exact for the dot-product rule)
-deltanet, gated_deltanet  memory.conv_size (their updates are per token: the rule runs with chunk size 1)
+linear_attention    memory.impl (computed in chunks of 64, exact for any chunk size)
+deltanet, gated_deltanet  memory.conv_size, memory.impl (per-token updates, computed exactly in chunks of 64)
 ==================  ============================================================================================
 """
 

@@ -54,8 +54,8 @@ def build_mixer(config: MnemosConfig) -> nn.Module:
     if v == "swa":
         return Attention(d, H, window=config.window, rope_base=rope)
     if v in ("linear_attention", "deltanet", "gated_deltanet"):
-        m = config.memory
-        return LinearRecurrence(d, H, v, chunk_size=m.chunk_size, conv_size=m.conv_size, impl=m.impl)
+        m = config.memory  # its conv and impl; the chunk is the baseline's own (64: exact for any value)
+        return LinearRecurrence(d, H, v, conv_size=m.conv_size, impl=m.impl)
     raise ValueError(f"unknown variant {v!r}")  # unreachable: MnemosConfig validates the variant
 
 
