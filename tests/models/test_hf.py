@@ -136,3 +136,35 @@ def test_padding_is_rejected():
     mask[0, 0] = 0
     with pytest.raises(ValueError, match="padding"):
         model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "transformer", "gated_deltanet"])
+def test_beam_search_with_the_cache_equals_beam_search_without(variant):
+    """Beam search reorders the cache every step; recomputing every beam from scratch (use_cache=False) must pick
+    the same beams. A reorder that left any stream's state (memory, conv, attention, MAC segment) behind diverges."""
+    model = build(variant, seed=4, tie_embeddings=False)
+    prompt = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    kw = dict(do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=9, return_dict_in_generate=True,
+              output_scores=True)
+    cached = model.generate(prompt, use_cache=True, **kw)
+    fresh = model.generate(prompt, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, fresh.sequences)
+    torch.testing.assert_close(cached.sequences_scores, fresh.sequences_scores)
+    assert not torch.equal(cached.sequences[0], cached.sequences[1])  # two different beams came back
+
+
+def test_cache_reorder_moves_every_stream():
+    """Cache.reorder: stream i of the result continues stream index[i]: feeding it the swapped next tokens equals
+    running the swapped prompts from the start."""
+    torch.manual_seed(0)
+    model = build("mac", seed=5).model
+    a, b = torch.randint(0, V, (2, 7)), torch.randint(0, V, (2, 3))
+    with torch.no_grad():
+        _, cache = model(a, model.init_cache(2))
+        got, _ = model(b.flip(0), cache.reorder(torch.tensor([1, 0])))
+        want, _ = model(torch.cat([a, b], 1).flip(0))
+    torch.testing.assert_close(got, want[:, 7:])
+    with pytest.raises(ValueError, match="index must be a 1-D integer tensor of 2"):
+        cache.reorder(torch.tensor([0]))
+    with pytest.raises(ValueError, match="index values must lie in"):
+        cache.reorder(torch.tensor([0, 2]))

@@ -16,7 +16,9 @@ linear baselines    :class:`RecurrentState` (matrix memory + conv)              
 
 :meth:`Cache.state_dict` flattens everything to plain tensors under dotted keys (``torch.save`` it and
 ``torch.load(..., weights_only=True)`` it back); :meth:`Cache.load_state_dict` restores it into a cache made by
-``model.init_cache`` for the same config and batch size.
+``model.init_cache`` for the same config and batch size. :meth:`Cache.reorder` picks streams (beam search); it relies
+on every tensor of a layer state being batch-first, which a new state type (or a custom ``KVCache``'s
+``state_dict``) must keep.
 """
 
 from __future__ import annotations
@@ -233,6 +235,27 @@ class Cache:
     def detach(self) -> "Cache":
         """A copy cut from the autograd graph (truncated backpropagation through time)."""
         return Cache(_map_tensors(self.layers, Tensor.detach, _detach_kv), self.position, self.batch_size)
+
+    def reorder(self, index: Tensor) -> "Cache":
+        """A copy whose stream i continues this cache's stream ``index[i]`` (beam search's step: streams may repeat
+        or drop out; the batch size stays). Every tensor of a layer state is batch-first, the KV caches' included."""
+        index = torch.as_tensor(index)
+        if index.ndim != 1 or index.numel() != self.batch_size or index.is_floating_point():
+            raise ValueError(f"index must be a 1-D integer tensor of {self.batch_size} stream indices, got "
+                             f"{index.dtype} of shape {tuple(index.shape)}")
+        if bool((index < 0).any()) or bool((index >= self.batch_size).any()):
+            raise ValueError(f"index values must lie in [0, {self.batch_size}), got {index.tolist()}")
+        index = index.long()
+
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(0, index.to(t.device))
+
+        def pick_kv(kv: KVCache) -> KVCache:
+            new = copy.copy(kv)  # shallow: load_state_dict rebinds the copy's tensors
+            new.load_state_dict({k: pick(v) if v.ndim else v for k, v in kv.state_dict().items()})
+            return new
+
+        return Cache(_map_tensors(self.layers, pick, pick_kv), self.position, self.batch_size)
 
     def to(self, device=None, dtype=None) -> "Cache":
         """A copy on ``device`` with floating-point tensors cast to ``dtype`` (each None: unchanged)."""

@@ -12,8 +12,9 @@ Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalL
 - ``generate``: the mnemos :class:`Cache` is the model's past state. ``forward`` returns it as ``cache`` (the name
   transformers 5 uses for ``past_key_values``), generation feeds it back with only the new token, so a step costs
   what a ``MnemosLM`` cached step costs and decoding memory stays flat for lmm/mag/mal/swa and the linear baselines.
-  The model opts out of transformers' default ``DynamicCache`` (``_supports_default_dynamic_cache``), and is marked
-  stateful: the cache cannot be cropped or reordered, so assisted decoding and beam search are not supported.
+  The model opts out of transformers' default ``DynamicCache`` (``_supports_default_dynamic_cache``). Beam search
+  reorders the cache's streams (``_reorder_cache`` -> :meth:`Cache.reorder`). The model is marked stateful: a
+  recurrent state cannot be rolled back to an earlier token, so assisted decoding is not supported.
 
 Example:
     >>> import mnemos.models.hf  # registers "mnemos"
@@ -149,6 +150,10 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generation must not hand us a DynamicCache: the first forward starts a mnemos Cache
+
+    def _reorder_cache(self, cache: Cache, beam_idx: Tensor) -> Cache:
+        """Beam search: every stream continues the beam it was chosen from (:meth:`Cache.reorder`)."""
+        return cache.reorder(beam_idx)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed
