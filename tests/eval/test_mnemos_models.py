@@ -51,6 +51,18 @@ def test_checkpoint_directory_loads_by_path(tmp_path):
     assert b.cells[0].model["config"]["variant"] == "lmm"
 
 
+def test_a_checkpoint_saved_before_ema_momentum_keeps_its_gates(tmp_path):
+    model = _tiny("mag", memory={"ema_momentum": False})
+    saved = model.config.to_dict()
+    del saved["memory"]["ema_momentum"]  # what a checkpoint written before the option holds
+    path = save_checkpoint(tmp_path / "old", model, step=1, config={"model": saved})
+    loaded = load_model(str(path), vocab_size=BYTES, device="cpu")
+    assert loaded.model.config.memory.ema_momentum is False
+    ids = torch.randint(0, BYTES, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids)[0], model(ids)[0])
+
+
 def test_variant_specs_build_untrained_models():
     with pytest.warns(UserWarning, match="randomly initialised"):
         m = load_model("swa:d_model=32,n_heads=4,n_layers=1,window=8", vocab_size=BYTES, device="cpu")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mnemos.models import VARIANTS, MemoryConfig, MnemosConfig, MnemosLM
+from mnemos.models import VARIANTS, MemoryConfig, MnemosConfig, MnemosLM, saved_model_config
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
 
@@ -78,3 +78,15 @@ def test_model_needs_a_config_and_unties_on_request():
         MnemosLM({"variant": "lmm"})
     model = MnemosLM(MnemosConfig(**SMALL, variant="swa", tie_embeddings=False))
     assert model.lm_head.weight is not model.embed.weight
+
+
+def test_saved_configs_keep_the_behaviour_they_were_saved_with():
+    """A config saved before memory.ema_momentum existed builds the free-theta memory it was trained with; a config
+    saved now comes back unchanged; a missing memory section is an old one too."""
+    old = MnemosConfig(**SMALL, variant="lmm").to_dict()
+    del old["memory"]["ema_momentum"]
+    assert MnemosConfig.from_dict(saved_model_config(old)).memory.ema_momentum is False
+    assert MnemosConfig.from_dict(old).memory.ema_momentum is True  # what it would silently have become
+    new = MnemosConfig(**SMALL, variant="lmm").to_dict()
+    assert saved_model_config(new) == new
+    assert saved_model_config({"variant": "lmm"})["memory"] == {"ema_momentum": False}

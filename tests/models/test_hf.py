@@ -168,3 +168,20 @@ def test_cache_reorder_moves_every_stream():
         cache.reorder(torch.tensor([0]))
     with pytest.raises(ValueError, match="index values must lie in"):
         cache.reorder(torch.tensor([0, 2]))
+
+
+def test_a_model_saved_before_ema_momentum_loads_with_the_old_gates(tmp_path):
+    """config.json written before ``memory.ema_momentum`` existed: the model comes back with the free theta it was
+    trained with (not today's default), and generates exactly what it did."""
+    model = build("mag", seed=6, memory={"chunk_size": 4, "impl": "torch", "ema_momentum": False})
+    model.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    del saved["memory"]["ema_momentum"]
+    cfg_path.write_text(json.dumps(saved))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.memory["ema_momentum"] is False
+    prompt = torch.randint(0, V, (1, 6))
+    assert torch.equal(back.generate(prompt, do_sample=False, max_new_tokens=6),
+                       model.generate(prompt, do_sample=False, max_new_tokens=6))
+    assert MnemosHFConfig(**TINY).memory["ema_momentum"] is True  # a config made now gets the default

@@ -65,8 +65,10 @@ def test_resume_is_bit_exact(tmp_path):
     assert first.step == 5 and first.train_losses == full.train_losses[:5]
     rest = train(_cfg(tmp_path / "cut", *args), resume=True)
     assert rest.step == 8 and rest.train_losses == full.train_losses[5:]
-    with pytest.raises(ValueError, match="different model config"):
+    with pytest.raises(ValueError, match=r"different model config \(model.d_model\)"):
         train(_cfg(tmp_path / "cut", *args, "model.d_model=16"), resume=True)
+    with pytest.raises(ValueError, match=r"\(model.memory.ema_momentum\)"):
+        train(_cfg(tmp_path / "cut", *args, "model.memory.ema_momentum=false"), resume=True)
 
 
 def _free_port() -> int:

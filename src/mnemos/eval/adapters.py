@@ -457,7 +457,7 @@ def load_mnemos_checkpoint(
     run_config = read_trainer_state(path).get("config")
     if run_config is None and (path / "config.json").is_file():
         run_config = json.loads((path / "config.json").read_text())
-    config = models.MnemosConfig.from_dict(_model_config(run_config, path))
+    config = models.MnemosConfig.from_dict(models.saved_model_config(_model_config(run_config, path)))
     model = models.MnemosLM(config)
     load_model_weights(path, model)
     model = model.to(device=device, dtype=dtype)

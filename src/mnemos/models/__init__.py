@@ -4,12 +4,12 @@ DeltaNet), all one block skeleton, one config and one cache type. See docs/MODEL
 from .baselines import LinearRecurrence
 from .block import Block, SwiGLU
 from .cache import Cache, MACState, MAGState, MALState, RecurrentState
-from .config import BASELINE_VARIANTS, TITANS_VARIANTS, VARIANTS, MemoryConfig, MnemosConfig
+from .config import BASELINE_VARIANTS, TITANS_VARIANTS, VARIANTS, MemoryConfig, MnemosConfig, saved_model_config
 from .lm import MnemosLM, build_mixer
 from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer, mac_attention_mask
 
 __all__ = [
-    "MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS",
+    "MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "saved_model_config",
     "MnemosLM", "build_mixer", "Block", "SwiGLU",
     "Cache", "MACState", "MAGState", "MALState", "RecurrentState",
     "LongTermMemory", "MemoryAsContext", "MemoryAsGate", "MemoryAsLayer", "LinearRecurrence", "mac_attention_mask",

@@ -27,7 +27,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "Variant"]
+__all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "Variant",
+           "saved_model_config"]
 
 Variant = Literal[
     "lmm", "mac", "mag", "mal", "transformer", "swa", "linear_attention", "deltanet", "gated_deltanet"
@@ -205,3 +206,20 @@ class MnemosConfig(_ConfigBase):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MnemosConfig":
         return super().from_dict(d)
+
+
+# memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
+MEMORY_KEYS_ADDED = {"ema_momentum": False}  # the free theta = max_lr * sigmoid(.) came first
+
+
+def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A model-config dict read back from a saved model (checkpoint, Hugging Face directory), completed so that it
+    builds the model that was saved: a ``memory.*`` key added since the config was written takes the value that
+    reproduces the old behaviour (``MEMORY_KEYS_ADDED``), not today's default. Configs written now carry every key
+    and come back unchanged; configs a user writes are not passed through this."""
+    if not isinstance(d, dict):
+        return d  # from_dict reports the type error
+    memory = {} if d.get("memory") is None else d["memory"]
+    if not isinstance(memory, dict):
+        return d  # from_dict reports it
+    return {**d, "memory": {**MEMORY_KEYS_ADDED, **memory}}

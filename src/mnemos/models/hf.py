@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import Cache
-from .config import MemoryConfig, MnemosConfig
+from .config import MemoryConfig, MnemosConfig, saved_model_config
 from .lm import MnemosLM
 
 __all__ = ["MnemosHFConfig", "MnemosForCausalLM"]
@@ -106,6 +106,12 @@ class MnemosHFConfig(PreTrainedConfig):
         # validation: MnemosConfig checks every value (and memory's keys); store memory with defaults resolved
         self.memory = self.to_mnemos().memory.to_dict()
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """From a saved ``config.json`` (what ``from_pretrained`` reads): memory keys added since it was written take
+        the values that reproduce the saved model (:func:`mnemos.models.saved_model_config`)."""
+        return super().from_dict(saved_model_config(config_dict), **kwargs)
 
     def to_mnemos(self) -> MnemosConfig:
         """The equivalent :class:`MnemosConfig` (raises its errors for invalid values)."""

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .. import __version__
 from ..data import IGNORE_INDEX, LMDataConfig, MQARConfig
-from ..models import MnemosLM
+from ..models import MnemosLM, saved_model_config
 from .checkpoint import load_model_weights, read_trainer_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
@@ -178,6 +178,18 @@ class TrainResult:
     skipped_steps: int = 0  # steps whose loss or gradients were not finite: no update was applied
 
 
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    """Keys (``memory.x`` for nested ones) whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{k}.{n}" for n in sorted(set(x) | set(y)) if x.get(n) != y.get(n)]
+        elif x != y:
+            out.append(k)
+    return out
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.task``; returns the per-step losses and the final evaluation.
 
@@ -215,8 +227,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     # the architecture comes from the checkpoint when resuming
     if resume:
         saved = read_trainer_state(ckpt)["config"]
-        if saved is not None and saved.get("model") != cfg.model.to_dict():
-            raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config")
+        saved_model = None if saved is None else saved_model_config(saved.get("model") or {})
+        if saved_model is not None and saved_model != cfg.model.to_dict():
+            raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config (model."
+                             f"{', model.'.join(_differing_keys(saved_model, cfg.model.to_dict()))}); pass the "
+                             "checkpoint's values as overrides")
     data = TaskData(cfg)
     model = MnemosLM(cfg.model).to(info.device)
     if resume:
