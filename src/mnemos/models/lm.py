@@ -178,6 +178,10 @@ class MnemosLM(nn.Module):
         logits, cache = self(input_ids, cache)
         for i in range(max_new_tokens):
             last = logits[:, -1].float()  # [B, V]
+            if not bool(torch.isfinite(last).all()):  # argmax of NaN would pick a token silently
+                raise FloatingPointError(
+                    f"non-finite logits after {cache.position} tokens: the model's state overflowed (a test-time "
+                    "memory diverging: lower memory.max_lr, keep memory.ema_momentum on)")
             if greedy:
                 nxt = last.argmax(-1)
             else:
