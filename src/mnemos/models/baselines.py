@@ -34,7 +34,6 @@ depthwise conv and SiLU, then l2-normalise q and k, as in their papers; linear a
 ``phi(x) = 1 + elu(x)`` on q and k and no conv), and ``out_proj(RMSNorm_head(o) * silu(W_g x))``. The per-head RMSNorm
 is scale-invariant, so it subsumes linear attention's normaliser ``sum_j phi(q_t) . phi(k_j)`` (a positive scalar
 per token and head) up to its epsilon; it is not computed separately.
-
 """
 
 from __future__ import annotations
