@@ -288,3 +288,19 @@ def test_text_progress_bar_without_tqdm(monkeypatch):
     bar.close()
     assert "model [########################] 100%" in out.getvalue()
     assert type(progress_bar(10, "x", None, file=io.StringIO())).__name__ == "ProgressBar"  # not a tty: silent
+
+
+@pytest.mark.parametrize("cfg", [MQARConfig(vocab_size=64, seq_len=64, num_kv_pairs=4, num_examples=4),
+                                 NIAHConfig(kind="passkey", lengths=(300,), depths=(0.5,), samples_per_cell=1)],
+                         ids=["scored", "greedy"])
+def test_non_finite_logits_are_an_error_not_a_score(cfg):
+    """A model whose state overflows returns NaN logits; argmax would still answer (silently wrong), so the cell
+    reports an error naming it instead."""
+    class Overflowing(TinyRecurrentLM):
+        def forward(self, input_ids, cache=None):
+            logits, cache = super().forward(input_ids, cache)
+            return logits.masked_fill(torch.ones_like(logits, dtype=torch.bool), float("nan")), cache
+
+    with pytest.warns(UserWarning, match="non-finite logits"):  # the harness warns about every failed cell
+        (cell,) = evaluate(MnemosLMAdapter(Overflowing(BYTES)), cfg, options=QUIET).cells
+    assert cell.status == "error" and "non-finite logits for positions 0.." in cell.message

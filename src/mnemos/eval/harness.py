@@ -324,11 +324,20 @@ def _stream(
         if logits.dim() != 3 or logits.shape[:2] != x.shape:
             raise ValueError(f"{model.name}.forward returned logits of shape {tuple(logits.shape)} for ids of shape "
                              f"{tuple(x.shape)}; expected [B, T, V] = [{x.shape[0]}, {x.shape[1]}, V]")
+        _check_finite(model, logits, s)
         if on_logits is not None:
             on_logits(s, logits)
         last = logits[:, -1]
         run.bar.update(x.numel())
     return last, state
+
+
+def _check_finite(model: Any, logits: Tensor, start: int) -> None:
+    """NaN logits would still give an argmax (a silent wrong answer): the cell reports an error instead."""
+    if not bool(torch.isfinite(logits).all()):
+        end = start + logits.shape[1] - 1
+        raise FloatingPointError(f"{model.name} returned non-finite logits for positions {start}..{end} (its state "
+                                 "overflowed)")
 
 
 def _per_sequence_state(state: Any, batch: int) -> dict[str, int]:
@@ -480,6 +489,7 @@ def _greedy(run: _Run, ids: Tensor, n_new: int) -> tuple[Tensor, dict[str, int]]
         out.append(nxt.cpu())
         if i + 1 < n_new:
             logits, state = m.forward(nxt[:, None].to(m.device), state)  # [B, 1, V]
+            _check_finite(m, logits, ids.shape[1] + i)
             last = logits[:, -1]
     return torch.stack(out, dim=1), size  # [B, n_new]
 
