@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .memory_rule.chunked import segment_products
-from .memory_rule.common import _no_autocast, compute_dtype
+from .memory_rule.common import _check_finite, _check_float, _no_autocast, compute_dtype
 
 __all__ = ["delta_rule", "delta_rule_reference"]
 
@@ -43,8 +43,7 @@ def _check(q, k, v, beta, decay, initial_state, chunk_size, check_values) -> tup
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.ndim != 4:
             raise ValueError(f"{name} must be a [B, T, H, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        _check_float(name, x)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if k.shape != q.shape:
@@ -53,16 +52,14 @@ def _check(q, k, v, beta, decay, initial_state, chunk_size, check_values) -> tup
         raise ValueError(f"v must be [B, T, H, V] with B, T, H = {(B, T, H)}, got {tuple(v.shape)}")
     if T < 1:
         raise ValueError(f"q must hold at least one token, got T={T}")
-    for name, g in (("beta", beta), ("decay", decay)):
-        if g is None and name == "decay":
+    for name, g, hi in (("beta", beta, 2.0), ("decay", decay, 1.0)):
+        if g is None and name == "decay":  # DeltaNet
             continue
         if not isinstance(g, Tensor) or tuple(g.shape) != (B, T, H):
             raise ValueError(f"{name} must be a [B, T, H] = {(B, T, H)} tensor, got {getattr(g, 'shape', g)}")
-        if not g.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {g.dtype}")
-        if check_values and not bool(((g >= 0) & (g <= (2.0 if name == "beta" else 1.0))).all()):
-            rng = "[0, 2]" if name == "beta" else "[0, 1]"
-            raise ValueError(f"{name} must lie in {rng}, got values in [{g.min().item()}, {g.max().item()}]")
+        _check_float(name, g)
+        if check_values and not bool(((g >= 0) & (g <= hi)).all()):
+            raise ValueError(f"{name} must lie in [0, {hi:g}], got values in [{g.min().item()}, {g.max().item()}]")
     if initial_state is not None:
         if not isinstance(initial_state, Tensor) or tuple(initial_state.shape) != (B, H, V, K):
             raise ValueError(f"initial_state must be a [B, H, V, K] = {(B, H, V, K)} tensor, got "
@@ -70,10 +67,9 @@ def _check(q, k, v, beta, decay, initial_state, chunk_size, check_values) -> tup
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if check_values:
-        for name, x in (("q", q), ("k", k), ("v", v)) + ((("initial_state", initial_state),) if initial_state
-                                                          is not None else ()):
-            if not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains NaN or infinite values")
+        for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)):
+            if x is not None:
+                _check_finite(name, x)
     return B, T, H, K, V
 
 

@@ -227,11 +227,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     # the architecture comes from the checkpoint when resuming
     if resume:
         saved = read_trainer_state(ckpt)["config"]
-        saved_model = None if saved is None else saved_model_config(saved.get("model") or {})
-        if saved_model is not None and saved_model != cfg.model.to_dict():
-            raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config (model."
-                             f"{', model.'.join(_differing_keys(saved_model, cfg.model.to_dict()))}); pass the "
-                             "checkpoint's values as overrides")
+        diff = [] if saved is None else _differing_keys(saved_model_config(saved.get("model") or {}),
+                                                        cfg.model.to_dict())
+        if diff:
+            raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config "
+                             f"(model.{', model.'.join(diff)}); pass the checkpoint's values as overrides")
     data = TaskData(cfg)
     model = MnemosLM(cfg.model).to(info.device)
     if resume:

@@ -279,8 +279,10 @@ def check_inputs(
             raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got shape {tuple(g.shape)}")
         if g.device != q.device:
             raise ValueError(f"{name} is on {g.device} but q is on {q.device}")
-        ok = None if not check_values else (g >= 0) if hi is None else ((g >= 0) & (g <= hi))  # NaN fails both
-        if ok is not None and not bool(ok.all()):
+        if not check_values:
+            continue
+        ok = (g >= 0) if hi is None else ((g >= 0) & (g <= hi))  # NaN fails both comparisons
+        if not bool(ok.all()):
             rng = "[0, inf)" if hi is None else "[0, 1]"
             raise ValueError(f"{name} must lie in {rng} (already activated), got values in [{g.min().item()}, {g.max().item()}]")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -315,8 +317,8 @@ def check_inputs(
     if momentum is not None:
         momentum = _check_like("momentum", momentum, weights, B, H)
     prefix = "weights" if initial_state is None else "initial_state.weights"
-    for i, w in enumerate(weights if check_values else ()):
-        if not bool(torch.isfinite(w).all()):
+    for i, w in enumerate(weights):
+        if check_values and not bool(torch.isfinite(w).all()):
             raise ValueError(
                 f"{prefix}[{i}] contains NaN or infinite values (if it comes from an earlier call, that memory "
                 "diverged: lower theta, or l2-normalise the keys)"
