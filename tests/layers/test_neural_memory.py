@@ -260,3 +260,25 @@ def test_bad_input_shapes():
     _, state = layer(x_of(2, 5))
     with pytest.raises(ValueError, match="conv state must be"):
         layer(x_of(3, 5), state)
+
+
+def test_record_stats_reports_the_writes():
+    """Health statistics: off by default; on, they say how strongly the memory wrote (theta = 0: nothing written)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, heads=4, depth=2, chunk_size=4, max_lr=0.5)
+    x = torch.randn(2, 24, 32)
+    layer(x)
+    assert layer.last_stats == {}
+    layer.record_stats = True
+    layer(x)
+    s = layer.last_stats
+    assert set(s) >= {"theta_mean", "theta_max", "eta_mean", "alpha_max", "step_max", "inner_loss_start",
+                      "inner_loss", "memory_norm", "write_fraction"}
+    assert 0 < s["theta_mean"] <= s["theta_max"] and s["step_max"] <= 0.5 + 1e-6  # the EMA form's bound
+    assert s["write_fraction"] > 0.01 and s["inner_loss"] < s["inner_loss_start"]  # writes fit the pairs
+    with torch.no_grad():
+        layer.to_gates.bias[:4].fill_(-60.0)  # theta ~ 0: nothing is written
+        layer.to_gates.bias[8:].fill_(-60.0)  # alpha ~ 0: nothing is forgotten
+    layer(x)
+    assert layer.last_stats["write_fraction"] < 1e-6
+    assert abs(layer.last_stats["inner_loss"] - layer.last_stats["inner_loss_start"]) < 1e-5

@@ -118,6 +118,10 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
         self.chunk_size, self.max_lr, self.ema_momentum, self.impl = chunk_size, max_lr, ema_momentum, impl
+        # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
+        # (see :meth:`_record_stats`); the trainer switches it on for logged steps only
+        self.record_stats = False
+        self.last_stats: dict[str, float] = {}
         H, D = heads, head_dim
         inner = H * D
 
@@ -186,7 +190,40 @@ class NeuralMemory(nn.Module):
             o, mem = neural_memory(q, k, v, theta, eta, alpha, tuple(self.memory), output_final_state=True, **kwargs)
         else:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, initial_state=state.memory, output_final_state=True, **kwargs)
+        if self.record_stats:
+            start = tuple(self.memory) if state is None else state.memory.weights
+            self._record_stats(q, k, v, theta, eta, alpha, o, start, mem.weights)
         return self._output(x, o), NeuralMemoryState(mem, conv_state)
+
+    @torch.no_grad()
+    def _record_stats(self, q, k, v, theta, eta, alpha, o, start, end) -> None:
+        """Scalar health statistics of one forward, in ``self.last_stats`` (floats; one host sync, logged steps only).
+
+        - ``theta_*``, ``eta_*``, ``alpha_*``: mean and max of the gates over tokens and heads;
+        - ``step_max``: the largest total step one token's gradient takes, theta / (1 - eta) (<= max_lr with
+          ``ema_momentum``);
+        - ``inner_loss_start`` / ``inner_loss``: mean ||M(k_t) - v_t||^2 under the memory at the start of the call and
+          after its last write (how much of what was written the memory holds);
+        - ``memory_norm``: Frobenius norm of the weights after the call (all layers, mean over sequences and heads);
+        - ``write_fraction``: RMS(o - M(q; W_start)) / RMS(o): the share of the read that the writes contributed.
+        """
+        read = dict(residual=self.residual, activation=self.activation)
+        q, k, v, o = (t.float() for t in (q, k, v, o))
+        end = tuple(w.detach().float() for w in end)
+        start = tuple(w.detach().float() for w in start)
+        step = theta / (1.0 - eta).clamp_min(1e-6)
+        o_start = memory_read(q, start, **read)
+        norm2 = sum(w.pow(2).sum(dim=(-2, -1)) for w in end)  # [B, H]
+        stats = torch.stack([
+            theta.mean(), theta.max(), eta.mean(), eta.max(), alpha.mean(), alpha.max(), step.max(),
+            (memory_read(k, start, **read) - v).pow(2).sum(-1).mean(),
+            (memory_read(k, end, **read) - v).pow(2).sum(-1).mean(),
+            norm2.sqrt().mean(),
+            (o - o_start).pow(2).mean().sqrt() / o.pow(2).mean().sqrt().clamp_min(1e-12),
+        ]).tolist()
+        names = ("theta_mean", "theta_max", "eta_mean", "eta_max", "alpha_mean", "alpha_max", "step_max",
+                 "inner_loss_start", "inner_loss", "memory_norm", "write_fraction")
+        self.last_stats = dict(zip(names, stats))
 
     def step(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
         """One decoding step: x ``[B, dim]`` -> ``(y [B, dim], state)``; equal to the parallel pass token for token."""
