@@ -20,3 +20,30 @@ def test_memory_recalls_what_the_window_lost(tmp_path):
     assert json.loads((tmp_path / "demo.json").read_text())["rows"] == report.rows
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "beyond reach" in (tmp_path / "demo.md").read_text()
+
+
+def test_recall_by_distance_and_the_table_without_training():
+    """The demo's scoring (mqar_recall_metrics) and table on a model that answers every query with its pair's value
+    when the pair is within reach, and with the sample's first context value beyond it."""
+    import torch
+    import torch.nn.functional as F
+
+    from mnemos.data import IGNORE_INDEX, MQARConfig
+    from mnemos.train.demo import DemoReport, recall_by_distance
+
+    cfg = DemoConfig(out_dir="unused")
+    inputs, labels = MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=4, num_examples=50).build(0)
+    pos = torch.arange(64)
+    key_pos = 2 * (inputs[:, None, 0:8:2] == inputs[:, :, None]).float().argmax(-1)  # [N, L]
+    near = pos - key_pos <= cfg.reach
+    pred = torch.where(near & (labels != IGNORE_INDEX), labels, inputs[:, 1:2])  # far: the first context value
+
+    def model(x):
+        return F.one_hot(pred, 128).float(), None
+
+    row = recall_by_distance(model, inputs, labels, 4, cfg.reach, 128)
+    assert row["near"] == 1.0 and row["n_near"] + row["n_far"] == 200 and 0 < row["far"] < 0.5
+    assert row["context_value_rate"] == row["far_context_value_rate"] == 1.0
+    assert row["any_value_level"] == 0.25 and row["chance"] == 1 / 64
+    report = DemoReport(cfg, [{"model": "m", "seq_len": 64, "train_s": 1.0, **row}])
+    assert "| 1.00 (1.00) | 1 s |" in report.table() and "1/K = 0.25" in report.table()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import IGNORE_INDEX, MQARConfig
+from ..data import MQARConfig, mqar_recall_metrics
 from ..models import MnemosLM
 from .checkpoint import load_model_weights
 from .config import load_config
@@ -58,29 +58,30 @@ class DemoReport:
     rows: list[dict] = field(default_factory=list)  # one per (model, eval length)
 
     def table(self) -> str:
-        r = self.config.reach
-        lines = [f"| model | eval length | within reach (<= {r} back) | beyond reach (> {r} back) | train time |",
-                 "|---|---|---|---|---|"]
+        r, level = self.config.reach, 1 / self.config.num_kv_pairs
+        lines = [f"| model | eval length | within reach (<= {r} back) | beyond reach (> {r} back) | "
+                 f"answers a context value (beyond reach) | train time |", "|---|---|---|---|---|---|"]
         for row in self.rows:
             lines.append(f"| {row['model']} | {row['seq_len']} | {row['near']:.2f} ({row['n_near']}) | "
-                         f"{row['far']:.2f} ({row['n_far']}) | {row['train_s']:.0f} s |")
+                         f"{row['far']:.2f} ({row['n_far']}) | {row['context_value_rate']:.2f} "
+                         f"({row['far_context_value_rate']:.2f}) | {row['train_s']:.0f} s |")
+        lines.append(f"\nA model that answers every query with a random value of its own context scores 1/K = "
+                     f"{level:.2f} with a context-value rate of 1.00.")
         return "\n".join(lines)
 
 
 def recall_by_distance(model: MnemosLM, inputs: torch.Tensor, labels: torch.Tensor, num_kv_pairs: int,
-                       reach: int) -> dict:
-    """Accuracy at the MQAR queries, split by how far back the queried pair sits (within / beyond ``reach``)."""
+                       reach: int, vocab_size: int | None = None) -> dict:
+    """Accuracy at the MQAR queries, split by how far back the queried pair sits (within / beyond ``reach``): ``near``,
+    ``n_near``, ``far``, ``n_far``, plus :func:`mnemos.data.mqar_recall_metrics`' ``accuracy``,
+    ``context_value_rate`` (answers that are one of the sample's values, right or wrong), ``far_context_value_rate``
+    and ``any_value_level`` (1/K: a random context value's accuracy), and ``chance`` when ``vocab_size`` is given."""
     with torch.no_grad():
         pred = model(inputs)[0].argmax(-1)  # [N, L]
-    counts = {"near": [0, 0], "far": [0, 0]}
-    for n in range(inputs.shape[0]):
-        where = {int(inputs[n, 2 * i]): 2 * i for i in range(num_kv_pairs)}  # key -> its position in the context
-        for t in (labels[n] != IGNORE_INDEX).nonzero().flatten().tolist():
-            bucket = counts["near" if t - where[int(inputs[n, t])] <= reach else "far"]
-            bucket[0] += int(pred[n, t] == labels[n, t])
-            bucket[1] += 1
-    return {"near": counts["near"][0] / max(counts["near"][1], 1), "n_near": counts["near"][1],
-            "far": counts["far"][0] / max(counts["far"][1], 1), "n_far": counts["far"][1]}
+    m = mqar_recall_metrics(pred, inputs, labels, num_kv_pairs, reach, vocab_size=vocab_size)
+    keep = ("accuracy", "context_value_rate", "far_context_value_rate", "any_value_level", "chance")
+    return {"near": m["near_accuracy"], "n_near": m["n_near"], "far": m["far_accuracy"], "n_far": m["n_far"],
+            **{k: m[k] for k in keep if k in m}}
 
 
 def run_demo(cfg: DemoConfig) -> DemoReport:
@@ -104,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         for length in (cfg.seq_len,):  # every query past position `reach` is beyond the window's reach
             data = MQARConfig(vocab_size=cfg.vocab_size, seq_len=length, num_kv_pairs=cfg.num_kv_pairs,
                               num_examples=500).build(cfg.seed + 12345)
-            row = recall_by_distance(model, *data, cfg.num_kv_pairs, cfg.reach)
+            row = recall_by_distance(model, *data, cfg.num_kv_pairs, cfg.reach, cfg.vocab_size)
             report.rows.append({"model": variant, "seq_len": length, "train_s": train_s,
                                 "final_train_loss": result.train_losses[-1], **row})
     out.mkdir(parents=True, exist_ok=True)
