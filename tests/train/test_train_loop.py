@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from mnemos.layers import NeuralMemory
+from mnemos.models import MnemosLM
+from mnemos.train.checkpoint import load_model_weights, read_trainer_state
 from mnemos.train.config import load_config
 from mnemos.train.loop import train
 
 TINY = [
-    "model.variant=lmm", "model.vocab_size=32", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
-    "model.memory.chunk_size=8", "task.vocab_size=32", "task.seq_len=32", "task.num_kv_pairs=4",
+    "model.variant=lmm", "model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+    "model.memory.chunk_size=8", "task.vocab_size=64", "task.seq_len=32", "task.num_kv_pairs=4",
     "task.train_examples=256", "task.eval_examples=32", "run.batch_size=8", "run.eval_every=1000",
     "run.progress=false", "optim.warmup_steps=2",
 ]
@@ -142,11 +145,26 @@ def test_steps_with_non_finite_gradients_are_skipped(tmp_path, monkeypatch):
     assert [torch.isnan(torch.tensor(x)).item() for x in r.train_losses] == [False, True, True, False, False, False]
     assert all(torch.isfinite(torch.tensor(x)) for x in r.train_losses[3:])  # the weights were never poisoned
 
+    # steps 1-2 apply, 3-5 overflow: the run stops at step 5 and saves the weights of step 2 and the loss curve
     calls.clear()
-    poisoned.update(range(1, 100))
+    poisoned.clear()
+    poisoned.update(range(3, 100))
     monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 3)
-    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row .* weights of step 2 .* saved in .*checkpoint"):
         train(_cfg(tmp_path / "b", "run.steps=6"))
+    assert (tmp_path / "b" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    calls.clear()
+    poisoned.clear()
+    train(_cfg(tmp_path / "ref", "run.steps=6", "run.stop_after=2"))  # the same run, stopped cleanly after step 2
+    saved, ref = (read_trainer_state(tmp_path / d / "checkpoint") for d in ("b", "ref"))
+    assert saved["step"] == ref["step"] == 2 and saved["extra"] == {"diverged_at_step": 5}
+    assert saved["scheduler"] == ref["scheduler"]  # the schedule of step 2, not advanced by the skipped steps
+    assert saved["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]
+    a, b = (MnemosLM(_cfg(tmp_path).model) for _ in range(2))
+    load_model_weights(tmp_path / "b" / "checkpoint", a)
+    load_model_weights(tmp_path / "ref" / "checkpoint", b)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
 
 
 def test_a_memory_that_overflows_is_a_skipped_step_not_a_crash(tmp_path, monkeypatch):
@@ -160,3 +178,54 @@ def test_a_memory_that_overflows_is_a_skipped_step_not_a_crash(tmp_path, monkeyp
                "model.memory.ema_momentum=false", "run.steps=3")
     with pytest.raises(FloatingPointError, match="2 steps in a row"):
         train(cfg)
+
+
+def _rows(path, split):
+    return [r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def test_eval_scores_every_val_example_split_by_reach(tmp_path):
+    """300 val examples in batches of 32 are all scored (1200 queries), and split at the reach of the configured
+    window, n_layers * (window - 1), whatever the variant (lmm here)."""
+    r = train(_cfg(tmp_path, "task.eval_examples=300", "run.batch_size=32", "run.steps=2", "run.eval_every=2",
+                   "model.window=4"))
+    (row,) = _rows(tmp_path, "val")
+    assert row["val_examples"] == 300 and row["val_n"] == 300 * 4 and row["val_reach"] == 3
+    assert row["val_n_near"] > 0 and row["val_n_near"] + row["val_n_far"] == 1200
+    assert row["val_any_value_level"] == 0.25 and row["val_chance"] == 1 / 32
+    assert 0 <= row["val_far_accuracy"] <= row["val_far_context_value_rate"] <= 1
+    assert r.final_eval["val_accuracy"] == row["val_accuracy"] and "val_context_value_rate" in row
+
+
+def test_progress_lines_and_memory_health_in_a_log_file(tmp_path, capsys, monkeypatch):
+    """Piped to a file (stderr not a terminal) a run prints plain progress lines and one line per eval; logged steps
+    (and only their forward) record each memory layer's health statistics into metrics.jsonl."""
+    flags = []
+    forward = NeuralMemory.forward
+
+    def spy(self, *args, **kw):
+        flags.append(self.record_stats)
+        return forward(self, *args, **kw)
+
+    monkeypatch.setattr(NeuralMemory, "forward", spy)
+    args = ("model.n_layers=2", "run.steps=4", "run.log_every=2", "run.eval_every=4", "run.progress=true")
+    train(_cfg(tmp_path, *args))
+    train_flags, eval_flags = flags[:8], flags[8:]
+    assert train_flags == [False, False, True, True] * 2 and eval_flags == [False] * 8  # 2 layers; eval: 4 batches
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(" loss ")[0] for line in lines[:2]] == ["step 2/4", "step 4/4"]
+    assert "| mem step_max " in lines[0] and " write " in lines[0]
+    assert lines[2].startswith("step 4/4 eval: val_loss ") and "ctx-val" in lines[2] and "(1/K 0.250)" in lines[2]
+    rows = _rows(tmp_path, "train")
+    assert [r["step"] for r in rows] == [2, 4] and all(r["skipped_steps"] == 0 for r in rows)
+    for r in rows:
+        for i in (0, 1):
+            assert 0 < r[f"mem.{i}.step_max"] <= 0.01 + 1e-6  # ema_momentum bounds a token's step by max_lr
+            assert 0 <= r[f"mem.{i}.write_fraction"] and r[f"mem.{i}.memory_norm"] > 0
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # on a terminal: a \r-bar, the eval on its own line
+    train(_cfg(tmp_path / "tty", "run.steps=2", "run.eval_every=2", "run.progress=true"))
+    err = capsys.readouterr().err
+    assert "\r[############............] 1/2 loss" in err and "\nstep 2/2 eval: val_loss" in err

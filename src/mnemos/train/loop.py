@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
 from .. import __version__
-from ..data import IGNORE_INDEX, LMDataConfig, MQARConfig
+from ..data import IGNORE_INDEX, LMDataConfig, MQARConfig, mqar_recall_metrics
+from ..layers import NeuralMemory
 from ..models import MnemosLM, saved_model_config
 from .checkpoint import load_model_weights, read_trainer_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -64,9 +65,11 @@ class TaskData:
         return windows[:, :-1], windows[:, 1:]
 
     def eval_batches(self, size: int, max_batches: int, seed: int):
+        """MQAR: the whole val set (``task.eval_examples``) in order, ``size`` per batch; LM: ``max_batches`` random
+        windows of the val split."""
         if self.kind == "mqar":
             inputs, labels = self.val
-            for i in range(0, min(inputs.shape[0], size * max_batches), size):
+            for i in range(0, inputs.shape[0], size):
                 yield inputs[i : i + size], labels[i : i + size]
         else:
             for i in range(max_batches):
@@ -86,33 +89,63 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return loss, correct, mask.sum()
 
 
+def eval_reach(cfg: TrainConfig) -> int:
+    """Where MQAR evals split near from far: ``model.n_layers * (model.window - 1)``, the reach of a stack of sliding
+    windows of that size (nothing further back reaches a query through attention alone). The same split for every
+    variant, windowed or not, so that near and far accuracies compare across variants."""
+    return cfg.model.n_layers * (cfg.model.window - 1)
+
+
 @torch.no_grad()
 def evaluate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) -> dict[str, float]:
+    """Validation metrics. MQAR scores every one of the ``task.eval_examples`` val examples: ``val_loss``,
+    ``val_accuracy``, the near / far split at :func:`eval_reach`, the context-value rate beside the 1/K level and
+    chance (:func:`mnemos.data.mqar_recall_metrics`), and the counts ``val_n`` (queries) and ``val_examples``. LM:
+    ``val_loss`` and ``val_ppl`` over 8 batches of random val windows."""
     model.eval()
-    tot_loss, tot_correct, tot_n, batches = 0.0, 0, 0, 0
+    loss_sum, n_sum, preds = 0.0, 0, []
     size = max(1, cfg.run.batch_size // cfg.optim.grad_accum)
     for inputs, labels in data.eval_batches(size, max_batches=8, seed=cfg.run.seed):
         with autocast():
             logits, _ = model(inputs.to(info.device))
-        loss, correct, n = loss_and_accuracy(logits, labels.to(info.device))
-        tot_loss, tot_correct, tot_n, batches = tot_loss + loss.item(), tot_correct + int(correct), tot_n + int(n), batches + 1
+        loss, _, n = loss_and_accuracy(logits, labels.to(info.device))
+        loss_sum, n_sum = loss_sum + loss.item() * int(n), n_sum + int(n)
+        if data.kind == "mqar":
+            preds.append(logits.argmax(-1).cpu())
     model.train()
-    out = {"val_loss": tot_loss / max(batches, 1)}
-    if data.kind == "mqar":
-        out["val_accuracy"] = tot_correct / max(tot_n, 1)
-    else:
+    out = {"val_loss": loss_sum / max(n_sum, 1)}
+    if data.kind != "mqar":
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+        return out
+    inputs, labels = data.val
+    m = mqar_recall_metrics(torch.cat(preds), inputs, labels, cfg.task.num_kv_pairs, eval_reach(cfg),
+                            vocab_size=cfg.task.vocab_size)
+    for key in ("accuracy", "near_accuracy", "far_accuracy", "context_value_rate", "far_context_value_rate",
+                "any_value_level", "chance", "n", "n_near", "n_far", "reach"):
+        out[f"val_{key}"] = m[key]
+    out["val_examples"] = inputs.shape[0]
     return out
 
 
+def progress_every(run) -> int:
+    """Steps between the plain progress lines printed when stderr is not a terminal: about 20 lines a run, at steps
+    that are logged (multiples of ``run.log_every``), so each line can show the memory statistics of its step."""
+    return run.log_every * max(1, run.steps // (20 * run.log_every))
+
+
 class Logger:
-    """Rank-0 metrics: JSONL and CSV (and TensorBoard when asked and installed), plus a progress line."""
+    """Rank-0 metrics: JSONL and CSV (and TensorBoard when asked and installed), plus progress on stderr (when
+    ``run.progress``): a \\r-bar on a terminal, else one plain line every :func:`progress_every` steps, so a run piped
+    to a file shows how it goes; and one line per evaluation in both cases."""
 
     def __init__(self, out: Path, cfg: TrainConfig, info: DistInfo, resume: bool):
         self.on = info.is_main
-        self.progress = cfg.run.progress and self.on and sys.stderr.isatty()  # no \r-bars in log files
+        self.progress = cfg.run.progress and self.on
+        self.tty = self.progress and sys.stderr.isatty()  # no \r-bars in log files
+        self.every = progress_every(cfg.run)
         self.total = cfg.run.steps
         self.t0 = time.perf_counter()
+        self.bar_open = False
         self.tb = None
         if not self.on:
             return
@@ -143,20 +176,43 @@ class Logger:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{split}/{k}", v, step)
 
-    def bar(self, step: int, loss: float, tok_s: float, start_step: int) -> None:
+    def bar(self, step: int, loss: float, tok_s: float, start_step: int, note: str = "") -> None:
+        """Progress after ``step``; ``note`` (e.g. the memory's health) is appended to the line."""
         if not self.progress:
             return
         done = step - start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step)
+        text = f"{step}/{self.total} loss {loss:.4f} {tok_s:,.0f} tok/s ETA {eta:.0f}s{note}"
+        if not self.tty:
+            if step % self.every == 0 or step == self.total:
+                print(f"step {text}", file=sys.stderr, flush=True)
+            return
         width = 24
         filled = int(width * step / self.total)
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
-              f"{tok_s:,.0f} tok/s ETA {eta:5.0f}s", end="", file=sys.stderr, flush=True)
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\033[K", end="", file=sys.stderr, flush=True)
+        self.bar_open = True
+
+    def eval_line(self, step: int, metrics: dict[str, float]) -> None:
+        """One line with an evaluation's results (on a terminal it ends the bar's line; the bar resumes below)."""
+        if not self.progress:
+            return
+        m = metrics
+        if "val_accuracy" in m:
+            text = (f"val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.3f} near {m['val_near_accuracy']:.3f} "
+                    f"far {m['val_far_accuracy']:.3f} (reach {m['val_reach']}) ctx-val "
+                    f"{m['val_context_value_rate']:.3f} (1/K {m['val_any_value_level']:.3f}) on {m['val_examples']} "
+                    "examples")
+        else:
+            text = f"val_loss {m['val_loss']:.4f} val_ppl {m['val_ppl']:.2f}"
+        end_bar = "\n" if self.bar_open else ""
+        print(f"{end_bar}step {step}/{self.total} eval: {text}", file=sys.stderr, flush=True)
+        self.bar_open = False
 
     def close(self) -> None:
-        if self.progress:
+        if self.bar_open:
             print(file=sys.stderr)
+            self.bar_open = False
         if self.on:
             self.jsonl.close()
             self.csv_file.close()
@@ -262,21 +318,39 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     skipped = skipped_in_a_row = 0
     final: dict[str, float] = {}
     tokens = 0
+    memory_layers = [layer for layer in model.modules() if isinstance(layer, NeuralMemory)]
+    note = ""  # the progress line's summary of the memory's health, from the last logged step
+    good_schedule = scheduler.state_dict()  # the schedule as of the last applied update (a skipped step advances it)
+
+    def save(at_step: int, extra: dict | None = None) -> None:
+        # full (gathered) state dicts, keyed by parameter names: the same file whether saved by 1 process,
+        # DDP or FSDP, and loadable by any of them (a collective under FSDP: every rank takes part)
+        model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=full)
+        if info.is_main:
+            save_checkpoint(ckpt, model_sd, step=at_step, optimizer=optim_sd, scheduler=scheduler, best_metric=best,
+                            config=cfg.to_dict(), extra=extra)
+        barrier(info)
+
     t_start = time.perf_counter()
     step = start_step
     for step in range(start_step, run.steps):
+        logged = (step + 1) % run.log_every == 0
         step_loss = torch.zeros((), device=info.device)
         for m in range(opt_cfg.grad_accum):
             inputs, labels = data.batch(step * opt_cfg.grad_accum + m, micro, run.seed)
             sl = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
             inputs, labels = inputs[sl].to(info.device), labels[sl].to(info.device)
             sync = m == opt_cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
+            _record_memory_stats(memory_layers, logged and m == 0)  # a logged step's first micro-batch only
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
                 logits, _ = fwd(inputs)
+            _record_memory_stats(memory_layers, False)
             loss, _, _ = loss_and_accuracy(logits, labels)
             (loss / opt_cfg.grad_accum).backward()
             step_loss += loss.detach() / opt_cfg.grad_accum
             tokens += inputs.numel() * info.world_size
+        step_loss = all_reduce_mean(step_loss, info).item()
+        losses.append(step_loss)  # NaN for a step whose loss overflowed (its update is skipped below)
         # a step whose loss or gradients overflowed (the test-time memory can blow up on an unlucky batch) is skipped,
         # as mixed-precision loss scaling does, rather than writing NaN into every weight; many in a row stop the run
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip if opt_cfg.grad_clip > 0
@@ -290,33 +364,43 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             if info.is_main:
                 print(f"step {step + 1}: non-finite gradient norm, update skipped ({skipped} so far)", file=sys.stderr)
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise FloatingPointError(f"training diverged at step {step + 1}: {skipped_in_a_row} steps in a row "
-                                         "with non-finite gradients")
+                # the skipped steps changed no weight and no optimizer state: the model IS the last good one. Save
+                # it as of that step (its schedule too) with the loss curve, then stop.
+                good = step + 1 - skipped_in_a_row
+                scheduler.load_state_dict(good_schedule)
+                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                    group["lr"] = lr
+                save(good, {"diverged_at_step": step + 1})
+                log.close()
+                if info.is_main:
+                    _write_curve(out, start_step, losses)
+                raise FloatingPointError(
+                    f"training diverged at step {step + 1}: {skipped_in_a_row} steps in a row with non-finite "
+                    f"gradients; the weights of step {good} (the last applied update) are saved in {ckpt}, the loss "
+                    f"curve in {out / 'loss_curve.png'}")
         with warnings.catch_warnings():  # the schedule advances over a skipped step too; torch warns if step 1 was
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             scheduler.step()
+        if not skipped_in_a_row:
+            good_schedule = scheduler.state_dict()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = all_reduce_mean(step_loss, info).item()
-        losses.append(step_loss)  # NaN for a step whose loss overflowed (its update was skipped above)
         tok_s = tokens / (time.perf_counter() - t_start)
-        log.bar(step + 1, step_loss, tok_s, start_step)
-        if (step + 1) % run.log_every == 0:
-            log.log(step + 1, "train", {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s})
+        if logged:
+            mem = _memory_stats(memory_layers)
+            log.log(step + 1, "train", {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s,
+                                        "skipped_steps": skipped, **mem})
+            note = _memory_note(mem, skipped)
+        log.bar(step + 1, step_loss, tok_s, start_step, note)
         last = step + 1 == run.steps
         if (step + 1) % run.eval_every == 0 or last:
             metrics = final = evaluate(fwd, data, cfg, info, autocast)
             log.log(step + 1, "val", metrics)
+            log.eval_line(step + 1, metrics)
             key = metrics.get("val_accuracy", -metrics["val_loss"])
             best = key if best is None else max(best, key)
         stop = run.stop_after > 0 and step + 1 - start_step >= run.stop_after
         if (run.save_every and (step + 1) % run.save_every == 0) or last or stop:
-            # full (gathered) state dicts, keyed by parameter names: the same file whether saved by 1 process,
-            # DDP or FSDP, and loadable by any of them (a collective under FSDP: every rank takes part)
-            model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=full)
-            if info.is_main:
-                save_checkpoint(ckpt, model_sd, step=step + 1, optimizer=optim_sd, scheduler=scheduler,
-                                best_metric=best, config=cfg.to_dict())
-            barrier(info)
+            save(step + 1)
         if stop:
             break
     log.close()
@@ -324,6 +408,30 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     if info.is_main and losses:
         _write_curve(out, start_step, losses)
     return TrainResult(out, start_step + len(losses), losses, final, tok_s, skipped)
+
+
+def _record_memory_stats(layers: list[NeuralMemory], on: bool) -> None:
+    """Switch the memory layers' health statistics on (cleared, to be filled by the next forward) or off."""
+    for layer in layers:
+        layer.record_stats = on
+        if on:
+            layer.last_stats = {}
+
+
+def _memory_stats(layers: list[NeuralMemory]) -> dict[str, float]:
+    """``mem.{i}.{key}``: the statistics the i-th memory layer (in model order) recorded in its last forward."""
+    return {f"mem.{i}.{k}": float(v) for i, layer in enumerate(layers)
+            for k, v in (getattr(layer, "last_stats", None) or {}).items()}
+
+
+def _memory_note(mem: dict[str, float], skipped: int) -> str:
+    """The progress line's summary: the largest per-token step of any layer, the mean share of reads the writes made,
+    and the skipped steps so far."""
+    step_max = [v for k, v in mem.items() if k.endswith(".step_max")]
+    write = [v for k, v in mem.items() if k.endswith(".write_fraction")]
+    note = f" | mem step_max {max(step_max):.3g}" if step_max else ""
+    note += f" write {sum(write) / len(write):.2f}" if write else ""
+    return note + (f" | skipped {skipped}" if skipped else "")
 
 
 def _write_curve(out: Path, start: int, losses: list[float]) -> None:
