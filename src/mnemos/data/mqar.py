@@ -4,6 +4,12 @@ A sequence starts with K key-value pairs ``k_1 v_1 k_2 v_2 ... k_K v_K``; the re
 more, as a query, among noise tokens. At a query the model must output the value that followed that key in the
 context. Keys come from the lower half of the vocabulary (token 0 excluded, it is the blank of
 ``random_non_queries=False``), values from the upper half.
+
+``noise="zoology"`` (the default) draws the other tokens after the context as Zoology's generator does
+(``zoology/data/multiquery_ar.py``, ``multiquery_ar``): uniform over the whole vocabulary, so noise may repeat a
+key of the sample, unscored. ``noise="disjoint"`` keeps the sample's keys out of the noise: every key after the
+context is then a scored query and nothing overwrites a stored pair, an easier task whose scores do not compare with
+Zoology's at large K or L.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ from torch import Tensor
 
 from mnemos.data._haystack import check_int
 
-__all__ = ["IGNORE_INDEX", "MQARConfig", "MQAR_EXTRAPOLATION_GRID", "MQAR_ZOOLOGY_GRID", "mqar_grid"]
+__all__ = ["IGNORE_INDEX", "MQARConfig", "MQAR_EXTRAPOLATION_GRID", "MQAR_NOISE", "MQAR_ZOOLOGY_GRID", "mqar_grid"]
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+# How the tokens after the context that are not queries are drawn (MQARConfig.noise).
+MQAR_NOISE: tuple[str, ...] = ("zoology", "disjoint")
 
 # (seq_len, num_kv_pairs) of Zoology's MQAR training grid (vocab 8192): one kv pair per 16 tokens.
 MQAR_ZOOLOGY_GRID: tuple[tuple[int, int], ...] = ((64, 4), (128, 8), (256, 16))
@@ -41,20 +50,32 @@ class MQARConfig:
       power law of Zoology (small ``power_a`` puts most queries soon after the context, with a long tail).
     - ``labels[n, t] = v_i`` where ``inputs[n, t]`` is the query of ``k_i``: the model reading the query token must
       predict the value (next-token style, no extra shift needed). Everywhere else ``labels`` is ``IGNORE_INDEX``.
-    - the other positions after the context are noise, uniform over the vocabulary minus the sample's own keys
-      (so every key after the context is a scored query; Zoology's noise may repeat keys), or 0 when
-      ``random_non_queries=False``.
+    - the other positions after the context are noise, or 0 when ``random_non_queries=False`` (``noise`` is then
+      moot). ``noise="zoology"``: uniform over ``[0, V)`` as in Zoology, so a noise token may equal one of the
+      sample's keys (or values, or 0); such a repeat is not scored (only the planted queries are) and, followed by
+      a random token, can overwrite what a recurrent model stored for that key. ``noise="disjoint"``: uniform over
+      ``[0, V)`` minus the sample's own keys, so every key after the context is a scored query (the easier task).
+      Keys, values, query slots and labels are the same in both modes for the same seed; only the noise differs.
 
     Worked example (V = 16, K = 3, L = 12; keys in 1..7, values in 8..15)::
 
         >>> inputs, labels = MQARConfig(vocab_size=16, seq_len=12, num_kv_pairs=3, num_examples=1).build(seed=0)
         >>> inputs
-        tensor([[ 4, 15,  7, 14,  5,  8,  7, 10,  4, 15,  5, 13]])
+        tensor([[ 4, 15,  7, 14,  5,  8,  7,  8,  4, 14,  5, 13]])
         >>> labels
         tensor([[-100, -100, -100, -100, -100, -100,   14, -100,   15, -100,    8, -100]])
 
     The context is 4->15, 7->14, 5->8. The G = 3 query slots are positions 6, 8, 10: key 7 is asked at 6 (label
-    14), key 4 at 8 (label 15), key 5 at 10 (label 8); positions 7, 9, 11 are noise (10, 15, 13: never a key).
+    14), key 4 at 8 (label 15), key 5 at 10 (label 8); positions 7, 9, 11 are noise (8, 14, 13: here two of them
+    are values of the context; any token may be). The same seed with ``noise="disjoint"`` gives the same context,
+    queries and labels and other noise, never a key::
+
+        >>> MQARConfig(vocab_size=16, seq_len=12, num_kv_pairs=3, num_examples=1, noise="disjoint").build(seed=0)[0]
+        tensor([[ 4, 15,  7, 14,  5,  8,  7, 10,  4, 15,  5, 13]])
+
+    With ``noise="zoology"``, ``vocab_size`` must exceed ``seq_len``, the bound Zoology's generator asserts (the
+    noise then holds fewer than ``K * L / V < K`` repeated keys on average). Zoology also asserts an even
+    ``seq_len``; mnemos accepts an odd one, its last token being noise.
 
     Defaults follow Zoology (V = 8192, ``power_a`` = 0.01); see :data:`MQAR_ZOOLOGY_GRID` and
     :data:`MQAR_EXTRAPOLATION_GRID` for (L, K) pairs, and :func:`mqar_grid` to make configs from them.
@@ -66,6 +87,7 @@ class MQARConfig:
     num_examples: int = 1000
     power_a: float = 0.01
     random_non_queries: bool = True
+    noise: str = "zoology"
 
     def __post_init__(self):
         check_int("num_kv_pairs", self.num_kv_pairs, 1)
@@ -88,6 +110,13 @@ class MQARConfig:
             raise ValueError(f"power_a must be a number > 0, got {self.power_a!r}")
         if not isinstance(self.random_non_queries, bool):
             raise ValueError(f"random_non_queries must be a bool, got {self.random_non_queries!r}")
+        if not isinstance(self.noise, str) or self.noise not in MQAR_NOISE:
+            raise ValueError(f"noise must be one of {', '.join(map(repr, MQAR_NOISE))}, got {self.noise!r}")
+        if self.noise == "zoology" and self.vocab_size <= self.seq_len:
+            raise ValueError(
+                f"noise='zoology' needs vocab_size > seq_len, as Zoology's generator asserts; got "
+                f"vocab_size={self.vocab_size}, seq_len={self.seq_len} (raise vocab_size, or use noise='disjoint')"
+            )
 
     def build(self, seed: int) -> tuple[Tensor, Tensor]:
         """``(inputs [N, L] int64, labels [N, L] int64)``; same seed -> identical tensors."""
@@ -111,8 +140,11 @@ class MQARConfig:
         inputs[:, 0 : 2 * K : 2] = keys
         inputs[:, 1 : 2 * K : 2] = values
         rows = np.arange(N)[:, None]  # [N, 1]
-        if self.random_non_queries:
-            inputs[:, 2 * K :] = _noise_without(keys, V, (N, L - 2 * K), rng)
+        if self.random_non_queries:  # the query slots are overwritten next
+            if self.noise == "zoology":
+                inputs[:, 2 * K :] = rng.integers(0, V, size=(N, L - 2 * K))
+            else:
+                inputs[:, 2 * K :] = _noise_without(keys, V, (N, L - 2 * K), rng)
         inputs[rows, query_pos] = keys
         labels = np.full((N, L), IGNORE_INDEX, dtype=np.int64)
         labels[rows, query_pos] = values
@@ -137,11 +169,13 @@ def mqar_grid(
     vocab_size: int = 8192,
     num_examples: int = 1000,
     power_a: float = 0.01,
+    noise: str = "zoology",
 ) -> list[MQARConfig]:
     """One :class:`MQARConfig` per ``(seq_len, num_kv_pairs)`` in ``pairs``."""
     if not pairs:
         raise ValueError("pairs is empty")
     return [
-        MQARConfig(vocab_size=vocab_size, seq_len=L, num_kv_pairs=K, num_examples=num_examples, power_a=power_a)
+        MQARConfig(vocab_size=vocab_size, seq_len=L, num_kv_pairs=K, num_examples=num_examples, power_a=power_a,
+                   noise=noise)
         for L, K in pairs
     ]
