@@ -108,7 +108,8 @@ def _eval_task(args: argparse.Namespace):
 
     if args.task == "mqar":
         pairs = args.pairs or {"zoology": MQAR_ZOOLOGY_GRID, "extrapolation": MQAR_EXTRAPOLATION_GRID}[args.grid]
-        return mqar_grid(pairs, vocab_size=args.vocab_size, num_examples=args.num_examples, power_a=args.power_a)
+        return mqar_grid(pairs, vocab_size=args.vocab_size, num_examples=args.num_examples, power_a=args.power_a,
+                         noise=args.noise)
     if args.task == "niah":
         return NIAHConfig(kind=args.kind, lengths=args.lengths, depths=args.depths, samples_per_cell=args.samples,
                           corpus_paths=tuple(args.corpus))
@@ -258,6 +259,8 @@ def _add_eval_parser(sub) -> None:
     t.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="(default %(default)s)")
     t.add_argument("--num-examples", type=int, default=d["num_examples"], help="per grid point (default %(default)s)")
     t.add_argument("--power-a", type=float, default=d["power_a"], help="query position power law (default %(default)s)")
+    t.add_argument("--noise", choices=("zoology", "disjoint"), default=d["noise"],
+                   help="noise tokens: as Zoology (may repeat keys) or disjoint from the keys (default %(default)s)")
 
     d = {f.name: f.default for f in fields(NIAHConfig)}
     t = tasks.add_parser("niah", parents=[common], help="single needle in a haystack: accuracy by length and depth")

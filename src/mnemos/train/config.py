@@ -51,6 +51,7 @@ class TaskConfig(_ConfigBase):
     vocab_size: int = 64  # MQAR vocabulary (keys in the lower half, values in the upper half)
     num_kv_pairs: int = 8
     power_a: float = 0.01
+    noise: Literal["zoology", "disjoint"] = "zoology"  # noise as Zoology draws it, or kept off the keys (easier)
     train_examples: int = 20000
     eval_examples: int = 500
     # lm

@@ -46,7 +46,8 @@ class TaskData:
         t, seed = cfg.task, cfg.run.seed
         self.kind = t.kind
         if t.kind == "mqar":
-            common = dict(vocab_size=t.vocab_size, seq_len=t.seq_len, num_kv_pairs=t.num_kv_pairs, power_a=t.power_a)
+            common = dict(vocab_size=t.vocab_size, seq_len=t.seq_len, num_kv_pairs=t.num_kv_pairs, power_a=t.power_a,
+                          noise=t.noise)
             self.train = MQARConfig(num_examples=t.train_examples, **common).build(seed)
             self.val = MQARConfig(num_examples=t.eval_examples, **common).build(seed + 1_000_003)
         else:
