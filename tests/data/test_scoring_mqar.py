@@ -49,7 +49,7 @@ def test_random_context_value_scores_one_over_k():
     """Answering every query with a uniformly drawn value of the sample's own context: context-value rate 1,
     accuracy 1 / K (within 4 standard errors), however far back the pair is."""
     K = 8
-    inputs, labels = MQARConfig(vocab_size=64, seq_len=64, num_kv_pairs=K, num_examples=500).build(seed=3)
+    inputs, labels = MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=K, num_examples=500).build(seed=3)
     values = inputs[:, 1 : 2 * K : 2]  # [N, K]
     g = torch.Generator().manual_seed(0)
     pred = values.gather(1, torch.randint(0, K, inputs.shape, generator=g))  # [N, L]
@@ -77,12 +77,15 @@ def _loop_reference(pred, inputs, labels, K, reach):
 
 def test_equals_a_plain_loop_on_random_predictions():
     K = 6
-    inputs, labels = MQARConfig(vocab_size=40, seq_len=48, num_kv_pairs=K, num_examples=60).build(seed=1)
+    cfg = MQARConfig(vocab_size=64, seq_len=48, num_kv_pairs=K, num_examples=60, noise="zoology")
+    inputs, labels = cfg.build(seed=1)
+    is_key = (inputs[:, 2 * K :, None] == inputs[:, None, 0 : 2 * K : 2]).any(-1)  # [N, L - 2K]
+    assert is_key.sum() > (labels != X).sum()  # the noise repeats keys, unscored: queries come from labels
     g = torch.Generator().manual_seed(1)
     choice = torch.randint(0, 3, inputs.shape, generator=g)  # 0: the label, 1: a context value, 2: any token
     ctx = inputs[:, 1 : 2 * K : 2].gather(1, torch.randint(0, K, inputs.shape, generator=g))
     pred = torch.where(choice == 0, labels.clamp_min(0), torch.where(choice == 1, ctx,
-                                                                       torch.randint(0, 40, inputs.shape, generator=g)))
+                                                                       torch.randint(0, 64, inputs.shape, generator=g)))
     ref = _loop_reference(pred, inputs, labels, K, reach=9)
     m = mqar_recall_metrics(pred, inputs, labels, K, reach=9)
     assert (m["near_correct"], m["n_near"], m["far_correct"], m["n_far"]) == (*ref["near"], *ref["far"])

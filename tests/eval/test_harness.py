@@ -24,6 +24,7 @@ from mnemos.eval import (
     HFCausalLMAdapter,
     InductionLM,
     MnemosLMAdapter,
+    StatefulLM,
     build_mnemos_model,
     evaluate,
     load_model,
@@ -53,12 +54,47 @@ def _text_oracle(*configs) -> AnswerKeyLM:
 
 @pytest.mark.parametrize("chunk", [None, 1, 7, 64])
 def test_oracle_scores_100_on_mqar_whatever_the_chunking(chunk):
-    cfg = MQARConfig(vocab_size=64, seq_len=64, num_kv_pairs=8, num_examples=12)
+    cfg = MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8, num_examples=12)
     inputs, labels = cfg.build(seed=0)
-    oracle = AnswerKeyLM(64, mqar=(inputs, labels, 8))
+    oracle = AnswerKeyLM(128, mqar=(inputs, labels, 8))
     (cell,) = evaluate(oracle, cfg, options=_opts(stream_chunk=chunk, batch_size=5)).cells
     assert cell.status == "ok" and cell.metrics["n"] == 12 * 8
     assert cell.metrics["accuracy"] == 1.0
+
+
+def test_mqar_cells_split_by_reach_and_count_context_values():
+    """The cell carries mqar_recall_metrics: a model that always answers the sample's first value is right 1/K of
+    the time, every answer a context value; "auto" splits every model at its windowed peers' reach."""
+    K = 4
+    cfg = MQARConfig(vocab_size=128, seq_len=48, num_kv_pairs=K, num_examples=40)
+
+    class FirstValue(StatefulLM):
+        name, vocab_size = "first-value", 128
+
+        def init_state(self, batch):
+            return None
+
+        def forward(self, ids, state):
+            first = ids[:, 1:2] if state is None else state  # the context's first value, carried
+            return torch.nn.functional.one_hot(first.expand_as(ids), 128).float(), first
+
+    def windowed(n_layers, window):
+        model = TinyRecurrentLM(128, variant="swa")
+        model.config.n_layers, model.config.window = n_layers, window
+        return MnemosLMAdapter(model, name=f"swa-{n_layers}x{window}")
+
+    (cell,) = evaluate(FirstValue(), cfg, options=_opts(mqar_reach=9, stream_chunk=5)).cells
+    m = cell.metrics
+    assert m["accuracy"] == pytest.approx(1 / K, abs=0.1) and m["context_value_rate"] == 1.0
+    assert m["reach"] == 9 and m["n_near"] + m["n_far"] == m["n"] == 40 * K and m["any_value_level"] == 1 / K
+    assert m["far_context_value_rate"] == 1.0 and m["chance"] == 1 / 64
+    reach = {c.model["name"]: c.metrics.get("reach") for c in evaluate(
+        [FirstValue(), windowed(2, 8)], cfg, options=QUIET).cells}
+    assert reach == {"first-value": 14, "swa-2x8": 14}  # one split for the run: the windowed models' reach
+    reach = {c.model["name"]: c.metrics.get("reach") for c in evaluate(
+        [FirstValue(), windowed(2, 8), windowed(1, 4)], cfg, options=QUIET).cells}
+    assert reach == {"first-value": None, "swa-2x8": 14, "swa-1x4": 3}  # they disagree: each its own
+    assert "near_accuracy" not in evaluate(windowed(2, 8), cfg, options=_opts(mqar_reach=None)).cells[0].metrics
 
 
 def test_oracle_scores_100_on_the_generation_tasks():
@@ -85,9 +121,9 @@ def test_wrong_answers_score_zero():
 
 def test_constant_model_scores_mqar_chance():
     """Predicting one fixed value token: each query's value is uniform over the V/2 values, so chance is 2/V."""
-    V = 32
-    cfg = MQARConfig(vocab_size=V, seq_len=64, num_kv_pairs=8, num_examples=400)
-    (cell,) = evaluate(ConstantLM(V, default=20), cfg, options=_opts(batch_size=64)).cells
+    V = 64
+    cfg = MQARConfig(vocab_size=V, seq_len=48, num_kv_pairs=8, num_examples=400)
+    (cell,) = evaluate(ConstantLM(V, default=40), cfg, options=_opts(batch_size=64)).cells
     n, p = cell.metrics["n"], 2 / V
     assert n == 400 * 8
     assert abs(cell.metrics["accuracy"] - p) < 4 * math.sqrt(p * (1 - p) / n)
@@ -106,10 +142,14 @@ def test_constant_model_scores_babilong_chance():
 
 
 def test_induction_baseline_solves_mqar_and_passkey():
+    """Exact lookup solves the passkey and MQAR whose noise never repeats a key; Zoology's noise, which may repeat a
+    key followed by another token, misleads it (the most recent successor is then the noise's)."""
     res = evaluate(InductionLM(259), [NIAHConfig(lengths=(300,), depths=(0.3,), samples_per_cell=2)], options=QUIET)
-    res = res.merge(evaluate(InductionLM(128), MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8,
-                                                           num_examples=10), options=QUIET))
-    assert [c.metrics["accuracy"] for c in res.cells] == [1.0, 1.0]
+    mqar = [MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8, num_examples=10, noise=noise)
+            for noise in ("disjoint", "zoology")]
+    res = res.merge(evaluate(InductionLM(128), mqar, options=QUIET))
+    assert [c.metrics["accuracy"] for c in res.cells[:2]] == [1.0, 1.0]
+    assert res.cells[2].metrics["accuracy"] < 1.0 and res.cells[2].metrics["context_value_rate"] < 1.0
 
 
 # -- streaming, batching ----------------------------------------------------------------------------------------------
@@ -272,7 +312,7 @@ def test_state_size_walks_nested_states():
 
 def test_options_are_validated():
     bad_options = ({"batch_size": 0}, {"stream_chunk": 0}, {"memory_budget_gb": -1.0}, {"memory_budget_gb": "big"},
-                   {"capacity_threshold": 0.0})
+                   {"capacity_threshold": 0.0}, {"mqar_reach": -1}, {"mqar_reach": "far"})
     for bad in bad_options:
         with pytest.raises(ValueError):
             EvalOptions(**bad)
@@ -290,7 +330,7 @@ def test_text_progress_bar_without_tqdm(monkeypatch):
     assert type(progress_bar(10, "x", None, file=io.StringIO())).__name__ == "ProgressBar"  # not a tty: silent
 
 
-@pytest.mark.parametrize("cfg", [MQARConfig(vocab_size=64, seq_len=64, num_kv_pairs=4, num_examples=4),
+@pytest.mark.parametrize("cfg", [MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=4, num_examples=4),
                                  NIAHConfig(kind="passkey", lengths=(300,), depths=(0.5,), samples_per_cell=1)],
                          ids=["scored", "greedy"])
 def test_non_finite_logits_are_an_error_not_a_score(cfg):

@@ -20,6 +20,7 @@ from mnemos.eval import (
     write_report,
 )
 from mnemos.eval.plots import make_figures
+from mnemos.eval.report import pool
 
 BYTES = 259
 QUIET = EvalOptions(progress=False)
@@ -77,6 +78,21 @@ def test_markdown_tables(results):
     assert "| attention-350 | 0.00 | refused [1] | refused [2] | none |" in md
     assert capacity_summary(results) == {"induction-8": 500, "recurrent-4": None, "recurrent-32": None,
                                          "attention-350": None}
+
+
+def test_mqar_detail_table_pools_counts_over_seeds():
+    """Below the accuracy table: near / far, the context-value rates beside 1/K and chance, pooled from the counts
+    of every seed's cell (so two seeds give one row)."""
+    cfg = MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=4, num_examples=6)
+    runs = [evaluate(AnswerKeyLM(128, mqar=(*cfg.build(seed), 4)), cfg, seed=seed,
+                     options=EvalOptions(progress=False, mqar_reach=10)) for seed in (0, 1)]
+    merged = runs[0].merge(runs[1])
+    md = merged.markdown()
+    assert "### MQAR: recall by distance" in md
+    assert "| oracle | 64 | 4 | 10 | 1.00 | 1.00 | 1.00 | 1.00 | 1.00 | 0.25 | 0.016 |" in md
+    (p,) = pool(merged, "mqar")
+    assert p.rate("near_correct", "n_near") == 1.0 and sum(c.metrics["n_near"] for c in p.cells) > 0
+    assert p.rate("missing", "n") is None
 
 
 def test_figures_are_real_pngs(results, tmp_path):

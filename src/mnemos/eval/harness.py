@@ -1,7 +1,9 @@
 """The evaluation harness: run :class:`~mnemos.eval.adapters.StatefulLM` models on the offline tasks of
 :mod:`mnemos.data` and record one :class:`~mnemos.eval.results.Cell` per grid point.
 
-- ``mqar`` (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions.
+- ``mqar`` (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions, split by
+  how far back the queried pair lies and by whether the answer is one of the sample's values
+  (:func:`mnemos.data.mqar_recall_metrics`).
 - ``niah`` (:class:`~mnemos.data.NIAHConfig`): greedy decode after the prompt, exact match; per (length, depth).
 - ``babilong`` (:class:`~mnemos.data.BABILongConfig`): greedy decode after the prompt, exact match; per length.
 - ``capacity`` (:class:`~mnemos.data.PasskeyCapacityConfig`): passkey exact match per length; the report adds the
@@ -18,20 +20,22 @@ of equal length are batched (``batch_size``).
 >>> from mnemos.data import MQARConfig
 >>> from mnemos.eval.baselines import InductionLM
 >>> res = evaluate(InductionLM(vocab_size=64), MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4,
-...                num_examples=8), options=EvalOptions(progress=False))
->>> res.cells[0].task, res.cells[0].metrics["accuracy"]
-('mqar', 1.0)
+...                num_examples=8, noise="disjoint"), options=EvalOptions(progress=False))
+>>> res.cells[0].task, res.cells[0].metrics["accuracy"], res.cells[0].metrics["context_value_rate"]
+('mqar', 1.0, 1.0)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
@@ -49,6 +53,7 @@ from mnemos.data import (
     NIAHSample,
     PasskeyCapacityConfig,
     exact_match,
+    mqar_recall_metrics,
 )
 from mnemos.eval._progress import ProgressBar, progress_bar
 from mnemos.eval.adapters import StatefulLM, load_model, state_size
@@ -62,7 +67,9 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "evaluate",
+    "model_reach",
     "run_eval",
+    "saved_mqar_task",
     "task_name",
     "task_vocab_size",
 ]
@@ -97,6 +104,11 @@ class EvalOptions:
         raise_errors: let an exception inside a cell propagate; by default it is recorded in the cell (status
             ``"error"``, with its type and message) and the other cells still run. Running out of memory is always
             recorded.
+        mqar_reach: MQAR: where near and far queries split (the queried key at most / more than this many tokens
+            back; :func:`mnemos.data.mqar_recall_metrics`). ``"auto"``: one split for every model of the run, the
+            reach ``n_layers * (window - 1)`` of its sliding-window models (swa, mag, mal; :func:`model_reach`) when
+            they agree; when they disagree each of them is split at its own and the others not at all; no split
+            when none has a window. None: no split.
     """
 
     batch_size: int = 8
@@ -107,6 +119,7 @@ class EvalOptions:
     keep_samples: bool = True
     progress: bool | None = None
     raise_errors: bool = False
+    mqar_reach: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self):
         for name in ("batch_size", "stream_chunk", "lm_max_windows"):
@@ -118,6 +131,9 @@ class EvalOptions:
             raise ValueError(f"memory_budget_gb must be a number > 0, 'auto' or None, got {b!r}")
         if not 0.0 < self.capacity_threshold <= 1.0:
             raise ValueError(f"capacity_threshold must be in (0, 1], got {self.capacity_threshold!r}")
+        r = self.mqar_reach
+        if r not in (None, "auto") and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"mqar_reach must be an int >= 0, 'auto' or None, got {r!r}")
 
 
 def task_name(config: TaskConfig) -> str:
@@ -187,12 +203,13 @@ def evaluate(
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
     cells: list[Cell] = []
-    for m in models:
+    reaches = _mqar_reaches(models, options.mqar_reach)
+    for m, reach in zip(models, reaches, strict=True):
         total = sum(_task_tokens(t, options) for t in tasks)
         bar = progress_bar(total, m.name, options.progress)
         try:
             for t in tasks:
-                run = _Run(m, t, seed, options, bar)
+                run = _Run(m, t, seed, options, bar, reach)
                 cells.extend(_EVALUATORS[type(t)](run))
         finally:
             bar.close()
@@ -231,8 +248,10 @@ def run_eval(
 class _Run:
     """One (model, task config) evaluation: what every cell of it shares."""
 
-    def __init__(self, model: StatefulLM, config: TaskConfig, seed: int, options: EvalOptions, bar: ProgressBar):
+    def __init__(self, model: StatefulLM, config: TaskConfig, seed: int, options: EvalOptions, bar: ProgressBar,
+                 reach: int | None = None):
         self.model, self.config, self.seed, self.options, self.bar = model, config, seed, options, bar
+        self.reach = reach  # MQAR's near / far split for this model
         self.task = task_name(config)
         self.description = model.describe()
         self.versions = environment(model.device)
@@ -375,30 +394,74 @@ def _mqar_cell(run: _Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
         run.bar.update(cfg.num_examples * cfg.seq_len)
         return run.cell(params, status="refused", message=reason)
     inputs, labels = cfg.build(run.seed)  # [N, L] each
-    correct = total = 0
+    pred = torch.zeros_like(inputs)  # [N, L]: argmax after each token
     sizes: dict[str, int] = {}
     t0 = time.perf_counter()
     with torch.no_grad():
         for rows in _batches(inputs.shape[0], batch):
-            lab = labels[rows]  # [b, L]
-            counts = [0, 0]
 
-            def score(start: int, logits: Tensor, lab=lab, counts=counts) -> None:
-                target = lab[:, start : start + logits.shape[1]]  # [b, c]
-                mask = target != IGNORE_INDEX
-                if mask.any():
-                    pred = logits.argmax(-1).cpu()  # [b, c]
-                    counts[0] += int((pred[mask] == target[mask]).sum())
-                    counts[1] += int(mask.sum())
+            def keep(start: int, logits: Tensor, rows=rows) -> None:
+                pred[rows, start : start + logits.shape[1]] = logits.argmax(-1).cpu()
 
-            _, state = _stream(run, inputs[rows], m.init_state(rows.stop - rows.start), score)
-            correct, total = correct + counts[0], total + counts[1]
+            _, state = _stream(run, inputs[rows], m.init_state(rows.stop - rows.start), keep)
             sizes = _max_sizes(sizes, _per_sequence_state(state, rows.stop - rows.start))
     seconds = time.perf_counter() - t0
+    scores = mqar_recall_metrics(pred, inputs, labels, cfg.num_kv_pairs, run.reach, vocab_size=cfg.vocab_size)
+    scores = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in scores.items()}  # empty buckets
     return run.cell(params, metrics={
-        "accuracy": correct / total, "correct": correct, "n": total, "examples": cfg.num_examples, **sizes,
+        **scores, "examples": cfg.num_examples, **sizes,
         "tokens_per_second": round(inputs.numel() / max(seconds, 1e-9), 1), "batch_size": batch,
     })
+
+
+def model_reach(model: StatefulLM) -> int | None:
+    """How far back a model with sliding-window attention sees through attention alone: ``n_layers * (window - 1)``
+    for mnemos' swa, mag and mal variants (read from ``model.config``); None for any other model."""
+    config = getattr(model, "config", None)
+    if getattr(config, "variant", None) not in ("swa", "mag", "mal"):
+        return None
+    n_layers, window = getattr(config, "n_layers", None), getattr(config, "window", None)
+    return n_layers * (window - 1) if isinstance(n_layers, int) and isinstance(window, int) else None
+
+
+def _mqar_reaches(models: Sequence[StatefulLM], reach: int | str | None) -> list[int | None]:
+    """Each model's near / far split for ``EvalOptions.mqar_reach`` (see there)."""
+    if reach != "auto":
+        return [reach] * len(models)
+    own = [model_reach(m) for m in models]
+    windowed = {r for r in own if r is not None}
+    return [windowed.pop()] * len(models) if len(windowed) == 1 else own
+
+
+MQAR_TASK_KEYS = ("vocab_size", "seq_len", "num_kv_pairs", "power_a", "noise")
+
+
+def saved_mqar_task(model_specs: Sequence[str], keys: Sequence[str] = MQAR_TASK_KEYS) -> dict[str, Any]:
+    """The MQAR settings (those of ``keys`` that were saved) the checkpoints among ``model_specs`` were trained on,
+    from each checkpoint's run config (``config.json``, else ``trainer.pt``) whose ``task.kind`` is mqar. Other
+    specs (variants, baselines, LM runs) add nothing; {} when none has any. Checkpoints that disagree on one of
+    ``keys`` are an error naming them."""
+    from mnemos.train.checkpoint import read_trainer_state
+
+    found: dict[str, tuple[Any, str]] = {}
+    for spec in model_specs:
+        path = Path(spec)
+        if not (path.is_dir() and (path / "trainer.pt").is_file()):
+            continue
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+        config = config or read_trainer_state(path).get("config") or {}
+        task = config.get("task") if isinstance(config, dict) else None
+        if not isinstance(task, dict) or task.get("kind", "mqar") != "mqar":
+            continue
+        for key in keys:
+            if key not in task:
+                continue
+            if key in found and found[key][0] != task[key]:
+                raise ValueError(f"the checkpoints were trained on different MQAR tasks: task.{key} is "
+                                 f"{found[key][0]!r} in {found[key][1]} and {task[key]!r} in {spec}; give the task "
+                                 "explicitly (--vocab-size, --pairs L:K, --power-a, --noise)")
+            found.setdefault(key, (task[key], spec))
+    return {k: v for k, (v, _) in found.items()}
 
 
 # -- NIAH, BABILong, passkey capacity: greedy decoding and exact match -----------------------------------------------

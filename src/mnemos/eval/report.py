@@ -60,6 +60,13 @@ class Pooled:
         tokens = sum(c.metrics.get("tokens", 0) for c in self.ok)
         return sum(c.metrics["loss"] * c.metrics["tokens"] for c in self.ok) / tokens if tokens else None
 
+    def rate(self, hits: str, total: str) -> float | None:
+        """``sum(metrics[hits]) / sum(metrics[total])`` over the cells that ran (None when nothing was counted, e.g.
+        in results written before the metric existed)."""
+        cells = [c for c in self.ok if c.metrics.get(hits) is not None and c.metrics.get(total)]
+        n = sum(c.metrics[total] for c in cells)
+        return sum(c.metrics[hits] for c in cells) / n if n else None
+
     def metric_max(self, name: str) -> Any:
         vals = [c.metrics[name] for c in self.ok if c.metrics.get(name) is not None]
         return max(vals) if vals else None
@@ -170,7 +177,35 @@ def _section_mqar(results: EvalResults, notes: _Notes) -> list[str]:
         rows.append([m, _si(max(states)) if states else "—"]
                     + [notes.mark(by.get((m, *g)), _acc) for g in grid])
     return ["## MQAR", "", "Teacher-forced accuracy at the query positions (guessing a value token scores 2 / V).", "",
-            *_table(header, rows), ""]
+            *_table(header, rows), "", *_mqar_detail(points)]
+
+
+def _mqar_detail(points: Sequence[Pooled]) -> list[str]:
+    """Per (model, L, K): accuracy near / far from the queried key and the share of answers that are a context
+    value, beside the levels that tell recall from guessing (1/K, chance)."""
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
+    rows = []
+    for p in points:
+        if p.status != "ok" or p.rate("context_values", "n") is None:
+            continue
+        reach = p.ok[0].metrics.get("reach")
+        V, K = p.params["vocab_size"], p.params["num_kv_pairs"]
+        rows.append([p.model, str(p.params["seq_len"]), str(K), "—" if reach is None else str(reach),
+                     fmt(p.accuracy), fmt(p.rate("near_correct", "n_near")), fmt(p.rate("far_correct", "n_far")),
+                     fmt(p.rate("context_values", "n")), fmt(p.rate("far_context_values", "n_far")), f"{1 / K:.3g}",
+                     f"{1 / (V - V // 2):.3f}"])
+    if not rows:
+        return []
+    return ["### MQAR: recall by distance, and answers that are a context value", "",
+            "near / far: accuracy at the queries whose key lies at most / more than `reach` tokens back (the reach "
+            "of the models' sliding windows, n_layers * (window - 1); — when not split). ctx-value: the share of "
+            "answers that are one of the sample's K values, right or wrong (far: of the far queries). A model "
+            "answering each query with a random value of its context scores 1/K with ctx-value 1.00; chance is a "
+            "uniform guess among the V - V/2 value ids.", "",
+            *_table(["model", "L", "K", "reach", "accuracy", "near", "far", "ctx-value", "ctx-value far", "1/K",
+                     "chance"], rows), ""]
 
 
 def _section_niah(results: EvalResults, notes: _Notes) -> list[str]:

@@ -35,8 +35,9 @@ class Cell:
 
     ``params`` says where in the task's grid the cell sits (``{"length": 4096, "depth": 0.5}`` for NIAH,
     ``{"seq_len": 256, "num_kv_pairs": 16, ...}`` for MQAR); ``metrics`` holds the numbers (``accuracy``,
-    ``correct``, ``n``; ``loss``, ``perplexity`` for LM; ``state_numel`` / ``state_bytes`` per sequence after the
-    prompt). ``status`` is ``"ok"``, ``"refused"`` (the model cannot take this context: ``message`` says why) or
+    ``correct``, ``n``; for MQAR also the near / far split and context-value counts of
+    :func:`mnemos.data.mqar_recall_metrics`; ``loss``, ``perplexity`` for LM; ``state_numel`` / ``state_bytes`` per
+    sequence after the prompt). ``status`` is ``"ok"``, ``"refused"`` (the model cannot take this context: ``message`` says why) or
     ``"error"`` (it failed while running, e.g. out of memory). ``samples`` lists per-prompt predictions for the
     generation tasks.
     """
