@@ -42,3 +42,45 @@ def test_demo_bad_flags(capsys):
 def test_console_entry_point_module():
     r = subprocess.run([sys.executable, "-m", "mnemos.cli", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("mnemos ")
+
+
+def test_threads_flag_sets_torchs_threads_before_the_work(tmp_path, capsys, monkeypatch):
+    """--threads N on train, eval and demo: torch.set_num_threads(N) before the command runs; N >= 1."""
+    from pathlib import Path
+
+    import torch
+
+    import mnemos.train.demo
+    import mnemos.train.loop
+    from mnemos.train.loop import TrainResult
+
+    before = torch.get_num_threads()
+    seen = []
+
+    def fake_train(cfg, resume=False):
+        seen.append(torch.get_num_threads())
+        return TrainResult(Path(cfg.run.out_dir), 0, [], {}, 0.0)
+
+    def fake_demo(cfg):
+        seen.append(torch.get_num_threads())
+        return mnemos.train.demo.DemoReport(cfg)
+
+    monkeypatch.setattr(mnemos.train.loop, "train", fake_train)
+    monkeypatch.setattr(mnemos.train.demo, "run_demo", fake_demo)
+    try:
+        assert main(["train", "--threads", "3", f"run.out_dir={tmp_path}"]) == 0
+        assert main(["demo", "--threads", "2", "--steps", "1", "--out", str(tmp_path)]) == 0
+        assert main(["eval", "mqar", "--threads", "3", "--model", "baseline:random", "--pairs", "32:2",
+                     "--vocab-size", "64", "--num-examples", "2", "--no-progress", "--no-plots",
+                     "--out", str(tmp_path / "e")]) == 0
+        seen.append(torch.get_num_threads())
+        assert seen == [3, 2, 3]
+        cell = json.loads((tmp_path / "e" / "results.json").read_text())["cells"][0]
+        assert cell["versions"]["threads"] == 3  # the results record it
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            main(["train", "--threads", bad])
+        assert f"expected a number of threads >= 1, got '{bad}'" in capsys.readouterr().err

@@ -20,6 +20,38 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of threads >= 1, got {text!r}")
+    return n
+
+
+def _set_threads(n: int) -> None:
+    """``--threads N``: torch's intra-op threads, and its inter-op threads while they can still be set (torch allows
+    that only before any inter-op parallel work has run in the process)."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
+
+
+def _reach(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, 'auto' or 'none', got {text!r}")
+    return n
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .train.demo import DemoConfig, run_demo
 
@@ -103,13 +135,29 @@ def _budget(text: str) -> float | str | None:
 
 def _eval_task(args: argparse.Namespace):
     """The task config(s) an ``mnemos eval TASK`` command line describes."""
-    from .data import (MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, BABILongConfig, LMDataConfig, NIAHConfig,
-                       PasskeyCapacityConfig, mqar_grid)
+    from .data import (MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, BABILongConfig, LMDataConfig, MQARConfig,
+                       NIAHConfig, PasskeyCapacityConfig, mqar_grid)
 
     if args.task == "mqar":
-        pairs = args.pairs or {"zoology": MQAR_ZOOLOGY_GRID, "extrapolation": MQAR_EXTRAPOLATION_GRID}[args.grid]
-        return mqar_grid(pairs, vocab_size=args.vocab_size, num_examples=args.num_examples, power_a=args.power_a,
-                         noise=args.noise)
+        from .eval.harness import saved_mqar_task
+
+        # what the flags leave open comes from the checkpoints' training task, else MQARConfig's defaults
+        open_keys = [k for k in ("vocab_size", "power_a", "noise") if getattr(args, k) is None]
+        grid_open = not args.pairs and args.grid is None
+        saved = saved_mqar_task(args.model, open_keys + (["seq_len", "num_kv_pairs"] if grid_open else []))
+        taken = {k: saved[k] for k in open_keys if k in saved}
+        pairs = args.pairs
+        if grid_open and {"seq_len", "num_kv_pairs"} <= saved.keys():
+            pairs = ((saved["seq_len"], saved["num_kv_pairs"]),)
+            taken.update(seq_len=saved["seq_len"], num_kv_pairs=saved["num_kv_pairs"])
+        grids = {"zoology": MQAR_ZOOLOGY_GRID, "extrapolation": MQAR_EXTRAPOLATION_GRID}
+        pairs = pairs or grids[args.grid or "zoology"]
+        if taken:
+            print("MQAR task from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in taken.items()), file=sys.stderr)
+        default = {f.name: f.default for f in fields(MQARConfig)}
+        kw = {k: taken.get(k, default[k]) if getattr(args, k) is None else getattr(args, k)
+              for k in ("vocab_size", "power_a", "noise")}
+        return mqar_grid(pairs, num_examples=args.num_examples, **kw)
     if args.task == "niah":
         return NIAHConfig(kind=args.kind, lengths=args.lengths, depths=args.depths, samples_per_cell=args.samples,
                           corpus_paths=tuple(args.corpus))
@@ -131,7 +179,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, stream_chunk=args.stream_chunk, memory_budget_gb=args.memory_budget_gb,
         lm_max_windows=getattr(args, "max_windows", None) or None, capacity_threshold=getattr(args, "threshold", 0.95),
         keep_samples=not args.no_samples, progress=False if args.no_progress else None,
-        raise_errors=args.raise_errors,
+        raise_errors=args.raise_errors, mqar_reach=getattr(args, "reach", "auto"),
     )
     out = args.out or f"eval_results/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -160,7 +208,8 @@ def _train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     if result.final_eval:
-        print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()))
+        print("final eval: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in result.final_eval.items()))
     print(f"{result.step} steps, {result.tokens_per_s:,.0f} tokens/s; run directory {result.out_dir}")
     return 0
 
@@ -176,6 +225,9 @@ def _preset_path(name: str):
     return path
 
 
+THREADS_HELP = "CPU threads torch uses (torch.set_num_threads; default: torch's choice, one per core)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mnemos", description="The memory hierarchy of sequence models.")
     p.add_argument("--version", action="version", version=f"mnemos {__version__}")
@@ -189,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 600 on CPU, 3000 on CUDA)")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default %(default)s)")
+    dm.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
     dm.set_defaults(func=_demo)
 
     demo = sub.add_parser("memorize", help="test-time memorisation: recall of N key->value pairs vs depth and chunk size")
@@ -213,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", metavar="FILE", help="YAML run config (sections model, task, optim, run)")
     src.add_argument("--preset", metavar="NAME", help="a shipped config: mqar, lm")
     tr.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
+    tr.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
     tr.add_argument("overrides", nargs="*", metavar="section.key=value")
     tr.set_defaults(func=_train)
 
@@ -247,20 +301,28 @@ def _add_eval_parser(sub) -> None:
     common.add_argument("--no-samples", action="store_true", help="do not record each prompt's prediction")
     common.add_argument("--raise-errors", action="store_true",
                         help="stop at the first failing cell (default: record the error in it and go on)")
+    common.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
 
     ev = sub.add_parser("eval", help="evaluate models on a benchmark task (see docs/BENCHMARKS.md)")
     tasks = ev.add_subparsers(dest="task", required=True, metavar="TASK")
 
     d = {f.name: f.default for f in fields(MQARConfig)}
     t = tasks.add_parser("mqar", parents=[common], help="multi-query associative recall, teacher-forced accuracy")
-    t.add_argument("--grid", choices=("zoology", "extrapolation"), default="zoology",
-                   help="(seq_len, num_kv_pairs) grid (default %(default)s)")
+    ckpt = "the checkpoints' training task, else"  # what a flag left out defaults to
+    t.add_argument("--grid", choices=("zoology", "extrapolation"), default=None,
+                   help=f"(seq_len, num_kv_pairs) grid (default: {ckpt} zoology)")
     t.add_argument("--pairs", type=_pairs, default=None, metavar="L:K,...", help="explicit grid, e.g. 64:4,256:16")
-    t.add_argument("--vocab-size", type=int, default=d["vocab_size"], help="(default %(default)s)")
+    t.add_argument("--vocab-size", type=int, default=None, help=f"(default: {ckpt} {d['vocab_size']})")
     t.add_argument("--num-examples", type=int, default=d["num_examples"], help="per grid point (default %(default)s)")
-    t.add_argument("--power-a", type=float, default=d["power_a"], help="query position power law (default %(default)s)")
-    t.add_argument("--noise", choices=("zoology", "disjoint"), default=d["noise"],
-                   help="noise tokens: as Zoology (may repeat keys) or disjoint from the keys (default %(default)s)")
+    t.add_argument("--power-a", type=float, default=None, help=f"query position power law (default: {ckpt} "
+                                                                f"{d['power_a']})")
+    t.add_argument("--noise", choices=("zoology", "disjoint"), default=None,
+                   help=f"noise tokens: as Zoology (may repeat keys) or disjoint from the keys (default: {ckpt} "
+                        f"{d['noise']})")
+    t.add_argument("--reach", type=_reach, default="auto", metavar="N|auto|none",
+                   help="split accuracy at queries whose key is <= N tokens back (near) or further (far); auto "
+                        "(default): the reach n_layers * (window - 1) of the sliding-window models (swa, mag, mal) "
+                        "evaluated, for every model; none: no split")
 
     d = {f.name: f.default for f in fields(NIAHConfig)}
     t = tasks.add_parser("niah", parents=[common], help="single needle in a haystack: accuracy by length and depth")
@@ -302,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:  # --model.d_model=64 is an override, not a flag
         argv = [a[2:] if a.startswith("--") and "=" in a and "." in a.split("=")[0] else a for a in argv]
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        _set_threads(args.threads)  # before any work
     try:
         return args.func(args)
     except (ValueError, ImportError) as e:  # configuration errors, missing optional packages: one clear line

@@ -34,7 +34,7 @@ def test_eval_niah_then_report_merges_runs(tmp_path, capsys):
 
 def test_eval_mqar_and_lm(tmp_path, capsys):
     assert main(["eval", "mqar", "--model", "baseline:induction", "--pairs", "64:4,128:8", "--vocab-size", "256",
-                 "--num-examples", "16", "--no-progress", "--out", str(tmp_path / "q")]) == 0
+                 "--noise", "disjoint", "--num-examples", "16", "--no-progress", "--out", str(tmp_path / "q")]) == 0
     assert "| induction-8 | — | 1.00 | 1.00 |" in capsys.readouterr().out
     assert main(["eval", "lm", "--model", "baseline:random", "--seq-len", "64", "--max-windows", "4",
                  "--no-progress", "--out", str(tmp_path / "lm")]) == 0
@@ -56,3 +56,44 @@ def test_eval_and_report_errors_are_one_line(tmp_path, capsys):
     assert "lengths must hold ints >= 276" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def _mqar_checkpoint(path, **task):
+    """A tiny untrained swa checkpoint whose run config says it was trained on the MQAR ``task``."""
+    import torch
+
+    from mnemos.models import MnemosConfig, MnemosLM
+    from mnemos.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MnemosLM(MnemosConfig(variant="swa", vocab_size=96, d_model=16, n_layers=2, n_heads=2, window=4))
+    return save_checkpoint(path, model, step=1, config={"model": model.config.to_dict(),
+                                                        "task": {"kind": "mqar", **task}})
+
+
+def test_eval_mqar_reads_the_task_from_the_checkpoint(tmp_path, capsys):
+    """Without --vocab-size / --pairs (/ --power-a / --noise) the task is the one the checkpoint trained on; a flag
+    given wins; checkpoints that disagree are an error."""
+    task = {"vocab_size": 96, "seq_len": 40, "num_kv_pairs": 5, "power_a": 0.5, "noise": "disjoint"}
+    ckpt = _mqar_checkpoint(tmp_path / "run" / "checkpoint", **task)
+    common = ["--num-examples", "4", "--no-progress", "--no-plots"]
+    assert main(["eval", "mqar", "--model", str(ckpt), *common, "--out", str(tmp_path / "a")]) == 0
+    assert "MQAR task from the checkpoint: vocab_size 96, power_a 0.5, noise disjoint, seq_len 40" in \
+        capsys.readouterr().err
+    (cell,) = _cells(tmp_path / "a" / "results.json")
+    assert {k: cell["task_config"][k] for k in task} == task
+    assert cell["metrics"]["reach"] == 2 * 3  # auto: the swa model's n_layers * (window - 1)
+
+    assert main(["eval", "mqar", "--model", str(ckpt), "--model", "baseline:random", "--pairs", "48:6",
+                 "--noise", "zoology", "--reach", "none", *common, "--out", str(tmp_path / "b")]) == 0
+    cells = _cells(tmp_path / "b" / "results.json")
+    assert [c["task_config"]["seq_len"] for c in cells] == [48, 48] and cells[0]["task_config"]["noise"] == "zoology"
+    assert cells[0]["task_config"]["vocab_size"] == 96 and "reach" not in cells[0]["metrics"]
+
+    other = _mqar_checkpoint(tmp_path / "other", **{**task, "num_kv_pairs": 4})
+    capsys.readouterr()
+    assert main(["eval", "mqar", "--model", str(ckpt), "--model", str(other), *common]) == 2
+    err = capsys.readouterr().err
+    assert "trained on different MQAR tasks: task.num_kv_pairs is 5 in" in err and str(other) in err
+    assert main(["eval", "mqar", "--model", str(ckpt), "--model", str(other), "--pairs", "40:4", *common,
+                 "--out", str(tmp_path / "c")]) == 0  # the flag settles what they disagree on
