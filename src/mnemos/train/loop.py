@@ -422,7 +422,7 @@ def _record_memory_stats(layers: list[NeuralMemory], on: bool) -> None:
 def _memory_stats(layers: list[NeuralMemory]) -> dict[str, float]:
     """``mem.{i}.{key}``: the statistics the i-th memory layer (in model order) recorded in its last forward."""
     return {f"mem.{i}.{k}": float(v) for i, layer in enumerate(layers)
-            for k, v in (getattr(layer, "last_stats", None) or {}).items()}
+            for k, v in (getattr(layer, "last_stats", None) or {}).items() if isinstance(v, (int, float))}
 
 
 def _memory_note(mem: dict[str, float], skipped: int) -> str:
