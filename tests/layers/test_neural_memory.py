@@ -282,3 +282,55 @@ def test_record_stats_reports_the_writes():
     layer(x)
     assert layer.last_stats["write_fraction"] < 1e-6
     assert abs(layer.last_stats["inner_loss"] - layer.last_stats["inner_loss_start"]) < 1e-5
+
+
+def test_chunk_step_bound_shares_max_lr_over_the_chunk():
+    """step_bound="chunk": a token's total step is at most max_lr / C, so a chunk's C steps add up to <= max_lr; it
+    is the per-token layer with max_lr / C, nothing else changes."""
+    chunked = make_layer(max_lr=0.8, chunk_size=4, step_bound="chunk")
+    per_token = make_layer(max_lr=0.2, chunk_size=4, step_bound="token")
+    per_token.load_state_dict(chunked.state_dict())
+    with torch.no_grad():
+        chunked.to_gates.bias[:3].fill_(8.0)  # theta near its bound
+        per_token.to_gates.bias[:3].fill_(8.0)
+        x = x_of(2, 30)
+        _, _, _, theta, eta, _, _ = chunked._project(x, None)
+        torch.testing.assert_close(chunked(x)[0], per_token(x)[0])
+    step = theta / (1 - eta)
+    assert 0.19 < float(step.max()) <= 0.8 / 4
+
+
+@pytest.mark.parametrize("bound", ["chunk", "token"])
+def test_chunk_bound_keeps_a_chunk_of_repeated_keys_stable(bound):
+    """The anchored step of a chunk: C identical unit keys with saturated gates. With the per-chunk bound the C
+    gradients at one anchor add up to at most max_lr (< 1: the error on that key shrinks); with a per-token bound of
+    the same max_lr they add up to C * max_lr and the memory overshoots without end."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, heads=2, depth=1, chunk_size=16, max_lr=0.9, step_bound=bound, value_norm=True).double()
+    with torch.no_grad():
+        layer.to_gates.weight.zero_()
+        layer.to_gates.bias[:2].fill_(10.0)  # theta at its bound
+        layer.to_gates.bias[2:4].fill_(-10.0)  # no momentum: every step lands in its own chunk
+        layer.to_gates.bias[4:].fill_(-30.0)  # no forgetting
+        layer.record_stats = True
+        y, state = layer(torch.randn(1, 1, 32, dtype=F64).expand(1, 256, 32))
+    s = layer.last_stats
+    if bound == "chunk":
+        assert bool(torch.isfinite(y).all())
+        assert s["inner_loss"] < 1e-2 * s["inner_loss_start"], s  # |1 - 2 * 0.9| per chunk: the error shrinks
+    else:
+        assert not s["inner_loss"] < s["inner_loss_start"], s  # overshoot: the error grew (or overflowed)
+
+
+def test_value_norm_gives_unit_values():
+    layer = make_layer(value_norm=True)
+    with torch.no_grad():
+        _, _, v, *_ = layer._project(x_of(2, 9), None)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(v.shape[:-1], dtype=F64))
+
+
+def test_bad_step_bound_and_value_norm():
+    with pytest.raises(ValueError, match="step_bound must be 'chunk' or 'token'"):
+        NeuralMemory(12, step_bound="tokens")
+    with pytest.raises(TypeError, match="value_norm must be a bool"):
+        NeuralMemory(12, value_norm=1)

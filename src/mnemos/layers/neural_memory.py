@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import MemoryState, memory_read, neural_memory
+from ..ops import MemoryState, memory_read, neural_memory, step_curvature
 from .conv import ShortConvolution
 from .norm import GatedRMSNorm
 
@@ -90,6 +90,8 @@ class NeuralMemory(nn.Module):
         max_lr: float = 0.01,
         conv_size: int = 4,
         ema_momentum: bool = True,
+        value_norm: bool = False,
+        step_bound: str = "token",
         impl: str = "auto",
     ):
         super().__init__()
@@ -115,9 +117,16 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
         if not isinstance(ema_momentum, bool):
             raise TypeError(f"ema_momentum must be a bool, got {ema_momentum!r}")
+        if not isinstance(value_norm, bool):
+            raise TypeError(f"value_norm must be a bool, got {value_norm!r}")
+        if step_bound not in ("chunk", "token"):
+            raise ValueError(f"step_bound must be 'chunk' or 'token', got {step_bound!r}")
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
         self.chunk_size, self.max_lr, self.ema_momentum, self.impl = chunk_size, max_lr, ema_momentum, impl
+        self.value_norm, self.step_bound = value_norm, step_bound
+        # the bound of one token's total step: max_lr itself, or its share of the chunk's summed-step bound
+        self.token_lr = max_lr / chunk_size if step_bound == "chunk" else max_lr
         # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
         # (see :meth:`_record_stats`); the trainer switches it on for logged steps only
         self.record_stats = False
@@ -165,9 +174,11 @@ class NeuralMemory(nn.Module):
         qkv, conv_state = self.conv(self.to_qkv(x), conv_state)  # [B, T, 3*H*D]
         q, k, v = F.silu(qkv).view(B, T, 3, H, D).unbind(2)  # 3 x [B, T, H, D]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.value_norm:  # unit targets: the inner problem has one scale whatever the projections learn
+            v = F.normalize(v, dim=-1)
         g = self.to_gates(x).view(B, T, 3, H)
         g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g  # gates in float32 at least
-        theta = self.max_lr * torch.sigmoid(g[:, :, 0])
+        theta = self.token_lr * torch.sigmoid(g[:, :, 0])
         eta, alpha = torch.sigmoid(g[:, :, 1]), torch.sigmoid(g[:, :, 2])
         if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
             theta = theta * (1.0 - eta)
@@ -205,7 +216,9 @@ class NeuralMemory(nn.Module):
         - ``inner_loss_start`` / ``inner_loss``: mean ||M(k_t) - v_t||^2 under the memory at the start of the call and
           after its last write (how much of what was written the memory holds);
         - ``memory_norm``: Frobenius norm of the weights after the call (all layers, mean over sequences and heads);
-        - ``write_fraction``: RMS(o - M(q; W_start)) / RMS(o): the share of the read that the writes contributed.
+        - ``write_fraction``: RMS(o - M(q; W_start)) / RMS(o): the share of the read that the writes contributed;
+        - ``curvature_max``: the largest :func:`mnemos.ops.step_curvature` of the keys under the final memory (1 for
+          a matrix memory with unit keys): a token's step moves its own answer by up to step x curvature.
         """
         read = dict(residual=self.residual, activation=self.activation)
         q, k, v, o = (t.float() for t in (q, k, v, o))
@@ -220,9 +233,10 @@ class NeuralMemory(nn.Module):
             (memory_read(k, end, **read) - v).pow(2).sum(-1).mean(),
             norm2.sqrt().mean(),
             (o - o_start).pow(2).mean().sqrt() / o.pow(2).mean().sqrt().clamp_min(1e-12),
+            step_curvature(k, v, end, **read).max(),
         ]).tolist()
         names = ("theta_mean", "theta_max", "eta_mean", "eta_max", "alpha_mean", "alpha_max", "step_max",
-                 "inner_loss_start", "inner_loss", "memory_norm", "write_fraction")
+                 "inner_loss_start", "inner_loss", "memory_norm", "write_fraction", "curvature_max")
         self.last_stats = dict(zip(names, stats))
 
     def step(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
@@ -248,5 +262,6 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, residual={self.residual}, activation={self.activation!r}, "
-            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, ema_momentum={self.ema_momentum}"
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, step_bound={self.step_bound!r}, "
+            f"ema_momentum={self.ema_momentum}, value_norm={self.value_norm}"
         )

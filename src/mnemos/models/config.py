@@ -116,6 +116,10 @@ class MemoryConfig(_ConfigBase):
     max_lr: float = 0.01
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
     ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
+    # "chunk": max_lr bounds the summed step of a chunk's C tokens (each token's bound is max_lr / C), so the anchored
+    # step of a chunk never exceeds it whatever C; "token": max_lr bounds each token's step (C of them add up)
+    step_bound: Literal["chunk", "token"] = "token"
+    value_norm: bool = False  # l2-normalise the values per head, like the keys: the inner problem has one scale
     impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
 
     def __post_init__(self):
@@ -209,7 +213,8 @@ class MnemosConfig(_ConfigBase):
 
 
 # memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
-MEMORY_KEYS_ADDED = {"ema_momentum": False}  # the free theta = max_lr * sigmoid(.) came first
+# (the free theta = max_lr * sigmoid(.) came first; then a per-token bound and raw values)
+MEMORY_KEYS_ADDED = {"ema_momentum": False, "step_bound": "token", "value_norm": False}
 
 
 def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:

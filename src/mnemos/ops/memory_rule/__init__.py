@@ -7,8 +7,9 @@
 """
 
 from .common import MemoryState, memory_read
-from .chunked import neural_memory_chunked, neural_memory_triton
+from .chunked import neural_memory_chunked, neural_memory_triton, step_curvature
 from .reference import neural_memory_reference
 from .dispatch import neural_memory
 
-__all__ = ["neural_memory", "neural_memory_chunked", "neural_memory_reference", "neural_memory_triton", "memory_read", "MemoryState"]
+__all__ = ["neural_memory", "neural_memory_chunked", "neural_memory_reference", "neural_memory_triton", "memory_read", "MemoryState",
+           "step_curvature"]

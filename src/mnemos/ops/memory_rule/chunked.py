@@ -125,6 +125,24 @@ def _anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual:
     return a, z, dact, back, d
 
 
+def step_curvature(k: Tensor, v: Tensor, weights: Sequence[Tensor], *, residual: bool = True,
+                   activation: str = "gelu") -> Tensor:
+    """How far one inner step moves the memory's own answer, per unit of step: ``||grad_W l||^2 / ||grad_M l||^2``.
+
+    For token t with ``l = ||M(k_t; W) - v_t||^2`` a step ``-theta * grad_W l`` changes ``M(k_t)`` along its error
+    by ``-theta * rho_t * grad_M l`` to first order, with ``rho_t`` returned here ``[B, T, H]``: the curvature of the
+    inner problem along that error (``||k_t||^2`` for a matrix memory: 1 with unit keys; for an MLP memory it depends
+    on the weights). k, v ``[B, T, H, D]``; weights L x ``[B, H, D_out, D_in]`` or ``[H, D_out, D_in]``.
+    """
+    with torch.no_grad(), _no_autocast(k.device):
+        a, _, _, _, d = _anchor_forward(k.float().transpose(1, 2), v.float().transpose(1, 2),
+                                        [w.float() for w in weights], residual=residual, activation=activation,
+                                        loss="l2")
+        num = sum(ai.pow(2).sum(-1) * di.pow(2).sum(-1) for ai, di in zip(a, d))  # [B, H, T]
+        rho = num / d[-1].pow(2).sum(-1).clamp_min(1e-30)
+    return rho.transpose(1, 2)
+
+
 def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
     """``o_i = M(q_i; W_i)`` for every token i of the chunk, without forming W_i.
 
