@@ -41,11 +41,13 @@ def _yaml(text: str):
 @dataclass
 class TaskConfig(_ConfigBase):
     """What the model learns. ``kind="mqar"``: multi-query associative recall (mnemos.data.MQARConfig), labels only at
-    the queries; ``kind="lm"``: next-token prediction on the built-in corpus or ``paths``."""
+    the queries; ``kind="lm"``: next-token prediction on the built-in corpus or ``paths``; ``kind="niah"`` (S-NIAH,
+    ``niah_kind`` passkey or number) and ``kind="babilong"`` (``babilong_qa``): the benchmark suite's retrieval prompts
+    (mnemos.data) followed by ``" " + answer + "."`` in ``seq_len`` byte tokens, labels only on those answer tokens."""
 
     _where = "task."
 
-    kind: Literal["mqar", "lm"] = "mqar"
+    kind: Literal["mqar", "lm", "niah", "babilong"] = "mqar"
     seq_len: int = 128
     # mqar
     vocab_size: int = 64  # MQAR vocabulary (keys in the lower half, values in the upper half)
@@ -57,6 +59,9 @@ class TaskConfig(_ConfigBase):
     # lm
     paths: tuple[str, ...] = ()  # user text files or directories; empty = the built-in corpus
     val_fraction: float = 0.05
+    # niah, babilong (train_examples / eval_examples: how many distinct prompts each split draws from)
+    niah_kind: Literal["passkey", "number"] = "passkey"
+    babilong_qa: Literal["qa1", "qa2", "qa3"] = "qa1"
 
     def __post_init__(self):
         if isinstance(self.paths, list):
@@ -67,6 +72,41 @@ class TaskConfig(_ConfigBase):
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"task.val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.kind in ANSWER_KINDS and self.seq_len < answer_task_min_len(self):
+            what = f"niah_kind={self.niah_kind}" if self.kind == "niah" else f"babilong_qa={self.babilong_qa}"
+            raise ValueError(f"task.seq_len must be >= {answer_task_min_len(self)} for task.kind={self.kind} ({what}: "
+                             f"the shortest prompt plus the answer), got {self.seq_len}")
+
+
+# task kinds whose examples are a prompt + " " + answer + ".", labelled only on the answer (byte tokenizer)
+ANSWER_KINDS = ("niah", "babilong")
+ANSWER_EXTRA_TOKENS = 2  # the " " before the answer and the "." after it
+
+
+def answer_task_max_answer(task: TaskConfig) -> int:
+    """The longest answer (in byte tokens) a ``niah`` / ``babilong`` task asks for."""
+    if task.kind == "niah":
+        from ..data.niah import _MAX_VALUE_CHARS
+
+        return _MAX_VALUE_CHARS[task.niah_kind]
+    from ..data.babilong import LOCATIONS
+
+    return max(map(len, LOCATIONS))
+
+
+def answer_task_min_len(task: TaskConfig) -> int:
+    """The shortest ``task.seq_len`` that holds the shortest prompt of a ``niah`` / ``babilong`` task and its answer."""
+    if task.kind == "niah":
+        from ..data.niah import min_length
+
+        prompt = min_length(task.niah_kind)
+    else:
+        from ..data import BABILongConfig
+        from ..data.babilong import min_length
+
+        prompt = min_length(BABILongConfig(task=task.babilong_qa, lengths=(10**6,)).resolved_num_facts)
+    # inputs are seq_len tokens, their labels the next ones: prompt + answer tokens = seq_len + 1
+    return prompt + answer_task_max_answer(task) + ANSWER_EXTRA_TOKENS - 1
 
 
 @dataclass
@@ -136,8 +176,9 @@ class TrainConfig:
             raise ValueError(
                 f"model.vocab_size ({self.model.vocab_size}) must be >= task.vocab_size ({self.task.vocab_size})"
             )
-        if self.task.kind == "lm" and self.model.vocab_size < 259:
-            raise ValueError("task.kind='lm' uses the byte tokenizer (259 ids): model.vocab_size must be >= 259")
+        if self.task.kind in ("lm", *ANSWER_KINDS) and self.model.vocab_size < 259:
+            raise ValueError(f"task.kind={self.task.kind!r} uses the byte tokenizer (259 ids): model.vocab_size must be "
+                             f">= 259, got {self.model.vocab_size}")
         if self.run.batch_size % self.optim.grad_accum:
             raise ValueError(
                 f"run.batch_size ({self.run.batch_size}) must be divisible by optim.grad_accum ({self.optim.grad_accum})"

@@ -18,21 +18,24 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
 from .. import __version__
-from ..data import IGNORE_INDEX, LMDataConfig, MQARConfig, mqar_recall_metrics
+from ..data import IGNORE_INDEX, BABILongConfig, ByteTokenizer, LMDataConfig, MQARConfig, mqar_recall_metrics
+from ..data.niah import make_niah_sample
 from ..layers import NeuralMemory
 from ..models import MnemosLM, saved_model_config
 from .checkpoint import load_model_weights, read_trainer_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import ANSWER_EXTRA_TOKENS, ANSWER_KINDS, TrainConfig, answer_task_max_answer
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
 from .optim import build_optimizer, build_scheduler
 
 # consecutive steps with non-finite gradients (each skipped) after which training stops as diverged
 MAX_SKIPPED_IN_A_ROW = 10
+_BYTES = ByteTokenizer()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -50,6 +53,9 @@ class TaskData:
                           noise=t.noise)
             self.train = MQARConfig(num_examples=t.train_examples, **common).build(seed)
             self.val = MQARConfig(num_examples=t.eval_examples, **common).build(seed + 1_000_003)
+        elif t.kind in ANSWER_KINDS:
+            self.task, self.seed, self.train_examples = t, seed, t.train_examples
+            self.val = _stack([answer_example(t, seed + 1_000_003, i) for i in range(t.eval_examples)])
         else:
             self.lm = LMDataConfig(seq_len=t.seq_len, paths=t.paths, val_fraction=t.val_fraction).build(seed)
 
@@ -59,6 +65,11 @@ class TaskData:
             inputs, labels = self.train if split == "train" else self.val
             idx = torch.randint(0, inputs.shape[0], (size,), generator=g)
             return inputs[idx], labels[idx]
+        if self.kind in ANSWER_KINDS:
+            if split != "train":
+                raise ValueError(f"task.kind={self.kind}: val batches come from eval_batches")
+            idx = torch.randint(0, self.train_examples, (size,), generator=g)
+            return _stack([answer_example(self.task, self.seed, int(i)) for i in idx])
         tokens = self.lm.train if split == "train" else self.lm.val  # [N] int64
         T = self.lm.seq_len
         starts = torch.randint(0, tokens.numel() - T, (size,), generator=g)  # [B]
@@ -66,15 +77,44 @@ class TaskData:
         return windows[:, :-1], windows[:, 1:]
 
     def eval_batches(self, size: int, max_batches: int, seed: int):
-        """MQAR: the whole val set (``task.eval_examples``) in order, ``size`` per batch; LM: ``max_batches`` random
-        windows of the val split."""
-        if self.kind == "mqar":
+        """MQAR, niah, babilong: the whole val set (``task.eval_examples``) in order, ``size`` per batch; LM:
+        ``max_batches`` random windows of the val split."""
+        if self.kind != "lm":
             inputs, labels = self.val
             for i in range(0, inputs.shape[0], size):
                 yield inputs[i : i + size], labels[i : i + size]
         else:
             for i in range(max_batches):
                 yield self.batch(i, size, seed + 7, split="val")
+
+
+def answer_example(task, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example ``index`` of a ``niah`` / ``babilong`` task's split ``seed``: ``(inputs [T], labels [T])``, T =
+    ``task.seq_len``, a pure function of its arguments.
+
+    The sequence is the generator's prompt (byte tokens; needle depth uniform in [0, 1] for niah) cut so that
+    ``" " + answer + "."`` fits after it for the longest answer of the task, then those answer tokens, then pad
+    tokens up to T + 1. Inputs are its first T tokens and labels the next ones, ``IGNORE_INDEX`` except where the
+    next token is one of the answer tokens: the loss and the accuracy see the answer only. The "." closes the answer
+    so that a greedy decode of it is what :func:`mnemos.data.exact_match` reads."""
+    prompt_len = task.seq_len + 1 - answer_task_max_answer(task) - ANSWER_EXTRA_TOKENS
+    if task.kind == "niah":
+        rng = np.random.default_rng((seed, index, 0x5EED))
+        sample = make_niah_sample(task.niah_kind, prompt_len, float(rng.random()), rng)
+    else:
+        sample = BABILongConfig(task=task.babilong_qa, lengths=(prompt_len,), samples_per_length=1).build(
+            seed * 1_000_003 + index)[0]
+    answer = _BYTES.encode_tensor(" " + sample.answer + ".")
+    pad = torch.full((task.seq_len + 1 - prompt_len - answer.numel(),), _BYTES.pad_id, dtype=torch.int64)
+    seq = torch.cat([sample.input_ids, answer, pad])  # [T + 1]
+    labels = torch.full((task.seq_len,), IGNORE_INDEX, dtype=torch.int64)
+    at = slice(prompt_len - 1, prompt_len - 1 + answer.numel())
+    labels[at] = seq[1:][at]
+    return seq[:-1], labels
+
+
+def _stack(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in examples]), torch.stack([y for _, y in examples])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,6 +130,17 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return loss, correct, mask.sum()
 
 
+def answer_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
+    """Teacher-forced exact match of ``niah`` / ``babilong`` answers: ``pred`` and ``labels`` ``[N, T]``;
+    ``val_accuracy`` is the share of examples whose every labelled token is the argmax, ``val_token_accuracy`` the
+    share of labelled tokens."""
+    mask = labels != IGNORE_INDEX
+    right = (pred == labels) | ~mask
+    return {"val_accuracy": right.all(-1).float().mean().item(),
+            "val_token_accuracy": ((pred == labels) & mask).sum().item() / max(int(mask.sum()), 1),
+            "val_examples": labels.shape[0]}
+
+
 def eval_reach(cfg: TrainConfig) -> int:
     """Where MQAR evals split near from far: ``model.n_layers * (model.window - 1)``, the reach of a stack of sliding
     windows of that size (nothing further back reaches a query through attention alone). The same split for every
@@ -99,7 +150,9 @@ def eval_reach(cfg: TrainConfig) -> int:
 
 @torch.no_grad()
 def evaluate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) -> dict[str, float]:
-    """Validation metrics. MQAR scores every one of the ``task.eval_examples`` val examples: ``val_loss``,
+    """Validation metrics. niah / babilong score every val example: ``val_loss`` (per answer token), ``val_accuracy``
+    (every answer token right, teacher-forced), ``val_token_accuracy``, ``val_examples``. MQAR scores every one of
+    the ``task.eval_examples`` val examples: ``val_loss``,
     ``val_accuracy``, the near / far split at :func:`eval_reach`, the context-value rate beside the 1/K level and
     chance (:func:`mnemos.data.mqar_recall_metrics`), and the counts ``val_n`` (queries) and ``val_examples``. LM:
     ``val_loss`` and ``val_ppl`` over 8 batches of random val windows."""
@@ -111,13 +164,15 @@ def evaluate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) 
             logits, _ = model(inputs.to(info.device))
         loss, _, n = loss_and_accuracy(logits, labels.to(info.device))
         loss_sum, n_sum = loss_sum + loss.item() * int(n), n_sum + int(n)
-        if data.kind == "mqar":
+        if data.kind != "lm":
             preds.append(logits.argmax(-1).cpu())
     model.train()
     out = {"val_loss": loss_sum / max(n_sum, 1)}
-    if data.kind != "mqar":
+    if data.kind == "lm":
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
         return out
+    if data.kind in ANSWER_KINDS:
+        return {**out, **answer_accuracy(torch.cat(preds), data.val[1])}
     inputs, labels = data.val
     m = mqar_recall_metrics(torch.cat(preds), inputs, labels, cfg.task.num_kv_pairs, eval_reach(cfg),
                             vocab_size=cfg.task.vocab_size)
@@ -199,7 +254,10 @@ class Logger:
         if not self.progress:
             return
         m = metrics
-        if "val_accuracy" in m:
+        if "val_token_accuracy" in m:
+            text = (f"val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.3f} (answer tokens "
+                    f"{m['val_token_accuracy']:.3f}) on {m['val_examples']} examples")
+        elif "val_accuracy" in m:
             text = (f"val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.3f} near {m['val_near_accuracy']:.3f} "
                     f"far {m['val_far_accuracy']:.3f} (reach {m['val_reach']}) ctx-val "
                     f"{m['val_context_value_rate']:.3f} (1/K {m['val_any_value_level']:.3f}) on {m['val_examples']} "
