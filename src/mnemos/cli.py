@@ -214,6 +214,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .eval.study import run_study, study_settings
+
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    out = args.out or f"runs/study-{args.study}" + ("" if size == "full" else f"-{size}")
+    run_study(study_settings(size), out, jobs=args.jobs, only=args.only, threads=args.threads)
+    print((Path(out) / "report.md").read_text())
+    return 0
+
+
 def _preset_path(name: str):
     from pathlib import Path
 
@@ -269,6 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
     tr.add_argument("overrides", nargs="*", metavar="section.key=value")
     tr.set_defaults(func=_train)
+
+    st = sub.add_parser("study", help="a reproducible, resumable study: train the models, evaluate, report")
+    studies = st.add_subparsers(dest="study", required=True, metavar="STUDY")
+    rs = studies.add_parser(
+        "recall", help="MQAR grid, length extrapolation, passkey to 1M tokens, state capacity (docs/BENCHMARKS.md)",
+        description="Train every model of the recall study, evaluate the chosen-lr runs and write report.md, "
+                    "results.json and plots to --out. Re-running continues where a killed study stopped.")
+    size = rs.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the same pipeline at small settings (<= 20 min on 2 cores)")
+    size.add_argument("--tiny", action="store_true", help="a few steps per run, to check the pipeline (< 1 min)")
+    rs.add_argument("--out", metavar="DIR", help="study directory (default runs/study-recall[-quick|-tiny])")
+    rs.add_argument("--jobs", type=int, choices=(1, 2), default=1,
+                    help="trainings at a time: 2 runs two subprocesses (default %(default)s)")
+    rs.add_argument("--threads", type=_threads, metavar="N",
+                    help=THREADS_HELP + "; with --jobs 2 each subprocess gets N (default 1)")
+    rs.add_argument("--only", metavar="PATTERN",
+                    help="run only the runs / evals whose name matches (glob; plain text matches anywhere); the "
+                         "report still covers everything done")
+    rs.set_defaults(func=_study)
 
     rep = sub.add_parser("report", help="merge eval results (JSON) into one comparison table and figures")
     rep.add_argument("results", nargs="+", metavar="RESULTS.json", help="files written by mnemos eval (results.json)")

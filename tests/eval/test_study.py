@@ -1,0 +1,104 @@
+"""``mnemos study recall`` at its tiny size: train -> eval -> report end to end, a second invocation that trains
+nothing and rebuilds the report, a removed run redone, a run killed part-way resumed from its checkpoint, two
+trainings at a time in subprocesses, and the command's errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+
+from mnemos.cli import main
+from mnemos.eval.study import RECORD, plan, run_study, study_settings
+
+TINY = study_settings("tiny")
+
+
+def _mtimes(out, names):
+    return {n: (out / "runs" / n / "checkpoint" / "trainer.pt").stat().st_mtime_ns for n in names}
+
+
+def test_tiny_study_runs_resumes_and_redoes_a_removed_run(tmp_path):
+    trains, evals = plan(TINY)
+    log = io.StringIO()
+    first = run_study(TINY, tmp_path, file=log)
+    assert sorted(first["trained"]) == sorted(t.name for t in trains) and not first["failed"]
+    assert sorted(first["evaluated"]) == sorted(e.name for e in evals)
+    for name in ("report.md", "results.json", "study.json", "curves.png", "extrapolation.png"):
+        assert (tmp_path / name).is_file(), name
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("# Recall study (tiny)", "best outer lr", "## Length extrapolation", "## Runs",
+                    "### MQAR", "### S-NIAH (passkey)", "### Passkey state capacity"):
+        assert heading in report, heading
+    assert f"{len(trains)}/{len(trains)} runs finished" in report
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert all(r["status"] == "done" and r["cpu_s"] > 0 for r in study["runs"].values())
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    labels = {c["model"]["name"] for c in cells}
+    assert labels == {"gated_deltanet", "lmm-d2"}  # seeds and runs pool under the study's labels
+    assert {c["task_config"]["noise"] for c in cells if c["task"] == "mqar" and c["params"]["seq_len"] == 64} == \
+        {"disjoint"}  # extrapolation beyond the training vocabulary's reach
+    lines = log.getvalue().splitlines()
+    assert any(line.startswith("study [") and f"1/{len(trains) + len(evals)} train" in line for line in lines)
+
+    # a second invocation trains and evaluates nothing, and rebuilds the report
+    before = _mtimes(tmp_path, [t.name for t in trains])
+    (tmp_path / "report.md").unlink()
+    second = run_study(TINY, tmp_path, file=io.StringIO())
+    assert second["trained"] == [] and second["evaluated"] == [] and not second["failed"]
+    assert _mtimes(tmp_path, [t.name for t in trains]) == before
+    assert (tmp_path / "report.md").read_text().startswith("# Recall study (tiny)")
+
+    # a removed run is trained again, and its evaluations redone
+    gone = "passkey-gated_deltanet"
+    shutil.rmtree(tmp_path / "runs" / gone)
+    third = run_study(TINY, tmp_path, file=io.StringIO())
+    assert third["trained"] == [gone]
+    assert sorted(third["evaluated"]) == ["capacity-gated_deltanet", gone]  # results older than the checkpoint
+
+
+def test_a_run_killed_part_way_resumes_from_its_checkpoint(tmp_path):
+    job = next(t for t in plan(TINY)[0] if t.group == "mqar")
+    run_dir = tmp_path / "runs" / job.name
+    from mnemos.train.config import TrainConfig
+    from mnemos.train.loop import train
+
+    d = json.loads(json.dumps(job.config))
+    d["run"].update(out_dir=str(run_dir), progress=False, stop_after=2)  # what a kill after step 2 leaves
+    train(TrainConfig.from_dict(d))
+    out = run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
+    assert out["trained"] == [job.name]
+    record = json.loads((run_dir / RECORD).read_text())
+    assert record["resumed"] and record["steps"] == job.config["run"]["steps"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == job.config["run"]["steps"]
+    assert run_study(TINY, tmp_path, only=job.name, file=io.StringIO())["trained"] == []  # now finished
+
+
+def test_two_trainings_at_a_time_in_subprocesses(tmp_path):
+    out = run_study(TINY, tmp_path, jobs=2, only="mqar-*-gated_deltanet-*", file=io.StringIO())
+    assert len(out["trained"]) == 2 and not out["failed"]
+    for name in out["trained"]:
+        record = json.loads((tmp_path / "runs" / name / RECORD).read_text())
+        assert record["status"] == "done" and record["cpu_s"] > 0
+        assert "task mqar" in (tmp_path / "runs" / name / "train.log").read_text()
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "recall", "--jobs", "3"])
+    assert "invalid choice: 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study", "recall", "--quick", "--tiny"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["study"])
+    assert "required" in capsys.readouterr().err
+    assert main(["study", "recall", "--tiny", "--out", str(tmp_path), "--only", "no-such-run"]) == 2
+    assert "--only 'no-such-run' matches none of the study's" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown study size"):
+        study_settings("huge")
+    with pytest.raises(ValueError, match="jobs must be 1 or 2"):
+        run_study(TINY, tmp_path, jobs=4)
