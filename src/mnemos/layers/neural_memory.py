@@ -92,6 +92,7 @@ class NeuralMemory(nn.Module):
         ema_momentum: bool = True,
         value_norm: bool = False,
         step_bound: str = "token",
+        normalize_step: bool = False,
         impl: str = "auto",
     ):
         super().__init__()
@@ -117,6 +118,8 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
         if not isinstance(ema_momentum, bool):
             raise TypeError(f"ema_momentum must be a bool, got {ema_momentum!r}")
+        if not isinstance(normalize_step, bool):
+            raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
         if not isinstance(value_norm, bool):
             raise TypeError(f"value_norm must be a bool, got {value_norm!r}")
         if step_bound not in ("chunk", "token"):
@@ -124,7 +127,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
         self.chunk_size, self.max_lr, self.ema_momentum, self.impl = chunk_size, max_lr, ema_momentum, impl
-        self.value_norm, self.step_bound = value_norm, step_bound
+        self.value_norm, self.step_bound, self.normalize_step = value_norm, step_bound, normalize_step
         # the bound of one token's total step: max_lr itself, or its share of the chunk's summed-step bound
         self.token_lr = max_lr / chunk_size if step_bound == "chunk" else max_lr
         # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
@@ -196,7 +199,7 @@ class NeuralMemory(nn.Module):
         q, k, v, theta, eta, alpha, conv_state = self._project(x, None if state is None else state.conv)
         # the layer computes the op's inputs itself: no value checks (no GPU syncs; an overflow gives non-finite y)
         kwargs = dict(chunk_size=self.chunk_size, residual=self.residual, activation=self.activation, impl=self.impl,
-                      check_values=False)
+                      check_values=False, normalize_step=self.normalize_step)
         if state is None:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, tuple(self.memory), output_final_state=True, **kwargs)
         else:
@@ -263,5 +266,5 @@ class NeuralMemory(nn.Module):
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, residual={self.residual}, activation={self.activation!r}, "
             f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, step_bound={self.step_bound!r}, "
-            f"ema_momentum={self.ema_momentum}, value_norm={self.value_norm}"
+            f"ema_momentum={self.ema_momentum}, value_norm={self.value_norm}, normalize_step={self.normalize_step}"
         )

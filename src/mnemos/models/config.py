@@ -120,6 +120,9 @@ class MemoryConfig(_ConfigBase):
     # step of a chunk never exceeds it whatever C; "token": max_lr bounds each token's step (C of them add up)
     step_bound: Literal["chunk", "token"] = "token"
     value_norm: bool = False  # l2-normalise the values per head, like the keys: the inner problem has one scale
+    # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
+    # then holds for an MLP memory as it does for a matrix memory with unit keys (torch path; not in the kernels)
+    normalize_step: bool = False
     impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
 
     def __post_init__(self):
@@ -214,7 +217,7 @@ class MnemosConfig(_ConfigBase):
 
 # memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
 # (the free theta = max_lr * sigmoid(.) came first; then a per-token bound and raw values)
-MEMORY_KEYS_ADDED = {"ema_momentum": False, "step_bound": "token", "value_norm": False}
+MEMORY_KEYS_ADDED = {"ema_momentum": False, "step_bound": "token", "value_norm": False, "normalize_step": False}
 
 
 def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def _memory_kwargs(config: MnemosConfig) -> dict:
     return dict(
         depth=m.depth, expansion=m.expansion, residual=m.residual, activation=m.activation,
         chunk_size=m.chunk_size, max_lr=m.max_lr, conv_size=m.conv_size, ema_momentum=m.ema_momentum, impl=m.impl,
-        step_bound=m.step_bound, value_norm=m.value_norm,
+        step_bound=m.step_bound, value_norm=m.value_norm, normalize_step=m.normalize_step,
     )
 
 

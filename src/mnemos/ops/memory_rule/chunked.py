@@ -47,13 +47,32 @@ from .common import (
 def segment_products(x: Tensor) -> Tensor:
     """``P[..., i, j] = prod_{j < m <= i} x[..., m]`` for j <= i, 0 above the diagonal. x ``[..., n]`` -> ``[..., n, n]``.
 
-    Built with a masked cumprod rather than ratios of cumulative products, so zeros in x (eta = 0, alpha = 1) are exact
-    and differentiable.
+    Built with a masked cumprod rather than ratios of cumulative products, so zeros in x (eta = 0, alpha = 1, the
+    zero gates of padding) are exact and differentiable; the backward is written out (:class:`_SegmentProducts`).
     """
-    n = x.shape[-1]
-    strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    factors = torch.where(strictly_lower, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))  # [.., n, n]
-    return torch.cumprod(factors, dim=-2).tril()
+    return _SegmentProducts.apply(x)
+
+
+class _SegmentProducts(torch.autograd.Function):
+    """:func:`segment_products` with an exact, division-free backward: ``dP[i, j] / dx_m = P[i, m] P[m - 1, j]`` for
+    j < m <= i, so ``dx_m = sum_i P[i, m] (dP @ P_shift^T)[i, m]`` with ``P_shift[m] = P[m - 1]`` (one batched
+    product). Autograd's cumprod backward divides by the input and falls back to a slow per-element path where the
+    input has zeros (every padded chunk has some)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        n = x.shape[-1]
+        strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
+        factors = torch.where(strictly_lower, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
+        p = torch.cumprod(factors, dim=-2).tril()  # [..., n, n]
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, dp: Tensor) -> Tensor:
+        (p,) = ctx.saved_tensors
+        shifted = F.pad(p[..., :-1, :], (0, 0, 1, 0))  # row m holds P[m - 1] (zeros for m = 0)
+        return (p * (dp @ shifted.mT)).sum(-2)
 
 
 def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
@@ -69,8 +88,8 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tenso
     beta = 1.0 - alpha
     p_eta = segment_products(eta)  # [..., n, n]
     p_beta = segment_products(beta)  # [..., n, n]
-    b = torch.cumprod(beta, dim=-1)  # [..., n]
-    e = torch.cumprod(eta, dim=-1)  # [..., n]
+    b = beta[..., :1] * p_beta[..., 0]  # [..., n]: prod_{m <= i} beta_m = beta_0 P_beta[i, 0]
+    e = eta[..., :1] * p_eta[..., 0]  # [..., n]
     f = (p_beta @ e.unsqueeze(-1)).squeeze(-1)  # [..., n]
     g = p_beta @ p_eta  # [..., n, n], lower triangular
     th = theta.unsqueeze(-2)  # [..., 1, n]: scales column j
@@ -138,9 +157,21 @@ def step_curvature(k: Tensor, v: Tensor, weights: Sequence[Tensor], *, residual:
         a, _, _, _, d = _anchor_forward(k.float().transpose(1, 2), v.float().transpose(1, 2),
                                         [w.float() for w in weights], residual=residual, activation=activation,
                                         loss="l2")
-        num = sum(ai.pow(2).sum(-1) * di.pow(2).sum(-1) for ai, di in zip(a, d))  # [B, H, T]
-        rho = num / d[-1].pow(2).sum(-1).clamp_min(1e-30)
+        rho = _curvature(a, d)  # [B, H, T]
     return rho.transpose(1, 2)
+
+
+def _curvature(a: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
+    """``||u||^2 / ||d_L||^2`` per token from the layer inputs a and errors d (u_l = d_l a_l^T): ``[..., n]``."""
+    num = sum(ai.pow(2).sum(-1) * di.pow(2).sum(-1) for ai, di in zip(a, d))
+    return num / d[-1].pow(2).sum(-1).clamp_min(1e-30)
+
+
+def _step_scale(a: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
+    """``normalize_step``: each token's step is divided by max(1, curvature) at the anchor, ``[..., n, 1]``; a
+    constant for the outer gradient (computed without autograd)."""
+    with torch.no_grad():
+        return _curvature(a, d).clamp_min(1.0).reciprocal().unsqueeze(-1)
 
 
 def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
@@ -200,7 +231,8 @@ def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[
     return out
 
 
-def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save: bool):
+def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save: bool,
+          normalize: bool = False):
     """Every chunk in order. Chunk-major inputs: tokens ``[nc, B, H, n, D]``, coefficients ``[nc, B, H, n(, n)]`` and
     ``[nc, B, H(, n)]`` (rows at each chunk's last real token); WS: L x ``[B, H, 2 D_out, D_in]`` at the first chunk's
     start (without ``save`` they are updated in place: the caller must own them); A: the first chunk's anchor
@@ -215,12 +247,14 @@ def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, 
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else [_split(ws)[0] for ws in WS]
         a, z, dact, back, d = _anchor_forward(k[c], v[c], anchor, loss=loss, **opts)
-        o[c], xs, ys, xws, ps = _read_forward(q[c], WS, a, d, b[c], f[c], G[c], **opts)
+        s = _step_scale(a, d) if normalize else None
+        du = d if s is None else [di * s for di in d]  # the errors the update uses: u_l = du_l a_l^T
+        o[c], xs, ys, xws, ps = _read_forward(q[c], WS, a, du, b[c], f[c], G[c], **opts)
         if save:
             starts.append(WS)
-            saved.append((a, z, dact, back, d, xs, ys, xws, ps))
+            saved.append((a, z, dact, back, d, xs, ys, xws, ps, s))
         last_start = WS if save or c < nc - 1 else [ws.clone() for ws in WS]
-        WS = _state_forward(WS, a, d, bl[c], el[c], fl[c], gl[c], pl[c], inplace=not save)
+        WS = _state_forward(WS, a, du, bl[c], el[c], fl[c], gl[c], pl[c], inplace=not save)
     return o, WS, last_start, starts, saved
 
 
@@ -228,13 +262,15 @@ def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, 
 # one chunk, backward: the reverse of the three forward stages, written out
 
 
-def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, residual, activation, loss):
+def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, residual, activation, loss,
+                    normalize: bool = False):
     """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it; owned, and turned in
     place into the gradient of the state before the chunk).
 
     Returns (dq, dk, dv, db, df, dG, dbl, del, dfl, dgl, dpl, dWS, dA): dWS is the gradient of the chunk's starting
     ``[W; S]`` (anchor included when the anchor is W), dA that of a separate anchor (None when A is None)."""
-    a, z, dact, back, d, xs, ys, xws, ps = acts
+    a, z, dact, back, d, xs, ys, xws, ps, s = acts
+    du = d if s is None else [di * s for di in d]  # what the update used (normalize: s is a constant)
     L = len(WS)
     gc, pc = gl.unsqueeze(-1), pl.unsqueeze(-1)
     da: list[Tensor] = [None] * L  # type: ignore[list-item]
@@ -255,9 +291,9 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         r = a[i] @ g.mT  # [B, H, n, 2 D_out]: a dW'^T | a dS'^T
         rW, rS = r[..., :d_out], r[..., d_out:]
         dd[i] = -torch.addcmul(gc * rW, pc, rS)
-        dgl = dgl - (d[i] * rW).sum(-1)
-        dpl = dpl - (d[i] * rS).sum(-1)
-        da[i] = -(torch.cat((gc * d[i], pc * d[i]), dim=-1) @ g)
+        dgl = dgl - (du[i] * rW).sum(-1)
+        dpl = dpl - (du[i] * rS).sum(-1)
+        da[i] = -(torch.cat((gc * du[i], pc * du[i]), dim=-1) @ g)
         dWS.append(_mix_transposed_(g, bl, el, fl))  # [dW; dS] = [bl dW'; el dS' + fl dW'], g is read no more
 
     # 3. read, last layer first
@@ -273,7 +309,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         db = db + (dy * xw[..., :d_out]).sum(-1)
         df = df + (dy * xw[..., d_out:]).sum(-1)
         gp = G * p
-        dM = -(dy @ d[i].mT)  # [B, H, n, n]
+        dM = -(dy @ du[i].mT)  # [B, H, n, n]
         dG = dG + dM * p
         dP = dM * G
         dd[i] = _bmm_add(dd[i], gp.mT, dy, alpha=-1.0)
@@ -283,6 +319,9 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
             dy = dx * activate_grad(ys[i - 1], activation)
         else:
             dq = dx if dq is None else dq + dx
+
+    if s is not None:  # dd so far is the gradient of du = s d
+        dd = [x * s for x in dd]
 
     # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
     anchor = A if A is not None else [_split(ws)[0] for ws in WS]
@@ -391,11 +430,13 @@ def neural_memory_chunked(
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     check_values: bool = True,
+    normalize_step: bool = False,
 ) -> tuple[Tensor, MemoryState | None]:
     """Chunk-parallel form of the memory rule in PyTorch; same contract as :func:`mnemos.ops.neural_memory`."""
     return _chunked(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
                     activation=activation, loss=loss, initial_state=initial_state,
-                    output_final_state=output_final_state, check_values=check_values, backend="torch")
+                    output_final_state=output_final_state, check_values=check_values, normalize_step=normalize_step,
+                    backend="torch")
 
 
 def neural_memory_triton(
@@ -415,19 +456,23 @@ def neural_memory_triton(
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     check_values: bool = True,
+    normalize_step: bool = False,
 ) -> tuple[Tensor, MemoryState | None]:
     """The chunk-parallel form with the chunk loop in fused Triton kernels (triton_scan.py); same contract as
     :func:`mnemos.ops.neural_memory`. Raises ValueError naming the reason for configs the kernels do not cover."""
     return _chunked(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
                     activation=activation, loss=loss, initial_state=initial_state,
-                    output_final_state=output_final_state, check_values=check_values, backend="triton")
+                    output_final_state=output_final_state, check_values=check_values, normalize_step=normalize_step,
+                    backend="triton")
 
 
 def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initial_state: MemoryState | None,
-                              chunk_size: int) -> str | None:
+                              chunk_size: int, normalize_step: bool = False) -> str | None:
     """Why :func:`neural_memory_triton` cannot take these inputs (None when it can)."""
     from .triton_scan import unsupported_reason
 
+    if normalize_step:
+        return "normalize_step is not implemented in the kernels (impl='torch' runs it)"
     ws = initial_state.weights if initial_state is not None else weights
     if not isinstance(q, Tensor) or q.ndim != 4 or not ws:
         return "malformed inputs"
@@ -435,11 +480,14 @@ def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initi
     return unsupported_reason(q.device, q.dtype, widths, chunk_size)
 
 
-def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, loss):
+def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, loss, normalize):
     """The rule for a call of one token (decoding), with the per-token update written out: no chunk layout and no
     coefficients. q, k, v ``[B, H, 1, D]``, gates ``[B, H]``, W0, S0: L x ``[B, H, D_out, D_in]``, A: the anchor.
     Plain differentiable torch ops; returns o ``[B, H, 1, V]`` and the new W, S (new tensors)."""
     a, _, _, _, d = _anchor_forward(k, v, A, residual=residual, activation=activation, loss=loss)
+    if normalize:
+        scale = _step_scale(a, d)
+        d = [di * scale for di in d]
     th, et, be = theta[..., None, None], eta[..., None, None], (1.0 - alpha)[..., None, None]
     W, S = [], []
     for w, s, ai, di in zip(W0, S0, a, d):
@@ -454,13 +502,15 @@ def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, l
 
 
 def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, loss, initial_state,
-             output_final_state, check_values, backend: str):
+             output_final_state, check_values, normalize_step, backend: str):
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, initial_state=initial_state, loss=loss, check_values=check_values,
     )
+    if not isinstance(normalize_step, bool):
+        raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
     if backend == "triton":
-        reason = triton_unsupported_reason(q, spec.weights, None, chunk_size)
+        reason = triton_unsupported_reason(q, spec.weights, None, chunk_size, normalize_step)
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run this call: {reason}")
     B, T, H, dt, dev = spec.B, spec.T, spec.H, spec.dtype, q.device
@@ -473,11 +523,12 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
             S0 = tuple(s.to(dt) for s in spec.momentum)
         # a stream that stopped inside a chunk finishes that chunk first, against the anchor it carried
         A = tuple(a.to(dt) for a in spec.anchor) if spec.offset > 0 else None
-        kw = dict(residual=residual, activation=activation, loss=loss)
+        kw = dict(residual=residual, activation=activation, loss=loss)  # the kernels' options
+        tkw = dict(kw, normalize=normalize_step)  # the torch path's
         if T == 1 and backend == "torch":  # decoding: one token's update written out, no chunk machinery
             bh = lambda x: x.to(dt).transpose(1, 2)  # noqa: E731  [B, 1, H, D] -> [B, H, 1, D]; gates -> [B, H]
             o, W, S = _one_token(bh(q), bh(k), bh(v), bh(theta)[..., 0], bh(eta)[..., 0], bh(alpha)[..., 0], W0, S0,
-                                 W0 if A is None else A, **kw)
+                                 W0 if A is None else A, **tkw)
             o = o.transpose(1, 2).to(q.dtype)
             return o, _final_state(spec, W, S, W0, A, None, nc=1, T=1, chunk_size=C) if output_final_state else None
 
@@ -521,10 +572,10 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
                 o_c, WS, last_anchor = scan_forward_only(*inputs[:11], list(inputs[11:11 + L]),
                                                          list(inputs[11 + L:]) or None, L=L, **kw)
         elif grad:
-            o_c, *rest = _ChunkScan.apply(dict(L=L, kw=kw), *inputs)
+            o_c, *rest = _ChunkScan.apply(dict(L=L, kw=tkw), *inputs)
             WS, last_anchor = rest[:L], rest[L:]
         else:
-            o_c, WS, last_start, _, _ = _scan(qc, kc, vc, b, f, G, bl, el, fl, gl, pl, list(WS0), A, save=False, **kw)
+            o_c, WS, last_start, _, _ = _scan(qc, kc, vc, b, f, G, bl, el, fl, gl, pl, list(WS0), A, save=False, **tkw)
             last_anchor = [_split(ws)[0].clone() for ws in last_start]
         # [nc, B, H, width, V] -> [B, T, H, V]
         o = o_c.movedim(0, 2).reshape(B, H, nc * width, -1)[:, :, real].transpose(1, 2).to(q.dtype)

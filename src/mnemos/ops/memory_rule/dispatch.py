@@ -31,6 +31,7 @@ def neural_memory(
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     check_values: bool = True,
+    normalize_step: bool = False,
     impl: str = "auto",
 ) -> tuple[Tensor, MemoryState | None]:
     """Write every token into a neural memory by gradient descent and read it back (Titans, arXiv 2501.00663, §3.2).
@@ -68,6 +69,11 @@ def neural_memory(
             on CUDA one host sync per check). Shapes, dtypes and devices are always checked. Layers that compute
             these inputs themselves pass False: a memory that overflows then gives non-finite outputs (which
             training skips like any overflow) instead of an error, and nothing waits on the GPU.
+        normalize_step: divide each token's step by ``max(1, rho_t)``, ``rho_t`` = :func:`mnemos.ops.step_curvature`
+            of its key at the anchor (``||grad_W l||^2 / ||grad_M l||^2``, how far a unit step moves the memory's
+            own answer): ``theta`` then bounds the first-order change of that answer whatever the memory's depth,
+            width or weights (a matrix memory with unit keys has ``rho = 1``: unchanged). The factor is a constant
+            for the outer gradient. Not in the Triton kernels (auto takes the torch path).
         impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise;
             ``MNEMOS_TRITON=0`` in the environment keeps auto on the torch path),
             ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
@@ -94,11 +100,11 @@ def neural_memory(
     if impl == "auto":
         on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
         kernels_ok = on_gpu and os.environ.get("MNEMOS_TRITON", "1") != "0"
-        impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size) is None \
+        impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size, normalize_step) is None \
             else "torch"
     fn = {"reference": neural_memory_reference, "torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]
     return fn(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
         activation=activation, loss=loss, initial_state=initial_state, output_final_state=output_final_state,
-        check_values=check_values,
+        check_values=check_values, normalize_step=normalize_step,
     )
