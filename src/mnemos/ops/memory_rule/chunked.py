@@ -47,32 +47,13 @@ from .common import (
 def segment_products(x: Tensor) -> Tensor:
     """``P[..., i, j] = prod_{j < m <= i} x[..., m]`` for j <= i, 0 above the diagonal. x ``[..., n]`` -> ``[..., n, n]``.
 
-    Built with a masked cumprod rather than ratios of cumulative products, so zeros in x (eta = 0, alpha = 1, the
-    zero gates of padding) are exact and differentiable; the backward is written out (:class:`_SegmentProducts`).
+    Built with a masked cumprod rather than ratios of cumulative products, so zeros in x (eta = 0, alpha = 1) are exact
+    and differentiable.
     """
-    return _SegmentProducts.apply(x)
-
-
-class _SegmentProducts(torch.autograd.Function):
-    """:func:`segment_products` with an exact, division-free backward: ``dP[i, j] / dx_m = P[i, m] P[m - 1, j]`` for
-    j < m <= i, so ``dx_m = sum_i P[i, m] (dP @ P_shift^T)[i, m]`` with ``P_shift[m] = P[m - 1]`` (one batched
-    product). Autograd's cumprod backward divides by the input and falls back to a slow per-element path where the
-    input has zeros (every padded chunk has some)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        n = x.shape[-1]
-        strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-        factors = torch.where(strictly_lower, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))
-        p = torch.cumprod(factors, dim=-2).tril()  # [..., n, n]
-        ctx.save_for_backward(p)
-        return p
-
-    @staticmethod
-    def backward(ctx, dp: Tensor) -> Tensor:
-        (p,) = ctx.saved_tensors
-        shifted = F.pad(p[..., :-1, :], (0, 0, 1, 0))  # row m holds P[m - 1] (zeros for m = 0)
-        return (p * (dp @ shifted.mT)).sum(-2)
+    n = x.shape[-1]
+    strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
+    factors = torch.where(strictly_lower, x.unsqueeze(-1), torch.ones((), dtype=x.dtype, device=x.device))  # [.., n, n]
+    return torch.cumprod(factors, dim=-2).tril()
 
 
 def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
@@ -88,8 +69,8 @@ def chunk_coefficients(theta: Tensor, eta: Tensor, alpha: Tensor) -> tuple[Tenso
     beta = 1.0 - alpha
     p_eta = segment_products(eta)  # [..., n, n]
     p_beta = segment_products(beta)  # [..., n, n]
-    b = beta[..., :1] * p_beta[..., 0]  # [..., n]: prod_{m <= i} beta_m = beta_0 P_beta[i, 0]
-    e = eta[..., :1] * p_eta[..., 0]  # [..., n]
+    b = torch.cumprod(beta, dim=-1)  # [..., n]
+    e = torch.cumprod(eta, dim=-1)  # [..., n]
     f = (p_beta @ e.unsqueeze(-1)).squeeze(-1)  # [..., n]
     g = p_beta @ p_eta  # [..., n, n], lower triangular
     th = theta.unsqueeze(-2)  # [..., 1, n]: scales column j
