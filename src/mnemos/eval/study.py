@@ -687,7 +687,8 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
         r = records.get(t.name) or {}
         final = final_val(out / "runs" / t.name) or {}
         acc = final.get("val_accuracy")
-        rows.append([t.name, r.get("status", "not run"), str(r.get("steps", "—")),
+        status = r.get("status") or ("done (no record)" if run_is_done(t, out / "runs" / t.name) else "not run")
+        rows.append([t.name, status, str(r.get("steps", "—")),
                      "—" if acc is None else f"{acc:.3f}", str(r.get("skipped_steps", "—")),
                      f"{r['cpu_s']:.0f}" if "cpu_s" in r else "—", f"{r['wall_s']:.0f}" if "wall_s" in r else "—",
                      f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "—"])
