@@ -292,6 +292,24 @@ def test_gradients_through_a_carried_state(first, rest, C):
         assert_close(f"grad {name}", gr, gf, 1e-9)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_runs_of_chunk_lengths_carry_the_state(grad):
+    """A call that starts mid-chunk and ends in a partial chunk runs three layouts (the rest of the chunk in
+    progress, full chunks, the last partial chunk), the state carried between them: equal to the reference with and
+    without autograd recording."""
+    inp = make_inputs(2, 25, 2, 3, 3, 2, with_momentum=True, seed=11)
+    head = {n: (x[:, :6] if isinstance(x, torch.Tensor) else x) for n, x in inp.items()}
+    _, st = run(neural_memory_reference, head, chunk_size=4)  # offset 2: lengths 2 + 4 + 4 + 4 + 4 + 1
+    tail = {n: x[:, 6:] for n, x in inp.items() if isinstance(x, torch.Tensor)}
+    args = [tail[n] for n in ("q", "k", "v", "theta", "eta", "alpha")]
+    o_r, s_r = neural_memory_reference(*args, chunk_size=4, initial_state=st, output_final_state=True)
+    with torch.set_grad_enabled(grad):
+        o_f, s_f = neural_memory_chunked(*[x.detach().requires_grad_(grad) for x in args], chunk_size=4,
+                                         initial_state=st, output_final_state=True)
+    assert_close("o", o_r, o_f, 1e-10)
+    assert_states_close(s_r, s_f, 1e-10)
+
+
 def test_state_carries_across_implementations_and_serialises(tmp_path):
     inp = make_inputs(1, 10, 2, 4, 4, 2, seed=2)
     first = {n: (x[:, :6] if isinstance(x, torch.Tensor) else x) for n, x in inp.items()}

@@ -514,57 +514,96 @@ def _chunked(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, resid
             return o, _final_state(spec, W, S, W0, A, None, nc=1, T=1, chunk_size=C) if output_final_state else None
 
         WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
-        # chunk layout: [the rest of a chunk in progress] + full chunks + [a last partial chunk], each padded at its
-        # end to the widest (padding sits after every real token of its chunk, so causality keeps it out)
+        # chunks: [the rest of a chunk in progress] + full chunks + [a last partial chunk]
         n0 = min(C - spec.offset, T) if spec.offset > 0 else 0
         full, rem = divmod(T - n0, C)
         lengths = ([n0] if n0 else []) + [C] * full + ([rem] if rem else [])
         nc = len(lengths)
-        width = C if backend == "triton" else max(lengths)  # the kernels take whole chunks
-        idx = torch.full((nc, width), T, dtype=torch.long)
-        pos = 0
-        for c, n in enumerate(lengths):
-            idx[c, :n] = torch.arange(pos, pos + n)
-            pos += n
-        real = (idx < T).flatten().nonzero().squeeze(1).to(dev)  # padded position of token t, in order
-        idx = idx.to(dev)
-
-        def chunks(x: Tensor) -> Tensor:  # [B, T, H(, D)] -> chunk-major [nc, B, H, width(, D)]
-            x = x.to(dt).transpose(1, 2)
-            x = F.pad(x, (0, 0, 0, 1) if x.ndim == 4 else (0, 1))  # one zero token to pad with
-            return x[:, :, idx].movedim(2, 0).contiguous()
-
-        qc, kc, vc, thc, etc, alc = (chunks(x) for x in (q, k, v, theta, eta, alpha))
-        b, e, f, G, P = chunk_coefficients(thc, etc, alc)  # [nc, B, H, width(, width)]
-        ar, last = torch.arange(nc, device=dev), torch.tensor(lengths, device=dev) - 1
-        rows = lambda x: x.movedim(0, 2)[:, :, ar, last].movedim(2, 0)  # noqa: E731  value at each chunk's last token
-        bl, el, fl, gl, pl = rows(b), rows(e), rows(f), rows(G), rows(P)
-
-        inputs = (qc, kc, vc, b, f, G, bl, el, fl, gl, pl, *WS0, *(A or ()))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        if backend == "triton":
-            from .triton_scan import TritonChunkScan, scan_forward_only
-
-            inputs = tuple(t.contiguous() for t in inputs)
-            if grad:
-                o_c, *rest = TritonChunkScan.apply(dict(L=L, kw=kw), *inputs)
-                WS, last_anchor = rest[:L], rest[L:]
-            else:
-                o_c, WS, last_anchor = scan_forward_only(*inputs[:11], list(inputs[11:11 + L]),
-                                                         list(inputs[11 + L:]) or None, L=L, **kw)
-        elif grad:
-            o_c, *rest = _ChunkScan.apply(dict(L=L, kw=tkw), *inputs)
-            WS, last_anchor = rest[:L], rest[L:]
+        if backend == "torch":
+            o, WS, last_anchor = _torch_scan(q, k, v, theta, eta, alpha, WS0, A, lengths, dt=dt, opts=tkw)
         else:
-            o_c, WS, last_start, _, _ = _scan(qc, kc, vc, b, f, G, bl, el, fl, gl, pl, list(WS0), A, save=False, **tkw)
-            last_anchor = [_split(ws)[0].clone() for ws in last_start]
-        # [nc, B, H, width, V] -> [B, T, H, V]
-        o = o_c.movedim(0, 2).reshape(B, H, nc * width, -1)[:, :, real].transpose(1, 2).to(q.dtype)
+            o, WS, last_anchor = _triton_scan(q, k, v, theta, eta, alpha, WS0, A, lengths, C=C, dt=dt, kw=kw)
+        o = o.to(q.dtype)
     if not output_final_state:
         return o, None
     W = tuple(_split(ws)[0].clone() for ws in WS)  # own storage: a state is measured and saved by its storage
     S = tuple(_split(ws)[1].clone() for ws in WS)
     return o, _final_state(spec, W, S, W0, A, last_anchor, nc=nc, T=T, chunk_size=C)
+
+
+def _runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal chunk lengths as (first token, chunks, length)."""
+    runs: list[list[int]] = []
+    pos = 0
+    for n in lengths:
+        if runs and runs[-1][2] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([pos, 1, n])
+        pos += n
+    return [(a, b, c) for a, b, c in runs]
+
+
+def _torch_scan(q, k, v, theta, eta, alpha, WS, A, lengths, *, dt, opts):
+    """The torch path's chunk loop, one run of equal-length chunks at a time, each in a chunk-major layout of its own
+    without padding (a partial chunk costs its own tokens, not a whole chunk's); the state carries from run to run.
+    Returns o ``[B, T, H, V]``, the final ``[W; S]`` per layer and the memory at the last chunk's start."""
+    B, T, H = theta.shape
+    L, outs = len(WS), []
+    for first, count, n in _runs(lengths):
+        def chunks(x: Tensor) -> Tensor:  # [B, T, H(, D)] -> chunk-major [count, B, H, n(, D)]
+            x = x[:, first:first + count * n].to(dt).transpose(1, 2)
+            return x.reshape(B, H, count, n, *x.shape[3:]).movedim(2, 0).contiguous()
+
+        qc, kc, vc, thc, etc, alc = (chunks(x) for x in (q, k, v, theta, eta, alpha))
+        b, e, f, G, P = chunk_coefficients(thc, etc, alc)  # [count, B, H, n(, n)]
+        rows = (b[..., -1], e[..., -1], f[..., -1], G[..., -1, :], P[..., -1, :])  # at each chunk's last token
+        inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            o_c, *rest = _ChunkScan.apply(dict(L=L, kw=opts), *inputs)
+            WS, last_anchor = rest[:L], rest[L:]
+        else:
+            o_c, WS, last_start, _, _ = _scan(*inputs[:11], list(WS), A, save=False, **opts)
+            last_anchor = [_split(ws)[0].clone() for ws in last_start]
+        outs.append(o_c.movedim(0, 2).reshape(B, H, count * n, -1))  # [B, H, tokens, V]
+        A = None  # only a stream's first chunk has an anchor of its own
+    return torch.cat(outs, dim=2).transpose(1, 2), WS, last_anchor
+
+
+def _triton_scan(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw):
+    """The kernels' chunk loop: every chunk padded at its end to C tokens (padding sits after every real token of its
+    chunk, so causality keeps it out). Returns o ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start."""
+    from .triton_scan import TritonChunkScan, scan_forward_only
+
+    B, T, H = theta.shape
+    L, nc, dev = len(WS0), len(lengths), q.device
+    idx = torch.full((nc, C), T, dtype=torch.long)
+    pos = 0
+    for c, n in enumerate(lengths):
+        idx[c, :n] = torch.arange(pos, pos + n)
+        pos += n
+    real = (idx < T).flatten().nonzero().squeeze(1).to(dev)  # padded position of token t, in order
+    idx = idx.to(dev)
+
+    def chunks(x: Tensor) -> Tensor:  # [B, T, H(, D)] -> chunk-major [nc, B, H, C(, D)]
+        x = x.to(dt).transpose(1, 2)
+        x = F.pad(x, (0, 0, 0, 1) if x.ndim == 4 else (0, 1))  # one zero token to pad with
+        return x[:, :, idx].movedim(2, 0).contiguous()
+
+    qc, kc, vc, thc, etc, alc = (chunks(x) for x in (q, k, v, theta, eta, alpha))
+    b, e, f, G, P = chunk_coefficients(thc, etc, alc)  # [nc, B, H, C(, C)]
+    ar, last = torch.arange(nc, device=dev), torch.tensor(lengths, device=dev) - 1
+    rows = lambda x: x.movedim(0, 2)[:, :, ar, last].movedim(2, 0)  # noqa: E731  value at each chunk's last token
+    inputs = (qc, kc, vc, b, f, G, rows(b), rows(e), rows(f), rows(G), rows(P), *WS0, *(A or ()))
+    inputs = tuple(t.contiguous() for t in inputs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        o_c, *rest = TritonChunkScan.apply(dict(L=L, kw=kw), *inputs)
+        WS, last_anchor = rest[:L], rest[L:]
+    else:
+        o_c, WS, last_anchor = scan_forward_only(*inputs[:11], list(inputs[11:11 + L]), list(inputs[11 + L:]) or None,
+                                                 L=L, **kw)
+    # [nc, B, H, C, V] -> [B, T, H, V]
+    return o_c.movedim(0, 2).reshape(B, H, nc * C, -1)[:, :, real].transpose(1, 2), WS, last_anchor
 
 
 def _final_state(spec, W, S, W0, A, last_anchor, *, nc: int, T: int, chunk_size: int) -> MemoryState:
