@@ -297,7 +297,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         dx = _bmm_add(dyy @ WS[i], dP, a[i])
         da[i] = _bmm_add(da[i], dP.mT, x)
         if i > 0:
-            dy = dx * activate_grad(ys[i - 1], activation)
+            dy = activate_grad(ys[i - 1], activation, dx)
         else:
             dq = dx if dq is None else dq + dx
 

@@ -32,14 +32,14 @@ def activate(x: Tensor, activation: str) -> Tensor:
     return F.silu(x)
 
 
-def activate_grad(x: Tensor, activation: str) -> Tensor:
-    """d act(x) / dx, elementwise."""
+def activate_grad(x: Tensor, activation: str, grad: Tensor | None = None) -> Tensor:
+    """d act(x) / dx elementwise, times ``grad`` when given. GELU's is one fused op (aten's gelu_backward, which
+    autograd can differentiate again); SiLU's is written out (aten's silu_backward has no derivative)."""
     if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-        return cdf + x * pdf
+        return torch.ops.aten.gelu_backward(x.new_ones(()).expand_as(x) if grad is None else grad, x)
     s = torch.sigmoid(x)
-    return s * (1.0 + x * (1.0 - s))
+    d = s * (1.0 + x * (1.0 - s))
+    return d if grad is None else grad * d
 
 
 def activate_grad2(x: Tensor, activation: str) -> Tensor:
