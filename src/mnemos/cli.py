@@ -56,7 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .train.demo import DemoConfig, run_demo
 
     gpu = torch.cuda.is_available()  # on a GPU the same command trains longer and wider models (not yet run on one)
-    steps = args.steps if args.steps is not None else (3000 if gpu else 600)
+    steps = args.steps if args.steps is not None else (3000 if gpu else DemoConfig.steps)
     cfg = DemoConfig(memory_variant=args.variant, steps=steps, d_model=128 if gpu else 64, seed=args.seed,
                      out_dir=args.out)
     print(f"mnemos {__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads")
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = {f.name: f.default for f in fields(MemorizeConfig)}
     dm = sub.add_parser("demo", help="train a Titans model and an SWA baseline on recall; show what memory adds")
     dm.add_argument("--variant", default="mag", choices=["mag", "mal", "mac", "lmm"], help="the Titans model")
-    dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 600 on CPU, 3000 on CUDA)")
+    dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000 on CPU, 3000 on CUDA)")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default %(default)s)")
     dm.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)

@@ -75,8 +75,15 @@ def test_reference_impl_agrees_including_parameter_grads():
         assert_close(f"grad {name}", p_ref.grad, p_fast.grad, 1e-10)
 
 
-def test_gradcheck_input():
-    layer = make_layer(dim=6, heads=2, expansion=1, chunk_size=2)
+@pytest.mark.parametrize("normalize_step", [False, True])
+def test_gradcheck_input(normalize_step):
+    """With normalize_step the step's divisor max(1, curvature) is a constant for autograd: gradcheck holds where the
+    curvature stays below 1 (the divisor is 1), so the normalised case uses small memory weights."""
+    layer = make_layer(dim=6, heads=2, expansion=1, chunk_size=2, normalize_step=normalize_step)
+    if normalize_step:
+        with torch.no_grad():
+            for w in layer.memory:
+                w.mul_(0.3)
     x = x_of(1, 5, dim=6).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: layer(x)[0], (x,), eps=1e-6, atol=1e-7)
 
@@ -172,7 +179,8 @@ def test_saturated_gates_on_repeated_tokens(ema):
     the largest inner step and momentum near 1. With the EMA form the memory converges to the stored pair; with the
     paper's free theta the same gates drive it to overflow (what the bound is for)."""
     torch.manual_seed(0)
-    layer = NeuralMemory(64, heads=2, max_lr=0.05, ema_momentum=ema).double()
+    layer = NeuralMemory(64, heads=2, max_lr=0.05, ema_momentum=ema, chunk_size=16, value_norm=False,
+                         normalize_step=False).double()
     with torch.no_grad():
         layer.to_gates.weight.zero_()
         layer.to_gates.bias[:2].fill_(10.0)  # theta = max_lr
@@ -334,3 +342,22 @@ def test_bad_step_bound_and_value_norm():
         NeuralMemory(12, step_bound="tokens")
     with pytest.raises(TypeError, match="value_norm must be a bool"):
         NeuralMemory(12, value_norm=1)
+
+
+@pytest.mark.parametrize("value_norm", [True, False])
+def test_value_norm_keeps_the_mlp_memory_stable_as_values_grow(value_norm):
+    """Outer training grows the value projection (|v| 0.6 -> 3.4 in the recall diagnosis), and the MLP memory's inner
+    problem is not scale-free: with raw values 3x larger the default step overflows it within one sequence. Unit
+    values keep it finite and fitting whatever the projection's scale."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(64, heads=4, depth=2, chunk_size=4, max_lr=0.2, value_norm=value_norm).double()
+    with torch.no_grad():
+        layer.to_qkv.weight[128:].mul_(3.0)  # the value projection
+        layer.to_gates.bias[:4].fill_(6.0)  # theta at its bound
+        layer.record_stats = True
+        y, _ = layer(torch.randn(4, 256, 64, dtype=F64))
+    s = layer.last_stats
+    if value_norm:
+        assert bool(torch.isfinite(y).all()) and s["inner_loss"] < 0.6 * s["inner_loss_start"], s
+    else:
+        assert not bool(torch.isfinite(y).all())

@@ -155,7 +155,8 @@ def test_bfloat16_autocast_streams_like_one_pass(variant):
             a, cache = model(ids[:, :7], cache)
             b, cache = model(ids[:, 7:], cache)
     assert full.dtype == torch.bfloat16
-    assert_max_err(f"{variant} bf16 pieces", full.float(), torch.cat([a, b], 1).float(), 1e-2)
+    # bf16 logits of magnitude ~4-8: one unit in the last place is 0.03
+    assert_max_err(f"{variant} bf16 pieces", full.float(), torch.cat([a, b], 1).float(), 4e-2)
     rel = (full.float() - ref).norm() / ref.norm()
     assert rel < 0.05, f"{variant}: bf16 autocast is {rel:.3f} (relative) away from float32"
 
@@ -351,6 +352,7 @@ def test_generate_refuses_non_finite_logits():
     them silently, generate raises instead."""
     torch.manual_seed(0)
     model = MnemosLM(MnemosConfig(variant="mag", vocab_size=32, d_model=32, n_layers=2, n_heads=4, window=8,
-                                  memory={"max_lr": 1e4, "ema_momentum": False})).eval()
+                                  memory={"max_lr": 1e4, "ema_momentum": False, "normalize_step": False,
+                                          "value_norm": False})).eval()
     with torch.no_grad(), pytest.raises(FloatingPointError, match="non-finite logits after 64 tokens"):
         model.generate(torch.randint(0, 32, (1, 64)), 4)

@@ -31,7 +31,7 @@ def test_recall_by_distance_and_the_table_without_training():
     from mnemos.data import IGNORE_INDEX, MQARConfig
     from mnemos.train.demo import DemoReport, recall_by_distance
 
-    cfg = DemoConfig(out_dir="unused")
+    cfg = DemoConfig(out_dir="unused", num_kv_pairs=4)
     inputs, labels = MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=4, num_examples=50).build(0)
     pos = torch.arange(64)
     key_pos = 2 * (inputs[:, None, 0:8:2] == inputs[:, :, None]).float().argmax(-1)  # [N, L]

@@ -109,19 +109,21 @@ class MemoryConfig(_ConfigBase):
     expansion: int = 4  # hidden width factor of an MLP memory
     residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
     activation: Literal["gelu", "silu"] = "gelu"
-    chunk_size: int = 16  # tokens per gradient anchor: the paper's setting; larger is faster but staler
-    # upper bound of the data-dependent inner learning rate theta (the layer's default). Keep it small: an untrained
-    # MAC writes near-identical attention outputs into its memory, a chunk's 16 gradients (one anchor) add up, and
-    # at 0.1 (often at 0.05) the memory diverged at initialisation (docs/MODELS.md, "Stability")
-    max_lr: float = 0.01
+    chunk_size: int = 4  # tokens per gradient anchor (paper: 16); larger is faster on CPU but staler (docs/MODELS.md)
+    # bound of a token's total inner step theta / (1 - eta) (of a chunk's summed step with step_bound="chunk").
+    # Chosen from the sweep in docs/MODELS.md ("Stability"): with unit values and chunk 4, 0.2 let the depth-2 LMM
+    # leave the MQAR plateau ~4x sooner than the old 0.01; chunks of C near-identical keys stay stable while
+    # C * max_lr * curvature < 1 (a matrix memory with unit keys has curvature 1; the depth-2 memory measured ~3)
+    max_lr: float = 0.2
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
     ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
     # "chunk": max_lr bounds the summed step of a chunk's C tokens (each token's bound is max_lr / C), so the anchored
     # step of a chunk never exceeds it whatever C; "token": max_lr bounds each token's step (C of them add up)
     step_bound: Literal["chunk", "token"] = "token"
-    value_norm: bool = False  # l2-normalise the values per head, like the keys: the inner problem has one scale
+    value_norm: bool = True  # l2-normalise the values per head, like the keys: the inner problem has one scale
     # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
-    # then holds for an MLP memory as it does for a matrix memory with unit keys (torch path; not in the kernels)
+    # then holds for an MLP memory as for a matrix memory with unit keys (torch path; not in the kernels). Off by
+    # default: measured, it slowed the LMM and MAC (docs/MODELS.md, "Stability")
     normalize_step: bool = False
     impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
 

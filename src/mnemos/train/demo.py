@@ -27,14 +27,15 @@ from .loop import train
 @dataclass
 class DemoConfig:
     memory_variant: str = "mag"  # the Titans model: mag, mal, mac or lmm
-    steps: int = 600
-    vocab_size: int = 32
-    num_kv_pairs: int = 4
-    seq_len: int = 64  # training and evaluation length: 4 pairs up front, queries up to 60 tokens later
+    steps: int = 1000
+    vocab_size: int = 128  # larger than the sequence, as Zoology's MQAR requires
+    num_kv_pairs: int = 8
+    seq_len: int = 64  # training and evaluation length: 8 pairs up front, queries up to 48 tokens later
+    noise: str = "zoology"  # MQAR noise between the queries (mnemos.data.MQARConfig.noise)
     window: int = 8
     d_model: int = 64
     n_layers: int = 2
-    max_lr: float = 0.05  # inner learning-rate bound of the memory (MQAR's short sequences tolerate more than 0.01)
+    max_lr: float | None = None  # the memory's step bound; None: the library's default (memory.max_lr)
     seed: int = 0
     out_dir: str = "runs/demo"
     progress: bool = True
@@ -90,10 +91,10 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     common = [
         f"model.vocab_size={cfg.vocab_size}", f"task.vocab_size={cfg.vocab_size}", f"model.d_model={cfg.d_model}",
         f"model.n_layers={cfg.n_layers}", "model.n_heads=4", f"model.window={cfg.window}",
-        f"model.segment_len={cfg.seq_len // 2}", f"model.memory.max_lr={cfg.max_lr}", f"task.seq_len={cfg.seq_len}",
+        f"model.segment_len={cfg.seq_len // 2}", f"task.seq_len={cfg.seq_len}", f"task.noise={cfg.noise}",
         f"task.num_kv_pairs={cfg.num_kv_pairs}", f"run.steps={cfg.steps}", "run.batch_size=32",
         f"run.eval_every={cfg.steps}", "optim.lr=3e-3", f"run.seed={cfg.seed}", f"run.progress={cfg.progress}",
-    ]
+    ] + ([] if cfg.max_lr is None else [f"model.memory.max_lr={cfg.max_lr}"])
     for variant in (cfg.memory_variant, "swa"):
         run_cfg = load_config(None, common + [f"model.variant={variant}", f"run.out_dir={out / variant}"])
         t0 = time.perf_counter()
@@ -104,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
         model.eval()
         for length in (cfg.seq_len,):  # every query past position `reach` is beyond the window's reach
             data = MQARConfig(vocab_size=cfg.vocab_size, seq_len=length, num_kv_pairs=cfg.num_kv_pairs,
-                              num_examples=500).build(cfg.seed + 12345)
+                              num_examples=500, noise=cfg.noise).build(cfg.seed + 12345)
             row = recall_by_distance(model, *data, cfg.num_kv_pairs, cfg.reach, cfg.vocab_size)
             report.rows.append({"model": variant, "seq_len": length, "train_s": train_s,
                                 "final_train_loss": result.train_losses[-1], **row})
