@@ -64,8 +64,10 @@ def _demo(args: argparse.Namespace) -> int:
         f"Training a Titans {cfg.memory_variant.upper()} model and a sliding-window-attention (SWA) model of the same "
         f"size on\nassociative recall (MQAR: {cfg.num_kv_pairs} key-value pairs, then queries; vocabulary "
         f"{cfg.vocab_size}), {cfg.steps} steps each.\nThe SWA stack ({cfg.n_layers} layers of window {cfg.window}) "
-        f"sees at most {cfg.reach} tokens back; the {cfg.memory_variant.upper()} model has the same window plus a "
-        "neural memory.\n", flush=True,
+        f"sees at most {cfg.reach} tokens back; "
+        + (f"the LMM model has no attention at all: its only token mixer is the neural memory.\n"
+           if cfg.memory_variant == "lmm" else
+           f"the {cfg.memory_variant.upper()} model has the same window plus a neural memory.\n"), flush=True,
     )
     report = run_demo(cfg)
     print("\nRecall accuracy at the queries, by how far back the queried pair sits (chance "

@@ -77,13 +77,12 @@ def test_reference_impl_agrees_including_parameter_grads():
 
 @pytest.mark.parametrize("normalize_step", [False, True])
 def test_gradcheck_input(normalize_step):
-    """With normalize_step the step's divisor max(1, curvature) is a constant for autograd: gradcheck holds where the
-    curvature stays below 1 (the divisor is 1), so the normalised case uses small memory weights."""
+    """normalize_step's divisor max(1, curvature) is differentiated too (large weights: curvatures above 1)."""
     layer = make_layer(dim=6, heads=2, expansion=1, chunk_size=2, normalize_step=normalize_step)
     if normalize_step:
         with torch.no_grad():
             for w in layer.memory:
-                w.mul_(0.3)
+                w.mul_(2.0)
     x = x_of(1, 5, dim=6).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: layer(x)[0], (x,), eps=1e-6, atol=1e-7)
 

@@ -1,6 +1,6 @@
 """neural_memory(normalize_step=True): the chunked path == the token-by-token reference (outputs, states, every
-gradient, float64), streaming and decoding, and what the normaliser does (nothing for a matrix memory with unit
-keys; divides large-curvature steps)."""
+gradient, float64, the divisor differentiated), streaming and decoding, and what the normaliser does (nothing for a
+matrix memory with unit keys; divides large-curvature steps)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,12 @@ def _configs(n):
 @pytest.mark.parametrize("cfg", list(_configs(24)), ids=lambda c: f"d{c['depth']}c{c['chunk']}T{c['T']}s{c['seed']}")
 def test_chunked_equals_reference(cfg):
     inp = make_inputs(cfg["B"], cfg["T"], cfg["H"], cfg["K"], cfg["V"], cfg["depth"], shared=cfg["shared"],
-                      with_momentum=cfg["momentum"], seed=cfg["seed"], theta_max=cfg["theta_max"],
-                      requires_grad=True)
+                      with_momentum=cfg["momentum"], seed=cfg["seed"], theta_max=cfg["theta_max"])
+    # keys of norms 0.5 .. 2: curvatures on both sides of 1, none exactly at the divisor's kink max(1, rho) = 1
+    g = torch.Generator().manual_seed(cfg["seed"] + 99)
+    inp["k"] = inp["k"] * (0.5 + 1.5 * torch.rand(inp["k"].shape[:-1], generator=g, dtype=F64))[..., None]
+    for name, x in leaves(inp):
+        x.requires_grad_()
     kw = dict(chunk_size=cfg["chunk"], residual=cfg["residual"], activation=cfg["activation"], loss=cfg["loss"],
               normalize_step=True)
     o_ref, st_ref = run(neural_memory_reference, inp, **kw)

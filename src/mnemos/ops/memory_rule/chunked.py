@@ -149,10 +149,25 @@ def _curvature(a: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
 
 
 def _step_scale(a: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
-    """``normalize_step``: each token's step is divided by max(1, curvature) at the anchor, ``[..., n, 1]``; a
-    constant for the outer gradient (computed without autograd)."""
-    with torch.no_grad():
-        return _curvature(a, d).clamp_min(1.0).reciprocal().unsqueeze(-1)
+    """``normalize_step``: each token's step is divided by max(1, curvature) at the anchor: ``s [..., n, 1]``.
+    Differentiable like any torch op (decoding); the chunk scan's backward writes its gradient out
+    (:func:`_step_scale_backward`)."""
+    return _curvature(a, d).clamp_min(1.0).reciprocal().unsqueeze(-1)
+
+
+def _step_scale_backward(a, d, s, dd, da) -> None:
+    """The gradient through ``du_l = s d_l`` with ``s = 1 / max(1, rho)``, ``rho = sum_l |a_l|^2 |d_l|^2 / |d_L|^2``.
+    On entry ``dd[l]`` is the gradient of du_l and ``da[l]`` that of a_l from the read and the state; on return both
+    hold the gradients of d_l and a_l (in place where they can be)."""
+    g_s = sum((x * di).sum(-1, keepdim=True) for x, di in zip(dd, d))  # [B, H, n, 1]
+    g_rho = torch.where(s < 1.0, -g_s * s * s, torch.zeros_like(g_s))  # ds/drho = -1/rho^2 = -s^2 where rho > 1
+    inv_q = d[-1].pow(2).sum(-1, keepdim=True).clamp_min(1e-30).reciprocal()
+    c = 2.0 * g_rho * inv_q
+    for i, (ai, di) in enumerate(zip(a, d)):
+        dd[i] = dd[i] * s + (c * ai.pow(2).sum(-1, keepdim=True)) * di
+        da[i] = da[i] + (c * di.pow(2).sum(-1, keepdim=True)) * ai
+    rho = _curvature(a, d).unsqueeze(-1)
+    dd[-1] = dd[-1] - (c * rho) * d[-1]  # rho's denominator |d_L|^2
 
 
 def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
@@ -228,7 +243,7 @@ def _scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, 
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else [_split(ws)[0] for ws in WS]
         a, z, dact, back, d = _anchor_forward(k[c], v[c], anchor, loss=loss, **opts)
-        s = _step_scale(a, d) if normalize else None
+        s = _step_scale(a, d).detach() if normalize else None  # the backward differentiates it by hand
         du = d if s is None else [di * s for di in d]  # the errors the update uses: u_l = du_l a_l^T
         o[c], xs, ys, xws, ps = _read_forward(q[c], WS, a, du, b[c], f[c], G[c], **opts)
         if save:
@@ -301,8 +316,8 @@ def _chunk_backward(do, dWS_next, WS, A, acts, b, f, G, bl, el, fl, gl, pl, *, r
         else:
             dq = dx if dq is None else dq + dx
 
-    if s is not None:  # dd so far is the gradient of du = s d
-        dd = [x * s for x in dd]
+    if s is not None:  # dd and da so far are gradients of du = s d and of a through the read and state only
+        _step_scale_backward(a, d, s, dd, da)
 
     # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
     anchor = A if A is not None else [_split(ws)[0] for ws in WS]

@@ -55,7 +55,7 @@ def neural_memory_reference(
 
         u_t = grad_W loss(M(k_t; W_anchor), v_t)          W_anchor = memory at the end of chunk c-1
                                                           loss: ||.-v||^2 (l2) or -<., v> (dot)
-        theta_t <- theta_t / max(1, ||u_t||^2 / ||dloss/dM||^2)    with normalize_step (a constant for autograd)
+        theta_t <- theta_t / max(1, ||u_t||^2 / ||dloss/dM||^2)    with normalize_step
         S_t = eta_t * S_{t-1} - theta_t * u_t
         W_t = (1 - alpha_t) * W_{t-1} + S_t
         o_t = M(q_t; W_t)
@@ -93,8 +93,8 @@ def neural_memory_reference(
                 m_k = _memory(kk, A_leaf, residual, activation)
                 ell = associative_loss(m_k, vv, loss)
                 *U, g_m = torch.autograd.grad(ell, (*A_leaf, m_k), create_graph=create_graph)
-            if normalize_step:  # the step's curvature along the error, at the anchor; no gradient flows through it
-                rho = sum(u.detach().pow(2).sum((-2, -1)) for u in U) / g_m.detach().pow(2).sum(-1).clamp_min(1e-30)
+            if normalize_step:  # the step's curvature along the error, at the anchor (differentiated like the rest)
+                rho = sum(u.pow(2).sum((-2, -1)) for u in U) / g_m.pow(2).sum(-1).clamp_min(1e-30)
                 th = th / rho.clamp_min(1.0)[:, :, None, None]
 
             S = tuple(et * s - th * u for s, u in zip(S, U))
