@@ -1,6 +1,6 @@
 """`mnemos demo` end to end: the Titans model recalls pairs beyond the SWA baseline's reach, the baseline cannot.
 
-This trains two small models for real (about 2 minutes on 2 CPU cores): the demo's claim is the property tested.
+This trains two small models for real (about 3 minutes on 2 CPU cores): the demo's claim is the property tested.
 """
 
 import json
@@ -12,11 +12,13 @@ def test_memory_recalls_what_the_window_lost(tmp_path):
     cfg = DemoConfig(out_dir=str(tmp_path), progress=False)
     report = run_demo(cfg)
     rows = {r["model"]: r for r in report.rows}
-    chance = 2 / cfg.vocab_size
-    assert rows["swa"]["n_far"] > 500 and rows["mag"]["n_far"] == rows["swa"]["n_far"]
-    assert rows["swa"]["far"] < chance + 0.05  # nothing beyond its reach can get through the window
-    assert rows["mag"]["far"] > rows["swa"]["far"] + 0.08  # the memory carries it
-    assert rows["swa"]["near"] > chance + 0.1  # the baseline did learn recall where it can see
+    mem, swa = rows[cfg.memory_variant], rows["swa"]
+    chance = 1 / (cfg.vocab_size - cfg.vocab_size // 2)
+    assert swa["n_far"] > 1000 and mem["n_far"] == swa["n_far"]
+    assert swa["far"] < chance + 0.05  # nothing beyond its reach can get through the window
+    assert swa["near"] > chance + 0.1  # the baseline did learn recall where it can see
+    # the memory binds keys to values beyond the window: far above answering with any value of the context (1/K)
+    assert mem["far"] > 0.9 and mem["far"] > mem["any_value_level"] + 0.5, mem
     assert json.loads((tmp_path / "demo.json").read_text())["rows"] == report.rows
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "beyond reach" in (tmp_path / "demo.md").read_text()

@@ -1,6 +1,6 @@
 """The Titans neural long-term memory as a sequence-mixing layer (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663).
 
-    x -> Linear q, k, v -> causal depthwise conv (4) -> SiLU -> l2-normalise q, k
+    x -> Linear q, k, v -> causal depthwise conv (4) -> SiLU -> l2-normalise q, k (and v: value_norm)
     x -> Linear -> theta = max_lr * sigmoid(.), eta = sigmoid(.), alpha = sigmoid(.)     (per token and head)
     (q, k, v, gates, W_0) -> memory rule (mnemos.ops.neural_memory) -> o
     o -> RMSNorm(o) * silu(Linear x) -> Linear -> y
@@ -8,25 +8,31 @@
 Choices the paper leaves open, and what this layer does:
 - Heads: H independent memories of head dim D (the paper's multi-head setting); each head has its own learned W_0.
 - Convolution: one depthwise causal conv per q, k and v channel, no bias; SiLU after it on q, k and v; l2-norm on
-  q and k only (values keep their scale, they are the regression targets).
+  q and k, and on v with ``value_norm=True`` (the default): an MLP memory's inner problem is not scale-free, and
+  values that outer training grows made it overflow (docs/MODELS.md, "Stability and write strength"); the read goes
+  through an RMSNorm, so nothing downstream depends on the values' scale.
 - Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head:
   ``theta = max_lr * sigmoid(.) * (1 - eta)``, ``eta = sigmoid(.)``, ``alpha = sigmoid(.)``. The factor ``1 - eta``
   (``ema_momentum=True``, the default) makes the momentum an exponential moving average of the gradients, so a
   token's gradient moves the memory by at most max_lr in total, however close to 1 the learned eta gets; with
   ``ema_momentum=False`` theta is the paper's free ``max_lr * sigmoid(.)`` and one token's total step is
-  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.01 (titans-pytorch's bound is 1.0).
+  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.2 per token (titans-pytorch's
+  bound is 1.0); ``step_bound="chunk"`` makes it the bound of a chunk's summed step instead (max_lr / C per token),
+  and ``normalize_step=True`` divides each token's step by max(1, its curvature at the anchor)
+  (:func:`mnemos.ops.step_curvature`: ~3 for the default depth-2 memory, 1 for a matrix memory with unit keys).
   Initial biases: sigmoid(0) = 0.5 for theta's and eta's, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000
   tokens); the outer model then learns data-dependent gates. Why: all C gradients of a chunk are taken at one
   anchor and add up, so near-identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one
   large step. With the free theta and max_lr 0.1, untrained models diverged within 128 tokens of MQAR; in training
   the learned momentum gate climbed to ~0.9 and the memory diverged, and even at max_lr 0.05 one demo seed in six
-  diverged (none with the EMA form; docs/MODELS.md, "Stability"). Strong initial forgetting (~0.02 per token)
-  instead decays an MLP memory towards W = 0, a saddle where its inner gradients vanish.
+  diverged (none with the EMA form; docs/MODELS.md, "Stability and write strength"). Strong initial forgetting
+  (~0.02 per token) instead decays an MLP memory towards W = 0, a saddle where its inner gradients vanish.
 - Initial memory W_0: learned; hidden layers ``[H, E*D, D]`` with expansion E (default 4), normal init with std
   1/sqrt(D_in); the last layer gets the same init, and with ``residual=True`` (default) M starts near identity + noise.
 - Output: RMSNorm per head then a SiLU gate from x (as in Gated DeltaNet, which Titans follows), then a projection.
-- Chunk size 16 (the paper's), gradients anchored per chunk; decoding continues the same chunk bookkeeping, so
-  token-by-token decoding equals the parallel pass exactly.
+- Chunk size 4 (the paper's is 16: a fresher anchor and 4x fewer gradients per anchor made recall training faster
+  and stable at the larger step; docs/MODELS.md), gradients anchored per chunk; decoding continues the same chunk
+  bookkeeping, so token-by-token decoding equals the parallel pass exactly.
 """
 
 from __future__ import annotations
@@ -69,10 +75,14 @@ class NeuralMemory(nn.Module):
         residual: ``M(x) = MLP(x) + x``.
         activation: ``"gelu"`` or ``"silu"`` inside the memory.
         chunk_size: tokens per gradient anchor (paper: 16).
-        max_lr: upper bound of the inner learning rate (of theta / (1 - eta) with ``ema_momentum``, else of theta).
+        max_lr: upper bound of the inner learning rate (of theta / (1 - eta) with ``ema_momentum``, else of theta;
+            of a chunk's summed step with ``step_bound="chunk"``).
         ema_momentum: theta = max_lr * sigmoid(.) * (1 - eta), the momentum as a moving average of the gradients
             (bounds every token's total step by max_lr); False: the paper's theta = max_lr * sigmoid(.).
         conv_size: causal conv width (paper: 4; 1 mixes nothing over time).
+        value_norm: l2-normalise the values per head (default True).
+        step_bound: ``"token"`` (max_lr bounds each token's step) or ``"chunk"`` (the chunk's summed step).
+        normalize_step: divide each token's step by max(1, curvature at the anchor) (torch path only).
         impl: implementation of the memory rule passed to :func:`mnemos.ops.neural_memory`.
     """
 
