@@ -140,6 +140,7 @@ def _plot(report: DemoReport, path: Path) -> None:
                    color=["#8da0cb", "#fc8d62"], edgecolor="black", linewidth=0.5)
         ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
         ax.axhline(2 / cfg.vocab_size, color="gray", ls="--", lw=1)
+        ax.axhline(1 / cfg.num_kv_pairs, color="black", ls=":", lw=1)
         ax.set_title(f"MQAR, {length} tokens")
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
@@ -148,7 +149,9 @@ def _plot(report: DemoReport, path: Path) -> None:
 
     axes[-1].legend(handles=[Patch(color="#8da0cb", label=f"pair <= {cfg.reach} tokens back"),
                              Patch(color="#fc8d62", label=f"pair > {cfg.reach} tokens back"),
-                             plt.Line2D([], [], color="gray", ls="--", label="chance")], fontsize=8)
+                             plt.Line2D([], [], color="gray", ls="--", label="chance"),
+                             plt.Line2D([], [], color="black", ls=":",
+                                        label="any value of the context (1/K)")], fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
