@@ -16,10 +16,11 @@ Choices the paper leaves open, and what this layer does:
   (``ema_momentum=True``, the default) makes the momentum an exponential moving average of the gradients, so a
   token's gradient moves the memory by at most max_lr in total, however close to 1 the learned eta gets; with
   ``ema_momentum=False`` theta is the paper's free ``max_lr * sigmoid(.)`` and one token's total step is
-  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.2 per token (titans-pytorch's
-  bound is 1.0); ``step_bound="chunk"`` makes it the bound of a chunk's summed step instead (max_lr / C per token),
-  and ``normalize_step=True`` divides each token's step by max(1, its curvature at the anchor)
-  (:func:`mnemos.ops.step_curvature`: ~3 for the default depth-2 memory, 1 for a matrix memory with unit keys).
+  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.4 per token (titans-pytorch's
+  bound is 1.0), with ``normalize_step=True`` (default) dividing each token's step by max(1, its curvature at the
+  anchor) (:func:`mnemos.ops.step_curvature`: 3-6 for the default depth-2 memory, 1 for a matrix memory with unit
+  keys), so the bound means the same for any depth; ``step_bound="chunk"`` makes it the bound of a chunk's summed
+  step instead (max_lr / C per token).
   Initial biases: sigmoid(0) = 0.5 for theta's and eta's, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000
   tokens); the outer model then learns data-dependent gates. Why: all C gradients of a chunk are taken at one
   anchor and add up, so near-identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one
@@ -82,7 +83,7 @@ class NeuralMemory(nn.Module):
         conv_size: causal conv width (paper: 4; 1 mixes nothing over time).
         value_norm: l2-normalise the values per head (default True).
         step_bound: ``"token"`` (max_lr bounds each token's step) or ``"chunk"`` (the chunk's summed step).
-        normalize_step: divide each token's step by max(1, curvature at the anchor) (torch path only).
+        normalize_step: divide each token's step by max(1, curvature at the anchor) (default True; torch path only).
         impl: implementation of the memory rule passed to :func:`mnemos.ops.neural_memory`.
     """
 
@@ -97,12 +98,12 @@ class NeuralMemory(nn.Module):
         residual: bool = True,
         activation: str = "gelu",
         chunk_size: int = 4,
-        max_lr: float = 0.2,
+        max_lr: float = 0.4,
         conv_size: int = 4,
         ema_momentum: bool = True,
         value_norm: bool = True,
         step_bound: str = "token",
-        normalize_step: bool = False,
+        normalize_step: bool = True,
         impl: str = "auto",
     ):
         super().__init__()

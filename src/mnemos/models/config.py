@@ -110,11 +110,11 @@ class MemoryConfig(_ConfigBase):
     residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
     activation: Literal["gelu", "silu"] = "gelu"
     chunk_size: int = 4  # tokens per gradient anchor (paper: 16); larger is faster on CPU but staler (docs/MODELS.md)
-    # bound of a token's total inner step theta / (1 - eta) (of a chunk's summed step with step_bound="chunk").
-    # Chosen from the sweep in docs/MODELS.md ("Stability"): with unit values and chunk 4, 0.2 let the depth-2 LMM
-    # leave the MQAR plateau ~4x sooner than the old 0.01; chunks of C near-identical keys stay stable while
-    # C * max_lr * curvature < 1 (a matrix memory with unit keys has curvature 1; the depth-2 memory measured ~3)
-    max_lr: float = 0.2
+    # bound of a token's total inner step theta / (1 - eta) (of a chunk's summed step with step_bound="chunk"), in
+    # units of the step's curvature with normalize_step. Chosen from the sweep in docs/MODELS.md ("Stability and write
+    # strength"): with unit values, normalised steps and chunk 4, 0.4 let the depth-2 LMM leave the MQAR plateau
+    # ~3x sooner than the old 0.01 with no skipped step in the seeds run
+    max_lr: float = 0.4
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
     ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
     # "chunk": max_lr bounds the summed step of a chunk's C tokens (each token's bound is max_lr / C), so the anchored
@@ -122,9 +122,8 @@ class MemoryConfig(_ConfigBase):
     step_bound: Literal["chunk", "token"] = "token"
     value_norm: bool = True  # l2-normalise the values per head, like the keys: the inner problem has one scale
     # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
-    # then holds for an MLP memory as for a matrix memory with unit keys (torch path; not in the kernels). Off by
-    # default: measured, it slowed the LMM and MAC (docs/MODELS.md, "Stability")
-    normalize_step: bool = False
+    # then holds for an MLP memory as for a matrix memory with unit keys (torch path: not in the Triton kernels yet)
+    normalize_step: bool = True
     impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
 
     def __post_init__(self):
