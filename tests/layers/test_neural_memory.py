@@ -349,7 +349,8 @@ def test_value_norm_keeps_the_mlp_memory_stable_as_values_grow(value_norm):
     problem is not scale-free: with raw values 3x larger the default step overflows it within one sequence. Unit
     values keep it finite and fitting whatever the projection's scale."""
     torch.manual_seed(0)
-    layer = NeuralMemory(64, heads=4, depth=2, chunk_size=4, max_lr=0.2, value_norm=value_norm).double()
+    layer = NeuralMemory(64, heads=4, depth=2, chunk_size=4, max_lr=0.2, value_norm=value_norm,
+                         normalize_step=False).double()  # raw steps: the value scale alone
     with torch.no_grad():
         layer.to_qkv.weight[128:].mul_(3.0)  # the value projection
         layer.to_gates.bias[:4].fill_(6.0)  # theta at its bound
