@@ -166,8 +166,8 @@ def _step_scale_backward(a, d, s, dd, da) -> None:
     for i, (ai, di) in enumerate(zip(a, d)):
         dd[i] = dd[i] * s + (c * ai.pow(2).sum(-1, keepdim=True)) * di
         da[i] = da[i] + (c * di.pow(2).sum(-1, keepdim=True)) * ai
-    rho = _curvature(a, d).unsqueeze(-1)
-    dd[-1] = dd[-1] - (c * rho) * d[-1]  # rho's denominator |d_L|^2
+    # rho's denominator |d_L|^2; c is 0 wherever rho <= 1, and rho = 1 / s wherever it is not
+    dd[-1] = dd[-1] - (c / s) * d[-1]
 
 
 def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
