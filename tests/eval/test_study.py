@@ -102,3 +102,32 @@ def test_cli_errors(tmp_path, capsys):
         study_settings("huge")
     with pytest.raises(ValueError, match="jobs must be 1 or 2"):
         run_study(TINY, tmp_path, jobs=4)
+
+
+def test_the_lr_is_chosen_on_the_first_seed_and_the_other_seeds_run_at_it_only(tmp_path):
+    import dataclasses
+
+    from mnemos.eval.study import GridPoint, select_lrs, train_jobs
+
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 3, 4, (0, 1)),),
+                            passkey_models=(), capacity_models=())
+    trains, _ = plan(s)
+    name = "mqar-L32-K2-gated_deltanet-lr{}-s{}".format
+    # both lrs at seed 0, seed 1 at one lr (the first stands in for the choice)
+    assert sorted(t.name for t in trains) == sorted([name("0.001", 0), name("0.003", 0), name("0.001", 1)])
+    # plant the seed-0 outcome (a record that says the run stopped, a final val row): the second lr wins, so seed 1
+    # must run at it, not at the first lr that stood in for the choice
+    for t in train_jobs(s):
+        if t.seed == 0:
+            run_dir = tmp_path / "runs" / t.name
+            run_dir.mkdir(parents=True)
+            (run_dir / RECORD).write_text(json.dumps({"status": "diverged"}))
+            acc = 0.9 if t.lr == 3e-3 else 0.2
+            (run_dir / "metrics.jsonl").write_text(json.dumps({"split": "val", "step": 3, "val_accuracy": acc}) + "\n")
+    chosen = select_lrs(s, train_jobs(s), tmp_path)[("L32-K2", "gated_deltanet")]
+    assert chosen["lr"] == 3e-3 and chosen["chosen"]
+    out = run_study(s, tmp_path, file=io.StringIO())
+    assert out["trained"] == [name("0.003", 1)]  # (the planted runs have no checkpoint to evaluate)
+    chosen = select_lrs(s, train_jobs(s), tmp_path)[("L32-K2", "gated_deltanet")]
+    assert chosen["lr"] == 3e-3 and [r["seed"] for r in chosen["by_lr"][3e-3]] == [0, 1]
+    assert "gated_deltanet-lr0.001-s1" not in (tmp_path / "report.md").read_text()  # not planned, not listed

@@ -274,9 +274,23 @@ def eval_jobs(s: StudySettings, trains: list[TrainJob], chosen: dict[tuple[str, 
     return jobs
 
 
+def _first_seed(s: StudySettings, job: TrainJob) -> bool:
+    """Whether ``job`` is a passkey run or an MQAR run at its grid point's first seed (where the lr is chosen)."""
+    if job.group != "mqar":
+        return True
+    return job.seed == next(p for p in s.grid if p.key == job.point).seeds[0]
+
+
+def planned(s: StudySettings, trains: list[TrainJob], chosen: dict[tuple[str, str], float]) -> list[TrainJob]:
+    """The runs the study trains out of ``trains`` (:func:`train_jobs`): every outer lr at a grid point's first seed,
+    where the lr is chosen; the other seeds at the chosen lr only (``chosen[(point, label)]``; the first lr stands
+    in while it is not known); the passkey runs. A point with 3 seeds and 2 lrs trains 4 runs per model, not 6."""
+    return [t for t in trains if _first_seed(s, t) or t.lr == chosen.get((t.point, t.label), s.lrs[0])]
+
+
 def plan(s: StudySettings) -> tuple[list[TrainJob], list[EvalJob]]:
-    """The study's runs and (with the first lr standing in for the choice) its evaluations: their count is fixed."""
-    trains = train_jobs(s)
+    """The study's runs and evaluations, with the first lr standing in for the choice: their count is fixed."""
+    trains = planned(s, train_jobs(s), {})
     return trains, eval_jobs(s, trains, {})
 
 
@@ -414,22 +428,17 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
         raise ValueError(f"jobs must be 1 or 2, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    candidates = train_jobs(settings)
     trains, evals = plan(settings)
-    if only is not None and not any(_matches(j.name, only) for j in (*trains, *evals)):
+    if only is not None and not any(_matches(j.name, only) for j in (*candidates, *evals)):
         raise ValueError(f"--only {only!r} matches none of the study's {len(trains)} runs and {len(evals)} evals "
                          f"(e.g. {trains[0].name}, {evals[0].name})")
-    trains_sel = [j for j in trains if _matches(j.name, only)]
     n_evals = sum(_matches(e.name, only) for e in evals)
-    bar = _Progress(len(trains_sel) + n_evals, file)
+    bar = _Progress(sum(_matches(j.name, only) for j in trains) + n_evals, file)
     summary: dict[str, list[str]] = {"trained": [], "evaluated": [], "skipped": [], "failed": []}
     (out / "study_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=1))
-
-    todo = [j for j in trains_sel if not run_is_done(j, out / "runs" / j.name)]
-    remaining = sum(j.cost for j in todo)
-    for j in trains_sel:
-        if j not in todo:
-            summary["skipped"].append(j.name)
-            bar.line("train", j.name, "done before, skipped", remaining, n_evals, jobs)
+    # the runs not done yet, as far as they are known (the first lr stands in for choices not made yet)
+    remaining = sum(j.cost for j in trains if _matches(j.name, only) and not run_is_done(j, out / "runs" / j.name))
 
     def finished(j: TrainJob, record: dict[str, Any], wall: float) -> None:
         nonlocal remaining
@@ -439,16 +448,28 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
         summary["trained" if record.get("status") in ("done", "diverged") else "failed"].append(j.name)
         bar.line("train", j.name, _outcome(record, out / "runs" / j.name), remaining, n_evals, jobs)
 
-    if jobs == 1:
-        for j in todo:
-            t0 = time.perf_counter()
-            record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty())
-            finished(j, record, time.perf_counter() - t0)
-    else:
-        _train_parallel(todo, out, jobs, threads or 1, finished)
+    # stage 1: every lr at each grid point's first seed (and the passkey runs); stage 2: the other seeds at the lr
+    # chosen on the first seed's runs
+    for first in (True, False):
+        chosen = {k: v["lr"] for k, v in select_lrs(settings, candidates, out).items() if v["chosen"]}
+        stage = [j for j in candidates if _first_seed(settings, j) == first and _matches(j.name, only)
+                 and (first or (j.point, j.label) in chosen)]
+        stage = planned(settings, stage, chosen)
+        todo = [j for j in stage if not run_is_done(j, out / "runs" / j.name)]
+        for j in stage:
+            if j not in todo:
+                summary["skipped"].append(j.name)
+                bar.line("train", j.name, "done before, skipped", remaining, n_evals, jobs)
+        if jobs == 1:
+            for j in todo:
+                t0 = time.perf_counter()
+                record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty())
+                finished(j, record, time.perf_counter() - t0)
+        else:
+            _train_parallel(todo, out, jobs, threads or 1, finished)
 
-    chosen = select_lrs(settings, trains, out)
-    for e in eval_jobs(settings, trains, {k: v["lr"] for k, v in chosen.items()}):
+    chosen = select_lrs(settings, candidates, out)
+    for e in eval_jobs(settings, candidates, {k: v["lr"] for k, v in chosen.items()}):
         if not _matches(e.name, only):
             continue
         t0 = time.perf_counter()
@@ -550,22 +571,27 @@ def final_val(run_dir: Path) -> dict[str, Any] | None:
 
 
 def select_lrs(s: StudySettings, trains: list[TrainJob], out: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (grid point, label): ``{"lr": chosen, "by_lr": {lr: [final val rows of its seeds]}}``; the lr with the
-    highest mean final ``val_accuracy`` over the seeds that finished (ties: the smaller lr)."""
+    """Per (grid point, label): ``{"lr": chosen, "chosen": bool, "by_lr": {lr: [final val rows of its seeds]}}``.
+    The lr is chosen on the point's first seed: the highest final ``val_accuracy`` among the lrs whose first-seed run
+    finished (ties: the smaller lr); ``chosen`` is False (and ``lr`` the first) while none has. ``by_lr`` holds every
+    finished seed, the other seeds existing at the chosen lr only."""
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for t in trains:
         if t.group != "mqar":
             continue
-        entry = table.setdefault((t.point, t.label), {"lr": s.lrs[0], "by_lr": {lr: [] for lr in s.lrs}})
+        entry = table.setdefault((t.point, t.label), {"lr": s.lrs[0], "chosen": False,
+                                                      "by_lr": {lr: [] for lr in s.lrs}, "first": {}})
         run_dir = out / "runs" / t.name
         final = final_val(run_dir)
         if final is not None and final["step"] == t.config["run"]["steps"]:
             entry["by_lr"][t.lr].append({**final, "seed": t.seed})
+            if _first_seed(s, t):
+                entry["first"][t.lr] = final["val_accuracy"]
     for entry in table.values():
-        scored = [(sum(r["val_accuracy"] for r in rows) / len(rows), -lr, lr)
-                  for lr, rows in entry["by_lr"].items() if rows]
-        if scored:
-            entry["lr"] = max(scored)[2]
+        first = entry.pop("first")
+        if first:
+            entry["lr"] = max((acc, -lr, lr) for lr, acc in first.items())[2]
+            entry["chosen"] = True
     return table
 
 
@@ -616,8 +642,9 @@ def write_study_report(s: StudySettings, out: str | os.PathLike) -> list[Path]:
     from mnemos.eval.results import EvalResults
 
     out = Path(out)
-    trains = train_jobs(s)
-    chosen = select_lrs(s, trains, out)
+    candidates = train_jobs(s)
+    chosen = select_lrs(s, candidates, out)
+    trains = planned(s, candidates, {k: v["lr"] for k, v in chosen.items()})
     main, extrap = _load_evals(s, out)
     written = write_report(EvalResults(main.cells + extrap.cells), out, plots=False)
     try:
@@ -628,7 +655,8 @@ def write_study_report(s: StudySettings, out: str | os.PathLike) -> list[Path]:
     except ImportError:
         pass
     records = {t.name: _read(out / "runs" / t.name / RECORD) for t in trains}
-    eval_cpu = {e.name: _read(out / "evals" / e.name / "study_eval.json") for e in plan(s)[1]}
+    eval_cpu = {e.name: _read(out / "evals" / e.name / "study_eval.json")
+                for e in eval_jobs(s, candidates, {k: v["lr"] for k, v in chosen.items()})}
     lines = _study_sections(s, trains, chosen, records, eval_cpu, extrap, out)
     harness = markdown_report(main).replace("# mnemos evaluation", "## Evaluations (mnemos report)", 1)
     harness = "\n".join(("#" + line) if line.startswith("## ") and not line.startswith("## Evaluations") else line
@@ -653,7 +681,8 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
              f"({(cpu_train + cpu_eval) / 3600:.2f} CPU-hours; each run's own process time).", "",
              f"Models: d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads, window {s.window} (swa, mag, mal), "
              f"segment {s.segment_len} (mac), memory at its defaults unless the label says (lmm-d1/d2: depth 1/2). "
-             f"Outer lrs {', '.join(map(_lr_text, s.lrs))} (the best kept per model and grid point), warmup "
+             f"Outer lrs {', '.join(map(_lr_text, s.lrs))}, chosen per model and grid point on the point's first seed "
+             f"(the highest final validation accuracy); the other seeds run at the chosen lr only. Warmup "
              f"{s.warmup_steps}, cosine schedule; the trainer's evals score {s.val_examples} val examples. Evals: "
              f"held-out seed {s.eval_seed}, {s.eval_examples} MQAR examples per cell.", ""]
     # the lr selection, per grid point
@@ -672,7 +701,8 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
             rows.append(row + [str(sum(skipped)), str(len(best))])
         lines += [f"## MQAR L={p.seq_len} K={p.num_kv_pairs} V={p.vocab_size}: best outer lr", "",
                   f"{p.steps} steps, batch {p.batch_size}, seeds {', '.join(map(str, p.seeds))}. Final validation "
-                  "accuracy of the trainer's eval per lr: mean (min–max) over seeds. At the chosen lr: accuracy near / "
+                  "accuracy of the trainer's eval per lr: mean (min–max) over the seeds run (the first seed only at the lr "
+                  "not chosen). At the chosen lr: accuracy near / "
                   "far (the queried key within / beyond n_layers·(window−1) tokens), the share of answers that are a "
                   "context value, and the 1/K level (a random context value's accuracy).", "",
                   *_table(["model", *(f"lr {_lr_text(lr)}" for lr in s.lrs), "chosen lr", "near", "far", "ctx-value",
