@@ -1,4 +1,4 @@
-"""Depth-1 Triton kernels (``triton_d1``) against the torch chunk loop (``chunked._scan`` / ``chunked._ChunkScan``),
+"""Depth-1 Triton kernels (``triton_d1``) against the torch chunk loop (``torch_scan.scan`` / ``TorchChunkScan``),
 under the Triton interpreter on the CPU, on hand-built chunk-major inputs."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from mnemos.ops.memory_rule import chunked, triton_common, triton_d1  # noqa: E402
+from mnemos.ops.memory_rule.backends import split_state  # noqa: E402
+from mnemos.ops.memory_rule.torch_scan import TorchChunkScan, scan  # noqa: E402
 from mnemos.testing import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -74,7 +76,7 @@ def run_fwd(inp, save=True, **kw):
 
 
 def reference(inp, do, dws, dlast, **kw):
-    """Forward of ``chunked._scan`` and the gradients of ``chunked._ChunkScan`` for the given cotangents (None:
+    """Forward of ``torch_scan.scan`` and the gradients of ``TorchChunkScan`` for the given cotangents (None:
     zero)."""
     leaves = [inp[n].detach().clone().requires_grad_(True) for n in NAMES]
     states = [inp["WS"][0].detach().clone().requires_grad_(True)]
@@ -82,15 +84,15 @@ def reference(inp, do, dws, dlast, **kw):
         states.append(inp["A"][0].detach().clone().requires_grad_(True))
     kw = dict(activation="gelu", **kw)
     with torch.no_grad():
-        o, WS, last_start, starts, _ = chunked._scan(*(inp[n] for n in NAMES), inp["WS"], inp["A"], save=True, **kw)
-    o2, ws2, last2 = chunked._ChunkScan.apply(dict(L=1, kw=kw), *leaves, *states)
+        o, WS, last_start, starts, _ = scan(*(inp[n] for n in NAMES), inp["WS"], inp["A"], save=True, **kw)
+    o2, ws2, last2 = TorchChunkScan.apply(dict(L=1, kw=kw), *leaves, *states)
     loss = (o2 * do).sum()
     if dws is not None:
         loss = loss + (ws2 * dws).sum()
     if dlast is not None:
         loss = loss + (last2 * dlast).sum()
     grads = torch.autograd.grad(loss, leaves + states)
-    fwd = dict(o=o, WS=WS[0], last=chunked._split(last_start[0])[0], starts=torch.stack([s[0] for s in starts]))
+    fwd = dict(o=o, WS=WS[0], last=split_state(last_start[0])[0], starts=torch.stack([s[0] for s in starts]))
     return fwd, grads
 
 

@@ -1,4 +1,5 @@
-"""The public entry point of the memory rule: one signature, the implementation picked by device and config."""
+"""The public entry points of the memory rule: :func:`neural_memory` (one signature, the implementation picked by
+device and config) and :func:`neural_memory_triton` (the chunked rule on the Triton kernels)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,40 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .chunked import neural_memory_chunked, neural_memory_triton, triton_unsupported_reason
+from .backends import triton_unsupported_reason
+from .chunked import chunked_memory_rule, neural_memory_chunked
 from .common import MemoryState
 from .reference import neural_memory_reference
 
 IMPLS = ("auto", "triton", "torch", "reference")
+
+
+def neural_memory_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    eta: Tensor,
+    alpha: Tensor,
+    weights: Sequence[Tensor] | None = None,
+    *,
+    chunk_size: int = 16,
+    momentum: Sequence[Tensor] | None = None,
+    residual: bool = True,
+    activation: str = "gelu",
+    loss: str = "l2",
+    initial_state: MemoryState | None = None,
+    output_final_state: bool = False,
+    check_values: bool = True,
+    normalize_step: bool = False,
+) -> tuple[Tensor, MemoryState | None]:
+    """The chunk-parallel form with the chunk loop in fused Triton kernels (triton_scan.py); same contract as
+    :func:`neural_memory`. Raises ValueError naming the reason for configs the kernels do not cover
+    (:func:`~.backends.triton_unsupported_reason`)."""
+    return chunked_memory_rule(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum,
+                               residual=residual, activation=activation, loss=loss, initial_state=initial_state,
+                               output_final_state=output_final_state, check_values=check_values,
+                               normalize_step=normalize_step, backend="triton")
 
 
 def neural_memory(

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_scan import interpreting
+from .backends import interpreting
 
 _GELU, _SILU = 0, 1
 _L2, _DOT = 0, 1

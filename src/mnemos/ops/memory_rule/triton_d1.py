@@ -1,6 +1,6 @@
 """Triton kernels of the chunk loop for a depth-1 (matrix) memory: ``M(x) = W x (+ x)``.
 
-Launcher contract: ``triton_scan.py``. Math: ``chunked.py`` (``_anchor_forward``, ``_read_forward``,
+Launcher contract: ``backends.py``. Math: ``torch_scan.py`` (``anchor_forward``, ``_read_forward``,
 ``_state_forward`` and their reverse ``_chunk_backward``) with L = 1. Per chunk, with the chunk's starting state
 ``W, S`` (``[V, K]``) and anchor ``Wa`` (W, or A for chunk 0 when a stream continues mid-chunk):
 
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from . import triton_common
+from .backends import ScanForward, ScanGrads, interpreting
 from .triton_common import acc_dtype, empty
-from .triton_scan import interpreting
 
 # Rows of the state per program (None: the default of ``_block_v``); tests set it to exercise the V split.
 BLOCK_V: int | None = None
@@ -287,8 +287,8 @@ def _acc(b: torch.Tensor, q: torch.Tensor) -> torch.dtype:
     return acc
 
 
-def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save):
-    """Forward of the chunk loop (contract: ``triton_scan.py``). ``activation`` is unused (no hidden layer)."""
+def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save) -> ScanForward:
+    """Forward of the chunk loop (contract: ``backends.py``). ``activation`` is unused (no hidden layer)."""
     _check(q, v, WS, A, residual, loss)
     nc, B, H, C, K = q.shape
     V = v.shape[-1]
@@ -307,11 +307,12 @@ def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, lo
         C=C, K=K, V=V, BV=BV, RESIDUAL=residual, L2=loss == "l2", HAS_A=A is not None, SAVE=save,
         ACC=acc_dtype(acc), PREC=triton_common.DOT_PRECISION, **_launch_opts(BV, K),
     )
-    return o, [ws_out], [last], ([starts] if save else None)
+    return ScanForward(o, [ws_out], [last], [starts] if save else None)
 
 
-def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, residual, activation, loss):
-    """Backward of the chunk loop (contract: ``triton_scan.py``): every input's gradient, in the compute dtype."""
+def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, residual, activation,
+        loss) -> ScanGrads:
+    """Backward of the chunk loop (contract: ``backends.py``): every input's gradient, in the compute dtype."""
     _check(q, v, starts, A, residual, loss)
     nc, B, H, C, K = q.shape
     V = v.shape[-1]
@@ -344,4 +345,4 @@ def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, res
     parts = [x[0] if NV == 1 else x.sum(0) for x in (dq, dk, db, df, dG, dbl, del_, dfl, dgl, dpl)]
     dq, dk, db, df, dG, dbl, del_, dfl, dgl, dpl = parts
     dA_out = None if A is None else [dA if A[0].shape == dA.shape else dA.sum_to_size(A[0].shape)]
-    return dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, [dws0], dA_out
+    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, [dws0], dA_out)

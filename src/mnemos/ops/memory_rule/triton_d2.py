@@ -1,6 +1,6 @@
 """Triton kernels of the chunk loop for a depth-2 (MLP) memory: ``M(x) = W2 act(W1 x) (+ x)``.
 
-Launcher contract: ``triton_scan.py``. Math: ``chunked.py`` (``_anchor_forward``, ``_read_forward``,
+Launcher contract: ``backends.py``. Math: ``torch_scan.py`` (``anchor_forward``, ``_read_forward``,
 ``_state_forward`` and their reverse ``_chunk_backward``), with L = 2, written here per tile of the hidden width.
 
 Layout and organisation. One program per (batch, head) walks the chunks (forward in order, backward in reverse); the
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common
+from .backends import ScanForward, ScanGrads
 from .triton_common import act, act_grad, act_grad2, empty, launch_opts
 
 
@@ -423,7 +424,7 @@ def _sizes(q, v, WS):
     return nc, B * H, C, K, HD, V
 
 
-def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save):
+def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save) -> ScanForward:
     nc, BH, C, K, HD, V = _sizes(q, v, WS)
     acc, dev = b.dtype, q.device
     every = triton_common.CHECKPOINT_EVERY
@@ -443,10 +444,11 @@ def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, lo
     )
     # what the backward needs: the checkpoints, and their spacing carried as the length of an empty tensor
     saved = [ck1, ck2, torch.empty(every, 0, device=dev)] if save else None
-    return o, [ws1, ws2], [last1, last2], saved
+    return ScanForward(o, [ws1, ws2], [last1, last2], saved)
 
 
-def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, residual, activation, loss):
+def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, residual, activation,
+        loss) -> ScanGrads:
     ck1, ck2, spacing = starts
     nc, BH, C, K, HD, V = _sizes(q, v, [ck1[0], ck2[0]])
     acc, dev = b.dtype, q.device
@@ -477,4 +479,5 @@ def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, res
         *scratch, dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, nc, BH,
         C=C, K=K, HD=HD, V=V, RESIDUAL=residual, HAS_A=A is not None, HAS_DLAST=has_dlast, EVERY=every, **opts,
     )
-    return dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, [dws1, dws2], ([da1, da2] if A is not None else None)
+    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, [dws1, dws2],
+                     [da1, da2] if A is not None else None)
