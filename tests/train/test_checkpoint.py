@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mnemos.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mnemos.checkpoint import CheckpointError
+from mnemos.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 class Tiny(nn.Module):

@@ -15,7 +15,7 @@ import torch
 
 from mnemos.layers import NeuralMemory
 from mnemos.models import MemoryConfig, MnemosLM
-from mnemos.train.checkpoint import load_model_weights, read_trainer_state
+from mnemos.checkpoint import load_model_weights, read_trainer_state
 from mnemos.train.config import load_config
 from mnemos.train.loop import train
 

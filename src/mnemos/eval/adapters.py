@@ -452,7 +452,7 @@ def load_mnemos_checkpoint(
     if not (path.is_dir() and (path / "trainer.pt").is_file()):
         raise ValueError(f"{path} is not a mnemos checkpoint directory (no trainer.pt in it)")
     models = _import_mnemos_models()
-    from mnemos.train.checkpoint import load_model_weights, read_trainer_state
+    from mnemos.checkpoint import load_model_weights, read_trainer_state
 
     run_config = read_trainer_state(path).get("config")
     if run_config is None and (path / "config.json").is_file():

@@ -441,7 +441,7 @@ def saved_mqar_task(model_specs: Sequence[str], keys: Sequence[str] = MQAR_TASK_
     from each checkpoint's run config (``config.json``, else ``trainer.pt``) whose ``task.kind`` is mqar. Other
     specs (variants, baselines, LM runs) add nothing; {} when none has any. Checkpoints that disagree on one of
     ``keys`` are an error naming them."""
-    from mnemos.train.checkpoint import read_trainer_state
+    from mnemos.checkpoint import read_trainer_state
 
     found: dict[str, tuple[Any, str]] = {}
     for spec in model_specs:

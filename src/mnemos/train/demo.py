@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_model_weights
 from ..data import MQARConfig, mqar_recall_metrics
 from ..models import MnemosLM
-from .checkpoint import load_model_weights
 from .config import load_config
 from .loop import train
 

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
 from .. import __version__
+from ..checkpoint import load_model_weights, read_trainer_state
 from ..data import IGNORE_INDEX, BABILongConfig, ByteTokenizer, LMDataConfig, MQARConfig, mqar_recall_metrics
 from ..data.niah import make_niah_sample
 from ..layers import NeuralMemory
 from ..models import MnemosLM, saved_model_config
-from .checkpoint import load_model_weights, read_trainer_state, save_checkpoint, set_rng_state
+from .checkpoint import save_checkpoint, set_rng_state
 from .config import ANSWER_EXTRA_TOKENS, ANSWER_KINDS, TrainConfig, answer_task_max_answer
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
 from .optim import build_optimizer, build_scheduler
