@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mnemos.eval.adapters import StatefulLM
+from mnemos.eval.stateful import StatefulLM
 
 __all__ = ["InductionLM", "RandomBigramLM", "make_baseline"]
 

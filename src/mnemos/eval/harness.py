@@ -1,4 +1,4 @@
-"""The evaluation harness: run :class:`~mnemos.eval.adapters.StatefulLM` models on the offline tasks of
+"""The evaluation harness: run :class:`~mnemos.eval.stateful.StatefulLM` models on the offline tasks of
 :mod:`mnemos.data` and record one :class:`~mnemos.eval.results.Cell` per grid point.
 
 - ``mqar`` (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions, split by
@@ -56,8 +56,9 @@ from mnemos.data import (
     mqar_recall_metrics,
 )
 from mnemos.eval._progress import ProgressBar, progress_bar
-from mnemos.eval.adapters import StatefulLM, load_model, state_size
+from mnemos.eval.adapters import load_model
 from mnemos.eval.results import Cell, EvalResults, environment
+from mnemos.eval.stateful import StatefulLM, state_size
 
 __all__ = [
     "EvalOptions",
@@ -184,7 +185,7 @@ def evaluate(
 ) -> EvalResults:
     """Run every model on every task config (``task.build(seed)`` makes the data) and return the cells.
 
-    ``model``: one :class:`~mnemos.eval.adapters.StatefulLM` or several (wrap mnemos models in
+    ``model``: one :class:`~mnemos.eval.stateful.StatefulLM` or several (wrap mnemos models in
     :class:`~mnemos.eval.adapters.MnemosLMAdapter`). ``task``: one config or several (e.g. an MQAR grid from
     :func:`mnemos.data.mqar_grid`). Cells come out model by model, then task by task, in grid order.
     """
