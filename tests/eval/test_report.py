@@ -20,7 +20,7 @@ from mnemos.eval import (
     write_report,
 )
 from mnemos.eval.plots import make_figures
-from mnemos.eval.report import pool
+from mnemos.eval.tables import pool
 
 BYTES = 259
 QUIET = EvalOptions(progress=False)

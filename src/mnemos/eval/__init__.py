@@ -3,9 +3,10 @@
 from mnemos.eval.adapters import HFCausalLMAdapter, MnemosLMAdapter, build_mnemos_model, load_mnemos_checkpoint, load_model
 from mnemos.eval.baselines import InductionLM, RandomBigramLM
 from mnemos.eval.harness import EvalOptions, config_from_dict, config_to_dict, evaluate, run_eval
-from mnemos.eval.report import capacity_summary, markdown_report, merge_results, report, write_report
+from mnemos.eval.report import merge_results, report, write_report
 from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.stateful import StatefulLM, state_size
+from mnemos.eval.tables import capacity_summary, markdown_report
 
 __all__ = [
     "Cell",

@@ -22,6 +22,7 @@ from typing import Any, get_args
 import torch
 from torch import Tensor
 
+from mnemos.checkpoint import load_model_weights, read_trainer_state
 from mnemos.data.tokenizer import Tokenizer
 from mnemos.eval.baselines import make_baseline
 from mnemos.eval.stateful import StateGrowth, StatefulLM
@@ -319,8 +320,6 @@ def load_mnemos_checkpoint(
     if not (path.is_dir() and (path / "trainer.pt").is_file()):
         raise ValueError(f"{path} is not a mnemos checkpoint directory (no trainer.pt in it)")
     models = _import_mnemos_models()
-    from mnemos.checkpoint import load_model_weights, read_trainer_state
-
     run_config = read_trainer_state(path).get("config")
     if run_config is None and (path / "config.json").is_file():
         run_config = json.loads((path / "config.json").read_text())

@@ -7,7 +7,7 @@
 - ``niah`` (:class:`~mnemos.data.NIAHConfig`): greedy decode after the prompt, exact match; per (length, depth).
 - ``babilong`` (:class:`~mnemos.data.BABILongConfig`): greedy decode after the prompt, exact match; per length.
 - ``capacity`` (:class:`~mnemos.data.PasskeyCapacityConfig`): passkey exact match per length; the report adds the
-  longest length at >= 95% (:func:`mnemos.eval.report.capacity_summary`).
+  longest length at >= 95% (:func:`mnemos.eval.tables.capacity_summary`).
 - ``lm`` (:class:`~mnemos.data.LMDataConfig`): next-token loss and perplexity over windows of the val split.
 
 Every context is fed through ``model.forward`` ``stream_chunk`` tokens at a time with the state carried, so a
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mnemos.checkpoint import read_trainer_state
 from mnemos.data import (
     IGNORE_INDEX,
     BABILongConfig,
@@ -57,6 +58,7 @@ from mnemos.data import (
 )
 from mnemos.eval._progress import ProgressBar, progress_bar
 from mnemos.eval.adapters import load_model
+from mnemos.eval.report import write_report
 from mnemos.eval.results import Cell, EvalResults, environment
 from mnemos.eval.stateful import StatefulLM, state_size
 
@@ -238,8 +240,6 @@ def run_eval(
     models = [load_model(s, vocab_size=vocab, device=device, dtype=dtype) for s in model_specs]
     results = evaluate(models, tasks, seed=seed, options=options)
     if out_dir is not None:
-        from mnemos.eval.report import write_report
-
         write_report(results, out_dir, plots=plots)
     return results
 
@@ -442,8 +442,6 @@ def saved_mqar_task(model_specs: Sequence[str], keys: Sequence[str] = MQAR_TASK_
     from each checkpoint's run config (``config.json``, else ``trainer.pt``) whose ``task.kind`` is mqar. Other
     specs (variants, baselines, LM runs) add nothing; {} when none has any. Checkpoints that disagree on one of
     ``keys`` are an error naming them."""
-    from mnemos.checkpoint import read_trainer_state
-
     found: dict[str, tuple[Any, str]] = {}
     for spec in model_specs:
         path = Path(spec)

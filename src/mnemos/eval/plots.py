@@ -15,8 +15,8 @@ import math
 import os
 from pathlib import Path
 
-from mnemos.eval.report import Pooled, fmt_length, pool
 from mnemos.eval.results import EvalResults
+from mnemos.eval.tables import Pooled, fmt_length, pool
 
 __all__ = ["make_figures", "plot_accuracy_vs_length", "plot_mqar_state_size", "plot_niah_heatmap"]
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mnemos import __version__
+from mnemos.eval.tables import markdown_report
 
 __all__ = ["Cell", "CellStatus", "EvalResults", "SCHEMA", "TaskName", "environment"]
 
@@ -121,9 +122,7 @@ class EvalResults:
         return [c for c in self.cells if c.task == task]
 
     def markdown(self) -> str:
-        """Comparison tables, one section per task (see :func:`mnemos.eval.report.markdown_report`)."""
-        from mnemos.eval.report import markdown_report
-
+        """Comparison tables, one section per task (see :func:`mnemos.eval.tables.markdown_report`)."""
         return markdown_report(self)
 
 
