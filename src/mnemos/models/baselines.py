@@ -1,4 +1,5 @@
-"""Linear-recurrence baselines as flags on the one memory rule (:func:`mnemos.ops.neural_memory`), not copies.
+"""Linear-recurrence baselines: linear attention runs the one memory rule (:func:`mnemos.ops.neural_memory`);
+DeltaNet and Gated DeltaNet run the delta rule (:func:`mnemos.ops.delta_rule`), which is that rule with mapped gates.
 
 With a depth-1 memory (a matrix ``W [V, K]`` per head, starting at 0), no residual and no momentum (eta = 0), the
 rule ``W_t = (1 - alpha_t) W_{t-1} - theta_t grad_W loss(W_anchor k_t, v_t)``, ``o_t = W_t q_t`` becomes:
@@ -123,7 +124,10 @@ class LinearRecurrence(nn.Module):
         return q, k, v, beta, a, conv_state
 
     def rule_inputs(self, v: Tensor, beta: Tensor | None, a: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Map the papers' gates to the memory rule's ``(target, theta, eta, alpha)`` (see the module docstring)."""
+        """Map the papers' gates to the memory rule's ``(target, theta, eta, alpha)`` (see the module docstring).
+
+        :meth:`forward` runs linear attention's mapping; the delta rules' mappings are the family claim that
+        tests/models/test_mixers.py checks against :func:`mnemos.ops.delta_rule` (which the layer runs)."""
         gate_shape = v.shape[:3]  # [B, T, H]
         zero = v.new_zeros(gate_shape)
         if self.kind == "linear_attention":
@@ -148,7 +152,10 @@ class LinearRecurrence(nn.Module):
         mdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # the rule's state dtype
         H, D = self.heads, self.head_dim
         W = torch.zeros(batch, H, D, D, device=device, dtype=mdtype)
-        memory = MemoryState((W,), (W.clone(),), (W.clone(),), 0, self.state_chunk)
+        if self.kind == "linear_attention":  # the memory rule's state
+            memory = MemoryState((W,), (W.clone(),), (W.clone(),), 0, self.state_chunk)
+        else:  # a delta rule keeps its matrix alone: no momentum, and the anchor is the matrix itself
+            memory = MemoryState((W,), (), (W.view_as(W),), 0, 1)
         conv = None if self.conv is None else self.conv.init_state(batch, device, dtype)
         return RecurrentState(memory, conv)
 
@@ -161,12 +168,10 @@ class LinearRecurrence(nn.Module):
             S0 = None if state is None else state.memory.weights[0]
             o, S = fn(q, k, v, beta, a, initial_state=S0, chunk_size=self.chunk_size, output_final_state=True,
                       check_values=False)
-            momentum = (torch.zeros_like(S),) if state is None else state.memory.momentum  # none in a delta rule
-            memory = MemoryState((S,), momentum, (S.view_as(S),), 0, 1)
+            memory = MemoryState((S,), (), (S.view_as(S),), 0, 1)  # no momentum in a delta rule
             return self.output(x, o), RecurrentState(memory, conv)
-        target, theta, eta, alpha = self.rule_inputs(v, beta, a)
-        loss = "dot" if self.kind == "linear_attention" else "l2"
-        kwargs = dict(chunk_size=self.chunk_size, residual=False, loss=loss, output_final_state=True, impl=self.impl,
+        target, theta, eta, alpha = self.rule_inputs(v, beta, a)  # linear attention: the rule with the dot loss
+        kwargs = dict(chunk_size=self.chunk_size, residual=False, loss="dot", output_final_state=True, impl=self.impl,
                       check_values=False)  # inputs computed here (as in NeuralMemory)
         if state is None:
             W0 = (q.new_zeros(self.heads, self.head_dim, self.head_dim),)  # [H, V, K]: the empty memory

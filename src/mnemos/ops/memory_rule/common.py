@@ -123,7 +123,8 @@ class MemoryState:
 
     Attributes:
         weights: L tensors ``[B, H, D_out, D_in]``, the memory after the last token (W_T).
-        momentum: L tensors like ``weights``, the surprise after the last token (S_T).
+        momentum: L tensors like ``weights``, the surprise after the last token (S_T); empty for a recurrence
+            without momentum (a delta rule's state).
         anchor: L tensors like ``weights``, the memory at the last chunk boundary: the point at which the gradients
             of the chunk in progress are taken. Equal to ``weights`` when ``offset == 0``.
         offset: tokens consumed since that boundary, ``0 <= offset < chunk_size``.
