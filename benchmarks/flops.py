@@ -1,4 +1,4 @@
-"""Analytic FLOP and byte counts for the op-level rows of memory_speed.py, one small function per row kind.
+"""Analytic FLOP and byte counts for the rows of op_speed.py, one small function per row kind.
 
 Each ``*_counts`` function returns ``{"fwd": {"flops": F, "bytes": N}, "fwdbwd": {"flops": F, "bytes": N}}`` for one
 call at the given shape. The numbers are definitions, not measurements: achieved TFLOP/s = flops / time and GB/s =

@@ -1,4 +1,4 @@
-"""benchmarks/flops.py: the analytic FLOP and byte counts behind memory_speed.py's TFLOP/s and GB/s columns."""
+"""benchmarks/flops.py: the analytic FLOP and byte counts behind op_speed.py's TFLOP/s and GB/s columns."""
 
 import sys
 from pathlib import Path

@@ -1,0 +1,356 @@
+"""Wall time, peak memory and achieved TFLOP/s and GB/s of the sequence-mixing operators alone, against the device's
+measured ceilings.
+
+Rows (the registry ``IMPLS`` below), inputs built directly at [B, T, H, D] (K = V = D; no projections, conv or norm):
+
+    op-triton-d2    mnemos.ops.neural_memory(q, k, v, theta, eta, alpha, (W1[H,E*D,D], W2[H,D,E*D]), impl="triton")
+    op-torch-d2     the same with impl="torch"
+    op-triton-d1    depth 1, (W[H,D,D],), residual=False, with the momentum and decay gates; impl="triton"
+    op-torch-d1     the same with impl="torch"
+    op-delta        mnemos.ops.delta_rule(q, k, v, beta): the same delta rule in mnemos's exact chunked torch form
+    fla-delta       fla.ops.delta_rule.chunk_delta_rule(q, k, v, beta): the delta rule, depth 1 (flash-linear-attention)
+    sdpa            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [B, H, T, D]
+
+q, k are l2-normalised like the layer's; theta = 0.01 sigmoid(randn), eta = sigmoid(randn), alpha = sigmoid(randn - 4),
+weights 0.02 randn; everything requires grad and "fwd+bwd" backpropagates (o * g).sum() into all of it. Inputs are
+--dtype (default bfloat16 on CUDA, float32 on CPU) except the gates and memory weights, float32 as in the layer. The
+script first measures the device's ceilings (a square matmul in that dtype, 8192 on CUDA, and a device-to-device copy
+of 1 GiB, read + write counted) and reports each row's achieved TFLOP/s and GB/s against them, from the analytic
+counts of benchmarks/flops.py. Triton rows need CUDA (on CPU only with TRITON_INTERPRET=1); fla-delta needs CUDA and
+flash-linear-attention; a row that cannot run is listed as skipped or unavailable with the reason. Ratios are taken
+against op-triton-d2 when it ran, else op-torch-d2. --depth shapes nothing here: the rows fix their depth (2 or 1).
+
+Method and peak memory: speed_common.py (the same for layer_speed.py).
+
+Usage:
+    python benchmarks/op_speed.py --device cuda
+    python benchmarks/op_speed.py --seq-len 256 --only op-torch-d2 op-torch-d1 op-delta sdpa   # CPU
+Results are written as JSON (--out, default benchmarks/results/op_speed-<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flops  # noqa: E402  (benchmarks/flops.py: the analytic FLOP and byte counts)
+from speed_common import (  # noqa: E402
+    Bench,
+    Impl,
+    Shape,
+    available,
+    best_seconds,
+    finite,
+    fmt_num,
+    fmt_ratio,
+    main,
+    triton_unavailable,
+    version,
+)
+
+
+def op_dtype(args: argparse.Namespace) -> torch.dtype:
+    return getattr(torch, args.dtype)
+
+
+def _leaves(*xs: Tensor) -> tuple[Tensor, ...]:
+    return tuple(x.detach().requires_grad_() for x in xs)
+
+
+class MemoryRuleOp(nn.Module):
+    """``mnemos.ops.neural_memory`` on given inputs; returns o [B, T, H, V]."""
+
+    def __init__(self, chunk_size: int, residual: bool, impl: str):
+        super().__init__()
+        self.chunk_size, self.residual, self.impl = chunk_size, residual, impl
+
+    def forward(self, q, k, v, theta, eta, alpha, *weights):
+        from mnemos.ops import neural_memory
+
+        o, _ = neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=self.chunk_size, residual=self.residual,
+                             impl=self.impl)
+        return o
+
+
+def build_memory_op(depth: int, impl: str) -> Callable[[Shape, argparse.Namespace], tuple[nn.Module, dict]]:
+    def build(s: Shape, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+        residual = depth > 1  # depth 1 without the residual: a plain matrix memory, comparable to the delta rule
+        layers = flops.memory_rule_layers(s.head_dim, depth, s.expansion)
+        record = {"call": "mnemos.ops.neural_memory", "impl": impl, "chunk_size": s.chunk_size, "residual": residual,
+                  "activation": "gelu", "loss": "l2", "weights": [f"[H, {o}, {i}]" for i, o in layers]}
+        return MemoryRuleOp(s.chunk_size, residual, impl), record
+
+    return build
+
+
+def token_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (unit rows, as the layers make them) and v ``[B, T, H, D]`` in the op dtype."""
+    B, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
+    dt = op_dtype(args)
+    q = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
+    k = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dt)
+    v = torch.randn(B, T, H, D, device=device).to(dt)
+    return q, k, v
+
+
+def memory_op_inputs(depth: int) -> Callable[[Shape, argparse.Namespace, torch.device], tuple[Tensor, ...]]:
+    def inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+        B, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
+        q, k, v = token_inputs(s, args, device)
+        theta = 0.01 * torch.sigmoid(torch.randn(B, T, H, device=device))  # gates and weights float32, as in the layer
+        eta = torch.sigmoid(torch.randn(B, T, H, device=device))
+        alpha = torch.sigmoid(torch.randn(B, T, H, device=device) - 4)
+        weights = [0.02 * torch.randn(H, d_out, d_in, device=device)
+                   for d_in, d_out in flops.memory_rule_layers(D, depth, s.expansion)]
+        return _leaves(q, k, v, theta, eta, alpha, *weights)
+
+    return inputs
+
+
+def memory_op_counts(depth: int) -> Callable[[Shape, argparse.Namespace], dict]:
+    def counts(s: Shape, args: argparse.Namespace) -> dict:
+        layers = flops.memory_rule_layers(s.head_dim, depth, s.expansion)
+        io = torch.finfo(op_dtype(args)).bits // 8
+        return flops.memory_rule_counts(s.batch, s.seq_len, s.heads, layers, s.chunk_size, io_bytes=io,
+                                        gate_bytes=flops.FP32, state_bytes=flops.FP32)
+
+    return counts
+
+
+class FlaDeltaOp(nn.Module):
+    """flash-linear-attention's chunked delta rule; returns o [B, T, H, V]."""
+
+    def __init__(self):
+        super().__init__()
+        from fla.ops.delta_rule import chunk_delta_rule  # lazily: optional, CUDA only
+
+        self.fn = chunk_delta_rule
+
+    def forward(self, q, k, v, beta):
+        o, _ = self.fn(q, k, v, beta)
+        return o
+
+
+class DeltaOp(nn.Module):
+    """mnemos's chunked delta rule (ops/delta_rule.py) on fla-delta's inputs; returns o [B, T, H, V]."""
+
+    def forward(self, q, k, v, beta):
+        from mnemos.ops import delta_rule
+
+        return delta_rule(q, k, v, beta, chunk_size=flops.FLA_DELTA_CHUNK)[0]
+
+
+def fla_unavailable(device: torch.device, args: argparse.Namespace) -> str | None:
+    if importlib.util.find_spec("fla") is None:
+        return "flash-linear-attention is not installed (pip install flash-linear-attention)"
+    if device.type != "cuda":
+        return "fla's chunk_delta_rule runs Triton kernels on CUDA only"
+    if args.dtype == "float32":
+        return "fla's chunk_delta_rule does not take float32 inputs (--dtype bfloat16)"
+    return None
+
+
+def fla_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+    q, k, v = token_inputs(s, args, device)
+    beta = torch.sigmoid(torch.randn(s.batch, s.seq_len, s.heads, device=device)).to(op_dtype(args))
+    return _leaves(q, k, v, beta)
+
+
+def fla_counts(s: Shape, args: argparse.Namespace) -> dict:
+    io = torch.finfo(op_dtype(args)).bits // 8
+    return flops.delta_rule_counts(s.batch, s.seq_len, s.heads, s.head_dim, s.head_dim, io_bytes=io)
+
+
+class SdpaOp(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+    shape = (s.batch, s.heads, s.seq_len, s.head_dim)
+    return _leaves(*(torch.randn(shape, device=device).to(op_dtype(args)) for _ in range(3)))
+
+
+def sdpa_counts(s: Shape, args: argparse.Namespace) -> dict:
+    io = torch.finfo(op_dtype(args)).bits // 8
+    return flops.sdpa_counts(s.batch, s.heads, s.seq_len, s.head_dim, io_bytes=io, causal=True)
+
+
+def bthd(s: Shape) -> tuple[int, ...]:
+    return (s.batch, s.seq_len, s.heads, s.head_dim)
+
+
+def call_op(m: nn.Module, *inputs: Tensor) -> Tensor:
+    return m(*inputs)
+
+
+def memory_op(name: str, depth: int, impl: str) -> Impl:
+    kernel = "Triton kernels" if impl == "triton" else "chunked torch path"
+    extra = "" if depth > 1 else ", no residual"
+    return Impl(
+        name,
+        f"memory rule, depth {depth}{extra} ({kernel})",
+        build_memory_op(depth, impl),
+        call_op,
+        inputs=memory_op_inputs(depth),
+        out_shape=bthd,
+        unavailable=triton_unavailable if impl == "triton" else available,
+        counts=memory_op_counts(depth),
+        optional=impl == "triton",
+    )
+
+
+IMPLS = {
+    "op-triton-d2": memory_op("op-triton-d2", 2, "triton"),
+    "op-torch-d2": memory_op("op-torch-d2", 2, "torch"),
+    "op-triton-d1": memory_op("op-triton-d1", 1, "triton"),
+    "op-torch-d1": memory_op("op-torch-d1", 1, "torch"),
+    "fla-delta": Impl("fla-delta", "delta rule, depth 1 (fla chunk_delta_rule)", lambda s, args: (FlaDeltaOp(), {
+        "call": "fla.ops.delta_rule.chunk_delta_rule", "chunk_size": flops.FLA_DELTA_CHUNK, "scale": "1/sqrt(D)",
+        "flash_linear_attention": version("flash-linear-attention")}), call_op, inputs=fla_inputs,
+        out_shape=bthd, unavailable=fla_unavailable, counts=fla_counts, optional=True),
+    "op-delta": Impl("op-delta", "delta rule, depth 1 (mnemos.ops.delta_rule, torch)", lambda s, args: (DeltaOp(), {
+        "call": "mnemos.ops.delta_rule", "chunk_size": flops.FLA_DELTA_CHUNK}), call_op,
+        inputs=fla_inputs, out_shape=bthd, counts=fla_counts),
+    "sdpa": Impl("sdpa", "causal softmax attention (torch SDPA)", lambda s, args: (SdpaOp(), {
+        "call": "torch.nn.functional.scaled_dot_product_attention", "is_causal": True, "layout": "[B, H, T, D]"}),
+        call_op, inputs=sdpa_inputs, out_shape=lambda s: (s.batch, s.heads, s.seq_len, s.head_dim),
+        counts=sdpa_counts),
+}
+REFERENCES = ("op-triton-d2", "op-torch-d2")  # ratios: the first one measured
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ceilings: what this device reaches on a large matmul and a large copy, measured in the same run as the rows
+
+CEILING_SIZES = {  # matmul n (an n x n x n product), copy tensor bytes, warm-up calls, timed calls (best one reported)
+    "cuda": dict(matmul_n=8192, copy_bytes=2**30, warmup=3, repeats=10),
+    "cpu": dict(matmul_n=1024, copy_bytes=2**27, warmup=1, repeats=3),
+}
+H100_REFERENCE = {"tflops_bf16_matmul": 776.0, "copy_gbps": 3000.0}  # what an H100 SXM reaches on these two tests
+
+
+def _matmul_samples(device: torch.device, dtype: torch.dtype, n: int, warmup: int, repeats: int) -> list[float]:
+    torch.manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    return best_seconds(lambda: torch.mm(a, b, out=c), device, warmup, repeats)
+
+
+def _copy_samples(device: torch.device, nbytes: int, warmup: int, repeats: int) -> list[float]:
+    src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return best_seconds(lambda: dst.copy_(src), device, warmup, repeats)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """Matmul TFLOP/s (``torch.mm`` of two n x n matrices in ``dtype``) and copy GB/s (``dst.copy_(src)`` of one large
+    tensor, read + write counted); each the best of the timed calls."""
+    size = CEILING_SIZES[device.type]
+    n, nbytes = size["matmul_n"], size["copy_bytes"]
+    mm = _matmul_samples(device, dtype, n, size["warmup"], size["repeats"])
+    cp = _copy_samples(device, nbytes, size["warmup"], size["repeats"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    mm_flops, cp_bytes = flops.matmul_flops(n, n, n), flops.copy_bytes(nbytes)
+    return {
+        "matmul": {"m_n_k": [n, n, n], "dtype": str(dtype).removeprefix("torch."), "flops": mm_flops,
+                   "samples_ms": [1e3 * t for t in mm], "tflops": mm_flops / min(mm) / 1e12},
+        "copy": {"tensor_bytes": nbytes, "bytes_moved": cp_bytes, "samples_ms": [1e3 * t for t in cp],
+                 "gbps": cp_bytes / min(cp) / 1e9},
+        "method": f"best of {size['repeats']} calls after {size['warmup']} warm-up, each bracketed by a "
+                  "device synchronise; copy counts read + write",
+    }
+
+
+def ceilings(device: torch.device, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The ceilings, the lines that print them, and what the JSON records of them."""
+    c = measure_ceilings(device, op_dtype(args))
+    mm, cp = c["matmul"], c["copy"]
+    n = mm["m_n_k"][0]
+    lines = [f"ceilings (this run, {c['method']}): matmul {mm['dtype']} {n}x{n}x{n} {fmt_num(mm['tflops'])} TFLOP/s; "
+             f"copy of {cp['tensor_bytes'] / 2**20:.0f} MiB {fmt_num(cp['gbps'])} GB/s"]
+    if device.type == "cuda":
+        ref = H100_REFERENCE
+        lines.append(f"  (an H100 SXM reaches about {ref['tflops_bf16_matmul']:.0f} TFLOP/s bf16 and "
+                     f"{ref['copy_gbps'] / 1e3:.0f} TB/s on these)")
+    return lines, {"ceilings": {**c, "h100_reference": H100_REFERENCE}}
+
+
+def add_throughput(row: dict, impl: Impl, args: argparse.Namespace, before: dict) -> None:
+    """Achieved TFLOP/s and GB/s of a measured row (median time), and their share of the ceilings."""
+    if impl.counts is None:
+        return
+    c = before["ceilings"]
+    counts = impl.counts(Shape(**row["shape"]), args)
+    row["counts"] = counts
+    for phase in ("fwd", "fwdbwd"):
+        ms = row.get(f"{phase}_ms")
+        tflops = counts[phase]["flops"] / (ms / 1e3) / 1e12 if ms else None
+        gbps = counts[phase]["bytes"] / (ms / 1e3) / 1e9 if ms else None
+        row[f"{phase}_tflops"], row[f"{phase}_gbps"] = tflops, gbps
+        row[f"{phase}_pct_peak"] = 100 * tflops / c["matmul"]["tflops"] if tflops is not None else None
+        row[f"{phase}_pct_bw"] = 100 * gbps / c["copy"]["gbps"] if gbps is not None else None
+
+
+def columns(row: dict) -> list[str]:
+    rates = [fmt_num(row.get(f"{phase}_{key}")) for phase in ("fwd", "fwdbwd")
+             for key in ("tflops", "pct_peak", "gbps", "pct_bw")]
+    return [*rates, fmt_ratio(row["ratio_fwd"]), fmt_ratio(row["ratio_fwdbwd"]), finite(row)]
+
+
+def ratio_legend(reference: str | None) -> str:
+    ratios = (f"row / the {reference} row at the same T" if reference else
+              f"none (no reference row measured: {' or '.join(REFERENCES)})")
+    return (f"ratios: {ratios}; peak = extra memory above the inputs; TFLOP/s and GB/s = analytic counts "
+            "(benchmarks/flops.py) / median time; %peak and %bw: shares of the ceilings above")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="the dtype of q, k, v (default bfloat16 on CUDA, float32 on CPU)")
+
+
+BENCH = Bench(
+    name="op_speed",
+    description=__doc__.split("\n\n")[0],
+    script=Path(__file__).resolve(),
+    impls=IMPLS,
+    default_rows=["op-triton-d2", "op-torch-d2", "op-triton-d1", "op-torch-d1", "op-delta", "fla-delta", "sdpa"],
+    references=REFERENCES,
+    autocast=False,
+    default_dtype=lambda device: "bfloat16" if device == "cuda" else "float32",
+    header=lambda ref: ["computes", "fwd TFLOP/s", "%peak", "GB/s", "%bw", "f+b TFLOP/s", "%peak", "GB/s", "%bw",
+                        f"fwd vs {ref}", f"f+b vs {ref}", "finite"],
+    columns=columns,
+    ratio_legend=ratio_legend,
+    add_arguments=add_arguments,
+    config=lambda args, shape: {
+        "dtype": f"{args.dtype} q, k, v (fla-delta: beta too); memory-rule gates and weights float32",
+        "inputs": "q, k l2-normalised randn; v randn; theta = 0.01 sigmoid(randn), eta = sigmoid(randn), "
+                  "alpha = sigmoid(randn - 4); memory weights 0.02 randn; fla beta = sigmoid(randn); "
+                  "sdpa q, k, v randn [B, H, T, D]",
+        "fwdbwd": "forward + o.backward(g) (the backward of (o * g).sum()) into every input",
+        "depths": "op-*-d2: depth 2, expansion E, residual; op-*-d1: depth 1, no residual (--depth is not used)",
+        "counts": "benchmarks/flops.py: matmul FLOPs of the algorithm, compulsory bytes (inputs read once, "
+                  "outputs written once); achieved rates use the median time",
+    },
+    describe=lambda args, shape, env: [
+        f"q, k, v {args.dtype} (memory-rule gates and weights float32), depth 2 (E={shape.expansion}) and 1; "
+        f"triton {env['triton'] or 'not installed'}, flash-linear-attention "
+        f"{env['flash_linear_attention'] or 'not installed'}, TRITON_INTERPRET={env['triton_interpret'] or 'unset'}"],
+    before_rows=ceilings,
+    after_row=add_throughput,
+)
+
+
+if __name__ == "__main__":
+    main(BENCH)
