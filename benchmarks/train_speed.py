@@ -51,7 +51,8 @@ def matmul_gflops(n: int = 512, repeats: int = 5) -> float:
 
 
 def build_row(variant: str, chunk: int | None, args) -> dict:
-    memory = dict(chunk_size=chunk or 16, value_norm=args.value_norm, step_bound=args.step_bound)
+    memory = dict(chunk_size=chunk or 16, value_norm=args.value_norm,
+                  max_chunk_lr=None if args.max_chunk_lr <= 0 else args.max_chunk_lr)
     cfg = MnemosConfig(variant=variant, vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
                        n_heads=args.n_heads, window=args.window, segment_len=args.segment_len,
                        num_persistent=args.num_persistent, memory=memory)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--segment-len", type=int, default=32)
     p.add_argument("--num-persistent", type=int, default=4)
     p.add_argument("--value-norm", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--step-bound", choices=("chunk", "token"), default="chunk")
+    p.add_argument("--max-chunk-lr", type=float, default=1.0, help="memory.max_chunk_lr (<= 0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write every sample and the settings here")
     args = p.parse_args(argv)
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
           f"ceiling: {ceiling:.1f} GFLOP/s (512^3 float32 matmul)")
     print(f"MnemosLM d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab}, "
           f"window {args.window}; batch {args.batch}, T {args.seq_len}; memory value_norm={args.value_norm}, "
-          f"step_bound={args.step_bound}; best of {args.repeats} rounds of {args.steps} steps\n")
+          f"max_chunk_lr={args.max_chunk_lr}; best of {args.repeats} rounds of {args.steps} steps\n")
     print("| variant | ms / step | tokens/s (best) | tokens/s (median) | ratio to transformer |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -291,29 +291,37 @@ def test_record_stats_reports_the_writes():
     assert abs(layer.last_stats["inner_loss"] - layer.last_stats["inner_loss_start"]) < 1e-5
 
 
-def test_chunk_step_bound_shares_max_lr_over_the_chunk():
-    """step_bound="chunk": a token's total step is at most max_lr / C, so a chunk's C steps add up to <= max_lr; it
-    is the per-token layer with max_lr / C, nothing else changes."""
-    chunked = make_layer(max_lr=0.8, chunk_size=4, step_bound="chunk")
-    per_token = make_layer(max_lr=0.2, chunk_size=4, step_bound="token")
-    per_token.load_state_dict(chunked.state_dict())
+@pytest.mark.parametrize("chunk_size, max_lr, max_chunk_lr, token_lr", [
+    (4, 0.8, 0.8, 0.2),  # the chunk's bound binds: 0.8 / 4
+    (4, 0.4, 1.0, 0.25),  # the defaults: 1.0 / 4 < 0.4
+    (2, 0.4, 1.0, 0.4),  # the token's bound binds: 1.0 / 2 > 0.4
+    (16, 0.4, None, 0.4),  # no chunk bound
+])
+def test_max_chunk_lr_shares_a_chunk_bound_over_its_tokens(chunk_size, max_lr, max_chunk_lr, token_lr):
+    """A token's total step is at most min(max_lr, max_chunk_lr / C), so a chunk's C steps add up to at most
+    max_chunk_lr; it is the layer with max_lr = that bound and no chunk bound, nothing else changes."""
+    bounded = make_layer(max_lr=max_lr, chunk_size=chunk_size, max_chunk_lr=max_chunk_lr)
+    plain = make_layer(max_lr=token_lr, chunk_size=chunk_size, max_chunk_lr=None)
+    plain.load_state_dict(bounded.state_dict())
+    assert bounded.token_lr == pytest.approx(token_lr)
     with torch.no_grad():
-        chunked.to_gates.bias[:3].fill_(8.0)  # theta near its bound
-        per_token.to_gates.bias[:3].fill_(8.0)
+        bounded.to_gates.bias[:3].fill_(8.0)  # theta near its bound
+        plain.to_gates.bias[:3].fill_(8.0)
         x = x_of(2, 30)
-        _, _, _, theta, eta, _, _ = chunked._project(x, None)
-        torch.testing.assert_close(chunked(x)[0], per_token(x)[0])
+        _, _, _, theta, eta, _, _ = bounded._project(x, None)
+        torch.testing.assert_close(bounded(x)[0], plain(x)[0])
     step = theta / (1 - eta)
-    assert 0.19 < float(step.max()) <= 0.8 / 4
+    assert 0.95 * token_lr < float(step.max()) <= token_lr * (1 + 1e-12)
 
 
-@pytest.mark.parametrize("bound", ["chunk", "token"])
-def test_chunk_bound_keeps_a_chunk_of_repeated_keys_stable(bound):
-    """The anchored step of a chunk: C identical unit keys with saturated gates. With the per-chunk bound the C
-    gradients at one anchor add up to at most max_lr (< 1: the error on that key shrinks); with a per-token bound of
-    the same max_lr they add up to C * max_lr and the memory overshoots without end."""
+@pytest.mark.parametrize("max_chunk_lr", [0.9, None])
+def test_chunk_bound_keeps_a_chunk_of_repeated_keys_stable(max_chunk_lr):
+    """The anchored step of a chunk: C identical unit keys with saturated gates. With the chunk bound the C
+    gradients at one anchor add up to at most max_chunk_lr (< 1: the error on that key shrinks); with only a
+    per-token bound of the same size they add up to C times it and the memory overshoots without end."""
     torch.manual_seed(0)
-    layer = NeuralMemory(32, heads=2, depth=1, chunk_size=16, max_lr=0.9, step_bound=bound, value_norm=True).double()
+    layer = NeuralMemory(32, heads=2, depth=1, chunk_size=16, max_lr=0.9, max_chunk_lr=max_chunk_lr,
+                         value_norm=True).double()
     with torch.no_grad():
         layer.to_gates.weight.zero_()
         layer.to_gates.bias[:2].fill_(10.0)  # theta at its bound
@@ -322,7 +330,7 @@ def test_chunk_bound_keeps_a_chunk_of_repeated_keys_stable(bound):
         layer.record_stats = True
         y, state = layer(torch.randn(1, 1, 32, dtype=F64).expand(1, 256, 32))
     s = layer.last_stats
-    if bound == "chunk":
+    if max_chunk_lr is not None:
         assert bool(torch.isfinite(y).all())
         assert s["inner_loss"] < 1e-2 * s["inner_loss_start"], s  # |1 - 2 * 0.9| per chunk: the error shrinks
     else:
@@ -336,9 +344,10 @@ def test_value_norm_gives_unit_values():
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(v.shape[:-1], dtype=F64))
 
 
-def test_bad_step_bound_and_value_norm():
-    with pytest.raises(ValueError, match="step_bound must be 'chunk' or 'token'"):
-        NeuralMemory(12, step_bound="tokens")
+def test_bad_max_chunk_lr_and_value_norm():
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="max_chunk_lr must be None or > 0"):
+            NeuralMemory(12, max_chunk_lr=bad)
     with pytest.raises(TypeError, match="value_norm must be a bool"):
         NeuralMemory(12, value_norm=1)
 

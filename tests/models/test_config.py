@@ -89,9 +89,18 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
     assert MnemosConfig.from_dict(old).memory.ema_momentum is True  # what it would silently have become
     new = MnemosConfig(**SMALL, variant="lmm").to_dict()
     assert saved_model_config(new) == new
-    assert saved_model_config({"variant": "lmm"})["memory"] == {"ema_momentum": False, "step_bound": "token",
+    assert saved_model_config({"variant": "lmm"})["memory"] == {"ema_momentum": False, "max_chunk_lr": None,
                                                                  "value_norm": False, "normalize_step": False}
     older = MnemosConfig(**SMALL, variant="lmm").to_dict()  # saved before the chunk bound and value norm existed
-    del older["memory"]["step_bound"], older["memory"]["value_norm"], older["memory"]["normalize_step"]
+    del older["memory"]["max_chunk_lr"], older["memory"]["value_norm"], older["memory"]["normalize_step"]
     memory = MnemosConfig.from_dict(saved_model_config(older)).memory
-    assert (memory.step_bound, memory.value_norm) == ("token", False)
+    assert (memory.max_chunk_lr, memory.value_norm) == (None, False)
+    # saved with step_bound, which max_chunk_lr replaced: "chunk" bounded the chunk's sum by max_lr, "token" nothing
+    for bound, expected in (("chunk", 0.8), ("token", None)):
+        mid = MnemosConfig(**SMALL, variant="lmm", memory={"max_lr": 0.8}).to_dict()
+        del mid["memory"]["max_chunk_lr"]
+        mid["memory"]["step_bound"] = bound
+        memory = MnemosConfig.from_dict(saved_model_config(mid)).memory
+        assert (memory.max_lr, memory.max_chunk_lr) == (0.8, expected)
+    with pytest.raises(ValueError, match="unknown MemoryConfig keys.*step_bound"):  # in a config a user writes
+        MnemosConfig(**SMALL, variant="lmm", memory={"step_bound": "chunk"})

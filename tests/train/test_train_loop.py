@@ -229,3 +229,18 @@ def test_progress_lines_and_memory_health_in_a_log_file(tmp_path, capsys, monkey
     train(_cfg(tmp_path / "tty", "run.steps=2", "run.eval_every=2", "run.progress=true"))
     err = capsys.readouterr().err
     assert "\r[############............] 1/2 loss" in err and "\nstep 2/2 eval: val_loss" in err
+
+
+def test_progress_note_flags_a_memory_whose_inner_loss_rose():
+    """A memory diverging inside the sequence leaves the outer loss finite (the layer's output is normalised), so the
+    progress line names every layer whose inner loss rose over the sequence, NaN included, and no other."""
+    from mnemos.train.loop import _memory_note
+
+    mem = {"mem.0.step_max": 0.25, "mem.0.write_fraction": 0.5, "mem.0.inner_loss_start": 2.4, "mem.0.inner_loss": 0.8,
+           "mem.1.step_max": 0.2, "mem.1.write_fraction": 0.7, "mem.1.inner_loss_start": 2.4, "mem.1.inner_loss": 450.0}
+    note = _memory_note(mem, 0)
+    assert "INNER LOSS ROSE mem.1 2.4->450" in note and "mem.0 " not in note.split("ROSE")[1]
+    mem["mem.1.inner_loss"] = 1.0
+    assert "ROSE" not in _memory_note(mem, 0)
+    mem["mem.0.inner_loss"] = float("nan")
+    assert "ROSE mem.0 2.4->nan" in _memory_note(mem, 3) and _memory_note(mem, 3).endswith("| skipped 3")

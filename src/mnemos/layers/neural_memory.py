@@ -19,8 +19,10 @@ Choices the paper leaves open, and what this layer does:
   ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.4 per token (titans-pytorch's
   bound is 1.0), with ``normalize_step=True`` (default) dividing each token's step by max(1, its curvature at the
   anchor) (:func:`mnemos.ops.step_curvature`: 3-6 for the default depth-2 memory, 1 for a matrix memory with unit
-  keys), so the bound means the same for any depth; ``step_bound="chunk"`` makes it the bound of a chunk's summed
-  step instead (max_lr / C per token).
+  keys), so the bound means the same for any depth; ``max_chunk_lr`` (default 1.0) bounds the summed step of a
+  chunk's C tokens, all taken at one anchor: a token's bound is ``min(max_lr, max_chunk_lr / C)`` (0.25 at C = 4,
+  0.0625 at C = 16). Without it a chunk of 16 tokens at 0.4 each summed to 6.4 and the memory diverged within the
+  sequence (inner loss 2.4 -> 450 on the MQAR preset; docs/MODELS.md).
   Initial biases: sigmoid(0) = 0.5 for theta's and eta's, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000
   tokens); the outer model then learns data-dependent gates. Why: all C gradients of a chunk are taken at one
   anchor and add up, so near-identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one
@@ -76,13 +78,14 @@ class NeuralMemory(nn.Module):
         residual: ``M(x) = MLP(x) + x``.
         activation: ``"gelu"`` or ``"silu"`` inside the memory.
         chunk_size: tokens per gradient anchor (paper: 16).
-        max_lr: upper bound of the inner learning rate (of theta / (1 - eta) with ``ema_momentum``, else of theta;
-            of a chunk's summed step with ``step_bound="chunk"``).
+        max_lr: upper bound of one token's inner learning rate (of theta / (1 - eta) with ``ema_momentum``, else of
+            theta).
+        max_chunk_lr: upper bound of a chunk's summed inner learning rate (each token's bound is
+            ``min(max_lr, max_chunk_lr / chunk_size)``); None: no chunk bound (C tokens add up to C * max_lr).
         ema_momentum: theta = max_lr * sigmoid(.) * (1 - eta), the momentum as a moving average of the gradients
             (bounds every token's total step by max_lr); False: the paper's theta = max_lr * sigmoid(.).
         conv_size: causal conv width (paper: 4; 1 mixes nothing over time).
         value_norm: l2-normalise the values per head (default True).
-        step_bound: ``"token"`` (max_lr bounds each token's step) or ``"chunk"`` (the chunk's summed step).
         normalize_step: divide each token's step by max(1, curvature at the anchor) (default True; torch path only).
         impl: implementation of the memory rule passed to :func:`mnemos.ops.neural_memory`.
     """
@@ -102,7 +105,7 @@ class NeuralMemory(nn.Module):
         conv_size: int = 4,
         ema_momentum: bool = True,
         value_norm: bool = True,
-        step_bound: str = "token",
+        max_chunk_lr: float | None = 1.0,
         normalize_step: bool = True,
         impl: str = "auto",
     ):
@@ -133,14 +136,14 @@ class NeuralMemory(nn.Module):
             raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
         if not isinstance(value_norm, bool):
             raise TypeError(f"value_norm must be a bool, got {value_norm!r}")
-        if step_bound not in ("chunk", "token"):
-            raise ValueError(f"step_bound must be 'chunk' or 'token', got {step_bound!r}")
+        if max_chunk_lr is not None and not max_chunk_lr > 0:
+            raise ValueError(f"max_chunk_lr must be None or > 0, got {max_chunk_lr}")
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
         self.chunk_size, self.max_lr, self.ema_momentum, self.impl = chunk_size, max_lr, ema_momentum, impl
-        self.value_norm, self.step_bound, self.normalize_step = value_norm, step_bound, normalize_step
-        # the bound of one token's total step: max_lr itself, or its share of the chunk's summed-step bound
-        self.token_lr = max_lr / chunk_size if step_bound == "chunk" else max_lr
+        self.value_norm, self.max_chunk_lr, self.normalize_step = value_norm, max_chunk_lr, normalize_step
+        # the bound of one token's total step: max_lr, or its share of the chunk's summed-step bound if smaller
+        self.token_lr = max_lr if max_chunk_lr is None else min(max_lr, max_chunk_lr / chunk_size)
         # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
         # (see :meth:`_record_stats`); the trainer switches it on for logged steps only
         self.record_stats = False
@@ -276,6 +279,6 @@ class NeuralMemory(nn.Module):
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
             f"expansion={self.expansion}, residual={self.residual}, activation={self.activation!r}, "
-            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, step_bound={self.step_bound!r}, "
+            f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, max_chunk_lr={self.max_chunk_lr}, "
             f"ema_momentum={self.ema_momentum}, value_norm={self.value_norm}, normalize_step={self.normalize_step}"
         )

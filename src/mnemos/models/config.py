@@ -10,7 +10,8 @@ Which fields each variant reads (the others are ignored, never silently reinterp
 every variant       vocab_size, d_model, n_layers, n_heads, mlp_hidden, norm_eps, tie_embeddings, init_std
 lmm                 memory.*, num_persistent (a learned prefix written into each layer's memory at stream start)
 mac                 memory.*, segment_len, num_persistent, rope_base
-mag, mal            memory.*, window, num_persistent, rope_base
+mag                 memory.*, window, num_persistent, rope_base, mag_gate_bias
+mal                 memory.*, window, num_persistent, rope_base
 transformer         rope_base
 swa                 window, rope_base
 linear_attention    memory.impl (computed in chunks of 64, exact for any chunk size)
@@ -110,16 +111,16 @@ class MemoryConfig(_ConfigBase):
     residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
     activation: Literal["gelu", "silu"] = "gelu"
     chunk_size: int = 4  # tokens per gradient anchor (paper: 16); larger is faster on CPU but staler (docs/MODELS.md)
-    # bound of a token's total inner step theta / (1 - eta) (of a chunk's summed step with step_bound="chunk"), in
-    # units of the step's curvature with normalize_step. Chosen from the sweep in docs/MODELS.md ("Stability and write
+    # bound of a token's total inner step theta / (1 - eta), in units of the step's curvature with normalize_step. Chosen from the sweep in docs/MODELS.md ("Stability and write
     # strength"): with unit values, normalised steps and chunk 4, 0.4 let the depth-2 LMM leave the MQAR plateau
     # ~3x sooner than the old 0.01 with no skipped step in the seeds run
     max_lr: float = 0.4
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
     ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
-    # "chunk": max_lr bounds the summed step of a chunk's C tokens (each token's bound is max_lr / C), so the anchored
-    # step of a chunk never exceeds it whatever C; "token": max_lr bounds each token's step (C of them add up)
-    step_bound: Literal["chunk", "token"] = "token"
+    # bound of a chunk's summed step (its C tokens' steps are all taken at one anchor): a token's bound is
+    # min(max_lr, max_chunk_lr / C). 1.0 keeps the anchored step from increasing the error on the chunk's own keys for
+    # any keys (docs/MODELS.md); None: no chunk bound (C * max_lr: the memory diverged within sequences at C 16)
+    max_chunk_lr: float | None = 1.0
     value_norm: bool = True  # l2-normalise the values per head, like the keys: the inner problem has one scale
     # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
     # then holds for an MLP memory as for a matrix memory with unit keys (torch path: not in the Triton kernels yet)
@@ -133,6 +134,8 @@ class MemoryConfig(_ConfigBase):
                 raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
         if not self.max_lr > 0:
             raise ValueError(f"memory.max_lr must be > 0, got {self.max_lr}")
+        if self.max_chunk_lr is not None and not self.max_chunk_lr > 0:
+            raise ValueError(f"memory.max_chunk_lr must be None or > 0, got {self.max_chunk_lr}")
 
 
 @dataclass
@@ -158,6 +161,9 @@ class MnemosConfig(_ConfigBase):
     window: int = 512  # sliding-window width of swa, mag and mal (the token sees itself and window - 1 before)
     segment_len: int = 512  # MAC's segment length N: attention is local to a segment
     num_persistent: int = 4  # persistent-memory tokens N_p of the Titans variants (0 = none)
+    # MAG's mixing gate g = sigmoid(W_g x + b_g) starts with b_g = mag_gate_bias: -2 gives attention 0.12 and the memory
+    # 0.88 of the output at init (with 0, MAG sat on the MQAR plateau ~3x longer: docs/MODELS.md); trained from there
+    mag_gate_bias: float = -2.0
     rope_base: float = 10000.0
     # long-term memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -190,6 +196,8 @@ class MnemosConfig(_ConfigBase):
             raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
         if self.num_persistent < 0:
             raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+        if not math.isfinite(self.mag_gate_bias):
+            raise ValueError(f"mag_gate_bias must be a finite number, got {self.mag_gate_bias}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
         if not self.rope_base > 1:
@@ -218,7 +226,7 @@ class MnemosConfig(_ConfigBase):
 
 # memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
 # (the free theta = max_lr * sigmoid(.) came first; then a per-token bound and raw values)
-MEMORY_KEYS_ADDED = {"ema_momentum": False, "step_bound": "token", "value_norm": False, "normalize_step": False}
+MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": False, "normalize_step": False}
 
 
 def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:
@@ -231,4 +239,8 @@ def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:
     memory = {} if d.get("memory") is None else d["memory"]
     if not isinstance(memory, dict):
         return d  # from_dict reports it
+    memory = dict(memory)
+    if "step_bound" in memory:  # saved before max_chunk_lr replaced it: "chunk" bounded the chunk's sum by max_lr
+        bound = memory.pop("step_bound")
+        memory.setdefault("max_chunk_lr", memory.get("max_lr", MemoryConfig.max_lr) if bound == "chunk" else None)
     return {**d, "memory": {**MEMORY_KEYS_ADDED, **memory}}

@@ -25,7 +25,7 @@ def _memory_kwargs(config: MnemosConfig) -> dict:
     return dict(
         depth=m.depth, expansion=m.expansion, residual=m.residual, activation=m.activation,
         chunk_size=m.chunk_size, max_lr=m.max_lr, conv_size=m.conv_size, ema_momentum=m.ema_momentum, impl=m.impl,
-        step_bound=m.step_bound, value_norm=m.value_norm, normalize_step=m.normalize_step,
+        max_chunk_lr=m.max_chunk_lr, value_norm=m.value_norm, normalize_step=m.normalize_step,
     )
 
 
@@ -43,7 +43,7 @@ def build_mixer(config: MnemosConfig) -> nn.Module:
     if v == "mag":
         return MemoryAsGate(
             d, H, window=config.window, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
-            **_memory_kwargs(config),
+            gate_bias=config.mag_gate_bias, **_memory_kwargs(config),
         )
     if v == "mal":
         return MemoryAsLayer(

@@ -486,11 +486,17 @@ def _memory_stats(layers: list[NeuralMemory]) -> dict[str, float]:
 
 def _memory_note(mem: dict[str, float], skipped: int) -> str:
     """The progress line's summary: the largest per-token step of any layer, the mean share of reads the writes made,
-    and the skipped steps so far."""
+    the layers whose inner loss rose over the sequence (the memory diverging inside the forward: the layer's output
+    is normalised, so the outer loss stays finite and no step is skipped), and the skipped steps so far."""
     step_max = [v for k, v in mem.items() if k.endswith(".step_max")]
     write = [v for k, v in mem.items() if k.endswith(".write_fraction")]
     note = f" | mem step_max {max(step_max):.3g}" if step_max else ""
     note += f" write {sum(write) / len(write):.2f}" if write else ""
+    rising = [(k[: -len(".inner_loss")], mem[k[: -len(".inner_loss")] + ".inner_loss_start"], v)
+              for k, v in mem.items() if k.endswith(".inner_loss") and k[: -len("inner_loss")] + "inner_loss_start" in mem]
+    rising = [(name, a, b) for name, a, b in rising if not b <= a]  # NaN counts as rising
+    if rising:
+        note += " | INNER LOSS ROSE " + ", ".join(f"{name} {a:.3g}->{b:.3g}" for name, a, b in rising)
     return note + (f" | skipped {skipped}" if skipped else "")
 
 
