@@ -208,3 +208,22 @@ def test_mac_equals_naive_construction(segment_len, chunk):
     x = x_of(2, 13)
     got, _ = mac(x)
     assert_max_err(f"MAC N={segment_len} C={chunk}", naive_mac(mac, x), got, 1e-10)
+
+
+@pytest.mark.parametrize("bias", [-2.0, 0.0, 1.5])
+def test_mag_gate_starts_where_mag_gate_bias_says(bias):
+    """MAG's mixing gate g (the attention's share of the output) starts at sigmoid(mag_gate_bias) for any input: the
+    bias is set, the gate's weight stays small, so g's mean over random inputs sits near sigmoid(bias)."""
+    from mnemos.models import MemoryAsGate, MnemosConfig, MnemosLM
+
+    torch.manual_seed(0)
+    cfg = MnemosConfig(variant="mag", vocab_size=32, d_model=32, n_layers=2, n_heads=4, window=4, mag_gate_bias=bias)
+    gates = [m.gate for m in MnemosLM(cfg).modules() if isinstance(m, MemoryAsGate)]
+    assert len(gates) == 2
+    x = torch.randn(64, 32)
+    for gate in gates:
+        assert torch.equal(gate.bias, torch.full_like(gate.bias, bias))
+        g = torch.sigmoid(gate(x))
+        assert abs(g.mean().item() - 1 / (1 + math.exp(-bias))) < 0.05
+    with pytest.raises(ValueError, match="mag_gate_bias must be a finite number"):
+        MnemosConfig(variant="mag", mag_gate_bias=float("nan"))

@@ -83,6 +83,7 @@ class MnemosHFConfig(PreTrainedConfig):
     window: int = 512
     segment_len: int = 512
     num_persistent: int = 4
+    mag_gate_bias: float = -2.0
     rope_base: float = 10000.0
     memory: dict | None = None
     norm_eps: float = 1e-6

@@ -203,8 +203,11 @@ class MemoryAsGate(nn.Module):
 
     Choices the paper leaves open: the paper writes ``o = y ⊗ M(x~)`` with both outputs normalised by learned
     vector weights and a non-linearity; here the non-linear combination is a sigmoid gate computed from the mixer
-    input (a convex mix per channel). Persistent tokens enter the attention as learned keys/values only; the memory
-    starts from its learned W_0. Decoding memory is O(window).
+    input (a convex mix per channel). The gate starts memory-weighted, ``b_g = gate_bias`` (-2: 0.12 attention,
+    0.88 memory): started even (b_g = 0), the attention branch, which cannot reach beyond its window, carries half
+    of every output, and MAG sat on the MQAR plateau about 3x longer than its own memory alone (docs/MODELS.md).
+    Persistent tokens enter the attention as learned keys/values only; the memory starts from its learned W_0.
+    Decoding memory is O(window).
     """
 
     def __init__(
@@ -216,6 +219,7 @@ class MemoryAsGate(nn.Module):
         num_persistent: int = 0,
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
+        gate_bias: float = -2.0,
         **memory_kwargs,
     ):
         super().__init__()
@@ -224,6 +228,7 @@ class MemoryAsGate(nn.Module):
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.memory_norm = RMSNorm(dim, norm_eps)
         self.gate = nn.Linear(dim, dim)
+        nn.init.constant_(self.gate.bias, gate_bias)
 
     def init_state(self, batch: int, device=None, dtype=None) -> MAGState:
         return MAGState(self.attn.init_state(batch, device, dtype), self.memory.init_state(batch, device, dtype))
