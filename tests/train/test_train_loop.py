@@ -244,3 +244,25 @@ def test_progress_note_flags_a_memory_whose_inner_loss_rose():
     assert "ROSE" not in _memory_note(mem, 0)
     mem["mem.0.inner_loss"] = float("nan")
     assert "ROSE mem.0 2.4->nan" in _memory_note(mem, 3) and _memory_note(mem, 3).endswith("| skipped 3")
+
+
+@pytest.mark.parametrize("max_chunk_lr", ["null", "1.0"])
+def test_a_chunk_of_64_diverged_inside_the_sequence_and_the_chunk_bound_trains_it(tmp_path, max_chunk_lr):
+    """The MQAR preset's memory at chunk 64 and outer lr 1e-2: without a chunk bound (64 steps of up to 0.4 at one
+    anchor) the memory's inner loss rises over the sequence from the first steps on while no step is skipped (the
+    layer's output is normalised); with max_chunk_lr 1.0 it falls on every logged step."""
+    cfg = load_config(None, [
+        "model.variant=lmm", "model.vocab_size=256", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+        "model.memory.chunk_size=64", f"model.memory.max_chunk_lr={max_chunk_lr}", "task.vocab_size=256",
+        "task.seq_len=128", "task.num_kv_pairs=8", "task.train_examples=512", "task.eval_examples=16",
+        "run.batch_size=8", "run.steps=15", "run.log_every=5", "run.eval_every=1000", "run.progress=false",
+        "optim.lr=1e-2", "optim.warmup_steps=5", f"run.out_dir={tmp_path}"])
+    r = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ratios = [row[f"mem.{i}.inner_loss"] / row[f"mem.{i}.inner_loss_start"]
+              for row in rows if row["split"] == "train" for i in range(1)]
+    assert r.skipped_steps == 0 and len(ratios) == 3
+    if max_chunk_lr == "null":
+        assert max(ratios) > 1.5, ratios  # the memory diverges inside the sequence (measured: 1.21, 1.31, 2.21)
+    else:
+        assert max(ratios) < 1, ratios
