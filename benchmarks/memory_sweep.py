@@ -29,12 +29,13 @@ p.add_argument("--total", type=int, default=6000); p.add_argument("--seed", type
 p.add_argument("--L", type=int, default=64); p.add_argument("--K", type=int, default=8); p.add_argument("--V", type=int, default=64)
 p.add_argument("--every", type=int, default=100); p.add_argument("--set", action="append", default=[])
 p.add_argument("--zero-last", action="store_true"); p.add_argument("--gate-bias", type=float, default=None); p.add_argument("--out", default=None)
+p.add_argument("--segment", type=int, default=32)
 a = p.parse_args()
 torch.set_num_threads(1); torch.manual_seed(a.seed)
 mem = dict(depth=a.depth, max_lr=a.max_lr, chunk_size=a.chunk)
 for s in a.set:
     k, v = s.split("="); mem[k] = json.loads(v)
-cfg = MnemosConfig(variant=a.variant, vocab_size=a.V, d_model=64, n_layers=2, n_heads=4, window=8, segment_len=32,
+cfg = MnemosConfig(variant=a.variant, vocab_size=a.V, d_model=64, n_layers=2, n_heads=4, window=8, segment_len=a.segment,
                    num_persistent=4, memory=mem)
 model = MnemosLM(cfg)
 tr = MQARConfig(vocab_size=a.V, seq_len=a.L, num_kv_pairs=a.K, num_examples=20000, noise="disjoint").build(a.seed)

@@ -162,7 +162,7 @@ class MnemosConfig(_ConfigBase):
     segment_len: int = 512  # MAC's segment length N: attention is local to a segment
     num_persistent: int = 4  # persistent-memory tokens N_p of the Titans variants (0 = none)
     # MAG's mixing gate g = sigmoid(W_g x + b_g) starts with b_g = mag_gate_bias: -2 gives attention 0.12 and the memory
-    # 0.88 of the output at init (with 0, MAG sat on the MQAR plateau ~3x longer: docs/MODELS.md); trained from there
+    # 0.88 of the output at init (with 0, MAG left the MQAR plateau at step ~1300, at -2 by ~600-800: docs/MODELS.md)
     mag_gate_bias: float = -2.0
     rope_base: float = 10000.0
     # long-term memory

@@ -205,7 +205,7 @@ class MemoryAsGate(nn.Module):
     vector weights and a non-linearity; here the non-linear combination is a sigmoid gate computed from the mixer
     input (a convex mix per channel). The gate starts memory-weighted, ``b_g = gate_bias`` (-2: 0.12 attention,
     0.88 memory): started even (b_g = 0), the attention branch, which cannot reach beyond its window, carries half
-    of every output, and MAG sat on the MQAR plateau about 3x longer than its own memory alone (docs/MODELS.md).
+    of every output, and MAG stayed on the MQAR plateau to step ~1300 against ~600-800 at -2 (docs/MODELS.md).
     Persistent tokens enter the attention as learned keys/values only; the memory starts from its learned W_0.
     Decoding memory is O(window).
     """
