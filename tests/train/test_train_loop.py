@@ -168,14 +168,15 @@ def test_steps_with_non_finite_gradients_are_skipped(tmp_path, monkeypatch):
 
 
 def test_a_memory_that_overflows_is_a_skipped_step_not_a_crash(tmp_path, monkeypatch):
-    """A test-time memory driven far past its stable step (free theta, max_lr 1e4) overflows inside the forward. The
+    """A test-time memory driven far past its stable step (free theta, max_lr 1e4, no chunk bound) overflows inside
+    the forward. The
     layers pass no value checks to the op, so the overflow reaches the loss (not the second layer's op as a 'q
     contains NaN' input error), and the loop treats it as any non-finite step: skipped, then stopped as diverged."""
     import mnemos.train.loop as loop
 
     monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 2)
     cfg = _cfg(tmp_path, "model.variant=mag", "model.n_layers=2", "model.memory.max_lr=10000.0",
-               "model.memory.ema_momentum=false", "run.steps=3")
+               "model.memory.max_chunk_lr=null", "model.memory.ema_momentum=false", "run.steps=3")
     with pytest.raises(FloatingPointError, match="2 steps in a row"):
         train(cfg)
 

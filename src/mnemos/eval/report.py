@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mnemos.eval.plots import make_figures
 from mnemos.eval.results import EvalResults
-from mnemos.eval.tables import markdown_report, pool  # noqa: F401  (pool: eval/study.py imports it from here)
+from mnemos.eval.tables import markdown_report
 
 __all__ = ["merge_results", "report", "write_report"]
 

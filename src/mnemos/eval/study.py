@@ -40,7 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mnemos.checkpoint import read_trainer_state
 from mnemos.data import MQARConfig, NIAHConfig, PasskeyCapacityConfig
+from mnemos.eval.report import write_report
+from mnemos.eval.tables import markdown_report, pool
 
 __all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "run_study", "study_settings",
            "write_study_report"]
@@ -309,7 +312,6 @@ def _read(path: Path) -> dict[str, Any] | None:
 def _checkpoint_step(run_dir: Path) -> int | None:
     if not (run_dir / "checkpoint" / "trainer.pt").is_file():
         return None
-    from mnemos.train.checkpoint import read_trainer_state
 
     try:
         return int(read_trainer_state(run_dir / "checkpoint")["step"])
@@ -638,7 +640,6 @@ def write_study_report(s: StudySettings, out: str | os.PathLike) -> list[Path]:
     """``OUT/report.md``, ``OUT/results.json`` (every eval cell: :func:`mnemos.eval.report.write_report`), the
     report's figures, ``curves.png`` (accuracy vs step at the main point), ``extrapolation.png`` and
     ``study.json``."""
-    from mnemos.eval.report import markdown_report, write_report
     from mnemos.eval.results import EvalResults
 
     out = Path(out)
@@ -730,7 +731,6 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
 
 
 def _extrapolation_section(s: StudySettings, extrap) -> list[str]:
-    from mnemos.eval.report import pool
 
     points = [p for p in pool(extrap, "mqar") if p.status == "ok"]
     if not points:
@@ -796,7 +796,6 @@ def _plot_extrapolation(extrap, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mnemos.eval.report import pool
 
     points = [p for p in pool(extrap, "mqar") if p.status == "ok"]
     if not points:
