@@ -26,7 +26,7 @@ from .loop import train
 
 @dataclass
 class DemoConfig:
-    memory_variant: str = "lmm"  # the Titans model: lmm, mal, mag or mac (docs/MODELS.md: MAG and MAC learn slower)
+    memory_variant: str = "lmm"  # the Titans model: lmm, mal, mag or mac (docs/MODELS.md: MAL and MAC learn slower)
     steps: int = 1300
     vocab_size: int = 64
     num_kv_pairs: int = 8
