@@ -243,6 +243,8 @@ def test_progress_note_flags_a_memory_whose_inner_loss_rose():
     assert "INNER LOSS ROSE mem.1 2.4->450" in note and "mem.0 " not in note.split("ROSE")[1]
     mem["mem.1.inner_loss"] = 1.0
     assert "ROSE" not in _memory_note(mem, 0)
+    mem["mem.1.inner_loss_start"], mem["mem.1.inner_loss"] = 0.0036, 0.0038  # noise at a near-zero loss: not flagged
+    assert "ROSE" not in _memory_note(mem, 0)
     mem["mem.0.inner_loss"] = float("nan")
     assert "ROSE mem.0 2.4->nan" in _memory_note(mem, 3) and _memory_note(mem, 3).endswith("| skipped 3")
 

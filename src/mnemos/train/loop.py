@@ -484,6 +484,15 @@ def _memory_stats(layers: list[NeuralMemory]) -> dict[str, float]:
             for k, v in (getattr(layer, "last_stats", None) or {}).items() if isinstance(v, (int, float))}
 
 
+INNER_LOSS_TOLERANCE = 0.01  # values are unit vectors: a rise below 1% of that scale is noise at a near-zero loss
+
+
+def inner_loss_rose(start: float, end: float) -> bool:
+    """Whether a memory's associative loss rose over a sequence (``inner_loss_start`` -> ``inner_loss``) by more than
+    :data:`INNER_LOSS_TOLERANCE`: the memory diverging inside the forward. A non-finite ``end`` counts as rising."""
+    return not end - start <= INNER_LOSS_TOLERANCE
+
+
 def _memory_note(mem: dict[str, float], skipped: int) -> str:
     """The progress line's summary: the largest per-token step of any layer, the mean share of reads the writes made,
     the layers whose inner loss rose over the sequence (the memory diverging inside the forward: the layer's output
@@ -494,7 +503,7 @@ def _memory_note(mem: dict[str, float], skipped: int) -> str:
     note += f" write {sum(write) / len(write):.2f}" if write else ""
     rising = [(k[: -len(".inner_loss")], mem[k[: -len(".inner_loss")] + ".inner_loss_start"], v)
               for k, v in mem.items() if k.endswith(".inner_loss") and k[: -len("inner_loss")] + "inner_loss_start" in mem]
-    rising = [(name, a, b) for name, a, b in rising if not b <= a]  # NaN counts as rising
+    rising = [(name, a, b) for name, a, b in rising if inner_loss_rose(a, b)]
     if rising:
         note += " | INNER LOSS ROSE " + ", ".join(f"{name} {a:.3g}->{b:.3g}" for name, a, b in rising)
     return note + (f" | skipped {skipped}" if skipped else "")

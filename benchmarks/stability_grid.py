@@ -1,0 +1,150 @@
+"""The memory's stability grid (issue 12, item 1): short `mnemos train` runs of every Titans variant over memory
+depths, chunk sizes, outer learning rates, presets and seeds, each checked for the two ways a test-time memory fails:
+
+- **skipped steps**: a non-finite loss or gradient (the trainer skips the update);
+- **inner divergence**: the memory's associative loss *rising* over a sequence (``mem.{i}.inner_loss`` above
+  ``mem.{i}.inner_loss_start`` by more than 0.01, ``mnemos.train.loop.inner_loss_rose``, on a logged step). The layer's output is RMS-normalised, so a memory that diverges
+  inside the forward leaves the outer loss finite and skips nothing: the model just never learns.
+
+A run passes when it has neither. Every run is ``mnemos train --preset P --threads 1`` with overrides, in its own
+directory under ``--out``; a run whose ``metrics.jsonl`` reached its last step is not run again (resumable), so a
+killed grid continues where it stopped. Prints a table and writes ``OUT/grid.json`` and ``OUT/grid.md``.
+
+    PYTHONPATH=src python benchmarks/stability_grid.py --out /tmp/grid --quick --jobs 2   # ~1 CPU-hour
+    PYTHONPATH=src python benchmarks/stability_grid.py --out /tmp/grid --jobs 2           # the full grid, ~5 CPU-h per lr and seed
+
+``--quick``: the corners where the memory is most at risk (depth 3: the largest curvature; chunk 64: the largest
+summed step at one anchor) for the four variants on the MQAR preset, and the default memory on the LM preset, at
+outer lr 1e-2 (the top of the issue's range), seed 0. The full grid: depth 1, 2, 3 at chunk 4 and chunk 1, 16, 64
+at depth 2, on both presets; ``--lrs`` and ``--seeds`` widen it to the issue's lr 1e-3 ... 1e-2 and seeds 0-4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mnemos.train.loop import inner_loss_rose
+
+VARIANTS = ("lmm", "mac", "mag", "mal")
+MEMORIES = ((1, 4), (2, 4), (3, 4), (2, 1), (2, 16), (2, 64))  # (depth, chunk)
+STEPS = {"mqar": 300, "lm": 150}
+
+
+def grid(quick: bool, lrs: list[float], seeds: list[int], presets: list[str]) -> list[dict]:
+    runs = []
+    for preset in presets:
+        if quick:
+            memories = ((3, 4), (2, 64)) if preset == "mqar" else ((2, 4),)
+        else:
+            memories = MEMORIES
+        for variant in VARIANTS:
+            for depth, chunk in memories:
+                for lr in lrs:
+                    for seed in seeds:
+                        name = f"{preset}-{variant}-d{depth}-c{chunk}-lr{lr:g}-s{seed}"
+                        runs.append(dict(name=name, preset=preset, variant=variant, depth=depth, chunk=chunk, lr=lr,
+                                         seed=seed, steps=STEPS[preset]))
+    return runs
+
+
+def command(run: dict, out: Path) -> list[str]:
+    return [sys.executable, "-m", "mnemos.cli", "train", "--preset", run["preset"], "--threads", "1",
+            f"model.variant={run['variant']}", f"model.memory.depth={run['depth']}",
+            f"model.memory.chunk_size={run['chunk']}", f"optim.lr={run['lr']}", f"run.seed={run['seed']}",
+            f"run.steps={run['steps']}", f"run.eval_every={run['steps']}", "run.save_every=0",
+            f"run.out_dir={out / run['name']}"]
+
+
+def summarise(run: dict, out: Path) -> dict | None:
+    """The run's outcome from its metrics.jsonl, or None if it has not reached its last step."""
+    path = out / run["name"] / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    train = [r for r in rows if r.get("split") == "train"]
+    if not train or train[-1]["step"] < run["steps"]:
+        return None
+    val = [r for r in rows if r.get("split") == "val"]
+    worst_ratio, worst_curv = 0.0, 0.0
+    rose = []
+    for r in train:
+        for k, v in r.items():
+            if k.endswith(".inner_loss") and k + "_start" in r:
+                ratio = v / r[k + "_start"] if r[k + "_start"] > 0 else math.inf
+                if not ratio <= worst_ratio:
+                    worst_ratio = ratio if math.isfinite(ratio) else math.inf
+                if inner_loss_rose(r[k + "_start"], v):
+                    rose.append(r["step"])
+            if k.endswith(".curvature_max"):
+                worst_curv = max(worst_curv, v)
+    skipped = int(train[-1].get("skipped_steps", 0))
+    return {**run, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
+            "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
+            "passed": skipped == 0 and not rose}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2))
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--presets", nargs="+", default=["mqar", "lm"], choices=("mqar", "lm"))
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = grid(a.quick, a.lrs, a.seeds, a.presets)
+    todo = [r for r in runs if summarise(r, out) is None]
+    print(f"stability grid: {len(runs)} runs, {len(runs) - len(todo)} done before", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list[tuple[dict, subprocess.Popen, float]] = []
+    while todo or running:
+        while todo and len(running) < a.jobs:
+            r = todo.pop(0)
+            (out / r["name"]).mkdir(parents=True, exist_ok=True)
+            log = open(out / r["name"] / "train.log", "w")
+            running.append((r, subprocess.Popen(command(r, out), stdout=log, stderr=subprocess.STDOUT, env=env),
+                            time.process_time()))
+        time.sleep(1)
+        for item in list(running):
+            r, proc, _ = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            s = summarise(r, out)
+            print(f"{r['name']}: " + ("did not finish (see train.log)" if s is None else
+                  f"{'pass' if s['passed'] else 'FAIL'}: skipped {s['skipped_steps']}, inner loss rose at "
+                  f"{len(s['inner_rose_at'])} logged steps, max curvature {s['max_curvature']:.3g}"), flush=True)
+    results = [summarise(r, out) or {**r, "passed": None} for r in runs]
+    (out / "grid.json").write_text(json.dumps(results, indent=1))
+    lines = ["| preset | variant | depth | chunk | lr | seed | steps | skipped | inner loss rose (logged steps) | "
+             "worst inner end/start | max curvature | final val acc | pass |", "|" + "---|" * 13]
+    for s in results:
+        if s["passed"] is None:
+            lines.append(f"| {s['preset']} | {s['variant']} | {s['depth']} | {s['chunk']} | {s['lr']:g} | {s['seed']} "
+                         f"| — | not finished | | | | | |")
+            continue
+        acc = s["final_val_accuracy"]
+        lines.append(f"| {s['preset']} | {s['variant']} | {s['depth']} | {s['chunk']} | {s['lr']:g} | {s['seed']} | "
+                     f"{s['steps']} | {s['skipped_steps']} | {len(s['inner_rose_at'])} | {s['worst_inner_ratio']:.2f} | "
+                     f"{s['max_curvature']:.3g} | {'—' if acc is None else f'{acc:.3f}'} | "
+                     f"{'yes' if s['passed'] else '**no**'} |")
+    (out / "grid.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(s["passed"] for s in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
