@@ -74,6 +74,33 @@ def test_resume_is_bit_exact(tmp_path):
         train(_cfg(tmp_path / "cut", *args, "model.memory.ema_momentum=false"), resume=True)
 
 
+def test_resume_compares_only_what_the_variant_reads(tmp_path):
+    """A transformer checkpoint resumes after memory.* or MAG's gate init changed (a transformer reads neither: the
+    recall study hit this when the memory defaults changed under its runs); its window (read by swa, not by the
+    transformer) does not matter either; a change of variant or of a field it reads is still refused."""
+    args = ("model.variant=transformer", "run.steps=4")
+    train(_cfg(tmp_path, *args, "run.stop_after=2"))
+    for changed in ("model.memory.max_lr=0.01", "model.memory.max_chunk_lr=null", "model.mag_gate_bias=0.0",
+                    "model.window=3"):
+        train(_cfg(tmp_path, *args, changed, "run.stop_after=1"), resume=True)  # one more step, no refusal
+    with pytest.raises(ValueError, match=r"\(model.rope_base\)"):
+        train(_cfg(tmp_path, *args, "model.rope_base=500.0"), resume=True)
+    with pytest.raises(ValueError, match=r"model.variant"):
+        train(_cfg(tmp_path, "model.variant=swa", "run.steps=4"), resume=True)
+
+
+def test_every_variant_says_what_it_reads():
+    from mnemos.models import VARIANTS
+    from mnemos.models.config import variant_reads
+
+    for v in VARIANTS:
+        assert variant_reads(v, "d_model") and variant_reads(v, "variant")
+    assert variant_reads("mag", "memory.max_lr") and not variant_reads("transformer", "memory.max_lr")
+    assert variant_reads("swa", "window") and not variant_reads("transformer", "window")
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_reads("titan", "d_model")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "Variant",
-           "saved_model_config"]
+           "INIT_ONLY_FIELDS", "saved_model_config", "variant_reads"]
 
 Variant = Literal[
     "lmm", "mac", "mag", "mal", "transformer", "swa", "linear_attention", "deltanet", "gated_deltanet"
@@ -39,6 +39,36 @@ TITANS_VARIANTS: tuple[str, ...] = ("lmm", "mac", "mag", "mal")
 BASELINE_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v not in TITANS_VARIANTS)
 # variants with a softmax-attention mixer (RoPE needs an even head dim)
 ATTENTION_VARIANTS: tuple[str, ...] = ("mac", "mag", "mal", "transformer", "swa")
+
+# the MnemosConfig fields each variant reads besides those every variant reads (the module docstring's table):
+# "memory" = every memory.* field. Resuming a checkpoint compares only what its variant reads
+_READS_EVERY = ("variant", "vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "norm_eps", "tie_embeddings",
+                "init_std")
+_READS: dict[str, tuple[str, ...]] = {
+    "lmm": ("memory", "num_persistent"),
+    "mac": ("memory", "segment_len", "num_persistent", "rope_base"),
+    "mag": ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"),
+    "mal": ("memory", "window", "num_persistent", "rope_base"),
+    "transformer": ("rope_base",),
+    "swa": ("window", "rope_base"),
+    "linear_attention": ("memory.impl",),
+    "deltanet": ("memory.conv_size", "memory.impl"),
+    "gated_deltanet": ("memory.conv_size", "memory.impl"),
+}
+# fields that only set an initialisation: a checkpoint's weights override them
+INIT_ONLY_FIELDS = ("init_std", "mag_gate_bias")
+
+
+def variant_reads(variant: str, key: str) -> bool:
+    """Whether ``variant`` reads the config field ``key`` (``"window"``, or ``"memory.max_lr"`` for a nested one).
+
+    >>> variant_reads("transformer", "memory.max_lr"), variant_reads("deltanet", "memory.conv_size")
+    (False, True)
+    """
+    if variant not in _READS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    reads = _READS_EVERY + _READS[variant]
+    return key in reads or ("." in key and key.split(".", 1)[0] in reads)
 
 
 def _check_field(where: str, value: Any, hint: Any) -> None:

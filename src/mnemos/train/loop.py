@@ -29,6 +29,7 @@ from ..data import IGNORE_INDEX, BABILongConfig, ByteTokenizer, LMDataConfig, MQ
 from ..data.niah import make_niah_sample
 from ..layers import NeuralMemory
 from ..models import MnemosLM, saved_model_config
+from ..models.config import INIT_ONLY_FIELDS, variant_reads
 from .checkpoint import save_checkpoint, set_rng_state
 from .config import ANSWER_EXTRA_TOKENS, ANSWER_KINDS, TrainConfig, answer_task_max_answer
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
@@ -345,6 +346,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         saved = read_trainer_state(ckpt)["config"]
         diff = [] if saved is None else _differing_keys(saved_model_config(saved.get("model") or {}),
                                                         cfg.model.to_dict())
+        # only what the variant reads, and not what only sets an initialisation (the checkpoint's weights win)
+        diff = [k for k in diff if k == "variant" or (variant_reads(cfg.model.variant, k)
+                                                      and k not in INIT_ONLY_FIELDS)]
         if diff:
             raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config "
                              f"(model.{', model.'.join(diff)}); pass the checkpoint's values as overrides")
