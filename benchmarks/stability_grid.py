@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,7 +114,8 @@ def main() -> int:
     while todo or running:
         while todo and len(running) < a.jobs:
             r = todo.pop(0)
-            (out / r["name"]).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out / r["name"], ignore_errors=True)  # what a killed attempt left: start it afresh
+            (out / r["name"]).mkdir(parents=True)
             log = open(out / r["name"] / "train.log", "w")
             running.append((r, subprocess.Popen(command(r, out), stdout=log, stderr=subprocess.STDOUT, env=env),
                             time.process_time()))
