@@ -5,7 +5,7 @@ every memory layer's health statistics every --every steps, and a line per skipp
     PYTHONPATH=src python benchmarks/memory_sweep.py --variant lmm --max-lr 0.2 --chunk 4 --steps 1500 --total 6000 \
         --set value_norm=true --out lmm.json
 
---set KEY=JSON sets a memory.* field (e.g. --set normalize_step=true --set 'step_bound="chunk"'); --gate-bias sets
+--set KEY=JSON sets a memory.* field (e.g. --set normalize_step=false --set max_chunk_lr=null); --gate-bias sets
 MAG's mixing-gate bias; --zero-last zero-initialises the memory's last layer. One thread.
 """
 import argparse
