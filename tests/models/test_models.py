@@ -348,11 +348,11 @@ def test_bad_inputs_are_errors():
 
 
 def test_generate_refuses_non_finite_logits():
-    """A memory driven to overflow (free theta, max_lr 1e4) gives NaN logits; greedy argmax would pick a token from
-    them silently, generate raises instead."""
+    """A memory driven to overflow (free theta, max_lr 1e4, no chunk bound) gives NaN logits; greedy argmax would pick
+    a token from them silently, generate raises instead."""
     torch.manual_seed(0)
     model = MnemosLM(MnemosConfig(variant="mag", vocab_size=32, d_model=32, n_layers=2, n_heads=4, window=8,
                                   memory={"max_lr": 1e4, "ema_momentum": False, "normalize_step": False,
-                                          "value_norm": False})).eval()
+                                          "value_norm": False, "max_chunk_lr": None})).eval()
     with torch.no_grad(), pytest.raises(FloatingPointError, match="non-finite logits after 64 tokens"):
         model.generate(torch.randint(0, 32, (1, 64)), 4)
