@@ -83,8 +83,7 @@ def summarise(run: dict, out: Path) -> dict | None:
         for k, v in r.items():
             if k.endswith(".inner_loss") and k + "_start" in r:
                 ratio = v / r[k + "_start"] if r[k + "_start"] > 0 else math.inf
-                if not ratio <= worst_ratio:
-                    worst_ratio = ratio if math.isfinite(ratio) else math.inf
+                worst_ratio = max(worst_ratio, ratio if ratio == ratio else math.inf)  # NaN counts as infinite
                 if inner_loss_rose(r[k + "_start"], v):
                     rose.append(r["step"])
             if k.endswith(".curvature_max"):

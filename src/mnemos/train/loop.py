@@ -347,8 +347,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         diff = [] if saved is None else _differing_keys(saved_model_config(saved.get("model") or {}),
                                                         cfg.model.to_dict())
         # only what the variant reads, and not what only sets an initialisation (the checkpoint's weights win)
-        diff = [k for k in diff if k == "variant" or (variant_reads(cfg.model.variant, k)
-                                                      and k not in INIT_ONLY_FIELDS)]
+        diff = [k for k in diff if variant_reads(cfg.model.variant, k) and k not in INIT_ONLY_FIELDS]
         if diff:
             raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config "
                              f"(model.{', model.'.join(diff)}); pass the checkpoint's values as overrides")
@@ -505,9 +504,8 @@ def _memory_note(mem: dict[str, float], skipped: int) -> str:
     write = [v for k, v in mem.items() if k.endswith(".write_fraction")]
     note = f" | mem step_max {max(step_max):.3g}" if step_max else ""
     note += f" write {sum(write) / len(write):.2f}" if write else ""
-    rising = [(k[: -len(".inner_loss")], mem[k[: -len(".inner_loss")] + ".inner_loss_start"], v)
-              for k, v in mem.items() if k.endswith(".inner_loss") and k[: -len("inner_loss")] + "inner_loss_start" in mem]
-    rising = [(name, a, b) for name, a, b in rising if inner_loss_rose(a, b)]
+    rising = [(k[: -len(".inner_loss")], mem[k + "_start"], v) for k, v in mem.items()
+              if k.endswith(".inner_loss") and k + "_start" in mem and inner_loss_rose(mem[k + "_start"], v)]
     if rising:
         note += " | INNER LOSS ROSE " + ", ".join(f"{name} {a:.3g}->{b:.3g}" for name, a, b in rising)
     return note + (f" | skipped {skipped}" if skipped else "")

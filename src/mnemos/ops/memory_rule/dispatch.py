@@ -102,8 +102,8 @@ def neural_memory(
         normalize_step: divide each token's step by ``max(1, rho_t)``, ``rho_t`` = :func:`mnemos.ops.step_curvature`
             of its key at the anchor (``||grad_W l||^2 / ||grad_M l||^2``, how far a unit step moves the memory's
             own answer): ``theta`` then bounds the first-order change of that answer whatever the memory's depth,
-            width or weights (a matrix memory with unit keys has ``rho = 1``: unchanged). The factor is a constant
-            for the outer gradient. Not in the Triton kernels (auto takes the torch path).
+            width or weights (a matrix memory with unit keys has ``rho = 1``: unchanged). The divisor is differentiated
+            like the rest of the step. Not in the Triton kernels (auto takes the torch path).
         impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise;
             ``MNEMOS_TRITON=0`` in the environment keeps auto on the torch path),
             ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
