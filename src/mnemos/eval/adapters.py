@@ -26,30 +26,15 @@ from mnemos.checkpoint import load_model_weights, read_trainer_state
 from mnemos.data.tokenizer import Tokenizer
 from mnemos.eval.baselines import make_baseline
 from mnemos.eval.stateful import StateGrowth, StatefulLM
+from mnemos.models.registry import VARIANT_REGISTRY
 
 __all__ = [
     "HFCausalLMAdapter",
-    "MNEMOS_VARIANTS",
     "MnemosLMAdapter",
     "build_mnemos_model",
     "load_mnemos_checkpoint",
     "load_model",
 ]
-
-# The variants of mnemos.models.MnemosLM and how their inference state scales with the context: only full attention
-# keeps every past token (O(T) KV cache); the others hold a fixed-size memory, a window or a segment.
-MNEMOS_VARIANTS: dict[str, StateGrowth] = {
-    "lmm": "constant",
-    "mac": "constant",
-    "mag": "constant",
-    "mal": "constant",
-    "transformer": "growing",
-    "swa": "constant",
-    "linear_attention": "constant",
-    "deltanet": "constant",
-    "gated_deltanet": "constant",
-}
-
 
 def _module_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
@@ -62,8 +47,8 @@ class MnemosLMAdapter(StatefulLM):
 
     The model needs ``forward(input_ids [B, T], cache=None) -> (logits [B, T, V], cache)``, ``init_cache(batch,
     device, dtype)`` and a ``config`` with ``vocab_size`` (and, for mnemos models, ``variant``). ``state_growth``
-    is taken, in order, from the argument, the model's ``state_growth`` attribute, or its variant
-    (:data:`MNEMOS_VARIANTS`); ``max_context`` from the argument or ``config.max_context``. ``state_dtype`` is
+    is taken, in order, from the argument, the model's ``state_growth`` attribute (``MnemosLM`` has one), or its
+    variant's entry in the registry (:mod:`mnemos.models.registry`); ``max_context`` from the argument or ``config.max_context``. ``state_dtype`` is
     passed to ``init_cache`` (None: the model's choice, its parameters' dtype for ``MnemosLM``).
     """
 
@@ -85,7 +70,8 @@ class MnemosLMAdapter(StatefulLM):
         if not isinstance(vocab, int):
             raise TypeError(f"{type(model).__name__} has neither config.vocab_size nor vocab_size")
         variant = getattr(config, "variant", None)
-        growth = state_growth or getattr(model, "state_growth", None) or MNEMOS_VARIANTS.get(variant)
+        spec = VARIANT_REGISTRY.get(variant) if isinstance(variant, str) else None
+        growth = state_growth or getattr(model, "state_growth", None) or (spec and spec.state_growth)
         if growth not in get_args(StateGrowth):
             raise ValueError(
                 f"cannot tell whether {type(model).__name__} (variant {variant!r}) has a constant or a growing state; "
@@ -267,8 +253,8 @@ def build_mnemos_model(
     ``overrides`` are further ``MnemosConfig`` fields (nested dicts for ``memory``); unknown keys are an error.
     Untrained models score chance on every task; use this to check a pipeline or to measure state sizes.
     """
-    if variant not in MNEMOS_VARIANTS:
-        raise ValueError(f"unknown mnemos variant {variant!r}; known: {', '.join(MNEMOS_VARIANTS)}")
+    if variant not in VARIANT_REGISTRY:
+        raise ValueError(f"unknown mnemos variant {variant!r}; known: {', '.join(VARIANT_REGISTRY)}")
     models = _import_mnemos_models()
     fields = {"variant": variant, "vocab_size": vocab_size, **(overrides or {})}
     from_dict = getattr(models.MnemosConfig, "from_dict", None)
@@ -354,13 +340,13 @@ def load_model(
     if path.is_dir() and (path / "config.json").is_file():
         return HFCausalLMAdapter.from_pretrained(path, device=device, dtype=dtype)
     variant, _, overrides = spec.partition(":")
-    if variant in MNEMOS_VARIANTS and not path.exists():
+    if variant in VARIANT_REGISTRY and not path.exists():
         warnings.warn(f"--model {spec}: a randomly initialised {variant} model (no checkpoint); expect chance scores",
                       stacklevel=2)
         return build_mnemos_model(variant, vocab_size, overrides=_parse_overrides(overrides), device=device,
                                   dtype=dtype, name=f"{spec} (untrained)")
     raise ValueError(
         f"model {spec!r} is not a checkpoint directory, a Hugging Face directory, a mnemos variant "
-        f"({', '.join(MNEMOS_VARIANTS)}, optionally VARIANT:KEY=VALUE,...) or a baseline "
+        f"({', '.join(VARIANT_REGISTRY)}, optionally VARIANT:KEY=VALUE,...) or a baseline "
         "(baseline:induction, baseline:random)"
     )

@@ -61,6 +61,7 @@ from mnemos.eval.adapters import load_model
 from mnemos.eval.report import write_report
 from mnemos.eval.results import Cell, EvalResults, environment
 from mnemos.eval.stateful import StatefulLM, state_size
+from mnemos.models.registry import VARIANT_REGISTRY
 
 __all__ = [
     "EvalOptions",
@@ -417,12 +418,14 @@ def _mqar_cell(run: _Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
 
 def model_reach(model: StatefulLM) -> int | None:
     """How far back a model with sliding-window attention sees through attention alone: ``n_layers * (window - 1)``
-    for mnemos' swa, mag and mal variants (read from ``model.config``); None for any other model."""
+    for mnemos' sliding-window variants (swa, mag, mal: their registry entries' ``reach``, read from
+    ``model.config``); None for any other model."""
     config = getattr(model, "config", None)
-    if getattr(config, "variant", None) not in ("swa", "mag", "mal"):
+    variant = getattr(config, "variant", None)
+    spec = VARIANT_REGISTRY.get(variant) if isinstance(variant, str) else None
+    if spec is None or not all(isinstance(getattr(config, k, None), int) for k in ("n_layers", "window")):
         return None
-    n_layers, window = getattr(config, "n_layers", None), getattr(config, "window", None)
-    return n_layers * (window - 1) if isinstance(n_layers, int) and isinstance(window, int) else None
+    return spec.reach(config)
 
 
 def _mqar_reaches(models: Sequence[StatefulLM], reach: int | str | None) -> list[int | None]:

@@ -6,11 +6,12 @@ from .block import Block, SwiGLU
 from .cache import Cache, MACState, MAGState, MALState, RecurrentState
 from .config import BASELINE_VARIANTS, TITANS_VARIANTS, VARIANTS, MemoryConfig, MnemosConfig, saved_model_config
 from .lm import MnemosLM, build_mixer
+from .registry import VARIANT_REGISTRY, VariantSpec, register_variant, variant_spec
 from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer, mac_attention_mask
 
 __all__ = [
     "MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "saved_model_config",
-    "MnemosLM", "build_mixer", "Block", "SwiGLU",
+    "MnemosLM", "build_mixer", "Block", "SwiGLU", "VariantSpec", "VARIANT_REGISTRY", "register_variant", "variant_spec",
     "Cache", "MACState", "MAGState", "MALState", "RecurrentState",
     "LongTermMemory", "MemoryAsContext", "MemoryAsGate", "MemoryAsLayer", "LinearRecurrence", "mac_attention_mask",
 ]

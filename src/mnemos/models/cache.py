@@ -1,18 +1,10 @@
 """Decoding state of a whole model: one typed state per layer plus the absolute position, serialisable.
 
-Per-layer state types (what each variant's mixer keeps between calls):
-
-==================  ===================================================================  =============================
-variant             state                                                                size per sequence
-==================  ===================================================================  =============================
-lmm                 :class:`~mnemos.layers.NeuralMemoryState` (memory rule + conv)        constant
-mac                 :class:`MACState` (memory, segment-start memory, segment K/V)        O(segment_len)
-mag                 :class:`MAGState` (rolling KV cache + memory)                         O(window)
-mal                 :class:`MALState` (memory + rolling KV cache)                         O(window)
-transformer         :class:`~mnemos.layers.FullKVCache`                                   O(tokens seen)
-swa                 :class:`~mnemos.layers.RollingKVCache`                                O(window)
-linear baselines    :class:`RecurrentState` (matrix memory + conv)                        constant
-==================  ===================================================================  =============================
+Each layer holds the state its mixer keeps between calls: a :class:`~mnemos.layers.NeuralMemoryState` (LMM), a
+:class:`MACState`, :class:`MAGState` or :class:`MALState` (the Titans hybrids, defined here), a
+:class:`~mnemos.layers.KVCache` (Transformer++, SWA) or a :class:`RecurrentState` (the linear baselines). Which
+variant keeps which, and what bounds its size (constant, the window, the segment, or the tokens seen), is in the
+variant's registry entry (:mod:`mnemos.models.registry`: ``VariantSpec.state`` and ``state_bound``).
 
 :meth:`Cache.state_dict` flattens everything to plain tensors under dotted keys (``torch.save`` it and
 ``torch.load(..., weights_only=True)`` it back); :meth:`Cache.load_state_dict` restores it into a cache made by

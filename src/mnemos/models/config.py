@@ -1,22 +1,12 @@
 """One typed config for every model variant: Titans (LMM, MAC, MAG, MAL) and the baselines.
 
-Plain dataclasses, no framework import, so a Hugging Face ``PretrainedConfig`` can mirror them field for field:
+Plain dataclasses, no Hugging Face import, so a ``PretrainedConfig`` can mirror them field for field:
 ``MnemosConfig.to_dict()`` gives nested JSON-ready dicts and ``MnemosConfig.from_dict`` reads them back, rejecting
 unknown keys by name. Every field is checked in ``__post_init__`` (type, range, and the combinations that matter).
 
-Which fields each variant reads (the others are ignored, never silently reinterpreted):
-
-==================  ============================================================================================
-every variant       vocab_size, d_model, n_layers, n_heads, mlp_hidden, norm_eps, tie_embeddings, init_std
-lmm                 memory.*, num_persistent (a learned prefix written into each layer's memory at stream start)
-mac                 memory.*, segment_len, num_persistent, rope_base
-mag                 memory.*, window, num_persistent, rope_base, mag_gate_bias
-mal                 memory.*, window, num_persistent, rope_base
-transformer         rope_base
-swa                 window, rope_base
-linear_attention    memory.impl (computed in chunks of 64, exact for any chunk size)
-deltanet, gated_deltanet  memory.conv_size, memory.impl (per-token updates, computed exactly in chunks of 64)
-==================  ============================================================================================
+Which fields each variant reads (the others are ignored, never silently reinterpreted) is part of its entry in the
+variant registry (:mod:`mnemos.models.registry`); :func:`variant_reads` asks it, and the names the config accepts are
+the registered ones.
 """
 
 from __future__ import annotations
@@ -28,47 +18,30 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "Variant",
+from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
+
+__all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
            "INIT_ONLY_FIELDS", "saved_model_config", "variant_reads"]
 
-Variant = Literal[
-    "lmm", "mac", "mag", "mal", "transformer", "swa", "linear_attention", "deltanet", "gated_deltanet"
-]
-VARIANTS: tuple[str, ...] = typing.get_args(Variant)
-TITANS_VARIANTS: tuple[str, ...] = ("lmm", "mac", "mag", "mal")
+# the registered variants (mnemos.models.registry), and subsets of them; all read from the registry at import
+VARIANTS: tuple[str, ...] = tuple(VARIANT_REGISTRY)
+TITANS_VARIANTS: tuple[str, ...] = tuple(n for n, s in VARIANT_REGISTRY.items() if s.family == "titans")
 BASELINE_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v not in TITANS_VARIANTS)
 # variants with a softmax-attention mixer (RoPE needs an even head dim)
-ATTENTION_VARIANTS: tuple[str, ...] = ("mac", "mag", "mal", "transformer", "swa")
-
-# the MnemosConfig fields each variant reads besides those every variant reads (the module docstring's table):
-# "memory" = every memory.* field. Resuming a checkpoint compares only what its variant reads
-_READS_EVERY = ("variant", "vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "norm_eps", "tie_embeddings",
-                "init_std")
-_READS: dict[str, tuple[str, ...]] = {
-    "lmm": ("memory", "num_persistent"),
-    "mac": ("memory", "segment_len", "num_persistent", "rope_base"),
-    "mag": ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"),
-    "mal": ("memory", "window", "num_persistent", "rope_base"),
-    "transformer": ("rope_base",),
-    "swa": ("window", "rope_base"),
-    "linear_attention": ("memory.impl",),
-    "deltanet": ("memory.conv_size", "memory.impl"),
-    "gated_deltanet": ("memory.conv_size", "memory.impl"),
-}
-# fields that only set an initialisation: a checkpoint's weights override them
-INIT_ONLY_FIELDS = ("init_std", "mag_gate_bias")
+ATTENTION_VARIANTS: tuple[str, ...] = tuple(n for n, s in VARIANT_REGISTRY.items() if s.rope)
+# fields that only set an initialisation: a checkpoint's weights override them (resume does not compare them)
+INIT_ONLY_FIELDS: tuple[str, ...] = COMMON_INIT_ONLY + tuple(
+    dict.fromkeys(f for s in VARIANT_REGISTRY.values() for f in s.init_only))
 
 
 def variant_reads(variant: str, key: str) -> bool:
-    """Whether ``variant`` reads the config field ``key`` (``"window"``, or ``"memory.max_lr"`` for a nested one).
+    """Whether ``variant`` reads the config field ``key`` (``"window"``, or ``"memory.max_lr"`` for a nested one);
+    resuming a checkpoint compares only what its variant reads.
 
     >>> variant_reads("transformer", "memory.max_lr"), variant_reads("deltanet", "memory.conv_size")
     (False, True)
     """
-    if variant not in _READS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    reads = _READS_EVERY + _READS[variant]
-    return key in reads or ("." in key and key.split(".", 1)[0] in reads)
+    return variant_spec(variant).reads_field(key)
 
 
 def _check_field(where: str, value: Any, hint: Any) -> None:
@@ -180,7 +153,7 @@ class MnemosConfig(_ConfigBase):
         (8, 88)
     """
 
-    variant: Variant = "mac"
+    variant: str = "mac"  # a registered variant (mnemos.models.registry)
     # sizes: the Titans paper's smallest scale (~170M parameters at a 32k vocabulary)
     vocab_size: int = 32000  # set it from the tokenizer
     d_model: int = 768
@@ -207,15 +180,14 @@ class MnemosConfig(_ConfigBase):
             self.memory = MemoryConfig.from_dict(self.memory)
         if not isinstance(self.memory, MemoryConfig):
             raise TypeError(f"memory must be a MemoryConfig or a dict, got {type(self.memory).__name__}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        spec = variant_spec(self.variant)  # a ValueError naming the registered variants
         self._check_types()
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
-        if self.variant in ATTENTION_VARIANTS and self.head_dim % 2:
+        if spec.rope and self.head_dim % 2:
             raise ValueError(
                 f"variant {self.variant!r} uses RoPE, which needs an even head dim; d_model / n_heads = "
                 f"{self.d_model} / {self.n_heads} = {self.head_dim}"

@@ -11,7 +11,8 @@ Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalL
   ``save_pretrained`` writes safetensors with the tied head dropped, ``from_pretrained`` re-ties it.
 - ``generate``: the mnemos :class:`Cache` is the model's past state. ``forward`` returns it as ``cache`` (the name
   transformers 5 uses for ``past_key_values``), generation feeds it back with only the new token, so a step costs
-  what a ``MnemosLM`` cached step costs and decoding memory stays flat for lmm/mag/mal/swa and the linear baselines.
+  what a ``MnemosLM`` cached step costs, and decoding memory stays bounded for every variant whose registry entry
+  says so (``state_growth``: :mod:`mnemos.models.registry`; all but the transformer).
   The model opts out of transformers' default ``DynamicCache`` (``_supports_default_dynamic_cache``). Beam search
   reorders the cache's streams (``_reorder_cache`` -> :meth:`Cache.reorder`). The model is marked stateful: a
   recurrent state cannot be rolled back to an earlier token, so assisted decoding is not supported.
@@ -150,6 +151,11 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MnemosLM(config.to_mnemos())  # initialises its own weights
         self.post_init()
+
+    @property
+    def state_growth(self) -> str:
+        """``"growing"`` or ``"constant"``: whether the cache grows with the context (``MnemosLM.state_growth``)."""
+        return self.model.state_growth
 
     def _init_weights(self, module: nn.Module) -> None:
         """No-op: MnemosLM and its layers initialise themselves; the generic Hugging Face init would undo that."""

@@ -10,54 +10,18 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..layers import Attention, RMSNorm
-from .baselines import LinearRecurrence
+from ..layers import RMSNorm
 from .block import Block, SwiGLU
 from .cache import Cache
 from .config import MnemosConfig
-from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer
+from .registry import StateGrowth, variant_spec
 
 __all__ = ["MnemosLM", "build_mixer"]
 
 
-def _memory_kwargs(config: MnemosConfig) -> dict:
-    m = config.memory
-    return dict(
-        depth=m.depth, expansion=m.expansion, residual=m.residual, activation=m.activation,
-        chunk_size=m.chunk_size, max_lr=m.max_lr, conv_size=m.conv_size, ema_momentum=m.ema_momentum, impl=m.impl,
-        max_chunk_lr=m.max_chunk_lr, value_norm=m.value_norm, normalize_step=m.normalize_step,
-    )
-
-
 def build_mixer(config: MnemosConfig) -> nn.Module:
-    """The token mixer of one block for ``config.variant`` (the registry of every architecture)."""
-    d, H, v = config.d_model, config.n_heads, config.variant
-    P, rope = config.num_persistent, config.rope_base
-    if v == "lmm":
-        return LongTermMemory(d, H, num_persistent=P, **_memory_kwargs(config))
-    if v == "mac":
-        return MemoryAsContext(
-            d, H, segment_len=config.segment_len, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
-            **_memory_kwargs(config),
-        )
-    if v == "mag":
-        return MemoryAsGate(
-            d, H, window=config.window, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
-            gate_bias=config.mag_gate_bias, **_memory_kwargs(config),
-        )
-    if v == "mal":
-        return MemoryAsLayer(
-            d, H, window=config.window, num_persistent=P, rope_base=rope, norm_eps=config.norm_eps,
-            **_memory_kwargs(config),
-        )
-    if v == "transformer":
-        return Attention(d, H, rope_base=rope)
-    if v == "swa":
-        return Attention(d, H, window=config.window, rope_base=rope)
-    if v in ("linear_attention", "deltanet", "gated_deltanet"):
-        m = config.memory  # its conv and impl; the chunk is the baseline's own (64: exact for any value)
-        return LinearRecurrence(d, H, v, conv_size=m.conv_size, impl=m.impl)
-    raise ValueError(f"unknown variant {v!r}")  # unreachable: MnemosConfig validates the variant
+    """The token mixer of one block for ``config.variant``: its registry entry's builder (:mod:`.registry`)."""
+    return variant_spec(config.variant).build(config)
 
 
 class MnemosLM(nn.Module):
@@ -101,6 +65,13 @@ class MnemosLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
+
+    @property
+    def state_growth(self) -> StateGrowth:
+        """``"growing"`` if the decoding state grows with the context (full attention's KV cache), else
+        ``"constant"`` (a memory, a window or a segment: bounded whatever the length); from the variant's registry
+        entry."""
+        return variant_spec(self.config.variant).state_growth
 
     def init_cache(self, batch: int, device=None, dtype=None) -> Cache:
         """An empty cache (position 0) for ``batch`` streams.
