@@ -13,13 +13,6 @@ import torch
 from . import __version__
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _threads(text: str) -> int:
     try:
         n = int(text)
@@ -38,18 +31,6 @@ def _set_threads(n: int) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:
         pass
-
-
-def _reach(text: str) -> int | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, 'auto' or 'none', got {text!r}")
-    return n
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -112,20 +93,6 @@ def _memorize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _pairs(text: str) -> tuple[tuple[int, int], ...]:
-    try:
-        return tuple((int(a), int(b)) for a, b in (x.split(":") for x in text.split(",") if x.strip()))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated SEQ_LEN:NUM_KV_PAIRS, got {text!r}") from None
-
-
 def _budget(text: str) -> float | str | None:
     if text in ("auto", "none"):
         return None if text == "none" else text
@@ -136,40 +103,10 @@ def _budget(text: str) -> float | str | None:
 
 
 def _eval_task(args: argparse.Namespace):
-    """The task config(s) an ``mnemos eval TASK`` command line describes."""
-    from .data import (MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, BABILongConfig, LMDataConfig, MQARConfig,
-                       NIAHConfig, PasskeyCapacityConfig, mqar_grid)
+    """The task config(s) an ``mnemos eval TASK`` command line describes (the task's own ``from_args``)."""
+    from .eval.tasks import TASKS
 
-    if args.task == "mqar":
-        from .eval.harness import saved_mqar_task
-
-        # what the flags leave open comes from the checkpoints' training task, else MQARConfig's defaults
-        open_keys = [k for k in ("vocab_size", "power_a", "noise") if getattr(args, k) is None]
-        grid_open = not args.pairs and args.grid is None
-        saved = saved_mqar_task(args.model, open_keys + (["seq_len", "num_kv_pairs"] if grid_open else []))
-        taken = {k: saved[k] for k in open_keys if k in saved}
-        pairs = args.pairs
-        if grid_open and {"seq_len", "num_kv_pairs"} <= saved.keys():
-            pairs = ((saved["seq_len"], saved["num_kv_pairs"]),)
-            taken.update(seq_len=saved["seq_len"], num_kv_pairs=saved["num_kv_pairs"])
-        grids = {"zoology": MQAR_ZOOLOGY_GRID, "extrapolation": MQAR_EXTRAPOLATION_GRID}
-        pairs = pairs or grids[args.grid or "zoology"]
-        if taken:
-            print("MQAR task from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in taken.items()), file=sys.stderr)
-        default = {f.name: f.default for f in fields(MQARConfig)}
-        kw = {k: taken.get(k, default[k]) if getattr(args, k) is None else getattr(args, k)
-              for k in ("vocab_size", "power_a", "noise")}
-        return mqar_grid(pairs, num_examples=args.num_examples, **kw)
-    if args.task == "niah":
-        return NIAHConfig(kind=args.kind, lengths=args.lengths, depths=args.depths, samples_per_cell=args.samples,
-                          corpus_paths=tuple(args.corpus))
-    if args.task == "babilong":
-        return BABILongConfig(task=args.qa, lengths=args.lengths, samples_per_length=args.samples,
-                              num_facts=args.num_facts, corpus_paths=tuple(args.corpus))
-    if args.task == "capacity":
-        return PasskeyCapacityConfig(lengths=args.lengths, samples_per_length=args.samples)
-    return LMDataConfig(seq_len=args.seq_len, batch_size=args.batch_size, paths=tuple(args.text),
-                        tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size, val_fraction=args.val_fraction)
+    return TASKS[args.task].from_args(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -248,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     from .eval.memorize import MemorizeConfig
+    from .eval.registry import ints_arg
 
     d = {f.name: f.default for f in fields(MemorizeConfig)}
     dm = sub.add_parser("demo", help="train a Titans model and an SWA baseline on recall; show what memory adds")
@@ -261,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("memorize", help="test-time memorisation: recall of N key->value pairs vs depth and chunk size")
     demo.add_argument("--head-dim", type=int, default=d["head_dim"], help="key/value width D (default %(default)s)")
-    demo.add_argument("--pairs", type=_ints, default=d["n_pairs"], help="numbers of pairs, e.g. 16,32,64")
-    demo.add_argument("--depths", type=_ints, default=d["depths"], help="memory depths, e.g. 1,2,3")
-    demo.add_argument("--chunks", type=_ints, default=d["chunk_sizes"], help="chunk sizes, e.g. 1,16,64")
+    demo.add_argument("--pairs", type=ints_arg, default=d["n_pairs"], help="numbers of pairs, e.g. 16,32,64")
+    demo.add_argument("--depths", type=ints_arg, default=d["depths"], help="memory depths, e.g. 1,2,3")
+    demo.add_argument("--chunks", type=ints_arg, default=d["chunk_sizes"], help="chunk sizes, e.g. 1,16,64")
     demo.add_argument("--passes", type=int, default=d["passes"], help="times the pairs are written (default %(default)s)")
     demo.add_argument("--theta", type=float, default=d["theta"], help="inner learning rate (default %(default)s)")
     demo.add_argument("--eta", type=float, default=d["eta"], help="momentum (default %(default)s)")
@@ -313,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(sub) -> None:
-    from .data import BABILongConfig, LMDataConfig, MQARConfig, NIAHConfig, PasskeyCapacityConfig
+    from .eval.tasks import TASKS
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", action="append", required=True, metavar="SPEC",
@@ -339,57 +277,9 @@ def _add_eval_parser(sub) -> None:
 
     ev = sub.add_parser("eval", help="evaluate models on a benchmark task (see docs/BENCHMARKS.md)")
     tasks = ev.add_subparsers(dest="task", required=True, metavar="TASK")
-
-    d = {f.name: f.default for f in fields(MQARConfig)}
-    t = tasks.add_parser("mqar", parents=[common], help="multi-query associative recall, teacher-forced accuracy")
-    ckpt = "the checkpoints' training task, else"  # what a flag left out defaults to
-    t.add_argument("--grid", choices=("zoology", "extrapolation"), default=None,
-                   help=f"(seq_len, num_kv_pairs) grid (default: {ckpt} zoology)")
-    t.add_argument("--pairs", type=_pairs, default=None, metavar="L:K,...", help="explicit grid, e.g. 64:4,256:16")
-    t.add_argument("--vocab-size", type=int, default=None, help=f"(default: {ckpt} {d['vocab_size']})")
-    t.add_argument("--num-examples", type=int, default=d["num_examples"], help="per grid point (default %(default)s)")
-    t.add_argument("--power-a", type=float, default=None, help=f"query position power law (default: {ckpt} "
-                                                                f"{d['power_a']})")
-    t.add_argument("--noise", choices=("zoology", "disjoint"), default=None,
-                   help=f"noise tokens: as Zoology (may repeat keys) or disjoint from the keys (default: {ckpt} "
-                        f"{d['noise']})")
-    t.add_argument("--reach", type=_reach, default="auto", metavar="N|auto|none",
-                   help="split accuracy at queries whose key is <= N tokens back (near) or further (far); auto "
-                        "(default): the reach n_layers * (window - 1) of the sliding-window models (swa, mag, mal) "
-                        "evaluated, for every model; none: no split")
-
-    d = {f.name: f.default for f in fields(NIAHConfig)}
-    t = tasks.add_parser("niah", parents=[common], help="single needle in a haystack: accuracy by length and depth")
-    t.add_argument("--kind", choices=("passkey", "number", "uuid"), default=d["kind"], help="(default %(default)s)")
-    t.add_argument("--lengths", type=_ints, default=d["lengths"], help="context lengths in tokens, e.g. 1024,4096")
-    t.add_argument("--depths", type=_floats, default=d["depths"], help="needle depths in [0, 1], e.g. 0,0.5,1")
-    t.add_argument("--samples", type=int, default=d["samples_per_cell"],
-                   help="per (length, depth) (default %(default)s)")
-    t.add_argument("--corpus", action="append", default=[], metavar="PATH", help="haystack text (number/uuid)")
-
-    d = {f.name: f.default for f in fields(BABILongConfig)}
-    t = tasks.add_parser("babilong", parents=[common], help="bAbI qa1-3 stories in a haystack: accuracy by length")
-    t.add_argument("--qa", choices=("qa1", "qa2", "qa3"), default=d["task"], help="(default %(default)s)")
-    t.add_argument("--lengths", type=_ints, default=d["lengths"], help="context lengths in tokens")
-    t.add_argument("--samples", type=int, default=d["samples_per_length"], help="per length (default %(default)s)")
-    t.add_argument("--num-facts", type=int, default=None, help="story sentences (default: 6, 10, 14 for qa1-3)")
-    t.add_argument("--corpus", action="append", default=[], metavar="PATH", help="haystack text")
-
-    d = {f.name: f.default for f in fields(PasskeyCapacityConfig)}
-    t = tasks.add_parser("capacity", parents=[common], help="passkey accuracy per length; longest length at >= 95%%")
-    t.add_argument("--lengths", type=_ints, default=d["lengths"], help="context lengths in tokens")
-    t.add_argument("--samples", type=int, default=d["samples_per_length"], help="per length (default %(default)s)")
-    t.add_argument("--threshold", type=float, default=0.95, help="accuracy the summary asks for (default %(default)s)")
-
-    d = {f.name: f.default for f in fields(LMDataConfig)}
-    t = tasks.add_parser("lm", parents=[common], help="next-token loss and perplexity on the val split")
-    t.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per window (default %(default)s)")
-    t.add_argument("--text", action="append", default=[], metavar="PATH", help="text files/dirs (default: built-in)")
-    t.add_argument("--tokenizer", choices=("byte", "bpe"), default=d["tokenizer"], help="(default %(default)s)")
-    t.add_argument("--bpe-vocab-size", type=int, default=d["bpe_vocab_size"], help="(default %(default)s)")
-    t.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="(default %(default)s)")
-    t.add_argument("--max-windows", type=int, default=64, help="windows scored, 0 = all (default %(default)s)")
-    for t in tasks.choices.values():
+    for task in TASKS.values():  # each registered task adds its own flags
+        t = tasks.add_parser(task.name, parents=[common], help=task.help)
+        task.add_arguments(t)
         t.set_defaults(func=_eval)
 
 

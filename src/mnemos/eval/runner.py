@@ -1,0 +1,329 @@
+"""What every task's evaluation shares: the options (:class:`EvalOptions`), one (model, task) evaluation
+(:class:`Run`: its cells, errors kept in them, contexts a model cannot hold refused), feeding a context through a model
+in chunks with the state carried (:func:`stream`), and greedy decoding scored by exact match
+(:func:`generation_cell`), with :class:`GenerationTask`, the base of the tasks that decode one answer per prompt
+over a grid of lengths (NIAH, BABILong, passkey capacity).
+
+The tasks themselves are in :mod:`mnemos.eval.tasks`; :mod:`mnemos.eval.harness` runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor
+
+from mnemos.data import BABILongSample, NIAHSample, exact_match
+from mnemos.eval._progress import ProgressBar
+from mnemos.eval.registry import EvalTask, TaskConfig, config_to_dict, task_of
+from mnemos.eval.results import Cell, environment
+from mnemos.eval.stateful import StatefulLM, state_size
+
+__all__ = ["EvalOptions", "GenerationTask", "Run", "auto_memory_budget_gb", "batches", "generation_cell",
+           "max_sizes", "per_sequence_state", "stream"]
+
+_OOM_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to run (not what to measure: that is the task config).
+
+    Attributes:
+        batch_size: sequences per forward call (fewer when a growing state would not fit ``memory_budget_gb``).
+        stream_chunk: tokens per forward call; None feeds each context in one call.
+        memory_budget_gb: refuse contexts whose *growing* state (measured per token, see
+            :meth:`StatefulLM.bytes_per_token`) would exceed this many GiB. ``"auto"``: 80% of the model device's
+            memory (the GPU's, or the machine's RAM), so a context that cannot fit is refused instead of running the
+            machine out of memory; None: no limit beyond ``max_context``.
+        lm_max_windows: LM: how many windows of ``seq_len`` tokens of the val split to score (None: all of it).
+        capacity_threshold: the accuracy the capacity summary asks for (the longest length at >= threshold).
+        keep_samples: record each prompt's prediction in the generation cells.
+        progress: show a progress bar (None: only when stderr is a terminal).
+        raise_errors: let an exception inside a cell propagate; by default it is recorded in the cell (status
+            ``"error"``, with its type and message) and the other cells still run. Running out of memory is always
+            recorded.
+        mqar_reach: MQAR: where near and far queries split (the queried key at most / more than this many tokens
+            back; :func:`mnemos.data.mqar_recall_metrics`). ``"auto"``: one split for every model of the run, the
+            reach ``n_layers * (window - 1)`` of its sliding-window models (swa, mag, mal; :func:`model_reach`) when
+            they agree; when they disagree each of them is split at its own and the others not at all; no split
+            when none has a window. None: no split.
+    """
+
+    batch_size: int = 8
+    stream_chunk: int | None = None
+    memory_budget_gb: float | Literal["auto"] | None = "auto"
+    lm_max_windows: int | None = 64
+    capacity_threshold: float = 0.95
+    keep_samples: bool = True
+    progress: bool | None = None
+    raise_errors: bool = False
+    mqar_reach: int | Literal["auto"] | None = "auto"
+
+    def __post_init__(self):
+        for name in ("batch_size", "stream_chunk", "lm_max_windows"):
+            v = getattr(self, name)
+            if (v is not None or name == "batch_size") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1{'' if name == 'batch_size' else ' or None'}, got {v!r}")
+        b = self.memory_budget_gb
+        if b not in (None, "auto") and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            raise ValueError(f"memory_budget_gb must be a number > 0, 'auto' or None, got {b!r}")
+        if not 0.0 < self.capacity_threshold <= 1.0:
+            raise ValueError(f"capacity_threshold must be in (0, 1], got {self.capacity_threshold!r}")
+        r = self.mqar_reach
+        if r not in (None, "auto") and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"mqar_reach must be an int >= 0, 'auto' or None, got {r!r}")
+
+
+
+
+class Run:
+    """One (model, task config) evaluation: what every cell of it shares."""
+
+    def __init__(self, model: StatefulLM, config: TaskConfig, seed: int, options: EvalOptions, bar: ProgressBar,
+                 reach: int | None = None):
+        self.model, self.config, self.seed, self.options, self.bar = model, config, seed, options, bar
+        self.reach = reach  # MQAR's near / far split for this model
+        self.task = task_of(config).name
+        self.description = model.describe()
+        self.versions = environment(model.device)
+        self.task_config = config_to_dict(config)
+        self.option_dict = dataclasses.asdict(options)
+
+    def cell(self, params: dict[str, Any], **kw) -> Cell:
+        return Cell(task=self.task, model=dict(self.description), seed=self.seed, task_config=dict(self.task_config),
+                    params=params, options=dict(self.option_dict), versions=dict(self.versions), **kw)
+
+    def guarded(self, params: dict[str, Any], body: Callable[[], Cell]) -> Cell:
+        """``body()`` timed; if it fails, an error cell (unless ``raise_errors``), so the other cells still run."""
+        self.bar.set_description(f"{self.model.name} {self.task} {_params_text(params)}")
+        t0 = time.perf_counter()
+        try:
+            cell = body()
+        except _OOM_ERRORS as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cell = self.cell(params, status="error", message=f"out of memory: {str(e).splitlines()[0][:300]}")
+        except Exception as e:
+            if self.options.raise_errors:
+                raise
+            first = (str(e).splitlines() or [""])[0][:300]
+            warnings.warn(f"{self.model.name} {self.task} {_params_text(params)}: {type(e).__name__}: {first}",
+                          stacklevel=2)
+            cell = self.cell(params, status="error", message=f"{type(e).__name__}: {first}")
+        cell.seconds = round(time.perf_counter() - t0, 4)
+        return cell
+
+    def admit(self, context: int, batch: int, detail: str = "") -> tuple[int, str | None]:
+        """``(batch to use, None)``, or ``(0, reason)`` when the model cannot hold a ``context``-token context
+        (``detail`` says what makes up the context, for the message)."""
+        m = self.model
+        what = f"{context} tokens" + (f" ({detail})" if detail else "")
+        if m.max_context is not None and context > m.max_context:
+            return 0, f"refused: a context of {what} exceeds the max context of {m.name} ({m.max_context} tokens)"
+        budget = self.options.memory_budget_gb
+        if m.state_growth == "growing" and budget is not None:
+            if budget == "auto":
+                budget, which = auto_memory_budget_gb(m.device), "automatic memory budget"
+            else:
+                which = "memory budget"
+            per_seq = m.bytes_per_token() * context
+            fit = int(budget * 2**30 // per_seq) if per_seq > 0 else batch
+            if fit < 1:
+                return 0, (f"refused: the state of {m.name} grows with the context, to ~{_gib(per_seq)} for one "
+                           f"sequence of {what}, over the {which} of {budget:.3g} GiB")
+            batch = min(batch, fit)
+        return batch, None
+
+
+def auto_memory_budget_gb(device: torch.device | str) -> float:
+    """80% of the memory of ``device``: the GPU's total memory for CUDA, the machine's physical RAM otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system: no automatic limit
+            return float("inf")
+    return 0.8 * total / 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def stream(
+    run: Run, ids: Tensor, state: Any, on_logits: Callable[[int, Tensor], None] | None = None
+) -> tuple[Tensor, Any]:
+    """Feed ``ids [B, T]`` through the model ``stream_chunk`` tokens per call, carrying ``state``.
+
+    ``on_logits(start, logits [B, c, V])`` sees each call's logits (for positions ``start .. start + c - 1``).
+    Returns ``(logits at the last position [B, V], state)``.
+    """
+    model = run.model
+    B, T = ids.shape
+    step = run.options.stream_chunk or T
+    last = None
+    for s in range(0, T, step):
+        x = ids[:, s : s + step].to(model.device)  # [B, c]
+        logits, state = model.forward(x, state)
+        if logits.dim() != 3 or logits.shape[:2] != x.shape:
+            raise ValueError(f"{model.name}.forward returned logits of shape {tuple(logits.shape)} for ids of shape "
+                             f"{tuple(x.shape)}; expected [B, T, V] = [{x.shape[0]}, {x.shape[1]}, V]")
+        check_finite(model, logits, s)
+        if on_logits is not None:
+            on_logits(s, logits)
+        last = logits[:, -1]
+        run.bar.update(x.numel())
+    return last, state
+
+
+def check_finite(model: Any, logits: Tensor, start: int) -> None:
+    """NaN logits would still give an argmax (a silent wrong answer): the cell reports an error instead."""
+    if not bool(torch.isfinite(logits).all()):
+        end = start + logits.shape[1] - 1
+        raise FloatingPointError(f"{model.name} returned non-finite logits for positions {start}..{end} (its state "
+                                 "overflowed)")
+
+
+def per_sequence_state(state: Any, batch: int) -> dict[str, int]:
+    """``state_numel``, ``state_bytes`` and ``state_storage_bytes`` (see :func:`state_size`) per sequence."""
+    size = state_size(state)
+    return {"state_numel": size.numel // batch, "state_bytes": size.nbytes // batch,
+            "state_storage_bytes": size.storage_bytes // batch}
+
+
+def max_sizes(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: max(a.get(k, 0), v) for k, v in b.items()}
+
+
+def batches(n: int, size: int):
+    """Slices of ``range(n)`` of at most ``size`` each."""
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+
+Sample = Union[NIAHSample, BABILongSample]
+
+
+def _prompt_ids(model: StatefulLM, sample: Sample) -> Tensor:
+    if model.tokenizer is None:
+        return sample.input_ids
+    return torch.tensor(model.encode_prompt(sample.prompt), dtype=torch.int64)
+
+
+def _answer_tokens(model: StatefulLM, answer: str) -> int:
+    text = " " + answer
+    return len(text.encode("utf-8")) if model.tokenizer is None else len(model.tokenizer.encode(text))
+
+
+def _decode(model: StatefulLM, ids: list[int]) -> str:
+    if model.tokenizer is None:  # byte ids; an id beyond the bytes (a special, or a larger vocab) breaks the word
+        return bytes(i if i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
+    return model.tokenizer.decode(ids)
+
+
+def generation_cell(run: Run, samples: Sequence[Sample], params: dict[str, Any]) -> Cell:
+    """Greedy-decode an answer after every prompt and score it with :func:`mnemos.data.exact_match`.
+
+    Each answer gets as many new tokens as ``" " + answer`` has, plus 2, so that a longer wrong answer
+    ("714321" for "71432") shows as wrong rather than being cut to the right length.
+    """
+    m = run.model
+    nominal = sum(s.length for s in samples)
+    if m.tokenizer is None and m.vocab_size < 256:
+        run.bar.update(nominal)
+        return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, fewer "
+                                                          "than the 256 byte tokens of the text tasks")
+    prompts = [_prompt_ids(m, s) for s in samples]
+    n_new = max(_answer_tokens(m, s.answer) for s in samples) + 2
+    longest_prompt = max(p.numel() for p in prompts)
+    longest = longest_prompt + n_new - 1  # the last new token is never fed back
+    batch, reason = run.admit(longest, run.options.batch_size, f"{longest_prompt} prompt + {n_new - 1} generated")
+    if reason:
+        run.bar.update(nominal)
+        return run.cell(params, status="refused", message=reason)
+
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(p.numel(), []).append(i)
+    predictions: list[str] = [""] * len(samples)
+    sizes: dict[str, int] = {}
+    fed = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for idx in by_length.values():
+            for rows in batches(len(idx), batch):
+                chosen = idx[rows]
+                ids = torch.stack([prompts[i] for i in chosen])  # [b, T]
+                new, size = _greedy(run, ids, n_new)
+                sizes = max_sizes(sizes, size)
+                fed += ids.numel() + new.numel()
+                for i, row in zip(chosen, new.tolist(), strict=True):
+                    predictions[i] = _decode(m, row)
+    seconds = time.perf_counter() - t0
+    hits = [exact_match(p, s.answer) for p, s in zip(predictions, samples, strict=True)]
+    cell = run.cell(params, metrics={
+        "accuracy": sum(hits) / len(hits), "correct": sum(hits), "n": len(hits),
+        "tokens": max(p.numel() for p in prompts), **sizes,
+        "tokens_per_second": round(fed / max(seconds, 1e-9), 1), "batch_size": batch,
+    })
+    if run.options.keep_samples:
+        for s, p, h, ids in zip(samples, predictions, hits, prompts, strict=True):
+            rec = {"answer": s.answer, "prediction": p, "correct": h, "tokens": ids.numel()}
+            if isinstance(s, NIAHSample):
+                rec["needle_depth"] = round(s.needle_depth, 4)
+            cell.samples.append(rec)
+    return cell
+
+
+def _greedy(run: Run, ids: Tensor, n_new: int) -> tuple[Tensor, dict[str, int]]:
+    """Stream the prompts ``ids [B, T]``, then take ``n_new`` argmax tokens -> (``[B, n_new]``, state size)."""
+    m = run.model
+    B = ids.shape[0]
+    last, state = stream(run, ids, m.init_state(B))
+    size = per_sequence_state(state, B)
+    out = []
+    for i in range(n_new):
+        nxt = last.argmax(-1)  # [B]
+        out.append(nxt.cpu())
+        if i + 1 < n_new:
+            logits, state = m.forward(nxt[:, None].to(m.device), state)  # [B, 1, V]
+            check_finite(m, logits, ids.shape[1] + i)
+            last = logits[:, -1]
+    return torch.stack(out, dim=1), size  # [B, n_new]
+
+
+
+class GenerationTask(EvalTask):
+    """A task that greedy-decodes one answer per prompt and scores it by exact match, one cell per grid point.
+
+    Subclasses give :meth:`grid` (the cells: their params and a config narrowed to that point, which builds the
+    same samples as the full grid does there) and :meth:`samples`; :meth:`evaluate`, the loop over the grid, is this
+    one.
+    """
+
+    def grid(self, config: TaskConfig) -> Iterable[tuple[dict[str, Any], TaskConfig]]:
+        raise NotImplementedError
+
+    def samples(self, config: TaskConfig, seed: int) -> Sequence[Sample]:
+        """The samples of a config narrowed to one grid point (default: ``config.build(seed)``)."""
+        return config.build(seed)
+
+    def evaluate(self, run: Run) -> list[Cell]:
+        return [run.guarded(params, lambda one=one, params=params: generation_cell(run, self.samples(one, run.seed),
+                                                                                    params))
+                for params, one in self.grid(run.config)]

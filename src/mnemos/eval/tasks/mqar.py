@@ -1,0 +1,215 @@
+"""MQAR (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions, split by how
+far back the queried pair lies and by whether the answer is one of the sample's values
+(:func:`mnemos.data.mqar_recall_metrics`); one cell per (seq_len, num_kv_pairs) config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mnemos.checkpoint import read_trainer_state
+from mnemos.data import MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, MQARConfig, mqar_grid, mqar_recall_metrics
+from mnemos.eval.registry import EvalTask
+from mnemos.eval.results import Cell, EvalResults
+from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
+from mnemos.eval.tables import Notes, Pooled, acc, model_names, pool, si, table
+
+__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "pairs_arg", "reach_arg", "saved_mqar_task"]
+
+
+class MQARTask(EvalTask):
+    name = "mqar"
+    config_type = MQARConfig
+    help = "multi-query associative recall, teacher-forced accuracy"
+
+    def vocab_size(self, config: MQARConfig) -> int:
+        return config.vocab_size
+
+    def tokens(self, config: MQARConfig, options: EvalOptions) -> int:
+        return config.num_examples * config.seq_len
+
+    def evaluate(self, run: Run) -> list[Cell]:
+        cfg: MQARConfig = run.config
+        params = {"seq_len": cfg.seq_len, "num_kv_pairs": cfg.num_kv_pairs, "vocab_size": cfg.vocab_size}
+        return [run.guarded(params, lambda: _mqar_cell(run, cfg, params))]
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        d = {f.name: f.default for f in fields(MQARConfig)}
+        ckpt = "the checkpoints' training task, else"  # what a flag left out defaults to
+        parser.add_argument("--grid", choices=("zoology", "extrapolation"), default=None,
+                            help=f"(seq_len, num_kv_pairs) grid (default: {ckpt} zoology)")
+        parser.add_argument("--pairs", type=pairs_arg, default=None, metavar="L:K,...",
+                            help="explicit grid, e.g. 64:4,256:16")
+        parser.add_argument("--vocab-size", type=int, default=None, help=f"(default: {ckpt} {d['vocab_size']})")
+        parser.add_argument("--num-examples", type=int, default=d["num_examples"],
+                            help="per grid point (default %(default)s)")
+        parser.add_argument("--power-a", type=float, default=None,
+                            help=f"query position power law (default: {ckpt} {d['power_a']})")
+        parser.add_argument("--noise", choices=("zoology", "disjoint"), default=None,
+                            help=f"noise tokens: as Zoology (may repeat keys) or disjoint from the keys (default: "
+                                 f"{ckpt} {d['noise']})")
+        parser.add_argument("--reach", type=reach_arg, default="auto", metavar="N|auto|none",
+                            help="split accuracy at queries whose key is <= N tokens back (near) or further (far); "
+                                 "auto (default): the reach n_layers * (window - 1) of the sliding-window models "
+                                 "(swa, mag, mal) evaluated, for every model; none: no split")
+
+    def from_args(self, args: argparse.Namespace) -> list[MQARConfig]:
+        # what the flags leave open comes from the checkpoints' training task, else MQARConfig's defaults
+        open_keys = [k for k in ("vocab_size", "power_a", "noise") if getattr(args, k) is None]
+        grid_open = not args.pairs and args.grid is None
+        saved = saved_mqar_task(args.model, open_keys + (["seq_len", "num_kv_pairs"] if grid_open else []))
+        taken = {k: saved[k] for k in open_keys if k in saved}
+        pairs = args.pairs
+        if grid_open and {"seq_len", "num_kv_pairs"} <= saved.keys():
+            pairs = ((saved["seq_len"], saved["num_kv_pairs"]),)
+            taken.update(seq_len=saved["seq_len"], num_kv_pairs=saved["num_kv_pairs"])
+        grids = {"zoology": MQAR_ZOOLOGY_GRID, "extrapolation": MQAR_EXTRAPOLATION_GRID}
+        pairs = pairs or grids[args.grid or "zoology"]
+        if taken:
+            print("MQAR task from the checkpoint: " + ", ".join(f"{k} {v}" for k, v in taken.items()), file=sys.stderr)
+        default = {f.name: f.default for f in fields(MQARConfig)}
+        kw = {k: taken.get(k, default[k]) if getattr(args, k) is None else getattr(args, k)
+              for k in ("vocab_size", "power_a", "noise")}
+        return mqar_grid(pairs, num_examples=args.num_examples, **kw)
+
+    def section(self, results: EvalResults, notes: Notes) -> list[str]:
+        points = pool(results, self.name)
+        if not points:
+            return []
+        grid = sorted(dict.fromkeys((p.params["seq_len"], p.params["num_kv_pairs"], p.params["vocab_size"])
+                                    for p in points))
+        by = {(p.model, p.params["seq_len"], p.params["num_kv_pairs"], p.params["vocab_size"]): p for p in points}
+        several_v = len({g[2] for g in grid}) > 1
+        header = ["model", "state (numbers / seq)"] + [f"L={L} K={K}" + (f" V={V}" if several_v else "")
+                                                      for L, K, V in grid]
+        rows = []
+        for m in model_names(points):
+            states = [p.metric_max("state_numel") for p in points if p.model == m and p.metric_max("state_numel")]
+            rows.append([m, si(max(states)) if states else "—"]
+                        + [notes.mark(by.get((m, *g)), acc) for g in grid])
+        return ["## MQAR", "", "Teacher-forced accuracy at the query positions (guessing a value token scores 2 / V).",
+                "", *table(header, rows), "", *_detail(points)]
+
+
+MQAR = MQARTask()
+
+
+def _mqar_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
+    m = run.model
+    if m.vocab_size < cfg.vocab_size:
+        run.bar.update(cfg.num_examples * cfg.seq_len)
+        return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, the "
+                                                          f"task uses {cfg.vocab_size}")
+    batch, reason = run.admit(cfg.seq_len, run.options.batch_size)
+    if reason:
+        run.bar.update(cfg.num_examples * cfg.seq_len)
+        return run.cell(params, status="refused", message=reason)
+    inputs, labels = cfg.build(run.seed)  # [N, L] each
+    pred = torch.zeros_like(inputs)  # [N, L]: argmax after each token
+    sizes: dict[str, int] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for rows in batches(inputs.shape[0], batch):
+
+            def keep(start: int, logits: Tensor, rows=rows) -> None:
+                pred[rows, start : start + logits.shape[1]] = logits.argmax(-1).cpu()
+
+            _, state = stream(run, inputs[rows], m.init_state(rows.stop - rows.start), keep)
+            sizes = max_sizes(sizes, per_sequence_state(state, rows.stop - rows.start))
+    seconds = time.perf_counter() - t0
+    scores = mqar_recall_metrics(pred, inputs, labels, cfg.num_kv_pairs, run.reach, vocab_size=cfg.vocab_size)
+    scores = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in scores.items()}  # empty buckets
+    return run.cell(params, metrics={
+        **scores, "examples": cfg.num_examples, **sizes,
+        "tokens_per_second": round(inputs.numel() / max(seconds, 1e-9), 1), "batch_size": batch,
+    })
+
+
+def _detail(points: Sequence[Pooled]) -> list[str]:
+    """Per (model, L, K): accuracy near / far from the queried key and the share of answers that are a context
+    value, beside the levels that tell recall from guessing (1/K, chance)."""
+    def fmt(x: float | None) -> str:
+        return "—" if x is None else f"{x:.2f}"
+
+    rows = []
+    for p in points:
+        if p.status != "ok" or p.rate("context_values", "n") is None:
+            continue
+        reach = p.ok[0].metrics.get("reach")
+        V, K = p.params["vocab_size"], p.params["num_kv_pairs"]
+        rows.append([p.model, str(p.params["seq_len"]), str(K), "—" if reach is None else str(reach),
+                     fmt(p.accuracy), fmt(p.rate("near_correct", "n_near")), fmt(p.rate("far_correct", "n_far")),
+                     fmt(p.rate("context_values", "n")), fmt(p.rate("far_context_values", "n_far")), f"{1 / K:.3g}",
+                     f"{1 / (V - V // 2):.3f}"])
+    if not rows:
+        return []
+    return ["### MQAR: recall by distance, and answers that are a context value", "",
+            "near / far: accuracy at the queries whose key lies at most / more than `reach` tokens back (the reach "
+            "of the models' sliding windows, n_layers * (window - 1); — when not split). ctx-value: the share of "
+            "answers that are one of the sample's K values, right or wrong (far: of the far queries). A model "
+            "answering each query with a random value of its context scores 1/K with ctx-value 1.00; chance is a "
+            "uniform guess among the V - V/2 value ids.", "",
+            *table(["model", "L", "K", "reach", "accuracy", "near", "far", "ctx-value", "ctx-value far", "1/K",
+                     "chance"], rows), ""]
+
+
+
+
+def pairs_arg(text: str) -> tuple[tuple[int, int], ...]:
+    """``--pairs 64:4,256:16`` -> ((64, 4), (256, 16))."""
+    try:
+        return tuple((int(a), int(b)) for a, b in (x.split(":") for x in text.split(",") if x.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated SEQ_LEN:NUM_KV_PAIRS, got {text!r}") from None
+
+
+def reach_arg(text: str) -> int | str | None:
+    """``--reach``: a number of tokens >= 0, ``auto`` or ``none`` (None)."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, 'auto' or 'none', got {text!r}")
+    return n
+
+
+MQAR_TASK_KEYS = ("vocab_size", "seq_len", "num_kv_pairs", "power_a", "noise")
+
+
+def saved_mqar_task(model_specs: Sequence[str], keys: Sequence[str] = MQAR_TASK_KEYS) -> dict[str, Any]:
+    """The MQAR settings (those of ``keys`` that were saved) the checkpoints among ``model_specs`` were trained on,
+    from each checkpoint's run config (``config.json``, else ``trainer.pt``) whose ``task.kind`` is mqar. Other
+    specs (variants, baselines, LM runs) add nothing; {} when none has any. Checkpoints that disagree on one of
+    ``keys`` are an error naming them."""
+    found: dict[str, tuple[Any, str]] = {}
+    for spec in model_specs:
+        path = Path(spec)
+        if not (path.is_dir() and (path / "trainer.pt").is_file()):
+            continue
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+        config = config or read_trainer_state(path).get("config") or {}
+        task = config.get("task") if isinstance(config, dict) else None
+        if not isinstance(task, dict) or task.get("kind", "mqar") != "mqar":
+            continue
+        for key in keys:
+            if key not in task:
+                continue
+            if key in found and found[key][0] != task[key]:
+                raise ValueError(f"the checkpoints were trained on different MQAR tasks: task.{key} is "
+                                 f"{found[key][0]!r} in {found[key][1]} and {task[key]!r} in {spec}; give the task "
+                                 "explicitly (--vocab-size, --pairs L:K, --power-a, --noise)")
+            found.setdefault(key, (task[key], spec))
+    return {k: v for k, (v, _) in found.items()}
