@@ -255,8 +255,9 @@ def _add_eval_parser(sub) -> None:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", action="append", required=True, metavar="SPEC",
-                        help="checkpoint path, Hugging Face directory, mnemos variant (untrained) or "
-                             "baseline:induction[:ORDER] / baseline:random; repeat to compare models")
+                        help="checkpoint path, Hugging Face directory, mnemos variant (untrained; config fields as "
+                             "in train: VARIANT:model.KEY=VALUE,...) or baseline:induction[:ORDER] / "
+                             "baseline:random; repeat to compare models")
     common.add_argument("--seed", type=int, default=0, help="data seed (default %(default)s)")
     common.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default %(default)s)")
     common.add_argument("--stream-chunk", type=int, default=None, metavar="TOKENS",

@@ -6,6 +6,7 @@ import torch
 
 from mnemos.data import LMDataConfig, PasskeyCapacityConfig
 from mnemos.eval import EvalOptions, MnemosLMAdapter, evaluate, load_model
+from mnemos.eval.adapters import spec_overrides
 from mnemos.models import MnemosConfig, MnemosLM
 from mnemos.train.checkpoint import save_checkpoint
 
@@ -72,3 +73,13 @@ def test_variant_specs_build_untrained_models():
         load_model("lmm:d_modle=32", vocab_size=BYTES)
     with pytest.raises(ValueError, match="d_model"), pytest.warns(UserWarning):
         load_model("lmm:d_model=1.5", vocab_size=BYTES)
+
+
+def test_variant_specs_take_the_train_override_grammar():
+    spec = "mac:model.d_model=32,model.n_heads=4,model.memory.chunk_size=8,model.memory.max_lr=1e-2"
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        m = load_model(spec, vocab_size=BYTES, device="cpu")
+    assert (m.model.config.d_model, m.model.config.memory.chunk_size, m.model.config.memory.max_lr) == (32, 8, 0.01)
+    assert spec_overrides("model.window=8,memory.depth=1") == {"window": 8, "memory": {"depth": 1}}  # both forms
+    with pytest.raises(ValueError, match="unknown MnemosConfig keys"), pytest.warns(UserWarning):
+        load_model("lmm:model.optim.lr=1e-3", vocab_size=BYTES)

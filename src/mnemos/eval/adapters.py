@@ -26,6 +26,7 @@ from mnemos.checkpoint import load_model_weights, read_trainer_state
 from mnemos.data.tokenizer import Tokenizer
 from mnemos.eval.baselines import make_baseline
 from mnemos.eval.stateful import StateGrowth, StatefulLM
+from mnemos.models.config import merge_overrides
 from mnemos.models.registry import VARIANT_REGISTRY
 
 __all__ = [
@@ -34,7 +35,9 @@ __all__ = [
     "build_mnemos_model",
     "load_mnemos_checkpoint",
     "load_model",
+    "spec_overrides",
 ]
+
 
 def _module_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
@@ -224,24 +227,15 @@ def _import_mnemos_models():
     return models
 
 
-def _parse_overrides(text: str) -> dict[str, Any]:
-    """``"d_model=64,n_layers=2,memory.chunk_size=16"`` -> ``{"d_model": 64, "n_layers": 2, "memory":
-    {"chunk_size": 16}}``; values are read as JSON (numbers, true/false, null) and otherwise kept as strings."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"expected KEY=VALUE in a model spec, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        *parents, leaf = key.split(".")
-        node = out
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return out
+def spec_overrides(text: str) -> dict[str, Any]:
+    """The ``MnemosConfig`` fields of a model spec's overrides, in the override grammar of ``mnemos train``
+    (:func:`mnemos.models.config.merge_overrides`): ``"model.d_model=64,model.memory.chunk_size=16"`` ->
+    ``{"d_model": 64, "memory": {"chunk_size": 16}}``; values are YAML.
+
+    A key without the ``model.`` prefix (``"d_model=64"``, the form eval specs took first) is read as a model field.
+    """
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return merge_overrides({}, [x if x.startswith("model.") else f"model.{x}" for x in items]).get("model", {})
 
 
 def build_mnemos_model(
@@ -328,9 +322,9 @@ def load_model(
       (:mod:`mnemos.eval.baselines`), sized to the task's ``vocab_size``;
     - a directory with ``trainer.pt``: a mnemos checkpoint (:func:`load_mnemos_checkpoint`);
     - another directory with a ``config.json``: a Hugging Face causal LM (needs ``transformers``);
-    - a variant name, optionally with ``MnemosConfig`` overrides (``lmm``, ``mac:d_model=64,n_layers=2``,
-      ``swa:window=128,memory.chunk_size=16``): an untrained ``MnemosLM`` with ``vocab_size`` tokens
-      (:func:`build_mnemos_model`).
+    - a variant name, optionally with ``MnemosConfig`` overrides in the dotted grammar of ``mnemos train``
+      (``lmm``, ``mac:model.d_model=64,model.n_layers=2``, ``swa:model.window=128,model.memory.chunk_size=16``;
+      :func:`spec_overrides`): an untrained ``MnemosLM`` with ``vocab_size`` tokens (:func:`build_mnemos_model`).
     """
     if spec.startswith("baseline:"):
         return make_baseline(spec.removeprefix("baseline:"), vocab_size)
@@ -343,10 +337,10 @@ def load_model(
     if variant in VARIANT_REGISTRY and not path.exists():
         warnings.warn(f"--model {spec}: a randomly initialised {variant} model (no checkpoint); expect chance scores",
                       stacklevel=2)
-        return build_mnemos_model(variant, vocab_size, overrides=_parse_overrides(overrides), device=device,
+        return build_mnemos_model(variant, vocab_size, overrides=spec_overrides(overrides), device=device,
                                   dtype=dtype, name=f"{spec} (untrained)")
     raise ValueError(
         f"model {spec!r} is not a checkpoint directory, a Hugging Face directory, a mnemos variant "
-        f"({', '.join(VARIANT_REGISTRY)}, optionally VARIANT:KEY=VALUE,...) or a baseline "
+        f"({', '.join(VARIANT_REGISTRY)}, optionally VARIANT:model.KEY=VALUE,...) or a baseline "
         "(baseline:induction, baseline:random)"
     )

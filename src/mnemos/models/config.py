@@ -4,6 +4,10 @@ Plain dataclasses, no Hugging Face import, so a ``PretrainedConfig`` can mirror 
 ``MnemosConfig.to_dict()`` gives nested JSON-ready dicts and ``MnemosConfig.from_dict`` reads them back, rejecting
 unknown keys by name. Every field is checked in ``__post_init__`` (type, range, and the combinations that matter).
 
+One override grammar for every command line that sets config fields: dotted keys and YAML values,
+``model.memory.chunk_size=16`` (:func:`parse_override`, :func:`merge_overrides`); ``mnemos train`` takes them for
+every section of a run config, ``mnemos eval --model mac:model.d_model=64,model.n_layers=2`` for a model.
+
 Which fields each variant reads (the others are ignored, never silently reinterpreted) is part of its entry in the
 variant registry (:mod:`mnemos.models.registry`); :func:`variant_reads` asks it, and the names the config accepts are
 the registered ones.
@@ -13,15 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import yaml
+
 from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
 
 __all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
-           "INIT_ONLY_FIELDS", "saved_model_config", "variant_reads"]
+           "INIT_ONLY_FIELDS", "merge_overrides", "parse_override", "read_yaml", "saved_model_config", "variant_reads"]
 
 # the registered variants (mnemos.models.registry), and subsets of them; all read from the registry at import
 VARIANTS: tuple[str, ...] = tuple(VARIANT_REGISTRY)
@@ -246,3 +253,52 @@ def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:
         bound = memory.pop("step_bound")
         memory.setdefault("max_chunk_lr", memory.get("max_lr", MemoryConfig.max_lr) if bound == "chunk" else None)
     return {**d, "memory": {**MEMORY_KEYS_ADDED, **memory}}
+
+
+# -- dotted overrides: section.key=value ---------------------------------------------------------------------------
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1's SafeLoader, but ``1e-3`` is a float (plain YAML 1.1 reads it as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML (a config file, an override's value), with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.memory.chunk_size=16"`` -> (["model", "memory", "chunk_size"], 16): a dotted key (a section and a
+    key at least; a leading ``--`` is dropped) and a YAML value."""
+    if "=" not in text:
+        raise ValueError(f"an override must look like section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().lstrip("-").split(".") if p]
+    if len(path) < 2:
+        raise ValueError(f"an override must name a section and a key (e.g. optim.lr=1e-3), got {text!r}")
+    try:
+        value = read_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse the value of {key!r}: {e}") from None
+    return path, value
+
+
+def merge_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each of ``overrides`` (:func:`parse_override`) in the nested dict ``d``, in place; returns ``d``."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = d
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {p} is a value, not a section")
+        node[path[-1]] = value
+    return d
