@@ -12,30 +12,13 @@ file before validation; values are parsed as YAML scalars (``1e-3``, ``true``, `
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from ..models.config import MnemosConfig, _ConfigBase
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1's SafeLoader, but ``1e-3`` is a float (plain YAML 1.1 reads it as a string)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
-               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+from ..models.config import MnemosConfig, _ConfigBase, merge_overrides, read_yaml
 
 
 @dataclass
@@ -198,33 +181,6 @@ class TrainConfig:
         return cls(**{k: parts[k].from_dict(d[k] or {}) for k in d})
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"model.memory.chunk_size=16"`` -> (["model", "memory", "chunk_size"], 16)."""
-    if "=" not in text:
-        raise ValueError(f"an override must look like section.key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().lstrip("-").split(".") if p]
-    if len(path) < 2:
-        raise ValueError(f"an override must name a section and a key (e.g. optim.lr=1e-3), got {text!r}")
-    try:
-        value = _yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse the value of {key!r}: {e}") from None
-    return path, value
-
-
-def merge_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = d
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {p} is a value, not a section")
-        node[path[-1]] = value
-    return d
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A validated TrainConfig from an optional YAML file plus dotted overrides."""
     d: dict[str, Any] = {}
@@ -233,7 +189,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise FileNotFoundError(f"config file {p} does not exist")
         try:
-            loaded = _yaml(p.read_text())
+            loaded = read_yaml(p.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{p} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
