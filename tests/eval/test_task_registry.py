@@ -1,6 +1,6 @@
 """The task registry: a task registered from outside the package (one class, one registration) is evaluated by the
-harness, gets its ``mnemos eval`` subcommand and flags, and writes its report section; the built-in tasks are the
-registered ones, in the report's order."""
+harness, gets its ``mnemos eval`` subcommand and flags, writes its report section and draws its figures; the
+built-in tasks are the registered ones, in the report's order."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import pytest
 
 from mnemos.cli import main
-from mnemos.data import PasskeyCapacityConfig
-from mnemos.eval import EvalOptions, InductionLM, evaluate
+from mnemos.data import LMDataConfig, PasskeyCapacityConfig
+from mnemos.eval import EvalOptions, InductionLM, evaluate, write_report
+from mnemos.eval.plots import figure, make_figures, save
 from mnemos.eval.registry import EvalTask, register_task, task_of
 from mnemos.eval.tables import acc, model_names, pool, table
 from mnemos.eval.tasks import TASKS
@@ -51,6 +52,14 @@ class CountTask(EvalTask):
         return ["## Count", "", *table(["model", "accuracy"], [[m, notes.mark(p, acc)] for m, p in
                                                                zip(model_names(points), points)]), ""] if points else []
 
+    def figures(self, results, out_dir):
+        points = pool(results, self.name)
+        if not points:
+            return []
+        fig = figure(4, 3)
+        fig.subplots().bar([p.model for p in points], [p.params["n"] for p in points])
+        return [save(fig, out_dir / "count.png")]
+
 
 @pytest.fixture
 def count_task():
@@ -79,3 +88,18 @@ def test_a_registered_task_runs_everywhere(count_task, tmp_path, capsys):
     assert "## Count" in capsys.readouterr().out
     (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert cell["task"] == "count" and cell["params"] == {"n": 7}
+
+
+def test_a_registered_task_draws_its_figures(count_task, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = evaluate(InductionLM(vocab_size=64), CountConfig(3), options=EvalOptions(progress=False))
+    (path,) = make_figures(res, tmp_path)  # its own figure; it gives no panel of the accuracy-vs-length figure
+    assert path == tmp_path / "count.png" and path.read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in write_report(res, tmp_path / "report")} == {"results.json", "report.md", "count.png"}
+
+
+
+def test_a_task_without_figures_draws_none(tmp_path):
+    res = evaluate(InductionLM(vocab_size=259), LMDataConfig(seq_len=32),
+                   options=EvalOptions(progress=False, lm_max_windows=1))
+    assert res.cells[0].status == "ok" and make_figures(res, tmp_path) == []  # lm registers no figure

@@ -1,10 +1,11 @@
 """Figures from evaluation results (matplotlib, imported only here and only when a figure is drawn).
 
-- :func:`plot_niah_heatmap`: S-NIAH accuracy over context length x needle depth, one panel per model and kind.
-- :func:`plot_accuracy_vs_length`: accuracy against context length, one line per model, one panel per task
-  (S-NIAH kinds averaged over depth, BABILong tasks, passkey capacity with its threshold).
-- :func:`plot_mqar_state_size`: MQAR accuracy against the state size each model carries per sequence (Zoology's
-  figure), one panel per (L, K), when the results hold at least two state sizes.
+Each task draws its own figures (:meth:`EvalTask.figures <mnemos.eval.registry.EvalTask.figures>`, in its module
+of :mod:`mnemos.eval.tasks`: S-NIAH's accuracy heat-map, MQAR's accuracy against state size) and may add panels to
+the one figure the length-swept tasks share (:meth:`EvalTask.length_panels
+<mnemos.eval.registry.EvalTask.length_panels>`): :func:`plot_accuracy_vs_length`, accuracy against context length,
+one line per model, one panel per task setting (S-NIAH kinds averaged over depth, BABILong tasks, passkey capacity
+with its threshold). :func:`make_figures` draws them all; adding a task needs no edit here.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects, never through pyplot, so no global backend is touched.
 """
@@ -14,18 +15,30 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
+from mnemos.eval.registry import TASKS
 from mnemos.eval.results import EvalResults
-from mnemos.eval.tables import Pooled, fmt_length, pool
+from mnemos.eval.tables import Pooled, fmt_length
 
-__all__ = ["make_figures", "plot_accuracy_vs_length", "plot_mqar_state_size", "plot_niah_heatmap"]
+__all__ = ["LengthPanel", "figure", "grid", "make_figures", "panel_axes", "plot_accuracy_vs_length", "save"]
 
 _DPI = 110
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _DASHES = ("-", "--", ":", "-.")
 
 
-def _figure(width: float, height: float):
+class LengthPanel(NamedTuple):
+    """One panel of :func:`plot_accuracy_vs_length`: pooled points with a ``"length"`` param, an optional
+    threshold line."""
+
+    title: str
+    points: list[Pooled]
+    threshold: float | None = None
+
+
+def figure(width: float, height: float):
+    """A ``matplotlib.figure.Figure`` (constrained layout), or an ImportError saying what to install."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -35,99 +48,37 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
 
 
-def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+def grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    """(rows, columns) for ``n`` panels."""
     cols = min(n, max_cols)
     return math.ceil(n / cols), cols
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def panel_axes(fig, rows: int, cols: int, n: int) -> list:
+    """The first ``n`` axes of a ``rows`` x ``cols`` grid on ``fig``, row by row; the rest are hidden."""
+    axes = [ax for row in fig.subplots(rows, cols, squeeze=False) for ax in row]
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return axes[:n]
+
+
+def save(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG (parents created); its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
 
 
-def plot_niah_heatmap(results: EvalResults, path: str | os.PathLike) -> Path | None:
-    """Accuracy heat-map (depth rows x length columns) per (model, kind); refused cells grey. None if no NIAH."""
-    points = pool(results, "niah")
-    if not points:
-        return None
-    panels = list(dict.fromkeys((p.model, p.params["kind"]) for p in points))
-    rows, cols = _grid(len(panels))
-    lengths = sorted({p.params["length"] for p in points})
-    depths = sorted({p.params["depth"] for p in points})
-    fig = _figure(1.2 + 0.75 * len(lengths) * cols + 1.0, 0.9 + 0.42 * len(depths) * rows + 0.6)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    look = {(p.model, p.params["kind"], p.params["length"], p.params["depth"]): p for p in points}
-    import numpy as np
-
-    image = None
-    for k, (model, kind) in enumerate(panels):
-        ax = axes[k // cols][k % cols]
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        labels = [[""] * len(lengths) for _ in depths]
-        for i, d in enumerate(depths):
-            for j, L in enumerate(lengths):
-                p = look.get((model, kind, L, d))
-                if p is None:
-                    continue
-                if p.status == "ok":
-                    grid[i, j] = p.accuracy
-                    labels[i][j] = f"{p.accuracy:.2f}"
-                else:
-                    labels[i][j] = "ref" if p.status == "refused" else "err"
-        ax.set_facecolor("#d0d0d0")
-        image = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto",
-                          origin="upper")
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if labels[i][j]:
-                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [fmt_length(L) for L in lengths], fontsize=8)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
-        ax.set_xlabel("context length (tokens)", fontsize=8)
-        ax.set_ylabel("needle depth", fontsize=8)
-        ax.set_title(f"{model} · {kind}", fontsize=9)
-    for k in range(len(panels), rows * cols):
-        axes[k // cols][k % cols].set_axis_off()
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle("S-NIAH: exact-match accuracy", fontsize=10)
-    return _save(fig, path)
-
-
-def _length_panels(results: EvalResults) -> list[tuple[str, list[Pooled], float | None]]:
-    """(title, pooled points with a "length" param, threshold line) for each length-swept task present."""
-    panels = []
-    niah = pool(results, "niah")
-    for kind in dict.fromkeys(p.params["kind"] for p in niah):
-        # average the depths of a (model, length) into one point
-        merged: dict[tuple[str, int], Pooled] = {}
-        for p in niah:
-            if p.params["kind"] != kind:
-                continue
-            key = (p.model, p.params["length"])
-            merged.setdefault(key, Pooled(p.model, "niah", {"length": p.params["length"]})).cells.extend(p.cells)
-        panels.append((f"S-NIAH {kind} (mean over depths)", list(merged.values()), None))
-    babilong = pool(results, "babilong")
-    for qa in dict.fromkeys(p.params["qa"] for p in babilong):
-        panels.append((f"BABILong {qa}", [p for p in babilong if p.params["qa"] == qa], None))
-    capacity = pool(results, "capacity")
-    if capacity:
-        threshold = capacity[0].cells[0].options.get("capacity_threshold", 0.95)
-        panels.append(("passkey capacity", capacity, threshold))
-    return panels
-
-
 def plot_accuracy_vs_length(results: EvalResults, path: str | os.PathLike) -> Path | None:
-    """Accuracy vs context length (log scale), a line per model; refused lengths marked x on the axis."""
-    panels = _length_panels(results)
+    """Accuracy vs context length (log scale), a line per model, a panel per :class:`LengthPanel` the registered
+    tasks give; refused lengths marked x on the axis. None when no task gives a panel."""
+    panels = [panel for task in TASKS.values() for panel in task.length_panels(results)]
     if not panels:
         return None
-    rows, cols = _grid(len(panels))
-    fig = _figure(4.2 * cols, 3.2 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, (title, points, threshold) in enumerate(panels):
-        ax = axes[k // cols][k % cols]
+    rows, cols = grid(len(panels))
+    fig = figure(4.2 * cols, 3.2 * rows)
+    for ax, (title, points, threshold) in zip(panel_axes(fig, rows, cols, len(panels)), panels, strict=True):
         lengths = sorted({p.params["length"] for p in points})
         for m_i, model in enumerate(dict.fromkeys(p.model for p in points)):
             color = f"C{m_i % 10}"
@@ -152,61 +103,13 @@ def plot_accuracy_vs_length(results: EvalResults, path: str | os.PathLike) -> Pa
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for k in range(len(panels), rows * cols):
-        axes[k // cols][k % cols].set_axis_off()
-    return _save(fig, path)
-
-
-def plot_mqar_state_size(results: EvalResults, path: str | os.PathLike) -> Path | None:
-    """MQAR accuracy vs per-sequence state size (numbers, log scale), a panel per (L, K), a point per model.
-
-    Models of one family (same ``variant``, or same class) are joined by a line in order of state size. None when
-    the results hold fewer than two distinct state sizes (nothing to compare) or no MQAR.
-    """
-    points = [p for p in pool(results, "mqar") if p.status == "ok" and (p.metric_max("state_numel") or 0) > 0]
-    if len({p.metric_max("state_numel") for p in points}) < 2:
-        return None
-    configs = sorted({(p.params["seq_len"], p.params["num_kv_pairs"]) for p in points})
-    rows, cols = _grid(len(configs))
-    fig = _figure(4.2 * cols, 3.3 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
-
-    def family(p: Pooled) -> str:
-        d = p.cells[0].model
-        return str(d.get("variant") or d.get("family") or d.get("class") or p.model)
-
-    families = list(dict.fromkeys(family(p) for p in points))
-    for k, (L, K) in enumerate(configs):
-        ax = axes[k // cols][k % cols]
-        mine = [p for p in points if (p.params["seq_len"], p.params["num_kv_pairs"]) == (L, K)]
-        for f_i, fam in enumerate(families):
-            pts = sorted((p for p in mine if family(p) == fam), key=lambda p: p.metric_max("state_numel"))
-            if not pts:
-                continue
-            xs, ys = [p.metric_max("state_numel") for p in pts], [p.accuracy for p in pts]
-            ax.plot(xs, ys, marker="o", ms=5, color=f"C{f_i % 10}", label=fam)
-            for p, x, y in zip(pts, xs, ys, strict=True):
-                if p.model != fam:
-                    ax.annotate(p.model, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_ylim(-0.04, 1.04)
-        ax.set_xlabel("state size (numbers per sequence)", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-        ax.set_title(f"MQAR L={L} K={K}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for k in range(len(configs), rows * cols):
-        axes[k // cols][k % cols].set_axis_off()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def make_figures(results: EvalResults, out_dir: str | os.PathLike) -> list[Path]:
-    """Every figure the results support, as PNGs in ``out_dir``: ``niah_heatmap.png``,
-    ``accuracy_vs_length.png``, ``mqar_state_size.png``."""
+    """Every figure the results support, as PNGs in ``out_dir``: each registered task's own (in registration order:
+    ``mqar_state_size.png``, ``niah_heatmap.png``), then ``accuracy_vs_length.png``."""
     out = Path(out_dir)
-    made = [
-        plot_niah_heatmap(results, out / "niah_heatmap.png"),
-        plot_accuracy_vs_length(results, out / "accuracy_vs_length.png"),
-        plot_mqar_state_size(results, out / "mqar_state_size.png"),
-    ]
-    return [p for p in made if p is not None]
+    made = [path for task in TASKS.values() for path in task.figures(results, out)]
+    shared = plot_accuracy_vs_length(results, out / "accuracy_vs_length.png")
+    return made + ([shared] if shared is not None else [])

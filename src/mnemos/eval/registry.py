@@ -4,7 +4,9 @@ need to know about it.
 A task is a config type from :mod:`mnemos.data` (``config.build(seed)`` makes the data) plus what this class asks
 for: the vocabulary its token ids need, how many tokens it feeds (the progress bar), how it turns a model into
 cells (:meth:`EvalTask.evaluate`, usually through :class:`mnemos.eval.runner.GenerationTask`), its ``mnemos eval
-TASK`` flags and the config they make, and its section of ``report.md`` (built from :mod:`mnemos.eval.tables`).
+TASK`` flags and the config they make, its section of ``report.md`` (built from :mod:`mnemos.eval.tables`) and its
+figures (its own PNGs, and panels of the accuracy-vs-length figure the length-swept tasks share; drawn with
+:mod:`mnemos.eval.plots`' helpers).
 
 The tasks live in :mod:`mnemos.eval.tasks`, one module each, registered in that package's ``__init__`` in the order
 the report shows them. To add a task: write ``eval/tasks/<name>.py`` with an ``EvalTask`` subclass and add it to
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mnemos.data import ByteTokenizer
 
 if TYPE_CHECKING:  # annotations only
+    from mnemos.eval.plots import LengthPanel
     from mnemos.eval.results import Cell, EvalResults
     from mnemos.eval.runner import EvalOptions, Run
     from mnemos.eval.tables import Notes
@@ -67,6 +71,17 @@ class EvalTask:
 
     def section(self, results: EvalResults, notes: Notes) -> list[str]:
         """The task's markdown section of the report (lines; none when ``results`` has no cell of the task)."""
+        return []
+
+    def figures(self, results: EvalResults, out_dir: Path) -> list[Path]:
+        """The task's own figures: PNGs written into ``out_dir`` from its cells in ``results`` (none by default, and
+        none when there is nothing to draw). :mod:`mnemos.eval.plots` has the helpers; matplotlib is imported only
+        when a figure is drawn, and its absence is an ImportError."""
+        return []
+
+    def length_panels(self, results: EvalResults) -> list[LengthPanel]:
+        """The task's panels of the accuracy-vs-context-length figure the length-swept tasks share
+        (:func:`mnemos.eval.plots.plot_accuracy_vs_length`); none by default."""
         return []
 
 

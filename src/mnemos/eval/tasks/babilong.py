@@ -1,5 +1,5 @@
 """BABILong-style (:class:`~mnemos.data.BABILongConfig`): bAbI qa1-3 stories in a haystack, greedy decoding after
-the prompt, exact match; one cell per length."""
+the prompt, exact match; one cell per length; a panel per bAbI task in the accuracy-vs-length figure."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import Any
 
 from mnemos.data import BABILongConfig
+from mnemos.eval.plots import LengthPanel
 from mnemos.eval.registry import ints_arg
 from mnemos.eval.results import EvalResults
 from mnemos.eval.runner import EvalOptions, GenerationTask
@@ -56,6 +57,11 @@ class BABILongTask(GenerationTask):
                 rows.append([m, qa] + [notes.mark(look.get((m, qa, L)), acc) for L in lengths])
         return ["## BABILong", "", "Exact-match accuracy of the one-word answer.", "",
                 *table(["model", "task"] + [fmt_length(L) for L in lengths], rows), ""]
+
+    def length_panels(self, results: EvalResults) -> list[LengthPanel]:
+        points = pool(results, self.name)
+        return [LengthPanel(f"BABILong {qa}", [p for p in points if p.params["qa"] == qa])
+                for qa in dict.fromkeys(p.params["qa"] for p in points)]
 
 
 BABILONG = BABILongTask()

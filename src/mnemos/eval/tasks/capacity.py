@@ -1,5 +1,6 @@
 """Passkey state capacity (:class:`~mnemos.data.PasskeyCapacityConfig`): passkey exact match per length; the
-report adds the longest length at >= the threshold (:func:`mnemos.eval.tables.capacity_summary`)."""
+report adds the longest length at >= the threshold (:func:`mnemos.eval.tables.capacity_summary`); a panel with the
+threshold in the accuracy-vs-length figure."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from dataclasses import fields
 from typing import Any
 
 from mnemos.data import NIAHSample, PasskeyCapacityConfig
+from mnemos.eval.plots import LengthPanel
 from mnemos.eval.registry import ints_arg
 from mnemos.eval.results import EvalResults
 from mnemos.eval.runner import EvalOptions, GenerationTask
-from mnemos.eval.tables import Notes, acc, capacity_summary, fmt_length, model_names, pool, table
+from mnemos.eval.tables import Notes, Pooled, acc, capacity_summary, fmt_length, model_names, pool, table
 
 __all__ = ["CAPACITY", "CapacityTask"]
 
@@ -52,7 +54,7 @@ class CapacityTask(GenerationTask):
         lengths = sorted({p.params["length"] for p in points})
         look = {(p.model, p.params["length"]): p for p in points}
         summary = capacity_summary(results)
-        threshold = points[0].cells[0].options.get("capacity_threshold", 0.95)
+        threshold = _threshold(points)
         rows = []
         for m in model_names(points):
             best = summary.get(m)
@@ -62,6 +64,15 @@ class CapacityTask(GenerationTask):
                 f"Passkey accuracy per context length; the last column is the longest length up to which accuracy "
                 f"stays >= {threshold:g}.", "",
                 *table(["model"] + [fmt_length(L) for L in lengths] + [f"longest >= {threshold:g}"], rows), ""]
+
+    def length_panels(self, results: EvalResults) -> list[LengthPanel]:
+        points = pool(results, self.name)
+        return [LengthPanel("passkey capacity", points, _threshold(points))] if points else []
+
+
+def _threshold(points: Sequence[Pooled]) -> float:
+    """The accuracy the summary asks for (the cells' ``capacity_threshold`` option)."""
+    return points[0].cells[0].options.get("capacity_threshold", 0.95)
 
 
 CAPACITY = CapacityTask()

@@ -1,12 +1,14 @@
 """MQAR (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions, split by how
 far back the queried pair lies and by whether the answer is one of the sample's values
-(:func:`mnemos.data.mqar_recall_metrics`); one cell per (seq_len, num_kv_pairs) config."""
+(:func:`mnemos.data.mqar_recall_metrics`); one cell per (seq_len, num_kv_pairs) config. Figure: accuracy against the
+state size each model carries (:func:`plot_mqar_state_size`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,12 +21,13 @@ from torch import Tensor
 
 from mnemos.checkpoint import read_trainer_state
 from mnemos.data import MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, MQARConfig, mqar_grid, mqar_recall_metrics
+from mnemos.eval.plots import figure, grid, panel_axes, save
 from mnemos.eval.registry import EvalTask
 from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
 from mnemos.eval.tables import Notes, Pooled, acc, model_names, pool, si, table
 
-__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "pairs_arg", "reach_arg", "saved_mqar_task"]
+__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "pairs_arg", "plot_mqar_state_size", "reach_arg", "saved_mqar_task"]
 
 
 class MQARTask(EvalTask):
@@ -100,6 +103,10 @@ class MQARTask(EvalTask):
         return ["## MQAR", "", "Teacher-forced accuracy at the query positions (guessing a value token scores 2 / V).",
                 "", *table(header, rows), "", *_detail(points)]
 
+    def figures(self, results: EvalResults, out_dir: Path) -> list[Path]:
+        path = plot_mqar_state_size(results, out_dir / "mqar_state_size.png")
+        return [path] if path is not None else []
+
 
 MQAR = MQARTask()
 
@@ -163,6 +170,45 @@ def _detail(points: Sequence[Pooled]) -> list[str]:
                      "chance"], rows), ""]
 
 
+
+def plot_mqar_state_size(results: EvalResults, path: str | os.PathLike) -> Path | None:
+    """MQAR accuracy vs per-sequence state size (numbers, log scale), a panel per (L, K), a point per model
+    (Zoology's figure).
+
+    Models of one family (same ``variant``, or same class) are joined by a line in order of state size. None when
+    the results hold fewer than two distinct state sizes (nothing to compare) or no MQAR.
+    """
+    points = [p for p in pool(results, "mqar") if p.status == "ok" and (p.metric_max("state_numel") or 0) > 0]
+    if len({p.metric_max("state_numel") for p in points}) < 2:
+        return None
+    configs = sorted({(p.params["seq_len"], p.params["num_kv_pairs"]) for p in points})
+    rows, cols = grid(len(configs))
+    fig = figure(4.2 * cols, 3.3 * rows)
+
+    def family(p: Pooled) -> str:
+        d = p.cells[0].model
+        return str(d.get("variant") or d.get("family") or d.get("class") or p.model)
+
+    families = list(dict.fromkeys(family(p) for p in points))
+    for ax, (L, K) in zip(panel_axes(fig, rows, cols, len(configs)), configs, strict=True):
+        mine = [p for p in points if (p.params["seq_len"], p.params["num_kv_pairs"]) == (L, K)]
+        for f_i, fam in enumerate(families):
+            pts = sorted((p for p in mine if family(p) == fam), key=lambda p: p.metric_max("state_numel"))
+            if not pts:
+                continue
+            xs, ys = [p.metric_max("state_numel") for p in pts], [p.accuracy for p in pts]
+            ax.plot(xs, ys, marker="o", ms=5, color=f"C{f_i % 10}", label=fam)
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                if p.model != fam:
+                    ax.annotate(p.model, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.04, 1.04)
+        ax.set_xlabel("state size (numbers per sequence)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_title(f"MQAR L={L} K={K}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, path)
 
 
 def pairs_arg(text: str) -> tuple[tuple[int, int], ...]:

@@ -1,21 +1,25 @@
 """S-NIAH (:class:`~mnemos.data.NIAHConfig`): greedy decoding after the prompt, exact match; one cell per (length,
-depth)."""
+depth). Figures: the accuracy heat-map (:func:`plot_niah_heatmap`) and a panel per kind, averaged over depth, in the
+accuracy-vs-length figure."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Iterable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from mnemos.data import NIAHConfig
+from mnemos.eval.plots import LengthPanel, figure, grid, panel_axes, save
 from mnemos.eval.registry import floats_arg, ints_arg
 from mnemos.eval.results import EvalResults
 from mnemos.eval.runner import EvalOptions, GenerationTask
-from mnemos.eval.tables import Notes, acc, fmt_length, freeze, lookup, model_names, pool, table
+from mnemos.eval.tables import Notes, Pooled, acc, fmt_length, freeze, lookup, model_names, pool, table
 
-__all__ = ["NIAH", "NIAHTask"]
+__all__ = ["NIAH", "NIAHTask", "plot_niah_heatmap"]
 
 
 class NIAHTask(GenerationTask):
@@ -82,5 +86,68 @@ class NIAHTask(GenerationTask):
                         *table(["depth"] + [fmt_length(L) for L in lengths], detail), ""]
         return out
 
+    def figures(self, results: EvalResults, out_dir: Path) -> list[Path]:
+        path = plot_niah_heatmap(results, out_dir / "niah_heatmap.png")
+        return [path] if path is not None else []
+
+    def length_panels(self, results: EvalResults) -> list[LengthPanel]:
+        points = pool(results, self.name)
+        panels = []
+        for kind in dict.fromkeys(p.params["kind"] for p in points):
+            # average the depths of a (model, length) into one point
+            merged: dict[tuple[str, int], Pooled] = {}
+            for p in points:
+                if p.params["kind"] != kind:
+                    continue
+                key = (p.model, p.params["length"])
+                merged.setdefault(key, Pooled(p.model, self.name, {"length": p.params["length"]})).cells.extend(p.cells)
+            panels.append(LengthPanel(f"S-NIAH {kind} (mean over depths)", list(merged.values())))
+        return panels
+
 
 NIAH = NIAHTask()
+
+
+def plot_niah_heatmap(results: EvalResults, path: str | os.PathLike) -> Path | None:
+    """Accuracy heat-map (depth rows x length columns) per (model, kind); refused cells grey. None if no NIAH."""
+    points = pool(results, "niah")
+    if not points:
+        return None
+    panels = list(dict.fromkeys((p.model, p.params["kind"]) for p in points))
+    rows, cols = grid(len(panels))
+    lengths = sorted({p.params["length"] for p in points})
+    depths = sorted({p.params["depth"] for p in points})
+    fig = figure(1.2 + 0.75 * len(lengths) * cols + 1.0, 0.9 + 0.42 * len(depths) * rows + 0.6)
+    axes = panel_axes(fig, rows, cols, len(panels))
+    look = {(p.model, p.params["kind"], p.params["length"], p.params["depth"]): p for p in points}
+    import numpy as np
+
+    image = None
+    for ax, (model, kind) in zip(axes, panels, strict=True):
+        heat = np.full((len(depths), len(lengths)), np.nan)
+        labels = [[""] * len(lengths) for _ in depths]
+        for i, d in enumerate(depths):
+            for j, L in enumerate(lengths):
+                p = look.get((model, kind, L, d))
+                if p is None:
+                    continue
+                if p.status == "ok":
+                    heat[i, j] = p.accuracy
+                    labels[i][j] = f"{p.accuracy:.2f}"
+                else:
+                    labels[i][j] = "ref" if p.status == "refused" else "err"
+        ax.set_facecolor("#d0d0d0")
+        image = ax.imshow(np.ma.masked_invalid(heat), vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto",
+                          origin="upper")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if labels[i][j]:
+                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [fmt_length(L) for L in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+        ax.set_title(f"{model} · {kind}", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    fig.suptitle("S-NIAH: exact-match accuracy", fontsize=10)
+    return save(fig, path)
