@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from mnemos.eval.tables import si
+
 __all__ = ["ProgressBar", "progress_bar"]
 
 
@@ -65,7 +67,7 @@ class _TextBar(ProgressBar):
         filled = round(frac * self.width)
         rate = self.done / max(now - self.start, 1e-9)
         line = (f"\r{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%} "
-                f"{_si(self.done)}/{_si(self.total)} tok {_si(rate)} tok/s")
+                f"{si(self.done)}/{si(self.total)} tok {si(rate)} tok/s")
         self.file.write(line.ljust(100))
         self.file.flush()
         self._drawn = True
@@ -74,13 +76,6 @@ class _TextBar(ProgressBar):
         if self._drawn:
             self.file.write("\r" + " " * 100 + "\r")
             self.file.flush()
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None = None, *, file: TextIO | None = None) -> ProgressBar:

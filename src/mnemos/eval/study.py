@@ -43,7 +43,7 @@ from typing import Any
 from mnemos.checkpoint import read_trainer_state
 from mnemos.data import MQARConfig, NIAHConfig, PasskeyCapacityConfig
 from mnemos.eval.report import write_report
-from mnemos.eval.tables import markdown_report, pool
+from mnemos.eval.tables import markdown_report, pool, table
 
 __all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "run_study", "study_settings",
            "write_study_report"]
@@ -613,10 +613,6 @@ def _stats(values: list[float]) -> str:
     return f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def _load_evals(s: StudySettings, out: Path):
     """(main results: MQAR grid, passkey, capacity; extrapolation results), cells relabelled by the study's model
     labels (so seeds pool into one row) with the run's name kept in ``model["run"]``."""
@@ -706,7 +702,7 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
                   "not chosen). At the chosen lr: accuracy near / "
                   "far (the queried key within / beyond n_layers·(window−1) tokens), the share of answers that are a "
                   "context value, and the 1/K level (a random context value's accuracy).", "",
-                  *_table(["model", *(f"lr {_lr_text(lr)}" for lr in s.lrs), "chosen lr", "near", "far", "ctx-value",
+                  *table(["model", *(f"lr {_lr_text(lr)}" for lr in s.lrs), "chosen lr", "near", "far", "ctx-value",
                            "1/K", "skipped steps", "seeds"], rows), ""]
     if (out / "curves.png").is_file():
         lines += [f"![accuracy vs step at L={s.main[0]} K={s.main[1]}](curves.png)", "",
@@ -725,7 +721,7 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
                      f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "—"])
     lines += ["## Runs", "", "CPU seconds are the run's process time (all its threads), summed over the invocations "
               "that trained it (a run killed part-way loses the CPU time of the killed part).", "",
-              *_table(["run", "status", "steps", "final val acc", "skipped steps", "CPU s", "wall s", "tokens/s"], rows),
+              *table(["run", "status", "steps", "final val acc", "skipped steps", "CPU s", "wall s", "tokens/s"], rows),
               ""]
     return lines
 
@@ -743,7 +739,7 @@ def _extrapolation_section(s: StudySettings, extrap) -> list[str]:
             "MQAR accuracy at longer sequences, K fixed, pooled over seeds. The model's vocabulary is the one it trained "
             "with, so these evals draw noise disjoint from the keys (`noise=disjoint`: no V > L bound, no repeated "
             "key overwriting a pair), at every length including the training one.", "",
-            *_table(["model", *(f"L={L}" for L in lengths)], rows), "", "![extrapolation](extrapolation.png)", ""]
+            *table(["model", *(f"L={L}" for L in lengths)], rows), "", "![extrapolation](extrapolation.png)", ""]
 
 
 def _plot_curves(s, trains, chosen, out: Path) -> Path | None:
