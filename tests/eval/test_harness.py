@@ -4,7 +4,6 @@ equals one call, growing states are refused cleanly, and the adapters speak each
 import io
 import math
 import sys
-import types
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from mnemos.eval import (
     InductionLM,
     MnemosLMAdapter,
     StatefulLM,
-    build_mnemos_model,
     evaluate,
     load_model,
     state_size,
@@ -273,21 +271,6 @@ def test_hf_from_pretrained_without_transformers_says_what_to_install(monkeypatc
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ImportError, match=r"mnemos\[hf\]"):
         load_model(str(tmp_path), vocab_size=BYTES)
-
-
-def test_building_mnemos_models_needs_mnemos_models(monkeypatch):
-    monkeypatch.setitem(sys.modules, "mnemos.models", types.ModuleType("mnemos.models"))
-    with pytest.raises(ImportError, match="does not provide MnemosLM, MnemosConfig"):
-        build_mnemos_model("lmm", BYTES)
-    fake = types.ModuleType("mnemos.models")
-    fake.MnemosConfig = lambda variant, vocab_size: types.SimpleNamespace(variant=variant, vocab_size=vocab_size)
-    fake.MnemosLM = lambda cfg: TinyRecurrentLM(cfg.vocab_size, variant=cfg.variant)
-    monkeypatch.setitem(sys.modules, "mnemos.models", fake)
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        model = load_model("deltanet", vocab_size=BYTES, device="cpu")
-    assert model.name == "deltanet (untrained)" and model.state_growth == "constant"
-    with pytest.raises(ValueError, match="unknown mnemos variant"):
-        build_mnemos_model("titans", BYTES)
 
 
 def test_load_model_specs():

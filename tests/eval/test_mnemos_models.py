@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mnemos.data import LMDataConfig, PasskeyCapacityConfig
-from mnemos.eval import EvalOptions, MnemosLMAdapter, evaluate, load_model
+from mnemos.eval import EvalOptions, MnemosLMAdapter, build_mnemos_model, evaluate, load_model
 from mnemos.eval.adapters import spec_overrides
 from mnemos.models import MnemosConfig, MnemosLM
 from mnemos.train.checkpoint import save_checkpoint
@@ -62,6 +62,17 @@ def test_a_checkpoint_saved_before_ema_momentum_keeps_its_gates(tmp_path):
     ids = torch.randint(0, BYTES, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids)[0], model(ids)[0])
+
+
+def test_build_mnemos_model_wraps_an_untrained_mnemos_lm():
+    model = build_mnemos_model("deltanet", BYTES, overrides={"d_model": 32, "n_heads": 4, "n_layers": 1,
+                                                            "memory": {"chunk_size": 8}})
+    assert isinstance(model, MnemosLMAdapter) and isinstance(model.model, MnemosLM)
+    assert model.name == "deltanet (untrained)" and model.vocab_size == BYTES and model.state_growth == "constant"
+    assert (model.model.config.variant, model.model.config.d_model, model.model.config.memory.chunk_size) == (
+        "deltanet", 32, 8)
+    with pytest.raises(ValueError, match="unknown mnemos variant 'titans'"):
+        build_mnemos_model("titans", BYTES)
 
 
 def test_variant_specs_build_untrained_models():

@@ -26,6 +26,7 @@ from mnemos.checkpoint import load_model_weights, read_trainer_state
 from mnemos.data.tokenizer import Tokenizer
 from mnemos.eval.baselines import make_baseline
 from mnemos.eval.stateful import StateGrowth, StatefulLM
+from mnemos.models import MnemosConfig, MnemosLM, saved_model_config
 from mnemos.models.config import merge_overrides
 from mnemos.models.registry import VARIANT_REGISTRY
 
@@ -51,8 +52,9 @@ class MnemosLMAdapter(StatefulLM):
     The model needs ``forward(input_ids [B, T], cache=None) -> (logits [B, T, V], cache)``, ``init_cache(batch,
     device, dtype)`` and a ``config`` with ``vocab_size`` (and, for mnemos models, ``variant``). ``state_growth``
     is taken, in order, from the argument, the model's ``state_growth`` attribute (``MnemosLM`` has one), or its
-    variant's entry in the registry (:mod:`mnemos.models.registry`); ``max_context`` from the argument or ``config.max_context``. ``state_dtype`` is
-    passed to ``init_cache`` (None: the model's choice, its parameters' dtype for ``MnemosLM``).
+    variant's entry in the registry (:mod:`mnemos.models.registry`); ``max_context`` from the argument or
+    ``config.max_context``. ``state_dtype`` is passed to ``init_cache`` (None: the model's choice, its parameters'
+    dtype for ``MnemosLM``).
     """
 
     def __init__(
@@ -108,8 +110,6 @@ class MnemosLMAdapter(StatefulLM):
 
 
 def _config_dict(config: Any) -> dict[str, Any] | None:
-    import dataclasses
-
     if config is not None and dataclasses.is_dataclass(config):
         return dataclasses.asdict(config)
     to_dict = getattr(config, "to_dict", None)
@@ -212,21 +212,6 @@ class HFCausalLMAdapter(StatefulLM):
 
 # -- building models from names and paths ---------------------------------------------------------------------------
 
-def _import_mnemos_models():
-    """``mnemos.models`` with ``MnemosLM`` and ``MnemosConfig`` in it, or an ImportError saying what is missing."""
-    try:
-        models = importlib.import_module("mnemos.models")
-    except ImportError as e:
-        raise ImportError(f"mnemos.models could not be imported ({e}); it is needed to build mnemos models") from e
-    missing = [n for n in ("MnemosLM", "MnemosConfig") if not hasattr(models, n)]
-    if missing:
-        raise ImportError(
-            f"mnemos.models does not provide {', '.join(missing)} yet, so mnemos variants and checkpoints cannot be "
-            "evaluated in this checkout; models with MnemosLM's signature can still be wrapped in MnemosLMAdapter"
-        )
-    return models
-
-
 def spec_overrides(text: str) -> dict[str, Any]:
     """The ``MnemosConfig`` fields of a model spec's overrides, in the override grammar of ``mnemos train``
     (:func:`mnemos.models.config.merge_overrides`): ``"model.d_model=64,model.memory.chunk_size=16"`` ->
@@ -249,14 +234,11 @@ def build_mnemos_model(
     """
     if variant not in VARIANT_REGISTRY:
         raise ValueError(f"unknown mnemos variant {variant!r}; known: {', '.join(VARIANT_REGISTRY)}")
-    models = _import_mnemos_models()
-    fields = {"variant": variant, "vocab_size": vocab_size, **(overrides or {})}
-    from_dict = getattr(models.MnemosConfig, "from_dict", None)
     try:
-        config = from_dict(fields) if callable(from_dict) else models.MnemosConfig(**fields)
+        config = MnemosConfig.from_dict({"variant": variant, "vocab_size": vocab_size, **(overrides or {})})
     except TypeError as e:  # a field of the wrong type: a configuration error like any other
         raise ValueError(f"model {variant}: {e}") from None
-    model = models.MnemosLM(config).to(device=device, dtype=dtype)
+    model = MnemosLM(config).to(device=device, dtype=dtype)
     return MnemosLMAdapter(model, name=name or f"{variant} (untrained)")
 
 
@@ -299,12 +281,11 @@ def load_mnemos_checkpoint(
     path = Path(path)
     if not (path.is_dir() and (path / "trainer.pt").is_file()):
         raise ValueError(f"{path} is not a mnemos checkpoint directory (no trainer.pt in it)")
-    models = _import_mnemos_models()
     run_config = read_trainer_state(path).get("config")
     if run_config is None and (path / "config.json").is_file():
         run_config = json.loads((path / "config.json").read_text())
-    config = models.MnemosConfig.from_dict(models.saved_model_config(_model_config(run_config, path)))
-    model = models.MnemosLM(config)
+    config = MnemosConfig.from_dict(saved_model_config(_model_config(run_config, path)))
+    model = MnemosLM(config)
     load_model_weights(path, model)
     model = model.to(device=device, dtype=dtype)
     # `mnemos train` writes RUN_DIR/checkpoint: name the model after the run, not the fixed folder name
