@@ -1,17 +1,9 @@
 """The evaluation harness: run :class:`~mnemos.eval.stateful.StatefulLM` models on the offline tasks of
 :mod:`mnemos.data` and record one :class:`~mnemos.eval.results.Cell` per grid point.
 
-The tasks are registered in :mod:`mnemos.eval.tasks` (one module each, :class:`~mnemos.eval.registry.EvalTask`);
-what their evaluations share (options, refusals, streaming, greedy decoding) is :mod:`mnemos.eval.runner`:
-
-- ``mqar`` (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions, split by
-  how far back the queried pair lies and by whether the answer is one of the sample's values
-  (:func:`mnemos.data.mqar_recall_metrics`).
-- ``niah`` (:class:`~mnemos.data.NIAHConfig`): greedy decode after the prompt, exact match; per (length, depth).
-- ``babilong`` (:class:`~mnemos.data.BABILongConfig`): greedy decode after the prompt, exact match; per length.
-- ``capacity`` (:class:`~mnemos.data.PasskeyCapacityConfig`): passkey exact match per length; the report adds the
-  longest length at >= 95% (:func:`mnemos.eval.tables.capacity_summary`).
-- ``lm`` (:class:`~mnemos.data.LMDataConfig`): next-token loss and perplexity over windows of the val split.
+The tasks are registered in :mod:`mnemos.eval.tasks` (one module each, :class:`~mnemos.eval.registry.EvalTask`,
+which says what it measures: MQAR's teacher-forced recall, S-NIAH, BABILong and passkey capacity by greedy decoding,
+LM loss); what their evaluations share (options, refusals, streaming, greedy decoding) is :mod:`mnemos.eval.runner`.
 
 Every context is fed through ``model.forward`` ``stream_chunk`` tokens at a time with the state carried, so a
 model with a constant-size state reads a haystack of millions of tokens in constant memory. A model whose state
@@ -43,7 +35,7 @@ from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, auto_memory_budget_gb
 from mnemos.eval.stateful import StatefulLM
 import mnemos.eval.tasks  # noqa: F401  (registers the tasks that task_of and config_from_dict look up)
-from mnemos.models.registry import VARIANT_REGISTRY
+from mnemos.eval.tasks.mqar import model_reach
 
 __all__ = [
     "EvalOptions",
@@ -99,13 +91,12 @@ def evaluate(
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
     cells: list[Cell] = []
-    reaches = _mqar_reaches(models, options.mqar_reach)
-    for m, reach in zip(models, reaches, strict=True):
+    for m in models:
         total = sum(task_of(t).tokens(t, options) for t in tasks)
         bar = progress_bar(total, m.name, options.progress)
         try:
             for t in tasks:
-                cells.extend(task_of(t).evaluate(Run(m, t, seed, options, bar, reach)))
+                cells.extend(task_of(t).evaluate(Run(m, t, seed, options, bar, models)))
         finally:
             bar.close()
     return EvalResults(cells)
@@ -134,24 +125,3 @@ def run_eval(
     if out_dir is not None:
         write_report(results, out_dir, plots=plots)
     return results
-
-
-def model_reach(model: StatefulLM) -> int | None:
-    """How far back a model with sliding-window attention sees through attention alone: ``n_layers * (window - 1)``
-    for mnemos' sliding-window variants (swa, mag, mal: their registry entries' ``reach``, read from
-    ``model.config``); None for any other model."""
-    config = getattr(model, "config", None)
-    variant = getattr(config, "variant", None)
-    spec = VARIANT_REGISTRY.get(variant) if isinstance(variant, str) else None
-    if spec is None or not all(isinstance(getattr(config, k, None), int) for k in ("n_layers", "window")):
-        return None
-    return spec.reach(config)
-
-
-def _mqar_reaches(models: Sequence[StatefulLM], reach: int | str | None) -> list[int | None]:
-    """Each model's near / far split for ``EvalOptions.mqar_reach`` (see there)."""
-    if reach != "auto":
-        return [reach] * len(models)
-    own = [model_reach(m) for m in models]
-    windowed = {r for r in own if r is not None}
-    return [windowed.pop()] * len(models) if len(windowed) == 1 else own

@@ -52,9 +52,9 @@ class EvalOptions:
             recorded.
         mqar_reach: MQAR: where near and far queries split (the queried key at most / more than this many tokens
             back; :func:`mnemos.data.mqar_recall_metrics`). ``"auto"``: one split for every model of the run, the
-            reach ``n_layers * (window - 1)`` of its sliding-window models (swa, mag, mal; :func:`model_reach`) when
-            they agree; when they disagree each of them is split at its own and the others not at all; no split
-            when none has a window. None: no split.
+            reach ``n_layers * (window - 1)`` of its sliding-window models (swa, mag, mal;
+            :func:`mnemos.eval.tasks.mqar.model_reach`) when they agree; when they disagree each of them is split
+            at its own and the others not at all; no split when none has a window. None: no split.
     """
 
     batch_size: int = 8
@@ -88,9 +88,9 @@ class Run:
     """One (model, task config) evaluation: what every cell of it shares."""
 
     def __init__(self, model: StatefulLM, config: TaskConfig, seed: int, options: EvalOptions, bar: ProgressBar,
-                 reach: int | None = None):
+                 peers: Sequence[StatefulLM] = ()):
         self.model, self.config, self.seed, self.options, self.bar = model, config, seed, options, bar
-        self.reach = reach  # MQAR's near / far split for this model
+        self.peers = tuple(peers) or (model,)  # every model of the evaluation (MQAR's "auto" split reads them)
         self.task = task_of(config).name
         self.description = model.describe()
         self.versions = environment(model.device)

@@ -25,9 +25,12 @@ from mnemos.eval.plots import figure, grid, panel_axes, save
 from mnemos.eval.registry import EvalTask
 from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
+from mnemos.eval.stateful import StatefulLM
 from mnemos.eval.tables import Notes, Pooled, acc, model_names, pool, si, table
+from mnemos.models.registry import VARIANT_REGISTRY
 
-__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "pairs_arg", "plot_mqar_state_size", "reach_arg", "saved_mqar_task"]
+__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "model_reach", "pairs_arg", "plot_mqar_state_size", "reach_arg",
+           "run_reach", "saved_mqar_task"]
 
 
 class MQARTask(EvalTask):
@@ -134,12 +137,35 @@ def _mqar_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
             _, state = stream(run, inputs[rows], m.init_state(rows.stop - rows.start), keep)
             sizes = max_sizes(sizes, per_sequence_state(state, rows.stop - rows.start))
     seconds = time.perf_counter() - t0
-    scores = mqar_recall_metrics(pred, inputs, labels, cfg.num_kv_pairs, run.reach, vocab_size=cfg.vocab_size)
+    scores = mqar_recall_metrics(pred, inputs, labels, cfg.num_kv_pairs, run_reach(run), vocab_size=cfg.vocab_size)
     scores = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in scores.items()}  # empty buckets
     return run.cell(params, metrics={
         **scores, "examples": cfg.num_examples, **sizes,
         "tokens_per_second": round(inputs.numel() / max(seconds, 1e-9), 1), "batch_size": batch,
     })
+
+
+def model_reach(model: StatefulLM) -> int | None:
+    """How far back a model with sliding-window attention sees through attention alone: ``n_layers * (window - 1)``
+    for mnemos' sliding-window variants (swa, mag, mal: their registry entries' ``reach``, read from
+    ``model.config``); None for any other model."""
+    config = getattr(model, "config", None)
+    variant = getattr(config, "variant", None)
+    spec = VARIANT_REGISTRY.get(variant) if isinstance(variant, str) else None
+    if spec is None or not all(isinstance(getattr(config, k, None), int) for k in ("n_layers", "window")):
+        return None
+    return spec.reach(config)
+
+
+def run_reach(run: Run) -> int | None:
+    """Where ``run.model``'s queries split into near and far (``EvalOptions.mqar_reach``, see there): the option's
+    number; or, for ``"auto"``, the one reach of the run's sliding-window models (``run.peers``) when they agree,
+    else the model's own."""
+    reach = run.options.mqar_reach
+    if reach != "auto":
+        return reach
+    windowed = {r for r in map(model_reach, run.peers) if r is not None}
+    return windowed.pop() if len(windowed) == 1 else model_reach(run.model)
 
 
 def _detail(points: Sequence[Pooled]) -> list[str]:
