@@ -104,3 +104,8 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
         assert (memory.max_lr, memory.max_chunk_lr) == (0.8, expected)
     with pytest.raises(ValueError, match="unknown MemoryConfig keys.*step_bound"):  # in a config a user writes
         MnemosConfig(**SMALL, variant="lmm", memory={"step_bound": "chunk"})
+    # saved before MAL's memory had its own residual: it reached the stream only through the attention
+    mal = MnemosConfig(**SMALL, variant="mal").to_dict()
+    del mal["mal_memory_residual"]
+    assert MnemosConfig.from_dict(saved_model_config(mal)).mal_memory_residual is False
+    assert MnemosConfig.from_dict(mal).mal_memory_residual is True  # what it would silently have become

@@ -227,3 +227,25 @@ def test_mag_gate_starts_where_mag_gate_bias_says(bias):
         assert abs(g.mean().item() - 1 / (1 + math.exp(-bias))) < 0.05
     with pytest.raises(ValueError, match="mag_gate_bias must be a finite number"):
         MnemosConfig(variant="mag", mag_gate_bias=float("nan"))
+
+
+@pytest.mark.parametrize("memory_residual", [True, False])
+def test_mal_memory_reaches_the_stream_as_configured(memory_residual):
+    """MAL with ``memory_residual``: o = m + SWA(RMSNorm(x + m)), the memory's read m = M(x) on the stream itself;
+    without: o = SWA(RMSNorm(m)). Checked on the composition of its parts, and on what silencing the attention leaves:
+    the memory's read exactly, or nothing."""
+    from mnemos.models import MemoryAsLayer
+
+    torch.manual_seed(0)
+    mal = MemoryAsLayer(32, 4, window=3, num_persistent=2, depth=2, expansion=2, chunk_size=3,
+                        memory_residual=memory_residual).double()
+    x = x_of(2, 11)
+    m, _ = mal.memory(x)
+    attn_in = mal.mid_norm(x + m if memory_residual else m)
+    want = mal.attn(attn_in)[0] + (m if memory_residual else 0)
+    got, _ = mal(x)
+    assert_max_err(f"MAL residual={memory_residual}", want, got, 1e-12)
+    with torch.no_grad():
+        mal.attn.o_proj.weight.zero_()
+    silenced, _ = mal(x)
+    assert_max_err("MAL, attention silenced", m if memory_residual else torch.zeros_like(m), silenced, 1e-12)

@@ -174,6 +174,9 @@ class MnemosConfig(_ConfigBase):
     # MAG's mixing gate g = sigmoid(W_g x + b_g) starts with b_g = mag_gate_bias: -2 gives attention 0.12 and the memory
     # 0.88 of the output at init (with 0, MAG left the MQAR plateau at step ~1300, at -2 by ~600-800: docs/MODELS.md)
     mag_gate_bias: float = -2.0
+    # MAL's memory read joins the residual stream itself (memory and attention as two residual layers); False: only
+    # through the attention, o = SWA(RMSNorm(M(x))) (then MAL left the MQAR plateau 500 to 1500+ steps later, by seed)
+    mal_memory_residual: bool = True
     rope_base: float = 10000.0
     # long-term memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -236,12 +239,14 @@ class MnemosConfig(_ConfigBase):
 # memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
 # (the free theta = max_lr * sigmoid(.) came first; then a per-token bound and raw values)
 MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": False, "normalize_step": False}
+# model keys added since, likewise (MAL's memory read reached the stream only through its attention)
+MODEL_KEYS_ADDED = {"mal_memory_residual": False}
 
 
 def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:
     """A model-config dict read back from a saved model (checkpoint, Hugging Face directory), completed so that it
-    builds the model that was saved: a ``memory.*`` key added since the config was written takes the value that
-    reproduces the old behaviour (``MEMORY_KEYS_ADDED``), not today's default. Configs written now carry every key
+    builds the model that was saved: a key added since the config was written takes the value that reproduces the old
+    behaviour (``MODEL_KEYS_ADDED``, ``MEMORY_KEYS_ADDED``), not today's default. Configs written now carry every key
     and come back unchanged; configs a user writes are not passed through this."""
     if not isinstance(d, dict):
         return d  # from_dict reports the type error
@@ -252,7 +257,7 @@ def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:
     if "step_bound" in memory:  # saved before max_chunk_lr replaced it: "chunk" bounded the chunk's sum by max_lr
         bound = memory.pop("step_bound")
         memory.setdefault("max_chunk_lr", memory.get("max_lr", MemoryConfig.max_lr) if bound == "chunk" else None)
-    return {**d, "memory": {**MEMORY_KEYS_ADDED, **memory}}
+    return {**MODEL_KEYS_ADDED, **d, "memory": {**MEMORY_KEYS_ADDED, **memory}}
 
 
 # -- dotted overrides: section.key=value ---------------------------------------------------------------------------

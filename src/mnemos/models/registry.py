@@ -147,7 +147,8 @@ def _mag(c: MnemosConfig) -> nn.Module:
 
 def _mal(c: MnemosConfig) -> nn.Module:
     return MemoryAsLayer(c.d_model, c.n_heads, window=c.window, num_persistent=c.num_persistent,
-                         rope_base=c.rope_base, norm_eps=c.norm_eps, **_memory_kwargs(c))
+                         rope_base=c.rope_base, norm_eps=c.norm_eps, memory_residual=c.mal_memory_residual,
+                         **_memory_kwargs(c))
 
 
 def _transformer(c: MnemosConfig) -> nn.Module:
@@ -174,7 +175,8 @@ register_variant(VariantSpec(
     ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"), init_only=("mag_gate_bias",), rope=True,
     summary="memory as a gate: sliding-window attention and the memory, mixed by a learned gate"))
 register_variant(VariantSpec(
-    "mal", "titans", _mal, MALState, "window", ("memory", "window", "num_persistent", "rope_base"), rope=True,
+    "mal", "titans", _mal, MALState, "window",
+    ("memory", "window", "num_persistent", "rope_base", "mal_memory_residual"), rope=True,
     summary="memory as a layer: the memory, then sliding-window attention"))
 register_variant(VariantSpec(
     "transformer", "baseline", _transformer, FullKVCache, "tokens", ("rope_base",), rope=True,

@@ -242,11 +242,21 @@ class MemoryAsGate(nn.Module):
 
 
 class MemoryAsLayer(nn.Module):
-    """MAL: memory as a layer, then sliding-window attention: ``o = SWA([persistent || RMSNorm(M(x))])``.
+    """MAL: memory as a layer, then sliding-window attention (paper eq. 29-31: ``y = M(x)``, ``o = SWA(y)``)::
 
-    Choices the paper leaves open: an RMSNorm between the two (the attention sees normalised inputs, as after any
-    pre-norm); persistent tokens enter the attention as learned keys/values, not the memory. No residual inside the
-    mixer: the block's residual wraps the pair. Decoding memory is O(window).
+        m = M(x)                                    the long-term memory, read after each token's write
+        o = m + SWA([persistent || RMSNorm(x + m)])     memory_residual=True (default)
+        o = SWA([persistent || RMSNorm(m)])             memory_residual=False
+
+    Choices the paper leaves open: how the two layers meet the residual stream. By default each is a residual layer
+    of its own: the memory's read joins the stream and the attention reads the stream after it (the block's residual
+    adds x), as when two layer types are stacked. With ``memory_residual=False`` (the form before, and of checkpoints
+    saved without the key) the read reaches the stream only through the attention: at initialisation the attention
+    spreads each token over its window, so a token's own read arrives mixed with its neighbours' reads, which on
+    MQAR are the answers to neighbouring queries; MAL then sat on the 1/K plateau until the attention learned to
+    single out its own position, which took 500 to more than 1500 steps depending on the seed (docs/MODELS.md).
+    An RMSNorm sits between the two (the attention sees normalised inputs, as after any pre-norm); persistent tokens
+    enter the attention as learned keys/values, not the memory. Decoding memory is O(window).
     """
 
     def __init__(
@@ -258,9 +268,11 @@ class MemoryAsLayer(nn.Module):
         num_persistent: int = 0,
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
+        memory_residual: bool = True,
         **memory_kwargs,
     ):
         super().__init__()
+        self.memory_residual = memory_residual
         self.memory = NeuralMemory(dim, heads, **memory_kwargs)
         self.mid_norm = RMSNorm(dim, norm_eps)
         self.attn = Attention(dim, heads, window=window, num_persistent=num_persistent, rope_base=rope_base)
@@ -270,5 +282,5 @@ class MemoryAsLayer(nn.Module):
 
     def forward(self, x: Tensor, state: MALState | None = None) -> tuple[Tensor, MALState | None]:
         m, memory = self.memory(x, None if state is None else state.memory)
-        y, kv = self.attn(self.mid_norm(m), None if state is None else state.attn)
-        return y, (None if state is None else MALState(memory, kv))
+        y, kv = self.attn(self.mid_norm(x + m if self.memory_residual else m), None if state is None else state.attn)
+        return (m + y if self.memory_residual else y), (None if state is None else MALState(memory, kv))
