@@ -102,27 +102,21 @@ def _budget(text: str) -> float | str | None:
         raise argparse.ArgumentTypeError(f"expected a number of GiB, 'auto' or 'none', got {text!r}") from None
 
 
-def _eval_task(args: argparse.Namespace):
-    """The task config(s) an ``mnemos eval TASK`` command line describes (the task's own ``from_args``)."""
-    from .eval.tasks import TASKS
-
-    return TASKS[args.task].from_args(args)
-
-
 def _eval(args: argparse.Namespace) -> int:
     import time
 
     from .eval.harness import EvalOptions, run_eval
+    from .eval.tasks import TASKS
 
+    task = TASKS[args.task]  # the config(s) and options its flags describe are the task's own
     options = EvalOptions(
         batch_size=args.batch_size, stream_chunk=args.stream_chunk, memory_budget_gb=args.memory_budget_gb,
-        lm_max_windows=getattr(args, "max_windows", None) or None, capacity_threshold=getattr(args, "threshold", 0.95),
         keep_samples=not args.no_samples, progress=False if args.no_progress else None,
-        raise_errors=args.raise_errors, mqar_reach=getattr(args, "reach", "auto"),
+        raise_errors=args.raise_errors, **task.eval_options(args),
     )
     out = args.out or f"eval_results/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    results = run_eval(args.model, _eval_task(args), seed=args.seed, options=options, out_dir=out,
+    results = run_eval(args.model, task.from_args(args), seed=args.seed, options=options, out_dir=out,
                        device=args.device, dtype=dtype, plots=not args.no_plots)
     print(results.markdown())
     print(f"results, report and figures written to {out}/")

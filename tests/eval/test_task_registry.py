@@ -43,9 +43,13 @@ class CountTask(EvalTask):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--n", type=int, default=5)
+        parser.add_argument("--threshold", type=float, default=0.95)
 
     def from_args(self, args):
         return CountConfig(args.n)
+
+    def eval_options(self, args):
+        return {"capacity_threshold": args.threshold}
 
     def section(self, results, notes):
         points = pool(results, self.name)
@@ -83,11 +87,12 @@ def test_a_registered_task_runs_everywhere(count_task, tmp_path, capsys):
     assert cell.task == "count" and cell.params == {"n": 3} and cell.task_config == {"type": "CountConfig", "n": 3}
     assert "## Count" in res.markdown() and "| induction-8 | 1.00 |" in res.markdown()
 
-    assert main(["eval", "count", "--n", "7", "--model", "baseline:random", "--no-progress", "--no-plots",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["eval", "count", "--n", "7", "--threshold", "0.5", "--model", "baseline:random", "--no-progress",
+                 "--no-plots", "--out", str(tmp_path)]) == 0
     assert "## Count" in capsys.readouterr().out
     (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
     assert cell["task"] == "count" and cell["params"] == {"n": 7}
+    assert cell["options"]["capacity_threshold"] == 0.5  # an option its flags set (eval_options)
 
 
 def test_a_registered_task_draws_its_figures(count_task, tmp_path):

@@ -4,9 +4,9 @@ need to know about it.
 A task is a config type from :mod:`mnemos.data` (``config.build(seed)`` makes the data) plus what this class asks
 for: the vocabulary its token ids need, how many tokens it feeds (the progress bar), how it turns a model into
 cells (:meth:`EvalTask.evaluate`, usually through :class:`mnemos.eval.runner.GenerationTask`), its ``mnemos eval
-TASK`` flags and the config they make, its section of ``report.md`` (built from :mod:`mnemos.eval.tables`) and its
-figures (its own PNGs, and panels of the accuracy-vs-length figure the length-swept tasks share; drawn with
-:mod:`mnemos.eval.plots`' helpers).
+TASK`` flags and the config (and harness options) they make, its section of ``report.md`` (built from
+:mod:`mnemos.eval.tables`) and its figures (its own PNGs, and panels of the accuracy-vs-length figure the
+length-swept tasks share; drawn with :mod:`mnemos.eval.plots`' helpers).
 
 The tasks live in :mod:`mnemos.eval.tasks`, one module each, registered in that package's ``__init__`` in the order
 the report shows them. To add a task: write ``eval/tasks/<name>.py`` with an ``EvalTask`` subclass and add it to
@@ -68,6 +68,10 @@ class EvalTask:
     def from_args(self, args: argparse.Namespace) -> TaskConfig | list[TaskConfig]:
         """The config(s) a command line describes."""
         raise NotImplementedError
+
+    def eval_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The :class:`~mnemos.eval.runner.EvalOptions` fields the task's flags set (none by default)."""
+        return {}
 
     def section(self, results: EvalResults, notes: Notes) -> list[str]:
         """The task's markdown section of the report (lines; none when ``results`` has no cell of the task)."""

@@ -47,6 +47,9 @@ class CapacityTask(GenerationTask):
     def from_args(self, args: argparse.Namespace) -> PasskeyCapacityConfig:
         return PasskeyCapacityConfig(lengths=args.lengths, samples_per_length=args.samples)
 
+    def eval_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"capacity_threshold": args.threshold}
+
     def section(self, results: EvalResults, notes: Notes) -> list[str]:
         points = pool(results, self.name)
         if not points:

@@ -55,6 +55,9 @@ class LMTask(EvalTask):
                             tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
                             val_fraction=args.val_fraction)
 
+    def eval_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"lm_max_windows": args.max_windows or None}
+
     def section(self, results: EvalResults, notes: Notes) -> list[str]:
         points = pool(results, self.name)
         if not points:

@@ -88,6 +88,9 @@ class MQARTask(EvalTask):
               for k in ("vocab_size", "power_a", "noise")}
         return mqar_grid(pairs, num_examples=args.num_examples, **kw)
 
+    def eval_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"mqar_reach": args.reach}
+
     def section(self, results: EvalResults, notes: Notes) -> list[str]:
         points = pool(results, self.name)
         if not points:
