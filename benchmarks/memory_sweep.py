@@ -5,7 +5,8 @@ every memory layer's health statistics every --every steps, and a line per skipp
     PYTHONPATH=src python benchmarks/memory_sweep.py --variant lmm --max-lr 0.2 --chunk 4 --steps 1500 --total 6000 \
         --set value_norm=true --out lmm.json
 
---set KEY=JSON sets a memory.* field (e.g. --set normalize_step=false --set max_chunk_lr=null); --gate-bias sets
+--set KEY=JSON sets a memory.* field (e.g. --set normalize_step=false --set max_chunk_lr=null), --model KEY=JSON a
+model field (e.g. --model mal_memory_residual=false: MAL's form before); --gate-bias sets
 MAG's mixing-gate bias; --zero-last zero-initialises the memory's last layer. One thread.
 """
 import argparse
@@ -28,6 +29,7 @@ p.add_argument("--lr", type=float, default=3e-3); p.add_argument("--steps", type
 p.add_argument("--total", type=int, default=6000); p.add_argument("--seed", type=int, default=0)
 p.add_argument("--L", type=int, default=64); p.add_argument("--K", type=int, default=8); p.add_argument("--V", type=int, default=64)
 p.add_argument("--every", type=int, default=100); p.add_argument("--set", action="append", default=[])
+p.add_argument("--model", action="append", default=[])
 p.add_argument("--zero-last", action="store_true"); p.add_argument("--gate-bias", type=float, default=None); p.add_argument("--out", default=None)
 p.add_argument("--segment", type=int, default=32)
 a = p.parse_args()
@@ -35,8 +37,9 @@ torch.set_num_threads(1); torch.manual_seed(a.seed)
 mem = dict(depth=a.depth, max_lr=a.max_lr, chunk_size=a.chunk)
 for s in a.set:
     k, v = s.split("="); mem[k] = json.loads(v)
+extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.model)}
 cfg = MnemosConfig(variant=a.variant, vocab_size=a.V, d_model=64, n_layers=2, n_heads=4, window=8, segment_len=a.segment,
-                   num_persistent=4, memory=mem)
+                   num_persistent=4, memory=mem, **extra)
 model = MnemosLM(cfg)
 tr = MQARConfig(vocab_size=a.V, seq_len=a.L, num_kv_pairs=a.K, num_examples=20000, noise="disjoint").build(a.seed)
 va = MQARConfig(vocab_size=a.V, seq_len=a.L, num_kv_pairs=a.K, num_examples=512, noise="disjoint").build(a.seed + 1000003)
