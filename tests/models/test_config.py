@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from mnemos.layers import MemorySettings, NeuralMemory
 from mnemos.models import VARIANTS, MemoryConfig, MnemosConfig, MnemosLM, saved_model_config
 
 SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
@@ -109,3 +111,41 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
     del mal["mal_memory_residual"]
     assert MnemosConfig.from_dict(saved_model_config(mal)).mal_memory_residual is False
     assert MnemosConfig.from_dict(mal).mal_memory_residual is True  # what it would silently have become
+
+
+@pytest.mark.parametrize("field, bad", [("depth", 0), ("expansion", 0), ("chunk_size", 0), ("conv_size", 0),
+                                        ("max_lr", -0.1), ("max_chunk_lr", 0.0)])
+def test_memory_checks_live_in_one_place(field, bad):
+    """The memory's range checks are the layer's (MemorySettings): its keyword form and a model config reject a bad
+    value with one message, prefixed ``memory.`` in the config."""
+    with pytest.raises(ValueError) as by_layer:
+        NeuralMemory(12, **{field: bad})
+    with pytest.raises(ValueError) as by_config:
+        MnemosConfig(**SMALL, memory={field: bad})
+    assert str(by_config.value) == f"memory.{by_layer.value}"
+    assert str(by_layer.value).startswith(f"{field} must be")
+
+
+def test_layers_take_the_memory_config_whole(monkeypatch):
+    """A model's memory layers take ``config.memory`` as it is (the registry passes it; nothing is checked again),
+    and build the layer the keyword form builds."""
+    checks = []
+    check = MemorySettings.__post_init__
+    monkeypatch.setattr(MemorySettings, "__post_init__", lambda self: (checks.append(1), check(self))[1])
+    cfg = MnemosConfig(**SMALL, variant="mac", segment_len=8, memory={"depth": 1, "chunk_size": 8, "max_lr": 0.3})
+    assert len(checks) == 1 and isinstance(cfg.memory, MemorySettings)
+    model = MnemosLM(cfg)
+    assert len(checks) == 1  # building the model checked nothing twice
+    names = [f.name for f in dataclasses.fields(MemorySettings)]
+    for block in model.blocks:
+        assert {n: getattr(block.mixer.memory, n) for n in names} == dataclasses.asdict(cfg.memory)
+    by_config = NeuralMemory(32, 4, config=cfg.memory)
+    by_keywords = NeuralMemory(32, 4, depth=1, chunk_size=8, max_lr=0.3)
+    assert {n: getattr(by_config, n) for n in names} == {n: getattr(by_keywords, n) for n in names}
+    assert by_config.token_lr == by_keywords.token_lr == 0.125  # max_chunk_lr 1.0 over a chunk of 8
+    assert {k: v.shape for k, v in by_config.state_dict().items()} == \
+        {k: v.shape for k, v in by_keywords.state_dict().items()}
+    with pytest.raises(TypeError, match="not both"):
+        NeuralMemory(32, 4, config=cfg.memory, depth=2)
+    with pytest.raises(TypeError, match="config must be a MemorySettings"):
+        NeuralMemory(32, 4, config=cfg.memory.to_dict())

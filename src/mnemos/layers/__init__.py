@@ -4,11 +4,11 @@ norms and rotary embeddings."""
 from .attention import Attention, causal_attention, causal_attention_reference
 from .conv import ShortConvolution
 from .kv_cache import FullKVCache, KVCache, RollingKVCache
-from .neural_memory import NeuralMemory, NeuralMemoryState
+from .neural_memory import MemorySettings, NeuralMemory, NeuralMemoryState
 from .norm import GatedRMSNorm, RMSNorm
 from .rope import RotaryEmbedding
 
 __all__ = [
-    "NeuralMemory", "NeuralMemoryState", "Attention", "causal_attention", "causal_attention_reference",
+    "NeuralMemory", "NeuralMemoryState", "MemorySettings", "Attention", "causal_attention", "causal_attention_reference",
     "KVCache", "FullKVCache", "RollingKVCache", "ShortConvolution", "RMSNorm", "GatedRMSNorm", "RotaryEmbedding",
 ]

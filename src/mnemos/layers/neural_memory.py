@@ -40,8 +40,10 @@ Choices the paper leaves open, and what this layer does:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,60 @@ class NeuralMemoryState:
         return NeuralMemoryState(self.memory.to(*args, **kwargs), self.conv.to(*args, **kwargs))
 
 
+@dataclass
+class MemorySettings:
+    """What a :class:`NeuralMemory` layer is besides its sizes, each value checked once, here (``__post_init__``).
+
+    The layer builds one from its keyword arguments or takes one whole (``NeuralMemory(dim, heads, config=...)``);
+    :class:`mnemos.models.MemoryConfig` is this class with the config's dict round trip and type checks, so a model
+    config's ``memory`` section is what its layers take. Errors name the field with the class's ``_where`` prefix
+    (``"max_lr must be > 0"`` here, ``"memory.max_lr must be > 0"`` from a model config).
+
+    Defaults are the paper's (arXiv 2501.00663, sec. 4.4 and 5) where it gives one: a depth-2 MLP memory with
+    expansion 4, gradients anchored per chunk, a causal conv of width 4 after the q/k/v projections.
+    """
+
+    _where = ""  # prefix of the field names in error messages
+
+    depth: int = 2  # 1 = matrix memory; >= 2 = MLP memory (the paper finds deeper memories recall more)
+    expansion: int = 4  # hidden width factor of an MLP memory
+    residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
+    activation: Literal["gelu", "silu"] = "gelu"
+    chunk_size: int = 4  # tokens per gradient anchor (paper: 16); larger is faster on CPU but staler (docs/MODELS.md)
+    # bound of a token's total inner step theta / (1 - eta), in units of the step's curvature with normalize_step. Chosen from the sweep in docs/MODELS.md ("Stability and write
+    # strength"): with unit values, normalised steps and chunk 4, 0.4 let the depth-2 LMM leave the MQAR plateau
+    # ~3x sooner than the old 0.01 with no skipped step in the seeds run
+    max_lr: float = 0.4
+    conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
+    ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
+    # bound of a chunk's summed step (its C tokens' steps are all taken at one anchor): a token's bound is
+    # min(max_lr, max_chunk_lr / C). 1.0 keeps the anchored step from increasing the error on the chunk's own keys for
+    # any keys (docs/MODELS.md); None: no chunk bound (C * max_lr: the memory diverged within sequences at C 16)
+    max_chunk_lr: float | None = 1.0
+    value_norm: bool = True  # l2-normalise the values per head, like the keys: the inner problem has one scale
+    # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
+    # then holds for an MLP memory as for a matrix memory with unit keys (torch path: not in the Triton kernels yet)
+    normalize_step: bool = True
+    # implementation of the memory rule, passed to mnemos.ops.neural_memory (tests use reference); the layer passes
+    # any of that function's choices through, a model config accepts these
+    impl: Literal["auto", "torch", "reference"] = "auto"
+
+    def __post_init__(self):
+        w = self._where
+        for name in ("depth", "expansion", "chunk_size", "conv_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{w}{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_lr > 0:
+            raise ValueError(f"{w}max_lr must be > 0, got {self.max_lr}")
+        if self.activation not in ("gelu", "silu"):
+            raise ValueError(f"{w}activation must be 'gelu' or 'silu', got {self.activation!r}")
+        for name in ("ema_momentum", "normalize_step", "value_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{w}{name} must be a bool, got {getattr(self, name)!r}")
+        if self.max_chunk_lr is not None and not self.max_chunk_lr > 0:
+            raise ValueError(f"{w}max_chunk_lr must be None or > 0, got {self.max_chunk_lr}")
+
+
 class NeuralMemory(nn.Module):
     """Titans long-term memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``.
 
@@ -73,42 +129,16 @@ class NeuralMemory(nn.Module):
         dim: model width.
         heads: number of memory heads H.
         head_dim: D per head (default ``dim // heads``).
-        depth: memory depth L (1 = matrix memory, >= 2 = MLP memory; paper default 2).
-        expansion: hidden width factor of an MLP memory (paper default 4).
-        residual: ``M(x) = MLP(x) + x``.
-        activation: ``"gelu"`` or ``"silu"`` inside the memory.
-        chunk_size: tokens per gradient anchor (paper: 16).
-        max_lr: upper bound of one token's inner learning rate (of theta / (1 - eta) with ``ema_momentum``, else of
-            theta).
-        max_chunk_lr: upper bound of a chunk's summed inner learning rate (each token's bound is
-            ``min(max_lr, max_chunk_lr / chunk_size)``); None: no chunk bound (C tokens add up to C * max_lr).
-        ema_momentum: theta = max_lr * sigmoid(.) * (1 - eta), the momentum as a moving average of the gradients
-            (bounds every token's total step by max_lr); False: the paper's theta = max_lr * sigmoid(.).
-        conv_size: causal conv width (paper: 4; 1 mixes nothing over time).
-        value_norm: l2-normalise the values per head (default True).
-        normalize_step: divide each token's step by max(1, curvature at the anchor) (default True; torch path only).
-        impl: implementation of the memory rule passed to :func:`mnemos.ops.neural_memory`.
+        config: the memory's :class:`MemorySettings` (a model config's ``memory`` section: already checked).
+        **settings: or its fields by keyword (``depth=2, chunk_size=16``; the others take their defaults):
+            ``depth`` L, ``expansion``, ``residual``, ``activation``, ``chunk_size`` C, ``max_lr`` (the bound of one
+            token's inner step: of theta / (1 - eta) with ``ema_momentum``, else of theta), ``max_chunk_lr`` (each
+            token's bound is ``min(max_lr, max_chunk_lr / C)``), ``ema_momentum``, ``conv_size``, ``value_norm``,
+            ``normalize_step`` (torch path only), ``impl`` (passed to :func:`mnemos.ops.neural_memory`).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int = 4,
-        head_dim: int | None = None,
-        *,
-        depth: int = 2,
-        expansion: int = 4,
-        residual: bool = True,
-        activation: str = "gelu",
-        chunk_size: int = 4,
-        max_lr: float = 0.4,
-        conv_size: int = 4,
-        ema_momentum: bool = True,
-        value_norm: bool = True,
-        max_chunk_lr: float | None = 1.0,
-        normalize_step: bool = True,
-        impl: str = "auto",
-    ):
+    def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, *,
+                 config: MemorySettings | None = None, **settings):
         super().__init__()
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -120,30 +150,18 @@ class NeuralMemory(nn.Module):
             head_dim = dim // heads
         if head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        if expansion < 1:
-            raise ValueError(f"expansion must be >= 1, got {expansion}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if not max_lr > 0:
-            raise ValueError(f"max_lr must be > 0, got {max_lr}")
-        if activation not in ("gelu", "silu"):
-            raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
-        if not isinstance(ema_momentum, bool):
-            raise TypeError(f"ema_momentum must be a bool, got {ema_momentum!r}")
-        if not isinstance(normalize_step, bool):
-            raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
-        if not isinstance(value_norm, bool):
-            raise TypeError(f"value_norm must be a bool, got {value_norm!r}")
-        if max_chunk_lr is not None and not max_chunk_lr > 0:
-            raise ValueError(f"max_chunk_lr must be None or > 0, got {max_chunk_lr}")
+        if config is None:
+            config = MemorySettings(**settings)  # the checks, in MemorySettings
+        elif settings:
+            raise TypeError(f"give config or keyword settings, not both (got config and {sorted(settings)})")
+        elif not isinstance(config, MemorySettings):
+            raise TypeError(f"config must be a MemorySettings (or a MemoryConfig), got {type(config).__name__}")
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
-        self.depth, self.expansion, self.residual, self.activation = depth, expansion, residual, activation
-        self.chunk_size, self.max_lr, self.ema_momentum, self.impl = chunk_size, max_lr, ema_momentum, impl
-        self.value_norm, self.max_chunk_lr, self.normalize_step = value_norm, max_chunk_lr, normalize_step
+        for f in dataclasses.fields(MemorySettings):  # self.depth, self.chunk_size, ..., self.impl
+            setattr(self, f.name, getattr(config, f.name))
         # the bound of one token's total step: max_lr, or its share of the chunk's summed-step bound if smaller
-        self.token_lr = max_lr if max_chunk_lr is None else min(max_lr, max_chunk_lr / chunk_size)
+        c = config
+        self.token_lr = c.max_lr if c.max_chunk_lr is None else min(c.max_lr, c.max_chunk_lr / c.chunk_size)
         # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
         # (see :meth:`_record_stats`); the trainer switches it on for logged steps only
         self.record_stats = False
@@ -152,11 +170,11 @@ class NeuralMemory(nn.Module):
         inner = H * D
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.conv = ShortConvolution(3 * inner, conv_size)
+        self.conv = ShortConvolution(3 * inner, c.conv_size)
         self.to_gates = nn.Linear(dim, 3 * H)  # theta, eta, alpha logits
-        widths = [D] + [expansion * D] * (depth - 1) + [D]
+        widths = [D] + [c.expansion * D] * (c.depth - 1) + [D]
         self.memory = nn.ParameterList(
-            nn.Parameter(torch.empty(H, widths[i + 1], widths[i])) for i in range(depth)
+            nn.Parameter(torch.empty(H, widths[i + 1], widths[i])) for i in range(c.depth)
         )  # W_0, layer i: [H, D_out, D_in]
         self.to_out_gate = nn.Linear(dim, inner, bias=False)
         self.out_norm = GatedRMSNorm(D)

@@ -2,7 +2,9 @@
 
 Plain dataclasses, no Hugging Face import, so a ``PretrainedConfig`` can mirror them field for field:
 ``MnemosConfig.to_dict()`` gives nested JSON-ready dicts and ``MnemosConfig.from_dict`` reads them back, rejecting
-unknown keys by name. Every field is checked in ``__post_init__`` (type, range, and the combinations that matter).
+unknown keys by name. Every field is checked in ``__post_init__`` (type, range, and the combinations that matter);
+the ``memory`` section's fields, defaults and range checks are the layer's own (:class:`mnemos.layers.MemorySettings`,
+which :class:`MemoryConfig` extends), so the layers take ``config.memory`` whole and check nothing twice.
 
 One override grammar for every command line that sets config fields: dotted keys and YAML values,
 ``model.memory.chunk_size=16`` (:func:`parse_override`, :func:`merge_overrides`); ``mnemos train`` takes them for
@@ -25,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..layers import MemorySettings
 from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
 
 __all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
@@ -107,45 +110,17 @@ class _ConfigBase:
 
 
 @dataclass
-class MemoryConfig(_ConfigBase):
-    """The Titans neural memory (:class:`mnemos.layers.NeuralMemory`), shared by every layer that has one.
-
-    Defaults are the paper's (arXiv 2501.00663, sec. 4.4 and 5): a depth-2 MLP memory with expansion 4, gradients
-    anchored per chunk of 16 tokens, a causal conv of width 4 after the q/k/v projections.
+class MemoryConfig(_ConfigBase, MemorySettings):
+    """The Titans neural memory of every layer that has one: :class:`mnemos.layers.MemorySettings` (the fields, their
+    defaults and range checks, which the layer owns), plus the dict round trip and the type checks of a config.
+    ``NeuralMemory(dim, heads, config=config.memory)`` takes it as it is.
     """
 
     _where = "memory."
 
-    depth: int = 2  # 1 = matrix memory; >= 2 = MLP memory (the paper finds deeper memories recall more)
-    expansion: int = 4  # hidden width factor of an MLP memory
-    residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
-    activation: Literal["gelu", "silu"] = "gelu"
-    chunk_size: int = 4  # tokens per gradient anchor (paper: 16); larger is faster on CPU but staler (docs/MODELS.md)
-    # bound of a token's total inner step theta / (1 - eta), in units of the step's curvature with normalize_step. Chosen from the sweep in docs/MODELS.md ("Stability and write
-    # strength"): with unit values, normalised steps and chunk 4, 0.4 let the depth-2 LMM leave the MQAR plateau
-    # ~3x sooner than the old 0.01 with no skipped step in the seeds run
-    max_lr: float = 0.4
-    conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
-    ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
-    # bound of a chunk's summed step (its C tokens' steps are all taken at one anchor): a token's bound is
-    # min(max_lr, max_chunk_lr / C). 1.0 keeps the anchored step from increasing the error on the chunk's own keys for
-    # any keys (docs/MODELS.md); None: no chunk bound (C * max_lr: the memory diverged within sequences at C 16)
-    max_chunk_lr: float | None = 1.0
-    value_norm: bool = True  # l2-normalise the values per head, like the keys: the inner problem has one scale
-    # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
-    # then holds for an MLP memory as for a matrix memory with unit keys (torch path: not in the Triton kernels yet)
-    normalize_step: bool = True
-    impl: Literal["auto", "torch", "reference"] = "auto"  # implementation of the memory rule (tests use reference)
-
     def __post_init__(self):
         self._check_types()
-        for name in ("depth", "expansion", "chunk_size", "conv_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.max_lr > 0:
-            raise ValueError(f"memory.max_lr must be > 0, got {self.max_lr}")
-        if self.max_chunk_lr is not None and not self.max_chunk_lr > 0:
-            raise ValueError(f"memory.max_chunk_lr must be None or > 0, got {self.max_chunk_lr}")
+        super().__post_init__()  # MemorySettings': the range checks
 
 
 @dataclass

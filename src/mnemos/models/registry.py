@@ -122,33 +122,24 @@ def describe_variants() -> str:
 
 # -- the mixers --------------------------------------------------------------------------------------------------------
 
-def _memory_kwargs(config: MnemosConfig) -> dict:
-    m = config.memory
-    return dict(
-        depth=m.depth, expansion=m.expansion, residual=m.residual, activation=m.activation,
-        chunk_size=m.chunk_size, max_lr=m.max_lr, conv_size=m.conv_size, ema_momentum=m.ema_momentum, impl=m.impl,
-        max_chunk_lr=m.max_chunk_lr, value_norm=m.value_norm, normalize_step=m.normalize_step,
-    )
-
-
 def _lmm(c: MnemosConfig) -> nn.Module:
-    return LongTermMemory(c.d_model, c.n_heads, num_persistent=c.num_persistent, **_memory_kwargs(c))
+    return LongTermMemory(c.d_model, c.n_heads, num_persistent=c.num_persistent, memory_config=c.memory)
 
 
 def _mac(c: MnemosConfig) -> nn.Module:
     return MemoryAsContext(c.d_model, c.n_heads, segment_len=c.segment_len, num_persistent=c.num_persistent,
-                           rope_base=c.rope_base, norm_eps=c.norm_eps, **_memory_kwargs(c))
+                           rope_base=c.rope_base, norm_eps=c.norm_eps, memory_config=c.memory)
 
 
 def _mag(c: MnemosConfig) -> nn.Module:
     return MemoryAsGate(c.d_model, c.n_heads, window=c.window, num_persistent=c.num_persistent, rope_base=c.rope_base,
-                        norm_eps=c.norm_eps, gate_bias=c.mag_gate_bias, **_memory_kwargs(c))
+                        norm_eps=c.norm_eps, gate_bias=c.mag_gate_bias, memory_config=c.memory)
 
 
 def _mal(c: MnemosConfig) -> nn.Module:
     return MemoryAsLayer(c.d_model, c.n_heads, window=c.window, num_persistent=c.num_persistent,
                          rope_base=c.rope_base, norm_eps=c.norm_eps, memory_residual=c.mal_memory_residual,
-                         **_memory_kwargs(c))
+                         memory_config=c.memory)
 
 
 def _transformer(c: MnemosConfig) -> nn.Module:

@@ -3,7 +3,9 @@ arXiv 2501.00663, sec. 4): LMM, MAC, MAG and MAL, built from :class:`~mnemos.lay
 memory), :class:`~mnemos.layers.Attention` (short-term memory) and learned persistent tokens.
 
 Every mixer follows the block contract (``forward(x, state=None) -> (y, state)``, ``init_state``); the choices the
-paper leaves open are listed in each class docstring and in docs/MODELS.md.
+paper leaves open are listed in each class docstring and in docs/MODELS.md. Each takes its memory's settings as
+``memory_config`` (a :class:`~mnemos.layers.MemorySettings`: a model config's ``memory``, as the registry passes it)
+or as :class:`~mnemos.layers.NeuralMemory`'s keyword settings (``depth=2, chunk_size=8``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import Attention, NeuralMemory, NeuralMemoryState, RMSNorm
+from ..layers import Attention, MemorySettings, NeuralMemory, NeuralMemoryState, RMSNorm
 from ..ops import MemoryState
 from .cache import MACState, MAGState, MALState
 
@@ -28,9 +30,10 @@ class LongTermMemory(nn.Module):
     and chunk phase included). ``init_state`` runs that prefix, so streaming and the parallel pass agree exactly.
     """
 
-    def __init__(self, dim: int, heads: int, *, num_persistent: int = 0, **memory_kwargs):
+    def __init__(self, dim: int, heads: int, *, num_persistent: int = 0, memory_config: MemorySettings | None = None,
+                 **memory_kwargs):
         super().__init__()
-        self.memory = NeuralMemory(dim, heads, **memory_kwargs)
+        self.memory = NeuralMemory(dim, heads, config=memory_config, **memory_kwargs)
         self.num_persistent = num_persistent
         # the mixer sees RMS-normalised inputs (unit scale per element), so the prefix starts at that scale
         self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
@@ -110,13 +113,14 @@ class MemoryAsContext(nn.Module):
         num_persistent: int = 0,
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
+        memory_config: MemorySettings | None = None,
         **memory_kwargs,
     ):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len}")
         self.segment_len = segment_len
-        self.memory = NeuralMemory(dim, heads, **memory_kwargs)
+        self.memory = NeuralMemory(dim, heads, config=memory_config, **memory_kwargs)
         self.attn = Attention(dim, heads, num_persistent=num_persistent, rope_base=rope_base)
         self.retrieved_proj = nn.Linear(self.memory.heads * self.memory.head_dim, dim, bias=False)
         self.write_norm = RMSNorm(dim, norm_eps)
@@ -220,11 +224,12 @@ class MemoryAsGate(nn.Module):
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
         gate_bias: float = -2.0,
+        memory_config: MemorySettings | None = None,
         **memory_kwargs,
     ):
         super().__init__()
         self.attn = Attention(dim, heads, window=window, num_persistent=num_persistent, rope_base=rope_base)
-        self.memory = NeuralMemory(dim, heads, **memory_kwargs)
+        self.memory = NeuralMemory(dim, heads, config=memory_config, **memory_kwargs)
         self.attn_norm = RMSNorm(dim, norm_eps)
         self.memory_norm = RMSNorm(dim, norm_eps)
         self.gate = nn.Linear(dim, dim)
@@ -269,11 +274,12 @@ class MemoryAsLayer(nn.Module):
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
         memory_residual: bool = True,
+        memory_config: MemorySettings | None = None,
         **memory_kwargs,
     ):
         super().__init__()
         self.memory_residual = memory_residual
-        self.memory = NeuralMemory(dim, heads, **memory_kwargs)
+        self.memory = NeuralMemory(dim, heads, config=memory_config, **memory_kwargs)
         self.mid_norm = RMSNorm(dim, norm_eps)
         self.attn = Attention(dim, heads, window=window, num_persistent=num_persistent, rope_base=rope_base)
 
