@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from mnemos.layers import MemorySettings, NeuralMemory
 from mnemos.models import VARIANTS, MemoryConfig, MnemosConfig, MnemosLM, saved_model_config
@@ -149,3 +150,16 @@ def test_layers_take_the_memory_config_whole(monkeypatch):
         NeuralMemory(32, 4, config=cfg.memory, depth=2)
     with pytest.raises(TypeError, match="config must be a MemorySettings"):
         NeuralMemory(32, 4, config=cfg.memory.to_dict())
+
+
+def test_memory_impl_takes_every_choice_of_the_op():
+    """memory.impl accepts what mnemos.ops.neural_memory accepts (triton included: where the kernels cannot run the
+    call, the forward says why, naming impl); anything else is refused when the config is built."""
+    for impl in ("auto", "triton", "torch", "reference"):
+        assert MnemosConfig(**SMALL, variant="lmm", memory={"impl": impl}).memory.impl == impl
+    with pytest.raises(ValueError, match="memory.impl"):
+        MnemosConfig(**SMALL, variant="lmm", memory={"impl": "cuda"})
+    model = MnemosLM(MnemosConfig(**SMALL, variant="lmm", memory={"impl": "triton"}))
+    if not torch.cuda.is_available():  # here the kernels cannot run (no GPU; and normalize_step is torch-only)
+        with pytest.raises(ValueError, match="impl='triton' cannot run this call"):
+            model(torch.zeros(1, 5, dtype=torch.long))

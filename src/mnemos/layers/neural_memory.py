@@ -102,9 +102,10 @@ class MemorySettings:
     # divide each token's step by max(1, its curvature at the anchor) (mnemos.ops.step_curvature): the bound above
     # then holds for an MLP memory as for a matrix memory with unit keys (torch path: not in the Triton kernels yet)
     normalize_step: bool = True
-    # implementation of the memory rule, passed to mnemos.ops.neural_memory (tests use reference); the layer passes
-    # any of that function's choices through, a model config accepts these
-    impl: Literal["auto", "torch", "reference"] = "auto"
+    # implementation of the memory rule, passed to mnemos.ops.neural_memory (tests use reference): auto (the Triton
+    # kernels where they can run the call, else torch), triton (the kernels or a ValueError naming why not), torch,
+    # reference (the token-by-token rule); the delta-rule baselines read reference as their token loop, else chunked
+    impl: Literal["auto", "triton", "torch", "reference"] = "auto"
 
     def __post_init__(self):
         w = self._where
