@@ -77,6 +77,21 @@ def test_a_run_killed_part_way_resumes_from_its_checkpoint(tmp_path):
     assert run_study(TINY, tmp_path, only=job.name, file=io.StringIO())["trained"] == []  # now finished
 
 
+def test_progress_never_counts_past_its_total(tmp_path):
+    """--only naming a run at the second lr: plan() counts evals under the first lr, so the run's eval was not in
+    the total; the bar must still end at i/N with i <= N and no negative ETA."""
+    lrs = TINY.lrs
+    job = next(t for t in plan(TINY)[0] if t.group == "mqar" and t.lr == lrs[1])
+    log = io.StringIO()
+    out = run_study(TINY, tmp_path, only=job.name, file=log)
+    assert out["trained"] == [job.name] and out["evaluated"]
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("study [")]
+    assert len(lines) >= 2 and " eval " in lines[-1], lines  # the training, then its evals
+    for line in lines:
+        done, total = map(int, line.split("] ")[1].split(" ")[0].split("/"))
+        assert done <= total and "ETA -" not in line, line
+
+
 def test_two_trainings_at_a_time_in_subprocesses(tmp_path):
     out = run_study(TINY, tmp_path, jobs=2, only="mqar-*-gated_deltanet-*", file=io.StringIO())
     assert len(out["trained"]) == 2 and not out["failed"]

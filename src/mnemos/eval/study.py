@@ -483,7 +483,10 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
             summary["skipped"].append(e.name)
         else:
             summary["failed"].append(e.name)
-        n_evals -= 1
+        if n_evals > 0:
+            n_evals -= 1
+        else:  # counted under its stand-in lr by plan(), which --only did not match: count it now
+            bar.total += 1
         bar.line("eval", e.name, outcome, remaining, n_evals, jobs)
     written = write_study_report(settings, out)
     print(f"study: report written to {out / 'report.md'} ({len(summary['trained'])} runs trained, "
