@@ -139,6 +139,6 @@ def test_docstring_examples():
     import doctest
     import importlib
 
-    for name in ("harness", "baselines"):
+    for name in ("harness", "reference_models"):
         result = doctest.testmod(importlib.import_module(f"mnemos.eval.{name}"))
         assert result.attempted > 0 and result.failed == 0, name

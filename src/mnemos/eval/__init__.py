@@ -1,7 +1,7 @@
 """Evaluation: the benchmark harness (``evaluate``), model adapters, results, reports and plots."""
 
 from mnemos.eval.adapters import HFCausalLMAdapter, MnemosLMAdapter, build_mnemos_model, load_mnemos_checkpoint, load_model
-from mnemos.eval.baselines import InductionLM, RandomBigramLM
+from mnemos.eval.reference_models import InductionLM, RandomBigramLM
 from mnemos.eval.harness import EvalOptions, config_from_dict, config_to_dict, evaluate, run_eval
 from mnemos.eval.report import merge_results, report, write_report
 from mnemos.eval.results import Cell, EvalResults

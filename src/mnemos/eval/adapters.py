@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mnemos.checkpoint import load_model_weights, read_trainer_state
 from mnemos.data.tokenizer import Tokenizer
-from mnemos.eval.baselines import make_baseline
+from mnemos.eval.reference_models import make_baseline
 from mnemos.eval.stateful import StateGrowth, StatefulLM
 from mnemos.models import MnemosConfig, MnemosLM, saved_model_config
 from mnemos.models.config import merge_overrides
@@ -300,7 +300,7 @@ def load_model(
     """The model a command-line spec names.
 
     - ``baseline:induction[:ORDER]``, ``baseline:random``: reference models that need no weights
-      (:mod:`mnemos.eval.baselines`), sized to the task's ``vocab_size``;
+      (:mod:`mnemos.eval.reference_models`), sized to the task's ``vocab_size``;
     - a directory with ``trainer.pt``: a mnemos checkpoint (:func:`load_mnemos_checkpoint`);
     - another directory with a ``config.json``: a Hugging Face causal LM (needs ``transformers``);
     - a variant name, optionally with ``MnemosConfig`` overrides in the dotted grammar of ``mnemos train``

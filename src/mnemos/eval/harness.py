@@ -13,7 +13,7 @@ is recorded as an error and the other cells still run (``raise_errors=True`` to 
 of equal length are batched (``batch_size``).
 
 >>> from mnemos.data import MQARConfig
->>> from mnemos.eval.baselines import InductionLM
+>>> from mnemos.eval.reference_models import InductionLM
 >>> res = evaluate(InductionLM(vocab_size=64), MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4,
 ...                num_examples=8, noise="disjoint"), options=EvalOptions(progress=False))
 >>> res.cells[0].task, res.cells[0].metrics["accuracy"], res.cells[0].metrics["context_value_rate"]
@@ -29,7 +29,7 @@ import torch
 
 from mnemos.eval._progress import progress_bar
 from mnemos.eval.adapters import load_model
-from mnemos.eval.registry import TaskConfig, config_from_dict, config_to_dict, task_of
+from mnemos.eval.registry import EvalTaskConfig, config_from_dict, config_to_dict, task_of
 from mnemos.eval.report import write_report
 from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, auto_memory_budget_gb
@@ -39,7 +39,7 @@ from mnemos.eval.tasks.mqar import model_reach
 
 __all__ = [
     "EvalOptions",
-    "TaskConfig",
+    "EvalTaskConfig",
     "auto_memory_budget_gb",
     "config_from_dict",
     "config_to_dict",
@@ -51,12 +51,12 @@ __all__ = [
 ]
 
 
-def task_name(config: TaskConfig) -> str:
+def task_name(config: EvalTaskConfig) -> str:
     """The registered name of ``config``'s task (``"niah"`` for a ``NIAHConfig``)."""
     return task_of(config).name
 
 
-def task_vocab_size(config: TaskConfig) -> int:
+def task_vocab_size(config: EvalTaskConfig) -> int:
     """The vocabulary a model needs for ``config``'s token ids (byte tokens for the text tasks)."""
     return task_of(config).vocab_size(config)
 
@@ -65,7 +65,7 @@ def task_vocab_size(config: TaskConfig) -> int:
 
 def evaluate(
     model: StatefulLM | Sequence[StatefulLM],
-    task: TaskConfig | Sequence[TaskConfig],
+    task: EvalTaskConfig | Sequence[EvalTaskConfig],
     *,
     seed: int = 0,
     options: EvalOptions | None = None,
@@ -104,7 +104,7 @@ def evaluate(
 
 def run_eval(
     model_specs: Sequence[str],
-    task: TaskConfig | Sequence[TaskConfig],
+    task: EvalTaskConfig | Sequence[EvalTaskConfig],
     *,
     seed: int = 0,
     options: EvalOptions | None = None,

@@ -29,10 +29,10 @@ if TYPE_CHECKING:  # annotations only
     from mnemos.eval.runner import EvalOptions, Run
     from mnemos.eval.tables import Notes
 
-__all__ = ["EvalTask", "TASKS", "TaskConfig", "config_from_dict", "config_to_dict", "floats_arg", "ints_arg",
+__all__ = ["EvalTask", "TASKS", "EvalTaskConfig", "config_from_dict", "config_to_dict", "floats_arg", "ints_arg",
            "register_task", "task_of"]
 
-TaskConfig = Any  # the config of a registered task (its EvalTask.config_type)
+EvalTaskConfig = Any  # the config of a registered task (its EvalTask.config_type)
 
 BYTE_VOCAB = ByteTokenizer().vocab_size  # the text tasks' token ids: UTF-8 bytes and the specials
 
@@ -50,11 +50,11 @@ class EvalTask:
     config_type: type
     help: str = ""
 
-    def vocab_size(self, config: TaskConfig) -> int:
+    def vocab_size(self, config: EvalTaskConfig) -> int:
         """The vocabulary a model needs for the task's token ids (default: byte tokens, for the text tasks)."""
         return BYTE_VOCAB
 
-    def tokens(self, config: TaskConfig, options: EvalOptions) -> int:
+    def tokens(self, config: EvalTaskConfig, options: EvalOptions) -> int:
         """Roughly how many tokens evaluating ``config`` feeds (the progress bar's total)."""
         raise NotImplementedError
 
@@ -65,7 +65,7 @@ class EvalTask:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The task's ``mnemos eval NAME`` flags (the common ones are added by the CLI)."""
 
-    def from_args(self, args: argparse.Namespace) -> TaskConfig | list[TaskConfig]:
+    def from_args(self, args: argparse.Namespace) -> EvalTaskConfig | list[EvalTaskConfig]:
         """The config(s) a command line describes."""
         raise NotImplementedError
 
@@ -102,7 +102,7 @@ def register_task(task: EvalTask) -> EvalTask:
     return task
 
 
-def config_to_dict(config: TaskConfig) -> dict[str, Any]:
+def config_to_dict(config: EvalTaskConfig) -> dict[str, Any]:
     """``{"type": "NIAHConfig", <fields>}``, JSON-ready (tuples as lists); :func:`config_from_dict` inverts it."""
     task_of(config)  # a TypeError unless it is a registered task's config
     d = {"type": type(config).__name__}
@@ -112,7 +112,7 @@ def config_to_dict(config: TaskConfig) -> dict[str, Any]:
     return d
 
 
-def config_from_dict(d: dict[str, Any]) -> TaskConfig:
+def config_from_dict(d: dict[str, Any]) -> EvalTaskConfig:
     """The task config :func:`config_to_dict` wrote (lists back to tuples; the config validates itself)."""
     by_type = {t.config_type.__name__: t.config_type for t in TASKS.values()}
     cls = by_type.get(d.get("type"))
@@ -122,7 +122,7 @@ def config_from_dict(d: dict[str, Any]) -> TaskConfig:
     return cls(**kwargs)
 
 
-def task_of(config: TaskConfig) -> EvalTask:
+def task_of(config: EvalTaskConfig) -> EvalTask:
     """The registered task whose config type ``config`` is; a ``TypeError`` naming the known configs otherwise."""
     for task in TASKS.values():
         if type(config) is task.config_type:

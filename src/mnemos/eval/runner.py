@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mnemos.data import BABILongSample, NIAHSample, exact_match
 from mnemos.eval._progress import ProgressBar
-from mnemos.eval.registry import EvalTask, TaskConfig, config_to_dict, task_of
+from mnemos.eval.registry import EvalTask, EvalTaskConfig, config_to_dict, task_of
 from mnemos.eval.results import Cell, environment
 from mnemos.eval.stateful import StatefulLM, state_size
 
@@ -87,7 +87,7 @@ class EvalOptions:
 class Run:
     """One (model, task config) evaluation: what every cell of it shares."""
 
-    def __init__(self, model: StatefulLM, config: TaskConfig, seed: int, options: EvalOptions, bar: ProgressBar,
+    def __init__(self, model: StatefulLM, config: EvalTaskConfig, seed: int, options: EvalOptions, bar: ProgressBar,
                  peers: Sequence[StatefulLM] = ()):
         self.model, self.config, self.seed, self.options, self.bar = model, config, seed, options, bar
         self.peers = tuple(peers) or (model,)  # every model of the evaluation (MQAR's "auto" split reads them)
@@ -316,10 +316,10 @@ class GenerationTask(EvalTask):
     one.
     """
 
-    def grid(self, config: TaskConfig) -> Iterable[tuple[dict[str, Any], TaskConfig]]:
+    def grid(self, config: EvalTaskConfig) -> Iterable[tuple[dict[str, Any], EvalTaskConfig]]:
         raise NotImplementedError
 
-    def samples(self, config: TaskConfig, seed: int) -> Sequence[Sample]:
+    def samples(self, config: EvalTaskConfig, seed: int) -> Sequence[Sample]:
         """The samples of a config narrowed to one grid point (default: ``config.build(seed)``)."""
         return config.build(seed)
 

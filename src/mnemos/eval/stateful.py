@@ -5,7 +5,7 @@ The harness sees every model as a :class:`StatefulLM`: ``init_state(B)`` then ``
 chunk by chunk. Besides that the model says whether its state stays the same size (a recurrent memory, a sliding
 window) or grows with the context (an attention KV cache), and the longest context it accepts; the harness uses
 both to refuse, with a message, a context the model cannot hold, instead of running out of memory. Models:
-:mod:`mnemos.eval.adapters` (mnemos and Hugging Face models) and :mod:`mnemos.eval.baselines` (reference models).
+:mod:`mnemos.eval.adapters` (mnemos and Hugging Face models) and :mod:`mnemos.eval.reference_models` (reference models).
 """
 
 from __future__ import annotations

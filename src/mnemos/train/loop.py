@@ -151,7 +151,7 @@ def eval_reach(cfg: TrainConfig) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) -> dict[str, float]:
+def validate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) -> dict[str, float]:
     """Validation metrics. niah / babilong score every val example: ``val_loss`` (per answer token), ``val_accuracy``
     (every answer token right, teacher-forced), ``val_token_accuracy``, ``val_examples``. MQAR scores every one of
     the ``task.eval_examples`` val examples: ``val_loss``,
@@ -456,7 +456,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         log.bar(step + 1, step_loss, tok_s, start_step, note)
         last = step + 1 == run.steps
         if (step + 1) % run.eval_every == 0 or last:
-            metrics = final = evaluate(fwd, data, cfg, info, autocast)
+            metrics = final = validate(fwd, data, cfg, info, autocast)
             log.log(step + 1, "val", metrics)
             log.eval_line(step + 1, metrics)
             key = metrics.get("val_accuracy", -metrics["val_loss"])
