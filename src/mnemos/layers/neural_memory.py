@@ -88,9 +88,9 @@ class MemorySettings:
     residual: bool = True  # M(x) = MLP(x) + x: starts near the identity, which keeps early training stable
     activation: Literal["gelu", "silu"] = "gelu"
     chunk_size: int = 4  # tokens per gradient anchor (paper: 16); larger is faster on CPU but staler (docs/MODELS.md)
-    # bound of a token's total inner step theta / (1 - eta), in units of the step's curvature with normalize_step. Chosen from the sweep in docs/MODELS.md ("Stability and write
-    # strength"): with unit values, normalised steps and chunk 4, 0.4 let the depth-2 LMM leave the MQAR plateau
-    # ~3x sooner than the old 0.01 with no skipped step in the seeds run
+    # bound of a token's total inner step theta / (1 - eta), in units of the step's curvature with normalize_step.
+    # Chosen from the sweep in docs/MODELS.md ("Stability and write strength"): with unit values, normalised steps
+    # and chunk 4, 0.4 let the depth-2 LMM leave the MQAR plateau ~3x sooner than the old 0.01 with no skipped step
     max_lr: float = 0.4
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
     ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
@@ -161,8 +161,8 @@ class NeuralMemory(nn.Module):
         for f in dataclasses.fields(MemorySettings):  # self.depth, self.chunk_size, ..., self.impl
             setattr(self, f.name, getattr(config, f.name))
         # the bound of one token's total step: max_lr, or its share of the chunk's summed-step bound if smaller
-        c = config
-        self.token_lr = c.max_lr if c.max_chunk_lr is None else min(c.max_lr, c.max_chunk_lr / c.chunk_size)
+        self.token_lr = (self.max_lr if self.max_chunk_lr is None
+                         else min(self.max_lr, self.max_chunk_lr / self.chunk_size))
         # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
         # (see :meth:`_record_stats`); the trainer switches it on for logged steps only
         self.record_stats = False
@@ -171,11 +171,11 @@ class NeuralMemory(nn.Module):
         inner = H * D
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.conv = ShortConvolution(3 * inner, c.conv_size)
+        self.conv = ShortConvolution(3 * inner, self.conv_size)
         self.to_gates = nn.Linear(dim, 3 * H)  # theta, eta, alpha logits
-        widths = [D] + [c.expansion * D] * (c.depth - 1) + [D]
+        widths = [D] + [self.expansion * D] * (self.depth - 1) + [D]
         self.memory = nn.ParameterList(
-            nn.Parameter(torch.empty(H, widths[i + 1], widths[i])) for i in range(c.depth)
+            nn.Parameter(torch.empty(H, widths[i + 1], widths[i])) for i in range(self.depth)
         )  # W_0, layer i: [H, D_out, D_in]
         self.to_out_gate = nn.Linear(dim, inner, bias=False)
         self.out_norm = GatedRMSNorm(D)
