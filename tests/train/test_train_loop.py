@@ -60,6 +60,17 @@ def test_trains_logs_and_checkpoints(tmp_path):
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_train_gives_the_process_its_deterministic_setting_back(tmp_path):
+    """A CPU run uses deterministic algorithms inside train() only: the caller's setting is restored after it."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        train(_cfg(tmp_path, "run.steps=1"))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_resume_is_bit_exact(tmp_path):
     """Stopping after 5 of 8 steps and resuming gives exactly the losses of the uninterrupted run (CPU)."""
     args = ("run.steps=8", "optim.grad_accum=2", "optim.lr=1e-2")

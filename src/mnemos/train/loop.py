@@ -314,9 +314,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     which must match cfg.model) and reproduces the losses of an uninterrupted run exactly on CPU.
     """
     info = init_distributed(cfg.run.device)
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(cfg, info, resume)
-    finally:
+    finally:  # _train switches deterministic algorithms on for CPU runs: the caller's process gets its setting back
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         shutdown(info)
 
 
