@@ -112,6 +112,11 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
     del mal["mal_memory_residual"]
     assert MnemosConfig.from_dict(saved_model_config(mal)).mal_memory_residual is False
     assert MnemosConfig.from_dict(mal).mal_memory_residual is True  # what it would silently have become
+    # saved before MAC's memory was written with the mixer's input: the paper's form, written with the attention output
+    mac = MnemosConfig(**SMALL, variant="mac").to_dict()
+    del mac["mac_memory_residual"]
+    assert MnemosConfig.from_dict(saved_model_config(mac)).mac_memory_residual is False
+    assert MnemosConfig.from_dict(mac).mac_memory_residual is True
 
 
 @pytest.mark.parametrize("field, bad", [("depth", 0), ("expansion", 0), ("chunk_size", 0), ("conv_size", 0),

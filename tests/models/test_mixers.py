@@ -167,9 +167,12 @@ def rope(x, pos, base=10000.0):
 
 
 def naive_mac(mac: MemoryAsContext, x: torch.Tensor) -> torch.Tensor:
-    """MAC from its definition: for each segment, rebuild the memory from every earlier attention output, read it with
-    the segment's queries, attend query by query over exactly the keys it may see, then write and read the memory."""
+    """MAC from its definition: for each segment, rebuild the memory from everything written before it (the
+    normalised inputs of the earlier segments, or with ``memory_residual=False`` their attention outputs), read it
+    with the segment's queries, attend query by query over exactly the keys it may see, then write and read the
+    memory: ``y + m`` (``y * sigmoid(m)``)."""
     B, T, d = x.shape
+    written = (lambda x_, y_: x_) if mac.memory_residual else (lambda x_, y_: y_)
     N, at, mem = mac.segment_len, mac.attn, mac.memory
     H, D = at.n_heads, at.head_dim
     ys = []
@@ -177,8 +180,8 @@ def naive_mac(mac: MemoryAsContext, x: torch.Tensor) -> torch.Tensor:
         s1 = min(s0 + N, T)
         if s0 == 0:
             W = tuple(w.expand(B, *w.shape) for w in mem.memory)
-        else:  # the memory after segments 0 .. s-1: one pass over all their (normalised) attention outputs
-            W = mem(mac.write_norm(torch.cat(ys, 1)))[1].memory.weights
+        else:  # the memory after segments 0 .. s-1: one pass over all that they wrote (normalised)
+            W = mem(mac.write_norm(written(x[:, :s0], torch.cat(ys, 1))))[1].memory.weights
         read = NeuralMemoryState(MemoryState(W, W, W, 0, mem.chunk_size), mem.conv.init_state(B, dtype=F64))
         h = mac.retrieved_proj(mem.retrieve(x[:, :s1], read)[:, s0:].reshape(B, s1 - s0, -1))  # whole x history
         # segment-local positions: RoPE scores between rotated keys only see differences, but the persistent keys are
@@ -196,18 +199,35 @@ def naive_mac(mac: MemoryAsContext, x: torch.Tensor) -> torch.Tensor:
             out.append(torch.einsum("bhj,bjhd->bhd", p, v).reshape(B, H * D))
         ys.append(at.o_proj(torch.stack(out, 1)))
     y = torch.cat(ys, 1)
-    m, _ = mem(mac.write_norm(y))  # written token by token over the whole stream, read after each write
-    return y * torch.sigmoid(m)
+    m, _ = mem(mac.write_norm(written(x, y)))  # written token by token over the whole stream, read after each write
+    return y + m if mac.memory_residual else y * torch.sigmoid(m)
 
 
+@pytest.mark.parametrize("memory_residual", [True, False])
 @pytest.mark.parametrize("segment_len,chunk", [(5, 4), (4, 4), (16, 3), (1, 2)])
-def test_mac_equals_naive_construction(segment_len, chunk):
+def test_mac_equals_naive_construction(segment_len, chunk, memory_residual):
     torch.manual_seed(0)
-    mac = MemoryAsContext(32, 4, segment_len=segment_len, num_persistent=3, depth=2, expansion=2, chunk_size=chunk)
+    mac = MemoryAsContext(32, 4, segment_len=segment_len, num_persistent=3, depth=2, expansion=2, chunk_size=chunk,
+                          memory_residual=memory_residual)
     mac = mac.double()
     x = x_of(2, 13)
     got, _ = mac(x)
-    assert_max_err(f"MAC N={segment_len} C={chunk}", naive_mac(mac, x), got, 1e-10)
+    assert_max_err(f"MAC N={segment_len} C={chunk} residual={memory_residual}", naive_mac(mac, x), got, 1e-10)
+
+
+def test_mac_memory_reaches_the_output_as_configured():
+    """MAC's default form: silencing the attention leaves the memory's read of the normalised input exactly (the
+    paper's form leaves zero: the read only gates the attention output); and its memory never sees the attention."""
+    torch.manual_seed(0)
+    x = x_of(2, 13)
+    for residual in (True, False):
+        mac = MemoryAsContext(32, 4, segment_len=5, num_persistent=2, depth=2, expansion=2, chunk_size=3,
+                              memory_residual=residual).double()
+        with torch.no_grad():
+            mac.attn.o_proj.weight.zero_()
+        got, _ = mac(x)
+        want = mac.memory(mac.write_norm(x))[0] if residual else torch.zeros_like(x)
+        assert_max_err(f"MAC residual={residual}, attention silenced", want, got, 1e-12)
 
 
 @pytest.mark.parametrize("bias", [-2.0, 0.0, 1.5])

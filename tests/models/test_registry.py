@@ -126,8 +126,8 @@ def test_state_growth_is_what_the_registry_says(variant):
 
 
 # a changed value of each field; memory.impl picks an implementation of the same numbers, so it is left out
-CHANGES = {"window": 3, "segment_len": 4, "num_persistent": 1, "rope_base": 500.0, "mag_gate_bias": 1.0, "mal_memory_residual": False,
-           "memory.max_lr": 0.1, "memory.chunk_size": 2, "memory.conv_size": 2, "memory.depth": 1}
+CHANGES = {"window": 3, "segment_len": 4, "num_persistent": 1, "rope_base": 500.0, "mag_gate_bias": 1.0,
+           "mal_memory_residual": False, "mac_memory_residual": False, "memory.max_lr": 0.1, "memory.chunk_size": 2, "memory.conv_size": 2, "memory.depth": 1}
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, TOY.name])

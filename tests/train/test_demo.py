@@ -4,11 +4,25 @@ This trains two small models for real (about 3 minutes on 2 CPU cores): the demo
 """
 
 import json
+import os
+
+import pytest
+import torch
 
 from mnemos.train.demo import DemoConfig, run_demo
 
 
-def test_memory_recalls_what_the_window_lost(tmp_path):
+@pytest.fixture
+def readme_threads():
+    """The demo as README runs it: torch's default of one thread per core (up to 2, CI's cores), whatever thread count
+    other test modules set for themselves (tests/models/test_hf.py sets 1 when it is imported)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
+
+def test_memory_recalls_what_the_window_lost(tmp_path, readme_threads):
     cfg = DemoConfig(out_dir=str(tmp_path), progress=False)
     report = run_demo(cfg)
     rows = {r["model"]: r for r in report.rows}

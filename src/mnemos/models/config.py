@@ -152,6 +152,10 @@ class MnemosConfig(_ConfigBase):
     # MAL's memory read joins the residual stream itself (memory and attention as two residual layers); False: only
     # through the attention, o = SWA(RMSNorm(M(x))) (then MAL left the MQAR plateau 500 to 1500+ steps later, by seed)
     mal_memory_residual: bool = True
+    # MAC's memory is written with the mixer's input and its read added to the attention output, o = y + M(RMSNorm(x));
+    # False: the paper's form, written with the attention output and gating it, o = y * sigmoid(M(RMSNorm(y))) (then
+    # MAC stayed on the MQAR plateau: 0.136 at step 1500 where the LMM reached 0.97)
+    mac_memory_residual: bool = True
     rope_base: float = 10000.0
     # long-term memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -214,8 +218,9 @@ class MnemosConfig(_ConfigBase):
 # memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
 # (the free theta = max_lr * sigmoid(.) came first; then a per-token bound and raw values)
 MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": False, "normalize_step": False}
-# model keys added since, likewise (MAL's memory read reached the stream only through its attention)
-MODEL_KEYS_ADDED = {"mal_memory_residual": False}
+# model keys added since, likewise (MAL's memory read reached the stream only through its attention; MAC's memory
+# was written with the attention output and gated it)
+MODEL_KEYS_ADDED = {"mal_memory_residual": False, "mac_memory_residual": False}
 
 
 def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class MnemosHFConfig(PreTrainedConfig):
     num_persistent: int = 4
     mag_gate_bias: float = -2.0
     mal_memory_residual: bool = True
+    mac_memory_residual: bool = True
     rope_base: float = 10000.0
     memory: dict | None = None
     norm_eps: float = 1e-6

@@ -78,12 +78,22 @@ class MemoryAsContext(nn.Module):
 
         h_t = M_{s-1}(q_t)                          retrieve: memory as it stood after segment s-1, no update
         y   = Attn([persistent || h || x_seg])      attention local to the segment, causal in h and x alike
-        m_t = M_t(q(u_t)),  M_t = write(M_{t-1}, u_t),  u = RMSNorm(y)
-                                                    update with the attention output; read after the write
-        o_t = y_t * sigmoid(m_t)                    the paper's y ⊗ M(y)
+        memory_residual=True (default): the memory is a residual layer on the mixer's input
+            m_t = M_t(q(u_t)),  M_t = write(M_{t-1}, u_t),  u = RMSNorm(x)
+            o_t = y_t + m_t
+        memory_residual=False (the paper's eq. 24-25):
+            m_t = M_t(q(u_t)),  M_t = write(M_{t-1}, u_t),  u = RMSNorm(y)
+            o_t = y_t * sigmoid(m_t)                the paper's y ⊗ M(y)
 
     Choices the paper leaves open:
 
+    - What the memory is written with, and how its read meets the output. The paper writes the attention output y
+      and gates y with the read. On MQAR (64 tokens, 8 pairs, segments of 32) that form stayed on the 1/K plateau
+      (0.136 at step 1500, seed 0) while the LMM left it by step ~600: at initialisation the attention averages its
+      segment, so keys and values computed from y do not identify their tokens, and a gate cannot carry a value the
+      read found. Written with the segment's own (normalised) input, the tokens its retrieval queries come from, and
+      with its read added to the output, MAC left the plateau with the LMM (0.60 at step 500; docs/MODELS.md). That
+      is the default; ``memory_residual=False`` keeps the paper's form (and that of checkpoints saved before).
     - Causality: the paper prepends h to the segment as visible context, but h_j is computed from token j. Here
       query i sees h_j only for j <= i (:func:`mac_attention_mask`; persistent tokens are visible to all), so the
       model is strictly causal and decoding equals the parallel pass.
@@ -93,8 +103,8 @@ class MemoryAsContext(nn.Module):
     - Positions: RoPE counts from the segment start (h_j and x_j both at position j). Persistent keys are not
       rotated, so their scores depend on the query's own position: counting per segment makes every segment see
       them alike, and keeps angles small on long streams.
-    - ⊗ is ``y * sigmoid(m)``: the memory's read gates the attention output channel by channel.
-    - The memory is written with ``RMSNorm(y)``, not y: like every other memory input it is normalised (the
+    - In the paper's form, ⊗ is ``y * sigmoid(m)``: the memory's read gates the attention output channel by channel,
+      and the memory is written with ``RMSNorm(y)``, not y: like every other memory input it is normalised (the
       memory's gates are initialised for unit-scale inputs; raw attention outputs drove its momentum gate to 1 and
       the memory diverged in training).
     - Persistent tokens are learned keys/values of the attention (``attn.persistent_k/v``), not written into the
@@ -113,6 +123,7 @@ class MemoryAsContext(nn.Module):
         num_persistent: int = 0,
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
+        memory_residual: bool = True,
         memory_config: MemorySettings | None = None,
         **memory_kwargs,
     ):
@@ -120,6 +131,7 @@ class MemoryAsContext(nn.Module):
         if segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len}")
         self.segment_len = segment_len
+        self.memory_residual = memory_residual
         self.memory = NeuralMemory(dim, heads, config=memory_config, **memory_kwargs)
         self.attn = Attention(dim, heads, num_persistent=num_persistent, rope_base=rope_base)
         self.retrieved_proj = nn.Linear(self.memory.heads * self.memory.head_dim, dim, bias=False)
@@ -184,12 +196,13 @@ class MemoryAsContext(nn.Module):
         return y, (k_h, v_h, k_x, v_x)
 
     def _piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
-        """Tokens that all belong to the current segment: retrieve -> attend -> update."""
+        """Tokens that all belong to the current segment: retrieve -> attend -> write and read the memory."""
         xs = torch.cat([state.x_tail.to(x.dtype), x], dim=1)  # [B, tail + n, d]
         h = self._retrieve(xs, state)
         y, (k_h, v_h, k_x, v_x) = self._attend(x, h, state)
-        m, memory = self.memory(self.write_norm(y), state.memory)  # write u_t, read M_t(q(u_t)) after the write
-        out = y * torch.sigmoid(m)
+        u = self.write_norm(x if self.memory_residual else y)
+        m, memory = self.memory(u, state.memory)  # write u_t, read M_t(q(u_t)) after the write
+        out = y + m if self.memory_residual else y * torch.sigmoid(m)
         x_tail = xs[:, x.shape[1] :].clone()  # [B, tail, d]; a copy, so the state does not pin all of xs
         if k_x.shape[1] == self.segment_len:  # segment complete: the next one reads the memory as it is now
             empty = k_x.new_zeros(k_x.shape[0], 0, *k_x.shape[2:])  # fresh, not views that would pin the buffers
