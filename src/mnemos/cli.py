@@ -59,12 +59,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _memorize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .eval.memorize import MemorizeConfig, run_memorize
 
     cfg = MemorizeConfig(
         head_dim=args.head_dim, n_pairs=args.pairs, depths=args.depths, chunk_sizes=args.chunks, passes=args.passes,
         theta=args.theta, eta=args.eta, seed=args.seed,
     )
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # before the runs, not after them
+        raise FileNotFoundError(f"--json {args.json}: the directory {Path(args.json).parent} does not exist")
     print(f"mnemos {__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads")
     print(
         f"Writing N random key->value pairs (D={cfg.head_dim}, unit norm) into a neural memory by test-time gradient "
@@ -137,6 +141,13 @@ def _train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     cfg = load_config(_preset_path(args.preset) if args.preset else args.config, args.overrides)
+    if args.resume:  # checked before train() creates run.out_dir
+        from pathlib import Path
+
+        ckpt = Path(cfg.run.out_dir) / "checkpoint"
+        if not (ckpt / "trainer.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt} (run.out_dir={cfg.run.out_dir}); train "
+                                    "without --resume to start the run")
     result = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -171,11 +182,18 @@ def _preset_path(name: str):
 
 
 THREADS_HELP = "CPU threads torch uses (torch.set_num_threads; default: torch's choice, one per core)"
+DEBUG_HELP = "on an error, show the Python traceback (default: one line naming what is wrong)"
+
+
+def _debug_flag(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--debug``, before or after the subcommand (a subcommand's copy sets the value only when given)."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS, help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mnemos", description="The memory hierarchy of sequence models.")
     p.add_argument("--version", action="version", version=f"mnemos {__version__}")
+    _debug_flag(p, top=True)
     sub = p.add_subparsers(dest="command", required=True)
 
     from .eval.memorize import MemorizeConfig
@@ -189,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default %(default)s)")
     dm.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
+    _debug_flag(dm)
     dm.set_defaults(func=_demo)
 
     demo = sub.add_parser("memorize", help="test-time memorisation: recall of N key->value pairs vs depth and chunk size")
@@ -201,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eta", type=float, default=d["eta"], help="momentum (default %(default)s)")
     demo.add_argument("--seed", type=int, default=d["seed"])
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    _debug_flag(demo)
     demo.set_defaults(func=_memorize)
     _add_eval_parser(sub)
 
@@ -215,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from run.out_dir/checkpoint")
     tr.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
     tr.add_argument("overrides", nargs="*", metavar="section.key=value")
+    _debug_flag(tr)
     tr.set_defaults(func=_train)
 
     st = sub.add_parser("study", help="a reproducible, resumable study: train the models, evaluate, report")
@@ -234,12 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--only", metavar="PATTERN",
                     help="run only the runs / evals whose name matches (glob; plain text matches anywhere); the "
                          "report still covers everything done")
+    _debug_flag(rs)
     rs.set_defaults(func=_study)
 
     rep = sub.add_parser("report", help="merge eval results (JSON) into one comparison table and figures")
     rep.add_argument("results", nargs="+", metavar="RESULTS.json", help="files written by mnemos eval (results.json)")
     rep.add_argument("--out", required=True, metavar="DIR", help="where to write results.json, report.md, PNGs")
     rep.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    _debug_flag(rep)
     rep.set_defaults(func=_report)
     return p
 
@@ -269,6 +292,7 @@ def _add_eval_parser(sub) -> None:
     common.add_argument("--raise-errors", action="store_true",
                         help="stop at the first failing cell (default: record the error in it and go on)")
     common.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
+    _debug_flag(common)
 
     ev = sub.add_parser("eval", help="evaluate models on a benchmark task (see docs/BENCHMARKS.md)")
     tasks = ev.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -278,17 +302,26 @@ def _add_eval_parser(sub) -> None:
         t.set_defaults(func=_eval)
 
 
+# What a user's input causes: a bad value, type or name (config type errors are ValueErrors too:
+# mnemos.models.config.ConfigTypeError), a missing or unreadable file, a missing optional package. Reported in one line
+# with exit code 2, like argparse's own errors; anything else is a bug and keeps its traceback.
+USAGE_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:  # --model.d_model=64 is an override, not a flag
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top-level flags take no values
+    if command == "train":  # --model.d_model=64 is an override, not a flag
         argv = [a[2:] if a.startswith("--") and "=" in a and "." in a.split("=")[0] else a for a in argv]
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:
         _set_threads(args.threads)  # before any work
     try:
         return args.func(args)
-    except (ValueError, ImportError) as e:  # configuration errors, missing optional packages: one clear line
-        print(f"mnemos {args.command}: error: {e}", file=sys.stderr)
+    except USAGE_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"mnemos {args.command}: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

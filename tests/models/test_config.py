@@ -19,7 +19,7 @@ SMALL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
     [
         ({"window": 0}, ValueError, "window must be >= 1, got 0"),
         ({"window": -3}, ValueError, "window must be >= 1, got -3"),
-        ({"n_heads": 3}, ValueError, r"n_heads \(3\) must divide d_model \(32\)"),
+        ({"n_heads": 3}, ValueError, r"model.n_heads \(3\) must divide model.d_model \(32\)"),
         ({"variant": "mamba"}, ValueError, "unknown variant 'mamba'"),
         ({"segment_len": 0}, ValueError, "segment_len must be >= 1, got 0"),
         ({"num_persistent": -1}, ValueError, "num_persistent must be >= 0"),
@@ -51,9 +51,9 @@ def test_odd_head_dim_is_fine_without_attention():
 
 
 def test_from_dict_names_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown MnemosConfig keys \['segment_length'\]"):
+    with pytest.raises(ValueError, match=r"unknown MnemosConfig keys \['model.segment_length'\]"):
         MnemosConfig.from_dict({"variant": "mac", "segment_length": 8})
-    with pytest.raises(ValueError, match=r"unknown MemoryConfig keys \['memory.chunk'\]"):
+    with pytest.raises(ValueError, match=r"unknown MemoryConfig keys \['model.memory.chunk'\]"):
         MnemosConfig.from_dict({"memory": {"chunk": 8}})
     with pytest.raises(TypeError, match="needs a dict"):
         MnemosConfig.from_dict([("variant", "mac")])
@@ -123,12 +123,12 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
                                         ("max_lr", -0.1), ("max_chunk_lr", 0.0)])
 def test_memory_checks_live_in_one_place(field, bad):
     """The memory's range checks are the layer's (MemorySettings): its keyword form and a model config reject a bad
-    value with one message, prefixed ``memory.`` in the config."""
+    value with one message, prefixed ``model.memory.`` (the key as an override names it) in the config."""
     with pytest.raises(ValueError) as by_layer:
         NeuralMemory(12, **{field: bad})
     with pytest.raises(ValueError) as by_config:
         MnemosConfig(**SMALL, memory={field: bad})
-    assert str(by_config.value) == f"memory.{by_layer.value}"
+    assert str(by_config.value) == f"model.memory.{by_layer.value}"
     assert str(by_layer.value).startswith(f"{field} must be")
 
 

@@ -316,10 +316,12 @@ def load_model(
         return HFCausalLMAdapter.from_pretrained(path, device=device, dtype=dtype)
     variant, _, overrides = spec.partition(":")
     if variant in VARIANT_REGISTRY and not path.exists():
+        model = build_mnemos_model(variant, vocab_size, overrides=spec_overrides(overrides), device=device,
+                                   dtype=dtype, name=f"{spec} (untrained)")
+        # only once the spec is valid: a typo in it gets its error alone
         warnings.warn(f"--model {spec}: a randomly initialised {variant} model (no checkpoint); expect chance scores",
                       stacklevel=2)
-        return build_mnemos_model(variant, vocab_size, overrides=spec_overrides(overrides), device=device,
-                                  dtype=dtype, name=f"{spec} (untrained)")
+        return model
     raise ValueError(
         f"model {spec!r} is not a checkpoint directory, a Hugging Face directory, a mnemos variant "
         f"({', '.join(VARIANT_REGISTRY)}, optionally VARIANT:model.KEY=VALUE,...) or a baseline "

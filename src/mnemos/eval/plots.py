@@ -8,6 +8,8 @@ one line per model, one panel per task setting (S-NIAH kinds averaged over depth
 with its threshold). :func:`make_figures` draws them all; adding a task needs no edit here.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects, never through pyplot, so no global backend is touched.
+:func:`save` thins crowded tick labels (:func:`thin_tick_labels`), so no figure overlaps them at any number of grid
+points.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from mnemos.eval.registry import TASKS
 from mnemos.eval.results import EvalResults
 from mnemos.eval.tables import Pooled, fmt_length
 
-__all__ = ["LengthPanel", "figure", "grid", "make_figures", "panel_axes", "plot_accuracy_vs_length", "save"]
+__all__ = ["LengthPanel", "figure", "figure_legend", "grid", "log_ticks", "make_figures", "panel_axes",
+           "plot_accuracy_vs_length", "save", "thin_tick_labels"]
 
 _DPI = 110
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -62,12 +65,116 @@ def panel_axes(fig, rows: int, cols: int, n: int) -> list:
     return axes[:n]
 
 
+def figure_legend(fig, fontsize: float = 7) -> None:
+    """One legend for all the panels of ``fig``, outside them on the right, the figure widened to hold it: every
+    distinct label of its axes, in order of first appearance. Panels share their models, so a legend in each repeated
+    them and, with many models, covered the data."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    handles: dict = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if not handles:
+        return
+    per_column = max(1, int(fig.get_figheight() * 72 / (fontsize * 1.9)))  # entries one column holds
+    legend = fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=fontsize,
+                        ncols=math.ceil(len(handles) / per_column))
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    width = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+    fig.set_figwidth(fig.get_figwidth() + width + 0.1)
+
+
 def save(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG (parents created); its path."""
+    """Write ``fig`` as a PNG (parents created), its crowded tick labels thinned first; its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    thin_tick_labels(fig)
     fig.savefig(path, format="png")
     return path
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Positions for the labelled ticks of a log axis showing ``[lo, hi]`` (``lo > 0``): decades over a wide range,
+    1-2-5 steps over a narrower one, every digit (1, 2, ..., 9 x 10^k) below that, and evenly spaced round numbers
+    within less than one such step, so that at least two (three where the range allows) land inside. Label them with
+    :func:`mnemos.eval.tables.si`; :func:`thin_tick_labels` drops what does not fit."""
+    lo, hi = min(lo, hi), max(lo, hi)
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for subs, enough in (((1,), 3), ((1, 2, 5), 3), (range(1, 10), 2)):
+        ticks = [m * 10.0**d for d in decades for m in subs if lo <= m * 10.0**d <= hi]
+        if len(ticks) >= enough:
+            return ticks
+    from matplotlib.ticker import MaxNLocator
+
+    return [float(t) for t in MaxNLocator(5).tick_values(lo, hi) if lo <= t <= hi]
+
+
+def thin_tick_labels(fig, gap: float = 3.0) -> None:
+    """Blank tick labels of ``fig`` until no two of one axis come closer than ``gap`` pixels (text extents after
+    layout): first an axis' minor labels (a log axis labels some over a narrow range), then all but every k-th major
+    label, for the smallest k that leaves no overlap, starting from the first. The ticks themselves stay."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    for _ in range(4):  # thinning can change the layout a little: measure again until nothing changes
+        fig.draw_without_rendering()
+        renderer = fig.canvas.get_renderer()
+        changed = False
+        for ax in fig.axes:
+            if ax.get_visible() and ax.axison:
+                for axis in (ax.xaxis, ax.yaxis):
+                    changed |= _thin_axis(axis, renderer, gap)
+        if not changed:
+            return
+
+
+def _shown_labels(axis, minor: bool) -> list:
+    """``(loc, Text)`` of the tick labels a drawing of ``axis`` shows (visible, non-empty, at a tick inside the
+    view), in order of position."""
+    import numpy as np
+
+    if not axis.get_visible():
+        return []
+    transform = axis.get_transform()
+    lo, hi = np.sort(transform.transform(np.sort(axis.get_view_interval())))
+    tol = 1e-9 * max(hi - lo, 1e-300)
+    locs = axis.get_minorticklocs() if minor else axis.get_majorticklocs()
+    ticks = axis.get_minor_ticks(len(locs)) if minor else axis.get_major_ticks(len(locs))
+    shown = []
+    for loc, tick in zip(locs, ticks):
+        if lo - tol <= transform.transform(np.array([loc]))[0] <= hi + tol:
+            shown += [(loc, t) for t in (tick.label1, tick.label2) if t.get_visible() and t.get_text().strip()]
+    return sorted(shown, key=lambda x: x[0])
+
+
+def _crowded(boxes: list, gap: float) -> bool:
+    """Whether any two boxes come closer than ``gap`` pixels in both directions (overlap, or nearly)."""
+    return any(min(a.x1, b.x1) - max(a.x0, b.x0) > -gap and min(a.y1, b.y1) - max(a.y0, b.y0) > -gap
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def _thin_axis(axis, renderer, gap: float) -> bool:
+    """One step of :func:`thin_tick_labels` on ``axis``; whether it changed anything."""
+    minor, major = _shown_labels(axis, True), _shown_labels(axis, False)
+    shown = sorted(major + minor, key=lambda x: x[0])
+    if not _crowded([t.get_window_extent(renderer) for _, t in shown], gap):
+        return False
+    if minor:
+        from matplotlib.ticker import NullFormatter
+
+        axis.set_minor_formatter(NullFormatter())
+        return True
+    first: dict = {}  # loc -> its first label (label1 when both sides show one), in order of position
+    for loc, text in major:
+        first.setdefault(loc, text)
+    locs = list(first)
+    boxes = [first[loc].get_window_extent(renderer) for loc in locs]
+    k = next((k for k in range(2, len(locs)) if not _crowded(boxes[::k], gap)), len(locs))
+    axis.set_ticks(locs, [first[loc].get_text() if i % k == 0 else "" for i, loc in enumerate(locs)])
+    return True
 
 
 def plot_accuracy_vs_length(results: EvalResults, path: str | os.PathLike) -> Path | None:
@@ -102,7 +209,7 @@ def plot_accuracy_vs_length(results: EvalResults, path: str | os.PathLike) -> Pa
         ax.set_ylabel("accuracy", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    figure_legend(fig)
     return save(fig, path)
 
 

@@ -752,7 +752,7 @@ def _plot_curves(s, trains, chosen, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     main = f"L{s.main[0]}-K{s.main[1]}"
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120, layout="constrained")
     drawn = False
     for i, label in enumerate(s.models):
         lr = chosen.get((main, label), {}).get("lr")
@@ -778,12 +778,14 @@ def _plot_curves(s, trains, chosen, out: Path) -> Path | None:
 
 
 def _save_accuracy_plot(plt, fig, ax, xlabel: str, path: Path) -> Path:
+    from mnemos.eval.plots import figure_legend, thin_tick_labels
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    figure_legend(fig)  # beside the axes: with many models a legend inside covered the lines
+    thin_tick_labels(fig)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -799,7 +801,7 @@ def _plot_extrapolation(extrap, out: Path) -> Path | None:
     points = [p for p in pool(extrap, "mqar") if p.status == "ok"]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120, layout="constrained")
     for i, m in enumerate(dict.fromkeys(p.model for p in points)):
         pts = sorted((p for p in points if p.model == m), key=lambda p: p.params["seq_len"])
         ax.plot([p.params["seq_len"] for p in pts], [p.accuracy for p in pts], marker="o", color=f"C{i % 10}",

@@ -30,8 +30,9 @@ import yaml
 from ..layers import MemorySettings
 from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
 
-__all__ = ["MnemosConfig", "MemoryConfig", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
-           "INIT_ONLY_FIELDS", "merge_overrides", "parse_override", "read_yaml", "saved_model_config", "variant_reads"]
+__all__ = ["MnemosConfig", "MemoryConfig", "ConfigTypeError", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS",
+           "ATTENTION_VARIANTS", "INIT_ONLY_FIELDS", "merge_overrides", "parse_override", "read_yaml",
+           "saved_model_config", "variant_reads"]
 
 # the registered variants (mnemos.models.registry), and subsets of them; all read from the registry at import
 VARIANTS: tuple[str, ...] = tuple(VARIANT_REGISTRY)
@@ -54,8 +55,15 @@ def variant_reads(variant: str, key: str) -> bool:
     return variant_spec(variant).reads_field(key)
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type (``model.d_model=abc``). A ``TypeError``, and a ``ValueError`` like every other
+    bad config value, so that whoever reports configuration errors (the ``mnemos`` command) catches it with them
+    while a ``TypeError`` from a bug still surfaces as one."""
+
+
 def _check_field(where: str, value: Any, hint: Any) -> None:
-    """Raise unless ``value`` matches the resolved annotation ``hint`` (int, float, bool, str, Literal, X | None)."""
+    """Raise unless ``value`` matches the resolved annotation ``hint`` (int, float, bool, str, Literal, X | None,
+    tuple[X, ...])."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -69,6 +77,12 @@ def _check_field(where: str, value: Any, hint: Any) -> None:
         (inner,) = [a for a in args if a is not type(None)]
         _check_field(where, value, inner)
         return
+    if origin is tuple:  # tuple[X, ...]
+        if not isinstance(value, tuple):
+            raise ConfigTypeError(f"{where} must be a list (e.g. [a, b]), got {value!r} ({type(value).__name__})")
+        for i, item in enumerate(value):
+            _check_field(f"{where}[{i}]", item, typing.get_args(hint)[0])
+        return
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -80,13 +94,13 @@ def _check_field(where: str, value: Any, hint: Any) -> None:
     else:  # nested config classes are checked by their owner
         return
     if not ok:
-        raise TypeError(f"{where} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})")
+        raise ConfigTypeError(f"{where} must be of type {hint.__name__}, got {value!r} ({type(value).__name__})")
 
 
 class _ConfigBase:
     """``to_dict`` / ``from_dict`` with unknown-key rejection, and field type checks; shared by both configs."""
 
-    _where = ""  # dotted prefix used in error messages
+    _where = ""  # dotted prefix of the keys in error messages: the key as an override names it (``model.d_model``)
 
     def _check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -101,11 +115,13 @@ class _ConfigBase:
     def from_dict(cls, d: dict[str, Any]):
         """Build from a (nested) dict. Unknown keys are an error that names them; missing keys take defaults."""
         if not isinstance(d, dict):
-            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
+            section = f" (the section {cls._where.rstrip('.')})" if cls._where else ""
+            raise ConfigTypeError(f"{cls.__name__}.from_dict needs a dict{section}, got {d!r} ({type(d).__name__})")
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        unknown = sorted(set(d) - set(names))
+        unknown = sorted(set(d) - set(names), key=str)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {[cls._where + k for k in unknown]}; valid keys: {names}")
+            keys = [f"{cls._where}{k}" for k in unknown]
+            raise ValueError(f"unknown {cls.__name__} keys {keys}; valid keys: {names}")
         return cls(**d)
 
 
@@ -116,7 +132,7 @@ class MemoryConfig(_ConfigBase, MemorySettings):
     ``NeuralMemory(dim, heads, config=config.memory)`` takes it as it is.
     """
 
-    _where = "memory."
+    _where = "model.memory."
 
     def __post_init__(self):
         self._check_types()
@@ -134,6 +150,8 @@ class MnemosConfig(_ConfigBase):
         >>> cfg.head_dim, cfg.mlp_hidden_size
         (8, 88)
     """
+
+    _where = "model."
 
     variant: str = "mac"  # a registered variant (mnemos.models.registry)
     # sizes: the Titans paper's smallest scale (~170M parameters at a 32k vocabulary)
@@ -168,35 +186,39 @@ class MnemosConfig(_ConfigBase):
         if isinstance(self.memory, dict):  # a nested dict, e.g. from JSON or a Hugging Face config
             self.memory = MemoryConfig.from_dict(self.memory)
         if not isinstance(self.memory, MemoryConfig):
-            raise TypeError(f"memory must be a MemoryConfig or a dict, got {type(self.memory).__name__}")
-        spec = variant_spec(self.variant)  # a ValueError naming the registered variants
+            raise ConfigTypeError(f"model.memory must be a MemoryConfig or a dict (the section of model.memory.* "
+                                  f"keys), got {self.memory!r} ({type(self.memory).__name__})")
+        try:
+            spec = variant_spec(self.variant)  # a ValueError naming the registered variants
+        except ValueError as e:
+            raise ValueError(f"model.variant: {e}") from None
         self._check_types()
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+            raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
         if spec.rope and self.head_dim % 2:
             raise ValueError(
-                f"variant {self.variant!r} uses RoPE, which needs an even head dim; d_model / n_heads = "
+                f"variant {self.variant!r} uses RoPE, which needs an even head dim; model.d_model / model.n_heads = "
                 f"{self.d_model} / {self.n_heads} = {self.head_dim}"
             )
         if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+            raise ValueError(f"model.window must be >= 1, got {self.window}")
         if self.segment_len < 1:
-            raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
+            raise ValueError(f"model.segment_len must be >= 1, got {self.segment_len}")
         if self.num_persistent < 0:
-            raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+            raise ValueError(f"model.num_persistent must be >= 0, got {self.num_persistent}")
         if not math.isfinite(self.mag_gate_bias):
-            raise ValueError(f"mag_gate_bias must be a finite number, got {self.mag_gate_bias}")
+            raise ValueError(f"model.mag_gate_bias must be a finite number, got {self.mag_gate_bias}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise ValueError(f"mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
+            raise ValueError(f"model.mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
         if not self.rope_base > 1:
-            raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
         if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+            raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+            raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
 
     @property
     def head_dim(self) -> int:
@@ -260,6 +282,14 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    return problem + ("" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"model.memory.chunk_size=16"`` -> (["model", "memory", "chunk_size"], 16): a dotted key (a section and a
     key at least; a leading ``--`` is dropped) and a YAML value."""
@@ -272,7 +302,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ValueError(f"cannot parse the value of {key!r}: {e}") from None
+        raise ValueError(f"cannot parse the value of {key.strip()!r} as YAML: {_yaml_problem(e)}") from None
     return path, value
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..models.config import MnemosConfig, _ConfigBase, merge_overrides, read_yaml
+from ..models.config import ConfigTypeError, MnemosConfig, _ConfigBase, _yaml_problem, merge_overrides, read_yaml
 
 
 @dataclass
@@ -50,6 +50,10 @@ class TaskConfig(_ConfigBase):
         if isinstance(self.paths, list):
             self.paths = tuple(self.paths)
         self._check_types()
+        if self.kind == "lm":  # before anything is written to run.out_dir
+            for i, path in enumerate(self.paths):
+                if not Path(path).exists():
+                    raise FileNotFoundError(f"task.paths[{i}]: {path!r} does not exist")
         for name in ("seq_len", "num_kv_pairs", "train_examples", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
@@ -173,11 +177,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         if not isinstance(d, dict):
-            raise TypeError(f"a run config must be a mapping, got {type(d).__name__}")
+            raise ConfigTypeError(f"a run config must be a mapping of sections, got {type(d).__name__}")
         parts = {"model": MnemosConfig, "task": TaskConfig, "optim": OptimConfig, "run": RunConfig}
-        unknown = sorted(set(d) - set(parts))
+        unknown = sorted(set(d) - set(parts), key=str)
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; valid sections: {list(parts)}")
+        for k in d:
+            if d[k] is not None and not isinstance(d[k], dict):
+                raise ConfigTypeError(f"{k} must be a section (a mapping of {k}.* keys), got {d[k]!r} "
+                                      f"({type(d[k]).__name__})")
         return cls(**{k: parts[k].from_dict(d[k] or {}) for k in d})
 
 
@@ -186,14 +194,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     d: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"config file {p} does not exist")
+        if not p.is_file():
+            raise ValueError(f"config file {p} is not a file")
         try:
             loaded = read_yaml(p.read_text())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {p} is not text: {e}") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{p} is not valid YAML: {e}") from None
+            raise ValueError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{p} must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ValueError(f"config file {p} must hold a mapping of sections, got {type(loaded).__name__}")
         d = loaded or {}
     return TrainConfig.from_dict(merge_overrides(d, overrides or []))
 

@@ -131,14 +131,22 @@ def _plot(report: DemoReport, path: Path) -> None:
         return
     cfg = report.config
     lengths = sorted({r["seq_len"] for r in report.rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.0 * len(lengths), 3.6), dpi=120, sharey=True, squeeze=False)
+    # every model's name under its bars, never overlapping: a slot of ~0.09 in per character (10 pt) for each model,
+    # or, when that would make a panel wider than 8 in, names turned upright in slots of 0.35 in
+    n_models = max(sum(r["seq_len"] == length for r in report.rows) for length in lengths)
+    chars = max(len(str(r["model"])) for r in report.rows)
+    upright = (0.09 * chars + 0.25) * n_models > 8.0
+    width = max(5.0, (0.35 if upright else 0.09 * chars + 0.25) * n_models + 0.8)
+    height = 3.6 + (0.08 * chars if upright else 0.0)  # upright names take height instead of width
+    fig, axes = plt.subplots(1, len(lengths), figsize=(width * len(lengths), height), dpi=120, sharey=True,
+                             squeeze=False)
     axes = axes[0]
     for ax, length in zip(axes, lengths):
         rows = [r for r in report.rows if r["seq_len"] == length]
         for i, r in enumerate(rows):
             ax.bar([i - 0.2, i + 0.2], [r["near"], r["far"]], width=0.38,
                    color=["#8da0cb", "#fc8d62"], edgecolor="black", linewidth=0.5)
-        ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=90 if upright else 0)
         ax.axhline(2 / cfg.vocab_size, color="gray", ls="--", lw=1)
         ax.axhline(1 / cfg.num_kv_pairs, color="black", ls=":", lw=1)
         ax.set_title(f"MQAR, {length} tokens")

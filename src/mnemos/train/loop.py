@@ -514,8 +514,14 @@ def _memory_note(mem: dict[str, float], skipped: int) -> str:
     return note + (f" | skipped {skipped}" if skipped else "")
 
 
-def _write_curve(out: Path, start: int, losses: list[float]) -> None:
-    """loss_curve.png (when matplotlib is installed)."""
+def _write_curve(out: Path, start: int, losses: list[float]) -> tuple[list[int], list[float]]:
+    """loss_curve.png (when matplotlib is installed): the train loss of the whole run. This invocation's steps
+    ``start + 1, start + 2, ...`` come from ``losses``, one per step; a resumed run's earlier steps (``<= start``) are
+    read back from its metrics.jsonl (metrics.csv when that is missing), at the steps they were logged (every
+    ``run.log_every``). Returns the steps and losses it plots."""
+    earlier = _logged_train_losses(out, start) if start else {}
+    steps = [*earlier, *range(start + 1, start + len(losses) + 1)]
+    values = [*earlier.values(), *losses]
     try:
         import matplotlib
 
@@ -523,9 +529,12 @@ def _write_curve(out: Path, start: int, losses: list[float]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no loss_curve.png (pip install 'mnemos[plots]')", file=sys.stderr)
-        return
+        return steps, values
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(range(start + 1, start + len(losses) + 1), losses, lw=1.2)
+    ax.plot(steps, values, lw=1.2)
+    if earlier:
+        ax.axvline(start, color="grey", ls=":", lw=1, label=f"resumed at step {start} (before: logged steps)")
+        ax.legend(fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     ax.set_yscale("log")
@@ -533,3 +542,29 @@ def _write_curve(out: Path, start: int, losses: list[float]) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss_curve.png")
     plt.close(fig)
+    return steps, values
+
+
+def _logged_train_losses(out: Path, until: int) -> dict[int, float]:
+    """``{step: loss}`` of the train records at steps ``<= until`` in the run's metrics.jsonl (else metrics.csv), in
+    step order; a step logged twice (by a run resumed from a checkpoint older than its last log) keeps its last
+    record, and a line cut short by a kill is skipped."""
+    rows: list[dict] = []
+    if (out / "metrics.jsonl").is_file():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    elif (out / "metrics.csv").is_file():
+        with open(out / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    found: dict[int, float] = {}
+    for row in rows:
+        try:
+            step, loss = int(row["step"]), float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if row.get("split") == "train" and step <= until:
+            found[step] = loss
+    return dict(sorted(found.items()))

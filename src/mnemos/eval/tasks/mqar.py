@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mnemos.checkpoint import read_trainer_state
 from mnemos.data import MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, MQARConfig, mqar_grid, mqar_recall_metrics
-from mnemos.eval.plots import figure, grid, panel_axes, save
+from mnemos.eval.plots import figure, figure_legend, grid, log_ticks, panel_axes, save
 from mnemos.eval.registry import EvalTask
 from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
@@ -213,6 +213,7 @@ def plot_mqar_state_size(results: EvalResults, path: str | os.PathLike) -> Path 
     configs = sorted({(p.params["seq_len"], p.params["num_kv_pairs"]) for p in points})
     rows, cols = grid(len(configs))
     fig = figure(4.2 * cols, 3.3 * rows)
+    from matplotlib.ticker import NullFormatter  # after figure(): its ImportError says what to install
 
     def family(p: Pooled) -> str:
         d = p.cells[0].model
@@ -231,12 +232,18 @@ def plot_mqar_state_size(results: EvalResults, path: str | os.PathLike) -> Path 
                 if p.model != fam:
                     ax.annotate(p.model, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        # round numbers as 20k / 1.5M, never matplotlib's minor labels (2x10^3, 3x10^3, ... ran into each other)
+        lo, hi = ax.get_xlim()
+        ticks = log_ticks(lo, hi)
+        ax.set_xticks(ticks, [si(t) for t in ticks], fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(lo, hi)
         ax.set_ylim(-0.04, 1.04)
         ax.set_xlabel("state size (numbers per sequence)", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.set_title(f"MQAR L={L} K={K}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    figure_legend(fig)
     return save(fig, path)
 
 
