@@ -463,7 +463,7 @@ BAD = [
     _bad(lambda a: a.update(weights=(a["weights"][0].int(), a["weights"][1])), TypeError, "weights\\[0\\] must be a floating"),
     _bad(lambda a: a.update(momentum=(a["weights"][0], a["weights"][1])), ValueError, "momentum\\[0\\] must be"),
     _bad(lambda a: a.update(activation="relu"), ValueError, "activation"),
-    _bad(lambda a: a.update(loss="huber"), ValueError, "loss must be one of"),
+    _bad(lambda a: a.update(loss="l1"), ValueError, "loss must be one of"),
     _bad(lambda a: a.update(residual=True, v=a["v"][..., :3], weights=(a["weights"][0], a["weights"][1][:, :3])), ValueError, "residual=True"),
 ]
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("gelu", "silu")
-# Associative losses the rule knows: Titans' l2 regression loss and the dot-product (Hebbian) loss of linear
-# attention. The Miras family (lp, Huber, ...) plugs in beside them: `associative_loss` defines a loss for the
-# reference, `loss_output_grad` gives its gradient for the fast paths.
+# Associative losses the chunked paths know: Titans' l2 regression loss and the dot-product (Hebbian) loss of linear
+# attention. Every loss of the family (lp, Huber, ...) is defined in rule.py (`token_loss`, what the reference
+# differentiates); a fast path gets its output gradient here (`loss_output_grad`).
 LOSSES = ("l2", "dot")
 
 
@@ -51,15 +51,8 @@ def activate_grad2(x: Tensor, activation: str) -> Tensor:
     return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
 
 
-def associative_loss(pred: Tensor, target: Tensor, loss: str) -> Tensor:
-    """The loss of one write, summed over every leading dim: l2 ``||pred - target||^2``, dot ``-<pred, target>``."""
-    if loss == "l2":
-        return (pred - target).pow(2).sum()
-    return -(pred * target).sum()
-
-
 def loss_output_grad(pred: Tensor, target: Tensor, loss: str) -> Tensor:
-    """Gradient of :func:`associative_loss` with respect to the memory's output, per token: l2 ``2 (pred - target)``,
+    """Gradient of the associative loss (``rule.token_loss``) with respect to the memory's output, per token: l2 ``2 (pred - target)``,
     dot ``-target`` (independent of the memory, so any chunk size is exact for linear attention)."""
     if loss == "l2":
         return 2.0 * (pred - target)
@@ -129,9 +122,13 @@ class MemoryState:
             of the chunk in progress are taken. Equal to ``weights`` when ``offset == 0``.
         offset: tokens consumed since that boundary, ``0 <= offset < chunk_size``.
         chunk_size: the chunk size the boundaries were counted with.
+        window: for a rule with an Omega window w > 1 (``MemoryRule.window``), the last n <= w - 1 tokens' keys
+            ``[B, n, H, K]``, values ``[B, n, H, V]``, window weights gamma ``[B, n, H]`` and, for the huber loss,
+            thresholds delta ``[B, n, H]``: the next call's first writes fit them again. Empty otherwise.
 
-    The state is plain tensors and ints: ``torch.save`` it, move it with :meth:`to`, cut gradient history with
-    :meth:`detach` (truncated backpropagation through time).
+    With a retention other than decay (``MemoryRule.retention``) weights, momentum and anchor are accumulators A and
+    the memory reads ``mnemos.ops.effective_weights(A, rule)``. The state is plain tensors and ints: ``torch.save``
+    it, move it with :meth:`to`, cut gradient history with :meth:`detach` (truncated backpropagation through time).
     """
 
     weights: tuple[Tensor, ...]
@@ -139,6 +136,7 @@ class MemoryState:
     anchor: tuple[Tensor, ...]
     offset: int
     chunk_size: int
+    window: tuple[Tensor, ...] = ()
 
     def detach(self) -> "MemoryState":
         return MemoryState(
@@ -147,6 +145,7 @@ class MemoryState:
             tuple(a.detach() for a in self.anchor),
             self.offset,
             self.chunk_size,
+            tuple(x.detach() for x in self.window),
         )
 
     def to(self, *args, **kwargs) -> "MemoryState":
@@ -156,6 +155,7 @@ class MemoryState:
             tuple(a.to(*args, **kwargs) for a in self.anchor),
             self.offset,
             self.chunk_size,
+            tuple(x.to(*args, **kwargs) for x in self.window),
         )
 
     @property
@@ -289,7 +289,7 @@ def check_inputs(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     _check_activation(activation)
-    if loss not in LOSSES:
+    if loss is not None and loss not in LOSSES:  # None: the caller checked its rule (rule.py)
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     anchor = None

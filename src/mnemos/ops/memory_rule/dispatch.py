@@ -12,6 +12,7 @@ from .backends import triton_unsupported_reason
 from .chunked import chunked_memory_rule, neural_memory_chunked
 from .common import MemoryState
 from .reference import neural_memory_reference
+from .rule import MemoryRule, check_rule_inputs, chunked_unsupported_reason, resolve_rule
 
 IMPLS = ("auto", "triton", "torch", "reference")
 
@@ -53,11 +54,14 @@ def neural_memory(
     alpha: Tensor,
     weights: Sequence[Tensor] | None = None,
     *,
+    rule: str | MemoryRule = "titans",
+    delta: Tensor | None = None,
+    gamma: Tensor | None = None,
     chunk_size: int = 16,
     momentum: Sequence[Tensor] | None = None,
     residual: bool = True,
     activation: str = "gelu",
-    loss: str = "l2",
+    loss: str | None = None,
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     check_values: bool = True,
@@ -75,7 +79,10 @@ def neural_memory(
         o_t = M(q_t; W_t)                                  (read after the token's own write)
 
     ``chunk_size=1`` is online gradient descent with momentum; ``alpha = 1`` empties the memory; ``theta = 0`` leaves
-    it unchanged.
+    it unchanged. That is the default rule, ``"titans"``; ``rule`` picks another point of the family (Miras, Atlas:
+    :class:`mnemos.ops.MemoryRule`, presets :data:`mnemos.ops.RULES`; the semantics of every axis:
+    :func:`mnemos.ops.neural_memory_reference` and docs/MEMORY_RULE.md). With a retention other than decay the state
+    holds accumulators A and the memory reads ``mnemos.ops.effective_weights(A, rule)``.
 
     Args:
         q, k: ``[B, T, H, K]`` queries and keys (l2-normalised by the Titans layer; any values are accepted).
@@ -86,12 +93,21 @@ def neural_memory(
         weights: tuple of L layer weights, each ``[H, D_out, D_in]`` (one initial memory shared by every sequence) or
             ``[B, H, D_out, D_in]`` (per sequence); layer 1 takes K inputs, layer L gives V outputs. Omit it when
             ``initial_state`` is given.
+        rule: a preset name (``"titans"``, ``"moneta"``, ``"yaad"``, ``"memora"``, ``"omeganet"``, ``"atlas"``,
+            ``"linear_attention"``, ``"deltanet"``) or a :class:`~mnemos.ops.MemoryRule`. The chunked torch path and
+            the Triton kernels cover the rules with loss l2 or dot, retention decay, optimizer momentum and window 1
+            (Titans, linear attention, DeltaNet); every other rule runs on the reference only for now (auto picks
+            it; ``impl="torch"`` / ``"triton"`` raise ValueError).
+        delta: ``[B, T, H]`` Huber thresholds (> 0), required for (and only for) ``loss="huber"``.
+        gamma: ``[B, T, H]`` window weights in [0, 1] (the Omega rule's gamma_i, weighting token i's loss in every
+            write whose window holds it); ones when None. With window 1 it scales the token's gradient.
         chunk_size: tokens per gradient anchor, >= 1. Default 16 (the paper's setting).
         momentum: optional tuple like ``weights`` with leading ``[B, H]``: the initial surprise S_0 (zeros if None).
         residual: ``M(x) = ... + x``; needs K == V.
         activation: ``"gelu"`` (erf form) or ``"silu"`` between layers.
-        loss: the associative loss of a write: ``"l2"`` (Titans, ``||M(k) - v||^2``) or ``"dot"``
-            (``-<M(k), v>``; with depth 1, no residual, eta = alpha = 0 and theta = 1 this is linear attention).
+        loss: overrides the rule's loss (the older spelling of that axis): ``"l2"`` (Titans, ``||M(k) - v||^2``) or
+            ``"dot"`` (``-<M(k), v>``; with depth 1, no residual, eta = alpha = 0 and theta = 1 this is linear
+            attention), or ``"lp"`` / ``"huber"``. None: the rule's own.
         initial_state: a :class:`MemoryState` from an earlier call; the stream continues exactly, mid-chunk
             included (then ``chunk_size`` must match the state's).
         output_final_state: also return the state after the last token.
@@ -127,14 +143,27 @@ def neural_memory(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    rule = resolve_rule(rule, loss)
+    reason = chunked_unsupported_reason(rule)
+    if impl == "reference" or (impl == "auto" and reason is not None):
+        return neural_memory_reference(
+            q, k, v, theta, eta, alpha, weights, rule=rule, delta=delta, gamma=gamma, chunk_size=chunk_size,
+            momentum=momentum, residual=residual, activation=activation, initial_state=initial_state,
+            output_final_state=output_final_state, check_values=check_values, normalize_step=normalize_step,
+        )
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
+    check_rule_inputs(rule, q, delta, gamma, initial_state, check_values=check_values)
+    if gamma is not None:  # window 1: gamma_t scales the token's gradient, as theta_t does
+        theta = theta * gamma
     if impl == "auto":
         on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
         kernels_ok = on_gpu and os.environ.get("MNEMOS_TRITON", "1") != "0"
         impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size, normalize_step) is None \
             else "torch"
-    fn = {"reference": neural_memory_reference, "torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]
+    fn = {"torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]
     return fn(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, loss=loss, initial_state=initial_state, output_final_state=output_final_state,
+        activation=activation, loss=rule.loss, initial_state=initial_state, output_final_state=output_final_state,
         check_values=check_values, normalize_step=normalize_step,
     )

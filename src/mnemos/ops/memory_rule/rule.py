@@ -1,0 +1,288 @@
+"""The four axes of the memory rule: :class:`MemoryRule`, its named presets :data:`RULES`, and what each axis value
+means in one place (the token-by-token reference, reference.py, applies them). Semantics and sources:
+docs/MEMORY_RULE.md, "The four axes".
+
+- **attentional bias** (``loss``, the inner loss of a write): ``l2`` ``||e||^2`` (Titans), ``dot`` ``-<M(k), v>``
+  (linear attention), ``lp`` ``||e||_p^p`` (Moneta), ``huber`` (Yaad: ``||e||^2`` if ``||e||_2 <= delta`` else
+  ``delta ||e||_1``), with ``e = M(k; W) - v`` (:func:`token_loss`);
+- **retention** (``retention``): the carried state is an accumulator A per layer and the memory reads its effective
+  weights ``W = F(A)`` (:func:`effective_weights`): ``decay`` F(A) = A (Titans); ``lq`` F(A) = A / ||A||_lq^(lq-2)
+  (Moneta); ``kl`` F(A) = softmax_scale * softmax(A) (Memora);
+- **inner optimiser** (``optimizer``): ``momentum`` (S = eta S - theta u; A = (1 - alpha) A + S) or ``muon`` (Atlas:
+  S = eta S - u; A = (1 - alpha) A + theta NS(S), :func:`newton_schulz`);
+- **window** (``window``, Atlas' Omega rule): each write fits the last ``window`` tokens, weighted by gamma.
+
+Imports nothing from the chunked paths: the dispatcher asks :func:`chunked_unsupported_reason` which rules they cover.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .common import MemoryState, _check_float, _describe
+
+RULE_LOSSES = ("l2", "dot", "lp", "huber")
+RETENTIONS = ("decay", "lq", "kl")
+SOFTMAX_DIMS = ("row", "all")
+OPTIMIZERS = ("momentum", "muon")
+# Newton-Schulz: Muon's quintic coefficients (Jordan et al. 2024; the Atlas paper gives none) and the normaliser's eps
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7
+# what the chunked torch path and the Triton kernels implement (any other axis value: the reference only)
+CHUNKED_LOSSES = ("l2", "dot")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"MemoryRule.{name} must be one of {choices}, got {value!r}")
+
+
+def _check_real(name: str, value, lo: float, *, strict: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= lo if strict else value < lo):
+        rel = ">" if strict else ">="
+        raise ValueError(f"MemoryRule.{name} must be a finite real number {rel} {lo:g}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"MemoryRule.{name} must be an int >= {lo}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MemoryRule:
+    """One point of the memory rule's design space (Miras, arXiv 2504.13173; Atlas, arXiv 2505.23735).
+
+    Attributes:
+        loss: the attentional bias, ``"l2"`` | ``"dot"`` | ``"lp"`` | ``"huber"`` (huber needs the op's ``delta``).
+        p: the exponent of ``"lp"`` (>= 1; Moneta's default 3).
+        retention: ``"decay"`` (W = A) | ``"lq"`` (W = A / ||A||_lq^(lq-2)) | ``"kl"`` (W = softmax_scale * softmax(A)).
+        lq: the norm of ``"lq"`` (>= 1; Moneta's default 4; 2 is ``"decay"``).
+        softmax_scale: the simplex's total c of ``"kl"`` (> 0).
+        softmax_dim: what ``"kl"`` normalises: ``"row"`` (each output unit's weights, ``[D_in]``) or ``"all"`` (each
+            layer matrix).
+        optimizer: ``"momentum"`` (Titans) | ``"muon"`` (Atlas: the momentum orthogonalised by Newton-Schulz).
+        ns_steps: Newton-Schulz iterations of ``"muon"`` (>= 0; 0 is the normalised momentum itself).
+        window: the Omega rule's window, tokens each write fits (>= 1; 1 is the plain rule).
+
+    Fields an axis value does not use (p for ``"l2"``, lq for ``"decay"``, ...) are validated and ignored. Every
+    field is checked on construction; the error names the field. ``dataclasses.replace(rule, window=4)`` derives a
+    rule from a preset.
+    """
+
+    loss: str = "l2"
+    p: float = 3.0
+    retention: str = "decay"
+    lq: float = 4.0
+    softmax_scale: float = 1.0
+    softmax_dim: str = "row"
+    optimizer: str = "momentum"
+    ns_steps: int = 5
+    window: int = 1
+
+    def __post_init__(self):
+        _check_choice("loss", self.loss, RULE_LOSSES)
+        _check_choice("retention", self.retention, RETENTIONS)
+        _check_choice("softmax_dim", self.softmax_dim, SOFTMAX_DIMS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        object.__setattr__(self, "p", _check_real("p", self.p, 1.0))
+        object.__setattr__(self, "lq", _check_real("lq", self.lq, 1.0))
+        object.__setattr__(self, "softmax_scale", _check_real("softmax_scale", self.softmax_scale, 0.0, strict=True))
+        _check_int("ns_steps", self.ns_steps, 0)
+        _check_int("window", self.window, 1)
+
+
+# The presets. Values and the equations they follow: docs/MEMORY_RULE.md, "The four axes". The gates that make a
+# preset the paper's model (eta = 0 for plain gradient descent, depth 1 for a matrix memory, ...) are inputs of the op,
+# not axes: deltanet has Titans' axes (DeltaNet is Titans with a matrix memory, eta = alpha = 0, chunk 1).
+RULES: dict[str, MemoryRule] = {
+    "titans": MemoryRule(),
+    "moneta": MemoryRule(loss="lp", p=3.0, retention="lq", lq=4.0),
+    "yaad": MemoryRule(loss="huber"),
+    "memora": MemoryRule(retention="kl", softmax_scale=1.0, softmax_dim="row"),
+    "omeganet": MemoryRule(window=4),
+    "atlas": MemoryRule(optimizer="muon", ns_steps=5, window=4),
+    "linear_attention": MemoryRule(loss="dot"),
+    "deltanet": MemoryRule(),
+}
+
+
+def resolve_rule(rule: str | MemoryRule, loss: str | None = None) -> MemoryRule:
+    """A preset name or a :class:`MemoryRule` -> the rule; ``loss`` (the op's older argument) overrides its loss."""
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of the presets {tuple(RULES)} or a MemoryRule, got {rule!r}")
+        rule = RULES[rule]
+    elif not isinstance(rule, MemoryRule):
+        raise TypeError(f"rule must be a preset name {tuple(RULES)} or a MemoryRule, got {_describe(rule)}")
+    if loss is not None and loss != rule.loss:
+        if not isinstance(loss, str) or loss not in RULE_LOSSES:
+            raise ValueError(f"loss must be one of {RULE_LOSSES}, got {loss!r}")
+        rule = replace(rule, loss=loss)
+    return rule
+
+
+def rule_name(rule: MemoryRule) -> str:
+    """The first preset equal to ``rule``, else its fields that differ from Titans', for messages."""
+    for name, preset in RULES.items():
+        if preset == rule:
+            return repr(name)
+    diff = ", ".join(f"{f.name}={getattr(rule, f.name)!r}" for f in fields(rule)
+                     if getattr(rule, f.name) != getattr(RULES["titans"], f.name))
+    return f"MemoryRule({diff})"
+
+
+def chunked_unsupported_reason(rule: MemoryRule) -> str | None:
+    """Which of ``rule``'s axis values the chunked torch path and the Triton kernels lack (None: they cover it)."""
+    lacking = []
+    if rule.loss not in CHUNKED_LOSSES:
+        lacking.append(f"loss={rule.loss!r}")
+    if rule.retention != "decay":
+        lacking.append(f"retention={rule.retention!r}")
+    if rule.optimizer != "momentum":
+        lacking.append(f"optimizer={rule.optimizer!r}")
+    if rule.window != 1:
+        lacking.append(f"window={rule.window}")
+    if not lacking:
+        return None
+    return (f"rule {rule_name(rule)} has only the reference implementation yet (impl='reference', or 'auto', which "
+            f"picks it): the chunked paths cover loss in {CHUNKED_LOSSES}, retention 'decay', optimizer 'momentum', "
+            f"window 1, and this rule has {', '.join(lacking)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the axes' maps
+
+
+def _effective(a: Tensor, rule: MemoryRule) -> Tensor:
+    if rule.retention == "decay":
+        return a
+    if rule.retention == "lq":
+        norm = torch.linalg.vector_norm(a, ord=rule.lq, dim=(-2, -1), keepdim=True)
+        # F(0) = 0: the limit for lq < 3, a convention above (A = 0 is a singularity of A / ||A||^(lq-2) there)
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        return a / safe.pow(rule.lq - 2.0)
+    if rule.softmax_dim == "row":
+        return rule.softmax_scale * torch.softmax(a, dim=-1)
+    return rule.softmax_scale * torch.softmax(a.flatten(-2), dim=-1).view_as(a)
+
+
+def effective_weights(A: Tensor | Sequence[Tensor], rule: str | MemoryRule = "titans"):
+    """The weights ``W = F(A)`` a memory reads, from the accumulators A a state carries (``state.weights``).
+
+    ``decay``: A itself (the same tensor objects); ``lq``: ``A / ||A||_lq^(lq-2)`` with the entrywise lq norm of each
+    layer matrix (the last two dims), per (sequence, head), and F(0) = 0; ``kl``: ``softmax_scale * softmax(A)`` over
+    each row (``softmax_dim="row"``, the last dim) or each whole matrix (``"all"``).
+
+    Args:
+        A: one layer's accumulator ``[..., D_out, D_in]`` or a tuple of them (one per layer).
+        rule: a preset name or a :class:`MemoryRule`.
+
+    Returns:
+        W, the same structure as A.
+    """
+    rule = resolve_rule(rule)
+    if isinstance(A, Tensor):
+        return _effective(A, rule)
+    return tuple(_effective(a, rule) for a in A)
+
+
+def newton_schulz(S: Tensor, steps: int) -> Tensor:
+    """Muon's orthogonalisation of each matrix of S ``[..., m, n]``: ``X_0 = S / (||S||_F + 1e-7)`` (per matrix),
+    then ``steps`` times ``X <- a X + (b X X^T + c (X X^T)^2) X`` with ``(a, b, c) = (3.4445, -4.7750, 2.0315)``, on
+    the transpose when m > n (the same map, the smaller Gram matrix). Every singular value s of ``X_0`` becomes
+    ``f^steps(s)``, ``f(s) = a s + b s^3 + c s^5``; ``steps = 0`` returns ``X_0``."""
+    a, b, c = NS_COEFFICIENTS
+    X = S / (torch.linalg.matrix_norm(S, keepdim=True) + NS_EPS)
+    tall = S.shape[-2] > S.shape[-1]
+    if tall:
+        X = X.mT
+    for _ in range(steps):
+        gram = X @ X.mT
+        X = a * X + (b * gram + c * gram @ gram) @ X
+    return X.mT if tall else X
+
+
+def token_loss(pred: Tensor, target: Tensor, rule: MemoryRule, delta: Tensor | None = None) -> Tensor:
+    """The attentional bias of one token per leading index: pred, target ``[..., V]`` -> ``[...]``.
+
+    ``l2`` ``||e||^2``; ``dot`` ``-<pred, target>``; ``lp`` ``sum |e|^p``; ``huber`` ``||e||^2`` where
+    ``||e||_2 <= delta`` and ``delta ||e||_1`` elsewhere (the branch is a mask: no gradient flows through the choice),
+    with ``e = pred - target`` and delta ``[...]``. Their gradients in pred: ``2e``, ``-target``,
+    ``p sign(e) |e|^(p-1)``, ``2e`` / ``delta sign(e)``.
+    """
+    if rule.loss == "dot":
+        return -(pred * target).sum(-1)
+    e = pred - target
+    if rule.loss == "l2":
+        return e.pow(2).sum(-1)
+    if rule.loss == "lp":
+        return e.abs().pow(rule.p).sum(-1)
+    sq = e.pow(2).sum(-1)
+    inside = sq.detach() <= delta.detach() ** 2
+    return torch.where(inside, sq, delta * e.abs().sum(-1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the op's rule-specific arguments
+
+
+def _check_gate(name: str, g, B: int, T: int, H: int, device, check_values: bool, *, positive: bool) -> None:
+    if not isinstance(g, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {_describe(g)}")
+    _check_float(name, g)
+    if tuple(g.shape) != (B, T, H):
+        raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}, got shape {tuple(g.shape)}")
+    if g.device != device:
+        raise ValueError(f"{name} is on {g.device} but q is on {device}")
+    if not check_values or g.numel() == 0:
+        return
+    ok = (g > 0) & torch.isfinite(g) if positive else (g >= 0) & (g <= 1)  # NaN fails both
+    if not bool(ok.all()):
+        rng = "(0, inf) (finite)" if positive else "[0, 1]"
+        raise ValueError(f"{name} must lie in {rng}, got values in [{g.min().item()}, {g.max().item()}]")
+
+
+def check_rule_inputs(rule: MemoryRule, q, delta, gamma, initial_state, *, check_values: bool = True) -> None:
+    """Validate the op's rule-specific arguments: delta (required for, and only for, huber), gamma, and the window
+    tokens a state carries. Skips quietly where q itself is malformed (the op's own checks name that)."""
+    if rule.loss == "huber" and delta is None:
+        raise ValueError("delta ([B, T, H] Huber thresholds, > 0) is required for loss='huber'")
+    if rule.loss != "huber" and delta is not None:
+        raise ValueError(f"delta is used only by loss='huber'; rule {rule_name(rule)} has loss={rule.loss!r}")
+    if not isinstance(q, Tensor) or q.ndim != 4:
+        return
+    B, T, H, _ = q.shape
+    if delta is not None:
+        _check_gate("delta", delta, B, T, H, q.device, check_values, positive=True)
+    if gamma is not None:
+        _check_gate("gamma", gamma, B, T, H, q.device, check_values, positive=False)
+    if initial_state is None or not isinstance(initial_state, MemoryState):
+        return
+    win = initial_state.window
+    if not isinstance(win, (tuple, list)) or len(win) not in (0, 3, 4):
+        raise TypeError(f"initial_state.window must be () or a tuple (k, v, gamma[, delta]), got {_describe(win)}")
+    if not win:
+        return
+    if len(win) != (4 if rule.loss == "huber" else 3):
+        raise ValueError(f"initial_state.window carries {'no ' if len(win) == 3 else ''}delta, but rule "
+                         f"{rule_name(rule)} has loss={rule.loss!r}: continue a stream with the rule that began it")
+    n = win[0].shape[1] if isinstance(win[0], Tensor) and win[0].ndim == 4 else -1
+    if not 0 < n < rule.window:
+        raise ValueError(f"initial_state.window carries {_describe(win[0])} as its keys, but rule {rule_name(rule)} "
+                         f"(window {rule.window}) carries 0 < n <= {rule.window - 1} tokens [B, n, H, K]: continue a "
+                         "stream with the rule that began it")
+    V = initial_state.weights[-1].shape[-2] if initial_state.weights else None
+    wants = ((B, n, H, q.shape[-1]), (B, n, H, V), (B, n, H), (B, n, H))
+    for name, x, want in zip(("k", "v", "gamma", "delta"), win, wants):
+        if not isinstance(x, Tensor) or tuple(x.shape) != want:
+            raise ValueError(f"initial_state.window's {name} must be {want}, got {_describe(x)}")
+        _check_float(f"initial_state.window's {name}", x)
+        if x.device != q.device:
+            raise ValueError(f"initial_state.window's {name} is on {x.device} but q is on {q.device}")
