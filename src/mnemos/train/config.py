@@ -26,7 +26,11 @@ class TaskConfig(_ConfigBase):
     """What the model learns. ``kind="mqar"``: multi-query associative recall (mnemos.data.MQARConfig), labels only at
     the queries; ``kind="lm"``: next-token prediction on the built-in corpus or ``paths``; ``kind="niah"`` (S-NIAH,
     ``niah_kind`` passkey or number) and ``kind="babilong"`` (``babilong_qa``): the benchmark suite's retrieval prompts
-    (mnemos.data) followed by ``" " + answer + "."`` in ``seq_len`` byte tokens, labels only on those answer tokens."""
+    (mnemos.data) followed by ``" " + answer + "."`` in ``seq_len`` byte tokens, labels only on those answer tokens.
+
+    ``doc_windows > 1``: each example (LM: each span) is a document of ``seq_len * doc_windows`` tokens, trained one
+    window of ``seq_len`` tokens per step, with the state carried across its windows when ``run.carry_state``
+    (docs/TRAINING.md, "Long documents")."""
 
     _where = "task."
 
@@ -45,6 +49,14 @@ class TaskConfig(_ConfigBase):
     # niah, babilong (train_examples / eval_examples: how many distinct prompts each split draws from)
     niah_kind: Literal["passkey", "number"] = "passkey"
     babilong_qa: Literal["qa1", "qa2", "qa3"] = "qa1"
+    # documents of doc_windows * seq_len tokens, streamed one window of seq_len tokens per step (run.carry_state)
+    doc_windows: int = 1
+
+    @property
+    def doc_len(self) -> int:
+        """Tokens of one training document: ``seq_len * doc_windows`` (one MQAR / niah / babilong example, or one LM
+        span)."""
+        return self.seq_len * self.doc_windows
 
     def __post_init__(self):
         if isinstance(self.paths, list):
@@ -54,15 +66,23 @@ class TaskConfig(_ConfigBase):
             for i, path in enumerate(self.paths):
                 if not Path(path).exists():
                     raise FileNotFoundError(f"task.paths[{i}]: {path!r} does not exist")
-        for name in ("seq_len", "num_kv_pairs", "train_examples", "eval_examples"):
+        for name in ("seq_len", "num_kv_pairs", "train_examples", "eval_examples", "doc_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"task.val_fraction must lie in (0, 1), got {self.val_fraction}")
-        if self.kind in ANSWER_KINDS and self.seq_len < answer_task_min_len(self):
+        if self.kind == "mqar" and self.noise == "zoology" and self.doc_windows > 1 \
+                and self.vocab_size <= self.doc_len:  # one window: MQARConfig says it
+            raise ValueError(f"task.noise=zoology needs task.vocab_size > task.seq_len * task.doc_windows (the "
+                             f"document length, as Zoology's generator asserts): got task.vocab_size="
+                             f"{self.vocab_size}, {self.seq_len} * {self.doc_windows} = {self.doc_len} tokens (raise "
+                             "task.vocab_size or use task.noise=disjoint)")
+        if self.kind in ANSWER_KINDS and self.doc_len < answer_task_min_len(self):
             what = f"niah_kind={self.niah_kind}" if self.kind == "niah" else f"babilong_qa={self.babilong_qa}"
-            raise ValueError(f"task.seq_len must be >= {answer_task_min_len(self)} for task.kind={self.kind} ({what}: "
-                             f"the shortest prompt plus the answer), got {self.seq_len}")
+            key, got = ("task.seq_len", self.seq_len) if self.doc_windows == 1 else \
+                ("task.seq_len * task.doc_windows", f"{self.seq_len} * {self.doc_windows} = {self.doc_len}")
+            raise ValueError(f"{key} must be >= {answer_task_min_len(self)} for task.kind={self.kind} ({what}: "
+                             f"the shortest prompt plus the answer), got {got}")
 
 
 # task kinds whose examples are a prompt + " " + answer + ".", labelled only on the answer (byte tokenizer)
@@ -140,6 +160,9 @@ class RunConfig(_ConfigBase):
     out_dir: str = "runs/default"
     progress: bool = True
     tensorboard: bool = False  # write TensorBoard events when the package is installed
+    # truncated BPTT: each batch row reads its document window by window (task.doc_windows windows of task.seq_len
+    # tokens, one window per step), the model's state carried from window to window, detached (docs/TRAINING.md)
+    carry_state: bool = False
 
     def __post_init__(self):
         self._check_types()
@@ -166,6 +189,9 @@ class TrainConfig:
         if self.task.kind in ("lm", *ANSWER_KINDS) and self.model.vocab_size < 259:
             raise ValueError(f"task.kind={self.task.kind!r} uses the byte tokenizer (259 ids): model.vocab_size must be "
                              f">= 259, got {self.model.vocab_size}")
+        if self.run.carry_state and self.run.compile:
+            raise ValueError("run.carry_state=true does not support run.compile=true (the carried state changes shape "
+                             "from window to window and would recompile the model); set run.compile=false")
         if self.run.batch_size % self.optim.grad_accum:
             raise ValueError(
                 f"run.batch_size ({self.run.batch_size}) must be divisible by optim.grad_accum ({self.optim.grad_accum})"

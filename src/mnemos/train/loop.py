@@ -9,6 +9,7 @@ bit-exact: the batch of step s depends only on (seed, s), never on how the run g
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ from ..data import IGNORE_INDEX, BABILongConfig, ByteTokenizer, LMDataConfig, MQ
 from ..data.niah import make_niah_sample
 from ..layers import NeuralMemory
 from ..models import MnemosLM, saved_model_config
+from ..models.cache import Cache
 from ..models.config import INIT_ONLY_FIELDS, variant_reads
 from .checkpoint import save_checkpoint, set_rng_state
 from .config import ANSWER_EXTRA_TOKENS, ANSWER_KINDS, TrainConfig, answer_task_max_answer
@@ -45,21 +47,34 @@ _BYTES = ByteTokenizer()
 
 
 class TaskData:
-    """Batches of the configured task. ``batch(step, n, generator_seed)`` is a pure function of its arguments."""
+    """Batches of the configured task. ``batch(index, n, generator_seed)`` is a pure function of its arguments: ``n``
+    documents of ``task.doc_len`` tokens (``task.seq_len`` unless ``task.doc_windows > 1``), inputs and labels.
+
+    A document is one MQAR / niah / babilong example of ``doc_len`` tokens, or (``kind="lm"``) the ``doc_len + 1``
+    tokens of the corpus at a uniform random start. With one window per document a batch is the batch of a run
+    without documents, token for token; :func:`window_of` cuts the window a step trains on."""
 
     def __init__(self, cfg: TrainConfig):
         t, seed = cfg.task, cfg.run.seed
         self.kind = t.kind
         if t.kind == "mqar":
-            common = dict(vocab_size=t.vocab_size, seq_len=t.seq_len, num_kv_pairs=t.num_kv_pairs, power_a=t.power_a,
+            common = dict(vocab_size=t.vocab_size, seq_len=t.doc_len, num_kv_pairs=t.num_kv_pairs, power_a=t.power_a,
                           noise=t.noise)
             self.train = MQARConfig(num_examples=t.train_examples, **common).build(seed)
             self.val = MQARConfig(num_examples=t.eval_examples, **common).build(seed + 1_000_003)
         elif t.kind in ANSWER_KINDS:
-            self.task, self.seed, self.train_examples = t, seed, t.train_examples
-            self.val = _stack([answer_example(t, seed + 1_000_003, i) for i in range(t.eval_examples)])
+            # an example of the whole document: the prompt fills the windows before the answer
+            self.task = t if t.doc_windows == 1 else dataclasses.replace(t, seq_len=t.doc_len, doc_windows=1)
+            self.seed, self.train_examples = seed, t.train_examples
+            self.val = _stack([answer_example(self.task, seed + 1_000_003, i) for i in range(t.eval_examples)])
         else:
-            self.lm = LMDataConfig(seq_len=t.seq_len, paths=t.paths, val_fraction=t.val_fraction).build(seed)
+            try:
+                self.lm = LMDataConfig(seq_len=t.doc_len, paths=t.paths, val_fraction=t.val_fraction).build(seed)
+            except ValueError as e:  # the corpus is shorter than one document: say which keys set its length
+                if t.doc_windows == 1:
+                    raise
+                raise ValueError(f"task.seq_len * task.doc_windows = {t.doc_len} tokens, the document length: {e}"
+                                 ) from None
 
     def batch(self, step: int, size: int, seed: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -80,7 +95,7 @@ class TaskData:
 
     def eval_batches(self, size: int, max_batches: int, seed: int):
         """MQAR, niah, babilong: the whole val set (``task.eval_examples``) in order, ``size`` per batch; LM:
-        ``max_batches`` random windows of the val split."""
+        ``max_batches`` random documents of the val split. Each document whole (one forward over all its windows)."""
         if self.kind != "lm":
             inputs, labels = self.val
             for i in range(0, inputs.shape[0], size):
@@ -88,6 +103,22 @@ class TaskData:
         else:
             for i in range(max_batches):
                 yield self.batch(i, size, seed + 7, split="val")
+
+
+def window_of(step: int, windows: int) -> tuple[int, int]:
+    """``(document, window)`` of a step under truncated BPTT: steps ``d * windows ... (d + 1) * windows - 1`` read
+    the windows of the batch of documents ``d`` in order (a pure function of the step, so resuming finds its place)."""
+    return divmod(step, windows)
+
+
+def carried_forward(fwd, model: MnemosLM, inputs: torch.Tensor, state: Cache | None) -> tuple[torch.Tensor, Cache]:
+    """Logits of one window and the state after it: ``state`` None starts the window's streams from a fresh state
+    (a new document). The state returned is cut from the graph (:meth:`Cache.detach`): the next window's gradient
+    stops at its start."""
+    if state is None:
+        state = model.init_cache(inputs.shape[0], inputs.device)
+    logits, state = fwd(inputs, state)
+    return logits, state.detach()
 
 
 def answer_example(task, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,11 +154,17 @@ def _stack(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
 # metrics
 
 
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over labelled positions, number of correct argmax predictions, number of labelled positions."""
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor, *, empty_ok: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over labelled positions, number of correct argmax predictions, number of labelled positions.
+    ``empty_ok``: a batch without labelled positions (a window of a document before its queries) has loss 0 and zero
+    gradients instead of NaN (the mean is then a sum over ``max(n, 1)``, equal up to rounding)."""
     flat, y = logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    loss = F.cross_entropy(flat, y, ignore_index=IGNORE_INDEX)
     mask = y != IGNORE_INDEX
+    if empty_ok:
+        loss = F.cross_entropy(flat, y, ignore_index=IGNORE_INDEX, reduction="sum") / mask.sum().clamp(min=1)
+    else:
+        loss = F.cross_entropy(flat, y, ignore_index=IGNORE_INDEX)
     correct = (flat.argmax(-1) == y)[mask].sum()
     return loss, correct, mask.sum()
 
@@ -335,6 +372,14 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         raise ValueError(f"the micro-batch ({micro} = run.batch_size / optim.grad_accum) must divide evenly over "
                          f"{info.world_size} ranks")
     per_rank = micro // info.world_size
+    # documents of one window carry nothing: their steps are the plain ones (a forward from a fresh cache would
+    # round differently from the cache-less forward of training)
+    windows = cfg.task.doc_windows
+    carry = run.carry_state and windows > 1
+    if carry and info.world_size > 1:
+        raise ValueError(f"run.carry_state=true runs in one process for now, not under torchrun ({info.world_size} "
+                         "processes: each rank's carried state would have to be checkpointed); set "
+                         "run.carry_state=false")
 
     torch.manual_seed(run.seed)
     if info.device.type == "cpu":
@@ -372,6 +417,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, best = state["step"], state["best_metric"]
+    # truncated BPTT: the state each micro-batch's streams carry into their next window (None: a fresh state)
+    states: list[Cache | None] = [None] * opt_cfg.grad_accum
+    if resume and carry and start_step % windows:
+        with autocast():
+            states = _load_carried(state["extra"], model, per_rank, info.device, opt_cfg.grad_accum, ckpt)
     fwd = torch.compile(wrapped) if run.compile else wrapped
     log = Logger(out, cfg, info, resume)
     if info.is_main:
@@ -399,19 +449,32 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
 
     t_start = time.perf_counter()
     step = start_step
+    documents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the batches of the documents being read
     for step in range(start_step, run.steps):
         logged = (step + 1) % run.log_every == 0
         step_loss = torch.zeros((), device=info.device)
+        doc, w = window_of(step, windows)
+        if w == 0:  # new documents: every stream starts from a fresh state
+            states, documents = [None] * opt_cfg.grad_accum, {}
         for m in range(opt_cfg.grad_accum):
-            inputs, labels = data.batch(step * opt_cfg.grad_accum + m, micro, run.seed)
+            index = doc * opt_cfg.grad_accum + m
+            if index not in documents:
+                documents[index] = data.batch(index, micro, run.seed)
+            inputs, labels = documents[index]
             sl = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-            inputs, labels = inputs[sl].to(info.device), labels[sl].to(info.device)
+            at = slice(w * cfg.task.seq_len, (w + 1) * cfg.task.seq_len)
+            inputs, labels = inputs[sl, at].to(info.device), labels[sl, at].to(info.device)
             sync = m == opt_cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
             _record_memory_stats(memory_layers, logged and m == 0)  # a logged step's first micro-batch only
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                logits, _ = fwd(inputs)
+                if carry:
+                    logits, states[m] = carried_forward(fwd, model, inputs, states[m])
+                else:
+                    logits, _ = fwd(inputs)
             _record_memory_stats(memory_layers, False)
-            loss, _, _ = loss_and_accuracy(logits, labels)
+            # a window of a longer document may hold no labelled position (a recall example's context)
+            loss, _, _ = loss_and_accuracy(logits, labels, empty_ok=True) if windows > 1 else \
+                loss_and_accuracy(logits, labels)
             (loss / opt_cfg.grad_accum).backward()
             step_loss += loss.detach() / opt_cfg.grad_accum
             tokens += inputs.numel() * info.world_size
@@ -427,6 +490,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         else:
             skipped += 1
             skipped_in_a_row += 1
+            states = [None] * opt_cfg.grad_accum  # the state overflowed too: the documents go on from a fresh one
             if info.is_main:
                 print(f"step {step + 1}: non-finite gradient norm, update skipped ({skipped} so far)", file=sys.stderr)
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
@@ -466,7 +530,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             best = key if best is None else max(best, key)
         stop = run.stop_after > 0 and step + 1 - start_step >= run.stop_after
         if (run.save_every and (step + 1) % run.save_every == 0) or last or stop:
-            save(step + 1)
+            # mid-document, the carried state goes with the checkpoint (the stream position is the step's)
+            save(step + 1, {"carried_state": _carried_state_dict(states)} if carry and (step + 1) % windows else None)
         if stop:
             break
     log.close()
@@ -474,6 +539,28 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     if info.is_main and losses:
         _write_curve(out, start_step, losses)
     return TrainResult(out, start_step + len(losses), losses, final, tok_s, skipped)
+
+
+def _carried_state_dict(states: list[Cache | None]) -> dict[str, torch.Tensor]:
+    """The carried states of the micro-batches as one flat dict, ``{m}.{key}`` (a fresh state: no keys)."""
+    return {f"{m}.{k}": v.cpu() for m, st in enumerate(states) if st is not None for k, v in st.state_dict().items()}
+
+
+def _load_carried(extra: dict, model: MnemosLM, batch: int, device, accum: int, ckpt: Path) -> list[Cache | None]:
+    """The carried states of :func:`_carried_state_dict` back in caches made by ``model.init_cache``."""
+    if "carried_state" not in extra:
+        raise ValueError(f"--resume: {ckpt} stops in the middle of a document but holds no carried state (it was "
+                         "saved without run.carry_state, or when the run diverged); resume with run.carry_state=false "
+                         "or from an earlier run")
+    flat, states = extra["carried_state"], []
+    for m in range(accum):
+        sd = {k[len(f"{m}."):]: v for k, v in flat.items() if k.startswith(f"{m}.")}
+        cache = None
+        if sd:
+            cache = model.init_cache(batch, device)
+            cache.load_state_dict(sd)
+        states.append(cache)
+    return states
 
 
 def _record_memory_stats(layers: list[NeuralMemory], on: bool) -> None:

@@ -1,0 +1,164 @@
+"""Truncated BPTT in training (``run.carry_state``, ``task.doc_windows``): one window per document is the training
+without documents; a document read as carried windows is the forward over the whole document, for every variant; a
+step's gradient stops at its window's start; resuming mid-document is bit-exact; the config errors name their key."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mnemos.checkpoint import load_model_weights
+from mnemos.models import VARIANTS, MnemosConfig, MnemosLM
+from mnemos.train.config import load_config
+from mnemos.train.loop import TaskData, carried_forward, loss_and_accuracy, train
+from mnemos.train.optim import build_optimizer, build_scheduler
+
+TINY = [
+    "model.variant=lmm", "model.vocab_size=64", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+    "model.window=6", "model.memory.chunk_size=8", "task.vocab_size=64", "task.seq_len=16", "task.num_kv_pairs=4",
+    "task.noise=disjoint", "task.power_a=1.0", "task.train_examples=256", "task.eval_examples=16",
+    "run.batch_size=4", "run.eval_every=1000", "run.progress=false", "optim.warmup_steps=2", "optim.lr=1e-2",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, TINY + [f"run.out_dir={tmp_path}"] + list(extra))
+
+
+def _by_hand(cfg) -> tuple[list[float], MnemosLM, tuple[float, float]]:
+    """The training of ``cfg`` written out (one process): step s reads window ``s % doc_windows`` of the documents
+    ``TaskData.batch(d * grad_accum + m)``, d = ``s // doc_windows``, micro-batch m from the state after the window
+    before (detached), or from none at a document's start. Returns the losses, the model, and the loss of the last
+    step's first micro-batch read from a fresh state and as trained."""
+    torch.manual_seed(cfg.run.seed)
+    model = MnemosLM(cfg.model)
+    opt = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                          betas=(cfg.optim.beta1, cfg.optim.beta2))
+    sched = build_scheduler(opt, warmup=cfg.optim.warmup_steps, total=cfg.run.steps, min_ratio=cfg.optim.min_lr_ratio)
+    data, T, W, A = TaskData(cfg), cfg.task.seq_len, cfg.task.doc_windows, cfg.optim.grad_accum
+    carry = cfg.run.carry_state and W > 1
+    losses, states, last = [], [None] * A, (0.0, 0.0)
+    for step in range(cfg.run.steps):
+        d, w = divmod(step, W)
+        step_loss = torch.zeros(())
+        for m in range(A):
+            inputs, labels = data.batch(d * A + m, cfg.run.batch_size // A, cfg.run.seed)
+            x, y = inputs[:, w * T : (w + 1) * T], labels[:, w * T : (w + 1) * T]
+            if m == 0:
+                with torch.no_grad():
+                    fresh_loss = loss_and_accuracy(model(x)[0], y, empty_ok=W > 1)[0].item()
+            if carry:
+                state = states[m] if w else model.init_cache(x.shape[0])
+                logits, state = model(x, state)
+                states[m] = state.detach()
+            else:
+                logits, _ = model(x)
+            loss, _, _ = loss_and_accuracy(logits, y, empty_ok=W > 1)
+            if m == 0:
+                last = (fresh_loss, loss.item())
+            (loss / A).backward()
+            step_loss += loss.detach() / A
+        losses.append(step_loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return losses, model, last
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mag"])
+def test_one_window_per_document_is_todays_training(tmp_path, variant):
+    """carry_state with documents of one window: every step starts from a fresh state, so the losses are those of
+    training without it (the batches of steps s * grad_accum + m), exactly."""
+    args = (f"model.variant={variant}", "run.steps=3", "optim.grad_accum=2")
+    plain = train(_cfg(tmp_path / "plain", *args))
+    carried = train(_cfg(tmp_path / "carried", *args, "run.carry_state=true"))
+    assert carried.train_losses == plain.train_losses == _by_hand(_cfg(tmp_path, *args))[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_carried_windows_equal_the_whole_document(variant):
+    """A document read as 3 windows with the trainer's carried (detached) state gives the logits of one forward
+    over the document (float64; windows of 7 tokens split the attention window, MAC's segments and the memory's
+    chunks at different places)."""
+    torch.manual_seed(0)
+    cfg = MnemosConfig.from_dict(dict(variant=variant, vocab_size=64, d_model=16, n_layers=2, n_heads=2, window=5,
+                                      segment_len=6, num_persistent=2, init_std=0.5,
+                                      memory=dict(depth=2, expansion=2, chunk_size=4)))
+    model = MnemosLM(cfg).double().eval()
+    doc = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole, _ = model(doc)
+        state, parts = None, []
+        for w in range(3):
+            logits, state = carried_forward(model, model, doc[:, 7 * w : 7 * (w + 1)], state)
+            parts.append(logits)
+        fresh, _ = model(doc[:, 14:])
+    err = (torch.cat(parts, 1) - whole).abs().max().item()
+    assert err < 1e-9, f"{variant}: carried windows differ from the whole document by {err:.3e}"
+    assert (fresh - whole[:, 14:]).abs().max() > 1e-6  # the last window does depend on the carried state
+
+
+def test_gradient_spans_one_window(tmp_path):
+    """Four steps over documents of two windows (two micro-batches) equal the hand-made version: a step trains on
+    its window from the state after the window before, computed with the weights of the step before and detached;
+    the loss of a window without queries is 0. The weights at the end are the trainer's exactly."""
+    cfg = _cfg(tmp_path, "run.steps=4", "run.carry_state=true", "task.doc_windows=2", "optim.grad_accum=2")
+    r = train(cfg)
+    losses, model, (fresh_loss, carried_loss) = _by_hand(cfg)
+    assert r.train_losses == losses
+    trained = MnemosLM(cfg.model)
+    load_model_weights(tmp_path / "checkpoint", trained)
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # the last window read from a fresh state gives another loss: the comparison above sees the carried state
+    assert abs(fresh_loss - carried_loss) > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["lmm", "mag"])
+def test_resume_mid_document_is_bit_exact(tmp_path, variant):
+    """Stopped after 4 steps of documents of 3 windows (in the middle of the second document) and resumed: the losses
+    of the uninterrupted run, exactly; the carried state travels in the checkpoint."""
+    args = (f"model.variant={variant}", "run.steps=6", "run.carry_state=true", "task.doc_windows=3",
+            "optim.grad_accum=2")
+    full = train(_cfg(tmp_path / "full", *args))
+    first = train(_cfg(tmp_path / "cut", *args, "run.stop_after=4"))
+    assert first.train_losses == full.train_losses[:4]
+    rest = train(_cfg(tmp_path / "cut", *args), resume=True)
+    assert rest.train_losses == full.train_losses[4:]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="run.carry_state=true does not support run.compile"):
+        _cfg(tmp_path, "run.carry_state=true", "run.compile=true")
+    with pytest.raises(ValueError, match="task.doc_windows must be >= 1"):
+        _cfg(tmp_path, "task.doc_windows=0")
+    with pytest.raises(TypeError, match="run.carry_state"):
+        _cfg(tmp_path, "run.carry_state=maybe")
+    with pytest.raises(ValueError, match=r"task.vocab_size > task.seq_len \* task.doc_windows"):
+        _cfg(tmp_path, "task.noise=zoology", "task.doc_windows=4")
+    # a checkpoint saved mid-document without a carried state cannot continue the documents with one
+    args = ("run.steps=4", "task.doc_windows=2")
+    train(_cfg(tmp_path / "a", *args, "run.stop_after=1"))
+    with pytest.raises(ValueError, match="middle of a document but holds no carried state"):
+        train(_cfg(tmp_path / "a", *args, "run.carry_state=true"), resume=True)
+
+
+def test_documents_of_every_task_kind(tmp_path):
+    """task.doc_windows documents: LM spans of consecutive corpus tokens (labels the next tokens), niah examples of
+    the whole document length with the answer in the last window; both train with the state carried."""
+    lm = _cfg(tmp_path, "task.kind=lm", "model.vocab_size=259", "task.seq_len=8", "task.doc_windows=3")
+    x, y = TaskData(lm).batch(0, 2, seed=0)
+    assert x.shape == y.shape == (2, 24) and torch.equal(x[:, 1:], y[:, :-1])
+    niah = _cfg(tmp_path, "task.kind=niah", "model.vocab_size=259", "task.seq_len=150", "task.doc_windows=2",
+                "task.train_examples=8", "task.eval_examples=2")
+    x, y = TaskData(niah).batch(0, 2, seed=0)
+    labelled = (y != -100).nonzero()[:, 1]
+    assert x.shape == (2, 300) and len(labelled) and labelled.min() >= 150
+    for cfg in (lm, niah):
+        cfg.run.steps, cfg.run.carry_state = 2, True
+        r = train(cfg)
+        assert len(r.train_losses) == 2 and all(map(math.isfinite, r.train_losses))
+        assert r.train_losses[0] > 0 or cfg.task.kind == "niah"  # niah's first window holds no answer: loss 0
