@@ -92,8 +92,9 @@ class MemoryAsContext(nn.Module):
       (0.136 at step 1500, seed 0) while the LMM left it by step ~600: at initialisation the attention averages its
       segment, so keys and values computed from y do not identify their tokens, and a gate cannot carry a value the
       read found. Written with the segment's own (normalised) input, the tokens its retrieval queries come from, and
-      with its read added to the output, MAC left the plateau with the LMM (0.60 at step 500; docs/MODELS.md). That
-      is the default; ``memory_residual=False`` keeps the paper's form (and that of checkpoints saved before).
+      with its read added to the output, MAC left the plateau with the LMM on one seed (0.60 at step 500), though
+      not on every draw (docs/MODELS.md). That is the default; ``memory_residual=False`` keeps the paper's form (and
+      that of checkpoints saved before).
     - Causality: the paper prepends h to the segment as visible context, but h_j is computed from token j. Here
       query i sees h_j only for j <= i (:func:`mac_attention_mask`; persistent tokens are visible to all), so the
       model is strictly causal and decoding equals the parallel pass.
