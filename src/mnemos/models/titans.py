@@ -89,7 +89,7 @@ class MemoryAsContext(nn.Module):
 
     - What the memory is written with, and how its read meets the output. The paper writes the attention output y
       and gates y with the read. On MQAR (64 tokens, 8 pairs, segments of 32) that form stayed on the 1/K plateau
-      (0.136 at step 1500, seed 0) while the LMM left it by step ~600: at initialisation the attention averages its
+      (0.136 at step 1500, seed 0) while the LMM left it by step 600-900: at initialisation the attention averages its
       segment, so keys and values computed from y do not identify their tokens, and a gate cannot carry a value the
       read found. Written with the segment's own (normalised) input, the tokens its retrieval queries come from, and
       with its read added to the output, MAC left the plateau with the LMM on one seed (0.60 at step 500), though
