@@ -4,7 +4,10 @@ Three pieces, from the bottom up:
 
 - ``causal_attention(q, k, v, *, window, prefix, ...)``: the functional op over ``[B, T, H, D]`` tensors, with
   ``causal_attention_reference`` (a dense mask + softmax, for tests) beside it under the same signature.
-- ``KVCache`` policies (``mnemos.layers.kv_cache``): ``FullKVCache`` and ``RollingKVCache``.
+- ``KVCache`` policies (``mnemos.layers.kv_cache``): ``FullKVCache`` and ``RollingKVCache``; eviction, compression
+  and quantisation policies (``mnemos.kv``) attach to a layer with ``Attention.set_kv_policy``. A cache whose kept
+  keys are not a contiguous run (``KVView.positions`` not None) is attended with ``positional_attention``: the same
+  visibility rule, read from each key's original position.
 - ``Attention``: the layer (projections, RoPE, persistent-memory tokens, the op, output projection) with
   ``forward(x, cache) -> (y, cache)`` for both a full sequence and streaming decoding.
 
@@ -41,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnemos.layers.kv_cache import FullKVCache, KVCache, RollingKVCache
+from mnemos.layers.kv_cache import FullKVCache, KVCache, KVPolicy, RollingKVCache
 from mnemos.layers.rope import RotaryEmbedding
 
-__all__ = ["causal_attention", "causal_attention_reference", "Attention"]
+__all__ = ["causal_attention", "causal_attention_reference", "positional_attention", "Attention"]
 
 # Query-block size of the sliding-window path when the caller gives none: about W (so a block's mask is ~2W^2, i.e.
 # the total work is ~2x the T*W useful entries), at least 64 (so tiny windows do not loop once per token) and at most
@@ -215,6 +218,62 @@ def causal_attention(
     return torch.cat(outs, dim=2).transpose(1, 2)  # [B, H, Tq, Dv] -> [B, Tq, H, Dv]
 
 
+def _positional_visibility(
+    q_pos: Tensor, k_pos: Tensor, window: int | None, prefix: int, n_heads: int
+) -> Tensor:
+    """Boolean ``[B, H, Tq, P + S]``: query at position ``q_pos[i]`` (``[Tq]``) sees sequence key j of head h iff
+    ``k_pos[b, j, h] <= q_pos[i]`` and, with a window W, ``q_pos[i] - k_pos[b, j, h] < W``; prefix keys are visible
+    to all. ``k_pos`` is ``[B, S, Hkv]``; each key/value head's row is repeated for its query heads."""
+    b, _, h_kv = k_pos.shape
+    kp = k_pos.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, S]
+    qp = q_pos.to(k_pos.device)[None, None, :, None]  # [1, 1, Tq, 1]
+    seen = kp <= qp  # [B, Hkv, Tq, S]
+    if window is not None:
+        seen = seen & (qp - kp < window)
+    seen = seen.repeat_interleave(n_heads // h_kv, dim=1)  # [B, H, Tq, S]: query head h reads kv head h // group
+    if prefix == 0:
+        return seen
+    return torch.cat((seen.new_ones(b, n_heads, q_pos.numel(), prefix), seen), dim=3)  # [B, H, Tq, P + S]
+
+
+def positional_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    window: int | None = None,
+    prefix: int = 0,
+    scale: float | None = None,
+) -> Tensor:
+    """Causal attention over keys at explicit positions (a cache that evicted entries from the middle).
+
+    Args:
+        q: ``[B, Tq, H, D]`` queries at positions ``q_pos`` (``[Tq]`` int).
+        k, v: ``[B, P + S, Hkv, D]`` / ``[B, P + S, Hkv, Dv]``: P prefix entries (visible to all), then S sequence
+            entries at positions ``k_pos`` (``[B, S, Hkv]`` int, per batch row and key/value head).
+        window, prefix, scale: as in ``causal_attention``.
+
+    With ``k_pos`` a contiguous run ending at the queries this equals ``causal_attention``. Builds the dense
+    ``[B, H, Tq, P + S]`` mask (caches under a policy hold a bounded number of entries).
+
+    Returns:
+        ``[B, Tq, H, Dv]``.
+    """
+    _check_attention_args(q, k, v, window, prefix, scale, None)
+    b, n_q, h, d = q.shape
+    want = (b, k.shape[1] - prefix, k.shape[2])
+    if k_pos.ndim != 3 or tuple(k_pos.shape) != want:
+        raise ValueError(f"k_pos must be [B, S, Hkv] = {want}, got {tuple(k_pos.shape)}")
+    if q_pos.ndim != 1 or q_pos.numel() != n_q:
+        raise ValueError(f"q_pos must be [Tq={n_q}], got {tuple(q_pos.shape)}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    mask = _positional_visibility(q_pos, k_pos, window, prefix, h)  # [B, H, Tq, P + S]
+    out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, False, scale)  # [B, H, Tq, Dv]
+    return out.transpose(1, 2)  # [B, Tq, H, Dv]
+
+
 def _reference_mask(n_q: int, n_k: int, window: int | None, prefix: int) -> Tensor:
     """The dense ``[Tq, Tk]`` visibility matrix, written one query row at a time (deliberately not vectorised)."""
     mask = torch.zeros(n_q, n_k, dtype=torch.bool)
@@ -284,6 +343,10 @@ class Attention(nn.Module):
     ``prefix_kv = (k, v)``, each ``[B, Np, Hkv, D]``, adds caller-supplied prefix entries after the persistent ones
     (e.g. MAC's retrieved-memory tokens h, projected by the caller); they are not cached or rotated.
 
+    ``set_kv_policy(policy, layer_idx, n_layers)`` attaches a cache policy (``mnemos.kv``; ``kv_policy`` holds it,
+    None by default): ``init_state`` then returns the policy's cache, which sees each call's queries and may evict,
+    re-rotate, narrow or quantise what it stores (``mnemos.kv.apply_kv_policy`` sets it on every layer of a model).
+
     Example:
         >>> attn = Attention(d_model=32, n_heads=4, window=8, num_persistent=2)
         >>> x = torch.randn(2, 10, 32)
@@ -339,6 +402,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=bias)
         self.rope = RotaryEmbedding(head_dim, base=rope_base)
+        self.kv_policy: KVPolicy | None = None  # a cache policy for init_state (set_kv_policy); None: the default
+        self.kv_layer = (0, 1)  # (this layer's index, the number of attention layers) the policy is told
         if num_persistent:
             # small random init: identical (e.g. zero) tokens would receive identical gradients and never separate
             self.persistent_k = nn.Parameter(torch.randn(num_persistent, n_kv_heads, head_dim) * 0.02)
@@ -353,15 +418,35 @@ class Attention(nn.Module):
             f"window={self.window}, num_persistent={self.num_persistent}"
         )
 
+    def set_kv_policy(self, policy: KVPolicy | None, layer_idx: int = 0, n_layers: int = 1) -> None:
+        """Use ``policy`` for the caches ``init_state`` makes from now on (None: back to the default caches);
+        ``layer_idx`` / ``n_layers`` place the layer among the model's attention layers (per-layer budgets)."""
+        if policy is not None and not isinstance(policy, KVPolicy):
+            raise ValueError(f"policy must be a KVPolicy (mnemos.kv) or None, got {type(policy).__name__}")
+        for name, val in (("layer_idx", layer_idx), ("n_layers", n_layers)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "layer_idx" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'layer_idx' else 'positive'} "
+                                 f"integer, got {val!r}")
+        if layer_idx >= n_layers:
+            raise ValueError(f"layer_idx ({layer_idx}) must be < n_layers ({n_layers})")
+        self.kv_policy, self.kv_layer = policy, (layer_idx, n_layers)
+
     def init_state(
         self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """An empty cache for ``batch`` streams: ``RollingKVCache(window)`` with a window, else ``FullKVCache``.
+        """An empty cache for ``batch`` streams: the policy's (``set_kv_policy``) if one is set, else
+        ``RollingKVCache(window)`` with a window, else ``FullKVCache``.
 
         ``device`` and ``dtype`` default to the layer's parameters'; pass the activations' dtype under autocast.
         """
         device = self.q_proj.weight.device if device is None else device
         dtype = self.q_proj.weight.dtype if dtype is None else dtype
+        if self.kv_policy is not None:
+            layer_idx, n_layers = self.kv_layer
+            return self.kv_policy.make_cache(
+                batch, self.n_kv_heads, self.head_dim, window=self.window, layer_idx=layer_idx, n_layers=n_layers,
+                rope=self.rope, device=device, dtype=dtype,
+            )
         if self.window is None:
             return FullKVCache(batch, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
         return RollingKVCache(self.window, batch, self.n_kv_heads, self.head_dim, device=device, dtype=dtype)
@@ -397,14 +482,16 @@ class Attention(nn.Module):
         """``x [B, T, d_model] -> (y [B, T, d_model], cache)``; see the class docstring for the cache semantics."""
         self._check_forward_args(x, cache, prefix_kv)
         b, t, _ = x.shape
-        offset = 0 if cache is None else cache.seen_tokens
+        start = 0 if cache is None else cache.seen_tokens  # absolute position of x's first token
+        offset = 0 if cache is None else cache.rope_offset  # where RoPE puts it (== start unless keys are re-rotated)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         q = self.rope(q, offset=offset)  # [B, T, H, D] at positions offset .. offset + T - 1
         k = self.rope(k, offset=offset)  # [B, T, Hkv, D]
+        k_pos = None
         if cache is not None:
-            k, v = cache.update(k, v)  # [B, S, Hkv, D]: visible past keys followed by the T new ones
+            k, v, k_pos = cache.update_view(k, v, q=q)  # [B, S, Hkv, D]: visible past keys followed by the T new ones
 
         pre_k, pre_v = [], []
         if self.persistent_k is not None:
@@ -418,6 +505,10 @@ class Attention(nn.Module):
             k = torch.cat((*pre_k, k), dim=1)  # [B, P + Np + S, Hkv, D]
             v = torch.cat((*pre_v, v), dim=1)  # [B, P + Np + S, Hkv, D]
 
-        o = causal_attention(q, k, v, window=self.window, prefix=n_prefix, block_size=self.block_size)  # [B, T, H, D]
+        if k_pos is None:  # a contiguous run of keys ending at the queries
+            o = causal_attention(q, k, v, window=self.window, prefix=n_prefix, block_size=self.block_size)
+        else:  # a policy kept a subset: mask by each key's original position
+            q_pos = torch.arange(start, start + t, device=x.device)  # [T]
+            o = positional_attention(q, k, v, q_pos, k_pos, window=self.window, prefix=n_prefix)  # [B, T, H, D]
         y = self.o_proj(o.reshape(b, t, self.n_heads * self.head_dim))  # [B, T, H * D] -> [B, T, d_model]
         return y, cache

@@ -27,19 +27,33 @@ abstract. The contract the attention layer relies on is:
 4. ``state_dict()`` returns plain tensors only (so ``torch.save`` and ``torch.load(weights_only=True)`` work) and
    ``load_state_dict`` restores it, validating shapes.
 
-Policies that drop tokens from the middle (heavy-hitter eviction, attention sinks) break point 1's contiguity and will
-need the contract extended with explicit key positions; that extension is deliberately left for when such a policy
-lands, rather than guessed now.
+The contract's extension for policies that drop tokens from the middle, re-rotate keys or store them quantised /
+narrowed (``mnemos.kv``; docs/KV.md), all with defaults that keep the two caches above unchanged:
+
+5. ``update_view(k_new, v_new, q=None) -> KVView(keys, values, positions)`` is what ``Attention`` calls. ``q`` is
+   the new queries ``[B, T, Hq, D]`` (rotated), for policies that score entries by attention. ``positions`` is None
+   when the keys are a contiguous run ending at the new tokens (point 1: the default, which calls ``update``), else
+   ``[B, S, H]`` int64: each returned entry's original position, per batch row and key/value head (the layer then
+   masks by position: causal, and inside its window). The new tokens still come last.
+6. ``rope_offset``: the position the new tokens are rotated at (default ``seen_tokens``; a cache that re-rotates its
+   keys to in-cache positions returns the in-cache position of the next token).
+7. ``nbytes``: bytes of every tensor the cache holds (packed codes, scales, indices and positions included): the
+   non-scalar tensors of ``state_dict``, which must be exactly the tensors the cache object holds.
+8. ``kept_positions()``: ``[B, S, H]`` int64, the original positions of the stored entries per row and head.
+
+``KVPolicy`` is the other half of the seam: an object ``Attention.init_state`` asks for a cache
+(``make_cache``) when a policy is set on the layer (``Attention.set_kv_policy``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["KVCache", "FullKVCache", "RollingKVCache"]
+__all__ = ["KVCache", "KVView", "KVPolicy", "FullKVCache", "RollingKVCache"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -80,6 +94,63 @@ class KVCache(ABC):
 
     def __len__(self) -> int:
         return self.num_stored
+
+    # -- the extension for eviction / compression policies (defaults: a contiguous cache at absolute positions) ------
+    def update_view(self, k_new: Tensor, v_new: Tensor, q: Tensor | None = None) -> KVView:
+        """Record the new entries and return what the new queries see, with positions (None: contiguous suffix).
+
+        ``q`` ``[B, T, Hq, D]`` are the new (rotated) queries; caches that do not score entries ignore it.
+        """
+        k_all, v_all = self.update(k_new, v_new)
+        return KVView(k_all, v_all, None)
+
+    @property
+    def rope_offset(self) -> int:
+        """The position the next token is rotated at by RoPE (its absolute position, unless keys are re-rotated)."""
+        return self.seen_tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors the cache holds: every non-scalar tensor of ``state_dict``."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values() if t.ndim > 0)
+
+    def kept_positions(self) -> Tensor:
+        """``[B, S, H]`` int64: the original position of each stored entry, per batch row and key/value head."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its kept positions")
+
+
+class KVView(NamedTuple):
+    """What the new queries of one ``update_view`` call see: keys ``[B, S, H, D]``, values ``[B, S, H, Dv]`` (the
+    new tokens last) and ``positions``: None (a contiguous run ending at the new tokens) or ``[B, S, H]`` int64."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor | None
+
+
+class KVPolicy(ABC):
+    """A cache-management policy: decides what a layer's cache keeps and how it stores it (``mnemos.kv``).
+
+    ``Attention.set_kv_policy(policy, layer_idx, n_layers)`` attaches one to a layer; the layer's ``init_state`` then
+    returns ``policy.make_cache(...)`` instead of its default cache.
+    """
+
+    @abstractmethod
+    def make_cache(
+        self,
+        batch_size: int,
+        n_heads: int,
+        head_dim: int,
+        *,
+        window: int | None,
+        layer_idx: int,
+        n_layers: int,
+        rope: nn.Module | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> KVCache:
+        """An empty cache for one layer: ``n_heads`` key/value heads of ``head_dim``, the layer's sliding ``window``
+        (None: full causal), its index among the model's ``n_layers`` attention layers and its rotary embedding."""
 
 
 class _AppendKVCache(KVCache):
@@ -132,6 +203,11 @@ class _AppendKVCache(KVCache):
     @property
     def device(self) -> torch.device:
         return self._k.device
+
+    def kept_positions(self) -> Tensor:
+        s = self.num_stored
+        pos = torch.arange(self._seen - s, self._seen, device=self.device)  # [S]: a contiguous suffix
+        return pos[None, :, None].expand(self.batch_size, s, self.n_heads)  # [B, S, H]
 
     # -- the policy --------------------------------------------------------------------------------------------------
     def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,29 @@
+"""KV-cache policies for attention's short-term memory: eviction (StreamingLLM, H2O, SnapKV, PyramidKV, L2-norm),
+key-channel pruning (ThinK) and packed quantisation (KIVI), on every ``mnemos.layers.Attention``.
+
+``with SnapKV(budget=256)(model): model.generate(...)`` or ``apply_kv_policy(model, policy)``; Hugging Face
+Llama-family models through ``mnemos.kv.hf`` (imported on its own: it needs transformers). The contract and each
+policy's algorithm are in docs/KV.md.
+"""
+
+from .base import (
+    Bytes,
+    EvictingKVCache,
+    EvictionContext,
+    EvictionPolicy,
+    Policy,
+    apply_kv_policy,
+    attention_layers,
+    attention_probs,
+    use_kv_policy,
+)
+from .eviction import H2O, L2Norm, PyramidKV, SnapKV, StreamingLLM, pyramid_budgets, snapkv_scores
+from .kivi import KIVI, KIVICache, dequantize, pack, quantize, unpack
+from .think import ThinK, ThinKCache, think_channel_scores
+
+__all__ = [
+    "Bytes", "Policy", "EvictionPolicy", "EvictionContext", "EvictingKVCache", "apply_kv_policy", "use_kv_policy",
+    "attention_layers", "attention_probs", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "L2Norm", "pyramid_budgets",
+    "snapkv_scores", "KIVI", "KIVICache", "quantize", "dequantize", "pack", "unpack", "ThinK", "ThinKCache",
+    "think_channel_scores",
+]

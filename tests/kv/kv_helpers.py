@@ -1,0 +1,43 @@
+"""Shared helpers of the KV-policy tests: tiny models and a chunked stream."""
+
+from __future__ import annotations
+
+import torch
+
+from mnemos.models import MnemosConfig, MnemosLM
+
+F64 = torch.float64
+V = 64
+# window 5 < every context below; two persistent tokens in MAG / MAL's attention
+TINY = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, window=5, segment_len=6, num_persistent=2,
+            init_std=0.5, memory=dict(depth=2, expansion=2, chunk_size=4))
+ATTENTION_VARIANTS = ["transformer", "swa", "mag", "mal"]
+
+
+def make_model(variant: str, seed: int = 0, **overrides) -> MnemosLM:
+    torch.manual_seed(seed)
+    return MnemosLM(MnemosConfig.from_dict({**TINY, "variant": variant, **overrides})).to(F64).eval()
+
+
+def ids_of(b: int, t: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def stream(model: MnemosLM, ids: torch.Tensor, pieces: list[int], cache=None, on_call=None):
+    """Feed ``ids`` in ``pieces`` with the cache carried; returns (logits of every call concatenated, cache)."""
+    cache = model.init_cache(ids.shape[0]) if cache is None else cache
+    outs, s = [], 0
+    for n in pieces:
+        out, cache = model(ids[:, s : s + n], cache)
+        outs.append(out)
+        s += n
+        if on_call is not None:
+            on_call(cache)
+    assert s == ids.shape[1]
+    return torch.cat(outs, dim=1), cache
+
+
+def attn_caches(cache) -> list:
+    """The KV caches of a model cache, in layer order (a MAG / MAL state holds its cache in ``.attn``)."""
+    return [getattr(layer, "attn", layer) for layer in cache.layers]

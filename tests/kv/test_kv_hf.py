@@ -1,0 +1,126 @@
+"""mnemos KV policies on a random-init Hugging Face ``LlamaForCausalLM`` (tiny config, GQA 4 query / 2 key-value
+heads; nothing downloaded).
+
+- budget >= context => greedy generation identical to transformers' own cache, for every policy, both as a
+  ``PolicyCache`` passed to ``generate`` and through ``with policy(model):``; a prefill in two chunks gives the full
+  forward's logits;
+- the cache holds key/value heads only (never expanded to query heads) and small budgets bound it;
+- H2O on the HF model keeps the same entries as on a mnemos cache fed the same queries / keys (the query hook
+  recomputes the layer's rotated queries exactly);
+- beam search reorders the compressed cache; bad input raises ValueError.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnemos.kv import H2O, KIVI, L2Norm, PyramidKV, SnapKV, StreamingLLM, ThinK
+
+transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
+from mnemos.kv.hf import PolicyCache, cache_kwarg  # noqa: E402
+
+CTX, NEW = 20, 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _ids(b=2, t=CTX, seed=1):
+    return torch.randint(0, 64, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, ids, cache=None, **kw):
+    kw = {"max_new_tokens": NEW, "do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0, **kw}
+    if cache is not None:
+        kw[cache_kwarg(model)] = cache
+    return model.generate(ids, **kw)
+
+
+LOSSLESS = [StreamingLLM(64, sinks=2), H2O(64), SnapKV(64, window_size=4), PyramidKV(64, window_size=4),
+            L2Norm(1.0), KIVI(2, group_size=4, residual=64), ThinK(0.0, window_size=4, recent=4)]
+
+
+@torch.no_grad()
+def test_budget_covering_the_context_gives_identical_generation(model):
+    ids = _ids()
+    ref = _generate(model, ids)
+    full_logits = model(ids).logits
+    for policy in LOSSLESS:
+        cache = PolicyCache(model, policy)
+        assert torch.equal(_generate(model, ids, cache), ref), f"{policy!r}: generation differs"
+        assert cache.layers[0].cache.seen_tokens == CTX + NEW - 1
+        with policy(model):
+            assert torch.equal(_generate(model, ids), ref), f"{policy!r}: generation differs under `with`"
+        assert "generate" not in model.__dict__, "the context manager restores generate"
+        chunked = PolicyCache(model, policy)
+        a = model(ids[:, :12], **{cache_kwarg(model): chunked}).logits
+        b = model(ids[:, 12:], **{cache_kwarg(model): chunked}).logits
+        err = (torch.cat([a, b], 1) - full_logits).abs().max().item()
+        assert err <= 1e-5, f"{policy!r}: chunked prefill logits differ by {err:.2e}"
+
+
+@torch.no_grad()
+def test_small_budgets_bound_the_cache_and_keep_kv_heads_only(model):
+    ids = _ids()
+    for policy in [StreamingLLM(8, sinks=2), H2O(8), L2Norm(8), SnapKV(8, window_size=4, compress_decoding=True)]:
+        cache = PolicyCache(model, policy)
+        _generate(model, ids, cache)
+        for layer in cache.layers:
+            assert layer.cache.keys.shape == (2, 8, 2, 8), f"{policy!r}: [B, S, Hkv, D] = {layer.cache.keys.shape}"
+        assert cache.nbytes == sum(layer.cache.nbytes for layer in cache.layers) > 0
+
+
+@torch.no_grad()
+def test_h2o_on_llama_scores_the_layers_own_queries(model):
+    """Record layer 0's rotated queries / keys through transformers' own cache, replay them into a mnemos H2O cache
+    and compare kept positions and scores with the HF run (the hook must recompute the queries exactly)."""
+    ids = _ids(b=1)
+    attn = model.model.layers[0].self_attn
+    seen = {}
+
+    def grab(module, args, kwargs, out):
+        h = kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        q = module.q_proj(h).view(*h.shape[:-1], -1, 8).transpose(1, 2)
+        k = module.k_proj(h).view(*h.shape[:-1], -1, 8).transpose(1, 2)
+        q, k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        seen.setdefault("q", []).append(q.transpose(1, 2))
+        seen.setdefault("k", []).append(k.transpose(1, 2))
+
+    handle = attn.register_forward_hook(grab, with_kwargs=True)
+    try:
+        cache = PolicyCache(model, H2O(10, recent=3))
+        _generate(model, ids, cache)
+    finally:
+        handle.remove()
+    replay = H2O(10, recent=3).make_cache(1, 2, 8)
+    for q, k in zip(seen["q"], seen["k"]):
+        replay.update_view(k, k, q=q)
+    hf = cache.layers[0].cache
+    assert torch.equal(hf.kept_positions(), replay.kept_positions())
+    assert torch.allclose(hf.entry_state["score"], replay.entry_state["score"], atol=1e-5)
+
+
+@torch.no_grad()
+def test_beam_search_reorders_the_compressed_cache(model):
+    ids = _ids(b=1)
+    ref = _generate(model, ids, num_beams=3)
+    out = _generate(model, ids, PolicyCache(model, H2O(64)), num_beams=3)
+    assert torch.equal(out, ref), "beam search with a lossless policy must match transformers' cache"
+    small = _generate(model, ids, PolicyCache(model, H2O(8)), num_beams=3)
+    assert small.shape == ref.shape
+
+
+def test_bad_input_raises_value_error(model):
+    with pytest.raises(ValueError, match="re-rotates"):
+        PolicyCache(model, StreamingLLM(8, rerotate=True))
+    with pytest.raises(ValueError, match="group_size"):
+        PolicyCache(model, KIVI(2, group_size=16, residual=16))
+    with pytest.raises(ValueError, match="policy must be"):
+        PolicyCache(model, "h2o")
