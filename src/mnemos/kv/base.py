@@ -248,6 +248,17 @@ class NamedTensorsCache(KVCache):
     _NAMES: tuple[str, ...] = ()
     _seen: int
 
+    @property
+    def seen_tokens(self) -> int:
+        return self._seen
+
+    def kept_positions(self) -> Tensor:
+        """The last ``num_stored`` positions of the stream, for every row and head (these caches evict nothing
+        from the middle): ``[B, S, H]``."""
+        s = self.num_stored
+        pos = torch.arange(self._seen - s, self._seen, device=self.device)
+        return pos[None, :, None].expand(self.batch_size, s, self.n_heads)  # [B, S, H]
+
     def reset(self) -> None:
         for n in self._NAMES:
             setattr(self, n, getattr(self, n)[:, :0].clone())

@@ -144,10 +144,6 @@ class KIVICache(NamedTensorsCache):
         return self.layer_window  # at least the last W - 1 tokens are kept, contiguous
 
     @property
-    def seen_tokens(self) -> int:
-        return self._seen
-
-    @property
     def num_stored(self) -> int:
         return self.kq.shape[1] + self.kr.shape[1]
 
@@ -163,11 +159,6 @@ class KIVICache(NamedTensorsCache):
     @property
     def device(self) -> torch.device:
         return self.kr.device
-
-    def kept_positions(self) -> Tensor:
-        s = self.num_stored
-        pos = torch.arange(self._seen - s, self._seen, device=self.device)
-        return pos[None, :, None].expand(self.batch_size, s, self.n_heads)  # [B, S, H]
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """What the cache holds, as full tensors: keys ``[B, S, H, D]``, values ``[B, S, H, Dv]``."""

@@ -85,10 +85,6 @@ class ThinKCache(NamedTensorsCache):
         return self.layer_window
 
     @property
-    def seen_tokens(self) -> int:
-        return self._seen
-
-    @property
     def num_stored(self) -> int:
         return self.v.shape[1]
 
@@ -99,11 +95,6 @@ class ThinKCache(NamedTensorsCache):
     @property
     def device(self) -> torch.device:
         return self.v.device
-
-    def kept_positions(self) -> Tensor:
-        s = self.num_stored
-        pos = torch.arange(self._seen - s, self._seen, device=self.device)
-        return pos[None, :, None].expand(self.batch_size, s, self.n_heads)  # [B, S, H]
 
     def widened_keys(self) -> Tensor:
         """The stored keys at full width ``[B, S, H, D]``: pruned channels of the narrow ones are zero."""
