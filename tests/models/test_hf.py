@@ -49,6 +49,24 @@ def test_config_mirrors_mnemos_config():
     assert hf.hidden_size == 32 and hf.num_hidden_layers == 2 and hf.tie_word_embeddings is True
 
 
+def test_config_sections_round_trip(tmp_path):
+    """The baselines' sections (mamba2, based) are dicts in the HF config, stored resolved, checked by MnemosConfig,
+    and a config.json written before they existed loads with their defaults."""
+    hf = tiny("mamba2", mamba2={"d_state": 4})
+    assert hf.mamba2 == {**MnemosConfig().mamba2.to_dict(), "d_state": 4} and hf.based == MnemosConfig().based.to_dict()
+    assert hf.to_mnemos().mamba2.d_state == 4
+    hf.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).to_mnemos() == hf.to_mnemos()
+    d = json.loads((tmp_path / "config.json").read_text())
+    del d["mamba2"], d["based"]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert AutoConfig.from_pretrained(tmp_path).to_mnemos().mamba2 == MnemosConfig().mamba2
+    with pytest.raises(ValueError, match=r"model\.based\.feature_dim must be >= 1"):
+        tiny("based", based={"feature_dim": 0})
+    with pytest.raises(ValueError, match=r"unknown Mamba2Config keys"):
+        tiny("mamba2", mamba2={"dstate": 4})
+
+
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match=r"unknown MnemosHFConfig keys \['windw'\]"):
         MnemosHFConfig(variant="swa", windw=8)
@@ -80,7 +98,8 @@ def test_from_config_builds_every_variant(variant):
     torch.testing.assert_close(out.logits, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant,tie", [("lmm", True), ("mac", True), ("swa", True), ("mag", False)])
+@pytest.mark.parametrize("variant,tie", [("lmm", True), ("mac", True), ("swa", True), ("mag", False), ("mamba2", True),
+                                         ("based", False), ("mom", True)])
 def test_save_pretrained_round_trip(variant, tie, tmp_path):
     model = build(variant, seed=1, tie_embeddings=tie)
     model.save_pretrained(tmp_path)

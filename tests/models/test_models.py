@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mnemos.layers import Attention, RMSNorm
-from mnemos.models import VARIANTS, Block, Cache, MnemosConfig, MnemosLM, SwiGLU
+from mnemos.models import VARIANT_REGISTRY, VARIANTS, Block, Cache, MnemosConfig, MnemosLM, SwiGLU
 
 F64, F32 = torch.float64, torch.float32
 V = 64
@@ -30,8 +30,10 @@ TINY = dict(
     vocab_size=V, d_model=32, n_layers=2, n_heads=4, window=5, segment_len=6, num_persistent=2, init_std=0.5,
     memory=dict(depth=2, expansion=2, chunk_size=4),
 )
-# decoding memory per variant: constant once the window is full, bounded by the segment, or growing
-FLAT = {"lmm", "mag", "mal", "swa", "linear_attention", "deltanet", "gated_deltanet"}
+# decoding memory per variant: constant once the window is full, bounded by the segment, or growing (the registry's
+# claim, state_bound; test_registry.py measures it too)
+FLAT = {n for n, s in VARIANT_REGISTRY.items() if s.state_bound in ("constant", "window")}
+assert {"lmm", "mag", "mal", "swa", "linear_attention", "deltanet", "gated_deltanet"} <= FLAT
 
 
 def tiny_config(variant: str, **overrides) -> MnemosConfig:
@@ -259,9 +261,16 @@ def test_trains_on_a_tiny_task(variant):
     model = MnemosLM(tiny_config(variant, init_std=0.02, window=8, segment_len=8))  # float32, default init
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
+    # the Miras / Atlas rules run on the op's token-by-token reference until they have a chunked path (issue 14,
+    # section 2): 8 sequences of 16 tokens keep their run to seconds; Atlas' (an Omega window of 4 and Newton-Schulz
+    # per token) still takes ~45 s, so its run waits for that path
+    if variant == "atlas":
+        pytest.skip("atlas trains on the op's per-token reference only (~45 s here): issue 14, section 2")
+    reference_only = variant in ("moneta", "yaad", "memora")
+    batch, T = (8, 17) if reference_only else (16, 33)
     losses = []
     for _ in range(30):
-        ids = in_context_set_task(16, 33, gen)
+        ids = in_context_set_task(batch, T, gen)
         logits, _ = model(ids[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
         opt.zero_grad()
@@ -289,7 +298,9 @@ def test_every_parameter_gets_a_gradient(variant):
 MIXER_TYPES = {
     "lmm": "LongTermMemory", "mac": "MemoryAsContext", "mag": "MemoryAsGate", "mal": "MemoryAsLayer",
     "transformer": "Attention", "swa": "Attention", "linear_attention": "LinearRecurrence",
-    "deltanet": "LinearRecurrence", "gated_deltanet": "LinearRecurrence",
+    "deltanet": "LinearRecurrence", "gated_deltanet": "LinearRecurrence", "mamba2": "Mamba2Mixer",
+    "based": "BasedLinearAttention", "mom": "MixtureOfMemories", "moneta": "LongTermMemory",
+    "yaad": "LongTermMemory", "memora": "LongTermMemory", "atlas": "LongTermMemory",
 }
 
 

@@ -36,6 +36,16 @@ Choices the paper leaves open, and what this layer does:
 - Chunk size 4 (the paper's is 16: a fresher anchor and 4x fewer gradients per anchor made recall training faster
   and stable at the larger step; docs/MODELS.md), gradients anchored per chunk; decoding continues the same chunk
   bookkeeping, so token-by-token decoding equals the parallel pass exactly.
+- The rule: Titans' by default; ``rule`` (a preset of :data:`mnemos.ops.RULES`) and the per-axis settings pick any
+  rule of the family (Miras, Atlas; docs/MEMORY_RULE.md, "Rules in models"). The layer then makes the gates that rule
+  needs, from x like the others, per token and head: ``delta = max(softplus(W_delta x + b_delta), 1e-4)`` > 0 for the
+  huber loss (bias init softplus^-1(1): delta = 1), ``gamma = sigmoid(W_gamma x + b_gamma)`` in [0, 1] for an Omega
+  window w > 1 (bias init -log(w - 1): gamma = 1/w, a token's weights over the w writes that fit it summing to 1);
+  ``momentum=False`` fixes eta = 0; ``poly_degree`` p > 0 feeds the memory Atlas' polynomial features of q and k
+  (``[sqrt(a_i) vec(x^(x)i)]_{i <= p}``, learned a_i > 0 per head from 1/i!; Atlas' degree is 2). W_0 is then the
+  initial accumulator A_0, and every read outside the op (MAC's retrieval, :meth:`retrieve`, the statistics) goes
+  through ``effective_weights`` (:meth:`read_weights`). Titans' layer has no extra parameter and computes what it did
+  before the rule existed.
 """
 
 from __future__ import annotations
@@ -49,9 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import MemoryState, memory_read, neural_memory, step_curvature
+from ..ops import RULES, MemoryRule, MemoryState, effective_weights, memory_read, neural_memory, step_curvature
+from ..ops.memory_rule import chunked_unsupported_reason
 from .conv import ShortConvolution
 from .norm import GatedRMSNorm
+
+
+# the Huber threshold delta = softplus(z) starts at 1 (z = its bias, softplus^-1(1)) and stays above DELTA_MIN
+DELTA_BIAS = math.log(math.e - 1.0)
+DELTA_MIN = 1e-4
 
 
 @dataclass
@@ -106,6 +122,28 @@ class MemorySettings:
     # kernels where they can run the call, else torch), triton (the kernels or a ValueError naming why not), torch,
     # reference (the token-by-token rule); the delta-rule baselines read reference as their token loop, else chunked
     impl: Literal["auto", "triton", "torch", "reference"] = "auto"
+    # the memory rule (mnemos.ops.MemoryRule; docs/MEMORY_RULE.md): a preset of mnemos.ops.RULES, "titans" (l2 loss,
+    # decay, momentum, window 1), "moneta", "yaad", "memora", "omeganet", "atlas", "linear_attention", "deltanet"; each
+    # axis below overrides the preset's value where set (None: the preset's own), and :attr:`memory_rule` resolves the
+    # two to one MemoryRule
+    rule: str = "titans"
+    loss: Literal["l2", "dot", "lp", "huber"] | None = None  # the attentional bias; huber: the layer makes delta
+    p: float | None = None  # exponent of loss "lp" (>= 1)
+    retention: Literal["decay", "lq", "kl"] | None = None  # how the memory reads its accumulator A: W = F(A)
+    lq: float | None = None  # norm of retention "lq" (>= 1)
+    softmax_scale: float | None = None  # the simplex's total of retention "kl" (> 0)
+    softmax_dim: Literal["row", "all"] | None = None  # what retention "kl" normalises: each row, or each matrix
+    optimizer: Literal["momentum", "muon"] | None = None  # the inner optimiser; muon: Newton-Schulz on the momentum
+    ns_steps: int | None = None  # Newton-Schulz iterations of optimizer "muon" (>= 0)
+    window: int | None = None  # Omega window: tokens each write fits (>= 1); above 1 the layer makes gamma
+    # a learned, data-dependent momentum gate eta (Titans, Atlas); False: eta = 0, plain gradient descent (Miras'
+    # Moneta, Yaad and Memora), and the gate projection has no eta row
+    momentum: bool = True
+    # Atlas' polynomial feature map of the memory's keys and queries (arXiv 2505.23735, sec. 3.3), its degree p: the
+    # memory reads phi(k) = [sqrt(a_i) vec(k^(x)i)]_{i=0..p} (1 + D + ... + D^p features), with learned a_i > 0 per head
+    # initialised to 1/i!, so that phi(q).phi(k) = sum_i a_i (q.k)^i (exp's Taylor series); 0: no feature map. Needs
+    # residual=False (the features are not the values' dim)
+    poly_degree: int = 0
 
     def __post_init__(self):
         w = self._where
@@ -121,6 +159,31 @@ class MemorySettings:
                 raise TypeError(f"{w}{name} must be a bool, got {getattr(self, name)!r}")
         if self.max_chunk_lr is not None and not self.max_chunk_lr > 0:
             raise ValueError(f"{w}max_chunk_lr must be None or > 0, got {self.max_chunk_lr}")
+        if not isinstance(self.momentum, bool):
+            raise TypeError(f"{w}momentum must be a bool, got {self.momentum!r}")
+        if isinstance(self.poly_degree, bool) or not isinstance(self.poly_degree, int) or self.poly_degree < 0:
+            raise ValueError(f"{w}poly_degree must be an int >= 0, got {self.poly_degree!r}")
+        if self.poly_degree and self.residual:
+            raise ValueError(f"{w}poly_degree={self.poly_degree} needs {w}residual=False: the memory's input, the "
+                             "polynomial features of its keys, does not have the values' dim")
+        rule = self.memory_rule  # the rule's own range checks, each error naming its key
+        if self.impl in ("torch", "triton") and chunked_unsupported_reason(rule) is not None:
+            raise ValueError(f"{w}impl={self.impl!r} runs only the rules its chunked path covers: "
+                             f"{chunked_unsupported_reason(rule)} (use impl 'auto' or 'reference')")
+
+    @property
+    def memory_rule(self) -> MemoryRule:
+        """The preset ``rule`` with every axis set here in its place: the :class:`mnemos.ops.MemoryRule` the layer
+        runs. A bad preset name or axis value is a ValueError naming its key (``memory.p must be ...``)."""
+        w = self._where
+        if not isinstance(self.rule, str) or self.rule not in RULES:
+            raise ValueError(f"{w}rule must be one of the presets {tuple(RULES)}, got {self.rule!r}")
+        axes = {f.name: getattr(self, f.name) for f in dataclasses.fields(MemoryRule)
+                if getattr(self, f.name) is not None}
+        try:
+            return dataclasses.replace(RULES[self.rule], **axes)
+        except ValueError as e:  # "MemoryRule.p must be ..." -> "memory.p must be ..."
+            raise ValueError(f"{w}{str(e).removeprefix('MemoryRule.')}") from None
 
 
 class NeuralMemory(nn.Module):
@@ -135,7 +198,17 @@ class NeuralMemory(nn.Module):
             ``depth`` L, ``expansion``, ``residual``, ``activation``, ``chunk_size`` C, ``max_lr`` (the bound of one
             token's inner step: of theta / (1 - eta) with ``ema_momentum``, else of theta), ``max_chunk_lr`` (each
             token's bound is ``min(max_lr, max_chunk_lr / C)``), ``ema_momentum``, ``conv_size``, ``value_norm``,
-            ``normalize_step`` (torch path only), ``impl`` (passed to :func:`mnemos.ops.neural_memory`).
+            ``normalize_step`` (torch path only), ``impl`` (passed to :func:`mnemos.ops.neural_memory`), the rule:
+            ``rule`` (a preset name) and its axes ``loss``, ``p``, ``retention``, ``lq``, ``softmax_scale``,
+            ``softmax_dim``, ``optimizer``, ``ns_steps``, ``window`` (None: the preset's), ``momentum``;
+            ``poly_degree`` (Atlas' polynomial features of q and k).
+
+    Attributes:
+        memory_rule: the resolved :class:`mnemos.ops.MemoryRule` the memory runs.
+        to_delta, to_gamma: the projections of the Huber thresholds and the window weights, or None where the rule
+            has no use for them.
+        poly_log_coef: ``log a_i`` of the polynomial features ``[H, p + 1]``, or None (``poly_degree=0``).
+        key_dim: the memory's input dim K: ``head_dim``, or ``1 + D + ... + D^p`` with polynomial features.
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, *,
@@ -172,14 +245,22 @@ class NeuralMemory(nn.Module):
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv = ShortConvolution(3 * inner, self.conv_size)
-        self.to_gates = nn.Linear(dim, 3 * H)  # theta, eta, alpha logits
-        widths = [D] + [self.expansion * D] * (self.depth - 1) + [D]
+        self.to_gates = nn.Linear(dim, (3 if self.momentum else 2) * H)  # theta, (eta,) alpha logits
+        self.key_dim = sum(D**i for i in range(self.poly_degree + 1)) if self.poly_degree else D  # the memory's input
+        widths = [self.key_dim] + [self.expansion * D] * (self.depth - 1) + [D]
         self.memory = nn.ParameterList(
             nn.Parameter(torch.empty(H, widths[i + 1], widths[i])) for i in range(self.depth)
         )  # W_0, layer i: [H, D_out, D_in]
         self.to_out_gate = nn.Linear(dim, inner, bias=False)
         self.out_norm = GatedRMSNorm(D)
         self.out_proj = nn.Linear(inner, dim, bias=False)
+        # the rule's own gates, made only where its axes need them (so Titans' parameters are today's, in order)
+        self.memory_rule = config.memory_rule  # the MemoryRule (mnemos.ops) that the memory runs
+        rule = self.memory_rule
+        self.to_delta = nn.Linear(dim, H) if rule.loss == "huber" else None  # Huber thresholds delta, per head
+        self.to_gamma = nn.Linear(dim, H) if rule.window > 1 else None  # Omega window weights gamma, per head
+        # log a_i of the polynomial features, [H, p + 1]
+        self.poly_log_coef = nn.Parameter(torch.empty(H, self.poly_degree + 1)) if self.poly_degree else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -189,36 +270,93 @@ class NeuralMemory(nn.Module):
         nn.init.normal_(self.to_gates.weight, std=0.02)
         with torch.no_grad():
             self.to_gates.bias[:H].fill_(0.0)  # theta = max_lr / 2
-            self.to_gates.bias[H : 2 * H].fill_(0.0)  # eta = 0.5
-            self.to_gates.bias[2 * H :].fill_(-8.0)  # alpha ~ 3e-4: a memory half-life of ~2000 tokens
+            self.to_gates.bias[H:-H].fill_(0.0)  # eta = 0.5 (no rows without momentum)
+            self.to_gates.bias[-H:].fill_(-8.0)  # alpha ~ 3e-4: a memory half-life of ~2000 tokens
+        rule = self.memory_rule
+        if rule.retention == "lq" and rule.lq != 3:
+            # A_0 = F^-1(W_0): the memory reads F(A_0) = the normal init above (F(A) = A / ||A||_q^(q-2) has the
+            # inverse W * ||W||_q^((q-2)/(3-q)); q = 3 reads a unit-norm matrix whatever A_0 is)
+            with torch.no_grad():
+                for w in self.memory:
+                    w.mul_(torch.linalg.vector_norm(w, ord=rule.lq, dim=(-2, -1), keepdim=True)
+                           .pow((rule.lq - 2.0) / (3.0 - rule.lq)))
+        if self.poly_log_coef is not None:  # a_i = 1 / i!
+            with torch.no_grad():
+                self.poly_log_coef.copy_(-torch.tensor([math.lgamma(i + 1.0) for i in range(self.poly_degree + 1)]))
+        for proj, bias in ((self.to_delta, DELTA_BIAS), (self.to_gamma, -math.log(max(rule.window - 1, 1)))):
+            if proj is not None:  # delta = softplus(0.5413) = 1; gamma = sigmoid(-log(w - 1)) = 1 / w
+                nn.init.normal_(proj.weight, std=0.02)
+                nn.init.constant_(proj.bias, bias)
 
     # ------------------------------------------------------------------------------------------------------------------
 
     def init_state(self, batch: int, device=None, dtype=None) -> NeuralMemoryState:
-        """The state at the start of a stream: W_0 for every sequence, zero momentum, zero conv history."""
+        """The state at the start of a stream: W_0 (the accumulator A_0) for every sequence, zero momentum, zero conv
+        history; with an Omega window w > 1, w - 1 window tokens of weight gamma = 0 (zero keys and values, delta 1),
+        which add exact zeros to the first writes, so the state has one shape from the first token on."""
         p = self.memory[0]
         device = p.device if device is None else device
+        dtype = dtype or p.dtype
         W = tuple(w.to(device).expand(batch, *w.shape) for w in self.memory)  # [B, H, D_out, D_in], tied to W_0
         S = tuple(torch.zeros(batch, *w.shape, device=device, dtype=w.dtype) for w in self.memory)
-        mem = MemoryState(W, S, W, 0, self.chunk_size)
-        return NeuralMemoryState(mem, self.conv.init_state(batch, device, dtype or p.dtype))
+        window = ()
+        n, H, D = self.memory_rule.window - 1, self.heads, self.head_dim
+        if n:
+            gdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # the gates' dtype
+            k = torch.zeros(batch, n, H, self.key_dim, device=device, dtype=dtype)  # [B, w - 1, H, K]
+            v = torch.zeros(batch, n, H, D, device=device, dtype=dtype)  # [B, w - 1, H, D]
+            window = (k, v, torch.zeros(batch, n, H, device=device, dtype=gdt))  # k, v, gamma
+            if self.to_delta is not None:
+                window += (torch.ones(batch, n, H, device=device, dtype=gdt),)  # delta
+        mem = MemoryState(W, S, W, 0, self.chunk_size, window)
+        return NeuralMemoryState(mem, self.conv.init_state(batch, device, dtype))
 
     def _project(self, x: Tensor, conv_state: Tensor | None):
-        """x [B, T, dim] -> q, k, v [B, T, H, D], gates [B, T, H] each, new conv state."""
+        """x [B, T, dim] -> q, k [B, T, H, K] (K = D without polynomial features), v [B, T, H, D], gates [B, T, H]
+        each, new conv state."""
         B, T, _ = x.shape
         H, D = self.heads, self.head_dim
         qkv, conv_state = self.conv(self.to_qkv(x), conv_state)  # [B, T, 3*H*D]
         q, k, v = F.silu(qkv).view(B, T, 3, H, D).unbind(2)  # 3 x [B, T, H, D]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.poly_log_coef is not None:  # [B, T, H, D] -> [B, T, H, K], K = 1 + D + ... + D^p
+            q, k = self._poly_features(q), self._poly_features(k)
         if self.value_norm:  # unit targets: the inner problem has one scale whatever the projections learn
             v = F.normalize(v, dim=-1)
-        g = self.to_gates(x).view(B, T, 3, H)
+        g = self.to_gates(x).view(B, T, -1, H)  # [B, T, 3 (2 without momentum), H]
         g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g  # gates in float32 at least
         theta = self.token_lr * torch.sigmoid(g[:, :, 0])
-        eta, alpha = torch.sigmoid(g[:, :, 1]), torch.sigmoid(g[:, :, 2])
-        if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
-            theta = theta * (1.0 - eta)
+        alpha = torch.sigmoid(g[:, :, -1])
+        if self.momentum:
+            eta = torch.sigmoid(g[:, :, 1])
+            if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
+                theta = theta * (1.0 - eta)
+        else:  # plain gradient descent
+            eta = torch.zeros_like(alpha)
         return q, k, v, theta, eta, alpha, conv_state
+
+    def _poly_features(self, x: Tensor) -> Tensor:
+        """Atlas' polynomial features ``[sqrt(a_0), sqrt(a_1) x, sqrt(a_2) vec(x x^T), ...]``: x ``[B, T, H, D]`` ->
+        ``[B, T, H, 1 + D + ... + D^p]``, so that ``phi(q) . phi(k) = sum_i a_i (q . k)^i``."""
+        scale = (0.5 * self.poly_log_coef).exp().to(x.dtype)  # sqrt(a_i), [H, p + 1]
+        feats, power = [], x.new_ones(*x.shape[:-1], 1)  # x^(x)0 = [1]
+        for i in range(self.poly_degree + 1):
+            feats.append(scale[:, i, None] * power)
+            if i < self.poly_degree:
+                power = (power[..., :, None] * x[..., None, :]).flatten(-2)  # [..., D^(i+1)]
+        return torch.cat(feats, dim=-1)
+
+    def _rule_gates(self, x: Tensor) -> dict[str, Tensor]:
+        """The gates the rule needs besides theta, eta, alpha, from x [B, T, dim], each [B, T, H] (float32 at least):
+        ``delta = max(softplus(W_delta x + b_delta), DELTA_MIN)`` > 0 for the huber loss, ``gamma = sigmoid(W_gamma x
+        + b_gamma)`` in [0, 1] for an Omega window above 1. None of them for Titans."""
+        gates = {}
+        for name, proj in (("delta", self.to_delta), ("gamma", self.to_gamma)):
+            if proj is not None:
+                z = proj(x)
+                z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+                gates[name] = F.softplus(z).clamp_min(DELTA_MIN) if name == "delta" else torch.sigmoid(z)
+        return gates
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
         B, T, H, D = o.shape
@@ -230,16 +368,17 @@ class NeuralMemory(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
         q, k, v, theta, eta, alpha, conv_state = self._project(x, None if state is None else state.conv)
+        rule_gates = self._rule_gates(x)  # delta, gamma: only where the rule needs them
         # the layer computes the op's inputs itself: no value checks (no GPU syncs; an overflow gives non-finite y)
         kwargs = dict(chunk_size=self.chunk_size, residual=self.residual, activation=self.activation, impl=self.impl,
-                      check_values=False, normalize_step=self.normalize_step)
+                      check_values=False, rule=self.memory_rule, normalize_step=self._normalize_step, **rule_gates)
         if state is None:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, tuple(self.memory), output_final_state=True, **kwargs)
         else:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, initial_state=state.memory, output_final_state=True, **kwargs)
         if self.record_stats:
             start = tuple(self.memory) if state is None else state.memory.weights
-            self._record_stats(q, k, v, theta, eta, alpha, o, start, mem.weights)
+            self._record_stats(q, k, v, theta, eta, alpha, o, self.read_weights(start), self.read_weights(mem.weights))
         return self._output(x, o), NeuralMemoryState(mem, conv_state)
 
     @torch.no_grad()
@@ -291,8 +430,19 @@ class NeuralMemory(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
         q = self._project(x, None if state is None else state.conv)[0]
-        W = tuple(self.memory) if state is None else state.memory.weights
-        return memory_read(q, W, residual=self.residual, activation=self.activation)
+        A = tuple(self.memory) if state is None else state.memory.weights
+        return memory_read(q, self.read_weights(A), residual=self.residual, activation=self.activation)
+
+    def read_weights(self, A) -> tuple[Tensor, ...]:
+        """The weights the memory reads, ``W = F(A)``, from the accumulators A a state carries (``state.weights``, or
+        W_0): :func:`mnemos.ops.effective_weights` of the layer's rule (A itself for retention "decay")."""
+        return effective_weights(tuple(A), self.memory_rule)
+
+    @property
+    def _normalize_step(self) -> bool:
+        """``normalize_step`` where the op defines it: for the rules its chunked paths cover (l2 / dot loss, decay,
+        momentum, window 1); every other rule takes theta as it is."""
+        return self.normalize_step and chunked_unsupported_reason(self.memory_rule) is None
 
     def extra_repr(self) -> str:
         return (
@@ -300,4 +450,7 @@ class NeuralMemory(nn.Module):
             f"expansion={self.expansion}, residual={self.residual}, activation={self.activation!r}, "
             f"chunk_size={self.chunk_size}, max_lr={self.max_lr}, max_chunk_lr={self.max_chunk_lr}, "
             f"ema_momentum={self.ema_momentum}, value_norm={self.value_norm}, normalize_step={self.normalize_step}"
+            + ("" if self.memory_rule == RULES["titans"] and self.momentum else
+               f", rule={self.memory_rule}, momentum={self.momentum}")
+            + (f", poly_degree={self.poly_degree}" if self.poly_degree else "")
         )

@@ -266,3 +266,45 @@ class Cache:
         """Elements held across all layers: what decoding memory scales with."""
         return sum(t.numel() for k, t in self.state_dict().items() if k not in ("position", "batch_size"))
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# states of the recurrent baselines of issue 16 (each batch-first, so Cache serialises, reorders and moves them as is)
+
+
+@dataclass
+class Mamba2State:
+    """State of a Mamba-2 layer (:class:`mnemos.models.mamba2.Mamba2Mixer`): the conv's last raw inputs ``conv``
+    ``[B, d_inner + 2 N, conv_size - 1]`` (x, B and C before the conv) and the SSM state ``ssm`` ``[B, H, P, N]``."""
+
+    conv: Tensor
+    ssm: Tensor
+
+
+@dataclass
+class BasedState:
+    """State of a BASED linear-attention layer (:class:`mnemos.models.based.BasedLinearAttention`): the sums over the
+    tokens so far of ``v phi(k)^T``, ``kv`` ``[B, H, V, D_phi]``, and of ``phi(k)``, ``k_sum`` ``[B, H, D_phi]`` (the
+    normaliser's), with ``D_phi = 1 + F + F^2`` for a feature dim F."""
+
+    kv: Tensor
+    k_sum: Tensor
+
+
+LayerState = Union[LayerState, Mamba2State, BasedState]
+__all__ += ["Mamba2State", "BasedState"]
+
+
+@dataclass
+class MoMState:
+    """State of a MoM layer (:class:`mnemos.models.mom.MixtureOfMemories`): the M routed memories ``memories``
+    ``[B, M, H, V, K]`` and the shared one ``shared`` ``[B, H, V, K]`` (None without it), each a Gated DeltaNet
+    matrix, and the short conv's last inputs ``conv`` ``[B, (1 + 2 S) H D, conv_size - 1]`` (q and every memory's k
+    and v; S = M + 1 with the shared memory, else M)."""
+
+    memories: Tensor
+    shared: Tensor | None
+    conv: Tensor
+
+
+LayerState = Union[LayerState, MoMState]
+__all__ += ["MoMState"]

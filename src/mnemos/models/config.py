@@ -4,7 +4,10 @@ Plain dataclasses, no Hugging Face import, so a ``PretrainedConfig`` can mirror 
 ``MnemosConfig.to_dict()`` gives nested JSON-ready dicts and ``MnemosConfig.from_dict`` reads them back, rejecting
 unknown keys by name. Every field is checked in ``__post_init__`` (type, range, and the combinations that matter);
 the ``memory`` section's fields, defaults and range checks are the layer's own (:class:`mnemos.layers.MemorySettings`,
-which :class:`MemoryConfig` extends), so the layers take ``config.memory`` whole and check nothing twice.
+which :class:`MemoryConfig` extends), so the layers take ``config.memory`` whole and check nothing twice. The
+recurrent baselines' layers have small sections of their own, read only by their variant (``mamba2``, ``based``,
+``mom``: :data:`SECTIONS`). ``layers`` (with ``variant="hybrid"``) makes a hybrid stack, one registered variant per
+block.
 
 One override grammar for every command line that sets config fields: dotted keys and YAML values,
 ``model.memory.chunk_size=16`` (:func:`parse_override`, :func:`merge_overrides`); ``mnemos train`` takes them for
@@ -29,10 +32,11 @@ import yaml
 
 from ..layers import MemorySettings
 from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
+from .registry import HYBRID, stack_reads_field, stack_variants
 
-__all__ = ["MnemosConfig", "MemoryConfig", "ConfigTypeError", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS",
-           "ATTENTION_VARIANTS", "INIT_ONLY_FIELDS", "merge_overrides", "parse_override", "read_yaml",
-           "saved_model_config", "variant_reads"]
+__all__ = ["MnemosConfig", "MemoryConfig", "Mamba2Config", "BasedConfig", "MoMConfig", "SECTIONS", "HYBRID",
+           "ConfigTypeError", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
+           "INIT_ONLY_FIELDS", "merge_overrides", "parse_override", "read_yaml", "saved_model_config", "variant_reads"]
 
 # the registered variants (mnemos.models.registry), and subsets of them; all read from the registry at import
 VARIANTS: tuple[str, ...] = tuple(VARIANT_REGISTRY)
@@ -139,6 +143,75 @@ class MemoryConfig(_ConfigBase, MemorySettings):
         super().__post_init__()  # MemorySettings': the range checks
 
 
+def _check_ints_at_least(section: _ConfigBase, names: tuple[str, ...], low: int = 1) -> None:
+    for name in names:
+        if getattr(section, name) < low:
+            raise ValueError(f"{section._where}{name} must be >= {low}, got {getattr(section, name)}")
+
+
+@dataclass
+class Mamba2Config(_ConfigBase):
+    """The Mamba-2 layer of variant ``mamba2`` (:class:`mnemos.models.mamba2.Mamba2Mixer`). Its heads are the model's
+    ``n_heads``: the head dim is ``expand * d_model / n_heads``. Defaults are small for CPUs (the reference layer:
+    d_state 128, expand 2, conv 4, chunk 256)."""
+
+    _where = "model.mamba2."
+
+    d_state: int = 16  # N: state size per head dim; the SSM state is n_heads * head_dim * d_state per layer
+    expand: int = 2  # d_inner = expand * d_model
+    conv_size: int = 4  # width of the causal conv over x, B and C
+    chunk_size: int = 64  # tokens per chunk of the SSD computation: how, not what (exact for any value)
+
+    def __post_init__(self):
+        self._check_types()
+        _check_ints_at_least(self, ("d_state", "expand", "conv_size", "chunk_size"))
+
+
+@dataclass
+class BasedConfig(_ConfigBase):
+    """The BASED linear-attention layer of variant ``based`` (:class:`mnemos.models.based.BasedLinearAttention`):
+    q and k are projected to ``feature_dim`` per head before the 2nd-order Taylor map (1 + F + F^2 features: 273 at
+    the paper's 16)."""
+
+    _where = "model.based."
+
+    feature_dim: int = 16  # F, per head
+    chunk_size: int = 64  # tokens per chunk of the computation: how, not what (exact for any value)
+
+    def __post_init__(self):
+        self._check_types()
+        _check_ints_at_least(self, ("feature_dim", "chunk_size"))
+
+
+@dataclass
+class MoMConfig(_ConfigBase):
+    """The Mixture-of-Memories layer of variant ``mom`` (:class:`mnemos.models.mom.MixtureOfMemories`): M Gated
+    DeltaNet memories, each token routed to the top k of them, and a shared memory every token writes. Defaults are
+    the paper's (4 memories, top-2, shared memory, load-balancing loss scale 1e-3). Its conv width is
+    ``memory.conv_size``, as for the delta-rule baselines."""
+
+    _where = "model.mom."
+
+    num_memories: int = 4  # M, the routed memories
+    top_k: int = 2  # k, the memories each token is routed to (1 <= k <= M)
+    shared_memory: bool = True  # the memory every token writes, read with weight 1
+    aux_loss_scale: float = 1e-3  # the load-balancing loss's factor in the training loss (the paper's best; 0: off)
+
+    def __post_init__(self):
+        self._check_types()
+        _check_ints_at_least(self, ("num_memories", "top_k"))
+        if self.top_k > self.num_memories:
+            raise ValueError(f"model.mom.top_k ({self.top_k}) must be at most model.mom.num_memories "
+                             f"({self.num_memories})")
+        if not (math.isfinite(self.aux_loss_scale) and self.aux_loss_scale >= 0):
+            raise ValueError(f"model.mom.aux_loss_scale must be a finite number >= 0, got {self.aux_loss_scale}")
+
+
+# the nested sections of MnemosConfig besides memory: field name -> class (a dict in JSON and Hugging Face configs)
+SECTIONS: dict[str, type[_ConfigBase]] = {"mamba2": Mamba2Config, "based": BasedConfig}
+SECTIONS["mom"] = MoMConfig
+
+
 @dataclass
 class MnemosConfig(_ConfigBase):
     """Config of :class:`mnemos.models.MnemosLM` for every variant (see the module docstring for who reads what).
@@ -177,6 +250,14 @@ class MnemosConfig(_ConfigBase):
     rope_base: float = 10000.0
     # long-term memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # recurrent baselines' layers (each read only by its variant)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    based: BasedConfig = field(default_factory=BasedConfig)
+    mom: MoMConfig = field(default_factory=MoMConfig)
+    # a hybrid stack (variant "hybrid"): one registered variant per block, n_layers of them; a list ending in "..."
+    # is a pattern repeated to n_layers ([gated_deltanet, gated_deltanet, transformer, ...]). None: every block is
+    # `variant`. Each block's mixer is built from this config as if it were its variant's own.
+    layers: tuple[str, ...] | None = None
     # the rest of the skeleton
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # LM head shares the embedding matrix (saves vocab_size * d_model parameters)
@@ -188,19 +269,31 @@ class MnemosConfig(_ConfigBase):
         if not isinstance(self.memory, MemoryConfig):
             raise ConfigTypeError(f"model.memory must be a MemoryConfig or a dict (the section of model.memory.* "
                                   f"keys), got {self.memory!r} ({type(self.memory).__name__})")
-        try:
-            spec = variant_spec(self.variant)  # a ValueError naming the registered variants
-        except ValueError as e:
-            raise ValueError(f"model.variant: {e}") from None
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            elif not isinstance(value, cls):
+                raise ConfigTypeError(f"model.{name} must be a {cls.__name__} or a dict (the section of model.{name}.* "
+                                      f"keys), got {value!r} ({type(value).__name__})")
+        if self.variant != HYBRID:
+            try:
+                variant_spec(self.variant)  # a ValueError naming the registered variants
+            except ValueError as e:
+                raise ValueError(f"model.variant: {e} (or {HYBRID!r} with model.layers)") from None
+        if isinstance(self.layers, list):  # from YAML / JSON
+            self.layers = tuple(self.layers)
         self._check_types()
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        self._check_layers()
         if self.d_model % self.n_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
-        if spec.rope and self.head_dim % 2:
+        rope = [v for v in dict.fromkeys(stack_variants(self)) if variant_spec(v).rope]
+        if rope and self.head_dim % 2:
             raise ValueError(
-                f"variant {self.variant!r} uses RoPE, which needs an even head dim; model.d_model / model.n_heads = "
+                f"variant {rope[0]!r} uses RoPE, which needs an even head dim; model.d_model / model.n_heads = "
                 f"{self.d_model} / {self.n_heads} = {self.head_dim}"
             )
         if self.window < 1:
@@ -219,6 +312,49 @@ class MnemosConfig(_ConfigBase):
             raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if not self.init_std > 0:
             raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
+
+    def _check_layers(self) -> None:
+        """``layers``: None (variant not "hybrid"), or, with variant "hybrid", one registered variant per block; a
+        list ending in ``"..."`` repeats the entries before it to n_layers. Stored expanded."""
+        if self.layers is None:
+            if self.variant == HYBRID:
+                raise ValueError(f"model.variant {HYBRID!r} needs model.layers: one registered variant per block "
+                                 f"(e.g. [gated_deltanet, gated_deltanet, transformer, ...])")
+            return
+        if self.variant != HYBRID:
+            raise ValueError(f"model.layers makes a hybrid stack: set model.variant={HYBRID} (got "
+                             f"{self.variant!r}), or leave model.layers unset")
+        names = list(self.layers)
+        if names and names[-1] == "...":  # a pattern, repeated to n_layers
+            pattern = names[:-1]
+            if not pattern or self.n_layers % len(pattern):
+                raise ValueError(f"model.layers: the pattern {pattern} before '...' must have a length that divides "
+                                 f"model.n_layers ({self.n_layers})")
+            names = pattern * (self.n_layers // len(pattern))
+        if len(names) != self.n_layers:
+            raise ValueError(f"model.layers must name one variant per block: {len(names)} for model.n_layers = "
+                             f"{self.n_layers} (end the list with '...' to repeat a pattern)")
+        for i, name in enumerate(names):
+            if name not in VARIANT_REGISTRY:
+                raise ValueError(f"model.layers[{i}]: unknown variant {name!r}; expected one of "
+                                 f"{tuple(VARIANT_REGISTRY)}")
+        self.layers = tuple(names)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["layers"] is not None:
+            d["layers"] = list(d["layers"])  # as JSON and YAML give it back
+        return d
+
+    @property
+    def block_variants(self) -> tuple[str, ...]:
+        """The variant of each block: ``layers``, or ``variant`` n_layers times."""
+        return stack_variants(self)
+
+    def reads_field(self, key: str) -> bool:
+        """Whether this model reads the config field ``key``: its variant's entry says so (:func:`variant_reads`),
+        or, for a hybrid stack, one of its blocks' variants does (the union of their reads)."""
+        return stack_reads_field(self, key)
 
     @property
     def head_dim(self) -> int:
@@ -239,10 +375,16 @@ class MnemosConfig(_ConfigBase):
 
 # memory.* keys added after mnemos first saved configs, with the value that reproduces a model saved without them
 # (the free theta = max_lr * sigmoid(.) came first; then a per-token bound and raw values)
+# The memory rule's keys (memory.rule, its axes, memory.momentum) are not here: their defaults (titans, no overrides,
+# momentum on) are what every model saved before them computes.
 MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": False, "normalize_step": False}
 # model keys added since, likewise (MAL's memory read reached the stream only through its attention; MAC's memory
 # was written with the attention output and gated it)
+# (the sections mamba2.* and based.* are not here: no model saved before them reads them, so their defaults do)
 MODEL_KEYS_ADDED = {"mal_memory_residual": False, "mac_memory_residual": False}
+# (model.layers came with hybrid stacks: a config saved before it is one variant in every block; the section mom.*
+# is not here, for the reason of mamba2.* and based.*)
+MODEL_KEYS_ADDED["layers"] = None
 
 
 def saved_model_config(d: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,10 @@ Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalL
 ``transformers`` is an optional dependency: ``mnemos.models`` never imports this module.
 
 - ``MnemosHFConfig`` mirrors :class:`MnemosConfig` field for field (``memory`` is a nested dict of
-  :class:`MemoryConfig` fields). It is validated by building a ``MnemosConfig``, so bad values raise that class's
-  errors, and keys that are neither mnemos fields nor keys Hugging Face itself writes raise a ``ValueError`` naming
-  them.
+  :class:`MemoryConfig` fields, ``mamba2``, ``based`` and ``mom`` dicts of their sections' fields, ``layers`` a
+  hybrid stack's list of block variants). It is validated by building a ``MnemosConfig``, so bad values raise that
+  class's errors, and keys that are neither mnemos fields nor keys Hugging Face itself writes raise a ``ValueError``
+  naming them.
 - ``MnemosForCausalLM`` holds one ``MnemosLM`` (``self.model``); state-dict keys are ``model.<MnemosLM key>``.
   ``save_pretrained`` writes safetensors with the tied head dropped, ``from_pretrained`` re-ties it.
 - ``generate``: the mnemos :class:`Cache` is the model's past state. ``forward`` returns it as ``cache`` (the name
@@ -39,7 +40,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import Cache
-from .config import MemoryConfig, MnemosConfig, saved_model_config
+from .config import SECTIONS, MemoryConfig, MnemosConfig, saved_model_config
 from .lm import MnemosLM
 
 __all__ = ["MnemosHFConfig", "MnemosForCausalLM"]
@@ -61,7 +62,9 @@ _HF_EXTRA_KEYS: frozenset[str] = frozenset(
 class MnemosHFConfig(PreTrainedConfig):
     """Hugging Face config of a :class:`MnemosLM`: the fields of :class:`MnemosConfig`, same names and defaults.
 
-    ``memory`` is a dict of :class:`MemoryConfig` fields (None: all defaults); it is stored resolved (every key).
+    ``memory`` is a dict of :class:`MemoryConfig` fields (None: all defaults), ``mamba2``, ``based`` and ``mom``
+    dicts of their sections' fields (:data:`mnemos.models.config.SECTIONS`); each is stored resolved (every key).
+    ``layers`` (a hybrid stack's variant per block, with ``variant="hybrid"``) is stored as a list, expanded.
     ``to_mnemos()`` returns the equivalent ``MnemosConfig``. ``tie_word_embeddings`` reads ``tie_embeddings``.
     """
 
@@ -89,6 +92,10 @@ class MnemosHFConfig(PreTrainedConfig):
     mac_memory_residual: bool = True
     rope_base: float = 10000.0
     memory: dict | None = None
+    mamba2: dict | None = None
+    based: dict | None = None
+    mom: dict | None = None
+    layers: list | None = None  # a hybrid stack's variant per block (variant "hybrid"); stored expanded
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -105,10 +112,15 @@ class MnemosHFConfig(PreTrainedConfig):
                 f"unknown {type(self).__name__} keys {unknown}; mnemos keys: {list(MNEMOS_FIELDS)} "
                 f"(memory.* keys: {[f.name for f in dataclasses.fields(MemoryConfig)]})"
             )
-        if isinstance(self.memory, MemoryConfig):
-            self.memory = self.memory.to_dict()
-        # validation: MnemosConfig checks every value (and memory's keys); store memory with defaults resolved
-        self.memory = self.to_mnemos().memory.to_dict()
+        for name in ("memory", *SECTIONS):  # a config section object given instead of its dict
+            if dataclasses.is_dataclass(getattr(self, name)):
+                setattr(self, name, getattr(self, name).to_dict())
+        # validation: MnemosConfig checks every value (and the sections' keys); store the sections with defaults
+        # resolved
+        resolved = self.to_mnemos()
+        for name in ("memory", *SECTIONS):
+            setattr(self, name, getattr(resolved, name).to_dict())
+        self.layers = resolved.to_dict()["layers"]  # a "..." pattern expanded
         super().__post_init__(**kwargs)
 
     @classmethod
@@ -120,7 +132,8 @@ class MnemosHFConfig(PreTrainedConfig):
     def to_mnemos(self) -> MnemosConfig:
         """The equivalent :class:`MnemosConfig` (raises its errors for invalid values)."""
         d = {name: getattr(self, name) for name in MNEMOS_FIELDS}
-        d["memory"] = dict(d["memory"] or {})
+        for name in ("memory", *SECTIONS):
+            d[name] = dict(d[name] or {})
         return MnemosConfig.from_dict(d)
 
     @classmethod
@@ -136,7 +149,8 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
 
     ``forward(input_ids [B, T], cache=None, ...)`` returns ``CausalLMOutputWithPast(logits [B, T, V], cache)``:
     ``cache`` is a mnemos :class:`Cache` (started when ``use_cache`` is true, which is the config's default), fed
-    back with only the tokens that follow it. ``labels`` (``-100`` ignored) give the shifted next-token loss.
+    back with only the tokens that follow it. ``labels`` (``-100`` ignored) give the shifted next-token loss, plus
+    the mixers' auxiliary losses (:meth:`MnemosLM.aux_loss`: MoM's load balancing), as ``mnemos train`` trains.
     ``attention_mask`` is accepted for the generation API but padding is not supported: it must be all ones.
     """
 
@@ -217,6 +231,9 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
+            aux = self.model.aux_loss()  # MoM's load-balancing loss (None for most variants)
+            if aux is not None:
+                loss = loss + aux
         if not return_dict:
             out = (logits, cache)
             return (loss, *out) if loss is not None else out

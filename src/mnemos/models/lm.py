@@ -1,10 +1,22 @@
-"""``MnemosLM``: embedding -> blocks (one skeleton, the mixer picked by ``config.variant``) -> RMSNorm -> LM head.
+"""``MnemosLM``: embedding -> blocks (one skeleton, the mixer picked by ``config.variant``, or per block by
+``config.layers`` in a hybrid stack) -> RMSNorm -> LM head.
 
 Plain ``nn.Module``; a Hugging Face wrapper can hold one and map ``past_key_values`` to :class:`Cache`.
+
+**Hybrid stacks** (``variant="hybrid"``, ``layers=[...]``, one registered variant per block): each block's mixer is
+built by its variant's registry entry from the config as that variant's own (``variant`` set to it, ``layers`` None),
+so a block reads what its variant reads and nothing else; the cache holds each block's own typed state. What the
+registry says of one variant, :mod:`.registry` says of a stack (``stack_state_growth``: growing if any block's state
+grows; ``stack_reach``; ``stack_reads_field``: the union of the blocks' reads).
+
+**Auxiliary losses.** A mixer may store a training loss of its own in an ``aux_loss`` attribute at each forward (MoM's
+load-balancing loss, already scaled); :meth:`MnemosLM.aux_loss` sums them over the blocks for the last call, and the
+training loop adds the sum to the language-model loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -14,14 +26,21 @@ from ..layers import RMSNorm
 from .block import Block, SwiGLU
 from .cache import Cache
 from .config import MnemosConfig
-from .registry import StateGrowth, variant_spec
+from .registry import HYBRID, StateGrowth, stack_state_growth, stack_variants, variant_spec
 
 __all__ = ["MnemosLM", "build_mixer"]
 
 
-def build_mixer(config: MnemosConfig) -> nn.Module:
-    """The token mixer of one block for ``config.variant``: its registry entry's builder (:mod:`.registry`)."""
-    return variant_spec(config.variant).build(config)
+def build_mixer(config: MnemosConfig, variant: str | None = None) -> nn.Module:
+    """The token mixer of one block of ``variant`` (default ``config.variant``; a block's entry of ``config.layers``
+    in a hybrid stack): its registry entry's builder (:mod:`.registry`), given ``config`` as that variant's own."""
+    variant = config.variant if variant is None else variant
+    if variant == HYBRID:
+        raise ValueError(f"a hybrid stack has a variant per block (config.layers = {config.layers}): pass the "
+                         f"block's variant")
+    if variant != config.variant or config.layers is not None:
+        config = dataclasses.replace(config, variant=variant, layers=None)
+    return variant_spec(variant).build(config)
 
 
 class MnemosLM(nn.Module):
@@ -56,7 +75,7 @@ class MnemosLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, d)
         norm = partial(RMSNorm, d, config.norm_eps)
         self.blocks = nn.ModuleList(
-            Block(build_mixer(config), SwiGLU(d, config.mlp_hidden_size), norm) for _ in range(config.n_layers)
+            Block(build_mixer(config, v), SwiGLU(d, config.mlp_hidden_size), norm) for v in stack_variants(config)
         )
         self.norm = RMSNorm(d, config.norm_eps)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -70,8 +89,15 @@ class MnemosLM(nn.Module):
     def state_growth(self) -> StateGrowth:
         """``"growing"`` if the decoding state grows with the context (full attention's KV cache), else
         ``"constant"`` (a memory, a window or a segment: bounded whatever the length); from the variant's registry
-        entry."""
-        return variant_spec(self.config.variant).state_growth
+        entry (a hybrid stack's: growing if any block's is)."""
+        return stack_state_growth(self.config)
+
+    def aux_loss(self) -> Tensor | None:
+        """The sum over the blocks of the auxiliary training losses their mixers stored at the last forward call
+        (``mixer.aux_loss``: MoM's load-balancing loss, scaled), to add to the language-model loss; None when no
+        mixer has one (every variant but ``mom``). ``mnemos train`` adds it; it is not part of the logged loss."""
+        losses = [b.mixer.aux_loss for b in self.blocks if getattr(b.mixer, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def init_cache(self, batch: int, device=None, dtype=None) -> Cache:
         """An empty cache (position 0) for ``batch`` streams.

@@ -4,10 +4,13 @@ A variant is a token mixer in the one block skeleton (:class:`~mnemos.models.Blo
 that mixer from a :class:`~mnemos.models.MnemosConfig`, which state the mixer keeps between calls and what bounds
 its size, and which config fields it reads. Everything else reads the registry instead of keeping its own list:
 
-- ``MnemosConfig`` accepts exactly the registered names (``config.VARIANTS`` and its subsets are derived here);
+- ``MnemosConfig`` accepts exactly the registered names (``config.VARIANTS`` and its subsets are derived here), and
+  ``"hybrid"`` with ``layers``, one registered name per block (the ``stack_*`` functions at the end say of a stack
+  what an entry says of a variant);
 - ``MnemosLM`` builds each block's mixer with ``spec.build`` and exposes ``spec.state_growth``;
-- ``mnemos train --resume`` compares only the fields a checkpoint's variant reads (``config.variant_reads``);
-- the eval adapters take a model's state growth from it, the harness a sliding window's reach (``spec.reach``);
+- ``mnemos train --resume`` compares only the fields a checkpoint's variant reads (``MnemosConfig.reads_field``;
+  ``config.variant_reads`` for a name);
+- the eval adapters take a model's state growth from it, the harness a sliding window's reach (``stack_reach``);
 - the invariant tests (tests/models/test_registry.py, test_models.py) run every registered variant.
 
 To add a variant: write its mixer (``forward(x [B, T, d], state=None) -> (y, state)`` and ``init_state(batch,
@@ -18,15 +21,20 @@ The entries at the end of this file are the table; ``describe_variants()`` print
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Callable, Literal
 
 from torch import nn
 
-from ..layers import Attention, FullKVCache, NeuralMemoryState, RollingKVCache
+from ..layers import Attention, FullKVCache, MemorySettings, NeuralMemoryState, RollingKVCache
 from .baselines import LinearRecurrence
 from .cache import MACState, MAGState, MALState, RecurrentState
 from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer
+from .based import BasedLinearAttention
+from .cache import BasedState, Mamba2State
+from .mamba2 import Mamba2Mixer
+from .cache import MoMState
+from .mom import MixtureOfMemories
 
 if TYPE_CHECKING:
     from .config import MnemosConfig
@@ -38,7 +46,7 @@ StateGrowth = Literal["constant", "growing"]
 
 # the MnemosConfig fields every variant reads (the skeleton: embedding, blocks, norms, head)
 COMMON_READS = ("variant", "vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "norm_eps", "tie_embeddings",
-                "init_std")
+                "init_std", "layers")
 # fields that only set an initialisation: a checkpoint's weights override them
 COMMON_INIT_ONLY = ("init_std",)
 
@@ -186,3 +194,112 @@ register_variant(VariantSpec(
 register_variant(VariantSpec(
     "gated_deltanet", "baseline", _linear_recurrence, RecurrentState, "constant", ("memory.conv_size", "memory.impl"),
     summary="Gated DeltaNet (decayed delta rule, computed exactly in chunks of 64)"))
+
+
+# -- the recurrent baselines of issue 16 -------------------------------------------------------------------------------
+
+def _mamba2(c: MnemosConfig) -> nn.Module:
+    m = c.mamba2
+    return Mamba2Mixer(c.d_model, c.n_heads, d_state=m.d_state, expand=m.expand, conv_size=m.conv_size,
+                       chunk_size=m.chunk_size, norm_eps=c.norm_eps)
+
+
+# mamba2.chunk_size is how the SSD is computed, not what (exact for any value): not among the reads, so resuming
+# with another chunk size is allowed
+register_variant(VariantSpec(
+    "mamba2", "baseline", _mamba2, Mamba2State, "constant", ("mamba2.d_state", "mamba2.expand", "mamba2.conv_size"),
+    summary="Mamba-2 (SSD: per-head scalar data-dependent decay, short conv, gated RMSNorm, D skip; exact chunks)"))
+
+
+def _based(c: MnemosConfig) -> nn.Module:
+    return BasedLinearAttention(c.d_model, c.n_heads, feature_dim=c.based.feature_dim, chunk_size=c.based.chunk_size)
+
+
+# based.chunk_size, likewise, is how and not what
+register_variant(VariantSpec(
+    "based", "baseline", _based, BasedState, "constant", ("based.feature_dim",),
+    summary="BASED's linear attention (2nd-order Taylor feature map, normalised; exact chunks), in every block"))
+
+
+# -- the Miras and Atlas memories (issue 14): LMM stacks whose memory runs their paper's rule --------------------------
+
+def _rule_lmm(rule: str, momentum: bool) -> Callable[[MnemosConfig], nn.Module]:
+    """The LMM mixer with ``memory.rule`` set to the preset ``rule`` and ``memory.momentum`` to ``momentum`` (False:
+    eta = 0, the plain gradient descent of Miras' models); every other memory.* key applies, the axes included, but
+    ``memory.impl``: "auto", as these rules have one implementation yet, the op's reference (issue 14, section 2)."""
+    def build(c: MnemosConfig) -> nn.Module:
+        memory = replace(c.memory, rule=rule, momentum=momentum, impl="auto")
+        return LongTermMemory(c.d_model, c.n_heads, num_persistent=c.num_persistent, memory_config=memory)
+    return build
+
+
+# what they read: LMM's fields but memory.rule, memory.momentum and memory.impl, which the variant fixes
+_RULE_LMM_READS = tuple(f"memory.{f.name}" for f in fields(MemorySettings)
+                        if f.name not in ("rule", "momentum", "impl")) + ("num_persistent",)
+register_variant(VariantSpec(
+    "moneta", "titans", _rule_lmm("moneta", False), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    summary="Moneta (Miras): the memory alone, lp loss (p 3), lq retention (q 4), plain gradient descent"))
+register_variant(VariantSpec(
+    "yaad", "titans", _rule_lmm("yaad", False), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    summary="Yaad (Miras): the memory alone, Huber loss with a learned threshold per token, plain gradient descent"))
+register_variant(VariantSpec(
+    "memora", "titans", _rule_lmm("memora", False), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    summary="Memora (Miras): the memory alone, KL retention (softmax rows), plain gradient descent"))
+register_variant(VariantSpec(
+    "atlas", "titans", _rule_lmm("atlas", True), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    summary="Atlas: the memory alone, Omega window 4 with learned weights, Muon (Newton-Schulz) momentum"))
+
+
+# -- MoM (issue 16) ----------------------------------------------------------------------------------------------------
+
+def _mom(c: MnemosConfig) -> nn.Module:
+    m = c.mom
+    return MixtureOfMemories(c.d_model, c.n_heads, num_memories=m.num_memories, top_k=m.top_k,
+                             shared_memory=m.shared_memory, aux_loss_scale=m.aux_loss_scale,
+                             conv_size=c.memory.conv_size, impl=c.memory.impl)
+
+
+# mom.aux_loss_scale changes the training loss, not the logits: read (resuming compares it) all the same
+register_variant(VariantSpec(
+    "mom", "baseline", _mom, MoMState, "constant",
+    ("mom.num_memories", "mom.top_k", "mom.shared_memory", "mom.aux_loss_scale", "memory.conv_size", "memory.impl"),
+    summary="MoM (Mixture-of-Memories): Gated DeltaNet memories, each token routed to the top k, plus a shared one"))
+
+
+# -- hybrid stacks: one registered variant per block (MnemosConfig.layers, with variant "hybrid") ----------------------
+# What the registry says of a variant, said of a stack of blocks. Each takes a MnemosConfig, or anything with its
+# fields variant, layers, n_layers and window (a Hugging Face config): for a plain config they give the variant's own
+# answers.
+
+HYBRID = "hybrid"  # MnemosConfig.variant of a hybrid stack (not a registered variant: its blocks are)
+
+
+def stack_variants(config) -> tuple[str, ...]:
+    """The variant of each block: ``config.layers`` for a hybrid stack, else ``config.variant`` n_layers times."""
+    layers = getattr(config, "layers", None)
+    return tuple(layers) if layers is not None else (config.variant,) * config.n_layers
+
+
+def stack_reads_field(config, key: str) -> bool:
+    """Whether a model of ``config`` reads the field ``key``: the union of its blocks' variants' reads."""
+    return any(variant_spec(v).reads_field(key) for v in dict.fromkeys(stack_variants(config)))
+
+
+def stack_state_growth(config) -> StateGrowth:
+    """``"growing"`` if any block's state grows with the context (a full-attention block), else ``"constant"``."""
+    growing = any(variant_spec(v).state_growth == "growing" for v in dict.fromkeys(stack_variants(config)))
+    return "growing" if growing else "constant"
+
+
+def stack_reach(config) -> int | None:
+    """How far back attention alone sees through the stack: the sum of ``window - 1`` over its sliding-window blocks
+    (the variants that read ``window``; ``VariantSpec.reach`` for a plain stack). None when no block has a window, or
+    when one attends to every earlier token (full attention: nothing is out of its reach); a recurrent or memory block
+    sees arbitrarily far back through its bounded state and adds nothing, as the memory of MAG and MAL does not."""
+    specs = [variant_spec(v) for v in stack_variants(config)]
+    if any(s.state_bound == "tokens" for s in specs) or not any("window" in s.reads for s in specs):
+        return None
+    return sum(config.window - 1 for s in specs if "window" in s.reads)
+
+
+__all__ += ["HYBRID", "stack_variants", "stack_reads_field", "stack_state_growth", "stack_reach"]

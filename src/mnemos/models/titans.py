@@ -5,7 +5,9 @@ memory), :class:`~mnemos.layers.Attention` (short-term memory) and learned persi
 Every mixer follows the block contract (``forward(x, state=None) -> (y, state)``, ``init_state``); the choices the
 paper leaves open are listed in each class docstring and in docs/MODELS.md. Each takes its memory's settings as
 ``memory_config`` (a :class:`~mnemos.layers.MemorySettings`: a model config's ``memory``, as the registry passes it)
-or as :class:`~mnemos.layers.NeuralMemory`'s keyword settings (``depth=2, chunk_size=8``).
+or as :class:`~mnemos.layers.NeuralMemory`'s keyword settings (``depth=2, chunk_size=8``), the memory rule included
+(``rule="memora"``: every mixer runs any rule of the family; the memory's reads outside the op, MAC's retrieval, go
+through the rule's effective weights).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class LongTermMemory(nn.Module):
         self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
 
     def _prefix(self, batch: int, dtype: torch.dtype) -> Tensor:
-        return self.persistent.to(dtype).expand(batch, -1, -1)  # [B, Np, d]
+        # contiguous: a bf16 matmul under autocast can round a strided (expanded) input differently from the same rows
+        # inside the parallel pass's concatenation, and the stream must see what that pass sees
+        return self.persistent.to(dtype).expand(batch, -1, -1).contiguous()  # [B, Np, d]
 
     def init_state(self, batch: int, device=None, dtype=None) -> NeuralMemoryState:
         state = self.memory.init_state(batch, device, dtype)

@@ -31,7 +31,7 @@ from ..data.niah import make_niah_sample
 from ..layers import NeuralMemory
 from ..models import MnemosLM, saved_model_config
 from ..models.cache import Cache
-from ..models.config import INIT_ONLY_FIELDS, variant_reads
+from ..models.config import INIT_ONLY_FIELDS
 from .checkpoint import save_checkpoint, set_rng_state
 from .config import ANSWER_EXTRA_TOKENS, ANSWER_KINDS, TrainConfig, answer_task_max_answer
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown, wrap_model
@@ -394,8 +394,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         saved = read_trainer_state(ckpt)["config"]
         diff = [] if saved is None else _differing_keys(saved_model_config(saved.get("model") or {}),
                                                         cfg.model.to_dict())
-        # only what the variant reads, and not what only sets an initialisation (the checkpoint's weights win)
-        diff = [k for k in diff if variant_reads(cfg.model.variant, k) and k not in INIT_ONLY_FIELDS]
+        # only what the variant reads (a hybrid stack: any of its blocks), and not what only sets an initialisation
+        # (the checkpoint's weights win)
+        diff = [k for k in diff if cfg.model.reads_field(k) and k not in INIT_ONLY_FIELDS]
         if diff:
             raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config "
                              f"(model.{', model.'.join(diff)}); pass the checkpoint's values as overrides")
@@ -475,7 +476,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             # a window of a longer document may hold no labelled position (a recall example's context)
             loss, _, _ = loss_and_accuracy(logits, labels, empty_ok=True) if windows > 1 else \
                 loss_and_accuracy(logits, labels)
-            (loss / opt_cfg.grad_accum).backward()
+            aux = model.aux_loss()  # the mixers' own losses (MoM's load balancing; None for most): trained, not logged
+            ((loss if aux is None else loss + aux) / opt_cfg.grad_accum).backward()
             step_loss += loss.detach() / opt_cfg.grad_accum
             tokens += inputs.numel() * info.world_size
         step_loss = all_reduce_mean(step_loss, info).item()

@@ -27,7 +27,7 @@ from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
 from mnemos.eval.stateful import StatefulLM
 from mnemos.eval.tables import Notes, Pooled, acc, model_names, pool, si, table
-from mnemos.models.registry import VARIANT_REGISTRY
+from mnemos.models.registry import HYBRID, VARIANT_REGISTRY, stack_reach
 
 __all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "model_reach", "pairs_arg", "plot_mqar_state_size", "reach_arg",
            "run_reach", "saved_mqar_task"]
@@ -151,13 +151,14 @@ def _mqar_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
 def model_reach(model: StatefulLM) -> int | None:
     """How far back a model with sliding-window attention sees through attention alone: ``n_layers * (window - 1)``
     for mnemos' sliding-window variants (swa, mag, mal: their registry entries' ``reach``, read from
-    ``model.config``); None for any other model."""
+    ``model.config``); for a hybrid stack the sum over its sliding-window blocks, None if one of its blocks is full
+    attention (``stack_reach``); None for any other model."""
     config = getattr(model, "config", None)
     variant = getattr(config, "variant", None)
-    spec = VARIANT_REGISTRY.get(variant) if isinstance(variant, str) else None
-    if spec is None or not all(isinstance(getattr(config, k, None), int) for k in ("n_layers", "window")):
+    known = isinstance(variant, str) and (variant in VARIANT_REGISTRY or variant == HYBRID)
+    if not known or not all(isinstance(getattr(config, k, None), int) for k in ("n_layers", "window")):
         return None
-    return spec.reach(config)
+    return stack_reach(config)  # a plain stack: its variant's entry's reach
 
 
 def run_reach(run: Run) -> int | None:

@@ -17,7 +17,7 @@ from .common import MemoryState, memory_read
 from .chunked import neural_memory_chunked, step_curvature
 from .reference import neural_memory_reference
 from .dispatch import neural_memory, neural_memory_triton
-from .rule import RULES, MemoryRule, effective_weights
+from .rule import RULES, MemoryRule, chunked_unsupported_reason, effective_weights
 
 __all__ = ["neural_memory", "neural_memory_chunked", "neural_memory_reference", "neural_memory_triton", "memory_read", "MemoryState",
-           "step_curvature", "MemoryRule", "RULES", "effective_weights"]
+           "step_curvature", "MemoryRule", "RULES", "effective_weights", "chunked_unsupported_reason"]
