@@ -106,6 +106,17 @@ def _budget(text: str) -> float | str | None:
         raise argparse.ArgumentTypeError(f"expected a number of GiB, 'auto' or 'none', got {text!r}") from None
 
 
+def _kv_policy(text: str) -> list:
+    """``--kv-policy SPEC``: the policies it names (a sweep gives several), each constructed so a bad spec is an
+    argparse error naming the flag, in one line."""
+    from .kv.spec import parse_policy_spec
+
+    try:
+        return parse_policy_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(" ".join(str(e).split())) from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     import time
 
@@ -121,7 +132,8 @@ def _eval(args: argparse.Namespace) -> int:
     out = args.out or f"eval_results/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     results = run_eval(args.model, task.from_args(args), seed=args.seed, options=options, out_dir=out,
-                       device=args.device, dtype=dtype, plots=not args.no_plots)
+                       device=args.device, dtype=dtype, plots=not args.no_plots,
+                       kv_policies=[p for specs in args.kv_policy for p in specs])
     print(results.markdown())
     print(f"results, report and figures written to {out}/")
     return 0
@@ -275,6 +287,12 @@ def _add_eval_parser(sub) -> None:
                         help="checkpoint path, Hugging Face directory, mnemos variant (untrained; config fields as "
                              "in train: VARIANT:model.KEY=VALUE,...) or baseline:induction[:ORDER] / "
                              "baseline:random; repeat to compare models")
+    common.add_argument("--kv-policy", type=_kv_policy, action="append", default=[], metavar="SPEC",
+                        help="evaluate each attention model with this KV-cache policy (mnemos.kv; docs/KV.md): "
+                             "NAME[:KEY=VALUE,...], e.g. snapkv:budget=256,window_size=16, kivi:bits=2, "
+                             "h2o:budget=64+kivi:bits=2; several values sweep (snapkv:budget=64,128,256); 'none' is "
+                             "the model's own cache; repeat to compare policies. Models without a KV cache (recurrent, "
+                             "neural memory) run once, as they are")
     common.add_argument("--seed", type=int, default=0, help="data seed (default %(default)s)")
     common.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default %(default)s)")
     common.add_argument("--stream-chunk", type=int, default=None, metavar="TOKENS",

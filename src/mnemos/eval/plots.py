@@ -21,10 +21,11 @@ from typing import NamedTuple
 
 from mnemos.eval.registry import TASKS
 from mnemos.eval.results import EvalResults
-from mnemos.eval.tables import Pooled, fmt_length
+from mnemos.eval.tables import Pooled, fmt_length, pool, si
 
-__all__ = ["LengthPanel", "figure", "figure_legend", "grid", "log_ticks", "make_figures", "panel_axes",
-           "plot_accuracy_vs_length", "save", "thin_tick_labels"]
+__all__ = ["LengthPanel", "bytes_panels", "figure", "figure_legend", "grid", "log_ticks", "make_figures",
+           "panel_axes", "plot_accuracy_vs_length", "plot_accuracy_vs_state_bytes", "policy_family", "save",
+           "thin_tick_labels"]
 
 _DPI = 110
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -213,10 +214,108 @@ def plot_accuracy_vs_length(results: EvalResults, path: str | os.PathLike) -> Pa
     return save(fig, path)
 
 
+_POOLED_PARAMS = ("depth",)  # params that do not split the accuracy-vs-bytes panels: pooled over (NIAH's depth)
+_SHORT = {"seq_len": "L", "num_kv_pairs": "K", "vocab_size": "V"}  # panel titles
+
+
+_SWEPT = ("budget", "retrieval_ratio", "bits", "pruning_ratio")  # what a KV-policy line runs along, first found
+
+
+def policy_family(p: Pooled) -> tuple[str, str | None]:
+    """``(family, label)`` of a pooled point for the accuracy-vs-bytes figure: a KV-policy run's family is its base
+    model and its policy spec without the parameter a sweep runs along (the first of ``budget``,
+    ``retrieval_ratio``, ``bits``, ``pruning_ratio`` it sets), so a sweep draws one line, each point labelled with
+    that value; any other model is a family of its own, unlabelled."""
+    d = p.cells[0].model
+    spec = d.get("kv_policy")
+    if not spec:
+        return p.model, None
+    parts = [(name, [x for x in args.split(",") if x]) for name, _, args in (s.partition(":") for s in spec.split("+"))]
+    label = None
+    for key in _SWEPT:
+        for _, items in parts:
+            hit = next((x for x in items if x.startswith(key + "=")), None)
+            if hit is not None:
+                items.remove(hit)
+                label = hit.partition("=")[2]
+                break
+        if label is not None:
+            break
+    text = "+".join(name + (":" + ",".join(items) if items else "") for name, items in parts)
+    return f"{d.get('base_model', p.model)} + {text}", label
+
+
+def bytes_panels(results: EvalResults) -> list[tuple[str, list[Pooled]]]:
+    """``(title, points)`` per (task, grid point) whose cells record accuracy and ``state_bytes``: NIAH's depths
+    pooled into one point per (model, length); MQAR's shared-context modes (``mode``) are panels of their own
+    (accuracy over all turns against the state after the last turn / the largest prefill)."""
+    panels: dict[tuple, tuple[str, dict[str, Pooled]]] = {}
+    for task in TASKS:
+        for p in pool(results, task):
+            if p.status != "ok" or p.accuracy is None:
+                continue
+            if not p.metric_max("state_bytes"):
+                continue
+            key_params = {k: v for k, v in p.params.items() if k not in _POOLED_PARAMS}
+            key = (task, tuple(sorted(key_params.items(), key=lambda kv: kv[0])))
+            title = f"{task} " + " ".join(f"{_SHORT.get(k, k)}={fmt_length(v) if k == 'length' else v}"
+                                          for k, v in key_params.items())
+            points = panels.setdefault(key, (title, {}))[1]
+            points.setdefault(p.model, Pooled(p.model, task, key_params)).cells.extend(p.cells)
+    return [(title, list(points.values())) for title, points in panels.values()]
+
+
+def plot_accuracy_vs_state_bytes(results: EvalResults, path: str | os.PathLike, max_panels: int = 12) -> Path | None:
+    """Accuracy against the state each model carries per sequence, in bytes (log scale), one panel per task grid
+    point (:func:`bytes_panels`, at most ``max_panels``): KV-cache policies (a line per base model and policy through
+    its budgets, each point labelled with its budget) beside recurrent / neural-memory models and full caches (a
+    point each) on the same axes; a sweep of another parameter (DuoAttention's ratio, KIVI's bits, ThinK's ratio)
+    draws its line the same way. None unless some cell ran under a KV policy (``model.kv_policy``) and some panel
+    has two points of different sizes."""
+    if not any(c.model.get("kv_policy") for c in results.cells):
+        return None
+    panels = [(t, pts) for t, pts in bytes_panels(results)
+              if len({p.metric_max("state_bytes") for p in pts}) >= 2][:max_panels]
+    if not panels:
+        return None
+    rows, cols = grid(len(panels))
+    fig = figure(4.4 * cols, 3.4 * rows)
+    from matplotlib.ticker import NullFormatter  # after figure(): its ImportError says what to install
+
+    families = list(dict.fromkeys(policy_family(p)[0] for _, pts in panels for p in pts))
+    for ax, (title, points) in zip(panel_axes(fig, rows, cols, len(panels)), panels, strict=True):
+        for f_i, fam in enumerate(families):
+            pts = sorted((p for p in points if policy_family(p)[0] == fam), key=lambda p: p.metric_max("state_bytes"))
+            if not pts:
+                continue
+            xs, ys = [p.metric_max("state_bytes") for p in pts], [p.accuracy for p in pts]
+            ax.plot(xs, ys, marker=_MARKERS[f_i % len(_MARKERS)], ms=5, color=f"C{f_i % 10}", label=fam,
+                    ls=_DASHES[f_i % len(_DASHES)] if len(pts) > 1 else "none")
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                label = policy_family(p)[1]
+                if label is not None:
+                    ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        ticks = log_ticks(lo, hi)
+        ax.set_xticks(ticks, [si(t) + "B" for t in ticks], fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(-0.04, 1.04)
+        ax.set_xlabel("state per sequence (bytes)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    figure_legend(fig)
+    return save(fig, path)
+
+
 def make_figures(results: EvalResults, out_dir: str | os.PathLike) -> list[Path]:
     """Every figure the results support, as PNGs in ``out_dir``: each registered task's own (in registration order:
-    ``mqar_state_size.png``, ``niah_heatmap.png``), then ``accuracy_vs_length.png``."""
+    ``mqar_state_size.png``, ``mqar_turns.png``, ``niah_heatmap.png``), then ``accuracy_vs_length.png`` and, when
+    some cell ran under a KV policy, ``accuracy_vs_state_bytes.png``."""
     out = Path(out_dir)
     made = [path for task in TASKS.values() for path in task.figures(results, out)]
     shared = plot_accuracy_vs_length(results, out / "accuracy_vs_length.png")
-    return made + ([shared] if shared is not None else [])
+    by_bytes = plot_accuracy_vs_state_bytes(results, out / "accuracy_vs_state_bytes.png")
+    return made + [p for p in (shared, by_bytes) if p is not None]

@@ -25,9 +25,10 @@ from mnemos.eval._progress import ProgressBar
 from mnemos.eval.registry import EvalTask, EvalTaskConfig, config_to_dict, task_of
 from mnemos.eval.results import Cell, environment
 from mnemos.eval.stateful import StatefulLM, state_size
+from mnemos.layers.kv_cache import KVCache
 
 __all__ = ["EvalOptions", "GenerationTask", "Run", "auto_memory_budget_gb", "batches", "generation_cell",
-           "max_sizes", "per_sequence_state", "stream"]
+           "kv_caches", "max_sizes", "per_sequence_state", "stream"]
 
 _OOM_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
@@ -55,6 +56,10 @@ class EvalOptions:
             reach ``n_layers * (window - 1)`` of its sliding-window models (swa, mag, mal;
             :func:`mnemos.eval.tasks.mqar.model_reach`) when they agree; when they disagree each of them is split
             at its own and the others not at all; no split when none has a window. None: no split.
+        mqar_turns: MQAR: also run the shared-context, many-queries mode (SCBench), one cell per mode given:
+            ``"shared"`` prefills the context up to the first query once and asks the queries in turn, each reusing
+            the (compressed) state; ``"fresh"`` gives each query its own prefill of everything before it. Both record
+            accuracy by turn (:mod:`mnemos.eval.tasks.mqar`). Empty: not run.
     """
 
     batch_size: int = 8
@@ -66,6 +71,7 @@ class EvalOptions:
     progress: bool | None = None
     raise_errors: bool = False
     mqar_reach: int | Literal["auto"] | None = "auto"
+    mqar_turns: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("batch_size", "stream_chunk", "lm_max_windows"):
@@ -80,6 +86,10 @@ class EvalOptions:
         r = self.mqar_reach
         if r not in (None, "auto") and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"mqar_reach must be an int >= 0, 'auto' or None, got {r!r}")
+        turns = self.mqar_turns
+        if not isinstance(turns, tuple) or any(t not in ("shared", "fresh") for t in turns) or \
+                len(set(turns)) != len(turns):
+            raise ValueError(f"mqar_turns must be a tuple of distinct modes 'shared' / 'fresh', got {turns!r}")
 
 
 
@@ -93,9 +103,11 @@ class Run:
         self.peers = tuple(peers) or (model,)  # every model of the evaluation (MQAR's "auto" split reads them)
         self.task = task_of(config).name
         self.description = model.describe()
+        self.description.setdefault("kv_policy", None)  # every cell says which KV policy ran (None: the model's own)
         self.versions = environment(model.device)
         self.task_config = config_to_dict(config)
-        self.option_dict = dataclasses.asdict(options)
+        # tuples as lists, as JSON gives them back (a saved cell then equals the one in memory)
+        self.option_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(options).items()}
 
     def cell(self, params: dict[str, Any], **kw) -> Cell:
         return Cell(task=self.task, model=dict(self.description), seed=self.seed, task_config=dict(self.task_config),
@@ -199,10 +211,39 @@ def check_finite(model: Any, logits: Tensor, start: int) -> None:
 
 
 def per_sequence_state(state: Any, batch: int) -> dict[str, int]:
-    """``state_numel``, ``state_bytes`` and ``state_storage_bytes`` (see :func:`state_size`) per sequence."""
+    """``state_numel``, ``state_bytes`` and ``state_storage_bytes`` (see :func:`state_size`) per sequence, and
+    ``kv_cache_bytes`` when the state holds KV caches (:class:`mnemos.layers.KVCache`, a policy's included): the sum
+    of their ``nbytes``, the bytes they really hold (packed codes, scales, indices and positions included; the
+    attention part of ``state_bytes``, all of it for a pure attention model)."""
     size = state_size(state)
-    return {"state_numel": size.numel // batch, "state_bytes": size.nbytes // batch,
-            "state_storage_bytes": size.storage_bytes // batch}
+    out = {"state_numel": size.numel // batch, "state_bytes": size.nbytes // batch,
+           "state_storage_bytes": size.storage_bytes // batch}
+    caches = kv_caches(state)
+    if caches:
+        out["kv_cache_bytes"] = sum(c.nbytes for c in caches) // batch
+    return out
+
+
+def kv_caches(state: Any) -> list[KVCache]:
+    """Every :class:`~mnemos.layers.KVCache` reachable from ``state`` (through containers and object attributes, as
+    :func:`state_size` walks), each once."""
+    found: dict[int, KVCache] = {}
+    seen: set[int] = set()
+    stack = [state]
+    while stack:
+        obj = stack.pop()
+        if obj is None or isinstance(obj, (bool, int, float, str, bytes, Tensor, torch.nn.Module)) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, KVCache):
+            found[id(obj)] = obj
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+    return list(found.values())
 
 
 def max_sizes(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

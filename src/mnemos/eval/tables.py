@@ -18,8 +18,8 @@ from mnemos.eval.registry import TASKS
 if TYPE_CHECKING:  # annotations only: results.py imports this module (EvalResults.markdown)
     from mnemos.eval.results import Cell, EvalResults
 
-__all__ = ["Notes", "Pooled", "acc", "capacity_summary", "fmt_length", "freeze", "lookup", "markdown_report",
-           "model_names", "pool", "si", "table"]
+__all__ = ["Notes", "Pooled", "acc", "capacity_summary", "fmt_length", "freeze", "kv_bytes_section", "lookup",
+           "markdown_report", "model_names", "pool", "si", "table"]
 
 
 @dataclass
@@ -162,6 +162,32 @@ def lookup(points: Sequence[Pooled]) -> dict[tuple, Pooled]:
     return {(p.model, freeze(p.params)): p for p in points}
 
 
+def kv_bytes_section(results: EvalResults) -> list[str]:
+    """When some cell ran under a KV-cache policy (``model.kv_policy``): accuracy beside the state each model
+    carries per sequence, in bytes (``state_bytes``; ``kv_cache_bytes``, the ``nbytes`` of its KV caches), per task
+    grid point (MQAR's shared-context modes apart: accuracy over all turns), every model of that point (policies,
+    full caches, recurrent states) sorted by bytes."""
+    if not any(c.model.get("kv_policy") for c in results.cells):
+        return []
+    rows = []
+    for task in TASKS:
+        for p in pool(results, task):
+            if p.status != "ok" or p.accuracy is None or p.metric_max("state_bytes") is None:
+                continue
+            kv = p.metric_max("kv_cache_bytes")
+            where = " ".join(f"{k}={v}" for k, v in p.params.items())
+            rows.append((task, where, p.metric_max("state_bytes"),
+                         [task, where, p.model, str(p.cells[0].model.get("kv_policy") or "—"),
+                          f"{p.metric_max('state_bytes'):,}", "—" if kv is None else f"{kv:,}", f"{p.accuracy:.3f}"]))
+    rows.sort(key=lambda r: (r[0], r[1], r[2]))
+    return ["## Accuracy against state bytes", "",
+            "The state each model carries per sequence after the context, in bytes (`kv_cache_bytes`: the `nbytes` "
+            "of its KV caches, packed codes, scales and kept positions included), beside its accuracy: KV-cache "
+            "policies and recurrent / neural-memory states on one axis (figure: `accuracy_vs_state_bytes.png`).", "",
+            *table(["task", "point", "model", "KV policy", "state bytes / seq", "KV-cache bytes / seq", "accuracy"],
+                   [r[3] for r in rows]), ""]
+
+
 def markdown_report(results: EvalResults) -> str:
     """One section per task present, in the order the tasks are registered (:mod:`mnemos.eval.tasks`): MQAR,
     S-NIAH (+ depth x length per model), BABILong, capacity, LM; each task's ``section`` writes its own.
@@ -174,6 +200,7 @@ def markdown_report(results: EvalResults) -> str:
     body: list[str] = []
     for task in TASKS.values():
         body += task.section(results, notes)
+    body += kv_bytes_section(results)
     seeds = sorted({c.seed for c in results.cells})
     commits = sorted({str(c.versions.get("git_commit"))[:12] + ("+dirty" if c.versions.get("git_dirty") else "")
                       for c in results.cells})

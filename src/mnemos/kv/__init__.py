@@ -1,5 +1,7 @@
-"""KV-cache policies for attention's short-term memory: eviction (StreamingLLM, H2O, SnapKV, PyramidKV, L2-norm),
-key-channel pruning (ThinK) and packed quantisation (KIVI), on every ``mnemos.layers.Attention``.
+"""KV-cache policies for attention's short-term memory: eviction (StreamingLLM, H2O, SnapKV, PyramidKV, L2-norm,
+Scissorhands, D2O with merging), per-head budgets (DuoAttention / RazorAttention-style), key-channel pruning (ThinK),
+packed quantisation (KIVI) and eviction + KIVI (``compose``), on every ``mnemos.layers.Attention``; policies by name
+(``parse_policy_spec``: the ``--kv-policy`` grammar).
 
 ``with SnapKV(budget=256)(model): model.generate(...)`` or ``apply_kv_policy(model, policy)``; Hugging Face
 Llama-family models through ``mnemos.kv.hf`` (imported on its own: it needs transformers). The contract and each
@@ -20,10 +22,17 @@ from .base import (
 from .eviction import H2O, L2Norm, PyramidKV, SnapKV, StreamingLLM, pyramid_budgets, snapkv_scores
 from .kivi import KIVI, KIVICache, dequantize, pack, quantize, unpack
 from .think import ThinK, ThinKCache, think_channel_scores
+from .compose import Composed, ComposedCache, compose
+from .d2o import D2O, layer_budgets, merge_evicted
+from .perhead import DuoAttention, HeadSplitCache, choose_retrieval_heads
+from .scissorhands import Scissorhands, unimportance_counts
+from .spec import POLICIES, PolicySpec, parse_policy_spec, register_policy
 
 __all__ = [
     "Bytes", "Policy", "EvictionPolicy", "EvictionContext", "EvictingKVCache", "apply_kv_policy", "use_kv_policy",
     "attention_layers", "attention_probs", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "L2Norm", "pyramid_budgets",
     "snapkv_scores", "KIVI", "KIVICache", "quantize", "dequantize", "pack", "unpack", "ThinK", "ThinKCache",
-    "think_channel_scores",
+    "think_channel_scores", "Scissorhands", "unimportance_counts", "D2O", "layer_budgets", "merge_evicted",
+    "DuoAttention", "HeadSplitCache", "choose_retrieval_heads", "Composed", "ComposedCache", "compose", "POLICIES",
+    "PolicySpec", "parse_policy_spec", "register_policy",
 ]

@@ -172,6 +172,14 @@ class Policy(KVPolicy):
     def check_layer(self, attn: Attention) -> None:
         """Raise ValueError if the policy cannot serve this layer (e.g. a group size that does not divide D)."""
 
+    def hf_refusal(self) -> str | None:
+        """Why the policy cannot run on a Hugging Face model (``mnemos.kv.hf``), or None (it can)."""
+        return None
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called by ``apply_kv_policy`` before the policy is set on ``model``: policies that measure the model first
+        (a scoring pass: DuoAttention's retrieval heads, D2O's layer budgets) do it here; nothing by default."""
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
@@ -217,6 +225,7 @@ def apply_kv_policy(model: nn.Module, policy: KVPolicy | None) -> nn.Module:
     if isinstance(policy, Policy):
         for attn in layers:
             policy.check_layer(attn)
+        policy.prepare(model)
     for i, attn in enumerate(layers):
         attn.set_kv_policy(policy, i, len(layers))
     return model
@@ -303,6 +312,8 @@ class EvictionContext:
         window: the layer's sliding window (None: full causal). layer_idx / n_layers: the layer among the model's.
         state: per-entry float32 tensors ``[B, S, H]`` the policy carries (``EvictionPolicy.entry_state``), new entries
             zero; a policy updates them in place (e.g. H2O's accumulated attention).
+        extra: the policy's per-cache tensors (``EvictionPolicy.cache_state``: batch-first, not per entry, e.g.
+            Scissorhands' query history, D2O's merge threshold); a policy replaces them in the dict.
     """
 
     q: Tensor | None
@@ -316,6 +327,8 @@ class EvictionContext:
     layer_idx: int
     n_layers: int
     state: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    keep: int | None = None  # set by a policy that keeps fewer than ``target`` this call (Scissorhands drops m at once)
 
     @property
     def n_new(self) -> int:
@@ -343,6 +356,17 @@ class EvictionPolicy(Policy):
     def skips_layer(self, layer_idx: int, n_layers: int) -> bool:
         """Layers the policy leaves alone (they get the default cache)."""
         return False
+
+    def cache_state(self, batch_size: int, n_heads: int, head_dim: int, device, dtype) -> dict[str, Tensor]:
+        """The per-cache tensors (batch-first, not per entry) a new cache starts with (none by default); they are
+        part of the cache's ``state_dict`` (``extra.<name>``) and of its ``nbytes``."""
+        return {}
+
+    def merge(self, ctx: EvictionContext, idx: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Called when a call evicts: ``idx`` ``[B, K, H]`` are the kept entries' indices into ``ctx.keys`` (position
+        order); return the keys ``[B, K, H, D]`` and values ``[B, K, H, Dv]`` to store for them (D2O merges evicted
+        entries into kept ones), or None to store the kept entries as they are (the default)."""
+        return None
 
     @abstractmethod
     def scores(self, ctx: EvictionContext) -> Tensor | None:
@@ -390,6 +414,7 @@ class EvictingKVCache(KVCache):
         self._pos = torch.empty(batch_size, 0, n_heads, device=device, dtype=torch.int32)  # [B, 0, H]
         self._state = {n: torch.empty(batch_size, 0, n_heads, device=device, dtype=torch.float32)
                        for n in policy.entry_state}
+        self._extra = policy.cache_state(batch_size, n_heads, head_dim, device, dtype)
         self._seen = 0
         self._rot_next = 0  # re-rotating policies: the in-cache RoPE position of the next token
 
@@ -463,9 +488,9 @@ class EvictingKVCache(KVCache):
         n_live = n_vis if live is None else int(live.sum(dim=1).max())
         target = self.policy.target(seen, self.layer_idx, self.n_layers, self.entry_bytes)
         ctx = EvictionContext(q, keys, values, pos, q_pos, target, n_vis > min(target, n_live), self.layer_window,
-                              self.layer_idx, self.n_layers, state)
+                              self.layer_idx, self.n_layers, state, dict(self._extra))
         prio = self.policy.scores(ctx)  # [B, S, H] or None
-        n_keep = min(n_vis if prio is None else target, n_live)
+        n_keep = min(n_vis if prio is None else target if ctx.keep is None else ctx.keep, n_live)
         self._seen = seen
         if n_keep >= n_vis:
             kept = (keys, values, pos, ctx.state)
@@ -474,8 +499,9 @@ class EvictingKVCache(KVCache):
             if live is not None:
                 rank = rank.masked_fill(~live, float("-inf"))
             idx = rank.topk(n_keep, dim=1).indices.sort(dim=1).values  # [B, n_keep, H], in position order
-            kept = (_gather(keys, idx), _gather(values, idx), pos.gather(1, idx),
-                    {n: s.gather(1, idx) for n, s in ctx.state.items()})
+            merged = self.policy.merge(ctx, idx)
+            k_kept, v_kept = merged if merged is not None else (_gather(keys, idx), _gather(values, idx))
+            kept = (k_kept, v_kept, pos.gather(1, idx), {n: s.gather(1, idx) for n, s in ctx.state.items()})
             if self.policy.rerotate:  # close the gaps the policy opened: shift keys back by the evictions before them
                 evicted = torch.ones_like(pos, dtype=torch.bool).scatter(1, idx, False)  # [B, S, H]
                 if live is not None:
@@ -493,11 +519,13 @@ class EvictingKVCache(KVCache):
         self._k, self._v = k_s.clone() if k_s is keys else k_s, v_s.clone() if v_s is values else v_s
         self._pos = p_s.to(torch.int32)
         self._state = {n: s.clone() for n, s in st.items()}
+        self._extra = {n: ctx.extra[n] for n in self._extra}
         return KVView(keys, values, pos)
 
     def reset(self) -> None:
         self._k, self._v, self._pos = self._k[:, :0].clone(), self._v[:, :0].clone(), self._pos[:, :0].clone()
         self._state = {n: s[:, :0].clone() for n, s in self._state.items()}
+        self._extra = self.policy.cache_state(self.batch_size, self.n_heads, self.head_dim, self.device, self.dtype)
         self._seen = self._rot_next = 0
 
     def to(self, device=None, dtype=None) -> "EvictingKVCache":
@@ -505,18 +533,22 @@ class EvictingKVCache(KVCache):
         self._v = self._v.to(device=device, dtype=dtype)
         self._pos = self._pos.to(device=device)
         self._state = {n: s.to(device=device) for n, s in self._state.items()}
+        self._extra = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                       for n, t in self._extra.items()}
         return self
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         out = {"k": self._k, "v": self._v, "positions": self._pos}
         out.update({f"state.{n}": s for n, s in self._state.items()})
+        out.update({f"extra.{n}": t for n, t in self._extra.items()})
         out["seen_tokens"] = torch.tensor(self._seen, dtype=torch.int64)
         out["rope_offset"] = torch.tensor(self._rot_next, dtype=torch.int64)
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        want = {"k", "v", "positions", "seen_tokens", "rope_offset"} | {f"state.{n}" for n in self._state}
+        want = {"k", "v", "positions", "seen_tokens", "rope_offset"} | {f"state.{n}" for n in self._state} | \
+            {f"extra.{n}" for n in self._extra}
         if set(state) != want:
             raise ValueError(f"state must have keys {sorted(want)}, got {sorted(state)}")
         k, v, pos, seen = state["k"], state["v"], state["positions"], int(state["seen_tokens"])
@@ -530,6 +562,13 @@ class EvictingKVCache(KVCache):
                 raise ValueError(f"state[{name!r}] must be {shape}, got {tuple(state[name].shape)}")
         if seen < k.shape[1]:
             raise ValueError(f"state['seen_tokens'] must be >= the {k.shape[1]} stored entries, got {seen}")
+        for n, cur in self._extra.items():
+            new = state[f"extra.{n}"]
+            if new.ndim != cur.ndim or new.shape[0] != self.batch_size:
+                raise ValueError(f"state['extra.{n}'] must be batch-first of rank {cur.ndim} with {self.batch_size} "
+                                 f"rows, got {tuple(new.shape)}")
+        self._extra = {n: state[f"extra.{n}"].to(device=self.device, dtype=cur.dtype).clone()
+                       for n, cur in self._extra.items()}
         self._k = k.to(device=self.device, dtype=self.dtype).clone()
         self._v = v.to(device=self.device, dtype=self.dtype).clone()
         self._pos = pos.to(device=self.device, dtype=torch.int32).clone()

@@ -57,6 +57,9 @@ def _check(model: nn.Module, policy: KVPolicy) -> None:
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         raise ValueError(f"model uses sliding-window attention (sliding_window={config.sliding_window}), which the "
                          "Hugging Face hook does not support")
+    refusal = policy.hf_refusal() if hasattr(policy, "hf_refusal") else None
+    if refusal:
+        raise ValueError(refusal)
     check_head_dim = getattr(policy, "check_head_dim", None)
     if check_head_dim is not None:
         check_head_dim(_config_dims(config)[2])

@@ -1,7 +1,14 @@
 """MQAR (:class:`~mnemos.data.MQARConfig`): teacher-forced accuracy at the labelled (query) positions, split by how
 far back the queried pair lies and by whether the answer is one of the sample's values
 (:func:`mnemos.data.mqar_recall_metrics`); one cell per (seq_len, num_kv_pairs) config. Figure: accuracy against the
-state size each model carries (:func:`plot_mqar_state_size`)."""
+state size each model carries (:func:`plot_mqar_state_size`).
+
+Shared context, many queries (SCBench; ``--turns shared,fresh``, :func:`turns_cell`): the same sequences, cut at
+the queries. ``shared``: the context up to and including the first query is prefilled once (streamed by
+``stream_chunk``); each later query is asked in turn, one call holding the tokens since the previous query and the
+query itself, the state (a KV policy's compressed cache) carried. ``fresh``: each query gets its own prefill of
+everything up to it, from a fresh state. One cell per mode, ``params["mode"]``, with the accuracy by turn
+(``turn_correct`` / ``turn_n``, turn k = the k-th query in the sequence); figure :func:`plot_mqar_turns`."""
 
 from __future__ import annotations
 
@@ -20,17 +27,24 @@ import torch
 from torch import Tensor
 
 from mnemos.checkpoint import read_trainer_state
-from mnemos.data import MQAR_EXTRAPOLATION_GRID, MQAR_ZOOLOGY_GRID, MQARConfig, mqar_grid, mqar_recall_metrics
-from mnemos.eval.plots import figure, figure_legend, grid, log_ticks, panel_axes, save
+from mnemos.data import (
+    IGNORE_INDEX,
+    MQAR_EXTRAPOLATION_GRID,
+    MQAR_ZOOLOGY_GRID,
+    MQARConfig,
+    mqar_grid,
+    mqar_recall_metrics,
+)
+from mnemos.eval.plots import figure, figure_legend, grid, log_ticks, panel_axes, policy_family, save
 from mnemos.eval.registry import EvalTask
 from mnemos.eval.results import Cell, EvalResults
-from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
+from mnemos.eval.runner import EvalOptions, Run, batches, check_finite, max_sizes, per_sequence_state, stream
 from mnemos.eval.stateful import StatefulLM
 from mnemos.eval.tables import Notes, Pooled, acc, model_names, pool, si, table
 from mnemos.models.registry import HYBRID, VARIANT_REGISTRY, stack_reach
 
-__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "model_reach", "pairs_arg", "plot_mqar_state_size", "reach_arg",
-           "run_reach", "saved_mqar_task"]
+__all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "model_reach", "pairs_arg", "plot_mqar_state_size",
+           "plot_mqar_turns", "reach_arg", "run_reach", "saved_mqar_task", "turns_arg", "turns_cell"]
 
 
 class MQARTask(EvalTask):
@@ -47,7 +61,11 @@ class MQARTask(EvalTask):
     def evaluate(self, run: Run) -> list[Cell]:
         cfg: MQARConfig = run.config
         params = {"seq_len": cfg.seq_len, "num_kv_pairs": cfg.num_kv_pairs, "vocab_size": cfg.vocab_size}
-        return [run.guarded(params, lambda: _mqar_cell(run, cfg, params))]
+        cells = [run.guarded(params, lambda: _mqar_cell(run, cfg, params))]
+        for mode in run.options.mqar_turns:
+            mode_params = {**params, "mode": mode}
+            cells.append(run.guarded(mode_params, lambda m=mode_params: turns_cell(run, cfg, m)))
+        return cells
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         d = {f.name: f.default for f in fields(MQARConfig)}
@@ -69,6 +87,11 @@ class MQARTask(EvalTask):
                                  "auto (default): the reach n_layers * (window - 1) of the sliding-window models "
                                  "(swa, mag, mal) evaluated, for every model; none: no split")
 
+        parser.add_argument("--turns", type=turns_arg, default=(), metavar="shared,fresh",
+                            help="also run the shared-context, many-queries mode (SCBench): 'shared' prefills the "
+                                 "context once and asks the queries in turn reusing the (compressed) state, 'fresh' "
+                                 "prefills everything before each query anew; accuracy by turn (one sequence per call)")
+
     def from_args(self, args: argparse.Namespace) -> list[MQARConfig]:
         # what the flags leave open comes from the checkpoints' training task, else MQARConfig's defaults
         open_keys = [k for k in ("vocab_size", "power_a", "noise") if getattr(args, k) is None]
@@ -89,12 +112,14 @@ class MQARTask(EvalTask):
         return mqar_grid(pairs, num_examples=args.num_examples, **kw)
 
     def eval_options(self, args: argparse.Namespace) -> dict[str, Any]:
-        return {"mqar_reach": args.reach}
+        return {"mqar_reach": args.reach, "mqar_turns": args.turns}
 
     def section(self, results: EvalResults, notes: Notes) -> list[str]:
-        points = pool(results, self.name)
+        all_points = pool(results, self.name)
+        points = [p for p in all_points if "mode" not in p.params]  # the shared-context cells have their own table
+        turn_lines = _turns_section([p for p in all_points if "mode" in p.params], notes)
         if not points:
-            return []
+            return ["## MQAR", "", *turn_lines] if turn_lines else []
         grid = sorted(dict.fromkeys((p.params["seq_len"], p.params["num_kv_pairs"], p.params["vocab_size"])
                                     for p in points))
         by = {(p.model, p.params["seq_len"], p.params["num_kv_pairs"], p.params["vocab_size"]): p for p in points}
@@ -107,11 +132,12 @@ class MQARTask(EvalTask):
             rows.append([m, si(max(states)) if states else "—"]
                         + [notes.mark(by.get((m, *g)), acc) for g in grid])
         return ["## MQAR", "", "Teacher-forced accuracy at the query positions (guessing a value token scores 2 / V).",
-                "", *table(header, rows), "", *_detail(points)]
+                "", *table(header, rows), "", *_detail(points), *turn_lines]
 
     def figures(self, results: EvalResults, out_dir: Path) -> list[Path]:
-        path = plot_mqar_state_size(results, out_dir / "mqar_state_size.png")
-        return [path] if path is not None else []
+        paths = [plot_mqar_state_size(results, out_dir / "mqar_state_size.png"),
+                 plot_mqar_turns(results, out_dir / "mqar_turns.png")]
+        return [p for p in paths if p is not None]
 
 
 MQAR = MQARTask()
@@ -146,6 +172,158 @@ def _mqar_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
         **scores, "examples": cfg.num_examples, **sizes,
         "tokens_per_second": round(inputs.numel() / max(seconds, 1e-9), 1), "batch_size": batch,
     })
+
+
+def turns_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
+    """The shared-context (``params["mode"] == "shared"``) or fresh-prefill (``"fresh"``) cell: every sequence is
+    cut at its K query positions p_1 < ... < p_K (turn k asks the k-th query of the sequence), one sequence per call
+    (query positions differ between sequences).
+
+    - shared: ``[0, p_1]`` is prefilled once (``stream_chunk`` tokens per call), the prediction at p_1 answers turn
+      1; turn k >= 2 is one call of ``(p_{k-1}, p_k]`` (the noise since the previous query, then the query) with
+      the state carried, its last logits answering. A KV policy compresses at the end of each call, so later turns
+      read what the cache kept of the context (a query-aware policy saw the first query only).
+    - fresh: each query k gets its own prefill of ``[0, p_k]`` from a fresh state (``stream_chunk`` tokens per call).
+
+    With a state that loses nothing both give the one-call teacher-forced predictions (tested). Metrics: accuracy,
+    ``turn_correct`` / ``turn_n`` (lists over the K turns), ``calls`` (forward calls), the largest state after a
+    prefill / the last turn (per sequence), tokens per second."""
+    m, mode = run.model, params["mode"]
+    n_tokens = cfg.num_examples * cfg.seq_len
+    if m.vocab_size < cfg.vocab_size:
+        run.bar.update(n_tokens)
+        return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, the "
+                                                          f"task uses {cfg.vocab_size}")
+    _, reason = run.admit(cfg.seq_len, 1)
+    if reason:
+        run.bar.update(n_tokens)
+        return run.cell(params, status="refused", message=reason)
+    inputs, labels = cfg.build(run.seed)  # [N, L] each
+    K = cfg.num_kv_pairs
+    turn_correct, fed, calls = [0] * K, 0, 0
+    sizes: dict[str, int] = {}
+    samples: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for n in range(inputs.shape[0]):
+            ids, lab = inputs[n : n + 1], labels[n]
+            qpos = (lab != IGNORE_INDEX).nonzero().flatten().tolist()  # the K query positions, in order
+            if mode == "shared":
+                last, state = stream(run, ids[:, : qpos[0] + 1], m.init_state(1))
+                preds = [int(last.argmax(-1))]
+                fed += qpos[0] + 1
+                calls += -(-(qpos[0] + 1) // (run.options.stream_chunk or qpos[0] + 1))
+                for prev, q in zip(qpos, qpos[1:]):
+                    x = ids[:, prev + 1 : q + 1].to(m.device)  # [1, q - prev]: the noise since, then the query
+                    logits, state = m.forward(x, state)
+                    check_finite(m, logits, prev + 1)
+                    preds.append(int(logits[0, -1].argmax()))
+                    fed, calls = fed + x.shape[1], calls + 1
+                    run.bar.update(x.numel())
+                sizes = max_sizes(sizes, per_sequence_state(state, 1))
+            else:
+                preds = []
+                for q in qpos:
+                    last, state = stream(run, ids[:, : q + 1], m.init_state(1))
+                    preds.append(int(last.argmax(-1)))
+                    fed += q + 1
+                    calls += -(-(q + 1) // (run.options.stream_chunk or q + 1))
+                    sizes = max_sizes(sizes, per_sequence_state(state, 1))
+            for k, (q, p) in enumerate(zip(qpos, preds, strict=True)):
+                turn_correct[k] += int(p == int(lab[q]))
+            samples.append({"query_positions": qpos, "answers": [int(lab[q]) for q in qpos], "predictions": preds})
+    seconds = time.perf_counter() - t0
+    N = inputs.shape[0]
+    cell = run.cell(params, metrics={
+        "accuracy": sum(turn_correct) / (N * K), "correct": sum(turn_correct), "n": N * K, "examples": N,
+        "turn_correct": turn_correct, "turn_n": [N] * K, "calls": calls, **sizes,
+        "tokens_per_second": round(fed / max(seconds, 1e-9), 1), "batch_size": 1,
+    })
+    if run.options.keep_samples:  # per sequence: its query positions, answers and the predictions turn by turn
+        cell.samples = samples
+    return cell
+
+
+def turns_arg(text: str) -> tuple[str, ...]:
+    """``--turns shared,fresh`` -> ("shared", "fresh")."""
+    modes = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not modes or any(x not in ("shared", "fresh") for x in modes) or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"expected distinct modes among shared, fresh (comma-separated), got "
+                                         f"{text!r}")
+    return modes
+
+
+def _turn_accuracy(p: Pooled) -> list[float] | None:
+    """Accuracy at each turn, pooled over the cells that ran (None without turn counts)."""
+    cells = [c for c in p.ok if c.metrics.get("turn_n")]
+    if not cells:
+        return None
+    K = len(cells[0].metrics["turn_n"])
+    n = [sum(c.metrics["turn_n"][k] for c in cells) for k in range(K)]
+    return [sum(c.metrics["turn_correct"][k] for c in cells) / max(n[k], 1) for k in range(K)]
+
+
+def _turns_section(points: Sequence[Pooled], notes: Notes) -> list[str]:
+    """The shared-context table: accuracy by turn (bucketed to at most 8 columns) per (model, mode), per (L, K)."""
+    if not points:
+        return []
+    out = ["### MQAR: shared context, many queries (accuracy by turn)", "",
+           "shared: the context up to the first query prefilled once, then each query asked in turn reusing the "
+           "state (a KV policy's compressed cache); fresh: each query with its own prefill of everything before it. "
+           "Turn k is the k-th query of the sequence. With a state that loses nothing the two agree.", ""]
+    for L, K in sorted({(p.params["seq_len"], p.params["num_kv_pairs"]) for p in points}):
+        mine = [p for p in points if (p.params["seq_len"], p.params["num_kv_pairs"]) == (L, K)]
+        n_cols = min(K, 8)
+        edges = [round(i * K / n_cols) for i in range(n_cols + 1)]
+        heads = [f"{a + 1}" if b - a == 1 else f"{a + 1}-{b}" for a, b in zip(edges, edges[1:])]
+        rows = []
+        for p in mine:
+            by_turn = _turn_accuracy(p)
+            if by_turn is None:
+                rows.append([p.model, p.params["mode"], notes.mark(p, acc)] + [""] * n_cols)
+                continue
+            cols = [f"{sum(by_turn[a:b]) / (b - a):.2f}" for a, b in zip(edges, edges[1:])]
+            rows.append([p.model, p.params["mode"], acc(p)] + cols)
+        out += [f"L={L} K={K}, accuracy by turn:", "",
+                *table(["model", "mode", "all turns"] + [f"turn {h}" for h in heads], rows), ""]
+    return out
+
+
+def plot_mqar_turns(results: EvalResults, path: str | os.PathLike, max_panels: int = 16) -> Path | None:
+    """MQAR accuracy by turn in the shared-context mode: one panel per model family and (L, K) (a base model and
+    its KV policy without the budget, :func:`mnemos.eval.plots.policy_family`: a budget sweep shares a panel, a line
+    per budget; a model without a policy has a panel of its own), shared solid, fresh dashed; in a policy's panel the
+    base model without a policy, when evaluated, is drawn in black for reference. At most ``max_panels`` panels.
+    None when the results hold no shared-context cell."""
+    points = [p for p in pool(results, "mqar") if "mode" in p.params and _turn_accuracy(p) is not None]
+    if not points:
+        return None
+    panels = list(dict.fromkeys((policy_family(p)[0], p.params["seq_len"], p.params["num_kv_pairs"])
+                                for p in points))[:max_panels]
+    rows, cols = grid(len(panels), max_cols=4)
+    fig = figure(3.6 * cols, 3.0 * rows)
+    for ax, (fam, L, K) in zip(panel_axes(fig, rows, cols, len(panels)), panels, strict=True):
+        mine = [p for p in points if (p.params["seq_len"], p.params["num_kv_pairs"]) == (L, K)]
+        members = [p for p in mine if policy_family(p)[0] == fam]
+        base = members[0].cells[0].model.get("base_model")
+        refs = [p for p in mine if base is not None and p.model == base]  # the model without a policy
+        budgets = list(dict.fromkeys(policy_family(p)[1] for p in members))
+        for p in refs + members:
+            by_turn = _turn_accuracy(p)
+            label = policy_family(p)[1]
+            color = "black" if p in refs else f"C{budgets.index(label) % 10}"
+            name = "no policy" if p in refs else (label if label is not None else p.model)
+            ax.plot(range(1, len(by_turn) + 1), by_turn, color=color, marker="o", ms=2.5, lw=1,
+                    ls="-" if p.params["mode"] == "shared" else "--", label=f"{name}, {p.params['mode']}")
+        ax.set_ylim(-0.04, 1.04)
+        ax.set_xlabel("turn (k-th query)", fontsize=7)
+        ax.set_ylabel("accuracy", fontsize=7)
+        ax.set_title(f"{fam}\nL={L} K={K}", fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=5, loc="lower left")
+    fig.suptitle("MQAR, shared context (solid) vs a fresh prefill per query (dashed)", fontsize=9)
+    return save(fig, path)
 
 
 def model_reach(model: StatefulLM) -> int | None:
@@ -208,7 +386,8 @@ def plot_mqar_state_size(results: EvalResults, path: str | os.PathLike) -> Path 
     Models of one family (same ``variant``, or same class) are joined by a line in order of state size. None when
     the results hold fewer than two distinct state sizes (nothing to compare) or no MQAR.
     """
-    points = [p for p in pool(results, "mqar") if p.status == "ok" and (p.metric_max("state_numel") or 0) > 0]
+    points = [p for p in pool(results, "mqar") if p.status == "ok" and (p.metric_max("state_numel") or 0) > 0
+              and "mode" not in p.params]
     if len({p.metric_max("state_numel") for p in points}) < 2:
         return None
     configs = sorted({(p.params["seq_len"], p.params["num_kv_pairs"]) for p in points})
