@@ -117,6 +117,11 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
     del mac["mac_memory_residual"]
     assert MnemosConfig.from_dict(saved_model_config(mac)).mac_memory_residual is False
     assert MnemosConfig.from_dict(mac).mac_memory_residual is True
+    # saved before MAC's attention started at zero: its training config, re-run, starts as it did (init only: a
+    # checkpoint's weights override it either way)
+    del mac["mac_attn_init_scale"]
+    assert MnemosConfig.from_dict(saved_model_config(mac)).mac_attn_init_scale == 1.0
+    assert MnemosConfig.from_dict(mac).mac_attn_init_scale == 0.0
 
 
 @pytest.mark.parametrize("field, bad", [("depth", 0), ("expansion", 0), ("chunk_size", 0), ("conv_size", 0),

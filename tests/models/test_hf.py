@@ -23,7 +23,7 @@ V = 64
 # divide the segment. impl "torch": generate runs under no_grad
 TINY = dict(
     vocab_size=V, d_model=32, n_layers=2, n_heads=4, window=5, segment_len=6, num_persistent=2, init_std=0.5,
-    memory={"chunk_size": 4, "impl": "torch"},
+    memory={"chunk_size": 4, "impl": "torch"}, mac_attn_init_scale=1.0,
 )
 
 

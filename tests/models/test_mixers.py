@@ -230,6 +230,39 @@ def test_mac_memory_reaches_the_output_as_configured():
         assert_max_err(f"MAC residual={residual}, attention silenced", want, got, 1e-12)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.25, 1.0])
+def test_mac_attention_starts_where_mac_attn_init_scale_says(scale):
+    """MAC's attention output projection starts at ``mac_attn_init_scale`` times its default init, every other weight
+    as at 1 (no random numbers drawn for it). At 0 the block starts as its memory alone, o = M(RMSNorm(x)), and the
+    projection still gets a gradient, so the attention can grow in; the paper's form keeps the default init."""
+    from mnemos.models import MnemosConfig, MnemosLM
+
+    def build(s, residual=True):
+        torch.manual_seed(0)
+        cfg = MnemosConfig(variant="mac", vocab_size=32, d_model=32, n_layers=2, n_heads=4, segment_len=5,
+                           mac_attn_init_scale=s, mac_memory_residual=residual)
+        return MnemosLM(cfg).double()
+
+    ref, model = build(1.0), build(scale)
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+        want = p * scale if name.endswith("attn.o_proj.weight") else p
+        assert torch.equal(q, want), name
+    paper = build(scale, residual=False)
+    for (name, p), (_, q) in zip(build(1.0, residual=False).named_parameters(), paper.named_parameters()):
+        assert torch.equal(p, q), f"paper form: {name}"
+    mac = model.blocks[0].mixer
+    x = x_of(2, 13)
+    got, _ = mac(x)
+    if scale == 0.0:
+        assert_max_err("MAC at attention scale 0", mac.memory(mac.write_norm(x))[0], got, 1e-12)
+    got.pow(2).sum().backward()
+    assert mac.attn.o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mac_attn_init_scale must be a finite number >= 0"):
+        MnemosConfig(variant="mac", mac_attn_init_scale=-1.0)
+    with pytest.raises(ValueError, match="attn_init_scale must be a finite number >= 0"):
+        MemoryAsContext(32, 4, segment_len=5, attn_init_scale=float("nan"))
+
+
 @pytest.mark.parametrize("bias", [-2.0, 0.0, 1.5])
 def test_mag_gate_starts_where_mag_gate_bias_says(bias):
     """MAG's mixing gate g (the attention's share of the output) starts at sigmoid(mag_gate_bias) for any input: the

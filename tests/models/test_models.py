@@ -28,7 +28,7 @@ V = 64
 # divide the segment of 6, so segment and chunk boundaries fall in different places
 TINY = dict(
     vocab_size=V, d_model=32, n_layers=2, n_heads=4, window=5, segment_len=6, num_persistent=2, init_std=0.5,
-    memory=dict(depth=2, expansion=2, chunk_size=4),
+    memory=dict(depth=2, expansion=2, chunk_size=4), mac_attn_init_scale=1.0,  # MAC's attention in play from the start
 )
 # decoding memory per variant: constant once the window is full, bounded by the segment, or growing (the registry's
 # claim, state_bound; test_registry.py measures it too)

@@ -20,7 +20,7 @@ from mnemos.models.config import variant_reads
 V, T = 32, 12
 # window 4 and segment 5 are exceeded by T; the memory's chunk of 3 divides neither
 TINY = dict(vocab_size=V, d_model=16, n_layers=2, n_heads=2, window=4, segment_len=5, num_persistent=2, init_std=0.5,
-            memory=dict(depth=2, expansion=2, chunk_size=3))
+            memory=dict(depth=2, expansion=2, chunk_size=3), mac_attn_init_scale=1.0)  # MAC's attention in play
 
 
 @dataclass
@@ -127,7 +127,7 @@ def test_state_growth_is_what_the_registry_says(variant):
 
 # a changed value of each field; memory.impl picks an implementation of the same numbers, so it is left out
 CHANGES = {"window": 3, "segment_len": 4, "num_persistent": 1, "rope_base": 500.0, "mag_gate_bias": 1.0,
-           "mal_memory_residual": False, "mac_memory_residual": False, "memory.max_lr": 0.1, "memory.chunk_size": 2, "memory.conv_size": 2, "memory.depth": 1}
+           "mal_memory_residual": False, "mac_memory_residual": False, "mac_attn_init_scale": 0.5, "memory.max_lr": 0.1, "memory.chunk_size": 2, "memory.conv_size": 2, "memory.depth": 1}
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, TOY.name])

@@ -247,6 +247,11 @@ class MnemosConfig(_ConfigBase):
     # False: the paper's form, written with the attention output and gating it, o = y * sigmoid(M(RMSNorm(y))) (then
     # MAC stayed on the MQAR plateau: 0.136 at step 1500 where the LMM reached 0.97)
     mac_memory_residual: bool = True
+    # MAC's attention output projection starts at this multiple of its default init (residual form only): 0 starts the
+    # block as its memory alone, o = M(RMSNorm(x)), and the attention grows in as it gets gradient (at 1, MAC sat on the
+    # MQAR 1/K plateau past step 1750 in the recall study's setting; at 0 seeds 0 / 1 / 2 reached .933 / .909 / .377 at
+    # step 1500: docs/MODELS.md)
+    mac_attn_init_scale: float = 0.0
     rope_base: float = 10000.0
     # long-term memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -304,6 +309,8 @@ class MnemosConfig(_ConfigBase):
             raise ValueError(f"model.num_persistent must be >= 0, got {self.num_persistent}")
         if not math.isfinite(self.mag_gate_bias):
             raise ValueError(f"model.mag_gate_bias must be a finite number, got {self.mag_gate_bias}")
+        if not (math.isfinite(self.mac_attn_init_scale) and self.mac_attn_init_scale >= 0):
+            raise ValueError(f"model.mac_attn_init_scale must be a finite number >= 0, got {self.mac_attn_init_scale}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"model.mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
         if not self.rope_base > 1:
@@ -380,8 +387,9 @@ class MnemosConfig(_ConfigBase):
 MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": False, "normalize_step": False}
 # model keys added since, likewise (MAL's memory read reached the stream only through its attention; MAC's memory
 # was written with the attention output and gated it)
-# (the sections mamba2.* and based.* are not here: no model saved before them reads them, so their defaults do)
-MODEL_KEYS_ADDED = {"mal_memory_residual": False, "mac_memory_residual": False}
+# (the sections mamba2.* and based.* are not here: no model saved before them reads them, so their defaults do;
+# mac_attn_init_scale only sets an initialisation, 1 reproduces the runs before it)
+MODEL_KEYS_ADDED = {"mal_memory_residual": False, "mac_memory_residual": False, "mac_attn_init_scale": 1.0}
 # (model.layers came with hybrid stacks: a config saved before it is one variant in every block; the section mom.*
 # is not here, for the reason of mamba2.* and based.*)
 MODEL_KEYS_ADDED["layers"] = None

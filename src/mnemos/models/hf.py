@@ -90,6 +90,7 @@ class MnemosHFConfig(PreTrainedConfig):
     mag_gate_bias: float = -2.0
     mal_memory_residual: bool = True
     mac_memory_residual: bool = True
+    mac_attn_init_scale: float = 0.0
     rope_base: float = 10000.0
     memory: dict | None = None
     mamba2: dict | None = None

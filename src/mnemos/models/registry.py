@@ -137,7 +137,7 @@ def _lmm(c: MnemosConfig) -> nn.Module:
 def _mac(c: MnemosConfig) -> nn.Module:
     return MemoryAsContext(c.d_model, c.n_heads, segment_len=c.segment_len, num_persistent=c.num_persistent,
                            rope_base=c.rope_base, norm_eps=c.norm_eps, memory_residual=c.mac_memory_residual,
-                           memory_config=c.memory)
+                           attn_init_scale=c.mac_attn_init_scale, memory_config=c.memory)
 
 
 def _mag(c: MnemosConfig) -> nn.Module:
@@ -169,8 +169,8 @@ register_variant(VariantSpec(
     summary="the neural memory alone as the mixer (persistent tokens written into it at stream start)"))
 register_variant(VariantSpec(
     "mac", "titans", _mac, MACState, "segment_len",
-    ("memory", "segment_len", "num_persistent", "rope_base", "mac_memory_residual"),
-    rope=True, summary="memory as a context: attention within a segment over retrieved and persistent tokens"))
+    ("memory", "segment_len", "num_persistent", "rope_base", "mac_memory_residual", "mac_attn_init_scale"),
+    init_only=("mac_attn_init_scale",), rope=True, summary="memory as a context: attention within a segment over retrieved and persistent tokens"))
 register_variant(VariantSpec(
     "mag", "titans", _mag, MAGState, "window",
     ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"), init_only=("mag_gate_bias",), rope=True,
