@@ -291,6 +291,36 @@ def test_record_stats_reports_the_writes():
     assert abs(layer.last_stats["inner_loss"] - layer.last_stats["inner_loss_start"]) < 1e-5
 
 
+def test_stats_of_several_calls_merge_and_score_from_the_chunk_anchor():
+    """A forward cut into calls (MAC calls its memory once per segment): ``merged_stats`` weighs each call's means by
+    its tokens, keeps the largest maxima and the latest memory norm, and equals ``last_stats`` after one call. A call
+    that continues a chunk scores its keys' loss from the chunk's anchor, the memory its writes were computed at."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, heads=4, depth=2, chunk_size=16, max_lr=0.5).double()
+    layer.record_stats = True
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    _, state = layer(x[:, :5])
+    first = dict(layer.last_stats)
+    assert layer.merged_stats() == first
+    _, _ = layer(x[:, 5:], state)
+    second, merged = layer.last_stats, layer.merged_stats()
+    assert merged["theta_mean"] == pytest.approx((5 * first["theta_mean"] + 8 * second["theta_mean"]) / 13, rel=1e-12)
+    assert merged["inner_loss"] == pytest.approx((5 * first["inner_loss"] + 8 * second["inner_loss"]) / 13, rel=1e-12)
+    assert merged["step_max"] == max(first["step_max"], second["step_max"])
+    assert merged["memory_norm"] == second["memory_norm"]
+    # 13 tokens in a 16-token chunk: the second call's writes took their gradients at the anchor, W_0
+    assert state.memory.offset == 5
+    q, k, v = layer._project(x, None)[:3]
+    k2, v2 = k[:, 5:].float(), v[:, 5:].float()
+    w0 = tuple(w.detach().float() for w in layer.read_weights(tuple(layer.memory)))
+    at_anchor = (memory_read(k2, w0, residual=True) - v2).pow(2).sum(-1).mean().item()
+    assert second["inner_loss_start"] == pytest.approx(at_anchor, rel=1e-5)
+    at_call_start = tuple(w.float() for w in layer.read_weights(state.memory.weights))
+    assert abs((memory_read(k2, at_call_start, residual=True) - v2).pow(2).sum(-1).mean().item() - at_anchor) > 1e-4
+    layer.reset_stats()
+    assert layer.merged_stats() == {} and layer.last_stats == {}
+
+
 @pytest.mark.parametrize("chunk_size, max_lr, max_chunk_lr, token_lr", [
     (4, 0.8, 0.8, 0.2),  # the chunk's bound binds: 0.8 / 4
     (4, 0.4, 1.0, 0.25),  # the defaults: 1.0 / 4 < 0.4

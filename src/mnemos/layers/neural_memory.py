@@ -237,9 +237,13 @@ class NeuralMemory(nn.Module):
         self.token_lr = (self.max_lr if self.max_chunk_lr is None
                          else min(self.max_lr, self.max_chunk_lr / self.chunk_size))
         # memory health: when True, each forward stores scalar statistics of its writes in ``last_stats``
-        # (see :meth:`_record_stats`); the trainer switches it on for logged steps only
+        # (see :meth:`_record_stats`) and folds them into a running summary of the calls since ``reset_stats``
+        # (``merged_stats``: a model that calls the layer once per segment, as MAC does); the trainer switches it on
+        # for logged steps only
         self.record_stats = False
         self.last_stats: dict[str, float] = {}
+        self._merged: dict[str, float] = {}
+        self._merged_tokens = 0
         H, D = heads, head_dim
         inner = H * D
 
@@ -377,7 +381,9 @@ class NeuralMemory(nn.Module):
         else:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, initial_state=state.memory, output_final_state=True, **kwargs)
         if self.record_stats:
-            start = tuple(self.memory) if state is None else state.memory.weights
+            # the memory this call's first writes were computed at: a call that continues a chunk (MAC's segments
+            # inside a longer chunk) took their gradients at the chunk's anchor, not at the memory it started from
+            start = tuple(self.memory) if state is None else state.memory.anchor
             self._record_stats(q, k, v, theta, eta, alpha, o, self.read_weights(start), self.read_weights(mem.weights))
         return self._output(x, o), NeuralMemoryState(mem, conv_state)
 
@@ -388,7 +394,8 @@ class NeuralMemory(nn.Module):
         - ``theta_*``, ``eta_*``, ``alpha_*``: mean and max of the gates over tokens and heads;
         - ``step_max``: the largest total step one token's gradient takes, theta / (1 - eta) (<= max_lr with
           ``ema_momentum``);
-        - ``inner_loss_start`` / ``inner_loss``: mean ||M(k_t) - v_t||^2 under the memory at the start of the call and
+        - ``inner_loss_start`` / ``inner_loss``: mean ||M(k_t) - v_t||^2 under the memory the call's writes started
+          from (the anchor of its first chunk: the memory at the call's start unless the call continues a chunk) and
           after its last write (how much of what was written the memory holds);
         - ``memory_norm``: Frobenius norm of the weights after the call (all layers, mean over sequences and heads);
         - ``write_fraction``: RMS(o - M(q; W_start)) / RMS(o): the share of the read that the writes contributed;
@@ -413,6 +420,27 @@ class NeuralMemory(nn.Module):
         names = ("theta_mean", "theta_max", "eta_mean", "eta_max", "alpha_mean", "alpha_max", "step_max",
                  "inner_loss_start", "inner_loss", "memory_norm", "write_fraction", "curvature_max")
         self.last_stats = dict(zip(names, stats))
+        n, total = q.shape[0] * q.shape[1], self._merged_tokens
+        for name, value in self.last_stats.items():
+            if name not in self._merged:
+                self._merged[name] = value
+            elif name.endswith("_max"):
+                self._merged[name] = max(self._merged[name], value)
+            elif name == "memory_norm":  # the memory after the latest call
+                self._merged[name] = value
+            else:  # means over tokens
+                self._merged[name] = (self._merged[name] * total + value * n) / (total + n)
+        self._merged_tokens = total + n
+
+    def reset_stats(self) -> None:
+        """Clear ``last_stats`` and the running summary of :meth:`merged_stats`."""
+        self.last_stats, self._merged, self._merged_tokens = {}, {}, 0
+
+    def merged_stats(self) -> dict[str, float]:
+        """The health statistics of every call since :meth:`reset_stats` (or since the layer was built): means
+        weighted by the calls' tokens, the largest of each ``*_max``, the memory norm after the latest call. Equal to
+        ``last_stats`` after a single call."""
+        return dict(self._merged)
 
     def step(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
         """One decoding step: x ``[B, dim]`` -> ``(y [B, dim], state)``; equal to the parallel pass token for token."""

@@ -570,13 +570,14 @@ def _record_memory_stats(layers: list[NeuralMemory], on: bool) -> None:
     for layer in layers:
         layer.record_stats = on
         if on:
-            layer.last_stats = {}
+            layer.reset_stats()
 
 
 def _memory_stats(layers: list[NeuralMemory]) -> dict[str, float]:
-    """``mem.{i}.{key}``: the statistics the i-th memory layer (in model order) recorded in its last forward."""
+    """``mem.{i}.{key}``: the statistics the i-th memory layer (in model order) recorded since they were switched on:
+    over every call of the step's forward (MAC calls its memory once per segment)."""
     return {f"mem.{i}.{k}": float(v) for i, layer in enumerate(layers)
-            for k, v in (getattr(layer, "last_stats", None) or {}).items() if isinstance(v, (int, float))}
+            for k, v in layer.merged_stats().items() if isinstance(v, (int, float))}
 
 
 INNER_LOSS_TOLERANCE = 0.01  # values are unit vectors: a rise below 1% of that scale is noise at a near-zero loss
