@@ -100,6 +100,27 @@ def test_resume_compares_only_what_the_variant_reads(tmp_path):
         train(_cfg(tmp_path, "model.variant=swa", "run.steps=4"), resume=True)
 
 
+def test_resume_reads_a_checkpoint_written_before_newer_config_keys(tmp_path):
+    """A checkpoint whose saved config lacks keys added since (the memory rule's, the baselines' sections, hybrid
+    layers) resumes: a missing key counts as the value that reproduces the saved model, not as a change (the recall
+    study hit this); a real change is still refused."""
+    import torch as _torch
+
+    args = ("model.variant=mag", "run.steps=3")
+    train(_cfg(tmp_path, *args, "run.stop_after=1"))
+    f = tmp_path / "checkpoint" / "trainer.pt"
+    state = _torch.load(f, weights_only=True)
+    model = state["config"]["model"]
+    for key in ("layers", "mamba2", "based", "mom", "mac_attn_init_scale"):
+        model.pop(key, None)
+    for key in ("rule", "momentum", "poly_degree", "loss", "window"):
+        model["memory"].pop(key, None)
+    _torch.save(state, f)
+    train(_cfg(tmp_path, *args, "run.stop_after=1"), resume=True)  # no refusal
+    with pytest.raises(ValueError, match=r"\(model.memory.max_lr\)"):
+        train(_cfg(tmp_path, *args, "model.memory.max_lr=0.01"), resume=True)
+
+
 def test_every_variant_says_what_it_reads():
     from mnemos.models import VARIANTS
     from mnemos.models.config import variant_reads

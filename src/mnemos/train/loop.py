@@ -29,7 +29,7 @@ from ..checkpoint import load_model_weights, read_trainer_state
 from ..data import IGNORE_INDEX, BABILongConfig, ByteTokenizer, LMDataConfig, MQARConfig, mqar_recall_metrics
 from ..data.niah import make_niah_sample
 from ..layers import NeuralMemory
-from ..models import MnemosLM, saved_model_config
+from ..models import MnemosConfig, MnemosLM, saved_model_config
 from ..models.cache import Cache
 from ..models.config import INIT_ONLY_FIELDS
 from .checkpoint import save_checkpoint, set_rng_state
@@ -332,6 +332,17 @@ class TrainResult:
     skipped_steps: int = 0  # steps whose loss or gradients were not finite: no update was applied
 
 
+def _resolved_model_config(saved: dict) -> dict:
+    """A checkpoint's model config with every key it lacks filled in: keys added since it was written take the value
+    that reproduces it (``saved_model_config``), the rest their defaults, so that only real differences count (a
+    config saved before, say, ``memory.rule`` existed resumes). A dict the config cannot read comes back as it is."""
+    completed = saved_model_config(saved)
+    try:
+        return MnemosConfig.from_dict(completed).to_dict()
+    except (TypeError, ValueError):
+        return completed
+
+
 def _differing_keys(a: dict, b: dict) -> list[str]:
     """Keys (``memory.x`` for nested ones) whose values differ between two config dicts."""
     out = []
@@ -392,7 +403,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     # the architecture comes from the checkpoint when resuming
     if resume:
         saved = read_trainer_state(ckpt)["config"]
-        diff = [] if saved is None else _differing_keys(saved_model_config(saved.get("model") or {}),
+        diff = [] if saved is None else _differing_keys(_resolved_model_config(saved.get("model") or {}),
                                                         cfg.model.to_dict())
         # only what the variant reads (a hybrid stack: any of its blocks), and not what only sets an initialisation
         # (the checkpoint's weights win)
