@@ -146,3 +146,93 @@ def test_the_lr_is_chosen_on_the_first_seed_and_the_other_seeds_run_at_it_only(t
     chosen = select_lrs(s, train_jobs(s), tmp_path)[("L32-K2", "gated_deltanet")]
     assert chosen["lr"] == 3e-3 and [r["seed"] for r in chosen["by_lr"][3e-3]] == [0, 1]
     assert "gated_deltanet-lr0.001-s1" not in (tmp_path / "report.md").read_text()  # not planned, not listed
+
+
+def test_a_run_that_reaches_the_accuracy_threshold_stops_and_counts_as_finished(tmp_path, monkeypatch):
+    """Zoology's early stop in the study: the trainer's eval (planted: accuracy 1 from the first eval) stops the run
+    at step 2 of 6; the run is finished (not retrained by the next invocation) and the report says where it stopped."""
+    import dataclasses
+
+    from mnemos.eval.study import GridPoint, finished_step
+    from mnemos.train import loop
+
+    real = loop.validate
+    monkeypatch.setattr(loop, "validate", lambda *a, **k: {**real(*a, **k), "val_accuracy": 1.0})
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 6, 4),), lrs=(1e-3,),
+                            eval_every=2, passkey_models=(), capacity_models=())
+    (job,) = plan(s)[0]
+    assert job.config["run"]["stop_at_accuracy"] == 0.99
+    out = run_study(s, tmp_path, file=io.StringIO())
+    assert out["trained"] == [job.name] and not out["failed"]
+    record = json.loads((tmp_path / "runs" / job.name / RECORD).read_text())
+    assert record["status"] == "done" and record["stopped_at_accuracy"] and record["steps"] == 2
+    assert finished_step(job, tmp_path / "runs" / job.name) == 2
+    assert run_study(s, tmp_path, file=io.StringIO())["trained"] == []
+    report = (tmp_path / "report.md").read_text()
+    assert "reached 0.99" in report and "| gated_deltanet | 1.000 | 0.001 |" in report and "| 2 | 0 | 1 |" in report
+
+
+def test_the_lr_that_reaches_the_threshold_first_is_chosen(tmp_path):
+    """Both lrs' runs reach 0.99 (one ran its schedule, one stopped there): the sooner one wins, even with the lower
+    final accuracy; with no run reaching it the final accuracy decides."""
+    import dataclasses
+
+    from mnemos.eval.study import GridPoint, select_lrs, train_jobs
+
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 8, 4),),
+                            passkey_models=(), capacity_models=())
+
+    def plant(curves):
+        for t in train_jobs(s):
+            run_dir = tmp_path / "runs" / t.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            accs = curves[t.lr]
+            rows = [{"split": "val", "step": 2 * (i + 1), "val_accuracy": a} for i, a in enumerate(accs)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            reached = accs[-1] >= 0.99 and rows[-1]["step"] < 8  # the trainer's stop; else a run cut short
+            (run_dir / RECORD).write_text(json.dumps({"status": "done" if reached or len(rows) == 4 else "stopped",
+                                                      "steps": rows[-1]["step"], "stopped_at_accuracy": reached}))
+        return select_lrs(s, train_jobs(s), tmp_path)[("L32-K2", "gated_deltanet")]
+
+    chosen = plant({1e-3: [0.2, 0.5, 0.991, 0.999], 3e-3: [0.4, 0.992]})
+    assert chosen["lr"] == 3e-3 and chosen["by_lr"][3e-3][0]["reached"] == 4
+    assert chosen["by_lr"][1e-3][0]["reached"] == 6
+    chosen = plant({1e-3: [0.2, 0.5, 0.7, 0.8], 3e-3: [0.4, 0.5, 0.6, 0.75]})
+    assert chosen["lr"] == 1e-3 and chosen["by_lr"][1e-3][0]["reached"] is None
+    chosen = plant({1e-3: [0.2, 0.5, 0.7, 0.8], 3e-3: [0.4, 0.5, 0.6]})  # cut short at step 6 (a kill)
+    assert chosen["lr"] == 1e-3 and chosen["by_lr"][3e-3] == []  # (not finished: it did not stop at the threshold)
+
+
+def test_a_run_stopped_with_sigterm_records_the_cpu_time_it_spent(tmp_path):
+    """``--jobs 2`` children: SIGTERM unwinds through train_one, which records status "stopped" and the CPU time."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mnemos.eval.study import GridPoint
+
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 100000, 4),), lrs=(1e-3,),
+                            eval_every=100000, passkey_models=(), capacity_models=())
+    (job,) = plan(s)[0]
+    run_dir = tmp_path / "runs" / job.name
+    run_dir.mkdir(parents=True)
+    job.config["run"]["log_every"] = 1
+    (run_dir / "job.json").write_text(json.dumps({"job": dataclasses.asdict(job), "run_dir": str(run_dir)}))
+    src = str(__import__("pathlib").Path(__import__("mnemos").__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mnemos.eval.study", "--train-one", str(run_dir / "job.json")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        assert (run_dir / "metrics.jsonl").is_file(), "the child never logged a step"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+    record = json.loads((run_dir / RECORD).read_text())
+    assert record["status"] == "stopped" and record["cpu_s"] > 0.1

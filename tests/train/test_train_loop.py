@@ -328,3 +328,29 @@ def test_a_chunk_of_64_diverged_inside_the_sequence_and_the_chunk_bound_trains_i
         assert max(ratios) > 1.5, ratios  # the memory diverges inside the sequence (measured: 1.21, 1.31, 2.21)
     else:
         assert max(ratios) < 1, ratios
+
+
+def test_a_run_stops_at_the_first_eval_that_reaches_stop_at_accuracy(tmp_path, monkeypatch):
+    """Zoology's early stop: evals every 2 steps score 0.5, 0.995, ... (planted); with run.stop_at_accuracy=0.99 the run
+    stops after the step-4 eval with its checkpoint from step 4; at 0 (the default) it runs its whole schedule."""
+    from mnemos.train import loop
+
+    real = loop.validate
+    scores = iter([0.5, 0.995, 0.3, 0.999, 0.2])
+
+    def planted(*args, **kwargs):
+        return {**real(*args, **kwargs), "val_accuracy": next(scores)}
+
+    monkeypatch.setattr(loop, "validate", planted)
+    r = train(_cfg(tmp_path / "stop", "run.steps=10", "run.eval_every=2", "run.stop_at_accuracy=0.99"))
+    assert r.step == 4 and r.stopped_at_accuracy and len(r.train_losses) == 4
+    assert [row["step"] for row in _rows(tmp_path / "stop", "val")] == [2, 4]
+    assert read_trainer_state(tmp_path / "stop" / "checkpoint")["step"] == 4
+
+    scores = iter([0.5, 0.995, 0.3, 0.999, 0.2])
+    r = train(_cfg(tmp_path / "full", "run.steps=10", "run.eval_every=2"))
+    assert r.step == 10 and not r.stopped_at_accuracy and len(_rows(tmp_path / "full", "val")) == 5
+    with pytest.raises(ValueError, match=r"run.stop_at_accuracy must be in \[0, 1\]"):
+        _cfg(tmp_path, "run.stop_at_accuracy=1.5")
+    with pytest.raises(ValueError, match="run.stop_at_accuracy needs a task scored by accuracy"):
+        load_config(None, ["task.kind=lm", "model.vocab_size=259", "run.stop_at_accuracy=0.9"])

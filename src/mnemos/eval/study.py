@@ -104,6 +104,9 @@ class StudySettings:
     window: int = 8
     segment_len: int = 32
     warmup_steps: int = 100
+    # an MQAR run stops at the first trainer eval whose accuracy reaches this (Zoology's early_stopping_threshold,
+    # 0.99); it counts as finished. 0: every run trains its whole schedule
+    stop_at_accuracy: float = 0.99
     train_examples: int = 20000
     val_examples: int = 500  # the trainer's evals (task.eval_examples)
     eval_every: int = 250
@@ -231,7 +234,8 @@ def train_jobs(s: StudySettings) -> list[TrainJob]:
                                  "eval_examples": s.val_examples},
                         "optim": {"lr": lr, "warmup_steps": s.warmup_steps},
                         "run": {"steps": p.steps, "batch_size": p.batch_size, "seed": seed, "device": "auto",
-                                "eval_every": min(s.eval_every, p.steps), "save_every": s.save_every},
+                                "eval_every": min(s.eval_every, p.steps), "save_every": s.save_every,
+                                "stop_at_accuracy": s.stop_at_accuracy},
                     }
                     jobs.append(TrainJob(f"mqar-{p.key}-{label}-lr{_lr_text(lr)}-s{seed}", label, "mqar", cfg,
                                          p.key, lr, seed))
@@ -319,13 +323,24 @@ def _checkpoint_step(run_dir: Path) -> int | None:
         return None
 
 
-def run_is_done(job: TrainJob, run_dir: Path) -> bool:
-    """Finished (its final checkpoint exists) or diverged (it stopped with its last good checkpoint saved)."""
-    record = _read(run_dir / RECORD) or {}
-    if record.get("status") == "diverged":
-        return True
+def finished_step(job: TrainJob, run_dir: Path) -> int | None:
+    """The step a finished run ended at: its schedule's last, or the eval where it reached the study's
+    ``stop_at_accuracy`` (its checkpoint is from that step); None while it is not finished."""
     step = _checkpoint_step(run_dir)
-    return step is not None and step >= job.config["run"]["steps"]
+    if step is None:
+        return None
+    if step >= job.config["run"]["steps"]:
+        return step
+    record = _read(run_dir / RECORD) or {}
+    if record.get("status") == "done" and record.get("stopped_at_accuracy") and record.get("steps") == step:
+        return step
+    return None
+
+
+def run_is_done(job: TrainJob, run_dir: Path) -> bool:
+    """Finished (:func:`finished_step`) or diverged (it stopped with its last good checkpoint saved)."""
+    record = _read(run_dir / RECORD) or {}
+    return record.get("status") == "diverged" or finished_step(job, run_dir) is not None
 
 
 def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
@@ -345,21 +360,36 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[s
     try:
         result = train(cfg, resume=resume)
         record.update(status="done", steps=result.step, tokens_per_s=result.tokens_per_s,
-                      skipped_steps=result.skipped_steps + old.get("skipped_steps", 0))
+                      skipped_steps=result.skipped_steps + old.get("skipped_steps", 0),
+                      stopped_at_accuracy=result.stopped_at_accuracy)
     except FloatingPointError as e:
         record.update(status="diverged", steps=_checkpoint_step(run_dir), message=str(e))
     except Exception as e:  # recorded; a later invocation tries again
         record.update(status="error", message=f"{type(e).__name__}: {e}")
+    except BaseException:  # stopped (Ctrl-C, or SIGTERM in a --jobs 2 child): keep the CPU time spent, then stop
+        record.update(status="stopped", steps=_checkpoint_step(run_dir),
+                      skipped_steps=old.get("skipped_steps", 0))
+        _write_record(run_dir, record, old, cpu0, wall0)
+        raise
+    _write_record(run_dir, record, old, cpu0, wall0)
+    return record
+
+
+def _write_record(run_dir: Path, record: dict[str, Any], old: dict[str, Any], cpu0: float, wall0: float) -> None:
+    """The run's record with this invocation's CPU and wall time added to the earlier ones'."""
     record["cpu_s"] = old.get("cpu_s", 0.0) + time.process_time() - cpu0
     record["wall_s"] = old.get("wall_s", 0.0) + time.perf_counter() - wall0
     (run_dir / RECORD).write_text(json.dumps(record, indent=1))
-    return record
 
 
 def _child_main(job_path: str) -> int:
     """``python -m mnemos.eval.study --train-one JOB.json``: one run in a subprocess of ``--jobs 2``."""
+    import signal
+
     import torch
 
+    # the study stopped with SIGTERM: unwind, so that train_one records the CPU time this run spent
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     torch.set_num_threads(int(os.environ.get("MNEMOS_STUDY_THREADS", "1")))
     d = json.loads(Path(job_path).read_text())
     record = train_one(TrainJob(**d["job"]), Path(d["run_dir"]))
@@ -575,11 +605,20 @@ def final_val(run_dir: Path) -> dict[str, Any] | None:
     return rows[-1] if rows else None
 
 
+def reached_step(run_dir: Path, threshold: float) -> int | None:
+    """The first step whose trainer eval reached ``threshold`` accuracy (None: never, or threshold 0)."""
+    if threshold <= 0:
+        return None
+    return next((r["step"] for r in val_rows(run_dir) if r.get("val_accuracy", -1.0) >= threshold), None)
+
+
 def select_lrs(s: StudySettings, trains: list[TrainJob], out: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (grid point, label): ``{"lr": chosen, "chosen": bool, "by_lr": {lr: [final val rows of its seeds]}}``.
-    The lr is chosen on the point's first seed: the highest final ``val_accuracy`` among the lrs whose first-seed run
-    finished (ties: the smaller lr); ``chosen`` is False (and ``lr`` the first) while none has. ``by_lr`` holds every
-    finished seed, the other seeds existing at the chosen lr only."""
+    """Per (grid point, label): ``{"lr": chosen, "chosen": bool, "by_lr": {lr: [final val rows of its seeds]}}``
+    (each row with its ``seed`` and ``reached``: the step it first reached ``s.stop_at_accuracy``, or None).
+    The lr is chosen on the point's first seed among the lrs whose first-seed run finished: the one that reached
+    ``stop_at_accuracy`` first, else (none did) the highest final ``val_accuracy``; ties: the smaller lr. ``chosen``
+    is False (and ``lr`` the first) while none has finished. ``by_lr`` holds every finished seed, the other seeds
+    existing at the chosen lr only."""
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for t in trains:
         if t.group != "mqar":
@@ -588,14 +627,18 @@ def select_lrs(s: StudySettings, trains: list[TrainJob], out: Path) -> dict[tupl
                                                       "by_lr": {lr: [] for lr in s.lrs}, "first": {}})
         run_dir = out / "runs" / t.name
         final = final_val(run_dir)
-        if final is not None and final["step"] == t.config["run"]["steps"]:
-            entry["by_lr"][t.lr].append({**final, "seed": t.seed})
+        record = _read(run_dir / RECORD) or {}
+        if final is not None and (final["step"] == t.config["run"]["steps"] or (
+                record.get("stopped_at_accuracy") and record.get("steps") == final["step"])):
+            reached = reached_step(run_dir, s.stop_at_accuracy)
+            entry["by_lr"][t.lr].append({**final, "seed": t.seed, "reached": reached})
             if _first_seed(s, t):
-                entry["first"][t.lr] = final["val_accuracy"]
+                # reaching the threshold sooner ranks first; then accuracy; then the smaller lr
+                entry["first"][t.lr] = (reached is not None, -(reached or 0), final["val_accuracy"], -t.lr)
     for entry in table.values():
         first = entry.pop("first")
         if first:
-            entry["lr"] = max((acc, -lr, lr) for lr, acc in first.items())[2]
+            entry["lr"] = max(first, key=first.__getitem__)
             entry["chosen"] = True
     return table
 
@@ -696,20 +739,26 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
             row = [label] + [_stats([r["val_accuracy"] for r in entry["by_lr"][lr]]) for lr in s.lrs]
             row += [_lr_text(entry["lr"]) if best else "—"]
             row += [_stats([r.get(k) for r in best]) for k in MQAR_KEYS[1:]]
+            row += [", ".join("—" if r["reached"] is None else str(r["reached"]) for r in best) or "—"]
             skipped = [((records.get(f"mqar-{p.key}-{label}-lr{_lr_text(entry['lr'])}-s{seed}") or {})
                         .get("skipped_steps", 0)) for seed in p.seeds]
             rows.append(row + [str(sum(skipped)), str(len(best))])
         lines += [f"## MQAR L={p.seq_len} K={p.num_kv_pairs} V={p.vocab_size}: best outer lr", "",
                   f"{p.steps} steps, batch {p.batch_size}, seeds {', '.join(map(str, p.seeds))}. Final validation "
                   "accuracy of the trainer's eval per lr: mean (min–max) over the seeds run (the first seed only at the lr "
-                  "not chosen). At the chosen lr: accuracy near / "
+                  "not chosen). "
+                  + (f"A run stops at the first eval that reaches {s.stop_at_accuracy:g} (Zoology's rule; the runs "
+                     "that finished their schedule are scored as they ended); 'reached' is that step per seed (— : "
+                     "never). " if s.stop_at_accuracy > 0 else "")
+                  + "At the chosen lr: accuracy near / "
                   "far (the queried key within / beyond n_layers·(window−1) tokens), the share of answers that are a "
                   "context value, and the 1/K level (a random context value's accuracy).", "",
                   *table(["model", *(f"lr {_lr_text(lr)}" for lr in s.lrs), "chosen lr", "near", "far", "ctx-value",
-                           "1/K", "skipped steps", "seeds"], rows), ""]
+                           "1/K", f"reached {s.stop_at_accuracy:g}", "skipped steps", "seeds"], rows), ""]
     if (out / "curves.png").is_file():
         lines += [f"![accuracy vs step at L={s.main[0]} K={s.main[1]}](curves.png)", "",
-                  "Validation accuracy by step at the main point, chosen lr: mean over seeds, band min–max.", ""]
+                  "Validation accuracy by step at the main point, chosen lr: mean over seeds, band min–max (a run that "
+                  "stopped at the accuracy threshold holds its last value).", ""]
     lines += _extrapolation_section(s, extrap)
     # every run and its CPU time
     rows = []
@@ -723,7 +772,8 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path) -> 
                      f"{r['cpu_s']:.0f}" if "cpu_s" in r else "—", f"{r['wall_s']:.0f}" if "wall_s" in r else "—",
                      f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "—"])
     lines += ["## Runs", "", "CPU seconds are the run's process time (all its threads), summed over the invocations "
-              "that trained it (a run killed part-way loses the CPU time of the killed part).", "",
+              "that trained it (a run stopped by SIGTERM or Ctrl-C records the time it spent; one killed by SIGKILL loses "
+              "the killed part's).", "",
               *table(["run", "status", "steps", "final val acc", "skipped steps", "CPU s", "wall s", "tokens/s"], rows),
               ""]
     return lines
@@ -762,8 +812,9 @@ def _plot_curves(s, trains, chosen, out: Path) -> Path | None:
         curves = [c for c in curves if c]
         if not curves:
             continue
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        vals = [[c[k] for c in curves] for k in steps]
+        # a run that stopped at the study's accuracy threshold holds its last value to the other seeds' end
+        steps = sorted(set.union(*(set(c) for c in curves)))
+        vals = [[c[k] if k in c else c[max(j for j in c if j <= k)] for c in curves if min(c) <= k] for k in steps]
         color = f"C{i % 10}"
         ax.plot(steps, [sum(v) / len(v) for v in vals], color=color, lw=1.3, label=f"{label} (lr {_lr_text(lr)})")
         if len(curves) > 1:
@@ -774,6 +825,8 @@ def _plot_curves(s, trains, chosen, out: Path) -> Path | None:
         return None
     ax.axhline(1 / s.main[1], color="grey", ls="--", lw=0.8, label="1/K")
     ax.set_title(f"MQAR L={s.main[0]} K={s.main[1]}: accuracy vs step (mean over seeds, band min–max)", fontsize=9)
+    if s.stop_at_accuracy > 0:
+        ax.axhline(s.stop_at_accuracy, color="grey", ls=":", lw=0.8, label=f"stop at {s.stop_at_accuracy:g}")
     return _save_accuracy_plot(plt, fig, ax, "step", out / "curves.png")
 
 

@@ -157,6 +157,9 @@ class RunConfig(_ConfigBase):
     save_every: int = 0  # 0: save at the end only
     stop_after: int = 0  # stop (and save) after this many steps of this invocation; 0 = run to the end.
     # For time-limited jobs: launch again with --resume to continue where it stopped.
+    # stop (and save) at the first eval whose val_accuracy reaches this; 0 = never. Zoology stops its MQAR runs at
+    # 0.99 (its TrainConfig.early_stopping_threshold); tasks with an accuracy only (mqar, niah, babilong)
+    stop_at_accuracy: float = 0.0
     out_dir: str = "runs/default"
     progress: bool = True
     tensorboard: bool = False  # write TensorBoard events when the package is installed
@@ -172,6 +175,8 @@ class RunConfig(_ConfigBase):
         for name in ("save_every", "stop_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.stop_at_accuracy <= 1.0:
+            raise ValueError(f"run.stop_at_accuracy must be in [0, 1] (0: never stop early), got {self.stop_at_accuracy}")
 
 
 @dataclass
@@ -192,6 +197,9 @@ class TrainConfig:
         if self.run.carry_state and self.run.compile:
             raise ValueError("run.carry_state=true does not support run.compile=true (the carried state changes shape "
                              "from window to window and would recompile the model); set run.compile=false")
+        if self.run.stop_at_accuracy > 0 and self.task.kind == "lm":
+            raise ValueError("run.stop_at_accuracy needs a task scored by accuracy (mqar, niah, babilong); task.kind='lm' "
+                             "has a loss only: set run.stop_at_accuracy=0")
         if self.run.batch_size % self.optim.grad_accum:
             raise ValueError(
                 f"run.batch_size ({self.run.batch_size}) must be divisible by optim.grad_accum ({self.optim.grad_accum})"

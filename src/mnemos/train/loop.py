@@ -330,6 +330,7 @@ class TrainResult:
     final_eval: dict[str, float]
     tokens_per_s: float
     skipped_steps: int = 0  # steps whose loss or gradients were not finite: no update was applied
+    stopped_at_accuracy: bool = False  # it stopped early: an eval reached run.stop_at_accuracy (step < run.steps)
 
 
 def _resolved_model_config(saved: dict) -> dict:
@@ -461,6 +462,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
 
     t_start = time.perf_counter()
     step = start_step
+    reached = False  # an eval reached run.stop_at_accuracy
     documents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the batches of the documents being read
     for step in range(start_step, run.steps):
         logged = (step + 1) % run.log_every == 0
@@ -541,17 +543,22 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             log.eval_line(step + 1, metrics)
             key = metrics.get("val_accuracy", -metrics["val_loss"])
             best = key if best is None else max(best, key)
+            reached = 0 < run.stop_at_accuracy <= metrics.get("val_accuracy", -1.0)
+            if reached and not last and info.is_main:
+                print(f"step {step + 1}: val_accuracy {metrics['val_accuracy']:.4f} reached run.stop_at_accuracy "
+                      f"{run.stop_at_accuracy:g}: stopping here", file=sys.stderr)
         stop = run.stop_after > 0 and step + 1 - start_step >= run.stop_after
-        if (run.save_every and (step + 1) % run.save_every == 0) or last or stop:
+        if (run.save_every and (step + 1) % run.save_every == 0) or last or stop or reached:
             # mid-document, the carried state goes with the checkpoint (the stream position is the step's)
             save(step + 1, {"carried_state": _carried_state_dict(states)} if carry and (step + 1) % windows else None)
-        if stop:
+        if stop or reached:
             break
     log.close()
     tok_s = tokens / max(time.perf_counter() - t_start, 1e-9)
     if info.is_main and losses:
         _write_curve(out, start_step, losses)
-    return TrainResult(out, start_step + len(losses), losses, final, tok_s, skipped)
+    return TrainResult(out, start_step + len(losses), losses, final, tok_s, skipped,
+                       stopped_at_accuracy=reached and start_step + len(losses) < run.steps)
 
 
 def _carried_state_dict(states: list[Cache | None]) -> dict[str, torch.Tensor]:
