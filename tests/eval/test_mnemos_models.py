@@ -103,5 +103,13 @@ def test_variant_specs_take_the_train_override_grammar():
         m = load_model(spec, vocab_size=BYTES, device="cpu")
     assert (m.model.config.d_model, m.model.config.memory.chunk_size, m.model.config.memory.max_lr) == (32, 8, 0.01)
     assert spec_overrides("model.window=8,memory.depth=1") == {"window": 8, "memory": {"depth": 1}}  # both forms
+    # a list value keeps its commas: a hybrid stack from the command line
+    assert spec_overrides("n_layers=3,layers=[gated_deltanet, swa,'transformer'],window=4") == {
+        "n_layers": 3, "layers": ["gated_deltanet", "swa", "transformer"], "window": 4}
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        m = load_model("hybrid:d_model=32,n_heads=4,n_layers=2,layers=[gated_deltanet,swa]", vocab_size=BYTES, device="cpu")
+    assert tuple(m.model.config.layers) == ("gated_deltanet", "swa")
+    with pytest.raises(ValueError, match="unbalanced brackets"), _no_warning():
+        load_model("hybrid:layers=[gated_deltanet,swa", vocab_size=BYTES)
     with pytest.raises(ValueError, match="unknown MnemosConfig keys"), _no_warning():
         load_model("lmm:model.optim.lr=1e-3", vocab_size=BYTES)

@@ -28,7 +28,7 @@ from mnemos.eval.reference_models import make_baseline
 from mnemos.eval.stateful import StateGrowth, StatefulLM
 from mnemos.models import MnemosConfig, MnemosLM, saved_model_config
 from mnemos.models.config import merge_overrides
-from mnemos.models.registry import VARIANT_REGISTRY
+from mnemos.models.registry import HYBRID, VARIANT_REGISTRY
 
 __all__ = [
     "HFCausalLMAdapter",
@@ -218,9 +218,34 @@ def spec_overrides(text: str) -> dict[str, Any]:
     ``{"d_model": 64, "memory": {"chunk_size": 16}}``; values are YAML.
 
     A key without the ``model.`` prefix (``"d_model=64"``, the form eval specs took first) is read as a model field.
+    Commas inside brackets or quotes belong to the value: ``"variant=hybrid,n_layers=2,layers=[gated_deltanet,swa]"``
+    is three overrides.
     """
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    items = [x.strip() for x in _split_top_level(text) if x.strip()]
     return merge_overrides({}, [x if x.startswith("model.") else f"model.{x}" for x in items]).get("model", {})
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside ``[...]``, ``{...}`` and quotes (a YAML list or mapping stays whole);
+    unbalanced brackets or quotes are a ValueError naming the spec."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, c in enumerate(text):
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth < 0:
+                break
+        elif c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0 or quote:
+        raise ValueError(f"model spec overrides {text!r}: unbalanced brackets or quotes")
+    return parts + [text[start:]]
 
 
 def build_mnemos_model(
@@ -232,8 +257,9 @@ def build_mnemos_model(
     ``overrides`` are further ``MnemosConfig`` fields (nested dicts for ``memory``); unknown keys are an error.
     Untrained models score chance on every task; use this to check a pipeline or to measure state sizes.
     """
-    if variant not in VARIANT_REGISTRY:
-        raise ValueError(f"unknown mnemos variant {variant!r}; known: {', '.join(VARIANT_REGISTRY)}")
+    if variant not in VARIANT_REGISTRY and variant != HYBRID:
+        raise ValueError(f"unknown mnemos variant {variant!r}; known: {', '.join(VARIANT_REGISTRY)}, {HYBRID} (with "
+                         "layers=[...])")
     try:
         config = MnemosConfig.from_dict({"variant": variant, "vocab_size": vocab_size, **(overrides or {})})
     except TypeError as e:  # a field of the wrong type: a configuration error like any other
@@ -315,7 +341,7 @@ def load_model(
     if path.is_dir() and (path / "config.json").is_file():
         return HFCausalLMAdapter.from_pretrained(path, device=device, dtype=dtype)
     variant, _, overrides = spec.partition(":")
-    if variant in VARIANT_REGISTRY and not path.exists():
+    if (variant in VARIANT_REGISTRY or variant == HYBRID) and not path.exists():
         model = build_mnemos_model(variant, vocab_size, overrides=spec_overrides(overrides), device=device,
                                    dtype=dtype, name=f"{spec} (untrained)")
         # only once the spec is valid: a typo in it gets its error alone
@@ -324,6 +350,6 @@ def load_model(
         return model
     raise ValueError(
         f"model {spec!r} is not a checkpoint directory, a Hugging Face directory, a mnemos variant "
-        f"({', '.join(VARIANT_REGISTRY)}, optionally VARIANT:model.KEY=VALUE,...) or a baseline "
+        f"({', '.join(VARIANT_REGISTRY)}, optionally VARIANT:model.KEY=VALUE,...; {HYBRID}:layers=[...]) or a baseline "
         "(baseline:induction, baseline:random)"
     )
