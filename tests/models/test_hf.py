@@ -148,12 +148,13 @@ def test_generate_carries_flat_mnemos_cache(variant):
     assert sizes[0] == sizes[1]
 
 
-def test_padding_is_rejected():
+def test_right_padding_is_rejected():
+    """Left padding is supported (tests/models/test_padding.py); right padding is a ValueError naming the mask."""
     model = build("lmm")
     ids = torch.randint(0, V, (2, 4))
     mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="padding"):
+    mask[0, -1] = 0
+    with pytest.raises(ValueError, match="attention_mask row 0 has a 0 after a 1.*left padding"):
         model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2)
 
 

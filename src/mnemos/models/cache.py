@@ -8,9 +8,13 @@ variant's registry entry (:mod:`mnemos.models.registry`: ``VariantSpec.state`` a
 
 :meth:`Cache.state_dict` flattens everything to plain tensors under dotted keys (``torch.save`` it and
 ``torch.load(..., weights_only=True)`` it back); :meth:`Cache.load_state_dict` restores it into a cache made by
-``model.init_cache`` for the same config and batch size. :meth:`Cache.reorder` picks streams (beam search); it relies
-on every tensor of a layer state being batch-first, which a new state type (or a custom ``KVCache``'s
-``state_dict``) must keep.
+``model.init_cache`` for the same config and batch size. :meth:`Cache.reorder` picks streams (beam search) and
+:meth:`Cache.select` any number of them; they rely on every tensor of a layer state being batch-first, which a new
+state type (or a custom ``KVCache``'s ``state_dict``) must keep, and ``select`` to another batch size on a
+``KVCache`` keeping its batch size in a ``batch_size`` attribute (every KV cache of mnemos does).
+
+:class:`PaddedCache` is the state of a left-padded batch: one :class:`Cache` per group of rows with the same number
+of pads (``MnemosLM.features``, ``attention_mask``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor
 from ..layers import KVCache, NeuralMemoryState
 from ..ops import MemoryState
 
-__all__ = ["Cache", "MACState", "MAGState", "MALState", "RecurrentState", "LayerState"]
+__all__ = ["Cache", "PaddedCache", "MACState", "MAGState", "MALState", "RecurrentState", "LayerState"]
 
 # a field whose tensors grow along dim 1 within a bounded range (MAC's segment buffers) is marked so; every other
 # tensor must come back from a state dict with the exact shape it has in a fresh cache
@@ -176,6 +180,15 @@ def _detach_kv(kv: KVCache) -> KVCache:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _reorder_index(index: Tensor, batch_size: int) -> Tensor:
+    """``index`` as a tensor, checked to be a beam-search reorder: 1-D integers, one per stream of the batch."""
+    index = torch.as_tensor(index)
+    if index.ndim != 1 or index.numel() != batch_size or index.is_floating_point():
+        raise ValueError(f"index must be a 1-D integer tensor of {batch_size} stream indices, got "
+                         f"{index.dtype} of shape {tuple(index.shape)}")
+    return index
+
+
 @dataclass
 class Cache:
     """Everything :class:`~mnemos.models.MnemosLM` needs to continue a batch of streams exactly.
@@ -231,10 +244,16 @@ class Cache:
     def reorder(self, index: Tensor) -> "Cache":
         """A copy whose stream i continues this cache's stream ``index[i]`` (beam search's step: streams may repeat
         or drop out; the batch size stays). Every tensor of a layer state is batch-first, the KV caches' included."""
+        return self.select(_reorder_index(index, self.batch_size))
+
+    def select(self, index: Tensor) -> "Cache":
+        """A copy holding the streams ``index`` (any number >= 1, repeats allowed): stream i of the copy continues
+        this cache's stream ``index[i]``, and its batch size is ``len(index)``. :meth:`reorder` is the case of an
+        unchanged batch size; a left-padded batch (:class:`PaddedCache`) splits a cache into its groups with it."""
         index = torch.as_tensor(index)
-        if index.ndim != 1 or index.numel() != self.batch_size or index.is_floating_point():
-            raise ValueError(f"index must be a 1-D integer tensor of {self.batch_size} stream indices, got "
-                             f"{index.dtype} of shape {tuple(index.shape)}")
+        if index.ndim != 1 or index.numel() < 1 or index.is_floating_point() or index.dtype == torch.bool:
+            raise ValueError(f"index must be a 1-D integer tensor of stream indices, got {index.dtype} of shape "
+                             f"{tuple(index.shape)}")
         if bool((index < 0).any()) or bool((index >= self.batch_size).any()):
             raise ValueError(f"index values must lie in [0, {self.batch_size}), got {index.tolist()}")
         index = index.long()
@@ -244,10 +263,15 @@ class Cache:
 
         def pick_kv(kv: KVCache) -> KVCache:
             new = copy.copy(kv)  # shallow: load_state_dict rebinds the copy's tensors
+            if index.numel() != self.batch_size:  # every KV cache of mnemos keeps its batch size as .batch_size
+                if not isinstance(getattr(kv, "batch_size", None), int):
+                    raise TypeError(f"{type(kv).__name__} has no batch_size attribute: its streams can be reordered "
+                                    "but not selected into a batch of another size")
+                new.batch_size = index.numel()
             new.load_state_dict({k: pick(v) if v.ndim else v for k, v in kv.state_dict().items()})
             return new
 
-        return Cache(_map_tensors(self.layers, pick, pick_kv), self.position, self.batch_size)
+        return Cache(_map_tensors(self.layers, pick, pick_kv), self.position, index.numel())
 
     def to(self, device=None, dtype=None) -> "Cache":
         """A copy on ``device`` with floating-point tensors cast to ``dtype`` (each None: unchanged)."""
@@ -308,3 +332,146 @@ class MoMState:
 
 LayerState = Union[LayerState, MoMState]
 __all__ += ["MoMState"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a left-padded batch: one sub-cache per group of rows that share a start
+
+
+@dataclass
+class PaddedCache:
+    """Decoding state of a left-padded batch (``MnemosLM(..., attention_mask=...)``): one :class:`Cache` per group of
+    rows with the same number of left pads, each holding only those rows' real tokens.
+
+    Why groups and not a mask: many variants depend on absolute positions from the start of a stream (the memory
+    rule's chunk boundaries, MAC's segments, RoPE, the sliding window, the KV cache), and a :class:`Cache` keeps one
+    position for all its rows. A row with ``p`` pads therefore runs with the other rows that have ``p`` pads, from its
+    first real token, as if it were alone: its logits equal those of the unpadded prompt exactly (up to the float
+    rounding of a different batch size), for every variant, whatever its state. The cost is one model call per group
+    and per step (at most ``B`` groups; one when all rows have the same length).
+
+    Attributes:
+        groups: one :class:`Cache` per distinct pad count, in increasing pad order; group g's ``position`` is
+            ``position - pads[g]`` (the real tokens its rows have consumed).
+        rows: one int64 tensor per group: the batch rows it holds, ascending (together: each row once).
+        pads: the number of left pads of each group's rows.
+        position: the columns of the padded batch consumed so far, pads included (what ``input_ids[:, position:]``
+            slices off in Hugging Face generation).
+        batch_size: B.
+
+    Like a :class:`Cache`, a forward call updates it in place and returns it; :meth:`reorder`, :meth:`select`,
+    :meth:`detach`, :meth:`to`, :meth:`state_dict` / :meth:`load_state_dict` and :meth:`num_elements` work group by
+    group.
+    """
+
+    groups: list[Cache]
+    rows: list[Tensor]
+    pads: list[int]
+    position: int = 0
+    batch_size: int = 1
+
+    def row_pads(self) -> Tensor:
+        """``[B]`` int64: each row's number of left pads (on the CPU)."""
+        out = torch.empty(self.batch_size, dtype=torch.int64)
+        for rows, p in zip(self.rows, self.pads):
+            out[rows.cpu()] = p
+        return out
+
+    def _with(self, groups: list[Cache]) -> "PaddedCache":
+        return PaddedCache(groups, [r.clone() for r in self.rows], list(self.pads), self.position, self.batch_size)
+
+    def detach(self) -> "PaddedCache":
+        """A copy cut from the autograd graph."""
+        return self._with([g.detach() for g in self.groups])
+
+    def to(self, device=None, dtype=None) -> "PaddedCache":
+        """A copy on ``device`` with floating-point tensors cast to ``dtype`` (see :meth:`Cache.to`)."""
+        new = self._with([g.to(device=device, dtype=dtype) for g in self.groups])
+        new.rows = [r.to(device=device) for r in new.rows]
+        return new
+
+    def reorder(self, index: Tensor) -> "PaddedCache":
+        """A copy whose row i continues this cache's row ``index[i]`` (beam search; the batch size stays). A row
+        keeps its pads: rows chosen from different groups land in different groups of the copy."""
+        return self.select(_reorder_index(index, self.batch_size))
+
+    def select(self, index: Tensor) -> "PaddedCache":
+        """A copy holding the rows ``index`` (any number >= 1, repeats allowed), each continuing this cache's row
+        ``index[i]`` with its pads; groups no row is taken from are dropped."""
+        index = torch.as_tensor(index)
+        if index.ndim != 1 or index.numel() < 1 or index.is_floating_point() or index.dtype == torch.bool:
+            raise ValueError(f"index must be a 1-D integer tensor of stream indices, got {index.dtype} of shape "
+                             f"{tuple(index.shape)}")
+        index = index.long().cpu()
+        if bool((index < 0).any()) or bool((index >= self.batch_size).any()):
+            raise ValueError(f"index values must lie in [0, {self.batch_size}), got {index.tolist()}")
+        group_of = torch.empty(self.batch_size, dtype=torch.int64)  # row -> its group
+        local = torch.empty(self.batch_size, dtype=torch.int64)  # row -> its index inside its group
+        for g, rows in enumerate(self.rows):
+            rows = rows.cpu()
+            group_of[rows] = g
+            local[rows] = torch.arange(rows.numel())
+        groups, rows_out, pads = [], [], []
+        for g in range(len(self.groups)):
+            new_rows = (group_of[index] == g).nonzero().squeeze(1)
+            if new_rows.numel():
+                groups.append(self.groups[g].select(local[index[new_rows]]))
+                rows_out.append(new_rows.to(self.rows[g].device))
+                pads.append(self.pads[g])
+        return PaddedCache(groups, rows_out, pads, self.position, index.numel())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Plain tensors: ``position``, ``batch_size``, ``pads`` ``[G]``, ``rows.{g}`` and each group's
+        :meth:`Cache.state_dict` under ``groups.{g}.``."""
+        out: dict[str, Tensor] = {
+            "position": torch.tensor(self.position, dtype=torch.int64),
+            "batch_size": torch.tensor(self.batch_size, dtype=torch.int64),
+            "pads": torch.tensor(self.pads, dtype=torch.int64),
+        }
+        for g, (rows, cache) in enumerate(zip(self.rows, self.groups)):
+            out[f"rows.{g}"] = rows
+            out.update({f"groups.{g}.{k}": v for k, v in cache.state_dict().items()})
+        return out
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict` in place; ``self`` must have the same groups (rows and pads: a cache returned
+        by the model for a batch padded the same way), which supply the structure, devices and dtypes."""
+        if not isinstance(sd, dict):
+            raise TypeError(f"state dict must be a dict, got {type(sd).__name__}")
+        for key in ("position", "batch_size", "pads"):
+            if key not in sd:
+                raise ValueError(f"state dict is missing key {key!r}")
+        if int(sd["batch_size"]) != self.batch_size or sd["pads"].tolist() != list(self.pads):
+            raise ValueError(f"state dict is for batch size {int(sd['batch_size'])} with pad groups "
+                             f"{sd['pads'].tolist()}, this cache has {self.batch_size} with {list(self.pads)}")
+        known = {"position", "batch_size", "pads"}
+        for g, rows in enumerate(self.rows):
+            key = f"rows.{g}"
+            if key not in sd or not torch.equal(sd[key].cpu(), rows.cpu()):
+                raise ValueError(f"state dict's {key} does not match this cache's rows {rows.tolist()}")
+            known.add(key)
+        unknown = sorted(k for k in sd if k not in known and not k.startswith("groups."))
+        if unknown:
+            raise ValueError(f"state dict has unknown keys {unknown[:8]}")
+        position = int(sd["position"])
+        if position < max(self.pads):
+            raise ValueError(f"position must be >= the largest pad count {max(self.pads)}, got {position}")
+        subs = []
+        for g in range(len(self.groups)):
+            prefix = f"groups.{g}."
+            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            new = copy.copy(self.groups[g])
+            new.load_state_dict(sub)  # checks the group's keys and shapes
+            if new.position != position - self.pads[g]:
+                raise ValueError(f"group {g} is at position {new.position}, expected {position - self.pads[g]}")
+            subs.append(new)
+        extra = sorted(k for k in sd if k.startswith("groups.")
+                       and not (k.split(".")[1].isdigit() and int(k.split(".")[1]) < len(self.groups)))
+        if extra:
+            raise ValueError(f"state dict has unknown keys {extra[:8]}")
+        self.groups, self.position = subs, position
+
+    def num_elements(self) -> int:
+        """Elements held across all groups and layers (what decoding memory scales with)."""
+        return sum(g.num_elements() for g in self.groups)
+

@@ -17,6 +17,12 @@ Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalL
   The model opts out of transformers' default ``DynamicCache`` (``_supports_default_dynamic_cache``). Beam search
   reorders the cache's streams (``_reorder_cache`` -> :meth:`Cache.reorder`). The model is marked stateful: a
   recurrent state cannot be rolled back to an earlier token, so assisted decoding is not supported.
+- Left padding: ``generate(input_ids, attention_mask=...)`` over prompts of different lengths, left-padded (each
+  mask row zeros, then ones), continues each prompt exactly as it would alone. ``MnemosLM`` groups the rows by their
+  pads and runs each group without them (:meth:`MnemosLM.features`); the cache is then a :class:`PaddedCache` (one
+  :class:`Cache` per group; its ``position`` counts the padded columns, which is what ``prepare_inputs_for_generation``
+  slices by), reordered group by group in beam search. Cost: one model call per distinct prompt length, at the
+  prompt and at every step. Right padding or a hole in a row is a ``ValueError`` naming ``attention_mask``.
 
 Example:
     >>> import mnemos.models.hf  # registers "mnemos"
@@ -39,7 +45,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Gen
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import Cache
+from .cache import Cache, PaddedCache
 from .config import SECTIONS, MemoryConfig, MnemosConfig, saved_model_config
 from .lm import MnemosLM
 
@@ -152,7 +158,12 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
     ``cache`` is a mnemos :class:`Cache` (started when ``use_cache`` is true, which is the config's default), fed
     back with only the tokens that follow it. ``labels`` (``-100`` ignored) give the shifted next-token loss, plus
     the mixers' auxiliary losses (:meth:`MnemosLM.aux_loss`: MoM's load balancing), as ``mnemos train`` trains.
-    ``attention_mask`` is accepted for the generation API but padding is not supported: it must be all ones.
+    ``attention_mask`` (``[B, T]``, or ``[B, cache.position + T]`` as generation passes it): left padding only, in
+    the first call (:meth:`MnemosLM.features`); the logits at the pads are zeros, the others equal those of each row
+    alone, and the cache is a :class:`PaddedCache`. With ``labels``, a label whose predicting position is a pad is
+    ignored (as ``-100``), so each row's loss terms are those of the row alone. ``document_ids`` (``[B, T]``
+    integers, training: no cache): packed documents, each from a fresh state (:meth:`MnemosLM.features`); with
+    ``labels``, each document's first token is not a target.
     """
 
     config_class = MnemosHFConfig
@@ -181,8 +192,9 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generation must not hand us a DynamicCache: the first forward starts a mnemos Cache
 
-    def _reorder_cache(self, cache: Cache, beam_idx: Tensor) -> Cache:
-        """Beam search: every stream continues the beam it was chosen from (:meth:`Cache.reorder`)."""
+    def _reorder_cache(self, cache: Cache | PaddedCache, beam_idx: Tensor) -> Cache | PaddedCache:
+        """Beam search: every stream continues the beam it was chosen from (:meth:`Cache.reorder`,
+        :meth:`PaddedCache.reorder`)."""
         return cache.reorder(beam_idx)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -200,13 +212,14 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: Tensor | None = None,
-        cache: Cache | None = None,
+        cache: Cache | PaddedCache | None = None,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        past_key_values: Cache | None = None,
+        past_key_values: Cache | PaddedCache | None = None,
+        document_ids: Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         if input_ids is None:
@@ -215,13 +228,16 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("MnemosForCausalLM does not support inputs_embeds; pass input_ids")
         if cache is None:
             cache = past_key_values  # the pre-5 name
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("MnemosForCausalLM does not support padding: attention_mask must be all ones")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if document_ids is not None and use_cache and cache is None:
+            use_cache = False  # packed documents are a training call: no state to carry
         if cache is None and use_cache:
             cache = self.model.init_cache(input_ids.shape[0], input_ids.device)
-        h, cache = self.model.features(input_ids, cache)  # [B, T, d]
+        # attention_mask: left padding runs grouped by pads; document_ids: packed documents (MnemosLM.features)
+        h, cache = self.model.features(
+            input_ids, cache, attention_mask=attention_mask, document_ids=document_ids
+        )  # [B, T, d]
         if logits_to_keep:
             h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
         logits = self.model.lm_head(h)  # [B, T or logits_to_keep, V]
@@ -229,9 +245,13 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             if logits_to_keep:
                 raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
+            targets = labels[:, 1:].to(logits.device)
+            if attention_mask is not None:  # a target predicted from a pad is no target (validated left padding)
+                targets = targets.masked_fill(attention_mask[:, -input_ids.shape[1] : -1].to(logits.device) == 0, -100)
+            if document_ids is not None:  # a document's first token is not predicted from the previous document
+                d = document_ids.to(logits.device)
+                targets = targets.masked_fill(d[:, 1:] != d[:, :-1], -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             aux = self.model.aux_loss()  # MoM's load-balancing loss (None for most variants)
             if aux is not None:
                 loss = loss + aux
@@ -258,7 +278,7 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, -next_sequence_length:]
         inputs = {"input_ids": input_ids.contiguous(), "cache": cache, "use_cache": use_cache}
         if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask  # forward rejects padding
+            inputs["attention_mask"] = attention_mask  # the whole mask: forward checks it against the cache
         if kwargs.get("logits_to_keep") is not None:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs

@@ -12,6 +12,25 @@ grows; ``stack_reach``; ``stack_reads_field``: the union of the blocks' reads).
 **Auxiliary losses.** A mixer may store a training loss of its own in an ``aux_loss`` attribute at each forward (MoM's
 load-balancing loss, already scaled); :meth:`MnemosLM.aux_loss` sums them over the blocks for the last call, and the
 training loop adds the sum to the language-model loss.
+
+**Left-padded batches** (``attention_mask``): rows of a batch may start with pads (zeros then ones in each row of
+the mask). Many variants depend on absolute positions from the start of a stream (the memory rule's chunk anchors,
+MAC's segments, RoPE, persistent tokens, the sliding window and the KV cache) and a :class:`Cache` keeps one position
+for all its rows, so masking the pads out would shift every padded row's chunks and segments. Instead the rows are
+grouped by their number of pads, each group runs without its pads as a batch of its own, and the outputs are scattered
+back into batch order (zeros at the pads); the cache is a :class:`PaddedCache`, one :class:`Cache` per group, and each
+later call runs each group and scatters again. Each row is therefore computed exactly as it would be alone (up to the
+float rounding of a different batch size), for every variant. Cost: one model call per group, at the prompt and at
+every decoding step (G <= B groups; one when all rows have the same length). A batch without pads (no mask, or an
+all-ones one) takes the plain path unchanged. Right padding or holes in a row are a ``ValueError``.
+
+**Packed documents** (``document_ids``, training only: no cache): a row may hold several documents, each starting
+from a fresh state. Each document is cut out and run as a sequence of its own from position 0 (so chunk anchors,
+segments, RoPE and windows count from its first token); all documents run in one call as a right-padded batch
+``[N_docs, longest document]``, which is exact because every variant is strictly causal (outputs at t do not depend
+on tokens after t, an invariant the tests check), and the outputs are put back in place. Cost: one call over
+``N_docs x longest`` tokens instead of ``B x T`` (the padding waste); a batch with one document per row takes the plain
+path. MoM's auxiliary loss of such a call also sees the pads' routing (an approximation).
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ from torch import Tensor, nn
 
 from ..layers import RMSNorm
 from .block import Block, SwiGLU
-from .cache import Cache
+from .cache import Cache, PaddedCache
 from .config import MnemosConfig
 from .registry import HYBRID, StateGrowth, stack_state_growth, stack_variants, variant_spec
 
@@ -53,6 +72,13 @@ class MnemosLM(nn.Module):
     - ``cache`` from :meth:`init_cache` (or returned by an earlier call): the tokens continue the stream at
       ``cache.position``; any number per call, and the logits equal those of one pass over the whole stream. The
       cache is updated in place and returned; its position advances by T.
+    - ``attention_mask`` (keyword): a left-padded batch, in the first call of a stream; each row's logits equal
+      those of the row alone, the logits at the pads are zeros and the cache is a :class:`PaddedCache` (the module
+      docstring says how, and what it costs).
+    - ``document_ids`` (keyword, training: no cache): packed rows, ``[B, T]`` integers, a new document wherever the
+      id changes along a row; each document's logits equal those of the document alone (the state starts fresh at
+      each boundary). The target of a document's first token (predicted from the previous document) is the caller's
+      to ignore.
 
     Example:
         >>> cfg = MnemosConfig(variant="mal", vocab_size=64, d_model=32, n_layers=2, n_heads=4, window=8)
@@ -114,7 +140,7 @@ class MnemosLM(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast else self.embed.weight.dtype
         return Cache([b.init_state(batch, device, dtype) for b in self.blocks], 0, batch)
 
-    def _check(self, input_ids: Tensor, cache: Cache | None) -> None:
+    def _check(self, input_ids: Tensor, cache: Cache | PaddedCache | None) -> None:
         if not isinstance(input_ids, Tensor):
             raise ValueError(f"input_ids must be an int64 or int32 tensor [B, T], got {type(input_ids).__name__}")
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -126,16 +152,113 @@ class MnemosLM(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
         if cache is not None:
-            if not isinstance(cache, Cache):
-                raise TypeError(f"cache must be a Cache (see init_cache) or None, got {type(cache).__name__}")
+            if not isinstance(cache, (Cache, PaddedCache)):
+                raise TypeError(f"cache must be a Cache (see init_cache), a PaddedCache or None, got "
+                                f"{type(cache).__name__}")
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(f"cache is for batch size {cache.batch_size}, input_ids has {input_ids.shape[0]}")
-            if len(cache.layers) != len(self.blocks):
-                raise ValueError(f"cache has {len(cache.layers)} layer states, the model has {len(self.blocks)} blocks")
+            for sub in cache.groups if isinstance(cache, PaddedCache) else [cache]:
+                if len(sub.layers) != len(self.blocks):
+                    raise ValueError(f"cache has {len(sub.layers)} layer states, the model has {len(self.blocks)} "
+                                     "blocks")
 
-    def features(self, input_ids: Tensor, cache: Cache | None = None) -> tuple[Tensor, Cache | None]:
-        """The final hidden states ``[B, T, d]`` (after the last norm, before the head) and the cache."""
+    def features(
+        self,
+        input_ids: Tensor,
+        cache: Cache | PaddedCache | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Cache | PaddedCache | None]:
+        """The final hidden states ``[B, T, d]`` (after the last norm, before the head) and the cache.
+
+        ``attention_mask`` (optional, 0/1 or bool): ``[B, T]`` for this call's tokens, or ``[B, P + T]`` covering the
+        ``P = cache.position`` columns the cache has consumed too (the Hugging Face convention). Only left padding is
+        supported, and only in the first call of a stream (each row zeros, then ones; at least one real token per
+        row); later calls of a padded stream take a :class:`PaddedCache` and add no pads. With pads, the hidden
+        states at the pads are zeros and the cache returned is a :class:`PaddedCache` (a given fresh :class:`Cache`
+        is split into it, not updated); see the module docstring for the design and its cost.
+
+        ``document_ids`` (optional, ``[B, T]`` integers; without a cache): packed rows, a new document wherever the
+        id changes from one token to the next; each document runs from a fresh state (module docstring).
+        """
         self._check(input_ids, cache)
+        if document_ids is not None:
+            if attention_mask is not None:
+                raise ValueError("pass attention_mask (a left-padded batch) or document_ids (packed documents), "
+                                 "not both")
+            if cache is not None:
+                raise ValueError("document_ids (packed documents, each starting from a fresh state) is for training "
+                                 "without a cache: pass cache=None and use_cache=False")
+            return self._run_packed(input_ids, document_ids), None
+        pads = self._left_pads(input_ids, cache, attention_mask)
+        if pads is None and not isinstance(cache, PaddedCache):
+            return self._run(input_ids, cache)  # no padding: the plain path
+        return self._run_padded(input_ids, cache, pads)
+
+    def _left_pads(self, input_ids: Tensor, cache: Cache | PaddedCache | None, mask: Tensor | None) -> Tensor | None:
+        """Each row's left pads in this call (``[B]`` int64 on the CPU), or None when there are none. Raises a
+        ``ValueError`` naming ``attention_mask`` for anything but left padding at the start of a stream."""
+        if mask is None:
+            return None
+        B, T = input_ids.shape
+        P = 0 if cache is None else cache.position
+        if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[0] != B or mask.shape[1] not in (T, P + T):
+            got = f"shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            cols = f"{T}" if P == 0 else f"{T} (this call's tokens) or {P + T} (with the cache's {P})"
+            raise ValueError(f"attention_mask must be a tensor [B, T] of 0/1 with B = {B} and T = {cols}, got {got}")
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 and 1 (or bools)")
+            mask = mask != 0
+        mask = mask.cpu()
+        supported = ("mnemos supports left padding only (each row of attention_mask: zeros, then ones), in the first "
+                     "call of a stream")
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            row = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0])
+            raise ValueError(f"attention_mask row {row} has a 0 after a 1 (right padding or a hole): {supported}")
+        if mask.shape[1] == P + T and P > 0:  # the columns the cache has consumed must match it
+            past = mask[:, :P]
+            want = (torch.arange(P)[None, :] >= cache.row_pads()[:, None]) if isinstance(cache, PaddedCache) \
+                else torch.ones_like(past)
+            if not torch.equal(past, want):
+                raise ValueError(f"attention_mask's first {P} columns do not match the padding of the tokens the "
+                                 f"cache has consumed: {supported}")
+        new = mask[:, -T:]
+        pads = T - new.sum(1)
+        if not bool(pads.any()):
+            return None
+        if cache is not None and cache.position > 0:
+            raise ValueError(f"attention_mask pads tokens after the cache's {cache.position}: {supported}")
+        if bool((pads == T).any()):
+            row = int((pads == T).nonzero()[0])
+            raise ValueError(f"attention_mask row {row} has no real token (all zeros): every row needs one")
+        return pads
+
+    def _run_packed(self, input_ids: Tensor, document_ids: Tensor) -> Tensor:
+        """Packed documents: every document of every row run as its own sequence (one right-padded batch, exact by
+        strict causality), the outputs put back in place."""
+        if not isinstance(document_ids, Tensor) or document_ids.shape != input_ids.shape or \
+                document_ids.is_floating_point() or document_ids.is_complex():
+            got = f"{document_ids.dtype} of shape {tuple(document_ids.shape)}" if isinstance(document_ids, Tensor) \
+                else type(document_ids).__name__
+            raise ValueError(f"document_ids must be an integer tensor shaped like input_ids "
+                             f"{tuple(input_ids.shape)}, got {got}")
+        B, T = input_ids.shape
+        starts = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        starts[:, 1:] = document_ids[:, 1:].to(input_ids.device) != document_ids[:, :-1].to(input_ids.device)
+        if T == 1 or not bool(starts[:, 1:].any()):
+            return self._run(input_ids, None)[0]  # one document per row: the plain path
+        first = starts.flatten().nonzero().squeeze(1)  # [N] flat index of each document's first token
+        lengths = torch.diff(first, append=first.new_tensor([B * T]))  # every row starts one: none crosses rows
+        pos = torch.arange(int(lengths.max()), device=first.device)
+        valid = pos[None, :] < lengths[:, None]  # [N, L]
+        flat = (first[:, None] + pos[None, :]).clamp(max=B * T - 1)
+        docs = input_ids.flatten()[flat].masked_fill(~valid, 0)  # right-padded documents [N, L]
+        h, _ = self._run(docs, None)  # [N, L, d]
+        return h[valid].view(B, T, h.shape[-1])  # documents in flat order are the tokens in flat order
+
+    def _run(self, input_ids: Tensor, cache: Cache | None) -> tuple[Tensor, Cache | None]:
         x = self.embed(input_ids)  # [B, T, d]
         for i, block in enumerate(self.blocks):
             x, state = block(x, None if cache is None else cache.layers[i])
@@ -145,12 +268,58 @@ class MnemosLM(nn.Module):
             cache.position += input_ids.shape[1]  # the one place the position advances
         return self.norm(x), cache
 
+    def _run_padded(
+        self, input_ids: Tensor, cache: Cache | PaddedCache | None, pads: Tensor | None
+    ) -> tuple[Tensor, PaddedCache | None]:
+        """The grouped path: each group of rows with the same pads runs alone, without its pads (``pads`` None: a
+        later call of a padded stream, no new pads, the groups of ``cache``)."""
+        B, T = input_ids.shape
+        if isinstance(cache, PaddedCache):
+            rows, starts, subs = cache.rows, [0] * len(cache.rows), list(cache.groups)
+        else:
+            starts = sorted(set(pads.tolist()))
+            rows = [(pads == p).nonzero().squeeze(1).to(input_ids.device) for p in starts]
+            subs = [None if cache is None else cache.select(r) for r in rows]
+        out, aux = None, []
+        for g, (r, start) in enumerate(zip(rows, starts)):
+            h, subs[g] = self._run(input_ids[r, start:], subs[g])
+            if out is None:
+                out = h.new_zeros(B, T, h.shape[-1])
+            out[r, start:] = h
+            aux.append([getattr(b.mixer, "aux_loss", None) for b in self.blocks])
+        self._merge_aux_losses(aux, [r.numel() * (T - s) for r, s in zip(rows, starts)])
+        if cache is None:
+            return out, None
+        if isinstance(cache, PaddedCache):
+            cache.groups, cache.position = subs, cache.position + T
+            return out, cache
+        return out, PaddedCache(subs, rows, starts, cache.position + T, B)
+
+    def _merge_aux_losses(self, aux: list[list[Tensor | None]], tokens: list[int]) -> None:
+        """Each mixer's ``aux_loss`` after a grouped call: the token-weighted mean of its groups' losses (an
+        approximation of the loss of the batch as a whole: MoM's load balancing is not linear in the tokens)."""
+        total = sum(tokens)
+        for i, block in enumerate(self.blocks):
+            losses = [(a[i], n) for a, n in zip(aux, tokens) if a[i] is not None]
+            if losses:
+                block.mixer.aux_loss = sum(loss * (n / total) for loss, n in losses)
+
     def forward(
-        self, input_ids: Tensor, cache: Cache | None = None, *, use_cache: bool = False
-    ) -> tuple[Tensor, Cache | None]:
+        self,
+        input_ids: Tensor,
+        cache: Cache | PaddedCache | None = None,
+        *,
+        use_cache: bool = False,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Cache | PaddedCache | None]:
+        """Logits ``[B, T, V]`` and the cache (see the class docstring). ``attention_mask``: a left-padded batch
+        (:meth:`features`): the logits at the pads are zeros, each row's others equal those of the row alone, and
+        the cache returned is a :class:`PaddedCache` to continue the batch with. ``document_ids``: packed documents,
+        each from a fresh state (training, no cache)."""
         if cache is None and use_cache:
             cache = self.init_cache(input_ids.shape[0], input_ids.device)
-        h, cache = self.features(input_ids, cache)
+        h, cache = self.features(input_ids, cache, attention_mask=attention_mask, document_ids=document_ids)
         return self.lm_head(h), cache
 
     @torch.no_grad()
@@ -162,10 +331,13 @@ class MnemosLM(nn.Module):
         *,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Continue ``input_ids [B, T]`` by ``max_new_tokens``: greedy (argmax) or sampled at ``temperature``.
 
         Returns ``[B, T + max_new_tokens]``. The prompt is read in one call, then one token per call with the cache.
+        ``attention_mask`` ``[B, T]``: prompts of different lengths, left-padded (zeros then ones per row); each row
+        continues as its prompt alone would (the pads stay at the front of the result; see :meth:`features`).
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -173,7 +345,7 @@ class MnemosLM(nn.Module):
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         cache = self.init_cache(input_ids.shape[0], input_ids.device)
         out = [input_ids]
-        logits, cache = self(input_ids, cache)
+        logits, cache = self(input_ids, cache, attention_mask=attention_mask)
         for i in range(max_new_tokens):
             last = logits[:, -1].float()  # [B, V]
             if not bool(torch.isfinite(last).all()):  # argmax of NaN would pick a token silently
