@@ -127,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     options = EvalOptions(
         batch_size=args.batch_size, stream_chunk=args.stream_chunk, memory_budget_gb=args.memory_budget_gb,
         keep_samples=not args.no_samples, progress=False if args.no_progress else None,
-        raise_errors=args.raise_errors, **task.eval_options(args),
+        raise_errors=args.raise_errors, jrt=args.jrt, **task.eval_options(args),
     )
     out = args.out or f"eval_results/{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -309,6 +309,10 @@ def _add_eval_parser(sub) -> None:
     common.add_argument("--no-samples", action="store_true", help="do not record each prompt's prediction")
     common.add_argument("--raise-errors", action="store_true",
                         help="stop at the first failing cell (default: record the error in it and go on)")
+    common.add_argument("--jrt", action="store_true",
+                        help="also run JRT-Prompt (just read twice): the task's context repeated before its queries, "
+                             "reported beside the plain score as '<model> (JRT-Prompt)'; tasks without a separable "
+                             "context (lm) refuse it (docs/BENCHMARKS.md)")
     common.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)
     _debug_flag(common)
 

@@ -19,10 +19,12 @@ from kv_helpers import ATTENTION_VARIANTS, F64, attn_caches, ids_of, make_model,
 from mnemos.eval.stateful import state_size
 from mnemos.kv import (
     H2O,
+    InfLLM,
     KIVI,
     Bytes,
     L2Norm,
     PyramidKV,
+    SentenceKV,
     SnapKV,
     StreamingLLM,
     ThinK,
@@ -183,7 +185,8 @@ def test_policy_caches_serialise_and_reorder_mid_stream():
     model = make_model("transformer")
     ids = ids_of(2, 30)
     for policy in [H2O(8), StreamingLLM(8, sinks=2, rerotate=True), SnapKV(8, window_size=3), KIVI(4, group_size=4,
-                   residual=4), ThinK(0.5, window_size=4, recent=2)]:
+                   residual=4), ThinK(0.5, window_size=4, recent=2), InfLLM(3, n_init=2, n_local=2, topk=1, repr_topk=2),
+                   SentenceKV(sinks=2, recent=2, max_tokens=4, max_len=5)]:
         with policy(model):
             ref, _ = stream(model, ids, [14, 16])
             _, cache = stream(model, ids[:, :14], [14])
@@ -194,6 +197,8 @@ def test_policy_caches_serialise_and_reorder_mid_stream():
             swapped = cache.reorder(torch.tensor([1, 0]))
             out, _ = model(ids.flip(0)[:, 14:], swapped)
             assert (out - ref.flip(0)[:, 14:]).abs().max() <= 1e-12, f"{policy!r}: reordered cache diverges"
+            out, _ = model(ids[:, 14:], cache)  # the original is untouched by its reordered copy
+            assert (out - ref[:, 14:]).abs().max() <= 1e-12, f"{policy!r}: reorder changed the original"
 
 
 def test_positional_attention_matches_the_contiguous_op_and_the_reference():

@@ -17,6 +17,7 @@ import torch
 from mnemos.eval.tasks.mqar import model_reach
 from mnemos.models import Cache, MnemosConfig, MnemosLM, saved_model_config
 from mnemos.models.registry import stack_reach, variant_spec
+from model_helpers import close, random_ids
 
 F64 = torch.float64
 V = 32
@@ -36,13 +37,7 @@ def make(cfg: MnemosConfig, seed: int = 0) -> MnemosLM:
 
 
 def ids_of(B: int, T: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float = 1e-10) -> None:
-    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = (ref - out).abs().max().item()
-    assert err <= tol, f"{name}: max |ref - out| = {err:.3e} > {tol:.0e}"
+    return random_ids(V, B, T, seed)
 
 
 def same_cache(name: str, a: Cache, b: Cache) -> None:

@@ -9,6 +9,9 @@ A KV-cache policy (:mod:`mnemos.kv`) runs through :class:`KVPolicyLM`, which wra
 that every state it starts is a cache of that policy; ``run_eval(..., kv_policies=[...])`` (``mnemos eval
 --kv-policy SPEC``) evaluates each attention model once per policy, and the cells record the policy's spec.
 
+``EvalOptions(jrt=True)`` (``mnemos eval --jrt``) runs every task a second time with JRT-Prompt, the context
+repeated before the queries, in cells of a model named ``"<name> (JRT-Prompt)"`` (:mod:`mnemos.eval.jrt`).
+
 Every context is fed through ``model.forward`` ``stream_chunk`` tokens at a time with the state carried, so a
 model with a constant-size state reads a haystack of millions of tokens in constant memory. A model whose state
 grows (attention) is refused, with the reason recorded in the cell, when a context exceeds its ``max_context`` or
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from mnemos.eval._progress import progress_bar
 from mnemos.eval.adapters import HFCausalLMAdapter, MnemosLMAdapter, load_model
+from mnemos.eval.jrt import check_jrt
 from mnemos.eval.registry import EvalTaskConfig, config_from_dict, config_to_dict, task_of
 from mnemos.eval.report import write_report
 from mnemos.eval.results import Cell, EvalResults
@@ -221,16 +225,20 @@ def evaluate(
             raise TypeError(f"models must be StatefulLM instances, got {type(m).__name__}{hint}")
     for t in tasks:
         task_of(t)
+    if options.jrt:  # before any model runs: a task without a separable context is an error, never a silent no-op
+        check_jrt(task_of(t) for t in tasks)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
     cells: list[Cell] = []
     for m in models:
-        total = sum(task_of(t).tokens(t, options) for t in tasks)
+        total = sum(task_of(t).tokens(t, options) for t in tasks) * (2 if options.jrt else 1)
         bar = progress_bar(total, m.name, options.progress)
         try:
             for t in tasks:
                 cells.extend(task_of(t).evaluate(Run(m, t, seed, options, bar, models)))
+                if options.jrt:  # the same task with JRT-Prompt, its cells beside the plain ones
+                    cells.extend(task_of(t).evaluate(Run(m, t, seed, options, bar, models, jrt=True)))
         finally:
             bar.close()
     return EvalResults(cells)
@@ -254,6 +262,8 @@ def run_eval(
     tasks = list(task) if isinstance(task, (list, tuple)) else [task]
     if not model_specs:
         raise ValueError("give at least one model")
+    if options is not None and options.jrt:  # before loading the models
+        check_jrt(task_of(t) for t in tasks)
     vocab = max(task_vocab_size(t) for t in tasks)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = [load_model(s, vocab_size=vocab, device=device, dtype=dtype) for s in model_specs]

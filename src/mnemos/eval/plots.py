@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from mnemos.eval.jrt import JRT_SUFFIX
 from mnemos.eval.registry import TASKS
 from mnemos.eval.results import EvalResults
 from mnemos.eval.tables import Pooled, fmt_length, pool, si
@@ -242,7 +243,8 @@ def policy_family(p: Pooled) -> tuple[str, str | None]:
         if label is not None:
             break
     text = "+".join(name + (":" + ",".join(items) if items else "") for name, items in parts)
-    return f"{d.get('base_model', p.model)} + {text}", label
+    base = d.get("base_model", p.model) + (JRT_SUFFIX if d.get("jrt_prompt") else "")  # --jrt: its own family
+    return f"{base} + {text}", label
 
 
 def bytes_panels(results: EvalResults) -> list[tuple[str, list[Pooled]]]:

@@ -44,11 +44,14 @@ class EvalTask:
         name: the cells' ``task`` and the ``mnemos eval`` subcommand.
         config_type: its config class (a dataclass with ``build(seed)``).
         help: one line for ``mnemos eval --help``.
+        jrt: what JRT-Prompt (``mnemos eval --jrt``, :mod:`mnemos.eval.jrt`) repeats before the task's queries, in
+            words; None when the task has no context separable from what it scores (``--jrt`` refuses it).
     """
 
     name: str
     config_type: type
     help: str = ""
+    jrt: str | None = None
 
     def vocab_size(self, config: EvalTaskConfig) -> int:
         """The vocabulary a model needs for the task's token ids (default: byte tokens, for the text tasks)."""

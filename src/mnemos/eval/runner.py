@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mnemos.data import BABILongSample, NIAHSample, exact_match
 from mnemos.eval._progress import ProgressBar
+from mnemos.eval.jrt import check_jrt, jrt_description, jrt_text, repeat_context
 from mnemos.eval.registry import EvalTask, EvalTaskConfig, config_to_dict, task_of
 from mnemos.eval.results import Cell, environment
 from mnemos.eval.stateful import StatefulLM, state_size
@@ -60,6 +61,9 @@ class EvalOptions:
             ``"shared"`` prefills the context up to the first query once and asks the queries in turn, each reusing
             the (compressed) state; ``"fresh"`` gives each query its own prefill of everything before it. Both record
             accuracy by turn (:mod:`mnemos.eval.tasks.mqar`). Empty: not run.
+        jrt: also run every task with JRT-Prompt, its context repeated before its queries (:mod:`mnemos.eval.jrt`):
+            each model's plain cells, then its JRT cells, under the name ``"<name> (JRT-Prompt)"``. A task without a
+            separable context (``EvalTask.jrt`` None: LM) is refused with an error.
     """
 
     batch_size: int = 8
@@ -72,6 +76,7 @@ class EvalOptions:
     raise_errors: bool = False
     mqar_reach: int | Literal["auto"] | None = "auto"
     mqar_turns: tuple[str, ...] = ()
+    jrt: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "stream_chunk", "lm_max_windows"):
@@ -90,19 +95,25 @@ class EvalOptions:
         if not isinstance(turns, tuple) or any(t not in ("shared", "fresh") for t in turns) or \
                 len(set(turns)) != len(turns):
             raise ValueError(f"mqar_turns must be a tuple of distinct modes 'shared' / 'fresh', got {turns!r}")
+        if not isinstance(self.jrt, bool):
+            raise ValueError(f"jrt must be a bool, got {self.jrt!r}")
 
 
 
 
 class Run:
-    """One (model, task config) evaluation: what every cell of it shares."""
+    """One (model, task config) evaluation: what every cell of it shares. ``jrt``: the JRT-Prompt run (the task
+    repeats its context before its queries; the cells' model is ``"<name> (JRT-Prompt)"``, :mod:`mnemos.eval.jrt`)."""
 
     def __init__(self, model: StatefulLM, config: EvalTaskConfig, seed: int, options: EvalOptions, bar: ProgressBar,
-                 peers: Sequence[StatefulLM] = ()):
+                 peers: Sequence[StatefulLM] = (), *, jrt: bool = False):
         self.model, self.config, self.seed, self.options, self.bar = model, config, seed, options, bar
         self.peers = tuple(peers) or (model,)  # every model of the evaluation (MQAR's "auto" split reads them)
         self.task = task_of(config).name
-        self.description = model.describe()
+        self.jrt = jrt
+        if jrt:
+            check_jrt([task_of(config)])
+        self.description = jrt_description(model.describe()) if jrt else model.describe()
         self.description.setdefault("kv_policy", None)  # every cell says which KV policy ran (None: the model's own)
         self.versions = environment(model.device)
         self.task_config = config_to_dict(config)
@@ -214,13 +225,20 @@ def per_sequence_state(state: Any, batch: int) -> dict[str, int]:
     """``state_numel``, ``state_bytes`` and ``state_storage_bytes`` (see :func:`state_size`) per sequence, and
     ``kv_cache_bytes`` when the state holds KV caches (:class:`mnemos.layers.KVCache`, a policy's included): the sum
     of their ``nbytes``, the bytes they really hold (packed codes, scales, indices and positions included; the
-    attention part of ``state_bytes``, all of it for a pure attention model)."""
+    attention part of ``state_bytes``, all of it for a pure attention model). A retrieval tier's offload store
+    (``KVCache.tier_nbytes()["offloaded"]``, :mod:`mnemos.kv.retrieval`) is left out of them (and of
+    ``state_numel``) and recorded beside them as ``kv_offloaded_bytes``."""
     size = state_size(state)
-    out = {"state_numel": size.numel // batch, "state_bytes": size.nbytes // batch,
-           "state_storage_bytes": size.storage_bytes // batch}
     caches = kv_caches(state)
+    tiers = [(c, c.tier_nbytes().get("offloaded", 0)) for c in caches]
+    off = sum(o for _, o in tiers)
+    off_numel = sum(o // c.dtype.itemsize for c, o in tiers if o)
+    out = {"state_numel": (size.numel - off_numel) // batch, "state_bytes": (size.nbytes - off) // batch,
+           "state_storage_bytes": size.storage_bytes // batch}
     if caches:
-        out["kv_cache_bytes"] = sum(c.nbytes for c in caches) // batch
+        out["kv_cache_bytes"] = (sum(c.nbytes for c in caches) - off) // batch
+    if off:
+        out["kv_offloaded_bytes"] = off // batch
     return out
 
 
@@ -260,10 +278,18 @@ def batches(n: int, size: int):
 Sample = Union[NIAHSample, BABILongSample]
 
 
-def _prompt_ids(model: StatefulLM, sample: Sample) -> Tensor:
+def _prompt_ids(model: StatefulLM, sample: Sample, jrt: bool = False) -> Tensor:
+    """The prompt's token ids: the sample's byte tokens, or the model's tokenizer's. ``jrt``: the JRT prompt, the
+    context (everything before the question) twice, then the question (:mod:`mnemos.eval.jrt`)."""
     if model.tokenizer is None:
-        return sample.input_ids
-    return torch.tensor(model.encode_prompt(sample.prompt), dtype=torch.int64)
+        if not jrt:
+            return sample.input_ids
+        question = list(sample.question.encode("utf-8"))  # byte tokens: one per UTF-8 byte
+        if sample.input_ids[-len(question):].tolist() != question:
+            raise ValueError("JRT-Prompt: the sample's token ids do not end with its question's bytes")
+        return repeat_context(sample.input_ids, sample.input_ids.numel() - len(question))[0]
+    text = jrt_text(sample.prompt, sample.question) if jrt else sample.prompt
+    return torch.tensor(model.encode_prompt(text), dtype=torch.int64)
 
 
 def _answer_tokens(model: StatefulLM, answer: str) -> int:
@@ -289,7 +315,7 @@ def generation_cell(run: Run, samples: Sequence[Sample], params: dict[str, Any])
         run.bar.update(nominal)
         return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, fewer "
                                                           "than the 256 byte tokens of the text tasks")
-    prompts = [_prompt_ids(m, s) for s in samples]
+    prompts = [_prompt_ids(m, s, run.jrt) for s in samples]
     n_new = max(_answer_tokens(m, s.answer) for s in samples) + 2
     longest_prompt = max(p.numel() for p in prompts)
     longest = longest_prompt + n_new - 1  # the last new token is never fed back
@@ -354,8 +380,10 @@ class GenerationTask(EvalTask):
 
     Subclasses give :meth:`grid` (the cells: their params and a config narrowed to that point, which builds the
     same samples as the full grid does there) and :meth:`samples`; :meth:`evaluate`, the loop over the grid, is this
-    one.
+    one. JRT-Prompt repeats each prompt's context, everything before its question (:func:`_prompt_ids`).
     """
+
+    jrt = "the prompt before its question (instruction, haystack and facts), twice, then the question"
 
     def grid(self, config: EvalTaskConfig) -> Iterable[tuple[dict[str, Any], EvalTaskConfig]]:
         raise NotImplementedError

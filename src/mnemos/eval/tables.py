@@ -18,8 +18,8 @@ from mnemos.eval.registry import TASKS
 if TYPE_CHECKING:  # annotations only: results.py imports this module (EvalResults.markdown)
     from mnemos.eval.results import Cell, EvalResults
 
-__all__ = ["Notes", "Pooled", "acc", "capacity_summary", "fmt_length", "freeze", "kv_bytes_section", "lookup",
-           "markdown_report", "model_names", "pool", "si", "table"]
+__all__ = ["Notes", "Pooled", "acc", "capacity_summary", "fmt_length", "freeze", "jrt_section", "kv_bytes_section",
+           "lookup", "markdown_report", "model_names", "pool", "si", "table"]
 
 
 @dataclass
@@ -188,6 +188,37 @@ def kv_bytes_section(results: EvalResults) -> list[str]:
                    [r[3] for r in rows]), ""]
 
 
+def jrt_section(results: EvalResults) -> list[str]:
+    """When some cell ran with JRT-Prompt (``model.jrt_prompt``, ``mnemos eval --jrt``): each JRT point's accuracy
+    beside the plain point of the same model (``model.jrt_base``) and grid point, and the difference."""
+    if not any(c.model.get("jrt_prompt") for c in results.cells):
+        return []
+    notes = Notes()  # refusals are footnoted in the task sections already; here they show as their status
+
+    def cell(p: Pooled | None) -> str:
+        return "—" if p is None else notes.mark(p, acc).split(" [")[0]
+
+    rows = []
+    for task in TASKS:
+        points = pool(results, task)
+        look = lookup(points)
+        for p in points:
+            d = p.cells[0].model
+            if not d.get("jrt_prompt"):
+                continue
+            plain = look.get((d.get("jrt_base"), freeze(p.params)))
+            both = plain is not None and plain.accuracy is not None and p.accuracy is not None
+            delta = f"{round(p.accuracy - plain.accuracy, 2) + 0.0:+.2f}" if both else "—"  # no "-0.00"
+            rows.append([task, " ".join(f"{k}={v}" for k, v in p.params.items()), str(d.get("jrt_base")),
+                         cell(plain), cell(p), delta])
+    return ["## JRT-Prompt", "",
+            "Each model on the plain prompt and on the JRT prompt (\"just read twice\": the context repeated before "
+            "the queries; MQAR: the key-value pairs twice, answers scored at the same query tokens, near / far "
+            "measured to the second copy; the generation tasks: the prompt before its question twice). The JRT rows "
+            "are also in the task sections, as `<model> (JRT-Prompt)`.", "",
+            *table(["task", "point", "model", "plain", "JRT-Prompt", "JRT - plain"], rows), ""]
+
+
 def markdown_report(results: EvalResults) -> str:
     """One section per task present, in the order the tasks are registered (:mod:`mnemos.eval.tasks`): MQAR,
     S-NIAH (+ depth x length per model), BABILong, capacity, LM; each task's ``section`` writes its own.
@@ -201,6 +232,7 @@ def markdown_report(results: EvalResults) -> str:
     for task in TASKS.values():
         body += task.section(results, notes)
     body += kv_bytes_section(results)
+    body += jrt_section(results)
     seeds = sorted({c.seed for c in results.cells})
     commits = sorted({str(c.versions.get("git_commit"))[:12] + ("+dirty" if c.versions.get("git_dirty") else "")
                       for c in results.cells})

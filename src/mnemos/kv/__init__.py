@@ -1,6 +1,7 @@
 """KV-cache policies for attention's short-term memory: eviction (StreamingLLM, H2O, SnapKV, PyramidKV, L2-norm,
 Scissorhands, D2O with merging), per-head budgets (DuoAttention / RazorAttention-style), key-channel pruning (ThinK),
-packed quantisation (KIVI) and eviction + KIVI (``compose``), on every ``mnemos.layers.Attention``; policies by name
+packed quantisation (KIVI), eviction + KIVI (``compose``) and a retrieval tier with an offload store (InfLLM,
+SentenceKV), on every ``mnemos.layers.Attention``; policies by name
 (``parse_policy_spec``: the ``--kv-policy`` grammar).
 
 ``with SnapKV(budget=256)(model): model.generate(...)`` or ``apply_kv_policy(model, policy)``; Hugging Face
@@ -25,6 +26,7 @@ from .think import ThinK, ThinKCache, think_channel_scores
 from .compose import Composed, ComposedCache, compose
 from .d2o import D2O, layer_budgets, merge_evicted
 from .perhead import DuoAttention, HeadSplitCache, choose_retrieval_heads
+from .retrieval import InfLLM, InfLLMCache, OffloadStore, SentenceKV, SentenceKVCache, install_token_id_hook
 from .scissorhands import Scissorhands, unimportance_counts
 from .spec import POLICIES, PolicySpec, parse_policy_spec, register_policy
 
@@ -34,5 +36,6 @@ __all__ = [
     "snapkv_scores", "KIVI", "KIVICache", "quantize", "dequantize", "pack", "unpack", "ThinK", "ThinKCache",
     "think_channel_scores", "Scissorhands", "unimportance_counts", "D2O", "layer_budgets", "merge_evicted",
     "DuoAttention", "HeadSplitCache", "choose_retrieval_heads", "Composed", "ComposedCache", "compose", "POLICIES",
-    "PolicySpec", "parse_policy_spec", "register_policy",
+    "PolicySpec", "parse_policy_spec", "register_policy", "InfLLM", "InfLLMCache", "SentenceKV", "SentenceKVCache",
+    "OffloadStore", "install_token_id_hook",
 ]

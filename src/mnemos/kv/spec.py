@@ -24,6 +24,7 @@ from mnemos.kv.d2o import D2O
 from mnemos.kv.eviction import H2O, L2Norm, PyramidKV, SnapKV, StreamingLLM
 from mnemos.kv.kivi import KIVI
 from mnemos.kv.perhead import DuoAttention
+from mnemos.kv.retrieval import InfLLM, SentenceKV
 from mnemos.kv.scissorhands import Scissorhands
 from mnemos.kv.think import ThinK
 
@@ -40,6 +41,8 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "scissorhands": Scissorhands,
     "d2o": D2O,
     "duo": DuoAttention,
+    "infllm": InfLLM,
+    "sentencekv": SentenceKV,
 }
 
 NO_POLICY = ("none", "full")  # spec names meaning "the model's own cache"

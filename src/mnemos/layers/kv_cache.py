@@ -40,6 +40,9 @@ narrowed (``mnemos.kv``; docs/KV.md), all with defaults that keep the two caches
 7. ``nbytes``: bytes of every tensor the cache holds (packed codes, scales, indices and positions included): the
    non-scalar tensors of ``state_dict``, which must be exactly the tensors the cache object holds.
 8. ``kept_positions()``: ``[B, S, H]`` int64, the original positions of the stored entries per row and head.
+9. ``tier_nbytes()``: ``nbytes`` split by memory tier, ``{"resident": ..., "offloaded": ...}`` (default: all
+   resident). A cache with an offload tier (``mnemos.kv.retrieval``) counts its store as ``offloaded``; the eval
+   harness records resident bytes as the state's and the offloaded ones beside them.
 
 ``KVPolicy`` is the other half of the seam: an object ``Attention.init_state`` asks for a cache
 (``make_cache``) when a policy is set on the layer (``Attention.set_kv_policy``).
@@ -117,6 +120,10 @@ class KVCache(ABC):
     def kept_positions(self) -> Tensor:
         """``[B, S, H]`` int64: the original position of each stored entry, per batch row and key/value head."""
         raise NotImplementedError(f"{type(self).__name__} does not report its kept positions")
+
+    def tier_nbytes(self) -> dict[str, int]:
+        """``nbytes`` by tier: ``{"resident": ..., "offloaded": ...}`` (on the compute device / in an offload store)."""
+        return {"resident": self.nbytes, "offloaded": 0}
 
 
 class KVView(NamedTuple):

@@ -1,5 +1,5 @@
 """Models: Titans (LMM, MAC, MAG, MAL) and baselines (Transformer++, SWA, linear attention, DeltaNet, Gated
-DeltaNet, Mamba-2, BASED, MoM), all one block skeleton, one config and one cache type; hybrid stacks mix them per
+DeltaNet, Mamba-2, BASED, MoM, JRT-RNN), all one block skeleton, one config and one cache type; hybrid stacks mix them per
 block (``MnemosConfig.layers``). See docs/MODELS.md."""
 
 from .baselines import LinearRecurrence
@@ -15,6 +15,7 @@ from .config import BasedConfig, Mamba2Config
 from .mom import MixtureOfMemories
 from .cache import MoMState
 from .config import HYBRID, MoMConfig
+from .jrt import JRTState, PrefixLinearAttention
 from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer, mac_attention_mask
 
 __all__ = [
@@ -26,3 +27,4 @@ __all__ = [
 # the recurrent baselines of issue 16
 __all__ += ["Mamba2Mixer", "Mamba2State", "Mamba2Config", "BasedLinearAttention", "BasedState", "BasedConfig"]
 __all__ += ["MixtureOfMemories", "MoMState", "MoMConfig", "HYBRID"]
+__all__ += ["PrefixLinearAttention", "JRTState"]

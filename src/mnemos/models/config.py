@@ -171,16 +171,22 @@ class Mamba2Config(_ConfigBase):
 class BasedConfig(_ConfigBase):
     """The BASED linear-attention layer of variant ``based`` (:class:`mnemos.models.based.BasedLinearAttention`):
     q and k are projected to ``feature_dim`` per head before the 2nd-order Taylor map (1 + F + F^2 features: 273 at
-    the paper's 16)."""
+    the paper's 16). Variant ``jrt_rnn`` (:class:`mnemos.models.jrt.PrefixLinearAttention`, BASED's layer with a
+    non-causal prefix) reads the section too, and ``prefix_len``, its own."""
 
     _where = "model.based."
 
     feature_dim: int = 16  # F, per head
     chunk_size: int = 64  # tokens per chunk of the computation: how, not what (exact for any value)
+    # JRT-RNN (variant jrt_rnn, BASED's prefix linear attention; the based variant ignores it): the stream's first
+    # prefix_len tokens are read by its non-causal encoder (0: none, causal linear attention). 1, a one-token prefix,
+    # is causal; set it to the prompt length (the paper: 1024 of 2048). See mnemos.models.jrt.
+    prefix_len: int = 1
 
     def __post_init__(self):
         self._check_types()
         _check_ints_at_least(self, ("feature_dim", "chunk_size"))
+        _check_ints_at_least(self, ("prefix_len",), 0)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .cache import BasedState, Mamba2State
 from .mamba2 import Mamba2Mixer
 from .cache import MoMState
 from .mom import MixtureOfMemories
+from .jrt import JRTState, PrefixLinearAttention
 
 if TYPE_CHECKING:
     from .config import MnemosConfig
@@ -219,6 +220,20 @@ def _based(c: MnemosConfig) -> nn.Module:
 register_variant(VariantSpec(
     "based", "baseline", _based, BasedState, "constant", ("based.feature_dim",),
     summary="BASED's linear attention (2nd-order Taylor feature map, normalised; exact chunks), in every block"))
+
+
+def _jrt_rnn(c: MnemosConfig) -> nn.Module:
+    b = c.based
+    return PrefixLinearAttention(c.d_model, c.n_heads, feature_dim=b.feature_dim, prefix_len=b.prefix_len,
+                                 chunk_size=b.chunk_size)
+
+
+# JRT-RNN shares BASED's section (its feature map), and reads based.prefix_len, the stream's first tokens its
+# non-causal encoder reads (mnemos.models.jrt)
+register_variant(VariantSpec(
+    "jrt_rnn", "baseline", _jrt_rnn, JRTState, "constant", ("based.feature_dim", "based.prefix_len"),
+    summary="JRT-RNN's prefix linear attention: a non-causal encoder over the first based.prefix_len tokens, "
+            "BASED's causal linear attention after it, one combined state"))
 
 
 # -- the Miras and Atlas memories (issue 14): LMM stacks whose memory runs their paper's rule --------------------------

@@ -36,6 +36,7 @@ from mnemos.data import (
     mqar_recall_metrics,
 )
 from mnemos.eval.plots import figure, figure_legend, grid, log_ticks, panel_axes, policy_family, save
+from mnemos.eval.jrt import JRT_SUFFIX, jrt_mqar, jrt_mqar_predictions
 from mnemos.eval.registry import EvalTask
 from mnemos.eval.results import Cell, EvalResults
 from mnemos.eval.runner import EvalOptions, Run, batches, check_finite, max_sizes, per_sequence_state, stream
@@ -51,6 +52,8 @@ class MQARTask(EvalTask):
     name = "mqar"
     config_type = MQARConfig
     help = "multi-query associative recall, teacher-forced accuracy"
+    jrt = ("the K key-value pairs (the first 2K tokens), twice, then the queries among their noise; answers scored at "
+           "the same query tokens, near / far measured to the second copy")
 
     def vocab_size(self, config: MQARConfig) -> int:
         return config.vocab_size
@@ -149,12 +152,15 @@ def _mqar_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
         run.bar.update(cfg.num_examples * cfg.seq_len)
         return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, the "
                                                           f"task uses {cfg.vocab_size}")
-    batch, reason = run.admit(cfg.seq_len, run.options.batch_size)
+    K = cfg.num_kv_pairs
+    fed_len = cfg.seq_len + (2 * K if run.jrt else 0)  # JRT-Prompt: the 2K context tokens once more
+    batch, reason = run.admit(fed_len, run.options.batch_size)
     if reason:
         run.bar.update(cfg.num_examples * cfg.seq_len)
         return run.cell(params, status="refused", message=reason)
     inputs, labels = cfg.build(run.seed)  # [N, L] each
-    pred = torch.zeros_like(inputs)  # [N, L]: argmax after each token
+    fed = jrt_mqar(inputs, labels, K)[0] if run.jrt else inputs  # [N, L (+ 2K)]: what the model reads
+    pred = torch.zeros_like(fed)  # [N, L (+ 2K)]: argmax after each token
     sizes: dict[str, int] = {}
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -163,14 +169,16 @@ def _mqar_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
             def keep(start: int, logits: Tensor, rows=rows) -> None:
                 pred[rows, start : start + logits.shape[1]] = logits.argmax(-1).cpu()
 
-            _, state = stream(run, inputs[rows], m.init_state(rows.stop - rows.start), keep)
+            _, state = stream(run, fed[rows], m.init_state(rows.stop - rows.start), keep)
             sizes = max_sizes(sizes, per_sequence_state(state, rows.stop - rows.start))
     seconds = time.perf_counter() - t0
+    if run.jrt:  # score the last L positions against the plain sample: the same queries, distances to the 2nd copy
+        pred = jrt_mqar_predictions(pred, K)
     scores = mqar_recall_metrics(pred, inputs, labels, cfg.num_kv_pairs, run_reach(run), vocab_size=cfg.vocab_size)
     scores = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in scores.items()}  # empty buckets
     return run.cell(params, metrics={
         **scores, "examples": cfg.num_examples, **sizes,
-        "tokens_per_second": round(inputs.numel() / max(seconds, 1e-9), 1), "batch_size": batch,
+        "tokens_per_second": round(fed.numel() / max(seconds, 1e-9), 1), "batch_size": batch,
     })
 
 
@@ -194,12 +202,14 @@ def turns_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
         run.bar.update(n_tokens)
         return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, the "
                                                           f"task uses {cfg.vocab_size}")
-    _, reason = run.admit(cfg.seq_len, 1)
+    K = cfg.num_kv_pairs
+    _, reason = run.admit(cfg.seq_len + (2 * K if run.jrt else 0), 1)
     if reason:
         run.bar.update(n_tokens)
         return run.cell(params, status="refused", message=reason)
     inputs, labels = cfg.build(run.seed)  # [N, L] each
-    K = cfg.num_kv_pairs
+    if run.jrt:  # JRT-Prompt: the pairs twice, each label still at its query token; the shared prefill reads both
+        inputs, labels = jrt_mqar(inputs, labels, K)
     turn_correct, fed, calls = [0] * K, 0, 0
     sizes: dict[str, int] = {}
     samples: list[dict[str, Any]] = []
@@ -397,7 +407,8 @@ def plot_mqar_state_size(results: EvalResults, path: str | os.PathLike) -> Path 
 
     def family(p: Pooled) -> str:
         d = p.cells[0].model
-        return str(d.get("variant") or d.get("family") or d.get("class") or p.model)
+        fam = str(d.get("variant") or d.get("family") or d.get("class") or p.model)
+        return fam + (JRT_SUFFIX if d.get("jrt_prompt") else "")  # --jrt: JRT cells are a family of their own
 
     families = list(dict.fromkeys(family(p) for p in points))
     for ax, (L, K) in zip(panel_axes(fig, rows, cols, len(configs)), configs, strict=True):
