@@ -21,7 +21,7 @@ import numpy as np
 
 from mnemos.data._haystack import check_int
 
-__all__ = ["builtin_corpus", "filler_text", "load_text"]
+__all__ = ["builtin_corpus", "document_spans", "filler_text", "load_documents", "load_text"]
 
 # Standard-library folders left out of the corpus: test suites (code-like docstrings, sample data), GUI demos,
 # vendored or generated packages.
@@ -136,9 +136,17 @@ def load_text(
 ) -> str:
     """Read user text: files as given, directories recursively (files ending in ``suffixes``, sorted by path).
 
-    Documents are joined with a blank line, in the order given. A missing path raises FileNotFoundError, a
-    directory without matching files or a file that is not UTF-8 raises ValueError, each naming the path.
+    Documents (files) are joined with a blank line (:data:`DOCUMENT_SEPARATOR`), in the order given. A missing path
+    raises FileNotFoundError, a directory without matching files or a file that is not UTF-8 raises ValueError, each
+    naming the path.
     """
+    return DOCUMENT_SEPARATOR.join(load_documents(paths, suffixes))
+
+
+def load_documents(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], suffixes: tuple[str, ...] = (".txt", ".md")
+) -> list[str]:
+    """The files of :func:`load_text`, one string each, in its order (the same errors)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
@@ -162,7 +170,22 @@ def load_text(
             docs.append(f.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{str(f)!r} is not UTF-8 text: {e}") from e
-    return "\n\n".join(docs)
+    return docs
+
+
+DOCUMENT_SEPARATOR = "\n\n"  # what load_text puts between two files
+
+
+def document_spans(lengths: Iterable[int], separator_len: int, total: int) -> list[tuple[int, int]]:
+    """``[start, end)`` character spans of documents of ``lengths`` characters joined by a separator of
+    ``separator_len``: each span takes the separator after its document, the last one runs to ``total`` (the text's
+    length), so the spans tile the text."""
+    spans, start = [], 0
+    for n in lengths:
+        spans.append((start, start + n + separator_len))
+        start = spans[-1][1]
+    spans[-1] = (spans[-1][0], total)
+    return spans
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mnemos.data._haystack import check_int
-from mnemos.data.corpus import builtin_corpus, load_text
+from mnemos.data.corpus import DOCUMENT_SEPARATOR, builtin_corpus, document_spans, load_documents
 from mnemos.data.tokenizer import ByteTokenizer, Tokenizer, train_bpe_tokenizer
 
 __all__ = ["LMData", "LMDataConfig", "Split", "TokenizerKind"]
@@ -27,6 +27,11 @@ class LMDataConfig:
     The text is cut at character ``round((1 - val_fraction) * len(text))``: the head is train, the tail val (no
     shuffling, so the split is the same every run). ``tokenizer="bpe"`` trains a byte-level BPE of
     ``bpe_vocab_size`` ids on the train part only (needs the optional ``tokenizers`` package).
+
+    ``documents=True`` also records which document each token belongs to (:attr:`LMData.train_docs`): a document is
+    a file of ``paths``, or a paragraph (line) of the built-in corpus; the separator after it belongs to it. Each
+    document is tokenised on its own (byte tokens are the same as without; BPE tokens may differ at the seams), and
+    a document cut by the train / val split is two pieces with one id.
     """
 
     seq_len: int = 256
@@ -35,6 +40,7 @@ class LMDataConfig:
     tokenizer: TokenizerKind = "byte"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
+    documents: bool = False
 
     def __post_init__(self):
         check_int("seq_len", self.seq_len, 1)
@@ -44,6 +50,8 @@ class LMDataConfig:
         if self.tokenizer not in get_args(TokenizerKind):
             raise ValueError(f"tokenizer must be one of {get_args(TokenizerKind)}, got {self.tokenizer!r}")
         check_int("bpe_vocab_size", self.bpe_vocab_size, 259)
+        if not isinstance(self.documents, bool):
+            raise ValueError(f"documents must be a bool, got {self.documents!r}")
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, float) \
                 or not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be a float in (0, 1), got {self.val_fraction!r}")
@@ -51,7 +59,12 @@ class LMDataConfig:
     def build(self, seed: int = 0) -> LMData:
         """Read, split and tokenise the text. ``seed`` seeds :meth:`LMData.batches` (the split does not use it)."""
         check_int("seed", seed, 0)
-        text = load_text(self.paths) if self.paths else builtin_corpus()
+        if self.paths:
+            docs = load_documents(self.paths)
+            text, sep = DOCUMENT_SEPARATOR.join(docs), len(DOCUMENT_SEPARATOR)
+        else:
+            text, sep = builtin_corpus(), 1
+            docs = text.split("\n")[:-1]  # one paragraph per line, the text ends in a newline
         cut = round((1.0 - self.val_fraction) * len(text))
         train_text, val_text = text[:cut], text[cut:]
         tokenizer: Tokenizer
@@ -62,6 +75,11 @@ class LMDataConfig:
             tokenizer = train_bpe_tokenizer(train_text.splitlines(keepends=True), self.bpe_vocab_size)
             train = torch.tensor(tokenizer.encode(train_text), dtype=torch.int64)
             val = torch.tensor(tokenizer.encode(val_text), dtype=torch.int64)
+        train_docs = val_docs = None
+        if self.documents:
+            spans = document_spans((len(d) for d in docs), sep, len(text))
+            (train, train_docs), (val, val_docs) = (
+                _tokens_by_document(tokenizer, text, spans, lo, hi) for lo, hi in ((0, cut), (cut, len(text))))
         for name, tokens in (("train", train), ("val", val)):
             if tokens.numel() < self.seq_len + 1:
                 raise ValueError(
@@ -69,12 +87,26 @@ class LMDataConfig:
                     f"lower seq_len, change val_fraction={self.val_fraction} or give more text"
                 )
         return LMData(tokenizer=tokenizer, train=train, val=val, seq_len=self.seq_len,
-                      batch_size=self.batch_size, seed=seed)
+                      batch_size=self.batch_size, seed=seed, train_docs=train_docs, val_docs=val_docs)
+
+
+def _tokens_by_document(tokenizer: Tokenizer, text: str, spans: list[tuple[int, int]], lo: int, hi: int
+                        ) -> tuple[Tensor, Tensor]:
+    """The tokens of ``text[lo:hi]``, each document's piece tokenised on its own, and each token's document index."""
+    tokens, ids = [], []
+    for i, (a, b) in enumerate(spans):
+        a, b = max(a, lo), min(b, hi)
+        if a < b:
+            piece = tokenizer.encode(text[a:b])
+            tokens += piece
+            ids += [i] * len(piece)
+    return torch.tensor(tokens, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64)
 
 
 @dataclass(frozen=True)
 class LMData:
-    """Token streams ``train [N_train]`` and ``val [N_val]`` (int64) and the tokenizer that made them."""
+    """Token streams ``train [N_train]`` and ``val [N_val]`` (int64) and the tokenizer that made them; with
+    ``LMDataConfig.documents``, each token's document index ``train_docs`` / ``val_docs``."""
 
     tokenizer: Tokenizer
     train: Tensor
@@ -82,6 +114,8 @@ class LMData:
     seq_len: int
     batch_size: int
     seed: int
+    train_docs: Tensor | None = None  # [N_train] the document of each token (LMDataConfig.documents), else None
+    val_docs: Tensor | None = None
 
     def get_batch(self, split: Split, generator: torch.Generator) -> Tensor:
         """``[B, T + 1] int64`` windows at uniform random starts: inputs ``x[:, :-1]``, targets ``x[:, 1:]``."""

@@ -46,6 +46,9 @@ class TaskConfig(_ConfigBase):
     # lm
     paths: tuple[str, ...] = ()  # user text files or directories; empty = the built-in corpus
     val_fraction: float = 0.05
+    # packed documents: a window holds the corpus' documents (each file of paths; each paragraph of the built-in
+    # corpus) as they come, each read from a fresh state (MnemosLM's document_ids), no target across a boundary
+    pack_documents: bool = False
     # niah, babilong (train_examples / eval_examples: how many distinct prompts each split draws from)
     niah_kind: Literal["passkey", "number"] = "passkey"
     babilong_qa: Literal["qa1", "qa2", "qa3"] = "qa1"
@@ -71,6 +74,13 @@ class TaskConfig(_ConfigBase):
                 raise ValueError(f"task.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"task.val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.pack_documents and self.kind != "lm":
+            raise ValueError(f"task.pack_documents=true packs the documents of a text corpus: it needs task.kind=lm, "
+                             f"got task.kind={self.kind!r}")
+        if self.pack_documents and self.doc_windows > 1:
+            raise ValueError("task.pack_documents=true resets the state at every document inside a window; it does not "
+                             "combine with task.doc_windows > 1 (a window streamed on from the one before): set "
+                             "task.doc_windows=1")
         if self.kind == "mqar" and self.noise == "zoology" and self.doc_windows > 1 \
                 and self.vocab_size <= self.doc_len:  # one window: MQARConfig says it
             raise ValueError(f"task.noise=zoology needs task.vocab_size > task.seq_len * task.doc_windows (the "

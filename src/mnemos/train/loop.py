@@ -69,7 +69,8 @@ class TaskData:
             self.val = _stack([answer_example(self.task, seed + 1_000_003, i) for i in range(t.eval_examples)])
         else:
             try:
-                self.lm = LMDataConfig(seq_len=t.doc_len, paths=t.paths, val_fraction=t.val_fraction).build(seed)
+                self.lm = LMDataConfig(seq_len=t.doc_len, paths=t.paths, val_fraction=t.val_fraction,
+                                       documents=t.pack_documents).build(seed)
             except ValueError as e:  # the corpus is shorter than one document: say which keys set its length
                 if t.doc_windows == 1:
                     raise
@@ -88,10 +89,29 @@ class TaskData:
             idx = torch.randint(0, self.train_examples, (size,), generator=g)
             return _stack([answer_example(self.task, self.seed, int(i)) for i in idx])
         tokens = self.lm.train if split == "train" else self.lm.val  # [N] int64
+        at = self._lm_windows(g, size, tokens.numel())
+        windows = tokens[at]  # [B, T + 1]
+        labels = windows[:, 1:]
+        docs = self.lm.train_docs if split == "train" else self.lm.val_docs
+        if docs is not None:  # packed documents: a target that starts the next document is not scored
+            d = docs[at]
+            labels = labels.masked_fill(d[:, 1:] != d[:, :-1], IGNORE_INDEX)
+        return windows[:, :-1], labels
+
+    def document_ids(self, step: int, size: int, seed: int, split: str = "train") -> torch.Tensor | None:
+        """``[size, T]``: the document of each input token of :meth:`batch`'s windows (the same arguments), or None
+        when documents are not packed (``task.pack_documents``)."""
+        docs = None if self.kind != "lm" else self.lm.train_docs if split == "train" else self.lm.val_docs
+        if docs is None:
+            return None
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return docs[self._lm_windows(g, size, docs.numel())][:, :-1]
+
+    def _lm_windows(self, g: torch.Generator, size: int, n: int) -> torch.Tensor:
+        """``[size, T + 1]`` token indices of windows at uniform random starts (one draw of ``g``)."""
         T = self.lm.seq_len
-        starts = torch.randint(0, tokens.numel() - T, (size,), generator=g)  # [B]
-        windows = tokens[starts[:, None] + torch.arange(T + 1)]  # [B, T + 1]
-        return windows[:, :-1], windows[:, 1:]
+        starts = torch.randint(0, n - T, (size,), generator=g)  # [B]
+        return starts[:, None] + torch.arange(T + 1)
 
     def eval_batches(self, size: int, max_batches: int, seed: int):
         """MQAR, niah, babilong: the whole val set (``task.eval_examples``) in order, ``size`` per batch; LM:
@@ -99,10 +119,10 @@ class TaskData:
         if self.kind != "lm":
             inputs, labels = self.val
             for i in range(0, inputs.shape[0], size):
-                yield inputs[i : i + size], labels[i : i + size]
+                yield inputs[i : i + size], labels[i : i + size], None
         else:
             for i in range(max_batches):
-                yield self.batch(i, size, seed + 7, split="val")
+                yield (*self.batch(i, size, seed + 7, split="val"), self.document_ids(i, size, seed + 7, split="val"))
 
 
 def window_of(step: int, windows: int) -> tuple[int, int]:
@@ -198,9 +218,10 @@ def validate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) 
     model.eval()
     loss_sum, n_sum, preds = 0.0, 0, []
     size = max(1, cfg.run.batch_size // cfg.optim.grad_accum)
-    for inputs, labels in data.eval_batches(size, max_batches=8, seed=cfg.run.seed):
+    for inputs, labels, docs in data.eval_batches(size, max_batches=8, seed=cfg.run.seed):
         with autocast():
-            logits, _ = model(inputs.to(info.device))
+            logits, _ = model(inputs.to(info.device)) if docs is None else \
+                model(inputs.to(info.device), document_ids=docs.to(info.device))
         loss, _, n = loss_and_accuracy(logits, labels.to(info.device))
         loss_sum, n_sum = loss_sum + loss.item() * int(n), n_sum + int(n)
         if data.kind != "lm":
@@ -473,8 +494,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         for m in range(opt_cfg.grad_accum):
             index = doc * opt_cfg.grad_accum + m
             if index not in documents:
-                documents[index] = data.batch(index, micro, run.seed)
-            inputs, labels = documents[index]
+                documents[index] = (*data.batch(index, micro, run.seed), data.document_ids(index, micro, run.seed))
+            inputs, labels, doc_ids = documents[index]
             sl = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
             at = slice(w * cfg.task.seq_len, (w + 1) * cfg.task.seq_len)
             inputs, labels = inputs[sl, at].to(info.device), labels[sl, at].to(info.device)
@@ -483,8 +504,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
                 if carry:
                     logits, states[m] = carried_forward(fwd, model, inputs, states[m])
-                else:
+                elif doc_ids is None:
                     logits, _ = fwd(inputs)
+                else:  # packed documents: each from a fresh state
+                    logits, _ = fwd(inputs, document_ids=doc_ids[sl, at].to(info.device))
             _record_memory_stats(memory_layers, False)
             # a window of a longer document may hold no labelled position (a recall example's context)
             loss, _, _ = loss_and_accuracy(logits, labels, empty_ok=True) if windows > 1 else \
