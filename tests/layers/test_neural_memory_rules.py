@@ -264,13 +264,19 @@ def test_a_rule_variant_fixes_its_rule_and_reads_the_axes():
     ({"window": 0}, ValueError, "model.memory.window must be an int >= 1, got 0"),
     ({"window": 2.0}, TypeError, "model.memory.window must be of type int"),
     ({"momentum": "no"}, TypeError, "model.memory.momentum must be of type bool"),
-    ({"rule": "memora", "impl": "torch"}, ValueError, "model.memory.impl='torch' runs only"),
+    ({"rule": "memora", "impl": "triton"}, ValueError, "model.memory.impl='triton' runs only the rules its path "
+                                                        "covers: the Triton kernels cover"),
     ({"poly_degree": -1}, ValueError, "model.memory.poly_degree must be an int >= 0, got -1"),
     ({"poly_degree": 2}, ValueError, "model.memory.poly_degree=2 needs model.memory.residual=False"),
 ], ids=lambda x: str(x) if isinstance(x, dict) else None)
 def test_bad_rule_config_values_name_the_key(memory, error, match):
     with pytest.raises(error, match=match):
         MnemosConfig(variant="lmm", memory=memory)
+
+
+def test_impl_torch_runs_every_rule_on_the_chunked_path():
+    for rule in ("moneta", "memora", "yaad", "atlas"):
+        assert MnemosConfig(variant="lmm", memory={"rule": rule, "impl": "torch"}).memory.impl == "torch"
 
 
 def test_bad_rule_keywords_of_the_layer_name_the_key():

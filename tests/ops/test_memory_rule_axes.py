@@ -178,8 +178,8 @@ def test_auto_takes_the_chunked_path_for_titans_axes_and_the_reference_for_the_r
     fast = results(inp, chunk_size=2, impl="torch")
     assert all(torch.equal(a, b) for a, b in zip(fast, results(inp, chunk_size=2, rule="deltanet")))
     inp = dict(inp, delta=torch.ones_like(inp["theta"]))
-    slow = results(inp, chunk_size=2, rule="yaad", impl="reference")
-    assert all(torch.equal(a, b) for a, b in zip(slow, results(inp, chunk_size=2, rule="yaad")))
+    fast = results(inp, chunk_size=2, rule="yaad", impl="torch")
+    assert all(torch.equal(a, b) for a, b in zip(fast, results(inp, chunk_size=2, rule="yaad")))
 
 
 def test_gamma_on_the_fast_path_equals_the_reference():
@@ -405,11 +405,10 @@ def test_bad_rule_inputs():
             call(dict(inp, gamma=torch.full_like(inp["theta"], bad)), rule="atlas")
     with pytest.raises(ValueError, match=r"gamma must be \[B, T, H\]"):
         call(dict(inp, gamma=torch.ones(2, 5, dtype=F64)), rule="atlas")
-    for impl in ("torch", "triton"):
-        with pytest.raises(ValueError, match="only the reference implementation yet.*retention='lq'"):
-            call(inp, rule="moneta", impl=impl)
-        with pytest.raises(ValueError, match="'atlas' has only the reference.*optimizer='muon', window=4"):
-            call(inp, rule="atlas", impl=impl)
+    with pytest.raises(ValueError, match="Triton kernels cover.*retention='lq'"):
+        call(inp, rule="moneta", impl="triton")
+    with pytest.raises(ValueError, match="Triton kernels cover.*rule 'atlas' has optimizer='muon', window=4"):
+        call(inp, rule="atlas", impl="triton")
     with pytest.raises(ValueError, match="normalize_step is defined"):
         call(inp, rule="memora", normalize_step=True)
     with pytest.raises(ValueError, match="loss must be one of"):

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import RULES, MemoryRule, MemoryState, effective_weights, memory_read, neural_memory, step_curvature
-from ..ops.memory_rule import chunked_unsupported_reason
+from ..ops.memory_rule import chunked_unsupported_reason, torch_unsupported_reason
 from .conv import ShortConvolution
 from .norm import GatedRMSNorm
 
@@ -167,9 +167,10 @@ class MemorySettings:
             raise ValueError(f"{w}poly_degree={self.poly_degree} needs {w}residual=False: the memory's input, the "
                              "polynomial features of its keys, does not have the values' dim")
         rule = self.memory_rule  # the rule's own range checks, each error naming its key
-        if self.impl in ("torch", "triton") and chunked_unsupported_reason(rule) is not None:
-            raise ValueError(f"{w}impl={self.impl!r} runs only the rules its chunked path covers: "
-                             f"{chunked_unsupported_reason(rule)} (use impl 'auto' or 'reference')")
+        lacking = {"torch": torch_unsupported_reason, "triton": chunked_unsupported_reason}.get(self.impl)
+        if lacking is not None and lacking(rule) is not None:
+            raise ValueError(f"{w}impl={self.impl!r} runs only the rules its path covers: {lacking(rule)} (use impl "
+                             "'auto' or 'reference')")
 
     @property
     def memory_rule(self) -> MemoryRule:

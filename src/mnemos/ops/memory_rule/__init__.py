@@ -8,7 +8,8 @@
 - :func:`neural_memory`: the entry point; picks an implementation for the inputs' device and rule (dispatch.py).
 
 The rule's axes (loss, retention, inner optimiser, Omega window) and their presets: :class:`MemoryRule`,
-:data:`RULES`, :func:`effective_weights` (rule.py); the reference implements every axis, the chunked paths Titans'.
+:data:`RULES`, :func:`effective_weights` (rule.py); the reference and the chunked torch path implement every axis
+(the retentions lq / kl and Muon in dense_scan.py), the Triton kernels Titans'.
 
 :func:`step_curvature` (chunked.py) measures how far a step moves the memory's answer; ``normalize_step`` divides by it.
 """
@@ -17,7 +18,8 @@ from .common import MemoryState, memory_read
 from .chunked import neural_memory_chunked, step_curvature
 from .reference import neural_memory_reference
 from .dispatch import neural_memory, neural_memory_triton
-from .rule import RULES, MemoryRule, chunked_unsupported_reason, effective_weights
+from .rule import RULES, MemoryRule, chunked_unsupported_reason, effective_weights, torch_unsupported_reason
 
 __all__ = ["neural_memory", "neural_memory_chunked", "neural_memory_reference", "neural_memory_triton", "memory_read", "MemoryState",
-           "step_curvature", "MemoryRule", "RULES", "effective_weights", "chunked_unsupported_reason"]
+           "step_curvature", "MemoryRule", "RULES", "effective_weights", "chunked_unsupported_reason",
+           "torch_unsupported_reason"]

@@ -17,7 +17,9 @@ Both nodes take and return the same::
 
 - ``opts``: ``dict(L=depth, kw=dict(residual=..., activation=..., loss=...))`` (the torch node also takes
   ``normalize`` in ``kw``);
-- tokens, chunk-major: q, k ``[nc, B, H, n, K]``, v ``[nc, B, H, n, V]``;
+- tokens, chunk-major: q, k ``[nc, B, H, n, K]``, v ``[nc, B, H, n, V]`` (the torch node also takes a key side of
+  m = n + window - 1 tokens per chunk, k ``[nc, B, H, m, K]``, v ``[nc, B, H, m, V]``, with G ``[nc, B, H, n, m]`` and
+  gl, pl ``[nc, B, H, m]``: the Omega window, driver-side);
 - the coefficients of :class:`Coefficients`;
 - WS: L states ``[B, H, 2 D_out, D_in]`` at the first chunk's start, ``[W; S]`` stacked (:func:`split_state`);
   A: nothing, or L anchors ``[B, H, D_out, D_in]`` that chunk 0 takes its gradients at instead of its starting W

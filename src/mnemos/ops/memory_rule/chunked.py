@@ -28,6 +28,8 @@ from torch import Tensor
 
 from .backends import split_state, triton_unsupported_reason
 from .common import MemoryState, _no_autocast, activate, check_inputs
+from .rule import MemoryRule, check_rule_inputs, normalize_step_unsupported, resolve_rule, torch_unsupported_reason
+from .dense_scan import dense_scan
 from .torch_scan import TorchChunkScan, anchor_forward, curvature, scan, step_scale
 
 
@@ -74,7 +76,7 @@ def step_curvature(k: Tensor, v: Tensor, weights: Sequence[Tensor], *, residual:
     on the weights). k, v ``[B, T, H, D]``; weights L x ``[B, H, D_out, D_in]`` or ``[H, D_out, D_in]``.
     """
     with torch.no_grad(), _no_autocast(k.device):
-        a, _, _, _, d = anchor_forward(k.float().transpose(1, 2), v.float().transpose(1, 2),
+        a, _, _, _, d, _ = anchor_forward(k.float().transpose(1, 2), v.float().transpose(1, 2),
                                         [w.float() for w in weights], residual=residual, activation=activation,
                                         loss="l2")
         rho = curvature(a, d)  # [B, H, T]
@@ -94,28 +96,38 @@ def neural_memory_chunked(
     alpha: Tensor,
     weights: Sequence[Tensor] | None = None,
     *,
+    rule: str | MemoryRule = "titans",
+    delta: Tensor | None = None,
+    gamma: Tensor | None = None,
     chunk_size: int = 16,
     momentum: Sequence[Tensor] | None = None,
     residual: bool = True,
     activation: str = "gelu",
-    loss: str = "l2",
+    loss: str | None = None,
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     check_values: bool = True,
     normalize_step: bool = False,
 ) -> tuple[Tensor, MemoryState | None]:
-    """Chunk-parallel form of the memory rule in PyTorch; same contract as :func:`mnemos.ops.neural_memory`."""
+    """Chunk-parallel form of the memory rule in PyTorch; same contract as :func:`mnemos.ops.neural_memory`.
+    ValueError naming the axis for a rule this path does not cover (:func:`~.rule.torch_unsupported_reason`)."""
+    rule = resolve_rule(rule, loss)
+    reason = torch_unsupported_reason(rule)
+    if reason is not None:
+        raise ValueError(f"impl='torch' cannot run this call: {reason}")
+    check_rule_inputs(rule, q, delta, gamma, initial_state, check_values=check_values)
     return chunked_memory_rule(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum,
-                               residual=residual, activation=activation, loss=loss, initial_state=initial_state,
+                               residual=residual, activation=activation, loss=rule.loss, initial_state=initial_state,
                                output_final_state=output_final_state, check_values=check_values,
-                               normalize_step=normalize_step, backend="torch")
+                               normalize_step=normalize_step, backend="torch", rule=rule, delta=delta, gamma=gamma)
 
 
-def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, loss, normalize):
+def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, loss, normalize, p=3.0, delta=None):
     """The rule for a call of one token (decoding), with the per-token update written out: no chunk layout and no
-    coefficients. q, k, v ``[B, H, 1, D]``, gates ``[B, H]``, W0, S0: L x ``[B, H, D_out, D_in]``, A: the anchor.
-    Plain differentiable torch ops; returns o ``[B, H, 1, V]`` and the new W, S (new tensors)."""
-    a, _, _, _, d = anchor_forward(k, v, A, residual=residual, activation=activation, loss=loss)
+    coefficients. q, k, v ``[B, H, 1, D]``, gates ``[B, H]``, W0, S0: L x ``[B, H, D_out, D_in]``, A: the anchor;
+    delta ``[B, H, 1]`` (huber) or None. Plain differentiable torch ops; returns o ``[B, H, 1, V]`` and the new W, S
+    (new tensors). Window 1 only (a window's earlier tokens go through the chunk machinery)."""
+    a, _, _, _, d, _ = anchor_forward(k, v, A, residual=residual, activation=activation, loss=loss, p=p, delta=delta)
     if normalize:
         scale = step_scale(a, d)
         d = [di * scale for di in d]
@@ -133,15 +145,31 @@ def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, l
 
 
 def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, momentum, residual, activation, loss,
-                        initial_state, output_final_state, check_values, normalize_step, backend: str):
+                        initial_state, output_final_state, check_values, normalize_step, backend: str,
+                        rule: MemoryRule | None = None, delta: Tensor | None = None, gamma: Tensor | None = None):
     """The chunked rule with the chunk loop of ``backend``, ``"torch"`` or ``"triton"`` (ValueError naming the reason
-    where the kernels cannot run the call); the contract of :func:`mnemos.ops.neural_memory`."""
+    where the kernels cannot run the call); the contract of :func:`mnemos.ops.neural_memory`.
+
+    ``rule`` (already resolved, its inputs delta and gamma already checked by the caller; None: Titans' axes with
+    ``loss``) carries the axes the torch backend covers beyond Titans' (rule.torch_unsupported_reason): the losses lp
+    and huber and the Omega window in the hand-written dual form (torch_scan.py), the retentions lq / kl and Muon with
+    every token's state formed (dense_scan.py). With window 1 and momentum, gamma scales theta (a token's gradient is
+    in its own write only)."""
     spec = check_inputs(
         q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, initial_state=initial_state, loss=loss, check_values=check_values,
+        activation=activation, initial_state=initial_state, loss=None if rule is not None else loss,
+        check_values=check_values,
     )
     if not isinstance(normalize_step, bool):
         raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
+    if rule is None:
+        rule = resolve_rule("titans", loss)
+    if normalize_step and normalize_step_unsupported(rule) is not None:
+        raise ValueError(normalize_step_unsupported(rule))
+    P = rule.window - 1  # the tokens before a chunk that its writes also fit
+    dense = rule.retention != "decay" or rule.optimizer != "momentum"  # every token's state formed: dense_scan.py
+    if P == 0 and gamma is not None and not dense:  # window 1: gamma_t scales the token's gradient, as theta_t does
+        theta = theta * gamma
     if backend == "triton":
         reason = triton_unsupported_reason(q, spec.weights, None, chunk_size, normalize_step)
         if reason is not None:
@@ -156,31 +184,81 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
             S0 = tuple(s.to(dt) for s in spec.momentum)
         # a stream that stopped inside a chunk finishes that chunk first, against the anchor it carried
         A = tuple(a.to(dt) for a in spec.anchor) if spec.offset > 0 else None
-        kw = dict(residual=residual, activation=activation, loss=loss)  # the kernels' options
+        kw = dict(residual=residual, activation=activation, loss=rule.loss)  # the kernels' options
         tkw = dict(kw, normalize=normalize_step)  # the torch path's
-        if T == 1 and backend == "torch":  # decoding: one token's update written out, no chunk machinery
+        if rule.loss == "lp":
+            tkw["p"] = rule.p
+        huber = rule.loss == "huber"
+        if T == 1 and backend == "torch" and P == 0 and not dense:  # decoding: one token's update, no chunk machinery
             bh = lambda x: x.to(dt).transpose(1, 2)  # noqa: E731  [B, 1, H, D] -> [B, H, 1, D]; gates -> [B, H]
             o, W, S = _one_token(bh(q), bh(k), bh(v), bh(theta)[..., 0], bh(eta)[..., 0], bh(alpha)[..., 0], W0, S0,
-                                 W0 if A is None else A, **tkw)
+                                 W0 if A is None else A, delta=bh(delta) if huber else None, **tkw)
             o = o.transpose(1, 2).to(q.dtype)
             return o, _final_state(spec, W, S, W0, A, None, nc=1, T=1, chunk_size=C) if output_final_state else None
-
-        WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
+        # the key side of every write: the call's tokens after P earlier ones (a window's: carried by the state, or
+        # absent at a stream's start, weight 0), [B, P + T, H, ...]; window 1: the call's tokens, gamma in theta
+        carried = tuple(initial_state.window) if initial_state is not None and P > 0 else ()
+        if backend == "torch":
+            keys = _key_side(k, v, gamma, delta if huber else None, carried, P, dt=dt, weighted=dense)
         # chunks: [the rest of a chunk in progress] + full chunks + [a last partial chunk]
         n0 = min(C - spec.offset, T) if spec.offset > 0 else 0
         full, rem = divmod(T - n0, C)
         lengths = ([n0] if n0 else []) + [C] * full + ([rem] if rem else [])
         nc = len(lengths)
-        if backend == "torch":
-            o, WS, last_anchor = _run_torch(q, k, v, theta, eta, alpha, WS0, A, lengths, dt=dt, opts=tkw)
+        if dense:
+            o, A_T, S_T, last_anchor = _run_dense(q, keys, theta, eta, alpha, W0, S0, A, lengths, P=P, dt=dt,
+                                                  rule=rule, residual=residual, activation=activation)
+            WS = [torch.cat((a_, s_), dim=-2) for a_, s_ in zip(A_T, S_T)]
         else:
-            o, WS, last_anchor = _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, C=C, dt=dt, kw=kw)
+            WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
+            if backend == "torch":
+                o, WS, last_anchor = _run_torch(q, keys, theta, eta, alpha, WS0, A, lengths, P=P, dt=dt, opts=tkw)
+            else:
+                o, WS, last_anchor = _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, C=C, dt=dt, kw=kw)
         o = o.to(q.dtype)
     if not output_final_state:
         return o, None
     W = tuple(split_state(ws)[0].clone() for ws in WS)  # own storage: a state is measured and saved by its storage
     S = tuple(split_state(ws)[1].clone() for ws in WS)
-    return o, _final_state(spec, W, S, W0, A, last_anchor, nc=nc, T=T, chunk_size=C)
+    window = _window_state(k, v, theta, gamma, delta if huber else None, carried, P) if P > 0 else ()
+    return o, _final_state(spec, W, S, W0, A, last_anchor, nc=nc, T=T, chunk_size=C, window=window)
+
+
+def _key_side(k, v, gamma, delta, carried, P: int, *, dt, weighted: bool = False):
+    """The tokens the writes fit, ``(k, v, g, d)`` ``[B, P + T, H(, D)]`` in dtype dt: P earlier tokens (the carried
+    window's last ones, after zeros of weight 0 where the stream holds fewer) then the call's. g: the window weights
+    (None for window 1 unless ``weighted``: there gamma scales theta); d: huber's thresholds (1 where absent) or
+    None."""
+    if P == 0 and not weighted:
+        return k.to(dt), v.to(dt), None, None if delta is None else delta.to(dt)
+    B, T, H = k.shape[:3]
+    n0 = carried[0].shape[1] if carried else 0
+    absent = P - n0
+
+    def side(x, cx, fill):  # [B, T, H(, D)] after the carried [B, n0, H(, D)] after `absent` fill values
+        parts = [torch.full((B, absent, *x.shape[2:]), fill, dtype=dt, device=x.device)] if absent else []
+        if cx is not None:
+            parts.append(cx.to(dt))
+        parts.append(x.to(dt))
+        return torch.cat(parts, dim=1)
+
+    cx = lambda i: carried[i] if carried else None  # noqa: E731
+    g = gamma if gamma is not None else torch.ones(B, T, H, dtype=dt, device=k.device)
+    return (side(k, cx(0), 0.0), side(v, cx(1), 0.0), side(g, cx(2), 0.0),
+            None if delta is None else side(delta, cx(3), 1.0))
+
+
+def _window_state(k, v, theta, gamma, delta, carried, P: int) -> tuple[Tensor, ...]:
+    """What a windowed stream carries: the last min(P, tokens so far) tokens' k, v, gamma (and delta), as the
+    reference keeps them (``MemoryState.window``): the inputs' own values, in their own dtypes."""
+    T = k.shape[1]
+    g = gamma if gamma is not None else torch.ones_like(theta)
+    now = (k, v, g) + (() if delta is None else (delta,))
+    n0 = carried[0].shape[1] if carried else 0
+    keep = min(P, n0 + T)
+    if T >= keep:
+        return tuple(x[:, T - keep:] for x in now)
+    return tuple(torch.cat((c[:, n0 - (keep - T):], x), dim=1) for c, x in zip(carried, now))
 
 
 def _runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -196,30 +274,88 @@ def _runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
     return [(a, b, c) for a, b, c in runs]
 
 
-def _run_torch(q, k, v, theta, eta, alpha, WS, A, lengths, *, dt, opts):
+def _band(n: int, P: int, device) -> Tensor:
+    """``[n, n + P]``: token j of a chunk (key-side index j + P) fits the key-side tokens j .. j + P."""
+    j = torch.arange(n, device=device).unsqueeze(1)
+    e = torch.arange(n + P, device=device).unsqueeze(0)
+    return (e >= j) & (e <= j + P)
+
+
+def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
     """The torch path's chunk loop, one run of equal-length chunks at a time, each in a chunk-major layout of its own
     without padding (a partial chunk costs its own tokens, not a whole chunk's); the state carries from run to run.
+    ``keys``: the key side (:func:`_key_side`), P tokens before the call's. With a window (P > 0) each chunk of n
+    tokens writes with the n + P key-side tokens that end at its last one, and the coefficient rows that weigh them
+    are the band of gamma times the window-1 ones: ``G' = G @ Band``, ``Band[j, e] = gamma_e [j <= e <= j + P]``.
     Returns o ``[B, T, H, V]``, the final ``[W; S]`` per layer and the memory at the last chunk's start."""
     B, T, H = theta.shape
+    k, v, g, d = keys
     L, outs = len(WS), []
     for first, count, n in _runs(lengths):
         def chunks(x: Tensor) -> Tensor:  # [B, T, H(, D)] -> chunk-major [count, B, H, n(, D)]
             x = x[:, first:first + count * n].to(dt).transpose(1, 2)
             return x.reshape(B, H, count, n, *x.shape[3:]).movedim(2, 0).contiguous()
 
-        qc, kc, vc, thc, etc, alc = (chunks(x) for x in (q, k, v, theta, eta, alpha))
-        b, e, f, G, P = chunk_coefficients(thc, etc, alc)  # [count, B, H, n(, n)]
-        rows = (b[..., -1], e[..., -1], f[..., -1], G[..., -1, :], P[..., -1, :])  # at each chunk's last token
-        inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()))
+        qc, thc, etc, alc = (chunks(x) for x in (q, theta, eta, alpha))
+        b, e, f, G, Pm = chunk_coefficients(thc, etc, alc)  # [count, B, H, n(, n)]
+        if P == 0:
+            kc, vc = chunks(k), chunks(v)
+            dc = None if d is None else chunks(d)
+            gl, pl = G[..., -1, :], Pm[..., -1, :]
+        else:  # key-side tokens first + c n + (0 .. n + P - 1): the chunk's n after the P before them
+            idx = (first + n * torch.arange(count, device=q.device).unsqueeze(1)
+                   + torch.arange(n + P, device=q.device))  # [count, n + P]
+            side = lambda x: x[:, idx].movedim(1, 0).movedim(3, 2).contiguous()  # noqa: E731  [count, B, H, m(, D)]
+            kc, vc, gc = side(k), side(v), side(g)
+            dc = None if d is None else side(d)
+            band = _band(n, P, q.device).to(dt) * gc.unsqueeze(-2)  # [count, B, H, n, m]
+            G = G @ band
+            gl, pl = G[..., -1, :], (Pm[..., -1:, :] @ band).squeeze(-2)
+        rows = (b[..., -1], e[..., -1], f[..., -1], gl, pl)  # at each chunk's last token
+        inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()), *(() if dc is None else (dc,)))
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            o_c, *rest = TorchChunkScan.apply(dict(L=L, kw=opts), *inputs)
+            o_c, *rest = TorchChunkScan.apply(dict(L=L, kw=opts, delta=dc is not None), *inputs)
             WS, last_anchor = rest[:L], rest[L:]
         else:
-            o_c, WS, last_start, _, _ = scan(*inputs[:11], list(WS), A, save=False, **opts)
+            o_c, WS, last_start, _, _ = scan(*inputs[:11], list(WS), A, save=False, delta=dc, **opts)
             last_anchor = [split_state(ws)[0].clone() for ws in last_start]
         outs.append(o_c.movedim(0, 2).reshape(B, H, count * n, -1))  # [B, H, tokens, V]
         A = None  # only a stream's first chunk has an anchor of its own
     return torch.cat(outs, dim=2).transpose(1, 2), WS, last_anchor
+
+
+def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, residual, activation):
+    """The chunk loop of a retention other than decay or of Muon (dense_scan.py), one run of equal-length chunks at a
+    time like :func:`_run_torch`, with the window's band and gamma folded into the coefficients (never into theta:
+    Muon orthogonalises the weighted gradients' momentum before theta scales it). Returns o ``[B, T, H, V]``, the
+    final accumulators A and S per layer and the last chunk's starting A."""
+    B, T, H = theta.shape
+    k, v, g, d = keys
+    A0, S0, outs = list(A0), list(S0), []
+    for first, count, n in _runs(lengths):
+        def chunks(x: Tensor) -> Tensor:  # [B, T, H(, D)] -> chunk-major [count, B, H, n(, D)]
+            x = x[:, first:first + count * n].to(dt).transpose(1, 2)
+            return x.reshape(B, H, count, n, *x.shape[3:]).movedim(2, 0).contiguous()
+
+        idx = (first + n * torch.arange(count, device=q.device).unsqueeze(1)
+               + torch.arange(n + P, device=q.device))  # key-side tokens of each chunk, [count, n + P]
+        side = lambda x: x[:, idx].movedim(1, 0).movedim(3, 2).contiguous()  # noqa: E731  [count, B, H, m(, D)]
+        qc, thc, etc, alc = (chunks(x) for x in (q, theta, eta, alpha))
+        kc, vc, gc = side(k), side(v), side(g)
+        dc = None if d is None else side(d)
+        band = _band(n, P, q.device).to(dt) * gc.unsqueeze(-2)  # [count, B, H, n, m]: gamma_e [j <= e <= j + P]
+        if rule.optimizer == "momentum":
+            b, e, f, G, Pm = chunk_coefficients(thc, etc, alc)
+            coef = (b, f, G @ band, e[..., -1], (Pm[..., -1:, :] @ band).squeeze(-2))
+        else:
+            p_eta, p_beta = segment_products(etc), segment_products(1.0 - alc)
+            coef = (torch.cumprod(1.0 - alc, dim=-1), torch.cumprod(etc, dim=-1), p_eta @ band,
+                    p_beta * thc.unsqueeze(-2))
+        o_c, A0, S0, last_start = dense_scan(qc, kc, vc, dc, coef, A0, S0, A, rule=rule, residual=residual,
+                                             activation=activation)
+        outs.append(o_c.movedim(0, 2).reshape(B, H, count * n, -1))  # [B, H, tokens, V]
+        A = None  # only a stream's first chunk has an anchor of its own
+    return torch.cat(outs, dim=2).transpose(1, 2), A0, S0, [a.clone() for a in last_start]
 
 
 def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw):
@@ -258,7 +394,7 @@ def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw):
     return o_c.movedim(0, 2).reshape(B, H, nc * C, -1)[:, :, real].transpose(1, 2), WS, last_anchor
 
 
-def _final_state(spec, W, S, W0, A, last_anchor, *, nc: int, T: int, chunk_size: int) -> MemoryState:
+def _final_state(spec, W, S, W0, A, last_anchor, *, nc: int, T: int, chunk_size: int, window=()) -> MemoryState:
     """The state after a call of T tokens in nc chunks: W, S (tensors of their own), and the anchor of the chunk in
     progress (W itself on a boundary; the one the call started with if it crossed none; else the last chunk's
     starting memory, ``last_anchor``)."""
@@ -270,4 +406,4 @@ def _final_state(spec, W, S, W0, A, last_anchor, *, nc: int, T: int, chunk_size:
     else:
         anchor = tuple(last_anchor)
     anchor = tuple(x.expand(spec.B, *x.shape[-3:]).contiguous() if x.ndim == 3 else x for x in anchor)
-    return MemoryState(tuple(W), tuple(S), anchor, offset, chunk_size)
+    return MemoryState(tuple(W), tuple(S), anchor, offset, chunk_size, tuple(window))

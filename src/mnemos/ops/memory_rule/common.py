@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("gelu", "silu")
-# Associative losses the chunked paths know: Titans' l2 regression loss and the dot-product (Hebbian) loss of linear
-# attention. Every loss of the family (lp, Huber, ...) is defined in rule.py (`token_loss`, what the reference
-# differentiates); a fast path gets its output gradient here (`loss_output_grad`).
+# Associative losses the op's older `loss` argument names: Titans' l2 regression loss and the dot-product (Hebbian)
+# loss of linear attention. Every loss of the family (lp, Huber, ...) is defined in rule.py (`token_loss`, what the
+# reference differentiates); the chunked torch path gets its output gradient and that gradient's derivative here
+# (`loss_output_grad`, `loss_output_grad_backward`).
 LOSSES = ("l2", "dot")
 
 
@@ -51,12 +52,56 @@ def activate_grad2(x: Tensor, activation: str) -> Tensor:
     return s * (1.0 - s) * (2.0 + x * (1.0 - 2.0 * s))
 
 
-def loss_output_grad(pred: Tensor, target: Tensor, loss: str) -> Tensor:
-    """Gradient of the associative loss (``rule.token_loss``) with respect to the memory's output, per token: l2 ``2 (pred - target)``,
-    dot ``-target`` (independent of the memory, so any chunk size is exact for linear attention)."""
+def loss_output_grad(pred: Tensor, target: Tensor, loss: str, p: float = 3.0, delta: Tensor | None = None) -> Tensor:
+    """Gradient of the associative loss (``rule.token_loss``) with respect to the memory's output, per token, with
+    ``e = pred - target``: l2 ``2 e``; dot ``-target`` (independent of the memory, so any chunk size is exact for
+    linear attention); lp ``p sign(e) |e|^(p-1)``; huber ``2 e`` where ``||e||_2 <= delta`` else ``delta sign(e)``
+    (delta ``[..., n]``, one threshold per token; the branch is picked here, at the anchor). The chunked torch path
+    differentiates it by :func:`loss_output_grad_backward`: a new loss touches these two functions."""
     if loss == "l2":
         return 2.0 * (pred - target)
-    return -target.expand_as(pred)
+    if loss == "dot":
+        return -target.expand_as(pred)
+    e = pred - target
+    if loss == "lp":  # |e|^(p-1) through a safe base, so that autograd gives 0, not NaN, where e = 0 (p < 2)
+        ae = e.abs()
+        nz = ae > 0
+        mag = torch.where(nz, torch.where(nz, ae, torch.ones_like(ae)).pow(p - 1.0), torch.zeros_like(ae))
+        return p * e.sign() * mag
+    inside = e.pow(2).sum(-1) <= delta.pow(2)  # [..., n], as rule.token_loss picks the branch
+    return torch.where(inside.unsqueeze(-1), 2.0 * e, delta.unsqueeze(-1) * e.sign())
+
+
+def loss_output_grad_backward(grad: Tensor, err: Tensor | None, loss: str, p: float = 3.0,
+                              delta: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """The reverse of :func:`loss_output_grad`: given ``grad``, the gradient of its output, and ``err = pred - target``
+    (:func:`loss_keeps_error`; None for l2 and dot, which do not need it), returns the gradients of pred (None where it
+    is zero: dot), target and delta (None unless huber). Every loss is elementwise in e except huber's branch, a
+    constant mask. lp's ``p (p-1) |e|^(p-2)`` is taken as 0 where e = 0 (singular there for p < 2)."""
+    if loss == "l2":
+        dpred = 2.0 * grad
+        return dpred, -dpred, None
+    if loss == "dot":
+        return None, -grad, None
+    e = err
+    if loss == "lp":
+        if p == 1.0:
+            z = torch.zeros_like(grad)
+            return z, z, None
+        ae = e.abs()
+        nz = ae > 0
+        curv = (p * (p - 1.0)) * torch.where(nz, ae, torch.ones_like(ae)).pow(p - 2.0)
+        dpred = torch.where(nz, grad * curv, torch.zeros_like(grad))
+        return dpred, -dpred, None
+    inside = e.pow(2).sum(-1) <= delta.pow(2)  # [..., n]
+    dpred = torch.where(inside.unsqueeze(-1), 2.0 * grad, torch.zeros_like(grad))
+    ddelta = torch.where(inside, torch.zeros_like(delta), (grad * e.sign()).sum(-1))
+    return dpred, -dpred, ddelta
+
+
+def loss_keeps_error(loss: str) -> bool:
+    """Whether :func:`loss_output_grad_backward` needs the error ``pred - target`` (saved by the forward)."""
+    return loss not in ("l2", "dot")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

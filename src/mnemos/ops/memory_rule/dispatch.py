@@ -12,7 +12,7 @@ from .backends import triton_unsupported_reason
 from .chunked import chunked_memory_rule, neural_memory_chunked
 from .common import MemoryState
 from .reference import neural_memory_reference
-from .rule import MemoryRule, check_rule_inputs, chunked_unsupported_reason, resolve_rule
+from .rule import MemoryRule, check_rule_inputs, chunked_unsupported_reason, resolve_rule, torch_unsupported_reason
 
 IMPLS = ("auto", "triton", "torch", "reference")
 
@@ -26,11 +26,14 @@ def neural_memory_triton(
     alpha: Tensor,
     weights: Sequence[Tensor] | None = None,
     *,
+    rule: str | MemoryRule = "titans",
+    delta: Tensor | None = None,
+    gamma: Tensor | None = None,
     chunk_size: int = 16,
     momentum: Sequence[Tensor] | None = None,
     residual: bool = True,
     activation: str = "gelu",
-    loss: str = "l2",
+    loss: str | None = None,
     initial_state: MemoryState | None = None,
     output_final_state: bool = False,
     check_values: bool = True,
@@ -38,11 +41,17 @@ def neural_memory_triton(
 ) -> tuple[Tensor, MemoryState | None]:
     """The chunk-parallel form with the chunk loop in fused Triton kernels (triton_scan.py); same contract as
     :func:`neural_memory`. Raises ValueError naming the reason for configs the kernels do not cover
-    (:func:`~.backends.triton_unsupported_reason`)."""
+    (:func:`~.backends.triton_unsupported_reason`) and naming the axis for rules outside Titans' axes
+    (:func:`~.rule.chunked_unsupported_reason`)."""
+    rule = resolve_rule(rule, loss)
+    reason = chunked_unsupported_reason(rule)
+    if reason is not None:
+        raise ValueError(f"impl='triton' cannot run this call: {reason}")
+    check_rule_inputs(rule, q, delta, gamma, initial_state, check_values=check_values)
     return chunked_memory_rule(q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum,
-                               residual=residual, activation=activation, loss=loss, initial_state=initial_state,
+                               residual=residual, activation=activation, loss=rule.loss, initial_state=initial_state,
                                output_final_state=output_final_state, check_values=check_values,
-                               normalize_step=normalize_step, backend="triton")
+                               normalize_step=normalize_step, backend="triton", rule=rule, gamma=gamma)
 
 
 def neural_memory(
@@ -94,10 +103,12 @@ def neural_memory(
             ``[B, H, D_out, D_in]`` (per sequence); layer 1 takes K inputs, layer L gives V outputs. Omit it when
             ``initial_state`` is given.
         rule: a preset name (``"titans"``, ``"moneta"``, ``"yaad"``, ``"memora"``, ``"omeganet"``, ``"atlas"``,
-            ``"linear_attention"``, ``"deltanet"``) or a :class:`~mnemos.ops.MemoryRule`. The chunked torch path and
-            the Triton kernels cover the rules with loss l2 or dot, retention decay, optimizer momentum and window 1
-            (Titans, linear attention, DeltaNet); every other rule runs on the reference only for now (auto picks
-            it; ``impl="torch"`` / ``"triton"`` raise ValueError).
+            ``"linear_attention"``, ``"deltanet"``) or a :class:`~mnemos.ops.MemoryRule`. The chunked torch path
+            covers every axis (lp / huber and the Omega window in its hand-written dual form; retention lq / kl and
+            Muon with every token's state formed per chunk, autograd through each chunk: ``dense_scan.py``); the
+            Triton kernels cover the rules with loss l2 or dot, retention decay, optimizer momentum and window 1
+            (Titans, linear attention, DeltaNet); ``impl="triton"`` refuses any other rule with a ValueError naming
+            the axis.
         delta: ``[B, T, H]`` Huber thresholds (> 0), required for (and only for) ``loss="huber"``.
         gamma: ``[B, T, H]`` window weights in [0, 1] (the Omega rule's gamma_i, weighting token i's loss in every
             write whose window holds it); ones when None. With window 1 it scales the token's gradient.
@@ -120,7 +131,8 @@ def neural_memory(
             own answer): ``theta`` then bounds the first-order change of that answer whatever the memory's depth,
             width or weights (a matrix memory with unit keys has ``rho = 1``: unchanged). The divisor is differentiated
             like the rest of the step. Not in the Triton kernels (auto takes the torch path).
-        impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise;
+        impl: ``"auto"`` (the Triton kernels on CUDA for the configs they cover, the chunked torch path otherwise,
+            the reference for a rule the torch path does not cover (:func:`~.rule.torch_unsupported_reason`);
             ``MNEMOS_TRITON=0`` in the environment keeps auto on the torch path),
             ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
             ``TRITON_INTERPRET=1``), ``"torch"`` (chunked torch path) or ``"reference"`` (token-by-token, for
@@ -144,26 +156,22 @@ def neural_memory(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     rule = resolve_rule(rule, loss)
-    reason = chunked_unsupported_reason(rule)
-    if impl == "reference" or (impl == "auto" and reason is not None):
+    torch_reason = torch_unsupported_reason(rule)
+    if impl == "reference" or (impl == "auto" and torch_reason is not None):
         return neural_memory_reference(
             q, k, v, theta, eta, alpha, weights, rule=rule, delta=delta, gamma=gamma, chunk_size=chunk_size,
             momentum=momentum, residual=residual, activation=activation, initial_state=initial_state,
             output_final_state=output_final_state, check_values=check_values, normalize_step=normalize_step,
         )
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} cannot run this call: {reason}")
-    check_rule_inputs(rule, q, delta, gamma, initial_state, check_values=check_values)
-    if gamma is not None:  # window 1: gamma_t scales the token's gradient, as theta_t does
-        theta = theta * gamma
+    kernels_reason = chunked_unsupported_reason(rule)  # the Triton kernels cover Titans' axes only
     if impl == "auto":
         on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
-        kernels_ok = on_gpu and os.environ.get("MNEMOS_TRITON", "1") != "0"
+        kernels_ok = on_gpu and kernels_reason is None and os.environ.get("MNEMOS_TRITON", "1") != "0"
         impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size, normalize_step) is None \
             else "torch"
-    fn = {"torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]
+    fn = {"torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]  # each checks the rule and its inputs
     return fn(
-        q, k, v, theta, eta, alpha, weights, chunk_size=chunk_size, momentum=momentum, residual=residual,
-        activation=activation, loss=rule.loss, initial_state=initial_state, output_final_state=output_final_state,
-        check_values=check_values, normalize_step=normalize_step,
+        q, k, v, theta, eta, alpha, weights, rule=rule, delta=delta, gamma=gamma, chunk_size=chunk_size,
+        momentum=momentum, residual=residual, activation=activation, initial_state=initial_state,
+        output_final_state=output_final_state, check_values=check_values, normalize_step=normalize_step,
     )

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .common import MemoryState, _no_autocast, activate, check_inputs
-from .rule import MemoryRule, check_rule_inputs, chunked_unsupported_reason, effective_weights, newton_schulz, \
-    resolve_rule, rule_name, token_loss
+from .rule import MemoryRule, check_rule_inputs, effective_weights, newton_schulz, normalize_step_unsupported, \
+    resolve_rule, token_loss
 
 
 def _memory(x: Tensor, weights: Sequence[Tensor], residual: bool, activation: str) -> Tensor:
@@ -81,9 +81,8 @@ def neural_memory_reference(
     check_rule_inputs(rule, q, delta, gamma, initial_state, check_values=check_values)
     if not isinstance(normalize_step, bool):
         raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
-    if normalize_step and chunked_unsupported_reason(rule) is not None:
-        raise ValueError(f"normalize_step is defined for the rules the chunked paths cover (loss 'l2' or 'dot', "
-                         f"retention 'decay', optimizer 'momentum', window 1), not for rule {rule_name(rule)}")
+    if normalize_step and normalize_step_unsupported(rule) is not None:
+        raise ValueError(normalize_step_unsupported(rule))
     B, T, dt = spec.B, spec.T, spec.dtype
     huber, weighted = rule.loss == "huber", gamma is not None or rule.window > 1
     carried = tuple(initial_state.window) if initial_state is not None else ()

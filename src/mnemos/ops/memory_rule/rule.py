@@ -12,7 +12,8 @@ docs/MEMORY_RULE.md, "The four axes".
   S = eta S - u; A = (1 - alpha) A + theta NS(S), :func:`newton_schulz`);
 - **window** (``window``, Atlas' Omega rule): each write fits the last ``window`` tokens, weighted by gamma.
 
-Imports nothing from the chunked paths: the dispatcher asks :func:`chunked_unsupported_reason` which rules they cover.
+Imports nothing from the chunked paths: the dispatcher asks :func:`torch_unsupported_reason` and
+:func:`chunked_unsupported_reason` (the Triton kernels) which rules they cover.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ OPTIMIZERS = ("momentum", "muon")
 # Newton-Schulz: Muon's quintic coefficients (Jordan et al. 2024; the Atlas paper gives none) and the normaliser's eps
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
-# what the chunked torch path and the Triton kernels implement (any other axis value: the reference only)
+# what the Triton kernels implement (Titans' axes; also what normalize_step is defined for), and what the chunked torch
+# path implements (with any window); any other axis value: the reference only
 CHUNKED_LOSSES = ("l2", "dot")
+TORCH_LOSSES = ("l2", "dot", "lp", "huber")
+TORCH_RETENTIONS = ("decay", "lq", "kl")
+TORCH_OPTIMIZERS = ("momentum", "muon")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -138,22 +143,61 @@ def rule_name(rule: MemoryRule) -> str:
     return f"MemoryRule({diff})"
 
 
-def chunked_unsupported_reason(rule: MemoryRule) -> str | None:
-    """Which of ``rule``'s axis values the chunked torch path and the Triton kernels lack (None: they cover it)."""
+def _axes_beyond(rule: MemoryRule, losses: tuple[str, ...], retentions: tuple[str, ...],
+                 optimizers: tuple[str, ...], windows: bool) -> list[str]:
+    """The rule's axis values outside the given ones (and window 1 unless ``windows``), spelled ``name=value``."""
     lacking = []
-    if rule.loss not in CHUNKED_LOSSES:
+    if rule.loss not in losses:
         lacking.append(f"loss={rule.loss!r}")
-    if rule.retention != "decay":
+    if rule.retention not in retentions:
         lacking.append(f"retention={rule.retention!r}")
-    if rule.optimizer != "momentum":
+    if rule.optimizer not in optimizers:
         lacking.append(f"optimizer={rule.optimizer!r}")
-    if rule.window != 1:
+    if rule.window != 1 and not windows:
         lacking.append(f"window={rule.window}")
+    return lacking
+
+
+def _kernel_axes(rule: MemoryRule) -> list[str]:
+    return _axes_beyond(rule, CHUNKED_LOSSES, ("decay",), ("momentum",), False)
+
+
+def _torch_axes(rule: MemoryRule) -> list[str]:
+    return _axes_beyond(rule, TORCH_LOSSES, TORCH_RETENTIONS, TORCH_OPTIMIZERS, True)
+
+
+def torch_unsupported_reason(rule: MemoryRule) -> str | None:
+    """Which of ``rule``'s axis values the chunked torch path lacks (None: it covers the rule; then impl='auto' takes
+    it on the CPU). It covers every axis value of :class:`MemoryRule` today: a new value starts reference-only here."""
+    lacking = _torch_axes(rule)
     if not lacking:
         return None
     return (f"rule {rule_name(rule)} has only the reference implementation yet (impl='reference', or 'auto', which "
-            f"picks it): the chunked paths cover loss in {CHUNKED_LOSSES}, retention 'decay', optimizer 'momentum', "
-            f"window 1, and this rule has {', '.join(lacking)}")
+            f"picks it): the chunked torch path covers loss in {TORCH_LOSSES}, retention in {TORCH_RETENTIONS}, "
+            f"optimizer in {TORCH_OPTIMIZERS} and any window, and this rule has {', '.join(_kernel_axes(rule))} "
+            f"(lacking {', '.join(lacking)})")
+
+
+def chunked_unsupported_reason(rule: MemoryRule) -> str | None:
+    """Which of ``rule``'s axis values lie outside Titans' axes (loss l2 or dot, retention decay, optimizer momentum,
+    window 1), None for a rule inside them: the rules the Triton kernels cover and ``normalize_step`` is defined for.
+    (The chunked torch path covers more: :func:`torch_unsupported_reason`.)"""
+    lacking = _kernel_axes(rule)
+    if not lacking:
+        return None
+    if torch_unsupported_reason(rule) is not None:
+        return torch_unsupported_reason(rule)
+    return (f"the Triton kernels cover loss in {CHUNKED_LOSSES}, retention 'decay', optimizer 'momentum', window 1, "
+            f"and rule {rule_name(rule)} has {', '.join(lacking)} (impl='torch', or 'auto', runs it on the chunked "
+            f"torch path)")
+
+
+def normalize_step_unsupported(rule: MemoryRule) -> str | None:
+    """The error for ``normalize_step`` with ``rule`` (None where it is defined: Titans' axes)."""
+    if chunked_unsupported_reason(rule) is None:
+        return None
+    return (f"normalize_step is defined for the rules the chunked paths cover (loss 'l2' or 'dot', "
+            f"retention 'decay', optimizer 'momentum', window 1), not for rule {rule_name(rule)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

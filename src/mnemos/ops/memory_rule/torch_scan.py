@@ -12,6 +12,12 @@ with the scalar coefficients the driver computes (``chunked.chunk_coefficients``
 C x C masked matmul per layer; no per-token copy of the weights is ever formed. The chunk-to-chunk dependency (each
 anchor is the previous chunk's last state) is a loop over chunks; everything else is batched.
 
+The rule's axes that keep this form live here too: the loss enters only through the output-side gradient of the
+anchor error (``common.loss_output_grad``; lp and huber save that error, and huber's thresholds delta are one more
+input of the node, for the backward: ``common.loss_output_grad_backward``), and an Omega window only lengthens the
+key side of a chunk (k, v of m = n + window - 1 tokens, G of n x m: the driver folds the band into the coefficients).
+The retentions lq / kl and Muon do not keep it: ``dense_scan.py``.
+
 Per layer the state is kept stacked as ``[W; S]`` (``[B, H, 2 D_out, D_in]``), so that reading both, updating both
 and backpropagating into both are one matmul each.
 
@@ -34,7 +40,8 @@ import torch
 from torch import Tensor
 
 from .backends import Coefficients, ScanGrads, split_state
-from .common import activate, activate_grad, activate_grad2, loss_output_grad
+from .common import activate, activate_grad, activate_grad2, loss_keeps_error, loss_output_grad, \
+    loss_output_grad_backward
 
 # ----------------------------------------------------------------------------------------------------------------------
 # one chunk, forward. Shapes: tokens [B, H, n, D], coefficients [B, H, n] / [B, H, n, n], states [B, H, 2 D_out, D_in]
@@ -50,12 +57,15 @@ def _bmm_add(base: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
     return base
 
 
-def anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str):
+def anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str,
+                   p: float = 3.0, delta: Tensor | None = None):
     """Forward the chunk's keys through the anchor memory and backpropagate the associative loss by hand.
 
     Returns per layer l: ``a[l]`` its input (a[0] = k), ``d[l]`` its output error (token j's gradient for layer l is
-    ``outer(d[l][j], a[l][j])``); and per hidden layer: ``z[l]`` the pre-activation, ``dact[l] = act'(z[l])``,
-    ``back[l] = d[l + 1] @ W[l + 1]`` (what the backward needs).
+    ``outer(d[l][j], a[l][j])``); per hidden layer: ``z[l]`` the pre-activation, ``dact[l] = act'(z[l])``,
+    ``back[l] = d[l + 1] @ W[l + 1]`` (what the backward needs); and ``err = M(k) - v`` for a loss whose output
+    gradient's derivative needs it (lp, huber; None otherwise). ``p``: lp's exponent; ``delta`` ``[..., n]``: huber's
+    thresholds.
     """
     L = len(anchor)
     a, z = [k], []
@@ -71,11 +81,12 @@ def anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: 
     dact = [activate_grad(zi, activation) for zi in z]
     d: list[Tensor] = [None] * L  # type: ignore[list-item]
     back: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
-    d[-1] = loss_output_grad(pred, v, loss)
+    d[-1] = loss_output_grad(pred, v, loss, p, delta)
+    err = pred - v if loss_keeps_error(loss) else None
     for i in range(L - 2, -1, -1):
         back[i] = d[i + 1] @ anchor[i + 1]
         d[i] = back[i] * dact[i]
-    return a, z, dact, back, d
+    return a, z, dact, back, d, err
 
 
 def curvature(a: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
@@ -164,11 +175,15 @@ def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[
 
 
 def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save: bool,
-         normalize: bool = False):
+         normalize: bool = False, p: float = 3.0, delta: Tensor | None = None):
     """Every chunk in order. Chunk-major inputs: tokens ``[nc, B, H, n, D]``, coefficients ``[nc, B, H, n(, n)]`` and
     ``[nc, B, H(, n)]`` (rows at each chunk's last real token); WS: L x ``[B, H, 2 D_out, D_in]`` at the first chunk's
     start (without ``save`` they are updated in place: the caller must own them); A: the first chunk's anchor
     (L x ``[B, H, D_out, D_in]``) when it is not that chunk's starting memory (a stream continued mid-chunk), else None.
+
+    The keys k, v may hold m >= n tokens per chunk (an Omega window: the chunk's n tokens after the window - 1 before
+    them), G ``[nc, B, H, n, m]`` and gl, pl ``[nc, B, H, m]`` then weigh every one of them (the driver folds the
+    window's band into them). ``p``: lp's exponent; ``delta`` ``[nc, B, H, m]``: huber's thresholds, else None.
 
     Returns o ``[nc, B, H, n, V]``, the final WS, the last chunk's starting WS, and when ``save``: every chunk's
     starting WS and activations."""
@@ -178,13 +193,14 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
     opts = dict(residual=residual, activation=activation)
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else [split_state(ws)[0] for ws in WS]
-        a, z, dact, back, d = anchor_forward(k[c], v[c], anchor, loss=loss, **opts)
+        dc = None if delta is None else delta[c]
+        a, z, dact, back, d, err = anchor_forward(k[c], v[c], anchor, loss=loss, p=p, delta=dc, **opts)
         s = step_scale(a, d).detach() if normalize else None  # the backward differentiates it by hand
         du = d if s is None else [di * s for di in d]  # the errors the update uses: u_l = du_l a_l^T
         o[c], xs, ys, xws, ps = _read_forward(q[c], WS, a, du, b[c], f[c], G[c], **opts)
         if save:
             starts.append(WS)
-            saved.append((a, z, dact, back, d, xs, ys, xws, ps, s))
+            saved.append((a, z, dact, back, d, xs, ys, xws, ps, s, err, dc))
         last_start = WS if save or c < nc - 1 else [ws.clone() for ws in WS]
         WS = _state_forward(WS, a, du, bl[c], el[c], fl[c], gl[c], pl[c], inplace=not save)
     return o, WS, last_start, starts, saved
@@ -195,14 +211,16 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
 
 
 def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, activation, loss,
-                    normalize: bool = False) -> ScanGrads:
+                    normalize: bool = False, p: float = 3.0) -> tuple[ScanGrads, Tensor | None]:
     """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it; owned, and turned in
     place into the gradient of the state before the chunk); ``coef``: the chunk's coefficients.
 
     dWS is the gradient of the chunk's starting ``[W; S]`` (anchor included when the anchor is W), dA that of a
-    separate anchor (None when A is None)."""
+    separate anchor (None when A is None). Also returns ddelta, the gradient of huber's thresholds (None for any other
+    loss; not part of the backends' contract)."""
     b, f, G, bl, el, fl, gl, pl = coef
-    a, z, dact, back, d, xs, ys, xws, ps, s = acts
+    a, z, dact, back, d, xs, ys, xws, ps, s, err, delta = acts
+    exponent = p  # lp's (the name p is the read's x a^T below)
     du = d if s is None else [di * s for di in d]  # what the update used (normalize: s is a constant)
     L = len(WS)
     gc, pc = gl.unsqueeze(-1), pl.unsqueeze(-1)
@@ -265,12 +283,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         dz[i] = dd[i] * back[i] * activate_grad2(z[i], activation)
         dd[i + 1] = _bmm_add(dd[i + 1], dback, anchor[i + 1].mT)
         dA[i + 1] = d[i + 1].mT @ dback
-    if loss == "l2":  # d[L-1] = 2 (pred - v)
-        dpred = 2.0 * dd[-1]
-        dv = -dpred
-    else:  # d[L-1] = -v
-        dpred = None
-        dv = -dd[-1]
+    dpred, dv, ddelta = loss_output_grad_backward(dd[-1], err, loss, exponent, delta)  # d[L-1] = g(pred - v) (dot: -v)
     dzi = dpred
     for i in range(L - 1, -1, -1):  # z[i] = a[i] @ W[i]^T, a[i+1] = act(z[i])
         if i < L - 1:
@@ -288,23 +301,30 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         dA_out = None
     else:
         dA_out = [torch.zeros_like(A[i]) if g is None else g for i, g in enumerate(dA)]
-    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out)
+    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out), ddelta
 
 
 class TorchChunkScan(torch.autograd.Function):
     """The chunk loop as one autograd node (contract: ``backends.py``): forward saves each chunk's starting state and
     activations, backward is ``_chunk_backward`` over the chunks in reverse. Outputs: o, the final L states
-    ``[W; S]``, and the memory at the last chunk's start (the anchor a stream continued from here would use)."""
+    ``[W; S]``, and the memory at the last chunk's start (the anchor a stream continued from here would use).
+
+    Beyond the contract's inputs, the torch node takes huber's thresholds ``delta`` ``[nc, B, H, m]`` as its last input
+    when ``opts["delta"]`` is true (and gives their gradient), and lp's exponent as ``opts["kw"]["p"]``."""
 
     @staticmethod
     def forward(ctx, opts: dict, q, k, v, b, f, G, bl, el, fl, gl, pl, *states):
         L = opts["L"]
+        has_delta = bool(opts.get("delta"))
+        delta = states[-1] if has_delta else None
+        states = states[:-1] if has_delta else states
         WS, A = list(states[:L]), (list(states[L:]) or None)
         o, WS_out, last_start, starts, saved = scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, save=True,
-                                                    **opts["kw"])
-        ctx.opts, ctx.starts, ctx.acts, ctx.A = opts, starts, saved, A
+                                                    delta=delta, **opts["kw"])
+        ctx.opts, ctx.starts, ctx.acts, ctx.A, ctx.has_delta = opts, starts, saved, A, has_delta
         ctx.coef = Coefficients(b, f, G, bl, el, fl, gl, pl)
         ctx.shapes = (q.shape, k.shape, v.shape)
+        ctx.delta_shape = None if delta is None else delta.shape
         last_anchor = [split_state(ws)[0].clone() for ws in last_start]
         return (o, *WS_out, *last_anchor)
 
@@ -319,11 +339,14 @@ class TorchChunkScan(torch.autograd.Function):
         qs, ks, vs = ctx.shapes
         out = ScanGrads(do.new_empty(qs), do.new_empty(ks), do.new_empty(vs), *(torch.empty_like(x) for x in coef),
                         dWS=dWS, dA=None)  # every chunk's gradients, written chunk by chunk
+        ddelta = None if ctx.delta_shape is None else do.new_empty(ctx.delta_shape)
         for c in range(nc - 1, -1, -1):
-            g = _chunk_backward(do[c], dWS, starts[c], A if c == 0 else None, acts[c],
+            g, ddelta_c = _chunk_backward(do[c], dWS, starts[c], A if c == 0 else None, acts[c],
                                 Coefficients(*(x[c] for x in coef)), **ctx.opts["kw"])
             for name in ScanGrads.PER_CHUNK:
                 getattr(out, name)[c] = getattr(g, name)
+            if ddelta is not None:
+                ddelta[c] = ddelta_c
             dWS = g.dWS
             if c == nc - 1:  # the last chunk's starting memory is also an output
                 for i, dl in enumerate(d_last_anchor):
@@ -331,4 +354,4 @@ class TorchChunkScan(torch.autograd.Function):
                         dWS[i][..., : dl.shape[-2], :] += dl
             if c == 0:
                 out = out._replace(dWS=dWS, dA=g.dA)
-        return out.node_grads()
+        return (*out.node_grads(), *(() if ddelta is None else (ddelta,)))

@@ -1,0 +1,123 @@
+"""Wall time of the memory rule's presets on the chunked torch path beside Titans, one process (issue 14, section 2).
+
+Rows: every preset of ``mnemos.ops.RULES`` that the chunked torch path covers (``--rules`` picks; default every
+preset, uncovered ones are listed as "reference only" and not timed: the token-by-token reference is not a speed
+path), plus ``lp-decay`` (Moneta's loss, p = 3, with Titans' retention), to separate a loss's cost from a retention's.
+Inputs are built directly at [B, T, H, D] like benchmarks/op_speed.py (no projections, conv or norm): q, k
+l2-normalised, v randn, theta = 0.01 sigmoid(randn), eta = sigmoid(randn), alpha = sigmoid(randn - 4), a depth-2 memory
+(expansion 4, residual) of 0.02 randn weights shared by the batch, delta = 1 + softplus(randn) for huber and gamma =
+sigmoid(randn) for a window; everything requires grad and "fwd+bwd" backpropagates (o * g).sum() into all of it.
+
+Method: one thread; every row is warmed up once at T = 2C; then --repeats rounds, each timing every row's fwd (with
+autograd recording) and then every row's fwd+bwd, interleaved so that a busy machine slows every row alike; the
+median is reported with the ratio to Titans.
+
+Usage (the CPU shape of issue 14: B 2, T 2048, dim 256 = 4 heads x 64, depth 2, chunk 16):
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans yaad --seq-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import mnemos  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mnemos.ops import RULES, MemoryRule, neural_memory
+from mnemos.ops.memory_rule.rule import torch_unsupported_reason
+
+EXTRA = {"lp-decay": MemoryRule(loss="lp", p=3.0)}
+
+
+def make_inputs(rule: MemoryRule, B: int, T: int, H: int, D: int, E: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    inp = dict(q=F.normalize(r(B, T, H, D), dim=-1), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+               theta=0.01 * torch.sigmoid(r(B, T, H)), eta=torch.sigmoid(r(B, T, H)),
+               alpha=torch.sigmoid(r(B, T, H) - 4), weights=(0.02 * r(H, E * D, D), 0.02 * r(H, D, E * D)))
+    if rule.loss == "huber":
+        inp["delta"] = 1.0 + F.softplus(r(B, T, H))
+    if rule.window > 1:
+        inp["gamma"] = torch.sigmoid(r(B, T, H))
+    return {n: tuple(t.requires_grad_() for t in x) if isinstance(x, tuple) else x.requires_grad_()
+            for n, x in inp.items()}
+
+
+def call(rule: MemoryRule, inp: dict, chunk: int, T: int | None = None):
+    x = {n: (t if isinstance(t, tuple) else t[:, :T]) for n, t in inp.items()}
+    args = [x.pop(n) for n in ("q", "k", "v", "theta", "eta", "alpha", "weights")]
+    return neural_memory(*args, rule=rule, chunk_size=chunk, impl="torch", **x)[0]
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rules", nargs="*", default=None,
+                   help="presets (and lp-decay) to time beside titans; bare --rules or none given: all of them")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--expansion", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON file to write (default: none)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    names = list(a.rules) if a.rules else [*RULES, *EXTRA]
+    names = ["titans"] + [n for n in names if n != "titans"]
+    rules = {n: RULES[n] if n in RULES else EXTRA[n] for n in names}
+    B, T, H = a.batch, a.seq_len, a.heads
+    D = a.dim // H
+    rows, skipped = {}, {}
+    for n, rule in rules.items():
+        reason = torch_unsupported_reason(rule)
+        if reason is not None:
+            skipped[n] = "reference only: " + reason
+            continue
+        inp = make_inputs(rule, B, T, H, D, a.expansion)
+        grad = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1))
+        call(rule, inp, a.chunk, 2 * a.chunk).sum().backward()  # warm-up
+        rows[n] = dict(rule=rule, inp=inp, grad=grad, fwd=[], fwdbwd=[])
+    for _ in range(a.repeats):
+        for r in rows.values():
+            r["fwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk)))
+        for r in rows.values():
+            r["fwdbwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk).backward(r["grad"])))
+    base = {ph: statistics.median(rows["titans"][ph]) for ph in ("fwd", "fwdbwd")}
+    print(f"memory rules, chunked torch path: B {B}, T {T}, dim {a.dim} ({H} heads x {D}), depth 2 (expansion "
+          f"{a.expansion}), chunk {a.chunk}, {a.threads} thread(s), float32, median of {a.repeats}")
+    print(f"{'rule':<18}{'fwd s':>9}{'x titans':>10}{'fwd+bwd s':>11}{'x titans':>10}  axes")
+    out = []
+    for n, r in rows.items():
+        f, fb = statistics.median(r["fwd"]), statistics.median(r["fwdbwd"])
+        axes = ", ".join(f"{k}={v!r}" for k, v in vars(r["rule"]).items() if getattr(MemoryRule(), k) != v) or "-"
+        print(f"{n:<18}{f:>9.3f}{f / base['fwd']:>10.2f}{fb:>11.3f}{fb / base['fwdbwd']:>10.2f}  {axes}")
+        out.append(dict(rule=n, axes=axes, fwd_s=f, fwdbwd_s=fb, fwd_ratio=f / base["fwd"],
+                        fwdbwd_ratio=fb / base["fwdbwd"], fwd_all=r["fwd"], fwdbwd_all=r["fwdbwd"]))
+    for n, why in skipped.items():
+        print(f"{n:<18}  not timed ({why[:110]}...)")
+    if a.out:
+        Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=out, skipped=skipped, torch=torch.__version__),
+                                          indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The chunked torch path for a retention other than decay (Moneta's lq, Memora's kl) and for the Muon optimiser
+(Atlas): every token's state of a chunk materialised from the chunk's anchor quantities, differentiated by autograd
+and recomputed chunk by chunk in the backward. Derivation: docs/MEMORY_RULE.md, "The chunked form of each axis".
+
+Inside a chunk every gradient is still taken at one anchor (the effective weights ``F(A)`` at the chunk's start), so
+token j's gradient for layer l is the outer product ``U_j = d_j a_j^T`` (``torch_scan.anchor_forward`` at F(A)) and
+the accumulator recurrence stays linear:
+
+    momentum: A_i = b_i A_0 + f_i S_0 - sum_j G[i, j] U_j           (G: theta and the window's band folded in)
+    muon:     S_i = e_i S_0 - sum_j Pe[i, j] U_j,   A_i = b_i A_0 + sum_{j<=i} Pb[i, j] theta_j NS(S_j)
+
+But the read ``o_i = M(q_i; F(A_i))`` needs F of every token's accumulator (softmax is not linear; lq divides by a
+norm of A_i whose power has no low-rank form), and Muon needs NS of every token's momentum: so each A_i (and S_i) is
+formed, ``[n, D_out, D_in]`` per layer, by one batched matmul of the chunk's coefficient matrix with the stacked
+outer products; NS runs on all of a chunk's S_i in one batched call. Where the hand-written dual form of
+``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per chunk and layer; autograd
+differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
+so memory is the states at chunk starts, not every token's).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .common import activate
+from .rule import MemoryRule, effective_weights, newton_schulz
+from .torch_scan import anchor_forward
+
+
+def _combine(coef: Tensor, X: Tensor) -> Tensor:
+    """``sum_j coef[..., i, j] X[..., j, :, :]``: coef ``[B, H, n, m]``, X ``[B, H, m, P, Q]`` ->
+    ``[B, H, n, P, Q]``."""
+    B, H, m, P, Q = X.shape
+    return (coef @ X.reshape(B, H, m, P * Q)).view(B, H, coef.shape[-2], P, Q)
+
+
+def _with_starts(coefs: Sequence[Tensor], rows: Sequence[Tensor], U: Tensor) -> Tensor:
+    """``sum_r coefs[r][..., i] rows[r] + sum_j G[..., i, j] U_j`` as one matmul: the per-token scalars ``coefs``
+    ``[B, H, n]`` of the matrices ``rows`` ``[B, H, P, Q]`` stacked before the last entry of coefs, ``G [B, H, n, m]``,
+    against ``[rows; U]``. -> ``[B, H, n, P, Q]``."""
+    *scalars, G = coefs
+    stack = torch.cat([r.unsqueeze(2) for r in rows] + [U], dim=2)  # [B, H, r + m, P, Q]
+    return _combine(torch.cat([c.unsqueeze(-1) for c in scalars] + [G], dim=-1), stack)
+
+
+def _effective(A: Tensor, rule: MemoryRule) -> Tensor:
+    """``rule.effective_weights`` for many matrices at once, in fewer passes (lq's norm by repeated squaring where lq
+    is 4; no multiply by a softmax scale of 1): the same map, equal up to rounding."""
+    if rule.retention == "lq" and rule.lq == 4.0:
+        n = A.square().square().sum((-2, -1), keepdim=True)  # ||A||_4^4
+        return A * torch.where(n > 0, n, torch.ones_like(n)).rsqrt()  # A / ||A||_4^2, F(0) = 0
+    if rule.retention == "kl" and rule.softmax_scale == 1.0:
+        if rule.softmax_dim == "row":
+            return torch.softmax(A, dim=-1)
+        return torch.softmax(A.flatten(-2), dim=-1).view_as(A)
+    return effective_weights(A, rule)
+
+
+def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tuple[Tensor, ...],
+                A0: Sequence[Tensor], S0: Sequence[Tensor], anchor: Sequence[Tensor], *, rule: MemoryRule,
+                residual: bool, activation: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One chunk: q ``[B, H, n, K]``, key side k, v ``[B, H, m, D]`` (m = n + window - 1), delta ``[B, H, m]`` or
+    None; A0, S0, anchor: L x ``[B, H, D_out, D_in]`` (accumulators). ``coef``: momentum ``(b, f, G, el, pl)`` with
+    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``; muon ``(b, e, Pe, Pb)`` with b, e
+    ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no theta), Pb ``[B, H, n, n]`` (theta
+    folded in). Returns o ``[B, H, n, V]`` and the accumulators A, S after the chunk's last token."""
+    W_bar = tuple(_effective(x, rule) for x in anchor)
+    a, _, _, _, d, _ = anchor_forward(k, v, W_bar, residual=residual, activation=activation, loss=rule.loss,
+                                      p=rule.p, delta=delta)
+    A_tok, A_out, S_out = [], [], []
+    for A, S, ai, di in zip(A0, S0, a, d):
+        U = di.unsqueeze(-1) * ai.unsqueeze(-2)  # [B, H, m, D_out, D_in]: token j's gradient u_j
+        if rule.optimizer == "momentum":
+            b, f, G, el, pl = coef
+            Ai = _with_starts((b, f, -G), (A, S), U)  # [B, H, n, D_out, D_in]
+            S_out.append(torch.addcmul(-((pl.unsqueeze(-1) * di).mT @ ai), el[..., None, None], S))  # no U
+        else:
+            b, e, Pe, Pb = coef
+            Si = _with_starts((e, -Pe), (S,), U)  # the momentum of the raw gradients, every token
+            Ai = _with_starts((b, Pb), (A,), newton_schulz(Si, rule.ns_steps))
+            S_out.append(Si[:, :, -1].clone())  # not a view: it would keep every token's S alive
+        A_tok.append(Ai)
+        A_out.append(Ai[:, :, -1].clone())
+    h = q
+    for i, Ai in enumerate(A_tok):  # o_i = M(q_i; F(A_i)), every token through its own memory
+        h = (_effective(Ai, rule) @ h.unsqueeze(-1)).squeeze(-1)
+        if i < len(A_tok) - 1:
+            h = activate(h, activation)
+    return (h + q if residual else h), A_out, S_out
+
+
+def _chunk_of(opts: dict, xs: Sequence[Tensor | None]):
+    """:func:`dense_chunk` on the flat inputs of :class:`DenseChunk` ``(q, k, v, delta, *coef, *A0, *S0, *anchor)``."""
+    L, nco = opts["L"], opts["ncoef"]
+    co, rest = xs[4:4 + nco], xs[4 + nco:]
+    o, A_out, S_out = dense_chunk(*xs[:4], co, rest[:L], rest[L:2 * L], rest[2 * L:], **opts["kw"])
+    return (o, *A_out, *S_out)
+
+
+class DenseChunk(torch.autograd.Function):
+    """One chunk of :func:`dense_chunk` as an autograd node that keeps only its inputs: the backward recomputes the
+    chunk with autograd recording and differentiates it (torch.autograd.grad). Memory is the chunk's inputs (its
+    starting state), not its every-token states. ``apply(opts, q, k, v, delta, *coef, *A0, *S0, *anchor)`` ->
+    ``(o, *A, *S)``."""
+
+    @staticmethod
+    def forward(ctx, opts: dict, *xs):
+        ctx.opts = opts
+        ctx.save_for_backward(*xs)
+        with torch.no_grad():
+            return _chunk_of(opts, xs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        xs = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
+        leaves = [None if x is None else x.detach().requires_grad_(n) for x, n in zip(xs, need)]
+        with torch.enable_grad():
+            outs = _chunk_of(ctx.opts, leaves)
+        wanted = [x for x, n in zip(leaves, need) if n and x is not None]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wanted else [None] * len(wanted))
+        return (None, *(next(got) if n and x is not None else None for x, n in zip(leaves, need)))
+
+
+def dense_scan(q, k, v, delta, coef, A0, S0, A, *, rule: MemoryRule, residual: bool, activation: str):
+    """Every chunk in order, each one a :class:`DenseChunk` node when autograd records. Chunk-major inputs: q
+    ``[nc, B, H, n, K]``, k, v ``[nc, B, H, m, D]``, delta ``[nc, B, H, m]`` or None, coef: :func:`dense_chunk`'s with
+    a leading chunk dim; A0, S0: L x ``[B, H, D_out, D_in]`` at the first chunk's start; A: the first chunk's anchor
+    when it is not A0 (a stream continued mid-chunk), else None. Returns o ``[nc, B, H, n, V]``, the final A and S
+    and the last chunk's starting A (the anchor a stream continued from there would use)."""
+    nc, L = q.shape[0], len(A0)
+    opts = dict(L=L, ncoef=len(coef), kw=dict(rule=rule, residual=residual, activation=activation))
+    outs = []
+    A_run, S_run = list(A0), list(S0)
+    last_start = A_run
+    for c in range(nc):
+        anchor = A if (c == 0 and A is not None) else A_run
+        last_start = A_run
+        args = (q[c], k[c], v[c], None if delta is None else delta[c], *(x[c] for x in coef), *A_run, *S_run,
+                *anchor)
+        record = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+        res = DenseChunk.apply(opts, *args) if record else _chunk_of(opts, args)
+        outs.append(res[0])
+        A_run, S_run = list(res[1:1 + L]), list(res[1 + L:])
+    return torch.stack(outs), A_run, S_run, last_start
