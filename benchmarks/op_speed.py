@@ -11,6 +11,18 @@ Rows (the registry ``IMPLS`` below), inputs built directly at [B, T, H, D] (K = 
     fla-delta       fla.ops.delta_rule.chunk_delta_rule(q, k, v, beta): the delta rule, depth 1 (flash-linear-attention)
     sdpa            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), [B, H, T, D]
 
+The recurrent baselines' rows (issue 16; only with --only), chunks of 64 like op-delta, no FLOP count (the table
+shows "-" in the rate columns):
+
+    op-ssd          mnemos.ops.ssd(x, dt, A, B, C): Mamba-2's SSD, x [B, T, H, D], one group of B, C [B, T, 1, N = D]
+                    (a D x D state per head, the delta rule's size), dt = softplus(randn - 3), A = -U(1, 16) [H]
+    op-based        mnemos.ops.based_linear_attention(q, k, v): BASED's Taylor linear attention, q, k [B, T, H, F = 16]
+                    (the layer's and the paper's feature dim; D_phi = 273), v [B, T, H, D]
+    op-jrt          mnemos.models.jrt.prefix_linear_attention(q, k, v, k_enc, v_enc) (the function, not the layer):
+                    op-based's inputs plus an encoder prefix of M = T / 2 tokens (the paper's 1024 of 2048)
+    op-mom          a layer, not an op (MoM has no standalone op): mnemos.models.MixtureOfMemories(H D, H) on
+                    x [B, T, H D], with its projections, conv, router and output stage; 4 memories, top 2, shared
+
 q, k are l2-normalised like the layer's; theta = 0.01 sigmoid(randn), eta = sigmoid(randn), alpha = sigmoid(randn - 4),
 weights 0.02 randn; everything requires grad and "fwd+bwd" backpropagates (o * g).sum() into all of it. Inputs are
 --dtype (default bfloat16 on CUDA, float32 on CPU) except the gates and memory weights, float32 as in the layer. The
@@ -25,6 +37,7 @@ Method and peak memory: speed_common.py (the same for layer_speed.py).
 Usage:
     python benchmarks/op_speed.py --device cuda
     python benchmarks/op_speed.py --seq-len 256 --only op-torch-d2 op-torch-d1 op-delta sdpa   # CPU
+    python benchmarks/op_speed.py --only op-delta op-ssd op-based op-mom op-jrt --threads 1   # issue 16's rows
 Results are written as JSON (--out, default benchmarks/results/op_speed-<device>.json).
 """
 
@@ -184,6 +197,96 @@ def sdpa_counts(s: Shape, args: argparse.Namespace) -> dict:
     return flops.sdpa_counts(s.batch, s.heads, s.seq_len, s.head_dim, io_bytes=io, causal=True)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The recurrent baselines' rows (issue 16): Mamba-2's SSD, BASED, JRT-RNN's prefix linear attention, MoM's layer
+
+BASED_FEATURE_DIM = 16  # F: the BASED and JRT-RNN layers' default and the papers' (D_phi = 1 + F + F^2 = 273)
+
+
+class SsdOp(nn.Module):
+    """``mnemos.ops.ssd`` (Mamba-2's chunked SSD); returns y [B, T, H, D]."""
+
+    def forward(self, x, dt, A, B, C):
+        from mnemos.ops import ssd
+
+        return ssd(x, dt, A, B, C, chunk_size=flops.FLA_DELTA_CHUNK)[0]
+
+
+def ssd_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+    """x [B, T, H, D], dt [B, T, H] and A [H] (float32, as in the layer), B and C [B, T, 1, N = D]."""
+    Bsz, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
+    dt_ = op_dtype(args)
+    x = torch.randn(Bsz, T, H, D, device=device).to(dt_)
+    dt = F.softplus(torch.randn(Bsz, T, H, device=device) - 3)  # Delta >= 0, about 0.05
+    A = -torch.empty(H, device=device).uniform_(1, 16)  # -exp(A_log), Mamba-2's A_log init range
+    b = torch.randn(Bsz, T, 1, D, device=device).to(dt_)
+    c = torch.randn(Bsz, T, 1, D, device=device).to(dt_)
+    return _leaves(x, dt, A, b, c)
+
+
+class BasedOp(nn.Module):
+    """``mnemos.ops.based_linear_attention`` (chunked); returns y [B, T, H, D]."""
+
+    def forward(self, q, k, v):
+        from mnemos.ops import based_linear_attention
+
+        return based_linear_attention(q, k, v, chunk_size=flops.FLA_DELTA_CHUNK)[0]
+
+
+def based_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+    """q, k [B, T, H, F] (F = 16), v [B, T, H, D], randn in the op dtype (the layer's are plain projections)."""
+    B, T, H, D = s.batch, s.seq_len, s.heads, s.head_dim
+    dt = op_dtype(args)
+    q, k = (torch.randn(B, T, H, BASED_FEATURE_DIM, device=device).to(dt) for _ in range(2))
+    v = torch.randn(B, T, H, D, device=device).to(dt)
+    return _leaves(q, k, v)
+
+
+class JrtOp(nn.Module):
+    """``mnemos.models.jrt.prefix_linear_attention`` (the function); returns y [B, T, H, D]."""
+
+    def forward(self, q, k, v, k_enc, v_enc):
+        from mnemos.models.jrt import prefix_linear_attention
+
+        return prefix_linear_attention(q, k, v, k_enc, v_enc, chunk_size=flops.FLA_DELTA_CHUNK)[0]
+
+
+def jrt_prefix_len(s: Shape) -> int:
+    return s.seq_len // 2  # the paper's models: M = 1024 of T = 2048
+
+
+def jrt_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+    """op-based's q, k, v and the encoder's k_enc [B, M, H, F], v_enc [B, M, H, D], M = T / 2."""
+    B, H, D, M = s.batch, s.heads, s.head_dim, jrt_prefix_len(s)
+    dt = op_dtype(args)
+    q, k, v = based_inputs(s, args, device)
+    k_enc = torch.randn(B, M, H, BASED_FEATURE_DIM, device=device).to(dt)
+    v_enc = torch.randn(B, M, H, D, device=device).to(dt)
+    return (q, k, v, *_leaves(k_enc, v_enc))
+
+
+def build_mom_layer(s: Shape, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """MoM's mixer layer at width H D (head dim D), its defaults otherwise, parameters in the op dtype."""
+    from mnemos.models.mom import MixtureOfMemories
+
+    dim = s.heads * s.head_dim
+    layer = MixtureOfMemories(dim, s.heads, chunk_size=flops.FLA_DELTA_CHUNK).to(op_dtype(args))
+    record = {"call": "mnemos.models.mom.MixtureOfMemories (the layer: MoM has no standalone op)", "dim": dim,
+              "heads": s.heads, "num_memories": layer.num_memories, "top_k": layer.top_k,
+              "shared_memory": layer.shared_memory, "chunk_size": layer.chunk_size,
+              "includes": "router, q/k/v projections, short conv, gates, one delta_rule call over (M + 1) H heads, "
+                          "gated RMSNorm, output projection"}
+    return layer, record
+
+
+def mom_inputs(s: Shape, args: argparse.Namespace, device: torch.device) -> tuple[Tensor, ...]:
+    return _leaves(torch.randn(s.batch, s.seq_len, s.heads * s.head_dim, device=device).to(op_dtype(args)))
+
+
+def call_layer(m: nn.Module, x: Tensor) -> Tensor:
+    return m(x)[0]  # (y, state) -> y
+
+
 def bthd(s: Shape) -> tuple[int, ...]:
     return (s.batch, s.seq_len, s.heads, s.head_dim)
 
@@ -224,6 +327,22 @@ IMPLS = {
         "call": "torch.nn.functional.scaled_dot_product_attention", "is_causal": True, "layout": "[B, H, T, D]"}),
         call_op, inputs=sdpa_inputs, out_shape=lambda s: (s.batch, s.heads, s.seq_len, s.head_dim),
         counts=sdpa_counts),
+    "op-ssd": Impl("op-ssd", "Mamba-2 SSD, N = D, 1 group (mnemos.ops.ssd, chunks of 64)", lambda s, args: (SsdOp(), {
+        "call": "mnemos.ops.ssd", "chunk_size": flops.FLA_DELTA_CHUNK, "groups": 1, "d_state": s.head_dim,
+        "dt": "softplus(randn - 3), float32", "A": "-U(1, 16) [H], float32"}), call_op, inputs=ssd_inputs,
+        out_shape=bthd),
+    "op-based": Impl("op-based", f"BASED Taylor linear attention, F = {BASED_FEATURE_DIM} (mnemos.ops.based)",
+        lambda s, args: (BasedOp(), {"call": "mnemos.ops.based_linear_attention", "feature_dim": BASED_FEATURE_DIM,
+                                     "chunk_size": flops.FLA_DELTA_CHUNK}), call_op, inputs=based_inputs,
+        out_shape=bthd),
+    "op-jrt": Impl("op-jrt", "JRT-RNN prefix linear attention, M = T/2 (prefix_linear_attention fn)",
+        lambda s, args: (JrtOp(), {"call": "mnemos.models.jrt.prefix_linear_attention (the function)",
+                                   "feature_dim": BASED_FEATURE_DIM, "prefix_len": jrt_prefix_len(s),
+                                   "chunk_size": flops.FLA_DELTA_CHUNK}), call_op, inputs=jrt_inputs,
+        out_shape=bthd),
+    "op-mom": Impl("op-mom", "LAYER, not an op: MoM mixer, 4 memories, top 2, shared (models/mom.py)",
+        build_mom_layer, call_layer, inputs=mom_inputs,
+        out_shape=lambda s: (s.batch, s.seq_len, s.heads * s.head_dim)),
 }
 REFERENCES = ("op-triton-d2", "op-torch-d2")  # ratios: the first one measured
 
@@ -337,7 +456,10 @@ BENCH = Bench(
         "dtype": f"{args.dtype} q, k, v (fla-delta: beta too); memory-rule gates and weights float32",
         "inputs": "q, k l2-normalised randn; v randn; theta = 0.01 sigmoid(randn), eta = sigmoid(randn), "
                   "alpha = sigmoid(randn - 4); memory weights 0.02 randn; fla beta = sigmoid(randn); "
-                  "sdpa q, k, v randn [B, H, T, D]",
+                  "sdpa q, k, v randn [B, H, T, D]; op-ssd x, B, C randn (N = D, 1 group), dt = softplus(randn - 3), "
+                  "A = -U(1, 16) (dt, A float32); op-based / op-jrt q, k randn [B, T, H, 16], v randn, op-jrt "
+                  "k_enc, v_enc randn over a prefix of T / 2; op-mom x randn [B, T, H D] into the MoM layer "
+                  "(parameters in the op dtype)",
         "fwdbwd": "forward + o.backward(g) (the backward of (o * g).sum()) into every input",
         "depths": "op-*-d2: depth 2, expansion E, residual; op-*-d1: depth 1, no residual (--depth is not used)",
         "counts": "benchmarks/flops.py: matmul FLOPs of the algorithm, compulsory bytes (inputs read once, "
