@@ -236,3 +236,31 @@ def test_a_run_stopped_with_sigterm_records_the_cpu_time_it_spent(tmp_path):
         proc.kill()
     record = json.loads((run_dir / RECORD).read_text())
     assert record["status"] == "stopped" and record["cpu_s"] > 0.1
+
+
+def test_a_stopped_run_starts_no_further_runs(tmp_path, monkeypatch):
+    """``--jobs 2``: once a child reports "stopped" (it got SIGTERM / Ctrl-C), the study launches nothing new."""
+    import dataclasses
+
+    from mnemos.eval import study
+
+    started = []
+
+    class FakeChild:  # each child "runs" at once; the first one reports that it was stopped
+        def __init__(self, args, **kwargs):
+            job = json.loads(open(args[-1]).read())
+            started.append(job["job"]["name"])
+            record = {"status": "stopped" if len(started) == 1 else "done", "cpu_s": 1.0}
+            (tmp_path / "runs" / job["job"]["name"] / RECORD).write_text(json.dumps(record))
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(study.subprocess, "Popen", FakeChild)
+    s = dataclasses.replace(TINY, passkey_models=(), capacity_models=())
+    trains = [t for t in plan(s)[0] if t.group == "mqar"]
+    assert len(trains) >= 4
+    done = []
+    study._train_parallel(trains, tmp_path, jobs=2, threads=1, finished=lambda j, r, w: done.append(r["status"]))
+    assert len(started) == 2 and done == ["stopped", "done"]  # the two launched together; nothing after them

@@ -528,7 +528,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
 def _train_parallel(todo: list[TrainJob], out: Path, jobs: int, threads: int,
                     finished: Callable[[TrainJob, dict[str, Any], float], None]) -> None:
     """Run ``todo`` in ``jobs`` subprocesses at a time, each with ``threads`` torch threads, output to its
-    ``train.log``."""
+    ``train.log``. A run that ends "stopped" (its process got SIGTERM or Ctrl-C: the study is being stopped) starts
+    no further runs; the running ones finish or stop on their own signal."""
     queue = list(todo)
     running: list[tuple[TrainJob, subprocess.Popen, float, Any]] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -556,6 +557,8 @@ def _train_parallel(todo: list[TrainJob], out: Path, jobs: int, threads: int,
             record = _read(out / "runs" / j.name / RECORD) or {
                 "status": "error", "message": f"the subprocess exited with {proc.returncode} (see train.log)"}
             finished(j, record, time.perf_counter() - t0)
+            if record.get("status") == "stopped":  # someone is stopping the study (SIGTERM / Ctrl-C): start nothing new
+                queue.clear()
 
 
 def _eval_one(s: StudySettings, e: EvalJob, out: Path) -> str:
