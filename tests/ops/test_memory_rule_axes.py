@@ -420,3 +420,58 @@ def test_bad_rule_inputs():
     with pytest.raises(ValueError, match=r"\(window 2\) carries 0 < n <= 1 tokens"):
         call(dict(more, delta=torch.ones_like(inp["theta"])), rule=dataclasses.replace(RULES["yaad"], window=2),
              initial_state=st)
+
+
+# -- Lattice: the orthogonal slot update (optimizer="orthogonal", the reference only) ---------------------------------
+
+LATTICE = MemoryRule(optimizer="orthogonal")
+
+
+def test_orthogonal_step_moves_each_slot_orthogonally_and_keeps_it_unit():
+    from mnemos.ops.memory_rule.rule import orthogonal_step
+
+    g = torch.Generator().manual_seed(3)
+    A = F.normalize(torch.randn(2, 3, 5, 4, generator=g, dtype=F64), dim=-2)  # 4 unit slots of width 5
+    S = 0.3 * torch.randn(2, 3, 5, 4, generator=g, dtype=F64)
+    new = orthogonal_step(A, S)
+    assert_close("unit slots", torch.ones(2, 3, 4, dtype=F64), new.norm(dim=-2), 1e-12)
+    moved = new * (A + S - (A * S).sum(-2, keepdim=True) * A).norm(dim=-2, keepdim=True) - A  # before normalising
+    assert (moved * A).sum(-2).abs().max() < 1e-12  # the step is orthogonal to the slot it moves
+    assert torch.equal(orthogonal_step(A, torch.zeros_like(S)), A / A.norm(dim=-2, keepdim=True))  # no step: fixed
+
+
+def test_lattice_token_by_token_matches_the_formula_written_out():
+    """eta = alpha = 0, a matrix memory M(z) = A z: s_i <- normalise(s_i + theta * 2 z_i (I - s_i s_i^T) e), with
+    e = v - A z, the slots the columns (the reading in docs/MEMORY_RULE.md), one token at a time."""
+    inp = make(T=5, seed=41, theta=0.3)
+    inp["eta"] = torch.zeros_like(inp["eta"])
+    inp["alpha"] = torch.zeros_like(inp["alpha"])
+    inp["weights"] = (F.normalize(inp["weights"][0], dim=-2),)
+    o, st = call(inp, rule=LATTICE, chunk_size=1)
+    A = inp["weights"][0].clone()  # [B, H, V, K]
+    outs = []
+    for t in range(5):
+        z, v, th = inp["k"][:, t], inp["v"][:, t], inp["theta"][:, t]  # [B, H, K], [B, H, V], [B, H]
+        e = v - torch.einsum("bhvk,bhk->bhv", A, z)
+        step = 2 * th[..., None, None] * e[..., :, None] * z[..., None, :]  # [B, H, V, K]: column i is 2 theta z_i e
+        step = step - (A * step).sum(-2, keepdim=True) * A  # orthogonal to each unit slot
+        A = F.normalize(A + step, dim=-2)
+        outs.append(torch.einsum("bhvk,bhk->bhv", A, inp["q"][:, t]))
+    assert_close("outputs", torch.stack(outs, 1), o, 1e-12)
+    assert_close("slots", A, st.weights[0], 1e-12)
+
+
+def test_lattice_runs_on_the_reference_and_is_refused_where_it_is_not_built():
+    inp = make(T=6, seed=42)
+    o, st = call(inp, rule=LATTICE, chunk_size=2)  # auto: the reference
+    ref, _ = call(inp, rule=LATTICE, chunk_size=2, impl="reference")
+    assert torch.equal(o, ref)
+    assert_close("unit slots", torch.ones_like(st.weights[0][..., 0, :]), st.weights[0].norm(dim=-2), 1e-12)
+    theta0 = dict(inp, theta=torch.zeros_like(inp["theta"]), weights=(F.normalize(inp["weights"][0], dim=-2),))
+    _, st0 = call(theta0, rule=dataclasses.replace(LATTICE), chunk_size=2)
+    assert_close("theta 0 keeps unit slots", theta0["weights"][0], st0.weights[0], 1e-12)
+    for impl in ("torch", "triton"):
+        with pytest.raises(ValueError, match="optimizer='orthogonal'"):
+            call(inp, rule=LATTICE, impl=impl)
+    with pytest.raises(ValueError, match=r"optimizer='orthogonal' \(Lattice\) .*\(depth 1\), got 2"):
+        call(make(seed=43, depth=2), rule=LATTICE)

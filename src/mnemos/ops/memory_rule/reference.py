@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .common import MemoryState, _no_autocast, activate, check_inputs
 from .rule import MemoryRule, check_rule_inputs, effective_weights, newton_schulz, normalize_step_unsupported, \
-    resolve_rule, token_loss
+    orthogonal_step, resolve_rule, token_loss
 
 
 def _memory(x: Tensor, weights: Sequence[Tensor], residual: bool, activation: str) -> Tensor:
@@ -71,6 +71,9 @@ def neural_memory_reference(
         theta_t <- theta_t / max(1, ||u_t||^2 / ||dloss/dM||^2)    with normalize_step
         momentum: S_t = eta_t * S_{t-1} - theta_t * u_t;   A_t = (1 - alpha_t) * A_{t-1} + S_t
         muon:     S_t = eta_t * S_{t-1} - u_t;             A_t = (1 - alpha_t) * A_{t-1} + theta_t * NS(S_t)
+        orthogonal (Lattice, a matrix memory): S_t = eta_t * S_{t-1} - theta_t * u_t;
+                  A_t = orthogonal_step((1 - alpha_t) * A_{t-1}, S_t)   (each slot, a column, moves orthogonally to
+                  itself and is renormalised)
         o_t = M(q_t; F(A_t))
     """
     rule = resolve_rule(rule, loss)
@@ -83,6 +86,9 @@ def neural_memory_reference(
         raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
     if normalize_step and normalize_step_unsupported(rule) is not None:
         raise ValueError(normalize_step_unsupported(rule))
+    if rule.optimizer == "orthogonal" and len(spec.weights) != 1:
+        raise ValueError(f"optimizer='orthogonal' (Lattice) updates the slots of a matrix memory: weights must be one "
+                         f"layer (depth 1), got {len(spec.weights)}")
     B, T, dt = spec.B, spec.T, spec.dtype
     huber, weighted = rule.loss == "huber", gamma is not None or rule.window > 1
     carried = tuple(initial_state.window) if initial_state is not None else ()
@@ -131,6 +137,9 @@ def neural_memory_reference(
             if rule.optimizer == "momentum":
                 S = tuple(et * s - th * u for s, u in zip(S, U))
                 A = tuple((1 - al) * a + s for a, s in zip(A, S))
+            elif rule.optimizer == "orthogonal":  # Lattice: the slots move orthogonally to themselves, stay unit
+                S = tuple(et * s - th * u for s, u in zip(S, U))
+                A = tuple(orthogonal_step((1 - al) * a, s) for a, s in zip(A, S))
             else:  # muon: the momentum of the raw gradients, orthogonalised, is the step
                 S = tuple(et * s - u for s, u in zip(S, U))
                 A = tuple((1 - al) * a + th * newton_schulz(s, rule.ns_steps) for a, s in zip(A, S))

@@ -8,8 +8,9 @@ docs/MEMORY_RULE.md, "The four axes".
 - **retention** (``retention``): the carried state is an accumulator A per layer and the memory reads its effective
   weights ``W = F(A)`` (:func:`effective_weights`): ``decay`` F(A) = A (Titans); ``lq`` F(A) = A / ||A||_lq^(lq-2)
   (Moneta); ``kl`` F(A) = softmax_scale * softmax(A) (Memora);
-- **inner optimiser** (``optimizer``): ``momentum`` (S = eta S - theta u; A = (1 - alpha) A + S) or ``muon`` (Atlas:
-  S = eta S - u; A = (1 - alpha) A + theta NS(S), :func:`newton_schulz`);
+- **inner optimiser** (``optimizer``): ``momentum`` (S = eta S - theta u; A = (1 - alpha) A + S), ``muon`` (Atlas:
+  S = eta S - u; A = (1 - alpha) A + theta NS(S), :func:`newton_schulz`) or ``orthogonal`` (Lattice: each slot, a
+  column of the matrix memory, moves only orthogonally to itself and is renormalised: :func:`orthogonal_step`);
 - **window** (``window``, Atlas' Omega rule): each write fits the last ``window`` tokens, weighted by gamma.
 
 Imports nothing from the chunked paths: the dispatcher asks :func:`torch_unsupported_reason` and
@@ -30,7 +31,7 @@ from .common import MemoryState, _check_float, _describe
 RULE_LOSSES = ("l2", "dot", "lp", "huber")
 RETENTIONS = ("decay", "lq", "kl")
 SOFTMAX_DIMS = ("row", "all")
-OPTIMIZERS = ("momentum", "muon")
+OPTIMIZERS = ("momentum", "muon", "orthogonal")
 # Newton-Schulz: Muon's quintic coefficients (Jordan et al. 2024; the Atlas paper gives none) and the normaliser's eps
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
@@ -72,7 +73,9 @@ class MemoryRule:
         softmax_scale: the simplex's total c of ``"kl"`` (> 0).
         softmax_dim: what ``"kl"`` normalises: ``"row"`` (each output unit's weights, ``[D_in]``) or ``"all"`` (each
             layer matrix).
-        optimizer: ``"momentum"`` (Titans) | ``"muon"`` (Atlas: the momentum orthogonalised by Newton-Schulz).
+        optimizer: ``"momentum"`` (Titans) | ``"muon"`` (Atlas: the momentum orthogonalised by Newton-Schulz) |
+            ``"orthogonal"`` (Lattice: each slot's step projected orthogonally to the slot, slots renormalised; a
+            matrix memory, depth 1; the token-by-token reference only).
         ns_steps: Newton-Schulz iterations of ``"muon"`` (>= 0; 0 is the normalised momentum itself).
         window: the Omega rule's window, tokens each write fits (>= 1; 1 is the plain rule).
 
@@ -251,6 +254,17 @@ def newton_schulz(S: Tensor, steps: int) -> Tensor:
         gram = X @ X.mT
         X = a * X + (b * gram + c * gram @ gram) @ X
     return X.mT if tall else X
+
+
+def orthogonal_step(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
+    """Lattice's update of a slot memory (arXiv 2504.05646; our reading, docs/MEMORY_RULE.md): the slots are the
+    columns of ``A [..., D_out, m]``; each column of the step S is projected orthogonally to its slot,
+    ``a_i + (I - a_i a_i^T / |a_i|^2) S_i``, and each new slot normalised to unit length. A slot of norm 0 takes the
+    step unprojected (there is no direction to keep)."""
+    sq = A.pow(2).sum(-2, keepdim=True)  # [..., 1, m]
+    along = (A * S).sum(-2, keepdim=True) / sq.clamp_min(eps)
+    moved = A + S - torch.where(sq > eps, along, torch.zeros_like(along)) * A
+    return moved / torch.linalg.vector_norm(moved, dim=-2, keepdim=True).clamp_min(eps)
 
 
 def token_loss(pred: Tensor, target: Tensor, rule: MemoryRule, delta: Tensor | None = None) -> Tensor:
