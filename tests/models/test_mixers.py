@@ -302,3 +302,32 @@ def test_mal_memory_reaches_the_stream_as_configured(memory_residual):
         mal.attn.o_proj.weight.zero_()
     silenced, _ = mal(x)
     assert_max_err("MAL, attention silenced", m if memory_residual else torch.zeros_like(m), silenced, 1e-12)
+
+
+def test_baseconv_is_a_gated_causal_convolution_and_builds_the_based_hybrid():
+    """BaseConv: y_t = (sum_i w_i x_{t-K+1+i}) * (W x_t + b) + x_t per channel, zeros before the stream; pieces ==
+    one call; the BASED paper's hybrid pattern (BaseConv, linear attention, sliding window) builds and decodes."""
+    from mnemos.models import MnemosConfig, MnemosLM
+    from mnemos.models.based import BaseConv
+
+    torch.manual_seed(0)
+    layer = BaseConv(6, kernel_size=3).to(F64)
+    x = x_of(2, 9, dim=6)
+    y, state = layer(x)
+    w = layer.conv.weight[:, 0]  # [d, K]
+    padded = torch.cat([torch.zeros(2, 2, 6, dtype=F64), x], dim=1)
+    conv = sum(w[:, i] * padded[:, i : i + 9] for i in range(3))
+    assert_max_err("formula", conv * (x @ layer.proj.weight.T + layer.proj.bias) + x, y, 1e-12)
+    y1, s1 = layer(x[:, :4])
+    y2, _ = layer(x[:, 4:], s1)
+    assert_max_err("pieces", y, torch.cat([y1, y2], dim=1), 1e-12)
+    assert torch.equal(state.conv, x[:, -2:].transpose(1, 2))  # the last K - 1 inputs
+    cfg = MnemosConfig(variant="hybrid", vocab_size=32, d_model=16, n_heads=2, n_layers=3, window=4,
+                       layers=["baseconv", "based", "swa"], based={"feature_dim": 4})
+    model = MnemosLM(cfg).to(F64).eval()
+    ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(2))
+    out = model.generate(ids, 3)
+    logits, _ = model(out[:, :-1])
+    assert torch.equal(logits[:, 6:].argmax(-1), out[:, 7:])  # greedy decoding == the one-call forward's argmax
+    with pytest.raises(ValueError, match="kernel_size must be an int >= 1"):
+        BaseConv(6, kernel_size=0)

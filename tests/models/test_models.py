@@ -298,7 +298,7 @@ MIXER_TYPES = {
     "deltanet": "LinearRecurrence", "gated_deltanet": "LinearRecurrence", "mamba2": "Mamba2Mixer",
     "based": "BasedLinearAttention", "mom": "MixtureOfMemories", "moneta": "LongTermMemory",
     "yaad": "LongTermMemory", "memora": "LongTermMemory", "atlas": "LongTermMemory",
-    "jrt_rnn": "PrefixLinearAttention",
+    "jrt_rnn": "PrefixLinearAttention", "baseconv": "BaseConv",
 }
 
 

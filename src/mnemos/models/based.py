@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from ..ops.based import based_linear_attention, based_linear_attention_reference, taylor_feature_dim
 from ..ops.memory_rule.common import compute_dtype
-from .cache import BasedState
+from ..layers import ShortConvolution
+from .cache import BasedState, BaseConvState
 
-__all__ = ["BasedLinearAttention"]
+__all__ = ["BasedLinearAttention", "BaseConv"]
 
 
 class BasedLinearAttention(nn.Module):
@@ -89,3 +90,34 @@ class BasedLinearAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, feature_dim={self.feature_dim}, chunk_size={self.chunk_size}"
+
+
+class BaseConv(nn.Module):
+    """The gated short convolution of BASED's hybrid (its "BaseConv" layers, kernel 3; the BASED paper's 360M model
+    puts them at every layer that is neither linear nor sliding-window attention): ``y = conv(x) * (W x + b) + x``,
+    ``conv`` a causal depthwise convolution of ``kernel_size`` taps over time. Our reading of the reference code
+    (zoology's ``BaseConv`` with a short kernel, no activation), its inner ``+ x`` included: inside a mnemos block
+    that is the normalised input added to the mixer's output, before the block's own residual.
+
+    Args:
+        dim: the model width d. kernel_size: the convolution's taps (>= 1).
+    """
+
+    def __init__(self, dim: int, *, kernel_size: int = 3):
+        super().__init__()
+        for name, value in (("dim", dim), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.dim = dim
+        self.proj = nn.Linear(dim, dim)
+        self.conv = ShortConvolution(dim, kernel_size)
+
+    def init_state(self, batch: int, device=None, dtype=None) -> BaseConvState:
+        return BaseConvState(self.conv.init_state(batch, device, dtype))
+
+    def forward(self, x: Tensor, state: BaseConvState | None = None) -> tuple[Tensor, BaseConvState]:
+        """x ``[B, T, d]`` -> ``(y [B, T, d], state)``; a stream continued with the state equals one call."""
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, {self.dim}], got {tuple(x.shape) if isinstance(x, Tensor) else x!r}")
+        c, conv = self.conv(x, None if state is None else state.conv)
+        return c * self.proj(x) + x, BaseConvState(conv)

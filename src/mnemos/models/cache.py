@@ -314,8 +314,16 @@ class BasedState:
     k_sum: Tensor
 
 
-LayerState = Union[LayerState, Mamba2State, BasedState]
-__all__ += ["Mamba2State", "BasedState"]
+@dataclass
+class BaseConvState:
+    """State of a BaseConv layer (:class:`mnemos.models.based.BaseConv`): the last ``conv_size - 1`` inputs of its
+    convolution, ``conv`` ``[B, d, conv_size - 1]`` (zeros at the start of a stream)."""
+
+    conv: Tensor
+
+
+LayerState = Union[LayerState, Mamba2State, BasedState, BaseConvState]
+__all__ += ["Mamba2State", "BasedState", "BaseConvState"]
 
 
 @dataclass

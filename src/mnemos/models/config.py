@@ -172,7 +172,8 @@ class BasedConfig(_ConfigBase):
     """The BASED linear-attention layer of variant ``based`` (:class:`mnemos.models.based.BasedLinearAttention`):
     q and k are projected to ``feature_dim`` per head before the 2nd-order Taylor map (1 + F + F^2 features: 273 at
     the paper's 16). Variant ``jrt_rnn`` (:class:`mnemos.models.jrt.PrefixLinearAttention`, BASED's layer with a
-    non-causal prefix) reads the section too, and ``prefix_len``, its own."""
+    non-causal prefix) reads the section too, and ``prefix_len``, its own; variant ``baseconv`` (the gated short
+    convolution of BASED's hybrid, :class:`mnemos.models.based.BaseConv`) reads ``conv_size``."""
 
     _where = "model.based."
 
@@ -182,10 +183,12 @@ class BasedConfig(_ConfigBase):
     # prefix_len tokens are read by its non-causal encoder (0: none, causal linear attention). 1, a one-token prefix,
     # is causal; set it to the prompt length (the paper: 1024 of 2048). See mnemos.models.jrt.
     prefix_len: int = 1
+    # BaseConv (variant baseconv): the taps of its causal depthwise convolution (the paper's hybrid: 3)
+    conv_size: int = 3
 
     def __post_init__(self):
         self._check_types()
-        _check_ints_at_least(self, ("feature_dim", "chunk_size"))
+        _check_ints_at_least(self, ("feature_dim", "chunk_size", "conv_size"))
         _check_ints_at_least(self, ("prefix_len",), 0)
 
 

@@ -30,8 +30,8 @@ from ..layers import Attention, FullKVCache, MemorySettings, NeuralMemoryState, 
 from .baselines import LinearRecurrence
 from .cache import MACState, MAGState, MALState, RecurrentState
 from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer
-from .based import BasedLinearAttention
-from .cache import BasedState, Mamba2State
+from .based import BaseConv, BasedLinearAttention
+from .cache import BaseConvState, BasedState, Mamba2State
 from .mamba2 import Mamba2Mixer
 from .cache import MoMState
 from .mom import MixtureOfMemories
@@ -220,6 +220,17 @@ def _based(c: MnemosConfig) -> nn.Module:
 register_variant(VariantSpec(
     "based", "baseline", _based, BasedState, "constant", ("based.feature_dim",),
     summary="BASED's linear attention (2nd-order Taylor feature map, normalised; exact chunks), in every block"))
+
+
+def _baseconv(c: MnemosConfig) -> nn.Module:
+    return BaseConv(c.d_model, kernel_size=c.based.conv_size)
+
+
+# the short-conv layers of BASED's hybrid (with `based` and `swa` blocks: model.layers=[baseconv, based, swa, ...])
+register_variant(VariantSpec(
+    "baseconv", "baseline", _baseconv, BaseConvState, "constant", ("based.conv_size",),
+    summary="BASED's gated short convolution (BaseConv): a causal depthwise conv of based.conv_size taps times a "
+            "linear projection, for the paper's hybrid"))
 
 
 def _jrt_rnn(c: MnemosConfig) -> nn.Module:
