@@ -143,3 +143,40 @@ def test_think_on_models_keeps_values_and_window_and_changes_logits():
             assert kv.kp.shape[-1] == 4 and kv.channels.shape[-1] == 4
             if variant == "mal":
                 assert kv.num_stored == model.config.window - 1
+
+
+def test_snapkv_plus_think_keeps_snapkvs_entries_at_thinks_channels():
+    """compose(SnapKV, ThinK): after the prompt, the entries SnapKV keeps alone with their values untouched, their keys
+    (all but the last `recent` kept) at the channels ThinK alone chooses, zeros elsewhere; fewer bytes than SnapKV
+    alone; decoding on; with a budget over the context and nothing pruned, the full cache's logits."""
+    from mnemos.kv import SnapKV, ThinKComposedCache, compose, parse_policy_spec
+
+    model, ids = make_model("transformer"), ids_of(2, 24)
+    snap, think = SnapKV(10, window_size=4), ThinK(0.5, window_size=4, recent=3)
+    with snap(model):
+        ref, c_snap = stream(model, ids[:, :16], [16])
+    with think(model):
+        _, c_think = stream(model, ids[:, :16], [16])
+    with compose(snap, think)(model):
+        out, c_both = stream(model, ids[:, :16], [16])
+        assert torch.equal(out, ref)  # the prompt's own keys are read at full width
+        more, _ = stream(model, ids[:, 16:], [1, 1, 6], cache=c_both)
+    assert torch.isfinite(more).all()
+    for s, t, b in zip(attn_caches(c_snap), attn_caches(c_think), attn_caches(c_both)):
+        assert isinstance(b, ThinKComposedCache)
+        assert torch.equal(b.channels, t.channels)  # ThinK's choice, from the first call
+    with compose(snap, think)(model):
+        _, c_both = stream(model, ids[:, :16], [16])
+    for s, b in zip(attn_caches(c_snap), attn_caches(c_both)):
+        assert torch.equal(b.kept_positions(), s.kept_positions()) and torch.equal(b.values, s.values)
+        n_old = b.num_stored - 3
+        assert b.kp.shape == (2, n_old, s.n_heads, 4) and b.kf.shape[1] == 3 and b.nbytes < s.nbytes
+        kept = torch.zeros(2, s.n_heads, 8, dtype=torch.bool).scatter(2, b.channels.long(), True)  # [B, H, D]
+        want = torch.where(kept[:, None], s.keys[:, :n_old], torch.zeros(()))  # SnapKV's keys, pruned channels 0
+        assert torch.equal(b.keys[:, :n_old], want) and torch.equal(b.keys[:, n_old:], s.keys[:, n_old:])
+    (spec,) = parse_policy_spec("snapkv:budget=10,window_size=4+think:pruning_ratio=0.5,window_size=4,recent=3")
+    assert spec.policy.think.pruning_ratio == 0.5 and spec.name == "snapkv+think"
+    full, _ = stream(model, ids, [16, 1, 1, 6])
+    with compose(SnapKV(64, window_size=4), ThinK(0.0, window_size=4, recent=3))(model):
+        same, _ = stream(model, ids, [16, 1, 1, 6])
+    assert (same - full).abs().max() <= 1e-12

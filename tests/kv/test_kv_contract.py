@@ -29,6 +29,7 @@ from mnemos.kv import (
     StreamingLLM,
     ThinK,
     apply_kv_policy,
+    compose,
     pyramid_budgets,
     use_kv_policy,
 )
@@ -186,7 +187,8 @@ def test_policy_caches_serialise_and_reorder_mid_stream():
     ids = ids_of(2, 30)
     for policy in [H2O(8), StreamingLLM(8, sinks=2, rerotate=True), SnapKV(8, window_size=3), KIVI(4, group_size=4,
                    residual=4), ThinK(0.5, window_size=4, recent=2), InfLLM(3, n_init=2, n_local=2, topk=1, repr_topk=2),
-                   SentenceKV(sinks=2, recent=2, max_tokens=4, max_len=5)]:
+                   SentenceKV(sinks=2, recent=2, max_tokens=4, max_len=5),
+                   compose(SnapKV(8, window_size=3), ThinK(0.5, window_size=4, recent=2))]:
         with policy(model):
             ref, _ = stream(model, ids, [14, 16])
             _, cache = stream(model, ids[:, :14], [14])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnemos.kv import H2O, KIVI, L2Norm, PyramidKV, SnapKV, StreamingLLM, ThinK
+from mnemos.kv import H2O, KIVI, L2Norm, PyramidKV, SnapKV, StreamingLLM, ThinK, compose
 
 transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
 from mnemos.kv.hf import PolicyCache, cache_kwarg  # noqa: E402
@@ -43,7 +43,8 @@ def _generate(model, ids, cache=None, **kw):
 
 
 LOSSLESS = [StreamingLLM(64, sinks=2), H2O(64), SnapKV(64, window_size=4), PyramidKV(64, window_size=4),
-            L2Norm(1.0), KIVI(2, group_size=4, residual=64), ThinK(0.0, window_size=4, recent=4)]
+            L2Norm(1.0), KIVI(2, group_size=4, residual=64), ThinK(0.0, window_size=4, recent=4),
+            compose(SnapKV(64, window_size=4), ThinK(0.0, window_size=4, recent=4))]
 
 
 @torch.no_grad()

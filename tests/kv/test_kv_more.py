@@ -287,7 +287,7 @@ def test_composition_keeps_the_eviction_positions_in_kivis_layout():
 def test_bad_compositions_and_specs_raise_value_error():
     with pytest.raises(ValueError, match="eviction"):
         compose(KIVI(2), KIVI(4))
-    with pytest.raises(ValueError, match="kivi"):
+    with pytest.raises(ValueError, match="must be KIVI or ThinK"):
         compose(H2O(8), SnapKV(8, window_size=4))
     with pytest.raises(ValueError, match="Bytes"):
         compose(H2O(Bytes(4096)), KIVI(2))

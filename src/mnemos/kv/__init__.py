@@ -23,7 +23,7 @@ from .base import (
 from .eviction import H2O, L2Norm, PyramidKV, SnapKV, StreamingLLM, pyramid_budgets, snapkv_scores
 from .kivi import KIVI, KIVICache, dequantize, pack, quantize, unpack
 from .think import ThinK, ThinKCache, think_channel_scores
-from .compose import Composed, ComposedCache, compose
+from .compose import Composed, ComposedCache, ThinKComposedCache, compose
 from .d2o import D2O, layer_budgets, merge_evicted
 from .perhead import DuoAttention, HeadSplitCache, choose_retrieval_heads
 from .retrieval import InfLLM, InfLLMCache, OffloadStore, SentenceKV, SentenceKVCache, install_token_id_hook
@@ -35,7 +35,8 @@ __all__ = [
     "attention_layers", "attention_probs", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "L2Norm", "pyramid_budgets",
     "snapkv_scores", "KIVI", "KIVICache", "quantize", "dequantize", "pack", "unpack", "ThinK", "ThinKCache",
     "think_channel_scores", "Scissorhands", "unimportance_counts", "D2O", "layer_budgets", "merge_evicted",
-    "DuoAttention", "HeadSplitCache", "choose_retrieval_heads", "Composed", "ComposedCache", "compose", "POLICIES",
+    "DuoAttention", "HeadSplitCache", "choose_retrieval_heads", "Composed", "ComposedCache", "ThinKComposedCache",
+    "compose", "POLICIES",
     "PolicySpec", "parse_policy_spec", "register_policy", "InfLLM", "InfLLMCache", "SentenceKV", "SentenceKVCache",
     "OffloadStore", "install_token_id_hook",
 ]

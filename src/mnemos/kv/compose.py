@@ -1,6 +1,14 @@
-"""Composition: a token-eviction policy decides which entries stay, KIVI stores them packed (``compose(H2O(256),
-KIVI(2))``; spec ``h2o:budget=256+kivi:bits=2``). Scissorhands' paper combines its eviction with 4-bit quantisation
-the same way.
+"""Composition: a token-eviction policy decides which entries stay, and KIVI stores them packed (``compose(H2O(256),
+KIVI(2))``; spec ``h2o:budget=256+kivi:bits=2``; Scissorhands' paper combines its eviction with 4-bit quantisation
+the same way) or ThinK stores their keys narrower (``compose(SnapKV(256), ThinK(0.5))``; spec
+``snapkv:budget=256+think:pruning_ratio=0.5``; the ThinK paper applies its channel pruning on top of SnapKV and H2O).
+
+``ThinKComposedCache`` is the eviction cache whose kept keys, except the last ``recent`` kept entries, are stored at
+the ``D - floor(lambda D)`` channels ThinK chose at the first call (from that call's last ``window_size`` queries and
+its keys, as ThinK alone chooses them), their indices once per row and head. Each call widens the stored keys with
+zeros in the pruned channels (what attention reads), lets the eviction policy attend, score and keep on those, then
+narrows the kept keys that are no longer among the last ``recent``. The first call's eviction sees full-width keys,
+so a prefill-time policy (SnapKV, PyramidKV) keeps exactly the entries it keeps alone.
 
 ``ComposedCache`` is the eviction cache (``EvictingKVCache``: the same scores, budgets, kept positions, per-entry
 state) whose kept keys and values are held in KIVI's layout over the *kept* entries, in position order, instead of
@@ -20,50 +28,58 @@ from torch import Tensor
 
 from mnemos.kv.base import Bytes, EvictingKVCache, EvictionPolicy, Policy
 from mnemos.kv.kivi import KIVI, dequantize, pack, quantize, unpack
+from mnemos.kv.think import ThinK, think_channel_scores
 from mnemos.layers.kv_cache import KVCache, KVView
 
-__all__ = ["Composed", "ComposedCache", "compose"]
+__all__ = ["Composed", "ComposedCache", "ThinKComposedCache", "compose"]
 
 
 class Composed(Policy):
-    """An eviction policy whose kept entries KIVI stores (``compose``); ``eviction`` and ``kivi`` are the parts."""
+    """An eviction policy whose kept entries KIVI or ThinK stores (``compose``); ``eviction`` and ``storage`` (also
+    ``kivi`` or ``think``, whichever it is) are the parts."""
 
-    def __init__(self, eviction: EvictionPolicy, kivi: KIVI) -> None:
+    def __init__(self, eviction: EvictionPolicy, storage: KIVI | ThinK) -> None:
         if not isinstance(eviction, EvictionPolicy):
             raise ValueError(f"eviction must be a token-eviction policy (StreamingLLM, H2O, SnapKV, PyramidKV, "
                              f"L2Norm, Scissorhands, D2O), got {type(eviction).__name__}")
-        if not isinstance(kivi, KIVI):
-            raise ValueError(f"kivi must be a KIVI policy, got {type(kivi).__name__}")
+        if not isinstance(storage, (KIVI, ThinK)):
+            raise ValueError(f"the second policy must be KIVI or ThinK (how the kept entries are stored), got "
+                             f"{type(storage).__name__}")
         if isinstance(eviction.budget, Bytes):
             raise ValueError("a Bytes budget counts full-precision entries; give the composed eviction policy a token "
                              "budget")
-        self.eviction, self.kivi = eviction, kivi
-        self.needs_queries = eviction.needs_queries
+        self.eviction, self.storage = eviction, storage
+        self.kivi = storage if isinstance(storage, KIVI) else None
+        self.think = storage if isinstance(storage, ThinK) else None
+        self.needs_queries = eviction.needs_queries or self.think is not None
 
     def check_layer(self, attn) -> None:
         self.eviction.check_layer(attn)
-        self.kivi.check_layer(attn)
+        self.storage.check_layer(attn)
 
     def check_head_dim(self, head_dim: int) -> None:
-        self.kivi.check_head_dim(head_dim)
+        if self.kivi is not None:
+            self.kivi.check_head_dim(head_dim)
 
     def prepare(self, model) -> None:
         self.eviction.prepare(model)
 
     def hf_refusal(self) -> str | None:
-        return self.eviction.hf_refusal()
+        return self.eviction.hf_refusal() or self.storage.hf_refusal()
 
     def make_cache(self, batch_size, n_heads, head_dim, *, window=None, layer_idx=0, n_layers=1, rope=None,
                    device=None, dtype=None) -> KVCache:
-        if self.eviction.skips_layer(layer_idx, n_layers):  # the eviction policy leaves the layer: KIVI alone
-            return self.kivi.make_cache(batch_size, n_heads, head_dim, window=window, device=device, dtype=dtype)
-        return ComposedCache(self.eviction, self.kivi, batch_size, n_heads, head_dim, window=window,
-                             layer_idx=layer_idx, n_layers=n_layers, rope=rope, device=device, dtype=dtype)
+        if self.eviction.skips_layer(layer_idx, n_layers):  # the eviction policy leaves the layer: storage alone
+            return self.storage.make_cache(batch_size, n_heads, head_dim, window=window, device=device, dtype=dtype)
+        cls = ComposedCache if self.kivi is not None else ThinKComposedCache
+        return cls(self.eviction, self.storage, batch_size, n_heads, head_dim, window=window, layer_idx=layer_idx,
+                   n_layers=n_layers, rope=rope, device=device, dtype=dtype)
 
 
-def compose(eviction: EvictionPolicy, kivi: KIVI) -> Composed:
-    """``eviction``'s kept entries stored by ``kivi`` (the module docstring)."""
-    return Composed(eviction, kivi)
+def compose(eviction: EvictionPolicy, storage: KIVI | ThinK) -> Composed:
+    """``eviction``'s kept entries stored by ``storage``, KIVI (packed) or ThinK (narrower keys): the module
+    docstring."""
+    return Composed(eviction, storage)
 
 
 class ComposedCache(EvictingKVCache):
@@ -225,3 +241,100 @@ class ComposedCache(EvictingKVCache):
     def __repr__(self) -> str:
         return (f"ComposedCache(eviction={self.policy!r}, kivi={self.kivi!r}, seen_tokens={self._seen}, "
                 f"num_stored={self.num_stored}, nbytes={self.nbytes})")
+
+
+class ThinKComposedCache(EvictingKVCache):
+    """The eviction cache with ThinK's key storage (the module docstring): narrow kept keys ``kp`` ``[B, Sp, H, Dk]``
+    at the channels ``channels`` ``[B, H, Dk]`` (int16, chosen at the first call), the last ``recent`` kept keys at
+    full width ``kf`` ``[B, S - Sp, H, D]``; values, positions and the policy's per-entry state as the eviction cache
+    keeps them."""
+
+    _STORED = ("kp", "channels", "kf")
+
+    def __init__(self, eviction: EvictionPolicy, think: ThinK, batch_size: int, n_heads: int, head_dim: int, *,
+                 window=None, layer_idx: int = 0, n_layers: int = 1, rope=None, device=None, dtype=None) -> None:
+        super().__init__(eviction, batch_size, n_heads, head_dim, window=window, layer_idx=layer_idx,
+                         n_layers=n_layers, rope=rope, device=device, dtype=dtype)
+        self.think = think
+        dk = head_dim - think.n_pruned(head_dim)
+        self.kp = self._k.new_empty(batch_size, 0, n_heads, dk)
+        self.channels = torch.zeros(batch_size, n_heads, dk, device=self._k.device, dtype=torch.int16)
+        self.kf = self._k.clone()
+
+    def widened_keys(self) -> Tensor:
+        """The kept keys at full width ``[B, S, H, D]``, zeros in the pruned channels of the narrow ones."""
+        b, sp, h, dk = self.kp.shape
+        idx = self.channels.long()[:, None].expand(b, sp, h, dk)
+        return torch.cat((self.kp.new_zeros(b, sp, h, self.head_dim).scatter(3, idx, self.kp), self.kf), dim=1)
+
+    def _narrow(self, k: Tensor) -> None:
+        """Store the kept keys ``k`` ``[B, S, H, D]``: all but the last ``recent`` at the chosen channels."""
+        b, n, h, _ = k.shape
+        n_old = max(0, n - self.think.recent)
+        idx = self.channels.long()[:, None].expand(b, n_old, h, self.kp.shape[3])
+        self.kp, self.kf = k[:, :n_old].gather(3, idx), k[:, n_old:].clone()
+        self._k = k[:, :0].clone()
+
+    @property
+    def num_stored(self) -> int:
+        return self._pos.shape[1]
+
+    @property
+    def keys(self) -> Tensor:
+        return self.widened_keys()
+
+    def update_view(self, k_new: Tensor, v_new: Tensor, q: Tensor | None = None) -> KVView:
+        if self._seen == 0:
+            if q is None:
+                raise ValueError("ThinK chooses key channels from the first call's queries: update_view needs q")
+            w = min(self.think.window_size, q.shape[1])
+            score = think_channel_scores(q[:, -w:], k_new)  # [B, Hkv, D]
+            self.channels = score.topk(self.kp.shape[3], dim=-1).indices.sort(dim=-1).values.to(torch.int16)
+        self._k = self.widened_keys()
+        try:
+            return super().update_view(k_new, v_new, q)
+        finally:
+            self._narrow(self._k)
+
+    def reset(self) -> None:
+        super().reset()
+        self.channels = torch.zeros_like(self.channels)
+        self._narrow(self._k)
+
+    def to(self, device=None, dtype=None) -> "ThinKComposedCache":
+        super().to(device=device, dtype=dtype)
+        self.kp, self.kf = self.kp.to(device=device, dtype=dtype), self.kf.to(device=device, dtype=dtype)
+        self.channels = self.channels.to(device=device)
+        return self
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = super().state_dict()
+        del out["k"]  # empty: the keys are kp / kf
+        return {**{n: getattr(self, n) for n in self._STORED}, **out}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing = set(self._STORED) - set(state)
+        if missing:
+            raise ValueError(f"state is missing keys {sorted(missing)}, got keys {sorted(state)}")
+        kp, ch, kf = (state[n] for n in self._STORED)
+        if tuple(ch.shape) != tuple(self.channels.shape) or kp.ndim != 4 or kp.shape[3] != self.kp.shape[3] or \
+                kf.ndim != 4 or kf.shape[3] != self.head_dim:
+            raise ValueError(f"state's kp / channels / kf must be [B, Sp, H, {self.kp.shape[3]}] / "
+                             f"{tuple(self.channels.shape)} / [B, Sf, H, {self.head_dim}], got {tuple(kp.shape)} / "
+                             f"{tuple(ch.shape)} / {tuple(kf.shape)}")
+        saved = {n: getattr(self, n) for n in self._STORED}
+        self.kp, self.kf = kp.to(device=self.device, dtype=self.dtype), kf.to(device=self.device, dtype=self.dtype)
+        self.channels = ch.to(device=self.device, dtype=torch.int16)
+        rest = {n: t for n, t in state.items() if n not in self._STORED}
+        try:
+            super().load_state_dict({**rest, "k": self.widened_keys()})  # checks shapes, restores the rest
+        except ValueError:
+            for n, t in saved.items():
+                setattr(self, n, t)
+            raise
+        self.kp, self.kf = self.kp.clone(), self.kf.clone()
+        self._k = self._k[:, :0].clone()
+
+    def __repr__(self) -> str:
+        return (f"ThinKComposedCache(eviction={self.policy!r}, think={self.think!r}, seen_tokens={self._seen}, "
+                f"num_stored={self.num_stored}, narrow={self.kp.shape[1]}, nbytes={self.nbytes})")

@@ -3,7 +3,8 @@
 A spec is ``NAME[:KEY=VALUE[,KEY=VALUE...]]``: ``snapkv:budget=256,window_size=16``, ``kivi:bits=4``, ``h2o``.
 A key may take several values, the items after it that hold no ``=``: ``snapkv:budget=64,128,256,window_size=16``
 is a sweep of three policies (several swept keys give every combination, in order). ``A+B`` composes two policies,
-an eviction policy then KIVI (``h2o:budget=64+kivi:bits=2``; ``mnemos.kv.compose``). ``none`` (or ``full``) is no
+an eviction policy then KIVI or ThinK (``h2o:budget=64+kivi:bits=2``, ``snapkv:budget=64+think:pruning_ratio=0.5``;
+``mnemos.kv.compose``). ``none`` (or ``full``) is no
 policy: the model's own cache.
 
 Values: ``true`` / ``false``; integers (tokens); decimals (ratios); a size with a unit, ``4096B``, ``64KiB``,
@@ -149,7 +150,7 @@ def parse_policy_spec(text: str) -> list[PolicySpec]:
         return [PolicySpec("none", "none", None)]
     parts = [_one(p) for p in text.split("+")]
     if len(parts) > 2:
-        raise ValueError(f"{text!r}: compose at most two policies (an eviction policy + kivi)")
+        raise ValueError(f"{text!r}: compose at most two policies (an eviction policy + kivi or think)")
     out = []
     for combo in itertools.product(*parts):
         built = []
@@ -164,7 +165,7 @@ def parse_policy_spec(text: str) -> list[PolicySpec]:
             try:
                 policy = compose(*built)
             except ValueError as e:
-                raise ValueError(f"{text!r}: {e} (compose as EVICTION+kivi)") from None
+                raise ValueError(f"{text!r}: {e} (compose as EVICTION+kivi or EVICTION+think)") from None
         out.append(PolicySpec("+".join(spec_text(n, kw) for n, kw in combo), "+".join(n for n, _ in combo),
                               policy))
     return out
