@@ -264,3 +264,21 @@ def test_a_stopped_run_starts_no_further_runs(tmp_path, monkeypatch):
     done = []
     study._train_parallel(trains, tmp_path, jobs=2, threads=1, finished=lambda j, r, w: done.append(r["status"]))
     assert len(started) == 2 and done == ["stopped", "done"]  # the two launched together; nothing after them
+
+
+def test_a_run_that_has_not_finished_is_not_evaluated(tmp_path):
+    """An --only subset can reach the evals while a run is part-way (another invocation is training it): its evals
+    wait for it instead of scoring a half-trained checkpoint."""
+    job = next(t for t in plan(TINY)[0] if t.group == "mqar" and t.lr == TINY.lrs[0])
+    run_dir = tmp_path / "runs" / job.name
+    from mnemos.train.config import TrainConfig
+    from mnemos.train.loop import train
+
+    d = json.loads(json.dumps(job.config))
+    d["run"].update(out_dir=str(run_dir), progress=False, stop_after=2)
+    train(TrainConfig.from_dict(d))
+    log = io.StringIO()
+    out = run_study(TINY, tmp_path, only=f"extrap-{job.name}", file=log)
+    assert out["trained"] == [] and out["evaluated"] == []
+    assert f"not run: {job.name} has not finished training" in log.getvalue()
+    assert not (tmp_path / "evals" / f"extrap-{job.name}" / "results.json").exists()

@@ -501,11 +501,15 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
             _train_parallel(todo, out, jobs, threads or 1, finished)
 
     chosen = select_lrs(settings, candidates, out)
+    by_name = {j.name: j for j in candidates}
     for e in eval_jobs(settings, candidates, {k: v["lr"] for k, v in chosen.items()}):
         if not _matches(e.name, only):
             continue
         t0 = time.perf_counter()
-        outcome = _eval_one(settings, e, out)
+        if e.run in by_name and not run_is_done(by_name[e.run], out / "runs" / e.run):
+            outcome = f"not run: {e.run} has not finished training"  # (an --only subset left it part-way)
+        else:
+            outcome = _eval_one(settings, e, out)
         if outcome.startswith("done"):
             summary["evaluated"].append(e.name)
             bar.eval_walls.append(time.perf_counter() - t0)
