@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mnemos.kv.base import Bytes, EvictingKVCache, EvictionPolicy, Policy
 from mnemos.kv.kivi import KIVI, dequantize, pack, quantize, unpack
-from mnemos.kv.think import ThinK, think_channel_scores
+from mnemos.kv.think import ThinK, choose_channels, widen_keys
 from mnemos.layers.kv_cache import KVCache, KVView
 
 __all__ = ["Composed", "ComposedCache", "ThinKComposedCache", "compose"]
@@ -263,9 +263,7 @@ class ThinKComposedCache(EvictingKVCache):
 
     def widened_keys(self) -> Tensor:
         """The kept keys at full width ``[B, S, H, D]``, zeros in the pruned channels of the narrow ones."""
-        b, sp, h, dk = self.kp.shape
-        idx = self.channels.long()[:, None].expand(b, sp, h, dk)
-        return torch.cat((self.kp.new_zeros(b, sp, h, self.head_dim).scatter(3, idx, self.kp), self.kf), dim=1)
+        return torch.cat((widen_keys(self.kp, self.channels, self.head_dim), self.kf), dim=1)
 
     def _narrow(self, k: Tensor) -> None:
         """Store the kept keys ``k`` ``[B, S, H, D]``: all but the last ``recent`` at the chosen channels."""
@@ -287,9 +285,7 @@ class ThinKComposedCache(EvictingKVCache):
         if self._seen == 0:
             if q is None:
                 raise ValueError("ThinK chooses key channels from the first call's queries: update_view needs q")
-            w = min(self.think.window_size, q.shape[1])
-            score = think_channel_scores(q[:, -w:], k_new)  # [B, Hkv, D]
-            self.channels = score.topk(self.kp.shape[3], dim=-1).indices.sort(dim=-1).values.to(torch.int16)
+            self.channels = choose_channels(q, k_new, self.think.window_size, self.kp.shape[3])
         self._k = self.widened_keys()
         try:
             return super().update_view(k_new, v_new, q)

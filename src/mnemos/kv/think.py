@@ -19,7 +19,7 @@ from torch import Tensor
 from mnemos.kv.base import NamedTensorsCache, Policy, _check_new, check_int, check_ratio
 from mnemos.layers.kv_cache import KVCache, KVView
 
-__all__ = ["ThinK", "ThinKCache", "think_channel_scores"]
+__all__ = ["ThinK", "ThinKCache", "choose_channels", "think_channel_scores", "widen_keys"]
 
 
 def think_channel_scores(q_obs: Tensor, k: Tensor) -> Tensor:
@@ -30,6 +30,23 @@ def think_channel_scores(q_obs: Tensor, k: Tensor) -> Tensor:
     qn = q_obs.float().square().sum(dim=1).reshape(b, h_kv, hq // h_kv, d).mean(dim=2)  # [B, Hkv, D]
     kn = k.float().square().sum(dim=1)  # [B, Hkv, D]
     return qn * kn
+
+
+def choose_channels(q: Tensor, k: Tensor, window_size: int, kept: int) -> Tensor:
+    """The ``kept`` key channels per (row, KV head) that ThinK keeps: the top scores of
+    :func:`think_channel_scores` over the last ``window_size`` queries of ``q`` ``[B, T, Hq, D]`` against ``k``
+    ``[B, S, Hkv, D]``, in increasing channel order: ``[B, Hkv, kept]`` int16."""
+    w = min(window_size, q.shape[1])
+    score = think_channel_scores(q[:, -w:], k)  # [B, Hkv, D]
+    return score.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int16)
+
+
+def widen_keys(narrow: Tensor, channels: Tensor, head_dim: int) -> Tensor:
+    """Narrow keys ``[B, S, H, Dk]`` stored at ``channels`` ``[B, H, Dk]`` back at full width ``[B, S, H, head_dim]``,
+    zeros in the pruned channels (what attention reads)."""
+    b, s, h, dk = narrow.shape
+    idx = channels.long()[:, None].expand(b, s, h, dk)
+    return narrow.new_zeros(b, s, h, head_dim).scatter(3, idx, narrow)
 
 
 class ThinK(Policy):
@@ -98,10 +115,7 @@ class ThinKCache(NamedTensorsCache):
 
     def widened_keys(self) -> Tensor:
         """The stored keys at full width ``[B, S, H, D]``: pruned channels of the narrow ones are zero."""
-        b, sp, h, dk = self.kp.shape
-        wide = self.kp.new_zeros(b, sp, h, self.head_dim)
-        idx = self.channels.long()[:, None].expand(b, sp, h, dk)  # [B, Sp, H, Dk]
-        return torch.cat((wide.scatter(3, idx, self.kp), self.kf), dim=1)
+        return torch.cat((widen_keys(self.kp, self.channels, self.head_dim), self.kf), dim=1)
 
     def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("ThinKCache scores channels with the queries: call update_view(k_new, v_new, q)")
@@ -111,10 +125,7 @@ class ThinKCache(NamedTensorsCache):
         if self._seen == 0:
             if q is None:
                 raise ValueError("ThinK chooses key channels from the first call's queries: update_view needs q")
-            w = min(self.policy.window_size, q.shape[1])
-            score = think_channel_scores(q[:, -w:], k_new)  # [B, Hkv, D]
-            dk = self.kp.shape[3]
-            self.channels = score.topk(dk, dim=-1).indices.sort(dim=-1).values.to(torch.int16)  # [B, Hkv, Dk]
+            self.channels = choose_channels(q, k_new, self.policy.window_size, self.kp.shape[3])
         keys = torch.cat((self.widened_keys(), k_new), dim=1)  # [B, S, H, D]
         values = torch.cat((self.v, v_new), dim=1)
         self._seen += k_new.shape[1]
