@@ -32,6 +32,18 @@ from .cache import BasedState, BaseConvState
 __all__ = ["BasedLinearAttention", "BaseConv"]
 
 
+def check_feature_attention_args(impl: str, **ints: tuple[int, int]) -> None:
+    """The argument checks of a feature-map attention layer (this one, JRT-RNN's): each ``name=(value, low)`` an int
+    >= low, ``heads`` dividing ``dim``, ``impl`` one of the two paths; a ``ValueError`` naming the argument."""
+    for name, (value, low) in ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if ints["dim"][0] % ints["heads"][0]:
+        raise ValueError(f"heads ({ints['heads'][0]}) must divide dim ({ints['dim'][0]})")
+    if impl not in ("chunked", "reference"):
+        raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
+
+
 class BasedLinearAttention(nn.Module):
     """BASED's Taylor linear attention (see the module docstring).
 
@@ -46,13 +58,8 @@ class BasedLinearAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, feature_dim: int = 16, chunk_size: int = 64, eps: float = 1e-12,
                  impl: Literal["chunked", "reference"] = "chunked"):
         super().__init__()
-        for name, value in (("dim", dim), ("heads", heads), ("feature_dim", feature_dim), ("chunk_size", chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if dim % heads:
-            raise ValueError(f"heads ({heads}) must divide dim ({dim})")
-        if impl not in ("chunked", "reference"):
-            raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
+        check_feature_attention_args(impl, dim=(dim, 1), heads=(heads, 1), feature_dim=(feature_dim, 1),
+                                     chunk_size=(chunk_size, 1))
         self.dim, self.heads, self.head_dim, self.feature_dim = dim, heads, dim // heads, feature_dim
         self.chunk_size, self.eps, self.impl = chunk_size, eps, impl
         self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)

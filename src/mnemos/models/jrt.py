@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from ..ops.based import based_linear_attention, based_linear_attention_reference, taylor_feature_dim, \
     taylor_feature_map
 from ..ops.memory_rule.common import _no_autocast, compute_dtype
+from .based import check_feature_attention_args
 
 __all__ = ["JRTState", "PrefixLinearAttention", "prefix_linear_attention"]
 
@@ -124,14 +125,8 @@ class PrefixLinearAttention(nn.Module):
     def __init__(self, dim: int, heads: int, *, feature_dim: int = 16, prefix_len: int = 1, chunk_size: int = 64,
                  eps: float = 1e-12, impl: Literal["chunked", "reference"] = "chunked"):
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("heads", heads, 1), ("feature_dim", feature_dim, 1),
-                                 ("prefix_len", prefix_len, 0), ("chunk_size", chunk_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if dim % heads:
-            raise ValueError(f"heads ({heads}) must divide dim ({dim})")
-        if impl not in ("chunked", "reference"):
-            raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
+        check_feature_attention_args(impl, dim=(dim, 1), heads=(heads, 1), feature_dim=(feature_dim, 1),
+                                     prefix_len=(prefix_len, 0), chunk_size=(chunk_size, 1))
         self.dim, self.heads, self.head_dim, self.feature_dim = dim, heads, dim // heads, feature_dim
         self.prefix_len, self.chunk_size, self.eps, self.impl = prefix_len, chunk_size, eps, impl
         self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)
