@@ -240,3 +240,22 @@ def test_resume_is_bit_exact(tmp_path):
     assert rest.train_losses == full.train_losses[2:]
     with pytest.raises(ValueError, match=r"model.based.prefix_len"):
         train(cfg(tmp_path / "cut", "model.based.prefix_len=4"), resume=True)
+
+
+@pytest.mark.parametrize("cls", [BasedLinearAttention, PrefixLinearAttention])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dim=32, heads=3), r"heads \(3\) must divide dim \(32\)"),
+    (dict(dim=32, heads=4, feature_dim=0), r"feature_dim must be an int >= 1, got 0"),
+    (dict(dim=32, heads=4, chunk_size=True), r"chunk_size must be an int >= 1, got True"),
+    (dict(dim=32.0, heads=4), r"dim must be an int >= 1, got 32.0"),
+    (dict(dim=32, heads=4, impl="fast"), r"impl must be 'chunked' or 'reference', got 'fast'"),
+])
+def test_feature_attention_layers_name_a_bad_argument(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_prefix_len_may_be_zero_but_not_negative():
+    assert PrefixLinearAttention(32, 4, prefix_len=0).prefix_len == 0
+    with pytest.raises(ValueError, match=r"prefix_len must be an int >= 0, got -1"):
+        PrefixLinearAttention(32, 4, prefix_len=-1)
