@@ -162,3 +162,34 @@ def test_documents_of_every_task_kind(tmp_path):
         r = train(cfg)
         assert len(r.train_losses) == 2 and all(map(math.isfinite, r.train_losses))
         assert r.train_losses[0] > 0 or cfg.task.kind == "niah"  # niah's first window holds no answer: loss 0
+
+
+def test_validation_scores_each_window_of_a_document(tmp_path):
+    """With documents of 3 windows the val metrics hold each window's accuracy over its own queries, recomputed here
+    from the whole-document logits; their query-weighted mean is the overall accuracy."""
+    import contextlib
+
+    from mnemos.train.distributed import DistInfo
+    from mnemos.train.loop import validate
+
+    cfg = _cfg(tmp_path, "task.doc_windows=3", "task.eval_examples=24")
+    torch.manual_seed(0)
+    model = MnemosLM(cfg.model)
+    data = TaskData(cfg)
+    m = validate(model, data, cfg, DistInfo(0, 1, 0, torch.device("cpu")), contextlib.nullcontext)
+    inputs, labels = data.val
+    with torch.no_grad():
+        pred = model(inputs)[0].argmax(-1)
+    T, total = cfg.task.seq_len, 0
+    for w in range(3):
+        y, p = labels[:, w * T : (w + 1) * T], pred[:, w * T : (w + 1) * T]
+        n = int((y != -100).sum())
+        assert m[f"val_window{w + 1}_n"] == n and n > 0
+        assert m[f"val_window{w + 1}_accuracy"] == pytest.approx(float((p == y)[y != -100].float().mean()))
+        total += m[f"val_window{w + 1}_accuracy"] * n
+    assert sum(m[f"val_window{w + 1}_n"] for w in range(3)) == m["val_n"]
+    assert total / m["val_n"] == pytest.approx(m["val_accuracy"])
+    assert "val_window4_accuracy" not in m
+    one = validate(model, TaskData(_cfg(tmp_path)), _cfg(tmp_path), DistInfo(0, 1, 0, torch.device("cpu")),
+                   contextlib.nullcontext)
+    assert not any(k.startswith("val_window") for k in one)

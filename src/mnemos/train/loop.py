@@ -213,7 +213,9 @@ def validate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) 
     (every answer token right, teacher-forced), ``val_token_accuracy``, ``val_examples``. MQAR scores every one of
     the ``task.eval_examples`` val examples: ``val_loss``,
     ``val_accuracy``, the near / far split at :func:`eval_reach`, the context-value rate beside the 1/K level and
-    chance (:func:`mnemos.data.mqar_recall_metrics`), and the counts ``val_n`` (queries) and ``val_examples``. LM:
+    chance (:func:`mnemos.data.mqar_recall_metrics`), and the counts ``val_n`` (queries) and ``val_examples``; with
+    ``task.doc_windows`` k > 1 also ``val_window{w}_accuracy`` / ``val_window{w}_n`` for w = 1 .. k (the queries in
+    each ``task.seq_len`` window of the whole-document read; NaN for a window without any). LM:
     ``val_loss`` and ``val_ppl`` over 8 batches of random val windows."""
     model.eval()
     loss_sum, n_sum, preds = 0.0, 0, []
@@ -240,6 +242,15 @@ def validate(model, data: TaskData, cfg: TrainConfig, info: DistInfo, autocast) 
                 "any_value_level", "chance", "n", "n_near", "n_far", "reach"):
         out[f"val_{key}"] = m[key]
     out["val_examples"] = inputs.shape[0]
+    W = cfg.task.doc_windows
+    if W > 1:  # documents of several windows: accuracy of the queries in each window (the first holds the pairs)
+        correct, scored = torch.cat(preds) == labels, labels != IGNORE_INDEX
+        for w in range(W):
+            span = slice(w * cfg.task.seq_len, (w + 1) * cfg.task.seq_len)
+            n = int(scored[:, span].sum())
+            out[f"val_window{w + 1}_accuracy"] = float(correct[:, span][scored[:, span]].float().mean()) if n \
+                else float("nan")
+            out[f"val_window{w + 1}_n"] = n
     return out
 
 
