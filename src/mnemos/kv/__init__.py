@@ -1,8 +1,8 @@
 """KV-cache policies for attention's short-term memory: eviction (StreamingLLM, H2O, SnapKV, PyramidKV, L2-norm,
 Scissorhands, D2O with merging), per-head budgets (DuoAttention / RazorAttention-style), key-channel pruning (ThinK),
-packed quantisation (KIVI), eviction + KIVI (``compose``) and a retrieval tier with an offload store (InfLLM,
-SentenceKV), on every ``mnemos.layers.Attention``; policies by name
-(``parse_policy_spec``: the ``--kv-policy`` grammar).
+packed quantisation (KIVI), cross-layer merging of adjacent deep layers (MiniCache), eviction + KIVI (``compose``)
+and a retrieval tier with an offload store (InfLLM, SentenceKV), on every ``mnemos.layers.Attention``; policies by
+name (``parse_policy_spec``: the ``--kv-policy`` grammar).
 
 ``with SnapKV(budget=256)(model): model.generate(...)`` or ``apply_kv_policy(model, policy)``; Hugging Face
 Llama-family models through ``mnemos.kv.hf`` (imported on its own: it needs transformers). The contract and each
@@ -22,6 +22,7 @@ from .base import (
 )
 from .eviction import H2O, L2Norm, PyramidKV, SnapKV, StreamingLLM, pyramid_budgets, snapkv_scores
 from .kivi import KIVI, KIVICache, dequantize, pack, quantize, unpack
+from .minicache import MiniCache, MiniCacheLower, MiniCacheUpper, merge_pair, slerp
 from .think import ThinK, ThinKCache, think_channel_scores
 from .compose import Composed, ComposedCache, ThinKComposedCache, compose
 from .d2o import D2O, layer_budgets, merge_evicted
@@ -38,5 +39,5 @@ __all__ = [
     "DuoAttention", "HeadSplitCache", "choose_retrieval_heads", "Composed", "ComposedCache", "ThinKComposedCache",
     "compose", "POLICIES",
     "PolicySpec", "parse_policy_spec", "register_policy", "InfLLM", "InfLLMCache", "SentenceKV", "SentenceKVCache",
-    "OffloadStore", "install_token_id_hook",
+    "OffloadStore", "install_token_id_hook", "MiniCache", "MiniCacheLower", "MiniCacheUpper", "merge_pair", "slerp",
 ]

@@ -63,6 +63,9 @@ def _check(model: nn.Module, policy: KVPolicy) -> None:
     check_head_dim = getattr(policy, "check_head_dim", None)
     if check_head_dim is not None:
         check_head_dim(_config_dims(config)[2])
+    check_n_layers = getattr(policy, "check_n_layers", None)  # policies over several layers (MiniCache's pairs)
+    if check_n_layers is not None:
+        check_n_layers(_config_dims(config)[0])
 
 
 class PolicyLayer(CacheLayerMixin):

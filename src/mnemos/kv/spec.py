@@ -24,6 +24,7 @@ from mnemos.kv.compose import compose
 from mnemos.kv.d2o import D2O
 from mnemos.kv.eviction import H2O, L2Norm, PyramidKV, SnapKV, StreamingLLM
 from mnemos.kv.kivi import KIVI
+from mnemos.kv.minicache import MiniCache
 from mnemos.kv.perhead import DuoAttention
 from mnemos.kv.retrieval import InfLLM, SentenceKV
 from mnemos.kv.scissorhands import Scissorhands
@@ -44,6 +45,7 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "duo": DuoAttention,
     "infllm": InfLLM,
     "sentencekv": SentenceKV,
+    "minicache": MiniCache,
 }
 
 NO_POLICY = ("none", "full")  # spec names meaning "the model's own cache"
