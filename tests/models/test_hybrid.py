@@ -17,7 +17,7 @@ import torch
 from mnemos.eval.tasks.mqar import model_reach
 from mnemos.models import Cache, MnemosConfig, MnemosLM, saved_model_config
 from mnemos.models.registry import stack_reach, variant_spec
-from model_helpers import close, random_ids
+from model_helpers import check_training_resumes_bit_exactly, close, random_ids
 
 F64 = torch.float64
 V = 32
@@ -135,20 +135,8 @@ def test_hugging_face_round_trip(tmp_path):
 
 def test_training_resumes_bit_exactly(tmp_path):
     """The resume check compares the union of the blocks' reads (and the list of layers as saved in JSON)."""
-    from mnemos.train.config import load_config
-    from mnemos.train.loop import train
-
-    args = ["model.variant=hybrid", "model.layers=[gated_deltanet, swa]", "model.n_layers=2", "model.vocab_size=32",
-            "model.d_model=16", "model.n_heads=2", "model.window=4", "task.vocab_size=32", "task.seq_len=16",
-            "task.num_kv_pairs=2", "task.train_examples=32", "task.eval_examples=8", "run.batch_size=4",
-            "run.eval_every=1000", "run.progress=false", "run.steps=3", "optim.lr=1e-2", "optim.warmup_steps=0"]
-    full = train(load_config(None, args + [f"run.out_dir={tmp_path / 'full'}"]))
-    cut = args + [f"run.out_dir={tmp_path / 'cut'}"]
-    first = train(load_config(None, cut + ["run.stop_after=2"]))
-    rest = train(load_config(None, cut), resume=True)
-    assert first.train_losses + rest.train_losses == full.train_losses
-    with pytest.raises(ValueError, match=r"model\.window"):  # a block reads it: a different model
-        train(load_config(None, cut + ["model.window=3"]), resume=True)
+    check_training_resumes_bit_exactly(tmp_path, ["model.variant=hybrid", "model.layers=[gated_deltanet, swa]"],
+                                       "model.window=3", "model.window")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

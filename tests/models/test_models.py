@@ -25,10 +25,11 @@ from mnemos.models import VARIANT_REGISTRY, VARIANTS, Block, Cache, MnemosConfig
 F64, F32 = torch.float64, torch.float32
 V = 64
 # tiny sizes: window 5 and segment 6 are exceeded by every sequence below, and the memory's chunk of 4 does not
-# divide the segment of 6, so segment and chunk boundaries fall in different places
+# divide the segment of 6, so segment and chunk boundaries fall in different places (LM2's segments of 4 too)
 TINY = dict(
     vocab_size=V, d_model=32, n_layers=2, n_heads=4, window=5, segment_len=6, num_persistent=2, init_std=0.5,
     memory=dict(depth=2, expansion=2, chunk_size=4), mac_attn_init_scale=1.0,  # MAC's attention in play from the start
+    lm2=dict(num_slots=4),
 )
 # decoding memory per variant: constant once the window is full, bounded by the segment, or growing (the registry's
 # claim, state_bound; test_registry.py measures it too)
@@ -298,7 +299,7 @@ MIXER_TYPES = {
     "deltanet": "LinearRecurrence", "gated_deltanet": "LinearRecurrence", "mamba2": "Mamba2Mixer",
     "based": "BasedLinearAttention", "mom": "MixtureOfMemories", "moneta": "LongTermMemory",
     "yaad": "LongTermMemory", "memora": "LongTermMemory", "atlas": "LongTermMemory",
-    "jrt_rnn": "PrefixLinearAttention", "baseconv": "BaseConv",
+    "jrt_rnn": "PrefixLinearAttention", "baseconv": "BaseConv", "lm2": "LM2Layer",
 }
 
 

@@ -1,5 +1,5 @@
 """Models: Titans (LMM, MAC, MAG, MAL) and baselines (Transformer++, SWA, linear attention, DeltaNet, Gated
-DeltaNet, Mamba-2, BASED, MoM, JRT-RNN), all one block skeleton, one config and one cache type; hybrid stacks mix them per
+DeltaNet, Mamba-2, BASED, MoM, JRT-RNN, LM2), all one block skeleton, one config and one cache type; hybrid stacks mix them per
 block (``MnemosConfig.layers``). See docs/MODELS.md."""
 
 from .baselines import LinearRecurrence
@@ -16,6 +16,8 @@ from .mom import MixtureOfMemories
 from .cache import MoMState
 from .config import HYBRID, MoMConfig
 from .jrt import JRTState, PrefixLinearAttention
+from .lm2 import LM2Layer, LM2State
+from .config import LM2Config
 from .titans import LongTermMemory, MemoryAsContext, MemoryAsGate, MemoryAsLayer, mac_attention_mask
 
 __all__ = [
@@ -28,3 +30,4 @@ __all__ = [
 __all__ += ["Mamba2Mixer", "Mamba2State", "Mamba2Config", "BasedLinearAttention", "BasedState", "BasedConfig"]
 __all__ += ["MixtureOfMemories", "MoMState", "MoMConfig", "HYBRID"]
 __all__ += ["PrefixLinearAttention", "JRTState"]
+__all__ += ["LM2Layer", "LM2State", "LM2Config"]

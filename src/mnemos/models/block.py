@@ -54,8 +54,10 @@ class Block(nn.Module):
         """The mixer's state at the start of a stream (the MLP is stateless)."""
         return self.mixer.init_state(batch, device, dtype)
 
-    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        """x ``[B, T, d]`` -> ``(out [B, T, d], the mixer's state after x)``."""
-        y, state = self.mixer(self.mixer_norm(x), state)
+    def forward(self, x: Tensor, state: Any = None, *relay: Any) -> tuple[Any, ...]:
+        """x ``[B, T, d]`` -> ``(out [B, T, d], the mixer's state after x)``. ``relay``: for a relay mixer (LM2),
+        the side channel ``MnemosLM`` passes between such blocks (:mod:`mnemos.models.lm`), one value handed to the
+        mixer, whose next value is returned third."""
+        y, state, *relay = self.mixer(self.mixer_norm(x), state, *relay)
         h = x + y
-        return h + self.mlp(self.mlp_norm(h)), state
+        return h + self.mlp(self.mlp_norm(h)), state, *relay

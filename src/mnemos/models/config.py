@@ -6,8 +6,8 @@ unknown keys by name. Every field is checked in ``__post_init__`` (type, range, 
 the ``memory`` section's fields, defaults and range checks are the layer's own (:class:`mnemos.layers.MemorySettings`,
 which :class:`MemoryConfig` extends), so the layers take ``config.memory`` whole and check nothing twice. The
 recurrent baselines' layers have small sections of their own, read only by their variant (``mamba2``, ``based``,
-``mom``: :data:`SECTIONS`). ``layers`` (with ``variant="hybrid"``) makes a hybrid stack, one registered variant per
-block.
+``mom``, ``lm2``: :data:`SECTIONS`). ``layers`` (with ``variant="hybrid"``) makes a hybrid stack, one registered
+variant per block.
 
 One override grammar for every command line that sets config fields: dotted keys and YAML values,
 ``model.memory.chunk_size=16`` (:func:`parse_override`, :func:`merge_overrides`); ``mnemos train`` takes them for
@@ -34,8 +34,8 @@ from ..layers import MemorySettings
 from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
 from .registry import HYBRID, stack_reads_field, stack_variants
 
-__all__ = ["MnemosConfig", "MemoryConfig", "Mamba2Config", "BasedConfig", "MoMConfig", "SECTIONS", "HYBRID",
-           "ConfigTypeError", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
+__all__ = ["MnemosConfig", "MemoryConfig", "Mamba2Config", "BasedConfig", "MoMConfig", "LM2Config", "SECTIONS",
+           "HYBRID", "ConfigTypeError", "VARIANTS", "TITANS_VARIANTS", "BASELINE_VARIANTS", "ATTENTION_VARIANTS",
            "INIT_ONLY_FIELDS", "merge_overrides", "parse_override", "read_yaml", "saved_model_config", "variant_reads"]
 
 # the registered variants (mnemos.models.registry), and subsets of them; all read from the registry at import
@@ -222,6 +222,24 @@ SECTIONS["mom"] = MoMConfig
 
 
 @dataclass
+class LM2Config(_ConfigBase):
+    """The LM2 memory of variant ``lm2`` (:class:`mnemos.models.lm2.LM2Layer`): a bank of ``num_slots`` slots of
+    width d_model beside each block's sliding-window attention (``model.window``); the segment length is
+    ``num_slots`` (slot r <-> position r of a segment). Small for CPUs (the paper: 2048, its training length)."""
+
+    _where = "model.lm2."
+
+    num_slots: int = 64  # N: slots of the bank = tokens per segment
+
+    def __post_init__(self):
+        self._check_types()
+        _check_ints_at_least(self, ("num_slots",))
+
+
+SECTIONS["lm2"] = LM2Config
+
+
+@dataclass
 class MnemosConfig(_ConfigBase):
     """Config of :class:`mnemos.models.MnemosLM` for every variant (see the module docstring for who reads what).
 
@@ -268,6 +286,7 @@ class MnemosConfig(_ConfigBase):
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     based: BasedConfig = field(default_factory=BasedConfig)
     mom: MoMConfig = field(default_factory=MoMConfig)
+    lm2: LM2Config = field(default_factory=LM2Config)
     # a hybrid stack (variant "hybrid"): one registered variant per block, n_layers of them; a list ending in "..."
     # is a pattern repeated to n_layers ([gated_deltanet, gated_deltanet, transformer, ...]). None: every block is
     # `variant`. Each block's mixer is built from this config as if it were its variant's own.

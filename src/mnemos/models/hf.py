@@ -4,7 +4,7 @@ Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalL
 ``transformers`` is an optional dependency: ``mnemos.models`` never imports this module.
 
 - ``MnemosHFConfig`` mirrors :class:`MnemosConfig` field for field (``memory`` is a nested dict of
-  :class:`MemoryConfig` fields, ``mamba2``, ``based`` and ``mom`` dicts of their sections' fields, ``layers`` a
+  :class:`MemoryConfig` fields, ``mamba2``, ``based``, ``mom`` and ``lm2`` dicts of their sections' fields, ``layers`` a
   hybrid stack's list of block variants). It is validated by building a ``MnemosConfig``, so bad values raise that
   class's errors, and keys that are neither mnemos fields nor keys Hugging Face itself writes raise a ``ValueError``
   naming them.
@@ -68,8 +68,9 @@ _HF_EXTRA_KEYS: frozenset[str] = frozenset(
 class MnemosHFConfig(PreTrainedConfig):
     """Hugging Face config of a :class:`MnemosLM`: the fields of :class:`MnemosConfig`, same names and defaults.
 
-    ``memory`` is a dict of :class:`MemoryConfig` fields (None: all defaults), ``mamba2``, ``based`` and ``mom``
-    dicts of their sections' fields (:data:`mnemos.models.config.SECTIONS`); each is stored resolved (every key).
+    ``memory`` is a dict of :class:`MemoryConfig` fields (None: all defaults), ``mamba2``, ``based``, ``mom`` and
+    ``lm2`` dicts of their sections' fields (:data:`mnemos.models.config.SECTIONS`); each is stored resolved (every
+    key).
     ``layers`` (a hybrid stack's variant per block, with ``variant="hybrid"``) is stored as a list, expanded.
     ``to_mnemos()`` returns the equivalent ``MnemosConfig``. ``tie_word_embeddings`` reads ``tie_embeddings``.
     """
@@ -102,6 +103,7 @@ class MnemosHFConfig(PreTrainedConfig):
     mamba2: dict | None = None
     based: dict | None = None
     mom: dict | None = None
+    lm2: dict | None = None
     layers: list | None = None  # a hybrid stack's variant per block (variant "hybrid"); stored expanded
     norm_eps: float = 1e-6
     tie_embeddings: bool = True

@@ -31,6 +31,19 @@ segments, RoPE and windows count from its first token); all documents run in one
 on tokens after t, an invariant the tests check), and the outputs are put back in place. Cost: one call over
 ``N_docs x longest`` tokens instead of ``B x T`` (the padding waste); a batch with one document per row takes the plain
 path. MoM's auxiliary loss of such a call also sees the pads' routing (an approximation).
+
+**Relay mixers** (LM2, :mod:`.lm2`: a memory bank that flows through depth and is carried from the last such block
+into the first at each segment end). A mixer declares it with an int attribute ``relay_period`` (N, its segment);
+every other mixer lacks it, and a stack without one takes the plain path unchanged. For a stack with relay blocks
+(all of one period), :meth:`MnemosLM._run` cuts each call at the segment boundaries, multiples of N counted from
+the stream's start (``cache.position``), and runs all the blocks over each piece before the next (segment-major);
+this is exact for every block, since every variant gives the same outputs and state for a stream cut anywhere. The
+relay mixers are called ``mixer(x, state, handed) -> (y, state, handed)`` (through ``Block.forward(x, state,
+handed)``): the first one (the model sets ``relay_first`` True on it, False on the others) gets None, each later one
+what the previous one handed on; the other blocks run as ever, and the value passes them by. When a piece ends a
+segment, the last relay block's handed value goes to the first one's state for the next segment
+(``mixer.carry(state, handed)``). A call without a cache (training) runs on a transient cache when it spans more than
+one piece; MoM's auxiliary loss is then the token-weighted mean over the pieces.
 """
 
 from __future__ import annotations
@@ -110,6 +123,12 @@ class MnemosLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        # relay mixers (LM2; module docstring): the blocks that pass a side channel, the first of them marked
+        self._relays = tuple(i for i, b in enumerate(self.blocks) if getattr(b.mixer, "relay_period", None))
+        if len({self.blocks[i].mixer.relay_period for i in self._relays}) > 1:
+            raise ValueError("the relay blocks of a stack (LM2) must share one segment length")
+        for i in self._relays:
+            self.blocks[i].mixer.relay_first = i == self._relays[0]
 
     @property
     def state_growth(self) -> StateGrowth:
@@ -259,6 +278,8 @@ class MnemosLM(nn.Module):
         return h[valid].view(B, T, h.shape[-1])  # documents in flat order are the tokens in flat order
 
     def _run(self, input_ids: Tensor, cache: Cache | None) -> tuple[Tensor, Cache | None]:
+        if self._relays:
+            return self._run_segments(input_ids, cache)
         x = self.embed(input_ids)  # [B, T, d]
         for i, block in enumerate(self.blocks):
             x, state = block(x, None if cache is None else cache.layers[i])
@@ -267,6 +288,41 @@ class MnemosLM(nn.Module):
         if cache is not None:
             cache.position += input_ids.shape[1]  # the one place the position advances
         return self.norm(x), cache
+
+    def _run_segments(self, input_ids: Tensor, cache: Cache | None) -> tuple[Tensor, Cache | None]:
+        """:meth:`_run` for a stack with relay mixers: segment-major, the side channel passed within each piece and
+        the last relay block's value carried into the first's state at each segment end (module docstring)."""
+        B, T = input_ids.shape
+        first = self._relays[0]
+        N = self.blocks[first].mixer.relay_period
+        run = cache
+        if run is None and T > N:  # several pieces: a transient cache carries the states between them
+            run = self.init_cache(B, input_ids.device)
+        x_all = self.embed(input_ids)  # [B, T, d]
+        outs, aux, tokens = [], [], []
+        t = 0
+        while t < T:
+            n = min(N - (0 if run is None else run.position) % N, T - t)  # up to the segment's end
+            x, handed = x_all[:, t : t + n], None
+            for i, block in enumerate(self.blocks):
+                state = None if run is None else run.layers[i]
+                if i in self._relays:
+                    x, state, handed = block(x, state, handed)  # through the Block: its hooks (FSDP) run
+                else:
+                    x, state = block(x, state)
+                if run is not None:
+                    run.layers[i] = state
+            if run is not None:
+                run.position += n
+                if run.position % N == 0:  # the segment ends: the last relay block's bank opens the next one
+                    run.layers[first] = self.blocks[first].mixer.carry(run.layers[first], handed)
+            outs.append(x)
+            aux.append([getattr(b.mixer, "aux_loss", None) for b in self.blocks])
+            tokens.append(B * n)
+            t += n
+        if len(outs) > 1:
+            self._merge_aux_losses(aux, tokens)
+        return self.norm(torch.cat(outs, 1) if len(outs) > 1 else outs[0]), cache
 
     def _run_padded(
         self, input_ids: Tensor, cache: Cache | PaddedCache | None, pads: Tensor | None

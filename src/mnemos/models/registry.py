@@ -36,6 +36,7 @@ from .mamba2 import Mamba2Mixer
 from .cache import MoMState
 from .mom import MixtureOfMemories
 from .jrt import JRTState, PrefixLinearAttention
+from .lm2 import LM2Layer, LM2State
 
 if TYPE_CHECKING:
     from .config import MnemosConfig
@@ -290,6 +291,21 @@ register_variant(VariantSpec(
     "mom", "baseline", _mom, MoMState, "constant",
     ("mom.num_memories", "mom.top_k", "mom.shared_memory", "mom.aux_loss_scale", "memory.conv_size", "memory.impl"),
     summary="MoM (Mixture-of-Memories): Gated DeltaNet memories, each token routed to the top k, plus a shared one"))
+
+
+# -- LM2 (issue 16) ----------------------------------------------------------------------------------------------------
+
+def _lm2(c: MnemosConfig) -> nn.Module:
+    return LM2Layer(c.d_model, c.n_heads, num_slots=c.lm2.num_slots, window=c.window, rope_base=c.rope_base)
+
+
+# the bank flows through depth and from the last LM2 block into the first at each segment end: MnemosLM runs its
+# stacks segment-major (the relay protocol, mnemos.models.lm); its state is bounded by the window (the KV cache)
+register_variant(VariantSpec(
+    "lm2", "baseline", _lm2, LM2State, "window", ("lm2.num_slots", "window", "rope_base"), rope=True,
+    summary="LM2 (Large Memory Models): sliding-window attention plus a bank of lm2.num_slots slots read by "
+            "cross-attention (causal slot mask, segments of num_slots), gated in and out, flowing through depth and "
+            "from the last block into the first at each segment end"))
 
 
 # -- hybrid stacks: one registered variant per block (MnemosConfig.layers, with variant "hybrid") ----------------------
