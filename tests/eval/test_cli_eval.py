@@ -21,7 +21,8 @@ def test_eval_niah_then_report_merges_runs(tmp_path, capsys):
     cells = _cells(a / "results.json")
     assert len(cells) == 2 * 2 * 2 and cells[0]["options"]["stream_chunk"] == 64
     assert cells[0]["task_config"] == {"type": "NIAHConfig", "kind": "passkey", "lengths": [300, 400],
-                                       "depths": [0.0, 1.0], "samples_per_cell": 1, "corpus_paths": []}
+                                       "depths": [0.0, 1.0], "samples_per_cell": 1, "corpus_paths": [],
+                                       "num_queries": 1}
 
     assert main(["eval", "capacity", "--model", "baseline:induction:3", "--lengths", "300,500", "--samples", "2",
                  "--seed", "1", "--no-plots", "--no-progress", "--out", str(b)]) == 0

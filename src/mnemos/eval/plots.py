@@ -249,7 +249,7 @@ def policy_family(p: Pooled) -> tuple[str, str | None]:
 
 def bytes_panels(results: EvalResults) -> list[tuple[str, list[Pooled]]]:
     """``(title, points)`` per (task, grid point) whose cells record accuracy and ``state_bytes``: NIAH's depths
-    pooled into one point per (model, length); MQAR's shared-context modes (``mode``) are panels of their own
+    pooled into one point per (model, length); the shared-context modes (``mode``; MQAR, NIAH) are panels of their own
     (accuracy over all turns against the state after the last turn / the largest prefill)."""
     panels: dict[tuple, tuple[str, dict[str, Pooled]]] = {}
     for task in TASKS:
@@ -314,7 +314,8 @@ def plot_accuracy_vs_state_bytes(results: EvalResults, path: str | os.PathLike, 
 
 def make_figures(results: EvalResults, out_dir: str | os.PathLike) -> list[Path]:
     """Every figure the results support, as PNGs in ``out_dir``: each registered task's own (in registration order:
-    ``mqar_state_size.png``, ``mqar_turns.png``, ``niah_heatmap.png``), then ``accuracy_vs_length.png`` and, when
+    ``mqar_state_size.png``, ``mqar_turns.png``, ``niah_heatmap.png``, ``niah_turns.png``), then
+    ``accuracy_vs_length.png`` and, when
     some cell ran under a KV policy, ``accuracy_vs_state_bytes.png``."""
     out = Path(out_dir)
     made = [path for task in TASKS.values() for path in task.figures(results, out)]

@@ -1,8 +1,9 @@
 """What every task's evaluation shares: the options (:class:`EvalOptions`), one (model, task) evaluation
 (:class:`Run`: its cells, errors kept in them, contexts a model cannot hold refused), feeding a context through a model
 in chunks with the state carried (:func:`stream`), and greedy decoding scored by exact match
-(:func:`generation_cell`), with :class:`GenerationTask`, the base of the tasks that decode one answer per prompt
-over a grid of lengths (NIAH, BABILong, passkey capacity).
+(:func:`generation_cell`, and its pieces :func:`prompt_ids`, :func:`continuation_ids`, :func:`greedy_continue`
+that the multi-turn NIAH cells reuse), with :class:`GenerationTask`, the base of the tasks that decode one answer
+per prompt over a grid of lengths (NIAH, BABILong, passkey capacity).
 
 The tasks themselves are in :mod:`mnemos.eval.tasks`; :mod:`mnemos.eval.harness` runs them.
 """
@@ -28,10 +29,12 @@ from mnemos.eval.results import Cell, environment
 from mnemos.eval.stateful import StatefulLM, state_size
 from mnemos.layers.kv_cache import KVCache
 
-__all__ = ["EvalOptions", "GenerationTask", "Run", "auto_memory_budget_gb", "batches", "generation_cell",
-           "kv_caches", "max_sizes", "per_sequence_state", "stream"]
+__all__ = ["EvalOptions", "GenerationTask", "Run", "TURN_MODES", "auto_memory_budget_gb", "batches",
+           "continuation_ids", "decode_ids", "generation_cell", "greedy_continue", "kv_caches", "max_sizes",
+           "new_token_count", "per_sequence_state", "prompt_ids", "stream", "text_vocab_refusal"]
 
 _OOM_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+TURN_MODES = ("shared", "fresh")  # the shared-context, many-queries modes (mnemos.eval.turns)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class EvalOptions:
             ``"shared"`` prefills the context up to the first query once and asks the queries in turn, each reusing
             the (compressed) state; ``"fresh"`` gives each query its own prefill of everything before it. Both record
             accuracy by turn (:mod:`mnemos.eval.tasks.mqar`). Empty: not run.
+        niah_turns: NIAH: the same modes for the questions of a (multi-query) NIAH prompt: ``"shared"`` prefills the
+            prompt up to the first question once, then asks the questions in turn, each question and the model's
+            greedy answer staying in the (compressed) state; ``"fresh"`` prefills that same dialogue up to each
+            question anew (:mod:`mnemos.eval.tasks.niah`). Empty: not run.
         jrt: also run every task with JRT-Prompt, its context repeated before its queries (:mod:`mnemos.eval.jrt`):
             each model's plain cells, then its JRT cells, under the name ``"<name> (JRT-Prompt)"``. A task without a
             separable context (``EvalTask.jrt`` None: LM) is refused with an error.
@@ -76,6 +83,7 @@ class EvalOptions:
     raise_errors: bool = False
     mqar_reach: int | Literal["auto"] | None = "auto"
     mqar_turns: tuple[str, ...] = ()
+    niah_turns: tuple[str, ...] = ()
     jrt: bool = False
 
     def __post_init__(self):
@@ -91,10 +99,10 @@ class EvalOptions:
         r = self.mqar_reach
         if r not in (None, "auto") and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
             raise ValueError(f"mqar_reach must be an int >= 0, 'auto' or None, got {r!r}")
-        turns = self.mqar_turns
-        if not isinstance(turns, tuple) or any(t not in ("shared", "fresh") for t in turns) or \
-                len(set(turns)) != len(turns):
-            raise ValueError(f"mqar_turns must be a tuple of distinct modes 'shared' / 'fresh', got {turns!r}")
+        for name in ("mqar_turns", "niah_turns"):
+            turns = getattr(self, name)
+            if not isinstance(turns, tuple) or any(t not in TURN_MODES for t in turns) or len(set(turns)) != len(turns):
+                raise ValueError(f"{name} must be a tuple of distinct modes 'shared' / 'fresh', got {turns!r}")
         if not isinstance(self.jrt, bool):
             raise ValueError(f"jrt must be a bool, got {self.jrt!r}")
 
@@ -278,7 +286,7 @@ def batches(n: int, size: int):
 Sample = Union[NIAHSample, BABILongSample]
 
 
-def _prompt_ids(model: StatefulLM, sample: Sample, jrt: bool = False) -> Tensor:
+def prompt_ids(model: StatefulLM, sample: Sample, jrt: bool = False) -> Tensor:
     """The prompt's token ids: the sample's byte tokens, or the model's tokenizer's. ``jrt``: the JRT prompt, the
     context (everything before the question) twice, then the question (:mod:`mnemos.eval.jrt`)."""
     if model.tokenizer is None:
@@ -292,15 +300,41 @@ def _prompt_ids(model: StatefulLM, sample: Sample, jrt: bool = False) -> Tensor:
     return torch.tensor(model.encode_prompt(text), dtype=torch.int64)
 
 
+_prompt_ids = prompt_ids  # the earlier private name
+
+
+def continuation_ids(model: StatefulLM, text: str) -> Tensor:
+    """The token ids of ``text`` continuing a sequence (no BOS): its UTF-8 bytes, or the model's tokenizer's."""
+    ids = list(text.encode("utf-8")) if model.tokenizer is None else model.tokenizer.encode(text)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def _answer_tokens(model: StatefulLM, answer: str) -> int:
     text = " " + answer
     return len(text.encode("utf-8")) if model.tokenizer is None else len(model.tokenizer.encode(text))
 
 
-def _decode(model: StatefulLM, ids: list[int]) -> str:
+def new_token_count(model: StatefulLM, answers: Iterable[str]) -> int:
+    """How many tokens greedy decoding takes for any of ``answers``: the longest ``" " + answer``, plus 2 (so a
+    longer wrong answer shows as wrong rather than being cut to the right length)."""
+    return max(_answer_tokens(model, a) for a in answers) + 2
+
+
+def decode_ids(model: StatefulLM, ids: list[int]) -> str:
+    """Generated token ids as text."""
     if model.tokenizer is None:  # byte ids; an id beyond the bytes (a special, or a larger vocab) breaks the word
         return bytes(i if i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
     return model.tokenizer.decode(ids)
+
+
+def text_vocab_refusal(run: Run, params: dict[str, Any], nominal: int) -> Cell | None:
+    """The refused cell for a byte-token model with fewer than the 256 byte ids of the text tasks, else None."""
+    m = run.model
+    if m.tokenizer is None and m.vocab_size < 256:
+        run.bar.update(nominal)
+        return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, fewer "
+                                                          "than the 256 byte tokens of the text tasks")
+    return None
 
 
 def generation_cell(run: Run, samples: Sequence[Sample], params: dict[str, Any]) -> Cell:
@@ -311,12 +345,11 @@ def generation_cell(run: Run, samples: Sequence[Sample], params: dict[str, Any])
     """
     m = run.model
     nominal = sum(s.length for s in samples)
-    if m.tokenizer is None and m.vocab_size < 256:
-        run.bar.update(nominal)
-        return run.cell(params, status="refused", message=f"refused: {m.name} has {m.vocab_size} token ids, fewer "
-                                                          "than the 256 byte tokens of the text tasks")
-    prompts = [_prompt_ids(m, s, run.jrt) for s in samples]
-    n_new = max(_answer_tokens(m, s.answer) for s in samples) + 2
+    refused = text_vocab_refusal(run, params, nominal)
+    if refused is not None:
+        return refused
+    prompts = [prompt_ids(m, s, run.jrt) for s in samples]
+    n_new = new_token_count(m, (s.answer for s in samples))
     longest_prompt = max(p.numel() for p in prompts)
     longest = longest_prompt + n_new - 1  # the last new token is never fed back
     batch, reason = run.admit(longest, run.options.batch_size, f"{longest_prompt} prompt + {n_new - 1} generated")
@@ -340,7 +373,7 @@ def generation_cell(run: Run, samples: Sequence[Sample], params: dict[str, Any])
                 sizes = max_sizes(sizes, size)
                 fed += ids.numel() + new.numel()
                 for i, row in zip(chosen, new.tolist(), strict=True):
-                    predictions[i] = _decode(m, row)
+                    predictions[i] = decode_ids(m, row)
     seconds = time.perf_counter() - t0
     hits = [exact_match(p, s.answer) for p, s in zip(predictions, samples, strict=True)]
     cell = run.cell(params, metrics={
@@ -359,19 +392,25 @@ def generation_cell(run: Run, samples: Sequence[Sample], params: dict[str, Any])
 
 def _greedy(run: Run, ids: Tensor, n_new: int) -> tuple[Tensor, dict[str, int]]:
     """Stream the prompts ``ids [B, T]``, then take ``n_new`` argmax tokens -> (``[B, n_new]``, state size)."""
-    m = run.model
     B = ids.shape[0]
-    last, state = stream(run, ids, m.init_state(B))
+    last, state = stream(run, ids, run.model.init_state(B))
     size = per_sequence_state(state, B)
+    return greedy_continue(run, last, state, n_new, ids.shape[1])[0], size
+
+
+def greedy_continue(run: Run, last: Tensor, state: Any, n_new: int, start: int) -> tuple[Tensor, Any]:
+    """``n_new`` argmax tokens from the logits ``last [B, V]`` at position ``start - 1``, each but the last fed back
+    (``n_new - 1`` calls of one token) -> (``[B, n_new]`` on the CPU, the state: the last token is not in it)."""
+    m = run.model
     out = []
     for i in range(n_new):
         nxt = last.argmax(-1)  # [B]
         out.append(nxt.cpu())
         if i + 1 < n_new:
             logits, state = m.forward(nxt[:, None].to(m.device), state)  # [B, 1, V]
-            check_finite(m, logits, ids.shape[1] + i)
+            check_finite(m, logits, start + i)
             last = logits[:, -1]
-    return torch.stack(out, dim=1), size  # [B, n_new]
+    return torch.stack(out, dim=1), state  # [B, n_new]
 
 
 
@@ -380,7 +419,7 @@ class GenerationTask(EvalTask):
 
     Subclasses give :meth:`grid` (the cells: their params and a config narrowed to that point, which builds the
     same samples as the full grid does there) and :meth:`samples`; :meth:`evaluate`, the loop over the grid, is this
-    one. JRT-Prompt repeats each prompt's context, everything before its question (:func:`_prompt_ids`).
+    one. JRT-Prompt repeats each prompt's context, everything before its question (:func:`prompt_ids`).
     """
 
     jrt = "the prompt before its question (instruction, haystack and facts), twice, then the question"

@@ -8,7 +8,8 @@ the queries. ``shared``: the context up to and including the first query is pref
 ``stream_chunk``); each later query is asked in turn, one call holding the tokens since the previous query and the
 query itself, the state (a KV policy's compressed cache) carried. ``fresh``: each query gets its own prefill of
 everything up to it, from a fresh state. One cell per mode, ``params["mode"]``, with the accuracy by turn
-(``turn_correct`` / ``turn_n``, turn k = the k-th query in the sequence); figure :func:`plot_mqar_turns`."""
+(``turn_correct`` / ``turn_n``, turn k = the k-th query in the sequence); figure :func:`plot_mqar_turns`. The
+bookkeeping, the table and the figure are :mod:`mnemos.eval.turns`', shared with NIAH multi-query."""
 
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ from mnemos.data import (
     mqar_grid,
     mqar_recall_metrics,
 )
-from mnemos.eval.plots import figure, figure_legend, grid, log_ticks, panel_axes, policy_family, save
+from mnemos.eval.plots import figure, figure_legend, grid, log_ticks, panel_axes, save
 from mnemos.eval.jrt import JRT_SUFFIX, jrt_mqar, jrt_mqar_predictions
 from mnemos.eval.registry import EvalTask
 from mnemos.eval.results import Cell, EvalResults
-from mnemos.eval.runner import EvalOptions, Run, batches, check_finite, max_sizes, per_sequence_state, stream
+from mnemos.eval.runner import EvalOptions, Run, batches, max_sizes, per_sequence_state, stream
 from mnemos.eval.stateful import StatefulLM
 from mnemos.eval.tables import Notes, Pooled, acc, model_names, pool, si, table
+from mnemos.eval.turns import TURNS_HELP, TurnLog, plot_turns, turns_arg, turns_table
 from mnemos.models.registry import HYBRID, VARIANT_REGISTRY, stack_reach
 
 __all__ = ["MQAR", "MQARTask", "MQAR_TASK_KEYS", "model_reach", "pairs_arg", "plot_mqar_state_size",
@@ -90,10 +92,7 @@ class MQARTask(EvalTask):
                                  "auto (default): the reach n_layers * (window - 1) of the sliding-window models "
                                  "(swa, mag, mal) evaluated, for every model; none: no split")
 
-        parser.add_argument("--turns", type=turns_arg, default=(), metavar="shared,fresh",
-                            help="also run the shared-context, many-queries mode (SCBench): 'shared' prefills the "
-                                 "context once and asks the queries in turn reusing the (compressed) state, 'fresh' "
-                                 "prefills everything before each query anew; accuracy by turn (one sequence per call)")
+        parser.add_argument("--turns", type=turns_arg, default=(), metavar="shared,fresh", help=TURNS_HELP)
 
     def from_args(self, args: argparse.Namespace) -> list[MQARConfig]:
         # what the flags leave open comes from the checkpoints' training task, else MQARConfig's defaults
@@ -210,93 +209,45 @@ def turns_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
     inputs, labels = cfg.build(run.seed)  # [N, L] each
     if run.jrt:  # JRT-Prompt: the pairs twice, each label still at its query token; the shared prefill reads both
         inputs, labels = jrt_mqar(inputs, labels, K)
-    turn_correct, fed, calls = [0] * K, 0, 0
-    sizes: dict[str, int] = {}
-    samples: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
+    log = TurnLog(run, K)
     with torch.no_grad():
         for n in range(inputs.shape[0]):
             ids, lab = inputs[n : n + 1], labels[n]
             qpos = (lab != IGNORE_INDEX).nonzero().flatten().tolist()  # the K query positions, in order
             if mode == "shared":
-                last, state = stream(run, ids[:, : qpos[0] + 1], m.init_state(1))
+                last, state = log.prefill(ids[:, : qpos[0] + 1])
                 preds = [int(last.argmax(-1))]
-                fed += qpos[0] + 1
-                calls += -(-(qpos[0] + 1) // (run.options.stream_chunk or qpos[0] + 1))
-                for prev, q in zip(qpos, qpos[1:]):
-                    x = ids[:, prev + 1 : q + 1].to(m.device)  # [1, q - prev]: the noise since, then the query
-                    logits, state = m.forward(x, state)
-                    check_finite(m, logits, prev + 1)
+                for prev, q in zip(qpos, qpos[1:]):  # the noise since the previous query, then the query
+                    logits, state = log.call(ids[:, prev + 1 : q + 1], state, prev + 1)
                     preds.append(int(logits[0, -1].argmax()))
-                    fed, calls = fed + x.shape[1], calls + 1
-                    run.bar.update(x.numel())
-                sizes = max_sizes(sizes, per_sequence_state(state, 1))
+                log.size(state)
             else:
                 preds = []
                 for q in qpos:
-                    last, state = stream(run, ids[:, : q + 1], m.init_state(1))
+                    last, state = log.prefill(ids[:, : q + 1])
                     preds.append(int(last.argmax(-1)))
-                    fed += q + 1
-                    calls += -(-(q + 1) // (run.options.stream_chunk or q + 1))
-                    sizes = max_sizes(sizes, per_sequence_state(state, 1))
+                    log.size(state)
             for k, (q, p) in enumerate(zip(qpos, preds, strict=True)):
-                turn_correct[k] += int(p == int(lab[q]))
-            samples.append({"query_positions": qpos, "answers": [int(lab[q]) for q in qpos], "predictions": preds})
-    seconds = time.perf_counter() - t0
-    N = inputs.shape[0]
-    cell = run.cell(params, metrics={
-        "accuracy": sum(turn_correct) / (N * K), "correct": sum(turn_correct), "n": N * K, "examples": N,
-        "turn_correct": turn_correct, "turn_n": [N] * K, "calls": calls, **sizes,
-        "tokens_per_second": round(fed / max(seconds, 1e-9), 1), "batch_size": 1,
-    })
-    if run.options.keep_samples:  # per sequence: its query positions, answers and the predictions turn by turn
-        cell.samples = samples
-    return cell
-
-
-def turns_arg(text: str) -> tuple[str, ...]:
-    """``--turns shared,fresh`` -> ("shared", "fresh")."""
-    modes = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not modes or any(x not in ("shared", "fresh") for x in modes) or len(set(modes)) != len(modes):
-        raise argparse.ArgumentTypeError(f"expected distinct modes among shared, fresh (comma-separated), got "
-                                         f"{text!r}")
-    return modes
-
-
-def _turn_accuracy(p: Pooled) -> list[float] | None:
-    """Accuracy at each turn, pooled over the cells that ran (None without turn counts)."""
-    cells = [c for c in p.ok if c.metrics.get("turn_n")]
-    if not cells:
-        return None
-    K = len(cells[0].metrics["turn_n"])
-    n = [sum(c.metrics["turn_n"][k] for c in cells) for k in range(K)]
-    return [sum(c.metrics["turn_correct"][k] for c in cells) / max(n[k], 1) for k in range(K)]
+                log.score(k, p == int(lab[q]))
+            # per sequence: its query positions, answers and the predictions turn by turn
+            log.samples.append({"query_positions": qpos, "answers": [int(lab[q]) for q in qpos], "predictions": preds})
+    return log.cell(params, inputs.shape[0])
 
 
 def _turns_section(points: Sequence[Pooled], notes: Notes) -> list[str]:
     """The shared-context table: accuracy by turn (bucketed to at most 8 columns) per (model, mode), per (L, K)."""
     if not points:
         return []
-    out = ["### MQAR: shared context, many queries (accuracy by turn)", "",
-           "shared: the context up to the first query prefilled once, then each query asked in turn reusing the "
-           "state (a KV policy's compressed cache); fresh: each query with its own prefill of everything before it. "
-           "Turn k is the k-th query of the sequence. With a state that loses nothing the two agree.", ""]
-    for L, K in sorted({(p.params["seq_len"], p.params["num_kv_pairs"]) for p in points}):
-        mine = [p for p in points if (p.params["seq_len"], p.params["num_kv_pairs"]) == (L, K)]
-        n_cols = min(K, 8)
-        edges = [round(i * K / n_cols) for i in range(n_cols + 1)]
-        heads = [f"{a + 1}" if b - a == 1 else f"{a + 1}-{b}" for a, b in zip(edges, edges[1:])]
-        rows = []
-        for p in mine:
-            by_turn = _turn_accuracy(p)
-            if by_turn is None:
-                rows.append([p.model, p.params["mode"], notes.mark(p, acc)] + [""] * n_cols)
-                continue
-            cols = [f"{sum(by_turn[a:b]) / (b - a):.2f}" for a, b in zip(edges, edges[1:])]
-            rows.append([p.model, p.params["mode"], acc(p)] + cols)
-        out += [f"L={L} K={K}, accuracy by turn:", "",
-                *table(["model", "mode", "all turns"] + [f"turn {h}" for h in heads], rows), ""]
-    return out
+    return ["### MQAR: shared context, many queries (accuracy by turn)", "",
+            "shared: the context up to the first query prefilled once, then each query asked in turn reusing the "
+            "state (a KV policy's compressed cache); fresh: each query with its own prefill of everything before it. "
+            "Turn k is the k-th query of the sequence. With a state that loses nothing the two agree.", "",
+            *turns_table(points, notes, _seq_len_pairs, lambda g: f"L={g[0]} K={g[1]}, accuracy by turn:",
+                         lambda g: g[1])]
+
+
+def _seq_len_pairs(p: Pooled) -> tuple[int, int]:
+    return p.params["seq_len"], p.params["num_kv_pairs"]
 
 
 def plot_mqar_turns(results: EvalResults, path: str | os.PathLike, max_panels: int = 16) -> Path | None:
@@ -305,35 +256,9 @@ def plot_mqar_turns(results: EvalResults, path: str | os.PathLike, max_panels: i
     per budget; a model without a policy has a panel of its own), shared solid, fresh dashed; in a policy's panel the
     base model without a policy, when evaluated, is drawn in black for reference. At most ``max_panels`` panels.
     None when the results hold no shared-context cell."""
-    points = [p for p in pool(results, "mqar") if "mode" in p.params and _turn_accuracy(p) is not None]
-    if not points:
-        return None
-    panels = list(dict.fromkeys((policy_family(p)[0], p.params["seq_len"], p.params["num_kv_pairs"])
-                                for p in points))[:max_panels]
-    rows, cols = grid(len(panels), max_cols=4)
-    fig = figure(3.6 * cols, 3.0 * rows)
-    for ax, (fam, L, K) in zip(panel_axes(fig, rows, cols, len(panels)), panels, strict=True):
-        mine = [p for p in points if (p.params["seq_len"], p.params["num_kv_pairs"]) == (L, K)]
-        members = [p for p in mine if policy_family(p)[0] == fam]
-        base = members[0].cells[0].model.get("base_model")
-        refs = [p for p in mine if base is not None and p.model == base]  # the model without a policy
-        budgets = list(dict.fromkeys(policy_family(p)[1] for p in members))
-        for p in refs + members:
-            by_turn = _turn_accuracy(p)
-            label = policy_family(p)[1]
-            color = "black" if p in refs else f"C{budgets.index(label) % 10}"
-            name = "no policy" if p in refs else (label if label is not None else p.model)
-            ax.plot(range(1, len(by_turn) + 1), by_turn, color=color, marker="o", ms=2.5, lw=1,
-                    ls="-" if p.params["mode"] == "shared" else "--", label=f"{name}, {p.params['mode']}")
-        ax.set_ylim(-0.04, 1.04)
-        ax.set_xlabel("turn (k-th query)", fontsize=7)
-        ax.set_ylabel("accuracy", fontsize=7)
-        ax.set_title(f"{fam}\nL={L} K={K}", fontsize=7)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=5, loc="lower left")
-    fig.suptitle("MQAR, shared context (solid) vs a fresh prefill per query (dashed)", fontsize=9)
-    return save(fig, path)
+    return plot_turns(pool(results, "mqar"), path, _seq_len_pairs, lambda g: f"L={g[0]} K={g[1]}",
+                      "MQAR, shared context (solid) vs a fresh prefill per query (dashed)", "turn (k-th query)",
+                      max_panels)
 
 
 def model_reach(model: StatefulLM) -> int | None:
