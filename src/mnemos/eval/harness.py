@@ -100,7 +100,8 @@ class KVPolicyLM(StatefulLM):
     cell records the policy. A policy that bounds the cache (eviction with an absolute budget) makes the state
     ``"constant"``; others keep the base model's growth (measured per token, for the memory budget).
 
-    Raises ValueError when the policy cannot serve the model: no attention layer, MAC, a head dim KIVI's group does
+    Raises ValueError when the policy cannot serve the model: no attention layer, a policy MAC cannot take on a MAC
+    model (``Policy.mac_refusal``), a head dim KIVI's group does
     not divide, a Hugging Face model that is not Llama-family, or another kind of model.
     """
 
@@ -110,7 +111,7 @@ class KVPolicyLM(StatefulLM):
         self.base, self.spec, self.policy = base, spec, spec.policy
         if isinstance(base, MnemosLMAdapter):
             self._hf = False
-            with use_kv_policy(base.model, self.policy):  # checks every layer (attention present, not MAC, shapes)
+            with use_kv_policy(base.model, self.policy):  # checks every layer (attention present, MAC's refusals, shapes)
                 pass
         elif isinstance(base, HFCausalLMAdapter):
             from mnemos.kv.hf import PolicyCache  # transformers is imported only for Hugging Face models
@@ -155,7 +156,7 @@ class KVPolicyLM(StatefulLM):
 def with_kv_policies(models: Sequence[StatefulLM], specs: Sequence[PolicySpec | str]) -> list[StatefulLM]:
     """Each model under each policy of ``specs`` (strings are parsed with :func:`mnemos.kv.parse_policy_spec`, so
     one may be a sweep), model by model: the base model itself for ``none``, a :class:`KVPolicyLM` otherwise. A
-    model no policy can serve (a recurrent or neural-memory model, MAC, a reference model) is kept once, as it is,
+    model no policy can serve (a recurrent or neural-memory model, a reference model) is kept once, as it is,
     with a warning, so it still sits on the same accuracy-against-bytes axes; a ValueError (naming ``--kv-policy``)
     when no model can take a policy, or when a policy does not fit an attention model (e.g. KIVI's group size)."""
     parsed = [p for s in specs for p in (parse_policy_spec(s) if isinstance(s, str) else [s])]

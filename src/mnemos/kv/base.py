@@ -176,6 +176,11 @@ class Policy(KVPolicy):
         """Why the policy cannot run on a Hugging Face model (``mnemos.kv.hf``), or None (it can)."""
         return None
 
+    def mac_refusal(self) -> str | None:
+        """Why the policy cannot serve MAC's segment attention (:class:`~mnemos.models.titans.MemoryAsContext`:
+        its cache emptied at every segment boundary, keys rotated from the segment start), or None (it can)."""
+        return None
+
     def prepare(self, model: nn.Module) -> None:
         """Called by ``apply_kv_policy`` before the policy is set on ``model``: policies that measure the model first
         (a scoring pass: DuoAttention's retrieval heads, D2O's layer budgets) do it here; nothing by default."""
@@ -195,18 +200,11 @@ def _is_hf_model(model: object) -> bool:
 def attention_layers(model: nn.Module) -> list[Attention]:
     """The ``Attention`` modules of ``model`` whose caches ``init_state`` builds, in module order.
 
-    Raises ValueError if there is none, or if the model holds a MAC mixer: MAC's segment attention keeps its
-    buffers in ``MACState`` (at most 2(N - 1) entries, emptied at every segment boundary), not in a ``KVCache``, so
-    a policy would silently not apply.
+    Raises ValueError if there is none. MAC's segment attention is one of them: under a policy its segment's tokens
+    go through the policy's cache (emptied at every segment boundary), its retrieved tokens stay beside it unevicted.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    for m in model.modules():
-        # matched by name: mnemos.kv sits below mnemos.models in the import graph
-        if type(m).__name__ == "MemoryAsContext":
-            raise ValueError(
-                "model holds a MAC mixer (MemoryAsContext): its segment-local attention keeps its own buffers "
-                "(MACState, at most 2(N - 1) entries, reset every segment), not a KVCache; a KV policy does not apply")
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no attention layer (mnemos.layers.Attention) for a KV "
@@ -223,6 +221,11 @@ def apply_kv_policy(model: nn.Module, policy: KVPolicy | None) -> nn.Module:
         raise ValueError(f"policy must be a KVPolicy or None, got {type(policy).__name__}")
     layers = attention_layers(model)
     if isinstance(policy, Policy):
+        # matched by name: mnemos.kv sits below mnemos.models in the import graph
+        refusal = policy.mac_refusal() if any(type(m).__name__ == "MemoryAsContext" for m in model.modules()) \
+            else None
+        if refusal:
+            raise ValueError(f"model holds a MAC mixer (MemoryAsContext): {refusal}")
         for attn in layers:
             policy.check_layer(attn)
         policy.prepare(model)
@@ -344,6 +347,12 @@ class EvictionPolicy(Policy):
 
     entry_state: tuple[str, ...] = ()
     rerotate: bool = False  # re-rotate kept keys to in-cache positions after each eviction (StreamingLLM's option)
+
+    def mac_refusal(self) -> str | None:
+        if self.rerotate:
+            return ("rerotate=True moves kept keys to in-cache positions, but MAC's queries also attend to the "
+                    "segment's retrieved tokens at their own positions; use rerotate=False")
+        return None
 
     def __init__(self, budget: int | float) -> None:
         self.budget = check_budget(budget)

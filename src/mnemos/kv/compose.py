@@ -67,6 +67,9 @@ class Composed(Policy):
     def hf_refusal(self) -> str | None:
         return self.eviction.hf_refusal() or self.storage.hf_refusal()
 
+    def mac_refusal(self) -> str | None:
+        return self.eviction.mac_refusal() or self.storage.mac_refusal()
+
     def make_cache(self, batch_size, n_heads, head_dim, *, window=None, layer_idx=0, n_layers=1, rope=None,
                    device=None, dtype=None) -> KVCache:
         if self.eviction.skips_layer(layer_idx, n_layers):  # the eviction policy leaves the layer: storage alone

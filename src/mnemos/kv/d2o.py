@@ -128,6 +128,12 @@ class D2O(H2O):
             self._calibrated[key] = tuple(1.0 / (1.0 + layer_variances(p)) for p in attention_maps(model, ids))
         self._weights = self._calibrated[key]
 
+    def mac_refusal(self) -> str | None:
+        if self.calibrate:
+            return ("D2O's calibration pass scores whole-sequence attention maps, which MAC's segment attention does "
+                    "not have; pass calibrate=False (equal budgets) or layer_weights")
+        return super().mac_refusal()
+
     def hf_refusal(self) -> str | None:
         if self.calibrate:
             return ("D2O's layer budgets come from a scoring pass on mnemos models only; on a Hugging Face model pass "

@@ -192,6 +192,10 @@ class MiniCache(Policy):
         lo, hi = stat[..., 0], stat[..., 1]  # [B, H]
         return d > (lo + (hi - lo) * self.gamma)[:, None, :]
 
+    def mac_refusal(self) -> str | None:
+        return ("MiniCache merges a pair of layers' caches within one forward call, but MAC empties its cache at "
+                "every segment boundary, before the next layer has read the segment")
+
     def prepare(self, model) -> None:
         self.check_n_layers(len(attention_layers(model)))
 

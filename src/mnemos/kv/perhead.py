@@ -83,6 +83,12 @@ class DuoAttention(Policy):
             self._calibrated[key] = (scores, choose_retrieval_heads(scores, self.retrieval_ratio))
         self.head_scores, self._heads = self._calibrated[key]
 
+    def mac_refusal(self) -> str | None:
+        if self.retrieval_heads is None:
+            return ("DuoAttention's scoring pass reads whole-sequence attention maps, which MAC's segment attention "
+                    "does not have; pass retrieval_heads")
+        return None
+
     def hf_refusal(self) -> str | None:
         return ("DuoAttention's heads hold different numbers of entries, which the Hugging Face hook (one causal mask "
                 "for every head) cannot mask; use it on mnemos attention models")

@@ -516,6 +516,10 @@ class SentenceKV(Policy):
     def prepare(self, model: nn.Module) -> None:
         install_token_id_hook(model)
 
+    def mac_refusal(self) -> str | None:
+        return ("SentenceKV reads the token ids of the model's whole call, while MAC hands its cache one segment "
+                "piece at a time")
+
     def hf_refusal(self) -> str | None:
         return ("SentenceKV needs the token ids (sentence boundaries), which the Hugging Face hook does not pass to "
                 "its caches, and retrieves different numbers of tokens per head, which one causal mask cannot express")

@@ -72,9 +72,11 @@ class MACState:
             what the segment's retrievals h_t read.
         x_tail: ``[B, conv_size - 1, d]``, the last mixer inputs (the retrieval queries' conv history).
         k_h, v_h: ``[B, n, H, D]`` attention keys/values of the segment's retrieved tokens h_1..h_n so far.
-        k_x, v_x: ``[B, n, H, D]`` attention keys/values of the segment's tokens so far.
+        k_x, v_x: ``[B, n, H, D]`` attention keys/values of the segment's tokens so far (empty under a KV policy).
+        kv: under a KV policy (``mnemos.kv``, set on the mixer's attention), the policy's cache of the segment's
+            tokens, emptied at every segment boundary (its keys and values instead of k_x, v_x); else None.
 
-    ``n = k_x.shape[1]`` is the number of tokens of the current segment already seen, ``0 <= n < N``.
+    ``n = k_h.shape[1]`` is the number of tokens of the current segment already seen, ``0 <= n < N``.
     """
 
     memory: NeuralMemoryState
@@ -84,10 +86,11 @@ class MACState:
     v_h: Tensor = field(metadata=_RAGGED)
     k_x: Tensor = field(metadata=_RAGGED)
     v_x: Tensor = field(metadata=_RAGGED)
+    kv: KVCache | None = None
 
     @property
     def segment_offset(self) -> int:
-        return self.k_x.shape[1]
+        return self.k_h.shape[1]
 
 
 LayerState = Union[NeuralMemoryState, KVCache, MACState, MAGState, MALState, RecurrentState]

@@ -165,7 +165,11 @@ class MemoryAsContext(nn.Module):
         memory = self.memory.init_state(batch, device, dtype)
         empty = torch.zeros(batch, 0, self.attn.n_heads, self.attn.head_dim, device=device, dtype=dtype)
         x_tail = torch.zeros(batch, self.tail, self.attn.d_model, device=device, dtype=dtype)
-        return MACState(memory, memory.memory.weights, x_tail, empty, empty.clone(), empty.clone(), empty.clone())
+        kv = None if self.attn.kv_policy is None else self.attn.init_state(batch, device, dtype)  # mnemos.kv
+        if kv is not None and not callable(getattr(kv, "reset", None)):
+            raise ValueError(f"MAC empties its KV cache at every segment boundary: the policy's cache "
+                             f"({type(kv).__name__}) needs a reset() method")
+        return MACState(memory, memory.memory.weights, x_tail, empty, empty.clone(), empty.clone(), empty.clone(), kv)
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
         """x ``[B, T, d]`` -> ``(y [B, T, d], state)``; x is cut at segment boundaries and run piece by piece."""
@@ -201,6 +205,8 @@ class MemoryAsContext(nn.Module):
         B, n, _ = x.shape
         H, D, off = a.n_heads, a.head_dim, state.segment_offset
         q = a.rope(a.q_proj(x).view(B, n, H, D), offset=off)  # [B, n, H, D]
+        if state.kv is not None:
+            return self._attend_cached(x, h, q, state)
         k_x = torch.cat([state.k_x, a.rope(a.k_proj(x).view(B, n, H, D), offset=off)], dim=1)  # [B, m, H, D]
         v_x = torch.cat([state.v_x, a.v_proj(x).view(B, n, H, D)], dim=1)
         k_h = torch.cat([state.k_h, a.rope(a.k_proj(h).view(B, n, H, D), offset=off)], dim=1)  # h_j at position j
@@ -215,6 +221,38 @@ class MemoryAsContext(nn.Module):
         y = a.o_proj(o.transpose(1, 2).reshape(B, n, H * D))  # [B, H, n, D] -> [B, n, H * D] -> [B, n, d]
         return y, (k_h, v_h, k_x, v_x)
 
+    def _attend_cached(self, x: Tensor, h: Tensor, q: Tensor, state: MACState) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """:meth:`_attend` under a KV policy: the segment's tokens through the policy's cache ``state.kv`` (which
+        may keep a subset, at their positions in the segment), the retrieved tokens h all kept beside them and left
+        out of its scores. Query i sees the persistent keys, h_j for j <= i and the kept x_j with j <= i."""
+        a, kv = self.attn, state.kv
+        B, n, _ = x.shape
+        H, Hkv, D, off = a.n_heads, a.n_kv_heads, a.head_dim, state.segment_offset
+        if kv.seen_tokens != off:
+            raise ValueError(f"MAC's KV cache has seen {kv.seen_tokens} tokens of the segment, its state {off}")
+        k_new = a.rope(a.k_proj(x).view(B, n, Hkv, D), offset=off)  # [B, n, Hkv, D]
+        k_x, v_x, pos = kv.update_view(k_new, a.v_proj(x).view(B, n, Hkv, D), q=q)  # [B, S, Hkv, D]
+        k_h = torch.cat([state.k_h, a.rope(a.k_proj(h).view(B, n, Hkv, D), offset=off)], dim=1)  # [B, m, Hkv, D]
+        v_h = torch.cat([state.v_h, a.v_proj(h).view(B, n, Hkv, D)], dim=1)
+        m, S = k_h.shape[1], k_x.shape[1]
+        if pos is None:  # a contiguous run ending at the new tokens
+            pos = torch.arange(m - S, m, device=x.device)[None, :, None].expand(B, S, Hkv)
+        qpos = torch.arange(off, m, device=x.device)  # [n]
+        seen_x = pos.permute(0, 2, 1)[:, :, None, :] <= qpos[None, None, :, None]  # [B, Hkv, n, S]
+        seen_h = (torch.arange(m, device=x.device)[None, :] <= qpos[:, None]).expand(B, Hkv, n, m)
+        keys, values, masks = [k_h, k_x], [v_h, v_x], [seen_h, seen_x]
+        if a.persistent_k is not None:
+            keys.insert(0, a.persistent_k.to(k_x.dtype).expand(B, -1, -1, -1))  # [B, P, Hkv, D]
+            values.insert(0, a.persistent_v.to(v_x.dtype).expand(B, -1, -1, -1))
+            masks.insert(0, seen_h.new_ones(B, Hkv, n, a.num_persistent))
+        k, v = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # [B, P + m + S, Hkv, D]
+        mask = torch.cat(masks, dim=-1).repeat_interleave(H // Hkv, dim=1)  # [B, H, n, P + m + S]
+        k, v = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        y = a.o_proj(o.transpose(1, 2).reshape(B, n, H * D))
+        empty = state.k_x  # stays empty: the policy's cache holds the segment's tokens
+        return y, (k_h, v_h, empty, empty)
+
     def _piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
         """Tokens that all belong to the current segment: retrieve -> attend -> write and read the memory."""
         xs = torch.cat([state.x_tail.to(x.dtype), x], dim=1)  # [B, tail + n, d]
@@ -224,10 +262,12 @@ class MemoryAsContext(nn.Module):
         m, memory = self.memory(u, state.memory)  # write u_t, read M_t(q(u_t)) after the write
         out = y + m if self.memory_residual else y * torch.sigmoid(m)
         x_tail = xs[:, x.shape[1] :].clone()  # [B, tail, d]; a copy, so the state does not pin all of xs
-        if k_x.shape[1] == self.segment_len:  # segment complete: the next one reads the memory as it is now
-            empty = k_x.new_zeros(k_x.shape[0], 0, *k_x.shape[2:])  # fresh, not views that would pin the buffers
-            return out, MACState(memory, memory.memory.weights, x_tail, empty, empty, empty, empty)
-        return out, MACState(memory, state.segment_memory, x_tail, k_h, v_h, k_x, v_x)
+        if k_h.shape[1] == self.segment_len:  # segment complete: the next one reads the memory as it is now
+            empty = k_h.new_zeros(k_h.shape[0], 0, *k_h.shape[2:])  # fresh, not views that would pin the buffers
+            if state.kv is not None:
+                state.kv.reset()  # the policy's cache starts the next segment empty
+            return out, MACState(memory, memory.memory.weights, x_tail, empty, empty, empty, empty, state.kv)
+        return out, MACState(memory, state.segment_memory, x_tail, k_h, v_h, k_x, v_x, state.kv)
 
 
 class MemoryAsGate(nn.Module):

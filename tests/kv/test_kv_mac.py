@@ -1,0 +1,120 @@
+"""KV policies on MAC's segment attention: the segment's tokens go through the policy's cache (emptied at every
+segment boundary), the retrieved tokens stay beside it. A covering budget changes nothing; StreamingLLM keeps exactly
+its sinks and recent tokens of the segment (checked against MAC's own attention with that visibility written into
+its mask); the cache stays bounded and holds fewer bytes; it serialises and reorders mid-segment; the policies MAC
+cannot take are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mnemos.models.titans as titans
+from mnemos.kv import D2O, H2O, DuoAttention, MiniCache, SentenceKV, StreamingLLM, apply_kv_policy
+from mnemos.models.cache import Cache
+from kv_helpers import ids_of, make_model, stream
+from test_kv_contract import PIECES, lossless_policies
+from test_kv_more import _lossless
+
+MAC = dict(mac_attn_init_scale=1.0)  # the attention at its default init (0 would leave it out of the output)
+
+
+def _state_bytes(cache: Cache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.state_dict().values() if t.ndim)
+
+
+def test_budget_covering_the_segment_gives_identical_logits():
+    model = make_model("mac", **MAC)  # segments of 6: PIECES (24 tokens) cross four of them
+    ids = ids_of(2, sum(PIECES))
+    ref, _ = stream(model, ids, PIECES)
+    policies = {**lossless_policies(32), **_lossless(32),
+                "duo": DuoAttention(0.5, sinks=2, recent=32, retrieval_heads=((0, 1), (2,)))}
+    served = 0
+    for name, policy in policies.items():
+        if policy.mac_refusal():
+            continue
+        with policy(model):
+            out, cache = stream(model, ids, PIECES)
+        assert cache.layers[0].kv is not None, f"{name}: the policy's cache is not in MAC's state"
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-12, f"{name}: max |logits - no policy| = {err:.2e}"
+        served += 1
+    assert served >= 10
+
+
+def test_streamingllm_keeps_the_segments_sinks_and_recent_tokens(monkeypatch):
+    """Decoding token by token, query p of a segment sees x_j for j < sinks or p - (budget - sinks) <= j <= p (the
+    cache after the previous step plus the new token): MAC without a policy, that visibility in its mask, must agree.
+    """
+    budget, sinks, seg = 5, 2, 11
+    model = make_model("mac", segment_len=seg, **MAC)
+    ids = ids_of(2, 2 * seg + 4)
+    with StreamingLLM(budget, sinks=sinks)(model):
+        out, cache = stream(model, ids, [1] * ids.shape[1])
+    assert all(layer.kv.num_stored <= budget for layer in cache.layers)
+    original = titans.mac_attention_mask
+
+    def streaming_mask(offset, n, num_persistent, device=None):
+        mask = original(offset, n, num_persistent, device)  # [n, P + 2m]
+        assert n == 1
+        m = offset + 1
+        j = torch.arange(m, device=device)
+        hidden = (j >= sinks) & (j < offset - (budget - sinks))
+        mask[0, num_persistent + m:][hidden] = False
+        return mask
+
+    monkeypatch.setattr(titans, "mac_attention_mask", streaming_mask)
+    ref, _ = stream(model, ids, [1] * ids.shape[1])
+    assert (out - ref).abs().max().item() <= 1e-12
+    monkeypatch.setattr(titans, "mac_attention_mask", original)
+    full, _ = stream(model, ids, [1] * ids.shape[1])
+    assert (out - full).abs().max().item() > 1e-3  # the eviction did change what was attended
+
+
+def test_the_cache_stays_bounded_and_holds_fewer_bytes():
+    model = make_model("mac", segment_len=16, **MAC)
+    ids = ids_of(2, 16 + 12)  # mid-segment at the end: the no-policy buffers hold 12 tokens of K and V per layer
+    _, plain = stream(model, ids, [7, 5, 3, 1, 1, 1, 1, 9])
+    with H2O(4, recent=1)(model):
+        out, cache = stream(model, ids, [7, 5, 3, 1, 1, 1, 1, 9])
+    for layer in cache.layers:
+        assert layer.kv.num_stored == 4 and layer.kv.seen_tokens == 12 and layer.k_x.shape[1] == 0
+        assert layer.k_h.shape[1] == 12  # the retrieved tokens are never evicted
+    saved = 2 * 8 * 4 * 2 * 8  # per layer: (12 - 4) tokens x 4 heads x (K + V) x head dim 8, float64 (B = 2)
+    assert _state_bytes(plain) - _state_bytes(cache) >= 2 * saved - 2 * 2 * 4 * 8 * 12  # minus H2O's scores
+    assert torch.isfinite(out).all()
+
+
+def test_serialise_and_reorder_mid_segment():
+    model = make_model("mac", segment_len=8, **MAC)
+    ids = ids_of(3, 20)
+    policy = H2O(3, recent=1)
+    with policy(model):
+        _, cache = stream(model, ids[:, :11], [6, 5])
+        sd = cache.state_dict()
+        fresh = model.init_cache(3)
+    fresh.load_state_dict(sd)
+    a, _ = stream(model, ids[:, 11:], [2, 7], cache=cache)
+    b, _ = stream(model, ids[:, 11:], [2, 7], cache=fresh)
+    assert torch.equal(a, b)
+    with policy(model):
+        _, cache = stream(model, ids[:, :11], [6, 5])
+    index = torch.tensor([2, 0, 1])
+    c, _ = stream(model, ids[index, 11:], [9], cache=cache.reorder(index))
+    with policy(model):
+        _, alone = stream(model, ids[index, :11], [6, 5])
+    d, _ = stream(model, ids[index, 11:], [9], cache=alone)
+    assert (c - d).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("policy, what", [
+    (StreamingLLM(8, sinks=2, rerotate=True), "rerotate"),
+    (MiniCache(), "MiniCache"),
+    (SentenceKV(), "SentenceKV"),
+    (DuoAttention(0.5, calibration_length=6, calibration_samples=1), "retrieval_heads"),
+    (D2O(8, calibration_length=6, calibration_samples=1), "calibrate=False"),
+])
+def test_policies_mac_cannot_take_are_refused_by_name(policy, what):
+    with pytest.raises(ValueError, match=rf"MAC mixer.*{what}"):
+        apply_kv_policy(make_model("mac"), policy)
+    apply_kv_policy(make_model("transformer"), policy)  # the same policy serves the transformer
