@@ -16,7 +16,7 @@ from mnemos.data import IGNORE_INDEX, ByteTokenizer, LMDataConfig, MQARConfig, N
 from mnemos.eval import EvalOptions, evaluate
 from mnemos.eval.jrt import JRT_SUFFIX, jrt_mqar, jrt_mqar_predictions, jrt_text, repeat_context
 from mnemos.eval.reference_models import InductionLM
-from mnemos.eval.runner import _prompt_ids
+from mnemos.eval.runner import prompt_ids
 
 OPTS = dict(progress=False)
 
@@ -49,15 +49,15 @@ def test_repeat_context_checks_and_text_prompts():
     # a NIAH sample: byte tokens, the context (everything before the question) twice, then the question
     (s,) = NIAHConfig(kind="passkey", lengths=(300,), depths=(0.5,), samples_per_cell=1).build(0)
     model = InductionLM(vocab_size=260)
-    jrt = _prompt_ids(model, s, jrt=True)
+    jrt = prompt_ids(model, s, jrt=True)
     n_q = len(s.question.encode())
     n_c = s.input_ids.numel() - n_q
     assert jrt.tolist() == list((s.prompt[: len(s.prompt) - len(s.question)] * 2 + s.question).encode())
     assert torch.equal(jrt[:n_c], jrt[n_c : 2 * n_c]) and torch.equal(jrt[2 * n_c :], s.input_ids[n_c:])
-    assert torch.equal(_prompt_ids(model, s), s.input_ids)  # the plain prompt is untouched
+    assert torch.equal(prompt_ids(model, s), s.input_ids)  # the plain prompt is untouched
     # a model with its own tokenizer: the text context + context + question, encoded once
     model.tokenizer = ByteTokenizer()
-    assert _prompt_ids(model, s, jrt=True).tolist() == ByteTokenizer().encode(jrt_text(s.prompt, s.question))
+    assert prompt_ids(model, s, jrt=True).tolist() == ByteTokenizer().encode(jrt_text(s.prompt, s.question))
 
 
 def test_harness_scores_the_jrt_positions_and_keeps_the_plain_score():

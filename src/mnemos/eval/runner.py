@@ -300,8 +300,6 @@ def prompt_ids(model: StatefulLM, sample: Sample, jrt: bool = False) -> Tensor:
     return torch.tensor(model.encode_prompt(text), dtype=torch.int64)
 
 
-_prompt_ids = prompt_ids  # the earlier private name
-
 
 def continuation_ids(model: StatefulLM, text: str) -> Tensor:
     """The token ids of ``text`` continuing a sequence (no BOS): its UTF-8 bytes, or the model's tokenizer's."""
