@@ -256,8 +256,9 @@ def test_hugging_face_llama_infllm_equals_the_full_cache():
         assert torch.equal(model.generate(ids, **kw, **{cache_kwarg(model): cache}), ref)
         kv = cache.layers[0].cache
         assert len(kv.store) > 0 and cache.nbytes == sum(layer.cache.nbytes for layer in cache.layers)
-        with pytest.raises(ValueError, match="token ids"):
-            PolicyCache(model, SentenceKV())
+        sent = PolicyCache(model, SentenceKV(sinks=2, recent=4))  # accepted: the model's hook hands it the token ids
+        with pytest.raises(ValueError, match="token ids"):  # ... which a call with embeddings does not have
+            model(inputs_embeds=model.get_input_embeddings()(ids), **{cache_kwarg(model): sent})
 
 
 def test_eval_records_resident_bytes_as_state_bytes_and_offloaded_beside_them():

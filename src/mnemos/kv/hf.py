@@ -1,40 +1,56 @@
 """mnemos KV policies on Hugging Face Llama-family causal LMs (``LlamaForCausalLM``; Qwen2 and Mistral share the hook).
 
 ``PolicyCache(model, policy)`` is a ``transformers`` ``Cache`` whose layers are mnemos policy caches; pass it to
-``generate(..., past_key_values=cache)`` or to a forward call. ``with policy(model):`` (``hf_kv_policy``) makes
-``model.generate`` use a fresh ``PolicyCache`` of that policy whenever it is not given a cache.
+``generate(..., cache=cache)`` (``past_key_values=`` before transformers 5.2x) or to a forward call.
+``with policy(model):`` (``hf_kv_policy``) makes ``model.generate`` use a fresh ``PolicyCache`` of that policy whenever
+it is not given a cache.
 
 - Heads: the cache holds key/value heads only (``[B, Hkv, S, D]`` as transformers passes them); scores that need
   queries combine each group's query heads (see docs/KV.md). Nothing is expanded to query heads.
-- Queries: transformers does not hand the queries to the cache, so a forward pre-hook on every attention module
-  recomputes them (``q_proj`` then RoPE with the layer's ``position_embeddings``) when the call's cache is a
-  ``PolicyCache`` whose policy scores with queries (H2O, SnapKV, PyramidKV, ThinK), as kvpress does when attention
-  weights are absent. The hooks do nothing for other caches; ``remove_query_hooks`` takes them off.
-- Positions: keys keep their original RoPE and new tokens their absolute positions (``get_seq_length`` is the tokens
-  seen). Every stored entry precedes the new tokens, so the mask only needs causality among the new ones: each layer
-  reports ``(stored + new, seen - stored)`` as its mask sizes, i.e. the stored entries at the virtual positions just
-  before the new tokens. Re-rotating policies are refused, as are padded batches (a padding mask is indexed by those
-  virtual positions) and sliding-window configs.
-- Per-layer budgets (PyramidKV): transformers builds one mask for all layers, so layers of different lengths work
-  where it builds none (sdpa: a prompt in one call, then one token per step) and fail in a chunked prefill.
+- Hooks (``install_hooks``, put on the model by ``PolicyCache``; ``remove_hooks`` takes them off and ``hf_kv_policy``
+  does so on exit when it installed them). They do nothing unless the call's cache is a ``PolicyCache``:
+  - on the model: a forward pre-hook that switches the model's attention implementation to mnemos' (``mnemos_kv``,
+    registered in transformers' ``AttentionInterface``) for that call only, a forward hook (``always_call``) that
+    switches it back, and the call's ``input_ids`` handed to the caches that read token ids (SentenceKV);
+  - on every attention module: a forward pre-hook that arms the layer's cache for the call and, when the policy
+    scores with queries (H2O, SnapKV, PyramidKV, ThinK, InfLLM, SentenceKV), recomputes them (``q_proj`` then RoPE
+    with the layer's ``position_embeddings``), as kvpress does when attention weights are absent.
+- Positions and masks: keys keep their original RoPE and new tokens their absolute positions (``get_seq_length`` is
+  the tokens seen). Each layer's ``update`` returns the policy's view (keys / values padded to one length per layer)
+  and keeps a visibility ``[B, Hkv, T, S]``: key entry s of head h is visible to query t when its original position is
+  at most the query's (entries padded at an unreachable position never are). mnemos' attention function applies it,
+  per key/value head, broadcast over the head's query group (``scaled_dot_product_attention`` on ``[B, Hkv, g·T, D]``
+  queries: nothing expanded). So heads of one layer may hold different entries and different numbers of them
+  (DuoAttention, SentenceKV, InfLLM with ``per_head``), and layers different lengths (PyramidKV, InfLLM's retrieved
+  blocks), in one prefill, a chunked prefill and decoding; transformers' own causal mask is not built for these calls.
+- Refused: re-rotating policies (transformers rotates queries at absolute positions), sliding-window configs, padded
+  batches (a 2-D ``attention_mask`` with zeros: ``ValueError`` at the call) and whatever a policy's ``hf_refusal``
+  names.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mnemos.layers.kv_cache import KVCache, KVPolicy
 
-__all__ = ["PolicyCache", "PolicyLayer", "cache_kwarg", "hf_kv_policy", "install_query_hooks", "remove_query_hooks"]
+__all__ = ["PolicyCache", "PolicyLayer", "attention_maps", "cache_kwarg", "hf_kv_policy", "install_hooks",
+           "install_query_hooks", "remove_hooks", "remove_query_hooks", "ATTN_IMPLEMENTATION"]
 
-_HOOK_ATTR = "_mnemos_kv_query_hook"
+ATTN_IMPLEMENTATION = "mnemos_kv"  # the name of mnemos' attention function in transformers' AttentionInterface
+_HOOK_ATTR = "_mnemos_kv_query_hook"  # on attention modules: the pre-hook's handle
+_MODEL_HOOK_ATTR = "_mnemos_kv_model_hooks"  # on the model: (pre-hook, hook) handles
+_PREV_ATTR = "_mnemos_kv_prev_attn"  # on the model, during a PolicyCache call: the implementation to switch back to
+_LAYER_ATTR = "_mnemos_kv_layer"  # on an attention module, during a PolicyCache call: its PolicyLayer
 
 
 def _config_dims(config) -> tuple[int, int, int]:
@@ -66,6 +82,9 @@ def _check(model: nn.Module, policy: KVPolicy) -> None:
     check_n_layers = getattr(policy, "check_n_layers", None)  # policies over several layers (MiniCache's pairs)
     if check_n_layers is not None:
         check_n_layers(_config_dims(config)[0])
+    prepare_hf = getattr(policy, "prepare_hf", None)  # a scoring pass on the model (DuoAttention's heads)
+    if prepare_hf is not None:
+        prepare_hf(model)
 
 
 class PolicyLayer(CacheLayerMixin):
@@ -79,7 +98,10 @@ class PolicyLayer(CacheLayerMixin):
         super().__init__()
         self.policy, self.layer_idx, self.n_layers = policy, layer_idx, n_layers
         self.cache: KVCache | None = None
-        self.pending_q: Tensor | None = None  # [B, T, Hq, D], set by the query hook before update
+        self.pending_q: Tensor | None = None  # [B, T, Hq, D], set by the attention hook before update
+        self.pending_ids: Tensor | None = None  # [B, T] token ids of the call, set by the model hook
+        self.armed = False  # set by the attention hook: the call runs through mnemos' attention function
+        self.visible: Tensor | str | None = None  # set by update, read by the attention function (_visibility)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
@@ -90,14 +112,27 @@ class PolicyLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        """``[B, Hkv, T, D]`` new keys/values -> what the new queries see, ``[B, Hkv, S + T, D]``."""
+        """``[B, Hkv, T, D]`` new keys/values -> what the new queries see, ``[B, Hkv, S, D]`` (the policy's view:
+        stored entries and the new ones, padded to one length), and the view's visibility for the attention
+        function (``self.visible``)."""
+        if not self.armed:
+            raise ValueError("a PolicyCache layer was updated outside the model's mnemos hooks: call the model the "
+                             "cache was made for (PolicyCache installs its hooks; remove_hooks or the end of a "
+                             "`with policy(model)` block takes them off)")
+        self.armed = False
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q, self.pending_q = self.pending_q, None
+        ids, self.pending_ids = self.pending_ids, None
+        if ids is not None and hasattr(self.cache, "set_token_ids"):
+            self.cache.set_token_ids(ids)
         view = self.cache.update_view(key_states.transpose(1, 2), value_states.transpose(1, 2), q=q)
+        self.visible = _visibility(view.positions, self.cache.seen_tokens, key_states.shape[2], view.keys.shape[1],
+                                   key_states.device)
         return view.keys.transpose(1, 2), view.values.transpose(1, 2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # not used for PolicyCache calls (mnemos' attention function builds its own visibility); kept consistent
         stored = self.cache.num_stored if self.is_initialized else 0
         return stored + query_length, self.get_seq_length() - stored
 
@@ -143,8 +178,7 @@ class PolicyCache(Cache):
     """A ``transformers`` cache whose layers follow a mnemos policy (see the module docstring).
 
     Args:
-        model: the Hugging Face causal LM (its config gives the layers; query hooks are installed on it when the
-            policy scores with queries).
+        model: the Hugging Face causal LM (its config gives the layers; mnemos' hooks are installed on it).
         policy: a ``mnemos.kv`` policy.
     """
 
@@ -154,17 +188,88 @@ class PolicyCache(Cache):
         super().__init__(layers=[PolicyLayer(policy, i, n_layers) for i in range(n_layers)])
         self.policy = policy
         self.needs_queries = bool(getattr(policy, "needs_queries", False))
-        if self.needs_queries:
-            install_query_hooks(model)
+        self.needs_token_ids = bool(getattr(policy, "needs_token_ids", False))
+        install_hooks(model)
 
     @property
     def nbytes(self) -> int:
         """Bytes the layers' caches hold (packed tensors, indices and positions included)."""
         return sum(layer.cache.nbytes for layer in self.layers if layer.is_initialized)
 
+    def tier_nbytes(self) -> dict[str, int]:
+        """``{"resident": ..., "offloaded": ...}`` over the layers (the retrieval tier's store is offloaded)."""
+        out = {"resident": 0, "offloaded": 0}
+        for layer in self.layers:
+            if layer.is_initialized:
+                for k, v in layer.cache.tier_nbytes().items():
+                    out[k] = out.get(k, 0) + v
+        return out
+
     def kept_positions(self, layer_idx: int) -> Tensor:
         """``[B, S, Hkv]`` original positions kept by layer ``layer_idx``."""
         return self.layers[layer_idx].cache.kept_positions()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# mnemos' attention function
+
+
+def _visibility(positions: Tensor | None, seen: int, t: int, s: int, device) -> Tensor | str:
+    """Which of a view's S entries each of the call's T queries (at ``seen - T .. seen - 1``) sees: key entry s of
+    head h when its original position is at most the query's (an entry padded at an unreachable position never).
+
+    ``"causal"`` when the view is exactly the T new tokens (no mask: sdpa's causal kernel); ``[1, 1, T, S]`` when
+    every row and head holds the same positions (one mask for all heads); else ``[B, Hkv, T, S]``."""
+    q_pos = torch.arange(seen - t, seen, device=device)  # [T]
+    if positions is None:  # a contiguous run ending at the new tokens
+        if s == t:
+            return "causal"
+        k_pos = torch.arange(seen - s, seen, device=device)[None, None, None, :]  # [1, 1, 1, S]
+    else:
+        positions = positions.to(device)
+        first = positions[:1, :, :1]  # [1, S, 1]
+        if bool((positions == first).all()):  # the same positions in every row and head
+            if s == t and bool((first[0, :, 0] == q_pos).all()):
+                return "causal"
+            k_pos = first.permute(0, 2, 1)[:, :, None, :]  # [1, 1, 1, S]
+        else:
+            k_pos = positions.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, S]
+    return k_pos <= q_pos[None, None, :, None]
+
+
+def _policy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
+                      dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """Attention over a PolicyCache layer's view with its visibility: ``query`` ``[B, Hq, T, D]``, ``key`` /
+    ``value`` ``[B, Hkv, S, D]`` (never expanded: the g query heads of a key/value head are stacked along the query
+    axis); returns ``[B, T, Hq, Dv]``."""
+    layer = getattr(module, _LAYER_ATTR, None)
+    setattr(module, _LAYER_ATTR, None)
+    visible = None if layer is None else layer.visible
+    if layer is not None:
+        layer.visible = None
+    if visible is None:
+        raise RuntimeError("mnemos' attention function ran without a PolicyCache layer's visibility (the "
+                           f"'{ATTN_IMPLEMENTATION}' implementation is switched on only for PolicyCache calls)")
+    b, hq, t, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    g = hq // hkv
+    sdpa = nn.functional.scaled_dot_product_attention
+    if isinstance(visible, str):  # the view is the call's own tokens: plain causal attention, GQA in the kernel
+        out = sdpa(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=g > 1)
+        return out.transpose(1, 2).contiguous(), None
+    # each key/value head's g query heads stacked along the query axis, its mask repeated over them
+    q = query.reshape(b, hkv, g * t, d)  # query head h = kv head h // g, member h % g
+    vb, vh = visible.shape[:2]  # [1, 1] (one mask for every row and head) or [B, Hkv]
+    mask = visible[:, :, None].expand(vb, vh, g, t, s).reshape(vb, vh, g * t, s)
+    out = sdpa(q, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)  # [B, Hkv, g * T, Dv]
+    return out.reshape(b, hq, t, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _policy_attention)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# hooks
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -174,31 +279,128 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
-def _query_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _attention_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not isinstance(cache, PolicyCache) or not cache.needs_queries:
+    if not isinstance(cache, PolicyCache):
+        setattr(module, _LAYER_ATTR, None)
+        return
+    if module.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError("a PolicyCache must be used through the model it was made for (its forward hook switches "
+                         f"the attention implementation to '{ATTN_IMPLEMENTATION}' for the call); got "
+                         f"'{module.config._attn_implementation}'")
+    layer = cache.layers[module.layer_idx]
+    layer.armed = True
+    setattr(module, _LAYER_ATTR, layer)
+    if not cache.needs_queries:
         return
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
     q = module.q_proj(hidden).view(*hidden.shape[:-1], -1, module.head_dim).transpose(1, 2)  # [B, Hq, T, D]
     q, _ = apply_rotary_pos_emb(q, q, cos, sin)
-    cache.layers[module.layer_idx].pending_q = q.transpose(1, 2)  # [B, T, Hq, D]
+    layer.pending_q = q.transpose(1, 2)  # [B, T, Hq, D]
 
 
-def install_query_hooks(model: nn.Module) -> None:
-    """Put the query hook on every attention module of ``model`` (once; idempotent)."""
+def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return kwargs
+    return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+
+
+def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    call = _call_arguments(module, args, kwargs)
+    cache = call.get("cache", call.get("past_key_values"))
+    if not isinstance(cache, PolicyCache):
+        return
+    mask = call.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
+        raise ValueError("attention_mask pads some rows: a PolicyCache takes rows of equal length (no padding)")
+    if cache.needs_token_ids:
+        ids = call.get("input_ids")
+        if not isinstance(ids, Tensor):
+            raise ValueError(f"{type(cache.policy).__name__} reads token ids: call the model with input_ids (not "
+                             "inputs_embeds)")
+        for layer in cache.layers:
+            layer.pending_ids = ids
+    config = module.config
+    if config._attn_implementation != ATTN_IMPLEMENTATION:
+        setattr(module, _PREV_ATTR, config._attn_implementation)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def _model_hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    prev = module.__dict__.pop(_PREV_ATTR, None)
+    if prev is not None:
+        module.config._attn_implementation = prev
+
+
+def install_hooks(model: nn.Module) -> None:
+    """Put mnemos' hooks on ``model`` and its attention modules (once; idempotent). They act only on calls whose
+    cache is a ``PolicyCache``."""
     for m in _attention_modules(model):
         if getattr(m, _HOOK_ATTR, None) is None:
-            setattr(m, _HOOK_ATTR, m.register_forward_pre_hook(_query_hook, with_kwargs=True))
+            setattr(m, _HOOK_ATTR, m.register_forward_pre_hook(_attention_hook, with_kwargs=True))
+    if getattr(model, _MODEL_HOOK_ATTR, None) is None:
+        setattr(model, _MODEL_HOOK_ATTR, (model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True),
+                                          model.register_forward_hook(_model_hook, with_kwargs=True,
+                                                                      always_call=True)))
 
 
-def remove_query_hooks(model: nn.Module) -> None:
-    """Take the query hooks off again."""
+def remove_hooks(model: nn.Module) -> None:
+    """Take mnemos' hooks off again."""
     for m in model.modules():
         handle = getattr(m, _HOOK_ATTR, None)
         if handle is not None:
             handle.remove()
             setattr(m, _HOOK_ATTR, None)
+        handles = getattr(m, _MODEL_HOOK_ATTR, None)
+        if handles is not None:
+            for h in handles:
+                h.remove()
+            setattr(m, _MODEL_HOOK_ATTR, None)
+
+
+install_query_hooks = install_hooks  # the names of an earlier version
+remove_query_hooks = remove_hooks
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    return any(getattr(m, _HOOK_ATTR, None) is not None or getattr(m, _MODEL_HOOK_ATTR, None) is not None
+               for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a scoring pass (DuoAttention's heads)
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, ids: Tensor) -> list[Tensor]:
+    """Each attention layer's float32 probabilities on ``ids`` ``[B, T]`` (one call, no cache), in layer order:
+    ``[B, Hkv, g, T, T]`` (causal softmax of the layer's rotated queries and keys, scale ``module.scaling``; query
+    head h reads key/value head h // g), as ``mnemos.kv.calibrate.attention_maps`` gives for mnemos models."""
+    mods = sorted(_attention_modules(model), key=lambda m: m.layer_idx)
+    maps: dict[int, Tensor] = {}
+
+    def grab(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+        shape = (*hidden.shape[:-1], -1, module.head_dim)
+        q = module.q_proj(hidden).view(shape).transpose(1, 2)  # [B, Hq, T, D]
+        k = module.k_proj(hidden).view(shape).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        scale = getattr(module, "scaling", None) or 1.0 / math.sqrt(d)
+        s = torch.einsum("bhgtd,bhsd->bhgts", q.float().reshape(b, hkv, hq // hkv, t, d), k.float()) * scale
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        maps[module.layer_idx] = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+
+    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in mods]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [maps[m.layer_idx] for m in mods]
 
 
 def cache_kwarg(model: nn.Module) -> str:
@@ -210,9 +412,10 @@ def cache_kwarg(model: nn.Module) -> str:
 @contextmanager
 def hf_kv_policy(model: nn.Module, policy: KVPolicy) -> Iterator[nn.Module]:
     """``with hf_kv_policy(model, policy):`` (or ``with policy(model):``): ``model.generate`` uses a fresh
-    ``PolicyCache`` of ``policy`` unless given a cache; the model's own ``generate`` and hooks come back on exit."""
+    ``PolicyCache`` of ``policy`` unless given a cache; the model's own ``generate`` and hooks come back on exit (the
+    attention implementation is switched only during PolicyCache calls, so it is the model's own outside them)."""
     _check(model, policy)
-    had_hooks = any(getattr(m, _HOOK_ATTR, None) is not None for m in model.modules())
+    had_hooks = _has_hooks(model)
     original = model.__dict__.get("generate")
     bound = model.generate
 
@@ -230,4 +433,4 @@ def hf_kv_policy(model: nn.Module, policy: KVPolicy) -> Iterator[nn.Module]:
         else:
             model.generate = original
         if not had_hooks:
-            remove_query_hooks(model)
+            remove_hooks(model)

@@ -74,12 +74,23 @@ class DuoAttention(Policy):
         self._heads = retrieval_heads
 
     def prepare(self, model: nn.Module) -> None:
+        self._calibrate(model, attention_maps)
+
+    def prepare_hf(self, model: nn.Module) -> None:
+        """The scoring pass on a Hugging Face Llama-family model (``mnemos.kv.hf`` calls it when the policy is
+        applied): the same scores from the layers' own rotated queries and keys."""
+        if self.retrieval_heads is None:
+            from mnemos.kv.hf import attention_maps as hf_attention_maps  # transformers only for HF models
+
+            self._calibrate(model, hf_attention_maps)
+
+    def _calibrate(self, model: nn.Module, maps) -> None:
         if self.retrieval_heads is not None:
             return
         key = id(model)
         if key not in self._calibrated:
             ids = synthetic_ids(model, self.calibration_length, self.calibration_samples, self.seed)
-            scores = [induction_scores(p, self.calibration_length) for p in attention_maps(model, ids)]
+            scores = [induction_scores(p, self.calibration_length) for p in maps(model, ids)]
             self._calibrated[key] = (scores, choose_retrieval_heads(scores, self.retrieval_ratio))
         self.head_scores, self._heads = self._calibrated[key]
 
@@ -88,10 +99,6 @@ class DuoAttention(Policy):
             return ("DuoAttention's scoring pass reads whole-sequence attention maps, which MAC's segment attention "
                     "does not have; pass retrieval_heads")
         return None
-
-    def hf_refusal(self) -> str | None:
-        return ("DuoAttention's heads hold different numbers of entries, which the Hugging Face hook (one causal mask "
-                "for every head) cannot mask; use it on mnemos attention models")
 
     def heads_of(self, layer_idx: int, n_layers: int, n_heads: int) -> tuple[int, ...]:
         """The retrieval key/value heads of attention layer ``layer_idx``."""

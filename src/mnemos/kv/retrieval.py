@@ -480,8 +480,9 @@ class SentenceKV(Policy):
     when the buffer holds ``threshold`` queries or fewer, it retrieves nothing (sinks + recent only).
 
     Token ids reach the caches through a forward pre-hook on the model (``install_token_id_hook``, installed when the
-    policy is applied with ``apply_kv_policy`` / ``with policy(model)``), or ``cache.set_token_ids(ids)`` before a
-    direct ``update_view``.
+    policy is applied with ``apply_kv_policy`` / ``with policy(model)``; on a Hugging Face model ``mnemos.kv.hf``'s
+    model hook, for every policy with ``needs_token_ids``), or ``cache.set_token_ids(ids)`` before a direct
+    ``update_view``.
 
     Args:
         sinks: s0 (32). recent: r (32). topk: sentences per call (None). max_tokens: M, retrieved tokens per call
@@ -493,6 +494,7 @@ class SentenceKV(Policy):
     """
 
     needs_queries = True
+    needs_token_ids = True  # mnemos.kv.hf hands each call's input_ids to the caches
 
     def __init__(self, *, sinks: int = 32, recent: int = 32, topk: int | None = None, max_tokens: int | None = 960,
                  boundary_ids: tuple[int, ...] | int = BYTE_BOUNDARY_IDS, max_len: int = 100, threshold: int = 1,
@@ -519,10 +521,6 @@ class SentenceKV(Policy):
     def mac_refusal(self) -> str | None:
         return ("SentenceKV reads the token ids of the model's whole call, while MAC hands its cache one segment "
                 "piece at a time")
-
-    def hf_refusal(self) -> str | None:
-        return ("SentenceKV needs the token ids (sentence boundaries), which the Hugging Face hook does not pass to "
-                "its caches, and retrieves different numbers of tokens per head, which one causal mask cannot express")
 
     def make_cache(self, batch_size, n_heads, head_dim, *, window=None, layer_idx=0, n_layers=1, rope=None,
                    device=None, dtype=None) -> KVCache:
