@@ -310,18 +310,26 @@ def test_bad_compositions_and_specs_raise_value_error():
             model.init_cache(1)
 
 
-def test_hugging_face_refuses_what_it_cannot_calibrate():
+def test_hugging_face_models_calibrate_d2o_and_take_the_per_head_policies():
+    """D2O's scoring pass runs on a Hugging Face model too (alone and composed): its layer weights are 1 / (1 +
+    variance) of the model's own attention maps on the synthetic calibration ids."""
     transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
-    from mnemos.kv.hf import PolicyCache
+    from mnemos.kv.calibrate import synthetic_ids
+    from mnemos.kv.hf import PolicyCache, attention_maps as hf_attention_maps
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     PolicyCache(model, DuoAttention(retrieval_heads=((0,), (1,))))  # accepted: per-head lengths are masked per head
-    with pytest.raises(ValueError, match="calibrate=False"):
-        PolicyCache(model, D2O(8))
-    with pytest.raises(ValueError, match="calibrate=False"):
-        PolicyCache(model, compose(D2O(8), KIVI(2, group_size=4, residual=8)))
+    with torch.no_grad():
+        maps = hf_attention_maps(model, synthetic_ids(model, 6, 1, 0))
+    want = tuple(1.0 / (1.0 + layer_variances(p)) for p in maps)
+    for policy in (D2O(8, calibration_length=6, calibration_samples=1),
+                   compose(D2O(8, calibration_length=6, calibration_samples=1), KIVI(2, group_size=4, residual=8))):
+        PolicyCache(model, policy)
+        d2o = getattr(policy, "eviction", policy)
+        assert d2o.weights(2) == pytest.approx(want) and want[0] != pytest.approx(want[1])
     PolicyCache(model, compose(Scissorhands(16, history=4), KIVI(2, group_size=4, residual=8)))  # accepted
 
 

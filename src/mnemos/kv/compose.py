@@ -64,6 +64,12 @@ class Composed(Policy):
     def prepare(self, model) -> None:
         self.eviction.prepare(model)
 
+    def prepare_hf(self, model) -> None:
+        """The eviction policy's scoring pass on a Hugging Face model, if it has one (``mnemos.kv.hf``)."""
+        prepare = getattr(self.eviction, "prepare_hf", None)
+        if prepare is not None:
+            prepare(model)
+
     def hf_refusal(self) -> str | None:
         return self.eviction.hf_refusal() or self.storage.hf_refusal()
 

@@ -120,12 +120,22 @@ class D2O(H2O):
         self._calibrated: dict[int, tuple[float, ...]] = {}  # id(model) -> weights
 
     def prepare(self, model: nn.Module) -> None:
+        self._calibrate(model, attention_maps)
+
+    def prepare_hf(self, model: nn.Module) -> None:
+        """The calibration pass on a Hugging Face Llama-family model (``mnemos.kv.hf`` calls it when the policy is
+        applied): the same layer variances from the layers' own attention maps."""
+        from mnemos.kv.hf import attention_maps as hf_attention_maps  # transformers only for HF models
+
+        self._calibrate(model, hf_attention_maps)
+
+    def _calibrate(self, model: nn.Module, maps) -> None:
         if not self.calibrate:
             return
         key = id(model)
         if key not in self._calibrated:
             ids = synthetic_ids(model, self.calibration_length, self.calibration_samples, self.seed)
-            self._calibrated[key] = tuple(1.0 / (1.0 + layer_variances(p)) for p in attention_maps(model, ids))
+            self._calibrated[key] = tuple(1.0 / (1.0 + layer_variances(p)) for p in maps(model, ids))
         self._weights = self._calibrated[key]
 
     def mac_refusal(self) -> str | None:
@@ -133,12 +143,6 @@ class D2O(H2O):
             return ("D2O's calibration pass scores whole-sequence attention maps, which MAC's segment attention does "
                     "not have; pass calibrate=False (equal budgets) or layer_weights")
         return super().mac_refusal()
-
-    def hf_refusal(self) -> str | None:
-        if self.calibrate:
-            return ("D2O's layer budgets come from a scoring pass on mnemos models only; on a Hugging Face model pass "
-                    "calibrate=False (equal budgets) or layer_weights")
-        return None
 
     def weights(self, n_layers: int) -> tuple[float, ...]:
         """The layer weights in use: explicit, calibrated (the last model ``prepare`` saw) or equal."""
