@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import mnemos.models.titans as titans
-from mnemos.kv import D2O, H2O, DuoAttention, MiniCache, SentenceKV, StreamingLLM, apply_kv_policy
+from mnemos.kv import D2O, H2O, DuoAttention, MiniCache, StreamingLLM, apply_kv_policy
 from mnemos.models.cache import Cache
 from kv_helpers import ids_of, make_model, stream
 from test_kv_contract import PIECES, lossless_policies
 from test_kv_more import _lossless
+from test_kv_retrieval import _covering, _ids
+from test_minicache import RetainAll
 
 MAC = dict(mac_attn_init_scale=1.0)  # the attention at its default init (0 would leave it out of the output)
 
@@ -24,10 +26,10 @@ def _state_bytes(cache: Cache) -> int:
 
 
 def test_budget_covering_the_segment_gives_identical_logits():
-    model = make_model("mac", **MAC)  # segments of 6: PIECES (24 tokens) cross four of them
-    ids = ids_of(2, sum(PIECES))
+    model = make_model("mac", segment_len=12, **MAC)  # PIECES (24 tokens) cross two segments
+    ids = _ids(t=sum(PIECES))  # with sentence boundaries for SentenceKV
     ref, _ = stream(model, ids, PIECES)
-    policies = {**lossless_policies(32), **_lossless(32),
+    policies = {**lossless_policies(32), **_lossless(32), **{repr(p): p for p in _covering()},
                 "duo": DuoAttention(0.5, sinks=2, recent=32, retrieval_heads=((0, 1), (2,)))}
     served = 0
     for name, policy in policies.items():
@@ -39,7 +41,7 @@ def test_budget_covering_the_segment_gives_identical_logits():
         err = (out - ref).abs().max().item()
         assert err <= 1e-12, f"{name}: max |logits - no policy| = {err:.2e}"
         served += 1
-    assert served >= 10
+    assert served >= 13
 
 
 def test_streamingllm_keeps_the_segments_sinks_and_recent_tokens(monkeypatch):
@@ -107,10 +109,28 @@ def test_serialise_and_reorder_mid_segment():
     assert (c - d).abs().max().item() <= 1e-12
 
 
+def test_minicache_pairs_mac_layers_across_segment_resets():
+    """MAC resets its segment cache at a boundary in the middle of a call, before the pair's upper layer has merged
+    the lower's tokens: the waiting calls go on with a frozen copy. Retaining every token gives MAC's own logits;
+    merging every token stores the pair in fewer bytes and gives finite logits that differ from them."""
+    model = make_model("mac", n_layers=3, segment_len=8, **MAC)  # pair (1, 2)
+    pieces = [5, 6, 1, 1, 9, 2]  # 24 tokens: calls that end, straddle and start segments
+    ids = ids_of(2, sum(pieces))
+    ref, plain = stream(model, ids, pieces)
+    with RetainAll(1)(model):
+        out, cache = stream(model, ids, pieces)
+    assert (out - ref).abs().max().item() <= 1e-12
+    with MiniCache(1, gamma=1.0)(model):
+        merged, cache = stream(model, ids[:, :22], pieces[:-1])  # stop mid-segment: the pair holds 6 tokens
+    assert torch.isfinite(merged).all() and (merged - ref[:, :22]).abs().max().item() > 1e-6
+    lower, upper = cache.layers[1].kv, cache.layers[2].kv
+    assert lower.seen_tokens == upper.seen_tokens == 6 and lower.num_merged == 6
+    _, plain = stream(model, ids[:, :22], pieces[:-1])
+    assert _state_bytes(cache) < _state_bytes(plain)
+
+
 @pytest.mark.parametrize("policy, what", [
     (StreamingLLM(8, sinks=2, rerotate=True), "rerotate"),
-    (MiniCache(), "MiniCache"),
-    (SentenceKV(), "SentenceKV"),
     (DuoAttention(0.5, calibration_length=6, calibration_samples=1), "retrieval_heads"),
     (D2O(8, calibration_length=6, calibration_samples=1), "calibrate=False"),
 ])

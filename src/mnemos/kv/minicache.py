@@ -53,6 +53,7 @@ float32 d_min / d_max per head) against ``2 S H D e`` for the two full caches. W
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 
@@ -192,16 +193,19 @@ class MiniCache(Policy):
         lo, hi = stat[..., 0], stat[..., 1]  # [B, H]
         return d > (lo + (hi - lo) * self.gamma)[:, None, :]
 
-    def mac_refusal(self) -> str | None:
-        return ("MiniCache merges a pair of layers' caches within one forward call, but MAC empties its cache at "
-                "every segment boundary, before the next layer has read the segment")
-
     def prepare(self, model) -> None:
         self.check_n_layers(len(attention_layers(model)))
 
     # -- the mailbox: how the pair's caches meet inside a forward call -----------------------------------------------
     def _post(self, lower_idx: int, cache: "MiniCacheLower", n_tokens: int) -> None:
         self._mailbox.setdefault(lower_idx, deque()).append((cache, n_tokens))
+
+    def _hand_over(self, lower_idx: int, old: "MiniCacheLower", frozen: "MiniCacheLower") -> None:
+        """Replace ``old`` by ``frozen`` among the calls waiting for their upper layer (a lower cache reset in the
+        middle of a forward call, as MAC does at a segment boundary, leaves its waiting calls to a frozen copy)."""
+        box = self._mailbox.get(lower_idx)
+        if box:
+            self._mailbox[lower_idx] = deque((frozen if c is old else c, n) for c, n in box)
 
     def _take(self, lower_idx: int) -> tuple["MiniCacheLower", int]:
         box = self._mailbox.get(lower_idx)
@@ -449,6 +453,10 @@ class MiniCacheLower(_PairCache):
         self._seen = seen
 
     def reset(self) -> None:
+        """Empty the cache. Calls of this cache still waiting for the upper layer (MAC resets its segment cache at a
+        segment boundary, in the middle of a forward call, before the next layer runs) go on with a frozen copy of
+        the cache as it was, which the upper layer then merges into and reads from."""
+        self.policy._hand_over(self.lower_idx, self, copy.copy(self))  # the copy keeps the tensors _alloc replaces
         self._alloc()
         self._seen = 0
 

@@ -518,10 +518,6 @@ class SentenceKV(Policy):
     def prepare(self, model: nn.Module) -> None:
         install_token_id_hook(model)
 
-    def mac_refusal(self) -> str | None:
-        return ("SentenceKV reads the token ids of the model's whole call, while MAC hands its cache one segment "
-                "piece at a time")
-
     def make_cache(self, batch_size, n_heads, head_dim, *, window=None, layer_idx=0, n_layers=1, rope=None,
                    device=None, dtype=None) -> KVCache:
         return SentenceKVCache(self, batch_size, n_heads, head_dim, window=window, device=device, dtype=dtype)
@@ -554,23 +550,22 @@ class SentenceKVCache(_TieredKVCache):
         self.selections: list | None = None  # set to [] to record each call's chosen sentence starts ([B][H] lists)
 
     def set_token_ids(self, ids: Tensor) -> None:
-        """The next call's token ids ``[B, T]`` (the model's hook sets them)."""
+        """The token ids ``[B, T]`` of the model's next call (the model's hook sets them). The cache's updates consume
+        them in order: one ``update_view`` of all T tokens, or several of fewer (MAC's segment pieces, which also
+        reset the cache at a segment boundary in the middle of the call: pending ids survive ``reset``)."""
         self._ids = ids
 
-    def _reset_tensors(self) -> None:
-        super()._reset_tensors()
-        self._ids = None
-
     def _before(self, q, start, seen):
-        ids, self._ids = self._ids, None
+        ids = self._ids
         t = seen - start
         if ids is None:
             raise ValueError("SentenceKV needs the token ids of every call: apply the policy to the model "
                              "(apply_kv_policy / with policy(model), which installs the id hook) or call "
                              "cache.set_token_ids(ids) before update_view")
-        if not isinstance(ids, Tensor) or tuple(ids.shape) != (self.batch_size, t):
-            raise ValueError(f"token ids must be [B={self.batch_size}, T={t}], got "
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != self.batch_size or ids.shape[1] < t:
+            raise ValueError(f"token ids must be [B={self.batch_size}, T>={t}] (this update's {t} tokens first), got "
                              f"{tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__}")
+        ids, self._ids = ids[:, :t], (ids[:, t:] if ids.shape[1] > t else None)
         bound, max_len, s0 = set(self.policy.boundary_ids), self.policy.max_len, self.n_sinks
         starts, opens = [], []
         for row, o in zip(ids.tolist(), self.open_start.tolist()):
