@@ -32,6 +32,7 @@ from mnemos.kv import (
     Scissorhands,
     SnapKV,
     StreamingLLM,
+    ThinK,
     choose_retrieval_heads,
     compose,
     layer_budgets,
@@ -289,8 +290,7 @@ def test_bad_compositions_and_specs_raise_value_error():
         compose(KIVI(2), KIVI(4))
     with pytest.raises(ValueError, match="must be KIVI or ThinK"):
         compose(H2O(8), SnapKV(8, window_size=4))
-    with pytest.raises(ValueError, match="Bytes"):
-        compose(H2O(Bytes(4096)), KIVI(2))
+    compose(H2O(Bytes(4096)), KIVI(2))  # accepted: the composed cache counts its packed bytes
     with pytest.raises(ValueError, match="compose as EVICTION"):
         parse_policy_spec("kivi:bits=2+h2o:budget=8")
     (spec,) = parse_policy_spec("h2o:budget=8+kivi:bits=4,group_size=4,residual=8")
@@ -374,3 +374,27 @@ def test_new_caches_serialise_and_reorder_mid_stream():
             swapped = cache.reorder(torch.tensor([1, 0]))
             out, _ = model(ids.flip(0)[:, 15:], swapped)
             assert (out - ref.flip(0)[:, 15:]).abs().max() <= 1e-12, f"{policy!r}: reordered cache diverges"
+
+
+@pytest.mark.parametrize("storage", [lambda: KIVI(2, group_size=4, residual=8), lambda: KIVI(4, group_size=8, residual=8),
+                                     lambda: ThinK(0.5, window_size=3, recent=4)])
+def test_a_composition_takes_a_byte_budget(storage):
+    """A Bytes budget on a composition keeps the most entries whose stored form fits: the cache's measured bytes per
+    sequence (its per-entry tensors: the fixed channel choice of ThinK aside) are ``stored_bytes(S)`` <= the budget,
+    and S is the largest count that fits; the entries kept fall as the budget falls."""
+    model = make_model("transformer")  # 4 kv heads of 8, float64
+    ids = ids_of(2, 40)
+    kept = []
+    for budget in (9000, 6000, 3000):
+        policy = compose(H2O(Bytes(budget)), storage())
+        with policy(model):
+            _, cache = stream(model, ids, [17, 9, 1, 1, 12])
+        for kv in attn_caches(cache):
+            s = kv.num_stored
+            fixed = sum(t.numel() * t.element_size() for n, t in kv.state_dict().items()
+                        if n == "channels" or n.startswith("extra."))
+            assert (kv.nbytes - fixed) // 2 == kv.stored_bytes(s) <= budget  # 2 rows
+            assert all(kv.stored_bytes(m) > budget for m in range(s + 1, s + 40)), f"{s} entries: more fit"
+            assert s < 40  # the budget evicted
+        kept.append(attn_caches(cache)[0].num_stored)
+    assert kept[0] > kept[1] > kept[2]

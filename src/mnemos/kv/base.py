@@ -26,7 +26,7 @@ import math
 from abc import abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -74,11 +74,14 @@ def check_budget(budget: object, name: str = "budget") -> int | float:
     return float(budget)
 
 
-def resolve_budget(budget: int | float, seen: int, entry_bytes: int = 1) -> int:
+def resolve_budget(budget: int | float, seen: int, entry_bytes: int | Callable[[int], int] = 1) -> int:
     """Tokens a budget allows after ``seen`` tokens: the int itself, ``max(1, floor(ratio * seen))``, or for
-    ``Bytes(n)`` ``max(1, n // entry_bytes)`` (``entry_bytes``: what one token costs the cache, per sequence)."""
+    ``Bytes(n)`` ``max(1, n // entry_bytes)`` (``entry_bytes``: what one token costs the cache, per sequence; or a
+    function giving the tokens n bytes hold, for a cache whose cost per token is not constant: a composition's packed
+    storage, ``EvictingKVCache.tokens_in_bytes``)."""
     if isinstance(budget, Bytes):
-        return max(1, int(budget) // entry_bytes)
+        n = int(budget)
+        return max(1, entry_bytes(n) if callable(entry_bytes) else n // entry_bytes)
     if isinstance(budget, int):
         return budget
     return max(1, math.floor(budget * seen + 1e-9))
@@ -475,6 +478,11 @@ class EvictingKVCache(KVCache):
         elem = self._k.element_size()
         return self.n_heads * ((self.head_dim + self.value_dim) * elem + 4 + 4 * len(self._state))
 
+    def tokens_in_bytes(self, n: int) -> int:
+        """Entries that ``n`` bytes per sequence hold (a ``Bytes`` budget): ``n // entry_bytes``; a cache that stores
+        entries in a form whose cost per token varies (a composition's packed KIVI storage) overrides it."""
+        return n // self.entry_bytes
+
     # -- the policy --------------------------------------------------------------------------------------------------
     def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         view = self.update_view(k_new, v_new)
@@ -495,7 +503,7 @@ class EvictingKVCache(KVCache):
         n_vis = keys.shape[1]
         live = None if self.layer_window is None else pos > seen - self.layer_window  # [B, S, H]
         n_live = n_vis if live is None else int(live.sum(dim=1).max())
-        target = self.policy.target(seen, self.layer_idx, self.n_layers, self.entry_bytes)
+        target = self.policy.target(seen, self.layer_idx, self.n_layers, self.tokens_in_bytes)
         ctx = EvictionContext(q, keys, values, pos, q_pos, target, n_vis > min(target, n_live), self.layer_window,
                               self.layer_idx, self.n_layers, state, dict(self._extra))
         prio = self.policy.scores(ctx)  # [B, S, H] or None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mnemos.kv.base import Bytes, EvictingKVCache, EvictionPolicy, Policy
+from mnemos.kv.base import EvictingKVCache, EvictionPolicy, Policy
 from mnemos.kv.kivi import KIVI, dequantize, pack, quantize, unpack
 from mnemos.kv.think import ThinK, choose_channels, widen_keys
 from mnemos.layers.kv_cache import KVCache, KVView
@@ -45,9 +45,6 @@ class Composed(Policy):
         if not isinstance(storage, (KIVI, ThinK)):
             raise ValueError(f"the second policy must be KIVI or ThinK (how the kept entries are stored), got "
                              f"{type(storage).__name__}")
-        if isinstance(eviction.budget, Bytes):
-            raise ValueError("a Bytes budget counts full-precision entries; give the composed eviction policy a token "
-                             "budget")
         self.eviction, self.storage = eviction, storage
         self.kivi = storage if isinstance(storage, KIVI) else None
         self.think = storage if isinstance(storage, ThinK) else None
@@ -83,6 +80,16 @@ class Composed(Policy):
         cls = ComposedCache if self.kivi is not None else ThinKComposedCache
         return cls(self.eviction, self.storage, batch_size, n_heads, head_dim, window=window, layer_idx=layer_idx,
                    n_layers=n_layers, rope=rope, device=device, dtype=dtype)
+
+
+def _tokens_in_bytes(n: int, stored_bytes, per_token_floor: float) -> int:
+    """The most entries S whose storage ``stored_bytes(S)`` (bytes per sequence) fits in ``n``: a scan down from the
+    bound that the cheapest per-token cost ``per_token_floor`` allows (the cost is not monotone in S: KIVI packs keys
+    by whole residual blocks, so one more entry can cost less)."""
+    s = int(n // per_token_floor) + 1
+    while s > 0 and stored_bytes(s) > n:
+        s -= 1
+    return s
 
 
 def compose(eviction: EvictionPolicy, storage: KIVI | ThinK) -> Composed:
@@ -170,6 +177,22 @@ class ComposedCache(EvictingKVCache):
             ks = torch.where(use, oks.gather(1, grp[..., None].expand(*grp.shape, oks.shape[-1])), ks)
             kz = torch.where(use, okz.gather(1, grp[..., None].expand(*grp.shape, okz.shape[-1])), kz)
         return kq, ks, kz, vq, vs, vz
+
+    def stored_bytes(self, s: int) -> int:
+        """Bytes per sequence that ``s`` kept entries take in this storage: positions and per-entry state, keys
+        packed in whole residual blocks (codes, and per group of G entries a scale and a zero point per channel) with
+        the rest at full precision, values packed beyond the last R (codes, a scale and a zero point per G channels)."""
+        p, h, d, e = self.kivi, self.n_heads, self.head_dim, self.kr.element_size()
+        g, r = p.group_size, p.residual
+        n_k, n_v = s - s % r, max(0, s - r)
+        keys = n_k * d * p.key_bits // 8 + (n_k // g) * 2 * d * e + (s - n_k) * d * e
+        values = n_v * d * p.value_bits // 8 + n_v * 2 * (d // g) * e + (s - n_v) * d * e
+        return h * (s * (4 + 4 * len(self._state)) + keys + values)
+
+    def tokens_in_bytes(self, n: int) -> int:
+        p, d = self.kivi, self.head_dim
+        floor = self.n_heads * (4 + 4 * len(self._state) + d * (p.key_bits + p.value_bits) / 8)
+        return _tokens_in_bytes(n, self.stored_bytes, floor)
 
     def dequantized(self) -> tuple[Tensor, Tensor]:
         """The kept keys ``[B, S, H, D]`` and values, as attention reads them."""
@@ -273,6 +296,18 @@ class ThinKComposedCache(EvictingKVCache):
     def widened_keys(self) -> Tensor:
         """The kept keys at full width ``[B, S, H, D]``, zeros in the pruned channels of the narrow ones."""
         return torch.cat((widen_keys(self.kp, self.channels, self.head_dim), self.kf), dim=1)
+
+    def stored_bytes(self, s: int) -> int:
+        """Bytes per sequence that ``s`` kept entries take: positions, per-entry state and values, the last ``recent``
+        keys at full width and the others at the kept channels (the channel choice itself is a fixed cost)."""
+        h, d, e = self.n_heads, self.head_dim, self.kf.element_size()
+        full = min(s, self.think.recent)
+        keys = full * d * e + (s - full) * self.kp.shape[3] * e
+        return h * (s * (4 + 4 * len(self._state) + self.value_dim * e) + keys)
+
+    def tokens_in_bytes(self, n: int) -> int:
+        floor = self.n_heads * (4 + 4 * len(self._state) + (self.value_dim + self.kp.shape[3]) * self.kf.element_size())
+        return _tokens_in_bytes(n, self.stored_bytes, floor)
 
     def _narrow(self, k: Tensor) -> None:
         """Store the kept keys ``k`` ``[B, S, H, D]``: all but the last ``recent`` at the chosen channels."""
