@@ -193,3 +193,25 @@ def test_validation_scores_each_window_of_a_document(tmp_path):
     one = validate(model, TaskData(_cfg(tmp_path)), _cfg(tmp_path), DistInfo(0, 1, 0, torch.device("cpu")),
                    contextlib.nullcontext)
     assert not any(k.startswith("val_window") for k in one)
+
+
+def test_init_from_starts_from_a_checkpoints_weights(tmp_path):
+    """run.init_from: the weights of a saved run, a fresh optimizer and step count (fine-tuning); a model config the
+    checkpoint does not fit, or no checkpoint, is an error naming the key."""
+    train(_cfg(tmp_path / "a", "run.steps=3"))
+    tuned = _cfg(tmp_path / "b", "run.steps=1", f"run.init_from={tmp_path / 'a'}", "optim.lr=1e-12",
+                 "optim.weight_decay=0", "optim.warmup_steps=0")
+    result = train(tuned)
+    assert len(result.train_losses) == 1  # its own step count, from step 0
+    models = []
+    for run in ("a", "b"):
+        m = MnemosLM(tuned.model)
+        load_model_weights(tmp_path / run / "checkpoint", m)
+        models.append(m.state_dict())
+    for name, w in models[0].items():
+        assert torch.allclose(w, models[1][name], atol=1e-9), name  # lr 1e-12: b ends where it started, at a
+    assert not torch.allclose(MnemosLM(tuned.model).state_dict()["embed.weight"], models[0]["embed.weight"])
+    with pytest.raises(ValueError, match=r"run\.init_from: .*model\.d_model"):
+        train(_cfg(tmp_path / "c", "model.d_model=16", f"run.init_from={tmp_path / 'a' / 'checkpoint'}"))
+    with pytest.raises(ValueError, match=r"run\.init_from: no checkpoint"):
+        train(_cfg(tmp_path / "d", f"run.init_from={tmp_path / 'nowhere'}"))

@@ -176,6 +176,10 @@ class RunConfig(_ConfigBase):
     # truncated BPTT: each batch row reads its document window by window (task.doc_windows windows of task.seq_len
     # tokens, one window per step), the model's state carried from window to window, detached (docs/TRAINING.md)
     carry_state: bool = False
+    # start from the weights of a saved checkpoint (a run's checkpoint directory, or the run directory holding one):
+    # fine-tuning, with a fresh optimizer, schedule and step count; the model config must be the checkpoint's (what
+    # the variant reads). Ignored by --resume, which continues from run.out_dir's own checkpoint. "": no
+    init_from: str = ""
 
     def __post_init__(self):
         self._check_types()

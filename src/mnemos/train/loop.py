@@ -404,6 +404,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         shutdown(info)
 
 
+def _init_checkpoint(path: str) -> Path:
+    """``run.init_from``: a checkpoint directory, or a run directory holding one (``checkpoint/``)."""
+    p = Path(path)
+    for cand in (p, p / "checkpoint"):
+        if (cand / "trainer.pt").is_file():
+            return cand
+    raise ValueError(f"run.init_from: no checkpoint at {path!r} (expected a checkpoint directory with trainer.pt, or "
+                     "a run directory holding checkpoint/)")
+
+
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     run, opt_cfg = cfg.run, cfg.optim
     out = Path(run.out_dir)
@@ -433,21 +443,25 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     def autocast():
         return torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    # the architecture comes from the checkpoint when resuming
-    if resume:
-        saved = read_trainer_state(ckpt)["config"]
+    # the architecture comes from the checkpoint when resuming (or starting from one: run.init_from)
+    init = None if resume or not run.init_from else _init_checkpoint(run.init_from)
+    source, what = (ckpt, "--resume") if resume else (init, "run.init_from")
+    if source is not None:
+        saved = read_trainer_state(source)["config"]
         diff = [] if saved is None else _differing_keys(_resolved_model_config(saved.get("model") or {}),
                                                         cfg.model.to_dict())
         # only what the variant reads (a hybrid stack: any of its blocks), and not what only sets an initialisation
         # (the checkpoint's weights win)
         diff = [k for k in diff if cfg.model.reads_field(k) and k not in INIT_ONLY_FIELDS]
         if diff:
-            raise ValueError(f"--resume: the checkpoint in {ckpt} was trained with a different model config "
+            raise ValueError(f"{what}: the checkpoint in {source} was trained with a different model config "
                              f"(model.{', model.'.join(diff)}); pass the checkpoint's values as overrides")
     data = TaskData(cfg)
     model = MnemosLM(cfg.model).to(info.device)
     if resume:
         load_model_weights(ckpt, model)
+    elif init is not None:
+        load_model_weights(init, model)  # fine-tuning: the weights only (a fresh optimizer, schedule and step count)
     wrapped = wrap_model(model, info, run.parallel)
     # the optimizer comes after wrapping: FSDP2 replaces the parameters by sharded ones
     optimizer = build_optimizer(model, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
