@@ -119,8 +119,6 @@ def test_beam_search_reorders_the_compressed_cache(model):
 
 
 def test_bad_input_raises_value_error(model):
-    with pytest.raises(ValueError, match="re-rotates"):
-        PolicyCache(model, StreamingLLM(8, rerotate=True))
     with pytest.raises(ValueError, match="group_size"):
         PolicyCache(model, KIVI(2, group_size=16, residual=16))
     with pytest.raises(ValueError, match="policy must be"):

@@ -155,15 +155,13 @@ class _Oracle:
         for i, layer in enumerate(m.layers):
             at = layer.self_attn
             x = _rms(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = _rope((x @ at.q_proj.weight.T).view(b, t, hq, d), pos, inv_freq)
-            k = _rope((x @ at.k_proj.weight.T).view(b, t, hkv, d), pos, inv_freq)
+            q = (x @ at.q_proj.weight.T).view(b, t, hq, d)
+            k = (x @ at.k_proj.weight.T).view(b, t, hkv, d)
             v = (x @ at.v_proj.weight.T).view(b, t, hkv, d)
-            self.k[i] = k if self.k[i] is None else torch.cat((self.k[i], k), dim=1)
-            self.v[i] = v if self.v[i] is None else torch.cat((self.v[i], v), dim=1)
-            mask = masks[i]  # [B, Hkv, T, S]
-            s = torch.einsum("bthgd,bshd->bhgts", q.view(b, t, hkv, g, d), self.k[i]) / d**0.5
+            q, keys, values, mask = self.entries(i, q, k, v, pos, inv_freq, masks[i])
+            s = torch.einsum("bthgd,bshd->bhgts", q.view(b, t, hkv, g, d), keys) / d**0.5
             s = s.masked_fill(~mask[:, :, None], float("-inf"))
-            o = torch.einsum("bhgts,bshd->bthgd", torch.softmax(s, dim=-1), self.v[i]).reshape(b, t, hq * d)
+            o = torch.einsum("bhgts,bshd->bthgd", torch.softmax(s, dim=-1), values).reshape(b, t, hq * d)
             h = h + o @ at.o_proj.weight.T
             x = _rms(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             mlp = layer.mlp
@@ -171,6 +169,15 @@ class _Oracle:
                 mlp.down_proj.weight.T
         self.seen += t
         return _rms(h, m.norm.weight, m.norm.variance_epsilon) @ self.m.lm_head.weight.T
+
+    def entries(self, i, q, k, v, pos, inv_freq, mask):
+        """Layer ``i``'s rotated queries ``[B, T, Hq, D]``, the keys / values ``[B, S, Hkv, D]`` they read and the mask
+        ``[B, Hkv, T, S]``, from the call's raw ``q`` / ``k`` / ``v`` at positions ``pos`` (here: every position so
+        far, rotated at its absolute position; ``mask`` as given)."""
+        q, k = _rope(q, pos, inv_freq), _rope(k, pos, inv_freq)
+        self.k[i] = k if self.k[i] is None else torch.cat((self.k[i], k), dim=1)
+        self.v[i] = v if self.v[i] is None else torch.cat((self.v[i], v), dim=1)
+        return q, self.k[i], self.v[i], mask
 
 
 def _record_views(cache, log):

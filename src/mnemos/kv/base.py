@@ -144,11 +144,15 @@ def attention_probs(
 def rerotate(x: Tensor, delta: Tensor, rope: nn.Module) -> Tensor:
     """Rotate keys already rotated by RoPE by a further ``delta`` positions each: ``R(delta) R(p) k = R(p + delta) k``.
 
-    ``x`` ``[B, S, H, D]``, ``delta`` ``[B, S, H]`` (int, may be negative); ``rope`` gives ``head_dim`` and ``base``
-    (``mnemos.layers.RotaryEmbedding``'s convention: channel i pairs with i + D/2).
+    ``x`` ``[B, S, H, D]``, ``delta`` ``[B, S, H]`` (int, may be negative); channel i pairs with i + D/2. ``rope``
+    gives the frequencies: ``rope.rerotation_inv_freq(device)`` (``[D/2]`` float64) when it has that method (a Hugging
+    Face model's own rotary frequencies, ``mnemos.kv.hf``), else ``base ** (-2i / D)`` from its ``base``
+    (``mnemos.layers.RotaryEmbedding``).
     """
     d = x.shape[-1]
-    inv_freq = float(rope.base) ** (-torch.arange(d // 2, dtype=torch.float64, device=x.device) * 2.0 / d)  # [D/2]
+    own = getattr(rope, "rerotation_inv_freq", None)
+    inv_freq = own(x.device) if own is not None else \
+        float(rope.base) ** (-torch.arange(d // 2, dtype=torch.float64, device=x.device) * 2.0 / d)  # [D/2]
     ang = delta.to(torch.float64)[..., None] * inv_freq  # [B, S, H, D/2]
     ang = torch.cat((ang, ang), dim=-1)  # [B, S, H, D]
     dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32

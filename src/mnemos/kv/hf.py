@@ -16,16 +16,24 @@ it is not given a cache.
     scores with queries (H2O, SnapKV, PyramidKV, ThinK, InfLLM, SentenceKV), recomputes them (``q_proj`` then RoPE
     with the layer's ``position_embeddings``), as kvpress does when attention weights are absent.
 - Positions and masks: keys keep their original RoPE and new tokens their absolute positions (``get_seq_length`` is
-  the tokens seen). Each layer's ``update`` returns the policy's view (keys / values padded to one length per layer)
-  and keeps a visibility ``[B, Hkv, T, S]``: key entry s of head h is visible to query t when its original position is
-  at most the query's (entries padded at an unreachable position never are). mnemos' attention function applies it,
+  the tokens seen), unless the policy re-rotates (StreamingLLM with ``rerotate=True``, alone or composed): then the
+  model pre-hook sets the call's ``position_ids`` to the in-cache positions ``rope_offset .. rope_offset + T - 1``
+  (transformers rotates the queries and new keys there, with its own rotary embedding), and after an eviction the
+  cache rotates each kept key by Δ = −(entries evicted before it) with the model's own frequencies (its rotary
+  embedding's ``inv_freq`` as the forward uses it, float32; channel i with i + D/2 as ``rotate_half``; no attention
+  scaling, which the stored key already carries once), as on mnemos models (docs/KV.md, StreamingLLM).
+  Each layer's ``update`` returns the policy's view (keys / values padded to one length per layer) and keeps a
+  visibility ``[B, Hkv, T, S]``: key entry s of head h is visible to query t when its original position is at most
+  the query's (entries padded at an unreachable position never are). mnemos' attention function applies it,
   per key/value head, broadcast over the head's query group (``scaled_dot_product_attention`` on ``[B, Hkv, g·T, D]``
   queries: nothing expanded). So heads of one layer may hold different entries and different numbers of them
   (DuoAttention, SentenceKV, InfLLM with ``per_head``), and layers different lengths (PyramidKV, InfLLM's retrieved
   blocks), in one prefill, a chunked prefill and decoding; transformers' own causal mask is not built for these calls.
-- Refused: re-rotating policies (transformers rotates queries at absolute positions), sliding-window configs, padded
-  batches (a 2-D ``attention_mask`` with zeros: ``ValueError`` at the call) and whatever a policy's ``hf_refusal``
-  names.
+- Refused: sliding-window configs, padded batches (a 2-D ``attention_mask`` with zeros: ``ValueError`` at the call),
+  whatever a policy's ``hf_refusal`` names, and for re-rotating policies: RoPE types whose frequencies change with the
+  sequence length (``dynamic``, ``longrope``: a rotation by a position delta would not be the model's), partial
+  rotary embeddings, and a call whose ``position_ids`` are not the absolute positions ``seen .. seen + T - 1`` (the
+  hook places the tokens itself; ``generate`` passes exactly those).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from mnemos.layers.kv_cache import KVCache, KVPolicy
 
 __all__ = ["PolicyCache", "PolicyLayer", "attention_maps", "cache_kwarg", "hf_kv_policy", "install_hooks",
-           "install_query_hooks", "remove_hooks", "remove_query_hooks", "ATTN_IMPLEMENTATION"]
+           "install_query_hooks", "remove_hooks", "remove_query_hooks", "ModelRotation", "ATTN_IMPLEMENTATION"]
 
 ATTN_IMPLEMENTATION = "mnemos_kv"  # the name of mnemos' attention function in transformers' AttentionInterface
 _HOOK_ATTR = "_mnemos_kv_query_hook"  # on attention modules: the pre-hook's handle
@@ -61,15 +69,53 @@ def _config_dims(config) -> tuple[int, int, int]:
     return n_layers, n_kv, head_dim
 
 
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn", "proportional")  # frequencies fixed at init (no dynamic update)
+
+
+def _rerotates(policy: KVPolicy) -> bool:
+    """Whether ``policy`` (or the eviction part of a composition) re-rotates kept keys to in-cache positions."""
+    return bool(getattr(policy, "rerotate", False) or getattr(getattr(policy, "eviction", None), "rerotate", False))
+
+
+class ModelRotation:
+    """A Hugging Face model's rotary frequencies, for re-rotating stored keys by a position delta
+    (``mnemos.kv.base.rerotate``): the rotary embedding's ``inv_freq`` as its forward uses it (float32), in float64.
+    Its ``attention_scaling`` is not applied: the stored keys carry it once already and a delta is a pure rotation."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        self.rotary = rotary
+
+    def rerotation_inv_freq(self, device) -> Tensor:
+        return self.rotary.inv_freq.to(device=device, dtype=torch.float32).to(torch.float64)  # [D/2]
+
+
+def _model_rotation(model: nn.Module, policy: KVPolicy) -> ModelRotation:
+    """The model's rotary embedding for a re-rotating policy; ValueError where re-rotation cannot be exact."""
+    name = type(policy).__name__
+    rot = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), Tensor) and hasattr(m, "rope_type")]
+    if len(rot) != 1:
+        raise ValueError(f"{name} re-rotates kept keys with the model's rotary embedding, but the model has {len(rot)} "
+                         "rotary embedding modules (expected one, as Llama's model.rotary_emb)")
+    rope_type = rot[0].rope_type
+    if not isinstance(rope_type, str) or rope_type not in _STATIC_ROPE:
+        raise ValueError(f"{name} re-rotates kept keys by a position delta, which needs RoPE frequencies fixed for the "
+                         f"whole stream; the model's rope_type {rope_type!r} is not one of {_STATIC_ROPE} (dynamic "
+                         "and longrope change them with the sequence length): use rerotate=False")
+    head_dim = _config_dims(model.config)[2]
+    if 2 * rot[0].inv_freq.numel() != head_dim:
+        raise ValueError(f"{name} re-rotates whole key heads, but the model's rotary embedding covers "
+                         f"{2 * rot[0].inv_freq.numel()} of {head_dim} channels (partial rotary): use rerotate=False")
+    return ModelRotation(rot[0])
+
+
 def _check(model: nn.Module, policy: KVPolicy) -> None:
     if not isinstance(policy, KVPolicy):
         raise ValueError(f"policy must be a KVPolicy (mnemos.kv), got {type(policy).__name__}")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers") or not hasattr(config, "num_attention_heads"):
         raise ValueError(f"model must be a Hugging Face Llama-family causal LM, got {type(model).__name__}")
-    if getattr(policy, "rerotate", False):
-        raise ValueError("policy re-rotates keys to in-cache positions, which the Hugging Face hook does not support "
-                         "(transformers rotates queries at absolute positions)")
+    if _rerotates(policy):
+        _model_rotation(model, policy)
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         raise ValueError(f"model uses sliding-window attention (sliding_window={config.sliding_window}), which the "
                          "Hugging Face hook does not support")
@@ -94,9 +140,10 @@ class PolicyLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int) -> None:
+    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, rope: ModelRotation | None = None) -> None:
         super().__init__()
         self.policy, self.layer_idx, self.n_layers = policy, layer_idx, n_layers
+        self.rope = rope  # a re-rotating policy's frequencies (the model's rotary embedding), else None
         self.cache: KVCache | None = None
         self.pending_q: Tensor | None = None  # [B, T, Hq, D], set by the attention hook before update
         self.pending_ids: Tensor | None = None  # [B, T] token ids of the call, set by the model hook
@@ -106,7 +153,7 @@ class PolicyLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
         self.cache = self.policy.make_cache(b, h, d, window=None, layer_idx=self.layer_idx, n_layers=self.n_layers,
-                                            rope=None, device=key_states.device, dtype=key_states.dtype)
+                                            rope=self.rope, device=key_states.device, dtype=key_states.dtype)
         self.device = key_states.device
         self.batch_size = b
         self.is_initialized = True
@@ -153,8 +200,8 @@ class PolicyLayer(CacheLayerMixin):
         state = {k: pick(v) if v.ndim else v for k, v in self.cache.state_dict().items()}
         b = next(v.shape[0] for v in state.values() if v.ndim)
         new = self.policy.make_cache(b, self.cache.n_heads, self.cache.head_dim, window=None,
-                                     layer_idx=self.layer_idx, n_layers=self.n_layers, rope=None, device=self.device,
-                                     dtype=self.cache.dtype)
+                                     layer_idx=self.layer_idx, n_layers=self.n_layers, rope=self.rope,
+                                     device=self.device, dtype=self.cache.dtype)
         new.load_state_dict(state)
         self.cache, self.batch_size = new, b
 
@@ -185,7 +232,8 @@ class PolicyCache(Cache):
     def __init__(self, model: nn.Module, policy: KVPolicy) -> None:
         _check(model, policy)
         n_layers = _config_dims(model.config)[0]
-        super().__init__(layers=[PolicyLayer(policy, i, n_layers) for i in range(n_layers)])
+        self.rotation = _model_rotation(model, policy) if _rerotates(policy) else None
+        super().__init__(layers=[PolicyLayer(policy, i, n_layers, self.rotation) for i in range(n_layers)])
         self.policy = policy
         self.needs_queries = bool(getattr(policy, "needs_queries", False))
         self.needs_token_ids = bool(getattr(policy, "needs_token_ids", False))
@@ -306,14 +354,53 @@ def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
 
 
-def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """The call's ``(args, kwargs)`` with argument ``name`` set to ``value`` (where the caller put it)."""
+    params = [n for n in inspect.signature(module.forward).parameters if n != "self"]
+    i = params.index(name) if name in params else len(args)
+    if i < len(args):
+        return args[:i] + (value,) + args[i + 1 :], kwargs
+    return args, {**kwargs, name: value}
+
+
+def _in_cache_positions(module: nn.Module, args: tuple, kwargs: dict, call: dict,
+                        cache: "PolicyCache") -> tuple[tuple, dict]:
+    """A re-rotating policy's call: ``position_ids`` set to the in-cache positions ``rope_offset .. + T - 1`` (what
+    mnemos' attention rotates new tokens at), after checking that the caller gave none but the absolute ones."""
+    x = call.get("input_ids")
+    x = call.get("inputs_embeds") if x is None else x
+    if not isinstance(x, Tensor):
+        return args, kwargs  # the model raises its own error
+    t = x.shape[1]
+    seen = cache.get_seq_length()
+    offsets = {layer.cache.rope_offset for layer in cache.layers if layer.is_initialized}
+    if len(offsets) > 1:
+        raise ValueError(f"{type(cache.policy).__name__} re-rotates keys, but the layers' in-cache positions differ "
+                         f"({sorted(offsets)}): one position_ids serves every layer of a Hugging Face model")
+    offset = offsets.pop() if offsets else seen
+    given = call.get("position_ids")
+    if given is not None:
+        absolute = torch.arange(seen, seen + t, device=x.device)
+        ok = isinstance(given, Tensor) and given.ndim in (1, 2) and given.shape[-1] == t and \
+            bool((given.to(x.device) == absolute).all())
+        if not ok:
+            raise ValueError(f"position_ids: {type(cache.policy).__name__} re-rotates kept keys to in-cache positions "
+                             "and places each call's tokens at the next in-cache position itself; only the absolute "
+                             f"positions {seen} .. {seen + t - 1} (what generate passes) may be given, got "
+                             f"{given.tolist() if isinstance(given, Tensor) and given.numel() <= 16 else 'others'}")
+    return _set_argument(module, args, kwargs, "position_ids", torch.arange(offset, offset + t, device=x.device)[None])
+
+
+def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     call = _call_arguments(module, args, kwargs)
     cache = call.get("cache", call.get("past_key_values"))
     if not isinstance(cache, PolicyCache):
-        return
+        return None
     mask = call.get("attention_mask")
     if isinstance(mask, Tensor) and mask.ndim == 2 and not bool(mask.bool().all()):
         raise ValueError("attention_mask pads some rows: a PolicyCache takes rows of equal length (no padding)")
+    if cache.rotation is not None:
+        args, kwargs = _in_cache_positions(module, args, kwargs, call, cache)
     if cache.needs_token_ids:
         ids = call.get("input_ids")
         if not isinstance(ids, Tensor):
@@ -325,6 +412,7 @@ def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if config._attn_implementation != ATTN_IMPLEMENTATION:
         setattr(module, _PREV_ATTR, config._attn_implementation)
         config._attn_implementation = ATTN_IMPLEMENTATION
+    return args, kwargs
 
 
 def _model_hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
