@@ -28,36 +28,47 @@ def _cfg(tmp_path, *extra):
 
 
 def _by_hand(cfg) -> tuple[list[float], MnemosLM, tuple[float, float]]:
-    """The training of ``cfg`` written out (one process): step s reads window ``s % doc_windows`` of the documents
-    ``TaskData.batch(d * grad_accum + m)``, d = ``s // doc_windows``, micro-batch m from the state after the window
-    before (detached), or from none at a document's start. Returns the losses, the model, and the loss of the last
-    step's first micro-batch read from a fresh state and as trained."""
+    """The training of ``cfg`` written out (one process): step s reads windows ``g K ... g K + K - 1`` (K =
+    ``run.carry_grad_windows``, g = ``s % (doc_windows / K)``) of the documents ``TaskData.batch(d * grad_accum + m)``,
+    d = ``s // (doc_windows / K)``, micro-batch m from the state after the window before (detached at the step's
+    start, carried with its gradient between the step's windows), or from none at a document's start; the loss is the
+    mean over the labelled positions of the step's windows. Returns the losses, the model, and the loss of the last
+    window of the last step's first micro-batch read from a fresh state and as trained."""
     torch.manual_seed(cfg.run.seed)
     model = MnemosLM(cfg.model)
     opt = build_optimizer(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                           betas=(cfg.optim.beta1, cfg.optim.beta2))
     sched = build_scheduler(opt, warmup=cfg.optim.warmup_steps, total=cfg.run.steps, min_ratio=cfg.optim.min_lr_ratio)
     data, T, W, A = TaskData(cfg), cfg.task.seq_len, cfg.task.doc_windows, cfg.optim.grad_accum
+    K = cfg.run.carry_grad_windows  # windows per step, the state's gradient spanning them
     carry = cfg.run.carry_state and W > 1
     losses, states, last = [], [None] * A, (0.0, 0.0)
     for step in range(cfg.run.steps):
-        d, w = divmod(step, W)
+        d, g = divmod(step, W // K)
         step_loss = torch.zeros(())
         for m in range(A):
             inputs, labels = data.batch(d * A + m, cfg.run.batch_size // A, cfg.run.seed)
-            x, y = inputs[:, w * T : (w + 1) * T], labels[:, w * T : (w + 1) * T]
+            at = slice(g * K * T, (g + 1) * K * T)  # the step's windows
+            x, y = inputs[:, at], labels[:, at]
             if m == 0:
                 with torch.no_grad():
-                    fresh_loss = loss_and_accuracy(model(x)[0], y, empty_ok=W > 1)[0].item()
+                    fresh_loss = loss_and_accuracy(model(x[:, -T:])[0], y[:, -T:], empty_ok=W > 1)[0].item()
             if carry:
-                state = states[m] if w else model.init_cache(x.shape[0])
-                logits, state = model(x, state)
+                state = states[m] if g else model.init_cache(x.shape[0])
+                parts = []
+                for w in range(K):
+                    logits, state = model(x[:, w * T : (w + 1) * T], state)
+                    parts.append(logits)
                 states[m] = state.detach()
+                logits = torch.cat(parts, 1)
             else:
                 logits, _ = model(x)
+            if m == 0 and carry:
+                last_carried = logits[:, -T:].detach()
             loss, _, _ = loss_and_accuracy(logits, y, empty_ok=W > 1)
             if m == 0:
-                last = (fresh_loss, loss.item())
+                last = (fresh_loss, loss_and_accuracy(last_carried, y[:, -T:], empty_ok=W > 1)[0].item()
+                        if carry else loss.item())
             (loss / A).backward()
             step_loss += loss.detach() / A
         losses.append(step_loss.item())
@@ -117,6 +128,77 @@ def test_gradient_spans_one_window(tmp_path):
     assert abs(fresh_loss - carried_loss) > 1e-3
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_through_carried_windows_is_the_whole_documents(variant):
+    """The state carried with its gradient (``carried_forward(detach=False)``) over 3 windows: the gradient of the
+    windows' loss is the whole document's, for every parameter (float64; the memory's writes in window 1 get the
+    gradient of the reads in windows 2 and 3). Detached, the gradient differs."""
+    torch.manual_seed(0)
+    cfg = MnemosConfig.from_dict(dict(variant=variant, vocab_size=64, d_model=16, n_layers=2, n_heads=2, window=5,
+                                      segment_len=6, num_persistent=2, init_std=0.5,
+                                      memory=dict(depth=2, expansion=2, chunk_size=4)))
+    model = MnemosLM(cfg).double()
+    doc = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(2))
+
+    def grads(detach: bool | None) -> list[torch.Tensor]:
+        model.zero_grad()
+        if detach is None:
+            logits, _ = model(doc)
+        else:
+            state, parts = None, []
+            for w in range(3):
+                out, state = carried_forward(model, model, doc[:, 7 * w : 7 * (w + 1)], state, detach=detach)
+                parts.append(out)
+            logits = torch.cat(parts, 1)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    whole, spanned, cut = grads(None), grads(False), grads(True)
+    err = max((a - b).abs().max().item() for a, b in zip(whole, spanned))
+    scale = max(a.abs().max().item() for a in whole)
+    assert err < 1e-9 * max(scale, 1.0), f"{variant}: gradient through the carried state differs by {err:.3e}"
+    assert max((a - b).abs().max().item() for a, b in zip(whole, cut)) > 1e-8
+
+
+def test_gradient_spans_k_windows(tmp_path):
+    """``run.carry_grad_windows=2`` over documents of 4 windows (two micro-batches): each step reads two windows,
+    the state carried between them with its gradient and detached between steps; the trainer's losses and weights
+    are the hand-made version's exactly, and resuming in the middle of a document is bit-exact."""
+    args = ("run.steps=4", "run.carry_state=true", "task.doc_windows=4", "run.carry_grad_windows=2",
+            "optim.grad_accum=2")
+    cfg = _cfg(tmp_path / "full", *args)
+    r = train(cfg)
+    losses, model, _ = _by_hand(cfg)
+    assert r.train_losses == losses
+    trained = MnemosLM(cfg.model)
+    load_model_weights(tmp_path / "full" / "checkpoint", trained)
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # a span of one window trains other weights: the span is real
+    assert _by_hand(_cfg(tmp_path, *args[:-2], "optim.grad_accum=2", "run.steps=8"))[0][1::2] != losses
+    first = train(_cfg(tmp_path / "cut", *args, "run.stop_after=1"))  # the middle of the first documents
+    rest = train(_cfg(tmp_path / "cut", *args), resume=True)
+    assert first.train_losses + rest.train_losses == r.train_losses
+
+
+def test_gradient_over_the_whole_document_is_training_on_it(tmp_path):
+    """A gradient span of all of a document's windows (``run.carry_grad_windows = task.doc_windows``) is training on
+    the whole document in one window: the same data (the MQAR example of seq_len * doc_windows tokens), the loss over
+    the same positions, the same update; equal up to float32 rounding (the windows' forward rounds differently)."""
+    spanned = train(_cfg(tmp_path / "a", "run.steps=4", "run.carry_state=true", "task.doc_windows=2",
+                         "run.carry_grad_windows=2"))
+    whole = train(_cfg(tmp_path / "b", "run.steps=4", "task.seq_len=32"))
+    assert spanned.train_losses == pytest.approx(whole.train_losses, rel=1e-4)
+    a, b = MnemosLM(_cfg(tmp_path / "a").model), MnemosLM(_cfg(tmp_path / "a").model)
+    load_model_weights(tmp_path / "a" / "checkpoint", a)
+    load_model_weights(tmp_path / "b" / "checkpoint", b)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), name
+    detached = train(_cfg(tmp_path / "c", "run.steps=4", "run.carry_state=true", "task.doc_windows=2"))
+    assert detached.train_losses[1] != pytest.approx(whole.train_losses[1], rel=1e-3)
+
+
 @pytest.mark.parametrize("variant", ["lmm", "mag"])
 def test_resume_mid_document_is_bit_exact(tmp_path, variant):
     """Stopped after 4 steps of documents of 3 windows (in the middle of the second document) and resumed: the losses
@@ -135,6 +217,12 @@ def test_config_errors(tmp_path):
         _cfg(tmp_path, "run.carry_state=true", "run.compile=true")
     with pytest.raises(ValueError, match="task.doc_windows must be >= 1"):
         _cfg(tmp_path, "task.doc_windows=0")
+    with pytest.raises(ValueError, match="run.carry_grad_windows=2 spans the carried state"):
+        _cfg(tmp_path, "task.doc_windows=2", "run.carry_grad_windows=2")
+    with pytest.raises(ValueError, match=r"run.carry_grad_windows \(2\) must divide task.doc_windows \(3\)"):
+        _cfg(tmp_path, "task.doc_windows=3", "run.carry_state=true", "run.carry_grad_windows=2")
+    with pytest.raises(ValueError, match="run.carry_grad_windows must be >= 1"):
+        _cfg(tmp_path, "run.carry_grad_windows=0")
     with pytest.raises(TypeError, match="run.carry_state"):
         _cfg(tmp_path, "run.carry_state=maybe")
     with pytest.raises(ValueError, match=r"task.vocab_size > task.seq_len \* task.doc_windows"):

@@ -176,6 +176,10 @@ class RunConfig(_ConfigBase):
     # truncated BPTT: each batch row reads its document window by window (task.doc_windows windows of task.seq_len
     # tokens, one window per step), the model's state carried from window to window, detached (docs/TRAINING.md)
     carry_state: bool = False
+    # the gradient's span under run.carry_state: each step reads this many consecutive windows of its documents, the
+    # state carried between them with its gradient (TBPTT(k, k)), detached only at the step's start; must divide
+    # task.doc_windows (= task.doc_windows: the gradient of the whole document, read window by window)
+    carry_grad_windows: int = 1
     # start from the weights of a saved checkpoint (a run's checkpoint directory, or the run directory holding one):
     # fine-tuning, with a fresh optimizer, schedule and step count; the model config must be the checkpoint's (what
     # the variant reads). Ignored by --resume, which continues from run.out_dir's own checkpoint. "": no
@@ -183,7 +187,7 @@ class RunConfig(_ConfigBase):
 
     def __post_init__(self):
         self._check_types()
-        for name in ("steps", "batch_size", "eval_every", "log_every"):
+        for name in ("steps", "batch_size", "eval_every", "log_every", "carry_grad_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "stop_after"):
@@ -211,6 +215,13 @@ class TrainConfig:
         if self.run.carry_state and self.run.compile:
             raise ValueError("run.carry_state=true does not support run.compile=true (the carried state changes shape "
                              "from window to window and would recompile the model); set run.compile=false")
+        k = self.run.carry_grad_windows
+        if k > 1 and not self.run.carry_state:
+            raise ValueError(f"run.carry_grad_windows={k} spans the carried state: it needs run.carry_state=true (or "
+                             "set run.carry_grad_windows=1)")
+        if self.task.doc_windows % k:
+            raise ValueError(f"run.carry_grad_windows ({k}) must divide task.doc_windows ({self.task.doc_windows}): "
+                             "each step reads that many windows of a document")
         if self.run.stop_at_accuracy > 0 and self.task.kind == "lm":
             raise ValueError("run.stop_at_accuracy needs a task scored by accuracy (mqar, niah, babilong); task.kind='lm' "
                              "has a loss only: set run.stop_at_accuracy=0")

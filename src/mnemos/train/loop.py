@@ -125,20 +125,25 @@ class TaskData:
                 yield (*self.batch(i, size, seed + 7, split="val"), self.document_ids(i, size, seed + 7, split="val"))
 
 
-def window_of(step: int, windows: int) -> tuple[int, int]:
-    """``(document, window)`` of a step under truncated BPTT: steps ``d * windows ... (d + 1) * windows - 1`` read
-    the windows of the batch of documents ``d`` in order (a pure function of the step, so resuming finds its place)."""
-    return divmod(step, windows)
+def window_of(step: int, windows: int, span: int = 1) -> tuple[int, int]:
+    """``(document, first window)`` of a step under truncated BPTT, each step reading ``span`` consecutive windows
+    (``run.carry_grad_windows``) of documents of ``windows`` windows: steps ``d * windows / span ... (d + 1) *
+    windows / span - 1`` read the windows of the batch of documents ``d`` in order (a pure function of the step, so
+    resuming finds its place)."""
+    doc, group = divmod(step, windows // span)
+    return doc, group * span
 
 
-def carried_forward(fwd, model: MnemosLM, inputs: torch.Tensor, state: Cache | None) -> tuple[torch.Tensor, Cache]:
+def carried_forward(fwd, model: MnemosLM, inputs: torch.Tensor, state: Cache | None, *, detach: bool = True
+                    ) -> tuple[torch.Tensor, Cache]:
     """Logits of one window and the state after it: ``state`` None starts the window's streams from a fresh state
-    (a new document). The state returned is cut from the graph (:meth:`Cache.detach`): the next window's gradient
-    stops at its start."""
+    (a new document). ``detach``: the state returned is cut from the graph (:meth:`Cache.detach`), so the next
+    window's gradient stops at its start; else the next window's loss backpropagates through it into this window's
+    writes (a gradient span of several windows, ``run.carry_grad_windows``)."""
     if state is None:
         state = model.init_cache(inputs.shape[0], inputs.device)
     logits, state = fwd(inputs, state)
-    return logits, state.detach()
+    return logits, state.detach() if detach else state
 
 
 def answer_example(task, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +433,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     per_rank = micro // info.world_size
     # documents of one window carry nothing: their steps are the plain ones (a forward from a fresh cache would
     # round differently from the cache-less forward of training)
-    windows = cfg.task.doc_windows
+    windows, span = cfg.task.doc_windows, run.carry_grad_windows
+    groups = windows // span  # steps per batch of documents
     carry = run.carry_state and windows > 1
     if carry and info.world_size > 1:
         raise ValueError(f"run.carry_state=true runs in one process for now, not under torchrun ({info.world_size} "
@@ -478,7 +484,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         start_step, best = state["step"], state["best_metric"]
     # truncated BPTT: the state each micro-batch's streams carry into their next window (None: a fresh state)
     states: list[Cache | None] = [None] * opt_cfg.grad_accum
-    if resume and carry and start_step % windows:
+    if resume and carry and start_step % groups:
         with autocast():
             states = _load_carried(state["extra"], model, per_rank, info.device, opt_cfg.grad_accum, ckpt)
     fwd = torch.compile(wrapped) if run.compile else wrapped
@@ -513,34 +519,45 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     for step in range(start_step, run.steps):
         logged = (step + 1) % run.log_every == 0
         step_loss = torch.zeros((), device=info.device)
-        doc, w = window_of(step, windows)
-        if w == 0:  # new documents: every stream starts from a fresh state
+        doc, w0 = window_of(step, windows, span)
+        if w0 == 0:  # new documents: every stream starts from a fresh state
             states, documents = [None] * opt_cfg.grad_accum, {}
         for m in range(opt_cfg.grad_accum):
             index = doc * opt_cfg.grad_accum + m
             if index not in documents:
                 documents[index] = (*data.batch(index, micro, run.seed), data.document_ids(index, micro, run.seed))
-            inputs, labels, doc_ids = documents[index]
+            doc_inputs, doc_labels, doc_ids = documents[index]
             sl = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
-            at = slice(w * cfg.task.seq_len, (w + 1) * cfg.task.seq_len)
-            inputs, labels = inputs[sl, at].to(info.device), labels[sl, at].to(info.device)
             sync = m == opt_cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
             _record_memory_stats(memory_layers, logged and m == 0)  # a logged step's first micro-batch only
+            parts, aux = [], None
             with (nullcontext() if sync else wrapped.no_sync()), autocast():
-                if carry:
-                    logits, states[m] = carried_forward(fwd, model, inputs, states[m])
-                elif doc_ids is None:
-                    logits, _ = fwd(inputs)
-                else:  # packed documents: each from a fresh state
-                    logits, _ = fwd(inputs, document_ids=doc_ids[sl, at].to(info.device))
+                # the step's windows (one unless run.carry_grad_windows), the state carried between them with its
+                # gradient and cut after the last one
+                for w in range(w0, w0 + span):
+                    at = slice(w * cfg.task.seq_len, (w + 1) * cfg.task.seq_len)
+                    inputs, labels = doc_inputs[sl, at].to(info.device), doc_labels[sl, at].to(info.device)
+                    if carry:
+                        logits, states[m] = carried_forward(fwd, model, inputs, states[m], detach=w == w0 + span - 1)
+                    elif doc_ids is None:
+                        logits, _ = fwd(inputs)
+                    else:  # packed documents: each from a fresh state
+                        logits, _ = fwd(inputs, document_ids=doc_ids[sl, at].to(info.device))
+                    # the mixers' own losses (MoM's load balancing; None for most): trained, not logged
+                    a = model.aux_loss()
+                    if a is not None:
+                        aux = a if aux is None else aux + a
+                    parts.append((logits, labels))
+                    tokens += inputs.numel() * info.world_size
             _record_memory_stats(memory_layers, False)
+            # the mean over the labelled positions of the step's windows (of the whole document when the span is it);
             # a window of a longer document may hold no labelled position (a recall example's context)
+            logits, labels = parts[0] if span == 1 else (torch.cat([p[0] for p in parts], 1),
+                                                         torch.cat([p[1] for p in parts], 1))
             loss, _, _ = loss_and_accuracy(logits, labels, empty_ok=True) if windows > 1 else \
                 loss_and_accuracy(logits, labels)
-            aux = model.aux_loss()  # the mixers' own losses (MoM's load balancing; None for most): trained, not logged
-            ((loss if aux is None else loss + aux) / opt_cfg.grad_accum).backward()
+            ((loss if aux is None else loss + aux / span) / opt_cfg.grad_accum).backward()
             step_loss += loss.detach() / opt_cfg.grad_accum
-            tokens += inputs.numel() * info.world_size
         step_loss = all_reduce_mean(step_loss, info).item()
         losses.append(step_loss)  # NaN for a step whose loss overflowed (its update is skipped below)
         # a step whose loss or gradients overflowed (the test-time memory can blow up on an unlucky batch) is skipped,
@@ -598,7 +615,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         stop = run.stop_after > 0 and step + 1 - start_step >= run.stop_after
         if (run.save_every and (step + 1) % run.save_every == 0) or last or stop or reached:
             # mid-document, the carried state goes with the checkpoint (the stream position is the step's)
-            save(step + 1, {"carried_state": _carried_state_dict(states)} if carry and (step + 1) % windows else None)
+            save(step + 1, {"carried_state": _carried_state_dict(states)} if carry and (step + 1) % groups else None)
         if stop or reached:
             break
     log.close()
