@@ -41,3 +41,16 @@ def stream(model: MnemosLM, ids: torch.Tensor, pieces: list[int], cache=None, on
 def attn_caches(cache) -> list:
     """The KV caches of a model cache, in layer order (a MAG / MAL state holds its cache in ``.attn``)."""
     return [getattr(layer, "attn", layer) for layer in cache.layers]
+
+
+def tiny_llama(vocab: int = V, *, layers: int = 2, seed: int | None = 0, dtype=None, **config):
+    """A random-init Hugging Face Llama of the KV tests (hidden 32, 4 query heads over 2 KV heads: GQA), in eval
+    mode; ``seed`` None keeps the global RNG as it is; ``config``: more ``LlamaConfig`` fields."""
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **config)
+    model = transformers.LlamaForCausalLM(cfg)
+    return (model if dtype is None else model.to(dtype)).eval()

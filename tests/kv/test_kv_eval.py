@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from kv_helpers import V, attn_caches, make_model
+from kv_helpers import V, attn_caches, make_model, tiny_llama
 
 from mnemos.cli import main
 from mnemos.data import MQARConfig
@@ -182,10 +182,7 @@ def test_hugging_face_llama_with_a_policy_in_the_harness():
     transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
     from mnemos.eval import HFCausalLMAdapter
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    base = HFCausalLMAdapter(transformers.LlamaForCausalLM(cfg).eval(), name="llama")
+    base = HFCausalLMAdapter(tiny_llama(V), name="llama")
     models = with_kv_policies([base], ["h2o:budget=64", "streamingllm:budget=8,sinks=2"])
     cfg = MQARConfig(vocab_size=V, seq_len=32, num_kv_pairs=4, num_examples=3)
     res = _quiet(evaluate, models, cfg, options=_opts(mqar_turns=("shared", "fresh"), stream_chunk=8))

@@ -19,16 +19,14 @@ from mnemos.kv import H2O, KIVI, L2Norm, PyramidKV, SnapKV, StreamingLLM, ThinK,
 
 transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
 from mnemos.kv.hf import PolicyCache, cache_kwarg  # noqa: E402
+from kv_helpers import tiny_llama  # noqa: E402
 
 CTX, NEW = 20, 6
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(64)
 
 
 def _ids(b=2, t=CTX, seed=1):

@@ -23,6 +23,7 @@ from mnemos.kv.perhead import choose_retrieval_heads
 
 transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
 from mnemos.kv.hf import ATTN_IMPLEMENTATION, PolicyCache, attention_maps, cache_kwarg  # noqa: E402
+from kv_helpers import tiny_llama  # noqa: E402
 
 F64 = torch.float64
 V, CTX, PIECES, STEPS = 64, 20, [9, 6, 5], 4
@@ -30,10 +31,7 @@ V, CTX, PIECES, STEPS = 64, 20, [9, 6, 5], 4
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(cfg).to(F64).eval()
+    return tiny_llama(V, dtype=F64)
 
 
 def _ids(b=2, t=CTX, seed=1):

@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")  # the optional [hf] extra; i
 from test_kv_hf_heads import _Oracle  # noqa: E402  (the float64 Llama forward written out)
 
 from mnemos.kv.hf import ATTN_IMPLEMENTATION, PolicyCache, cache_kwarg  # noqa: E402
+from kv_helpers import tiny_llama  # noqa: E402
 
 F64 = torch.float64
 V, CTX, PIECES, STEPS, BUDGET, SINKS = 64, 20, [9, 6, 5], 4, 8, 2
@@ -40,12 +41,8 @@ ROPES = {
 
 
 def _model(rope=None, seed=0):
-    torch.manual_seed(seed)
     kw = {} if rope is None else {"rope_parameters": rope}
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   initializer_range=0.2, **kw)
-    return transformers.LlamaForCausalLM(cfg).to(F64).eval()
+    return tiny_llama(V, seed=seed, dtype=F64, initializer_range=0.2, **kw)
 
 
 @pytest.fixture(scope="module")

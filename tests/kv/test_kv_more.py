@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from kv_helpers import ATTENTION_VARIANTS, F64, attn_caches, ids_of, make_model, stream
+from kv_helpers import ATTENTION_VARIANTS, F64, attn_caches, ids_of, make_model, stream, tiny_llama
 
 from mnemos.kv import (
     D2O,
@@ -317,10 +317,7 @@ def test_hugging_face_models_calibrate_d2o_and_take_the_per_head_policies():
     from mnemos.kv.calibrate import synthetic_ids
     from mnemos.kv.hf import PolicyCache, attention_maps as hf_attention_maps
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(64)
     PolicyCache(model, DuoAttention(retrieval_heads=((0,), (1,))))  # accepted: per-head lengths are masked per head
     with torch.no_grad():
         maps = hf_attention_maps(model, synthetic_ids(model, 6, 1, 0))

@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from kv_helpers import F64, attn_caches, ids_of, make_model, stream
+from kv_helpers import F64, attn_caches, ids_of, make_model, stream, tiny_llama
 
 from mnemos.eval.stateful import state_size
 from mnemos.kv import MiniCache, MiniCacheLower, MiniCacheUpper, apply_kv_policy, parse_policy_spec, slerp
@@ -358,10 +358,7 @@ def test_hugging_face_llama():
     transformers = pytest.importorskip("transformers")
     from mnemos.kv.hf import PolicyCache, cache_kwarg
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(64, layers=3)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     kw = {"max_new_tokens": 5, "do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
     with torch.no_grad():

@@ -239,7 +239,7 @@ class _PairCache(KVCache):
     """What the two caches of a merged pair share: configuration, checks, the window."""
 
     def __init__(self, policy: MiniCache, batch_size: int, n_heads: int, head_dim: int, *, lower_idx: int,
-                 window: int | None, device, dtype) -> None:
+                 window: int | None = None, device=None, dtype=None) -> None:
         self.policy = policy
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.n_heads = check_int("n_heads", n_heads, 1)
@@ -249,6 +249,11 @@ class _PairCache(KVCache):
         self._dtype = torch.get_default_dtype() if dtype is None else dtype
         self._device = torch.device("cpu") if device is None else torch.device(device)
         self._seen = 0
+        self._alloc()
+
+    def _alloc(self) -> None:
+        """Allocate the layer's empty stores (a fresh cache; also what a reset does)."""
+        raise NotImplementedError
 
     @property
     def window(self) -> int | None:
@@ -300,12 +305,6 @@ class MiniCacheLower(_PairCache):
     ``stat`` ``[B, H, 2]`` float32 (d_min, d_max so far) and ``pend`` ``[B, P, H, D]`` the tokens waiting for the
     upper layer (empty between calls).
     """
-
-    def __init__(self, policy: MiniCache, batch_size: int, n_heads: int, head_dim: int, *, lower_idx: int,
-                 window: int | None = None, device=None, dtype=None) -> None:
-        super().__init__(policy, batch_size, n_heads, head_dim, lower_idx=lower_idx, window=window, device=device,
-                         dtype=dtype)
-        self._alloc()
 
     def _alloc(self) -> None:
         b, h, d = self.batch_size, self.n_heads, self.head_dim
@@ -477,12 +476,6 @@ class MiniCacheLower(_PairCache):
 class MiniCacheUpper(_PairCache):
     """The upper layer of a merged pair: its own norms ``k_norm`` / ``v_norm`` ``[B, S, H]`` and retained vectors
     ``k_ret`` / ``v_ret`` ``[B, R, D]`` (aligned with the lower cache's indices); the directions are the lower's."""
-
-    def __init__(self, policy: MiniCache, batch_size: int, n_heads: int, head_dim: int, *, lower_idx: int,
-                 window: int | None = None, device=None, dtype=None) -> None:
-        super().__init__(policy, batch_size, n_heads, head_dim, lower_idx=lower_idx, window=window, device=device,
-                         dtype=dtype)
-        self._alloc()
 
     def _alloc(self) -> None:
         b, h, d = self.batch_size, self.n_heads, self.head_dim
