@@ -1,8 +1,8 @@
 """KV policies on MAC's segment attention: the segment's tokens go through the policy's cache (emptied at every
 segment boundary), the retrieved tokens stay beside it. A covering budget changes nothing; StreamingLLM keeps exactly
 its sinks and recent tokens of the segment (checked against MAC's own attention with that visibility written into
-its mask); the cache stays bounded and holds fewer bytes; it serialises and reorders mid-segment; the policies MAC
-cannot take are refused by name."""
+its mask); the cache stays bounded and holds fewer bytes; it serialises and reorders mid-segment; the scoring passes
+score one segment; the policy MAC cannot take is refused by name."""
 
 from __future__ import annotations
 
@@ -129,12 +129,49 @@ def test_minicache_pairs_mac_layers_across_segment_resets():
     assert _state_bytes(cache) < _state_bytes(plain)
 
 
-@pytest.mark.parametrize("policy, what", [
-    (StreamingLLM(8, sinks=2, rerotate=True), "rerotate"),
-    (DuoAttention(0.5, calibration_length=6, calibration_samples=1), "retrieval_heads"),
-    (D2O(8, calibration_length=6, calibration_samples=1), "calibrate=False"),
-])
-def test_policies_mac_cannot_take_are_refused_by_name(policy, what):
-    with pytest.raises(ValueError, match=rf"MAC mixer.*{what}"):
+def test_policies_mac_cannot_take_are_refused_by_name():
+    policy = StreamingLLM(8, sinks=2, rerotate=True)
+    with pytest.raises(ValueError, match=r"MAC mixer.*rerotate"):
         apply_kv_policy(make_model("mac"), policy)
     apply_kv_policy(make_model("transformer"), policy)  # the same policy serves the transformer
+
+
+def test_scoring_passes_on_mac_score_one_segment():
+    """DuoAttention's and D2O's scoring passes on MAC: the repeated block is capped at half a segment
+    (``scoring_length``), so both copies lie in the first segment; each layer's recorded map is then a causal
+    distribution over the block's tokens, the heads' scores are the induction scores of those maps, and a block
+    longer than that would score every head ~0 (the echo a segment back is not in MAC's map). The calibrated policies
+    then serve MAC: all heads retrieval (ratio 1) gives MAC's own logits."""
+    from mnemos.kv.calibrate import attention_maps, induction_scores, scoring_length, synthetic_ids
+
+    model = make_model("mac", segment_len=12, **MAC)
+    assert scoring_length(model, 32) == 6 and scoring_length(model, 4) == 4
+    assert scoring_length(make_model("transformer"), 32) == 32
+    with pytest.raises(ValueError, match="segment_len 3"):
+        scoring_length(make_model("mac", segment_len=3, **MAC), 32)
+    duo = DuoAttention(0.5, sinks=1, recent=2, calibration_length=32, calibration_samples=2)
+    apply_kv_policy(model, duo)
+    ids = synthetic_ids(model, 6, 2, 0)
+    with torch.no_grad():
+        maps = attention_maps(model, ids)
+    assert len(maps) == 2 and all(m.shape == (2, 4, 1, 12, 12) for m in maps)
+    for m in maps:
+        assert torch.allclose(m.sum(-1), torch.ones((), dtype=m.dtype))
+        assert (m.triu(1) == 0).all()  # causal
+    want = [induction_scores(m, 6) for m in maps]
+    for got, w in zip(duo.head_scores, want, strict=True):
+        assert torch.equal(got, w)
+    assert max(float(w.max()) for w in want) > 0.05
+    with torch.no_grad():  # a block of 8 (16 tokens): the second copy's echoes sit in the first segment
+        long = [induction_scores(m, 8)[None] for m in attention_maps(model, synthetic_ids(model, 8, 2, 0))
+                if m.shape[-1] >= 16]
+    assert not long  # the first call's map holds one segment: 12 tokens, not 16
+    d2o = D2O(8, calibration_length=32, calibration_samples=2)
+    apply_kv_policy(model, d2o)
+    assert len(d2o.weights(2)) == 2 and all(w > 0 for w in d2o.weights(2))
+    apply_kv_policy(model, None)
+    ids = _ids(t=sum(PIECES))
+    ref, _ = stream(model, ids, PIECES)
+    with DuoAttention(1.0, sinks=1, recent=2, calibration_length=32, calibration_samples=2)(model):
+        out, _ = stream(model, ids, PIECES)
+    assert (out - ref).abs().max().item() <= 1e-12

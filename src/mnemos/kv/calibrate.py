@@ -7,6 +7,11 @@ inside the layer's window; persistent / retrieved prefix tokens left out). The s
 tokens repeated (``repeated_tokens``): in the second copy, a retrieval head attends back to the earlier occurrence
 of the current token (an *echo* head) or to the token that followed it (an *induction* head), RazorAttention's
 criterion (arXiv 2407.15891, sec. 3) and the induction pattern DuoAttention's passkey data is built to reward.
+
+MAC's segment attention sees only its own segment's tokens (its cache is emptied at every boundary), so its map over
+a longer sequence is block-diagonal and the echo of a token a segment back is not in it: on a model with MAC mixers
+the scoring pass uses blocks of ``scoring_length(model, length)`` tokens, at most half the shortest segment, so
+that both copies lie in the first segment (whose map is then the whole sequence's).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from torch import Tensor, nn
 from mnemos.kv.base import Policy, attention_probs, use_kv_policy
 from mnemos.layers.kv_cache import FullKVCache, KVView
 
-__all__ = ["attention_maps", "induction_scores", "layer_variances", "repeated_tokens", "synthetic_ids"]
+__all__ = ["attention_maps", "induction_scores", "layer_variances", "repeated_tokens", "scoring_length",
+           "synthetic_ids"]
 
 
 def repeated_tokens(vocab_size: int, length: int, samples: int, seed: int = 0) -> Tensor:
@@ -34,6 +40,19 @@ def synthetic_ids(model: nn.Module, length: int, samples: int, seed: int = 0) ->
         raise ValueError(f"model ({type(model).__name__}) has no config.vocab_size: the scoring pass needs one")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return repeated_tokens(vocab, length, samples, seed).to(device)
+
+
+def scoring_length(model: nn.Module, length: int) -> int:
+    """The block length of the scoring pass on ``model``: ``length``, or at most half the shortest segment of its MAC
+    mixers (``MemoryAsContext``, matched by name: mnemos.kv sits below mnemos.models), so that the repeated block's
+    two copies lie in one segment. A segment under 4 tokens cannot hold two copies of a 2-token block: ValueError."""
+    segments = [m.segment_len for m in model.modules() if type(m).__name__ == "MemoryAsContext"]
+    if not segments:
+        return length
+    if min(segments) < 4:
+        raise ValueError(f"the scoring pass needs MAC segments of >= 4 tokens (two copies of a block of >= 2), got "
+                         f"segment_len {min(segments)}; pass the heads / layer weights instead")
+    return min(length, min(segments) // 2)
 
 
 class _RecordingCache(FullKVCache):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mnemos.kv.base import EvictionContext, check_int, check_ratio, resolve_budget
-from mnemos.kv.calibrate import attention_maps, layer_variances, synthetic_ids
+from mnemos.kv.calibrate import attention_maps, layer_variances, scoring_length, synthetic_ids
 from mnemos.kv.eviction import H2O
 
 __all__ = ["D2O", "layer_budgets", "merge_evicted"]
@@ -134,15 +134,10 @@ class D2O(H2O):
             return
         key = id(model)
         if key not in self._calibrated:
-            ids = synthetic_ids(model, self.calibration_length, self.calibration_samples, self.seed)
+            ids = synthetic_ids(model, scoring_length(model, self.calibration_length), self.calibration_samples,
+                                self.seed)
             self._calibrated[key] = tuple(1.0 / (1.0 + layer_variances(p)) for p in maps(model, ids))
         self._weights = self._calibrated[key]
-
-    def mac_refusal(self) -> str | None:
-        if self.calibrate:
-            return ("D2O's calibration pass scores whole-sequence attention maps, which MAC's segment attention does "
-                    "not have; pass calibrate=False (equal budgets) or layer_weights")
-        return super().mac_refusal()
 
     def weights(self, n_layers: int) -> tuple[float, ...]:
         """The layer weights in use: explicit, calibrated (the last model ``prepare`` saw) or equal."""

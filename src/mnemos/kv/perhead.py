@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mnemos.kv.base import Policy, _check_new, check_int, check_ratio
-from mnemos.kv.calibrate import attention_maps, induction_scores, synthetic_ids
+from mnemos.kv.calibrate import attention_maps, induction_scores, scoring_length, synthetic_ids
 from mnemos.layers.kv_cache import KVCache, KVView
 
 __all__ = ["DuoAttention", "HeadSplitCache", "choose_retrieval_heads"]
@@ -89,16 +89,11 @@ class DuoAttention(Policy):
             return
         key = id(model)
         if key not in self._calibrated:
-            ids = synthetic_ids(model, self.calibration_length, self.calibration_samples, self.seed)
-            scores = [induction_scores(p, self.calibration_length) for p in maps(model, ids)]
+            length = scoring_length(model, self.calibration_length)
+            ids = synthetic_ids(model, length, self.calibration_samples, self.seed)
+            scores = [induction_scores(p, length) for p in maps(model, ids)]
             self._calibrated[key] = (scores, choose_retrieval_heads(scores, self.retrieval_ratio))
         self.head_scores, self._heads = self._calibrated[key]
-
-    def mac_refusal(self) -> str | None:
-        if self.retrieval_heads is None:
-            return ("DuoAttention's scoring pass reads whole-sequence attention maps, which MAC's segment attention "
-                    "does not have; pass retrieval_heads")
-        return None
 
     def heads_of(self, layer_idx: int, n_layers: int, n_heads: int) -> tuple[int, ...]:
         """The retrieval key/value heads of attention layer ``layer_idx``."""
