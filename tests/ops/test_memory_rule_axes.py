@@ -422,7 +422,7 @@ def test_bad_rule_inputs():
              initial_state=st)
 
 
-# -- Lattice: the orthogonal slot update (optimizer="orthogonal", the reference only) ---------------------------------
+# -- Lattice: the orthogonal slot update (optimizer="orthogonal"; reference and chunked torch path) -------------------
 
 LATTICE = MemoryRule(optimizer="orthogonal")
 
@@ -461,17 +461,19 @@ def test_lattice_token_by_token_matches_the_formula_written_out():
     assert_close("slots", A, st.weights[0], 1e-12)
 
 
-def test_lattice_runs_on_the_reference_and_is_refused_where_it_is_not_built():
+def test_lattice_runs_on_the_chunked_path_and_is_refused_where_it_is_not_built():
     inp = make(T=6, seed=42)
-    o, st = call(inp, rule=LATTICE, chunk_size=2)  # auto: the reference
+    o, st = call(inp, rule=LATTICE, chunk_size=2)  # auto: the chunked torch path (test_memory_rule_chunked_axes.py)
+    fast, _ = call(inp, rule=LATTICE, chunk_size=2, impl="torch")
     ref, _ = call(inp, rule=LATTICE, chunk_size=2, impl="reference")
-    assert torch.equal(o, ref)
+    assert torch.equal(o, fast)
+    assert_close("chunked == reference", ref, o, 1e-10)
     assert_close("unit slots", torch.ones_like(st.weights[0][..., 0, :]), st.weights[0].norm(dim=-2), 1e-12)
     theta0 = dict(inp, theta=torch.zeros_like(inp["theta"]), weights=(F.normalize(inp["weights"][0], dim=-2),))
     _, st0 = call(theta0, rule=dataclasses.replace(LATTICE), chunk_size=2)
     assert_close("theta 0 keeps unit slots", theta0["weights"][0], st0.weights[0], 1e-12)
-    for impl in ("torch", "triton"):
-        with pytest.raises(ValueError, match="optimizer='orthogonal'"):
-            call(inp, rule=LATTICE, impl=impl)
-    with pytest.raises(ValueError, match=r"optimizer='orthogonal' \(Lattice\) .*\(depth 1\), got 2"):
-        call(make(seed=43, depth=2), rule=LATTICE)
+    with pytest.raises(ValueError, match="optimizer='orthogonal'"):
+        call(inp, rule=LATTICE, impl="triton")
+    for impl in ("auto", "torch", "reference"):
+        with pytest.raises(ValueError, match=r"optimizer='orthogonal' \(Lattice\) .*\(depth 1\), got 2"):
+            call(make(seed=43, depth=2), rule=LATTICE, impl=impl)

@@ -21,21 +21,22 @@ LOSSES = ("l2", "dot", "lp", "huber")
 N_CONFIGS = 120
 
 
-def draw(seed: int) -> dict:
+def draw(seed: int, optimizer: str | None = None) -> dict:
     """A random config and its float64 inputs: the rule's axes (loss, p, retention, lq, softmax scale and dim,
     optimizer, NS steps, window, gamma or not), depth 1-3, chunk 1, 2, 3 or 16, T not a multiple of the chunk, shared
-    or per-sequence initial memory, an initial momentum or not."""
+    or per-sequence initial memory, an initial momentum or not. ``optimizer``: that one instead of the drawn one
+    (``"orthogonal"``, Lattice's, also makes the memory a matrix: depth 1)."""
     r = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     loss = LOSSES[seed % 4]
     window = r.choice((1, 1, 2, 3, 4, 5))
     retention = ("decay", "decay", "lq", "kl")[(seed // 4) % 4]
-    optimizer = r.choice(("momentum", "momentum", "muon"))
+    optimizer = r.choice(("momentum", "momentum", "muon")) if optimizer is None else optimizer
     rule = MemoryRule(loss=loss, p=r.choice((1.0, 1.5, 2.5, 3.0, 4.0)), retention=retention,
                       lq=r.choice((2.5, 3.0, 4.0)), softmax_scale=r.choice((1.0, 2.5)),
                       softmax_dim=r.choice(("row", "all")), optimizer=optimizer, ns_steps=r.choice((0, 1, 2, 5)),
                       window=window)
-    depth = r.choice((1, 2, 3))
+    depth = r.choice((1, 2, 3)) if optimizer != "orthogonal" else 1
     chunk = r.choice((1, 2, 3, 16))
     T = r.randint(2, 9)
     if chunk > 1 and T % chunk == 0:
@@ -123,10 +124,27 @@ def test_chunked_equals_reference_and_streams_cut_anywhere(block):
         assert_same(f"{c['desc']} cut at {c['cut']}", fast, cut, 1e-11)
 
 
+def test_lattice_chunked_equals_reference_and_streams_cut_anywhere():
+    """Lattice's orthogonal slot update (a matrix memory) on the chunked path: every S_i of a chunk at once, the
+    A_i token after token; the reference's outputs, state and gradients over 36 random configs (every loss,
+    retention, window and chunk size of the draw), and a stream cut anywhere."""
+    for seed in range(36):
+        c = draw(seed, optimizer="orthogonal")
+        assert c["kw"]["rule"].optimizer == "orthogonal" and len(c["inp"]["weights"]) == 1
+        ref, _ = outcomes(c["inp"], impl="reference", **c["kw"])
+        fast, st = outcomes(c["inp"], impl="torch", **c["kw"])
+        assert_same(c["desc"], ref, fast, 1e-9)
+        slots = st.weights[0].norm(dim=-2)  # the slots (columns) are unit after any step
+        assert_close(f"{c['desc']}: unit slots", torch.ones_like(slots), slots, 1e-12)
+        cut, _ = outcomes(c["inp"], impl="torch", cut=c["cut"], **c["kw"])
+        assert_same(f"{c['desc']} cut at {c['cut']}", fast, cut, 1e-11)
+
+
 @pytest.mark.parametrize("rule,depth", [(MemoryRule(loss="huber", window=2), 2),
                                         (MemoryRule(loss="lp", p=2.5, window=3), 1),
                                         (MemoryRule(loss="lp", p=3.0, retention="lq", optimizer="muon", ns_steps=2,
-                                                    window=2), 2)])
+                                                    window=2), 2),
+                                        (MemoryRule(optimizer="orthogonal", window=2), 1)])
 def test_gradcheck(rule, depth):
     g = torch.Generator().manual_seed(depth)
     B, T, H, K = 1, 5, 1, 2

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .backends import split_state, triton_unsupported_reason
 from .common import MemoryState, _no_autocast, activate, check_inputs
-from .rule import MemoryRule, check_rule_inputs, normalize_step_unsupported, resolve_rule, torch_unsupported_reason
+from .rule import MemoryRule, check_orthogonal_depth, check_rule_inputs, normalize_step_unsupported, resolve_rule, \
+    torch_unsupported_reason
 from .dense_scan import dense_scan
 from .torch_scan import TorchChunkScan, anchor_forward, curvature, scan, step_scale
 
@@ -166,6 +167,7 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         rule = resolve_rule("titans", loss)
     if normalize_step and normalize_step_unsupported(rule) is not None:
         raise ValueError(normalize_step_unsupported(rule))
+    check_orthogonal_depth(rule, len(spec.weights))
     P = rule.window - 1  # the tokens before a chunk that its writes also fit
     dense = rule.retention != "decay" or rule.optimizer != "momentum"  # every token's state formed: dense_scan.py
     if P == 0 and gamma is not None and not dense:  # window 1: gamma_t scales the token's gradient, as theta_t does
@@ -325,10 +327,10 @@ def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
 
 
 def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, residual, activation):
-    """The chunk loop of a retention other than decay or of Muon (dense_scan.py), one run of equal-length chunks at a
-    time like :func:`_run_torch`, with the window's band and gamma folded into the coefficients (never into theta:
-    Muon orthogonalises the weighted gradients' momentum before theta scales it). Returns o ``[B, T, H, V]``, the
-    final accumulators A and S per layer and the last chunk's starting A."""
+    """The chunk loop of a retention other than decay, of Muon or of Lattice (dense_scan.py), one run of equal-length
+    chunks at a time like :func:`_run_torch`, with the window's band and gamma folded into the coefficients (never
+    into theta: Muon orthogonalises the weighted gradients' momentum before theta scales it). Returns o
+    ``[B, T, H, V]``, the final accumulators A and S per layer and the last chunk's starting A."""
     B, T, H = theta.shape
     k, v, g, d = keys
     A0, S0, outs = list(A0), list(S0), []
@@ -347,6 +349,9 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
         if rule.optimizer == "momentum":
             b, e, f, G, Pm = chunk_coefficients(thc, etc, alc)
             coef = (b, f, G @ band, e[..., -1], (Pm[..., -1:, :] @ band).squeeze(-2))
+        elif rule.optimizer == "orthogonal":  # Lattice: Titans' momentum (theta in it), each A_i stepped in turn
+            _, e, _, _, Pm = chunk_coefficients(thc, etc, alc)
+            coef = (e, Pm @ band, 1.0 - alc)
         else:
             p_eta, p_beta = segment_products(etc), segment_products(1.0 - alc)
             coef = (torch.cumprod(1.0 - alc, dim=-1), torch.cumprod(etc, dim=-1), p_eta @ band,

@@ -1,5 +1,5 @@
-"""The chunked torch path for a retention other than decay (Moneta's lq, Memora's kl) and for the Muon optimiser
-(Atlas): every token's state of a chunk materialised from the chunk's anchor quantities, differentiated by autograd
+"""The chunked torch path for a retention other than decay (Moneta's lq, Memora's kl), for the Muon optimiser
+(Atlas) and for Lattice's orthogonal slot update: every token's state of a chunk materialised from the chunk's anchor quantities, differentiated by autograd
 and recomputed chunk by chunk in the backward. Derivation: docs/MEMORY_RULE.md, "The chunked form of each axis".
 
 Inside a chunk every gradient is still taken at one anchor (the effective weights ``F(A)`` at the chunk's start), so
@@ -8,6 +8,9 @@ the accumulator recurrence stays linear:
 
     momentum: A_i = b_i A_0 + f_i S_0 - sum_j G[i, j] U_j           (G: theta and the window's band folded in)
     muon:     S_i = e_i S_0 - sum_j Pe[i, j] U_j,   A_i = b_i A_0 + sum_{j<=i} Pb[i, j] theta_j NS(S_j)
+    Lattice:  S_i = e_i S_0 - sum_j Pe[i, j] theta_j U_j,   A_i = orthogonal_step((1 - alpha_i) A_{i-1}, S_i)
+
+(Lattice's A is not linear in its past: the S_i are formed at once, the A_i one token after another.)
 
 But the read ``o_i = M(q_i; F(A_i))`` needs F of every token's accumulator (softmax is not linear; lq divides by a
 norm of A_i whose power has no low-rank form), and Muon needs NS of every token's momentum: so each A_i (and S_i) is
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .common import activate
-from .rule import MemoryRule, effective_weights, newton_schulz
+from .rule import MemoryRule, effective_weights, newton_schulz, orthogonal_step
 from .torch_scan import anchor_forward
 
 
@@ -66,7 +69,10 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     None; A0, S0, anchor: L x ``[B, H, D_out, D_in]`` (accumulators). ``coef``: momentum ``(b, f, G, el, pl)`` with
     b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``; muon ``(b, e, Pe, Pb)`` with b, e
     ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no theta), Pb ``[B, H, n, n]`` (theta
-    folded in). Returns o ``[B, H, n, V]`` and the accumulators A, S after the chunk's last token."""
+    folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]`` (beta = 1 - alpha), Pt ``[B, H, n,
+    m]`` (the band, gamma and theta folded in): every S_i from the chunk's outer products, then A_i =
+    orthogonal_step(beta_i A_{i-1}, S_i) token after token (not linear in A: no coefficient form). Returns o
+    ``[B, H, n, V]`` and the accumulators A, S after the chunk's last token."""
     W_bar = tuple(_effective(x, rule) for x in anchor)
     a, _, _, _, d, _ = anchor_forward(k, v, W_bar, residual=residual, activation=activation, loss=rule.loss,
                                       p=rule.p, delta=delta)
@@ -77,6 +83,15 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             b, f, G, el, pl = coef
             Ai = _with_starts((b, f, -G), (A, S), U)  # [B, H, n, D_out, D_in]
             S_out.append(torch.addcmul(-((pl.unsqueeze(-1) * di).mT @ ai), el[..., None, None], S))  # no U
+        elif rule.optimizer == "orthogonal":
+            e, Pt, beta = coef
+            Si = _with_starts((e, -Pt), (S,), U)  # Titans' momentum at every token
+            steps, a_i = [], A
+            for i in range(Si.shape[2]):
+                a_i = orthogonal_step(beta[..., i, None, None] * a_i, Si[:, :, i])
+                steps.append(a_i)
+            Ai = torch.stack(steps, dim=2)
+            S_out.append(Si[:, :, -1].clone())
         else:
             b, e, Pe, Pb = coef
             Si = _with_starts((e, -Pe), (S,), U)  # the momentum of the raw gradients, every token

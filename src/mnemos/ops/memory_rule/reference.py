@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .common import MemoryState, _no_autocast, activate, check_inputs
-from .rule import MemoryRule, check_rule_inputs, effective_weights, newton_schulz, normalize_step_unsupported, \
-    orthogonal_step, resolve_rule, token_loss
+from .rule import MemoryRule, check_orthogonal_depth, check_rule_inputs, effective_weights, newton_schulz, \
+    normalize_step_unsupported, orthogonal_step, resolve_rule, token_loss
 
 
 def _memory(x: Tensor, weights: Sequence[Tensor], residual: bool, activation: str) -> Tensor:
@@ -86,9 +86,7 @@ def neural_memory_reference(
         raise TypeError(f"normalize_step must be a bool, got {normalize_step!r}")
     if normalize_step and normalize_step_unsupported(rule) is not None:
         raise ValueError(normalize_step_unsupported(rule))
-    if rule.optimizer == "orthogonal" and len(spec.weights) != 1:
-        raise ValueError(f"optimizer='orthogonal' (Lattice) updates the slots of a matrix memory: weights must be one "
-                         f"layer (depth 1), got {len(spec.weights)}")
+    check_orthogonal_depth(rule, len(spec.weights))
     B, T, dt = spec.B, spec.T, spec.dtype
     huber, weighted = rule.loss == "huber", gamma is not None or rule.window > 1
     carried = tuple(initial_state.window) if initial_state is not None else ()

@@ -40,7 +40,7 @@ NS_EPS = 1e-7
 CHUNKED_LOSSES = ("l2", "dot")
 TORCH_LOSSES = ("l2", "dot", "lp", "huber")
 TORCH_RETENTIONS = ("decay", "lq", "kl")
-TORCH_OPTIMIZERS = ("momentum", "muon")
+TORCH_OPTIMIZERS = ("momentum", "muon", "orthogonal")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
@@ -254,6 +254,13 @@ def newton_schulz(S: Tensor, steps: int) -> Tensor:
         gram = X @ X.mT
         X = a * X + (b * gram + c * gram @ gram) @ X
     return X.mT if tall else X
+
+
+def check_orthogonal_depth(rule: MemoryRule, depth: int) -> None:
+    """Lattice's slot update is defined for a matrix memory: ValueError for ``optimizer='orthogonal'`` at depth > 1."""
+    if rule.optimizer == "orthogonal" and depth != 1:
+        raise ValueError(f"optimizer='orthogonal' (Lattice) updates the slots of a matrix memory: weights must be one "
+                         f"layer (depth 1), got {depth}")
 
 
 def orthogonal_step(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
