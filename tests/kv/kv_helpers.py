@@ -43,14 +43,21 @@ def attn_caches(cache) -> list:
     return [getattr(layer, "attn", layer) for layer in cache.layers]
 
 
-def tiny_llama(vocab: int = V, *, layers: int = 2, seed: int | None = 0, dtype=None, **config):
-    """A random-init Hugging Face Llama of the KV tests (hidden 32, 4 query heads over 2 KV heads: GQA), in eval
-    mode; ``seed`` None keeps the global RNG as it is; ``config``: more ``LlamaConfig`` fields."""
+HF_ARCHS = ("llama", "qwen2", "mistral")  # the Llama-family causal LMs the KV policies' HF hook serves
+
+
+def tiny_llama(vocab: int = V, *, layers: int = 2, seed: int | None = 0, dtype=None, arch: str = "llama", **config):
+    """A random-init Hugging Face Llama-family causal LM of the KV tests (``arch`` in :data:`HF_ARCHS`; hidden 32, 4
+    query heads over 2 KV heads: GQA), in eval mode; ``seed`` None keeps the global RNG as it is; ``config``: more
+    config fields."""
     import transformers
 
     if seed is not None:
         torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **config)
-    model = transformers.LlamaForCausalLM(cfg)
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    cfg = config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **config)
+    model = model_cls(cfg)
     return (model if dtype is None else model.to(dtype)).eval()

@@ -19,7 +19,7 @@ from mnemos.kv import H2O, KIVI, L2Norm, PyramidKV, SnapKV, StreamingLLM, ThinK,
 
 transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
 from mnemos.kv.hf import PolicyCache, cache_kwarg  # noqa: E402
-from kv_helpers import tiny_llama  # noqa: E402
+from kv_helpers import HF_ARCHS, tiny_llama  # noqa: E402
 
 CTX, NEW = 20, 6
 
@@ -62,6 +62,39 @@ def test_budget_covering_the_context_gives_identical_generation(model):
         b = model(ids[:, 12:], **{cache_kwarg(model): chunked}).logits
         err = (torch.cat([a, b], 1) - full_logits).abs().max().item()
         assert err <= 1e-5, f"{policy!r}: chunked prefill logits differ by {err:.2e}"
+
+
+@pytest.mark.parametrize("arch, window", [("qwen2", None), ("qwen2", 8), ("mistral", None), ("mistral", 8)])
+@torch.no_grad()
+def test_qwen2_and_mistral_take_the_same_hook(arch, window):
+    """Qwen2 (biased q/k/v projections) and Mistral share Llama's attention module and RoPE: a covering budget gives
+    their own cache's greedy tokens for every policy (the query hook recomputes their rotated queries), a small one
+    bounds the cache. With a sliding window shorter than the context (Mistral's on every layer; Qwen2's on the layers
+    its layer_types name) the policy's visibility applies it as transformers' own cache does."""
+    extra = {} if window is None else ({"sliding_window": window} if arch == "mistral" else
+                                       {"sliding_window": window, "use_sliding_window": True, "max_window_layers": 1})
+    if window is None and arch == "mistral":
+        extra = {"sliding_window": None}
+    model = tiny_llama(64, arch=arch, **extra)
+    from mnemos.kv.hf import layer_window
+    windows = [layer_window(model.config, i) for i in range(2)]
+    assert windows == ([None, None] if window is None else [window, window] if arch == "mistral" else [None, window])
+    assert type(model).__name__.lower().startswith(arch)
+    if arch == "qwen2":
+        assert model.model.layers[0].self_attn.q_proj.bias is not None
+    ids = _ids()
+    ref = _generate(model, ids)
+    for policy in LOSSLESS:
+        assert torch.equal(_generate(model, ids, PolicyCache(model, policy)), ref), f"{arch} {policy!r}"
+        with policy(model):
+            assert torch.equal(_generate(model, ids), ref), f"{arch} {policy!r} under `with`"
+    for policy in (H2O(8), SnapKV(8, window_size=4, compress_decoding=True)):
+        cache = PolicyCache(model, policy)
+        out = _generate(model, ids, cache)
+        assert out.shape == (2, CTX + NEW)
+        for layer, w in zip(cache.layers, windows):  # a sliding layer keeps no more than its window's live entries
+            b, s, h, d = layer.cache.keys.shape
+            assert (b, h, d) == (2, 2, 8) and (s == 8 if w is None else s <= 8), f"{arch} {policy!r}: {s} entries"
 
 
 @torch.no_grad()
@@ -121,3 +154,5 @@ def test_bad_input_raises_value_error(model):
         PolicyCache(model, KIVI(2, group_size=16, residual=16))
     with pytest.raises(ValueError, match="policy must be"):
         PolicyCache(model, "h2o")
+    with pytest.raises(ValueError, match=r"sliding-window attention \(sliding_window=8\).*use rerotate=False"):
+        PolicyCache(tiny_llama(64, arch="mistral", sliding_window=8), StreamingLLM(8, sinks=2, rerotate=True))

@@ -29,7 +29,10 @@ it is not given a cache.
   queries: nothing expanded). So heads of one layer may hold different entries and different numbers of them
   (DuoAttention, SentenceKV, InfLLM with ``per_head``), and layers different lengths (PyramidKV, InfLLM's retrieved
   blocks), in one prefill, a chunked prefill and decoding; transformers' own causal mask is not built for these calls.
-- Refused: sliding-window configs, padded batches (a 2-D ``attention_mask`` with zeros: ``ValueError`` at the call),
+- Sliding-window layers (Mistral's ``sliding_window``, Qwen2's ``layer_types``): the layer's policy cache is made with
+  that window (as a mnemos SWA layer's: entries that left it are dead, kept only while a policy has room) and the
+  visibility adds ``query - key < window`` (transformers' own sliding mask), in original positions.
+- Refused: sliding-window layers with a re-rotating policy, padded batches (a 2-D ``attention_mask`` with zeros: ``ValueError`` at the call),
   whatever a policy's ``hf_refusal`` names, and for re-rotating policies: RoPE types whose frequencies change with the
   sequence length (``dynamic``, ``longrope``: a rotation by a position delta would not be the model's), partial
   rotary embeddings, and a call whose ``position_ids`` are not the absolute positions ``seen .. seen + T - 1`` (the
@@ -116,9 +119,11 @@ def _check(model: nn.Module, policy: KVPolicy) -> None:
         raise ValueError(f"model must be a Hugging Face Llama-family causal LM, got {type(model).__name__}")
     if _rerotates(policy):
         _model_rotation(model, policy)
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        raise ValueError(f"model uses sliding-window attention (sliding_window={config.sliding_window}), which the "
-                         "Hugging Face hook does not support")
+    windows = [layer_window(config, i) for i in range(_config_dims(config)[0])]
+    if _rerotates(policy) and any(w is not None for w in windows):
+        raise ValueError(f"model uses sliding-window attention (sliding_window={config.sliding_window}), which a "
+                         "re-rotating policy does not support (the window counts original positions, the rotation "
+                         "in-cache ones): use rerotate=False")
     refusal = policy.hf_refusal() if hasattr(policy, "hf_refusal") else None
     if refusal:
         raise ValueError(refusal)
@@ -133,16 +138,31 @@ def _check(model: nn.Module, policy: KVPolicy) -> None:
         prepare_hf(model)
 
 
+def layer_window(config, layer_idx: int) -> int | None:
+    """The sliding window of decoder layer ``layer_idx`` of a Hugging Face config, None for full attention:
+    ``config.sliding_window`` where ``config.layer_types`` says ``"sliding_attention"`` (Qwen2 and newer configs), or
+    on every layer when the config has no layer types and does not switch it off (``use_sliding_window``: Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[layer_idx] == "sliding_attention" else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
 class PolicyLayer(CacheLayerMixin):
-    """One decoder layer's cache: a mnemos policy cache (``self.cache``), made at the first update."""
+    """One decoder layer's cache: a mnemos policy cache (``self.cache``), made at the first update; ``window``: the
+    layer's sliding window (None: full attention)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, rope: ModelRotation | None = None) -> None:
+    def __init__(self, policy: KVPolicy, layer_idx: int, n_layers: int, rope: ModelRotation | None = None,
+                 window: int | None = None) -> None:
         super().__init__()
-        self.policy, self.layer_idx, self.n_layers = policy, layer_idx, n_layers
+        self.policy, self.layer_idx, self.n_layers, self.window = policy, layer_idx, n_layers, window
         self.rope = rope  # a re-rotating policy's frequencies (the model's rotary embedding), else None
         self.cache: KVCache | None = None
         self.pending_q: Tensor | None = None  # [B, T, Hq, D], set by the attention hook before update
@@ -152,8 +172,9 @@ class PolicyLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         b, h, _, d = key_states.shape
-        self.cache = self.policy.make_cache(b, h, d, window=None, layer_idx=self.layer_idx, n_layers=self.n_layers,
-                                            rope=self.rope, device=key_states.device, dtype=key_states.dtype)
+        self.cache = self.policy.make_cache(b, h, d, window=self.window, layer_idx=self.layer_idx,
+                                            n_layers=self.n_layers, rope=self.rope, device=key_states.device,
+                                            dtype=key_states.dtype)
         self.device = key_states.device
         self.batch_size = b
         self.is_initialized = True
@@ -175,7 +196,7 @@ class PolicyLayer(CacheLayerMixin):
             self.cache.set_token_ids(ids)
         view = self.cache.update_view(key_states.transpose(1, 2), value_states.transpose(1, 2), q=q)
         self.visible = _visibility(view.positions, self.cache.seen_tokens, key_states.shape[2], view.keys.shape[1],
-                                   key_states.device)
+                                   key_states.device, self.window)
         return view.keys.transpose(1, 2), view.values.transpose(1, 2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -199,7 +220,7 @@ class PolicyLayer(CacheLayerMixin):
             return
         state = {k: pick(v) if v.ndim else v for k, v in self.cache.state_dict().items()}
         b = next(v.shape[0] for v in state.values() if v.ndim)
-        new = self.policy.make_cache(b, self.cache.n_heads, self.cache.head_dim, window=None,
+        new = self.policy.make_cache(b, self.cache.n_heads, self.cache.head_dim, window=self.window,
                                      layer_idx=self.layer_idx, n_layers=self.n_layers, rope=self.rope,
                                      device=self.device, dtype=self.cache.dtype)
         new.load_state_dict(state)
@@ -233,7 +254,8 @@ class PolicyCache(Cache):
         _check(model, policy)
         n_layers = _config_dims(model.config)[0]
         self.rotation = _model_rotation(model, policy) if _rerotates(policy) else None
-        super().__init__(layers=[PolicyLayer(policy, i, n_layers, self.rotation) for i in range(n_layers)])
+        super().__init__(layers=[PolicyLayer(policy, i, n_layers, self.rotation, layer_window(model.config, i))
+                                 for i in range(n_layers)])
         self.policy = policy
         self.needs_queries = bool(getattr(policy, "needs_queries", False))
         self.needs_token_ids = bool(getattr(policy, "needs_token_ids", False))
@@ -262,27 +284,33 @@ class PolicyCache(Cache):
 # mnemos' attention function
 
 
-def _visibility(positions: Tensor | None, seen: int, t: int, s: int, device) -> Tensor | str:
+def _visibility(positions: Tensor | None, seen: int, t: int, s: int, device, window: int | None = None
+                ) -> Tensor | str:
     """Which of a view's S entries each of the call's T queries (at ``seen - T .. seen - 1``) sees: key entry s of
-    head h when its original position is at most the query's (an entry padded at an unreachable position never).
+    head h when its original position is at most the query's (an entry padded at an unreachable position never) and,
+    in a sliding-window layer, less than ``window`` before it.
 
-    ``"causal"`` when the view is exactly the T new tokens (no mask: sdpa's causal kernel); ``[1, 1, T, S]`` when
-    every row and head holds the same positions (one mask for all heads); else ``[B, Hkv, T, S]``."""
+    ``"causal"`` when the view is exactly the T new tokens and no window cuts it (no mask: sdpa's causal kernel);
+    ``[1, 1, T, S]`` when every row and head holds the same positions (one mask for all heads); else
+    ``[B, Hkv, T, S]``."""
     q_pos = torch.arange(seen - t, seen, device=device)  # [T]
+    causal_ok = window is None or window >= t
     if positions is None:  # a contiguous run ending at the new tokens
-        if s == t:
+        if s == t and causal_ok:
             return "causal"
         k_pos = torch.arange(seen - s, seen, device=device)[None, None, None, :]  # [1, 1, 1, S]
     else:
         positions = positions.to(device)
         first = positions[:1, :, :1]  # [1, S, 1]
         if bool((positions == first).all()):  # the same positions in every row and head
-            if s == t and bool((first[0, :, 0] == q_pos).all()):
+            if s == t and causal_ok and bool((first[0, :, 0] == q_pos).all()):
                 return "causal"
             k_pos = first.permute(0, 2, 1)[:, :, None, :]  # [1, 1, 1, S]
         else:
             k_pos = positions.permute(0, 2, 1)[:, :, None, :]  # [B, Hkv, 1, S]
-    return k_pos <= q_pos[None, None, :, None]
+    q_pos = q_pos[None, None, :, None]
+    visible = k_pos <= q_pos
+    return visible if window is None else visible & (q_pos - k_pos < window)
 
 
 def _policy_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
