@@ -139,6 +139,10 @@ def test_exact_match_scoring():
     assert not exact_match("", "71432")
     assert not exact_match("Kitchen", "kitchen")
     assert exact_match(" kitchen\n", "kitchen")
+    # an answer closed by a period ends there, whatever follows it without a space (a model trained on " answer.")
+    assert exact_match(" 71432.0", "71432") and exact_match(" 71432..", "71432") and exact_match("kitchen.The", "kitchen")
+    assert not exact_match(" 71432-0", "71432") and not exact_match(" 7143.2", "71432")
+    assert not exact_match(" 71432", "7143") and not exact_match(" 71432.", "7143")
     assert exact_match_accuracy(["a", "b", "c", "d"], ["a", "b", "x", "y"]) == 0.5
     with pytest.raises(ValueError, match="answer"):
         exact_match("a b", "a b")

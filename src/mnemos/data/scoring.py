@@ -13,6 +13,7 @@ from mnemos.data.mqar import IGNORE_INDEX
 __all__ = ["exact_match", "exact_match_accuracy", "mqar_recall_metrics"]
 
 _TRAILING = ".,;:!?\"')]}"
+_CLOSING = ".,;:!?"  # sentence punctuation that ends an answer written straight on (" 71432.0": the answer, closed)
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -21,15 +22,22 @@ def exact_match(prediction: str, answer: str) -> bool:
     The continuation is read up to its first whitespace after leading whitespace is skipped, trailing sentence
     punctuation (``.,;:!?"')]}``) is removed, and the rest must equal ``answer`` character for character (case
     included). So ``" 71432. Remember it."`` matches ``"71432"``, while ``"714321"`` and ``"Kitchen"`` for
-    ``"kitchen"`` do not.
+    ``"kitchen"`` do not. An answer closed by sentence punctuation (``.,;:!?``) ends there even when the text goes on
+    without a space: ``" 71432.0"`` matches ``"71432"`` (a model trained on ``" " + answer + "."``, as ``mnemos
+    train`` teaches the retrieval tasks, never learnt what follows the period). The answers of mnemos' tasks hold no
+    such punctuation (numbers, words), so this cannot turn a wrong answer into a right one.
 
-    >>> exact_match(" 71432. Remember it.", "71432"), exact_match("714321", "71432")
-    (True, False)
+    >>> exact_match(" 71432. Remember it.", "71432"), exact_match("714321", "71432"), exact_match(" 71432.0", "71432")
+    (True, False, True)
     """
     if not answer or answer != answer.strip() or any(c.isspace() for c in answer):
         raise ValueError(f"answer must be a non-empty string without whitespace, got {answer!r}")
     words = prediction.split(maxsplit=1)
-    return bool(words) and words[0].rstrip(_TRAILING) == answer
+    if not words:
+        return False
+    word = words[0]
+    closed = len(word) > len(answer) and word.startswith(answer) and word[len(answer)] in _CLOSING
+    return word.rstrip(_TRAILING) == answer or closed
 
 
 def exact_match_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
