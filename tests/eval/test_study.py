@@ -148,6 +148,28 @@ def test_the_lr_is_chosen_on_the_first_seed_and_the_other_seeds_run_at_it_only(t
     assert "gated_deltanet-lr0.001-s1" not in (tmp_path / "report.md").read_text()  # not planned, not listed
 
 
+def test_a_grid_point_with_its_own_lrs_sweeps_those(tmp_path):
+    """``GridPoint.lrs``: that point trains (and chooses among) its own lrs, the others the study's; the full study
+    gives every point but (64, 8) the higher pair."""
+    import dataclasses
+
+    from mnemos.eval.study import HIGH_LRS, GridPoint, point_lrs, select_lrs, study_settings, train_jobs
+
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), passkey_models=(), capacity_models=(),
+                            grid=(GridPoint(32, 2, 64, 3, 4), GridPoint(32, 4, 64, 3, 4, lrs=(5e-3, 2e-2))))
+    assert point_lrs(s, "L32-K2") == s.lrs and point_lrs(s, "L32-K4") == (5e-3, 2e-2)
+    trains, _ = plan(s)
+    assert sorted(t.name for t in trains if "K4" in t.name) == [
+        "mqar-L32-K4-gated_deltanet-lr0.005-s0", "mqar-L32-K4-gated_deltanet-lr0.02-s0"]
+    assert {t.lr for t in trains if "K2" in t.name} == set(s.lrs)
+    table = select_lrs(s, train_jobs(s), tmp_path)
+    assert table[("L32-K4", "gated_deltanet")]["lr"] == 5e-3  # nothing finished: the point's first lr stands in
+    assert set(table[("L32-K4", "gated_deltanet")]["by_lr"]) == {5e-3, 2e-2}
+    full = study_settings("full")
+    assert {p.key: point_lrs(full, p.key) for p in full.grid} == {
+        "L64-K4": HIGH_LRS, "L64-K8": (1e-3, 3e-3), "L128-K16": HIGH_LRS, "L256-K32": HIGH_LRS}
+
+
 def test_a_run_that_reaches_the_accuracy_threshold_stops_and_counts_as_finished(tmp_path, monkeypatch):
     """Zoology's early stop in the study: the trainer's eval (planted: accuracy 1 from the first eval) stops the run
     at step 2 of 6; the run is finished (not retrained by the next invocation) and the report says where it stopped."""
