@@ -32,11 +32,11 @@ it is not given a cache.
 - Sliding-window layers (Mistral's ``sliding_window``, Qwen2's ``layer_types``): the layer's policy cache is made with
   that window (as a mnemos SWA layer's: entries that left it are dead, kept only while a policy has room) and the
   visibility adds ``query - key < window`` (transformers' own sliding mask), in original positions.
-- Refused: sliding-window layers with a re-rotating policy, padded batches (a 2-D ``attention_mask`` with zeros: ``ValueError`` at the call),
-  whatever a policy's ``hf_refusal`` names, and for re-rotating policies: RoPE types whose frequencies change with the
-  sequence length (``dynamic``, ``longrope``: a rotation by a position delta would not be the model's), partial
-  rotary embeddings, and a call whose ``position_ids`` are not the absolute positions ``seen .. seen + T - 1`` (the
-  hook places the tokens itself; ``generate`` passes exactly those).
+- Refused: sliding-window layers with a re-rotating policy, padded batches (a 2-D ``attention_mask`` with zeros:
+  ``ValueError`` at the call), whatever a policy's ``hf_refusal`` names, and for re-rotating policies: RoPE types
+  whose frequencies change with the sequence length (``dynamic``, ``longrope``: a rotation by a position delta would
+  not be the model's), partial rotary embeddings, and a call whose ``position_ids`` are not the absolute positions
+  ``seen .. seen + T - 1`` (the hook places the tokens itself; ``generate`` passes exactly those).
 """
 
 from __future__ import annotations
@@ -119,8 +119,7 @@ def _check(model: nn.Module, policy: KVPolicy) -> None:
         raise ValueError(f"model must be a Hugging Face Llama-family causal LM, got {type(model).__name__}")
     if _rerotates(policy):
         _model_rotation(model, policy)
-    windows = [layer_window(config, i) for i in range(_config_dims(config)[0])]
-    if _rerotates(policy) and any(w is not None for w in windows):
+    if _rerotates(policy) and any(layer_window(config, i) is not None for i in range(_config_dims(config)[0])):
         raise ValueError(f"model uses sliding-window attention (sliding_window={config.sliding_window}), which a "
                          "re-rotating policy does not support (the window counts original positions, the rotation "
                          "in-cache ones): use rerotate=False")

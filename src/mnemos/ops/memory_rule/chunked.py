@@ -350,8 +350,8 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
             b, e, f, G, Pm = chunk_coefficients(thc, etc, alc)
             coef = (b, f, G @ band, e[..., -1], (Pm[..., -1:, :] @ band).squeeze(-2))
         elif rule.optimizer == "orthogonal":  # Lattice: Titans' momentum (theta in it), each A_i stepped in turn
-            _, e, _, _, Pm = chunk_coefficients(thc, etc, alc)
-            coef = (e, Pm @ band, 1.0 - alc)
+            p_theta = segment_products(etc) * thc.unsqueeze(-2)  # chunk_coefficients' P_theta, without its G
+            coef = (torch.cumprod(etc, dim=-1), p_theta @ band, 1.0 - alc)
         else:
             p_eta, p_beta = segment_products(etc), segment_products(1.0 - alc)
             coef = (torch.cumprod(1.0 - alc, dim=-1), torch.cumprod(etc, dim=-1), p_eta @ band,

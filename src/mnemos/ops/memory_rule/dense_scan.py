@@ -1,6 +1,7 @@
 """The chunked torch path for a retention other than decay (Moneta's lq, Memora's kl), for the Muon optimiser
-(Atlas) and for Lattice's orthogonal slot update: every token's state of a chunk materialised from the chunk's anchor quantities, differentiated by autograd
-and recomputed chunk by chunk in the backward. Derivation: docs/MEMORY_RULE.md, "The chunked form of each axis".
+(Atlas) and for Lattice's orthogonal slot update: every token's state of a chunk materialised from the chunk's anchor
+quantities, differentiated by autograd and recomputed chunk by chunk in the backward. Derivation:
+docs/MEMORY_RULE.md, "The chunked form of each axis".
 
 Inside a chunk every gradient is still taken at one anchor (the effective weights ``F(A)`` at the chunk's start), so
 token j's gradient for layer l is the outer product ``U_j = d_j a_j^T`` (``torch_scan.anchor_forward`` at F(A)) and
