@@ -293,6 +293,32 @@ def test_state_size_walks_nested_states():
     assert state_size({"view": big[-2:]}) == (16, 64, 3200)  # a view keeps its whole storage alive
 
 
+def test_state_size_counts_each_element_once():
+    w = torch.randn(2, 3, 8, 4)  # a stacked [W; S] of 4 rows each, as the memory rule keeps its state
+    W, S = w[:, :, :4], w[:, :, 4:]
+    assert state_size([W, S]) == (192, 768, 768)
+    assert state_size([W, S, w[:, :, :4]]) == (192, 768, 768)  # a second view of W (the anchor at a boundary)
+    assert state_size([W, S, W.clone()]) == (288, 1152, 1152)  # a copy (the anchor mid-chunk) is more state
+    assert state_size([w[:, :, :6], w[:, :, 2:]]) == (192, 768, 768)  # overlapping views: the union
+    assert state_size([w[:, :, :3], w[:, :, 5:]]) == (144, 576, 768)  # disjoint ones: their sum; the storage whole
+    assert state_size([w.view(-1)[::2], w.view(-1)[1::2]]) == (192, 768, 768)  # interleaved strides
+    assert state_size([w[..., :2], w.view(torch.int32)[..., 1:3]]) == (144, 576, 768)  # dtypes reinterpreted
+
+
+def test_memory_state_at_a_chunk_boundary_holds_its_anchor_once():
+    from mnemos.layers import NeuralMemory
+
+    mem = NeuralMemory(16, heads=2, depth=1, chunk_size=4)
+    with torch.no_grad():
+        _, boundary = mem(torch.randn(1, 8, 16))
+        _, mid = mem(torch.randn(1, 6, 16))
+    assert boundary.memory.offset == 0 and mid.memory.offset == 2
+    per_matrix = 2 * 8 * 8  # heads x D x D
+    # boundary: weights and momentum (the anchor is the weights); mid-chunk: the anchor is a third matrix
+    assert state_size(boundary.memory).numel == 2 * per_matrix
+    assert state_size(mid.memory).numel == 3 * per_matrix
+
+
 def test_options_are_validated():
     bad_options = ({"batch_size": 0}, {"stream_chunk": 0}, {"memory_budget_gb": -1.0}, {"memory_budget_gb": "big"},
                    {"capacity_threshold": 0.0}, {"mqar_reach": -1}, {"mqar_reach": "far"})

@@ -108,13 +108,13 @@ def state_size(state: Any) -> StateSize:
     """Size of every tensor reachable from ``state``: through dicts, lists, tuples and object attributes (so mnemos
     caches, ``KVCache`` objects and Hugging Face ``Cache`` objects all count).
 
-    ``numel`` and ``nbytes`` sum the tensors themselves; ``storage_bytes`` sums the distinct storages they live in,
-    which is what the state keeps alive: a state that holds a small view of a large activation (say, the last few
-    inputs of a short conv sliced from the whole call's input) pins all of it. ``nn.Module`` objects are skipped:
-    weights are not state.
+    ``numel`` and ``nbytes`` count the elements the state's tensors hold, **each element once**: two tensors that are
+    views of the same memory (a neural memory's chunk anchor at a chunk boundary is a view of its weights) hold it
+    once. ``storage_bytes`` sums the distinct storages they live in, which is what the state keeps alive: a state that
+    holds a small view of a large activation (say, the last few inputs of a short conv sliced from the whole call's
+    input) pins all of it. ``nn.Module`` objects are skipped: weights are not state.
     """
-    numel = nbytes = 0
-    storages: dict[tuple[str, int], int] = {}
+    tensors: list[Tensor] = []
     seen: set[int] = set()
     stack = [state]
     while stack:
@@ -125,11 +125,7 @@ def state_size(state: Any) -> StateSize:
             continue
         seen.add(id(obj))
         if isinstance(obj, Tensor):
-            numel += obj.numel()
-            nbytes += obj.numel() * obj.element_size()
-            if obj.device.type != "meta" and obj.numel() > 0:
-                st = obj.untyped_storage()
-                storages[(str(obj.device), st.data_ptr())] = st.nbytes()
+            tensors.append(obj)
         elif isinstance(obj, torch.nn.Module):
             continue
         elif isinstance(obj, dict):
@@ -142,4 +138,37 @@ def state_size(state: Any) -> StateSize:
                 for slot in getattr(cls, "__slots__", ()):
                     if isinstance(slot, str) and hasattr(obj, slot):
                         stack.append(getattr(obj, slot))
+    numel = nbytes = 0
+    by_storage: dict[tuple[str, int], list[Tensor]] = {}
+    storages: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t.device.type == "meta" or t.numel() == 0:  # no memory to share
+            numel += t.numel()
+            nbytes += t.numel() * t.element_size()
+            continue
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr())
+        storages[key] = st.nbytes()
+        by_storage.setdefault(key, []).append(t)
+    for key, group in by_storage.items():
+        views = list({(t.storage_offset(), tuple(t.shape), t.stride(), t.dtype): t for t in group}.values())
+        if len(views) == 1:
+            numel += views[0].numel()
+            nbytes += views[0].numel() * views[0].element_size()
+        else:  # distinct views of one storage: mark the bytes each covers
+            n, e = _covered_bytes(views, storages[key])
+            numel += n
+            nbytes += e
     return StateSize(numel, nbytes, sum(storages.values()))
+
+
+def _covered_bytes(views: list[Tensor], storage_nbytes: int) -> tuple[int, int]:
+    """``(elements, bytes)`` of one storage that ``views`` cover together, each byte once (a mask of the storage's
+    bytes: only for storages that several distinct views share). Elements: the bytes over the widest element size
+    when the views' dtypes differ."""
+    mask = torch.zeros(storage_nbytes, dtype=torch.bool)
+    for t in views:
+        e = t.element_size()
+        mask.as_strided((*t.shape, e), (*(s * e for s in t.stride()), 1), t.storage_offset() * e).fill_(True)
+    covered = int(mask.sum())
+    return covered // max(t.element_size() for t in views), covered
