@@ -15,8 +15,10 @@ the accumulator recurrence stays linear:
 
 But the read ``o_i = M(q_i; F(A_i))`` needs F of every token's accumulator (softmax is not linear; lq divides by a
 norm of A_i whose power has no low-rank form), and Muon needs NS of every token's momentum: so each A_i (and S_i) is
-formed, ``[n, D_out, D_in]`` per layer, by one batched matmul of the chunk's coefficient matrix with the stacked
-outer products; NS runs on all of a chunk's S_i in one batched call. Where the hand-written dual form of
+formed, ``[n, D_out, D_in]`` per layer, as products of the chunk's coefficients and factors (:class:`_RankStates`,
+the outer products never formed; its backward is matmuls too); NS runs on all of a chunk's S_i in one batched
+call. Moneta's lq reads take the dual form of the decay path scaled per token (``F(A_i) x = ||A_i||^(2-lq) A_i x``),
+so there A_i is formed only for its norm. Where the hand-written dual form of
 ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per chunk and layer; autograd
 differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
 so memory is the states at chunk starts, not every token's).
@@ -50,6 +52,71 @@ def _with_starts(coefs: Sequence[Tensor], rows: Sequence[Tensor], U: Tensor) -> 
     return _combine(torch.cat([c.unsqueeze(-1) for c in scalars] + [G], dim=-1), stack)
 
 
+class _RankStates(torch.autograd.Function):
+    """Every token's state of a chunk from its rank-one terms, ``out_i = sum_r C[i, r] R_r + sum_j G[i, j] d_j a_j^T``
+    (C ``[B, H, n, r]``, R ``[B, H, r, P, Q]``, G ``[B, H, n, m]``, d ``[B, H, m, P]``, a ``[B, H, m, Q]``) ->
+    ``[B, H, n, P, Q]``, the outer products never formed. Forward and backward are products only: each pass over
+    the ``[n, P, Q]`` output or its gradient is a matmul (autograd's backward of the broadcast form multiplied the
+    full-size gradient by every factor)."""
+
+    @staticmethod
+    def forward(ctx, C: Tensor, R: Tensor, G: Tensor, d: Tensor, a: Tensor) -> Tensor:
+        B, H, n, m = G.shape
+        r, P, Q = R.shape[2:]
+        # the starts by multiply-adds (a matmul of inner dim r = 1 or 2 runs far below the memory's speed)
+        out = torch.mul(R[:, :, 0].unsqueeze(2), C[..., 0, None, None])
+        for k in range(1, r):
+            out.addcmul_(R[:, :, k].unsqueeze(2), C[..., k, None, None])
+        X = G.unsqueeze(-1) * d.unsqueeze(-3)  # [B, H, n, m, P]: X[i, j] = G[i, j] d_j
+        a_n = a.unsqueeze(2).expand(B, H, n, m, Q).reshape(B * H * n, m, Q)
+        out.view(B * H * n, P, Q).baddbmm_(X.view(B * H * n, m, P).mT, a_n)
+        ctx.save_for_backward(C, R, G, d, a)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        C, R, G, d, a = ctx.saved_tensors
+        B, H, n, m = G.shape
+        r, P, Q = R.shape[2:]
+        g = g.contiguous()
+        gf = g.view(B, H, n, P * Q)
+        dC = gf @ R.reshape(B, H, r, P * Q).mT  # [B, H, n, r]
+        dR = (C.mT @ gf).view(B, H, r, P, Q)
+        a_n = a.unsqueeze(2).expand(B, H, n, m, Q).reshape(B * H * n, m, Q)
+        dX = (g.view(B * H * n, P, Q) @ a_n.mT).view(B, H, n, P, m).mT  # [B, H, n, m, P]
+        X = G.unsqueeze(-1) * d.unsqueeze(-3)
+        da = X.permute(0, 1, 3, 2, 4).reshape(B, H, m, n * P) @ g.view(B, H, n * P, Q)  # sum_i X[i, j]^T g_i
+        dG = (dX * d.unsqueeze(-3)).sum(-1)
+        dd = (dX * G.unsqueeze(-1)).sum(2)
+        return dC, dR, dG, dd, da
+
+
+def _rank_states(coefs: Sequence[Tensor], rows: Sequence[Tensor], d: Tensor, a: Tensor) -> Tensor:
+    """:func:`_with_starts` for rank-one terms ``U_j = d_j a_j^T`` without forming them: ``sum_r coefs[r][..., i]
+    rows[r] + sum_j G[..., i, j] d_j a_j^T`` (G the last entry of coefs ``[B, H, n, m]``; d ``[B, H, m, P]``, a
+    ``[B, H, m, Q]``) -> ``[B, H, n, P, Q]`` (:class:`_RankStates`)."""
+    *scalars, G = coefs
+    return _RankStates.apply(torch.stack(scalars, -1), torch.stack(rows, 2), G, d, a)
+
+
+class _Lq4Power(torch.autograd.Function):
+    """``||A_i||_4^4 = sum A_i^4`` per matrix of A ``[..., P, Q]`` -> ``[...]``, in two passes forward (the squares,
+    then their dot with themselves) and two backward (``4 g A^3`` from the saved squares)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor) -> Tensor:
+        sq = (A * A).flatten(-2)
+        ctx.save_for_backward(A, sq)
+        return (sq.unsqueeze(-2) @ sq.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        A, sq = ctx.saved_tensors
+        return (sq.view_as(A) * A).mul_((4.0 * g)[..., None, None])
+
+
 def _effective(A: Tensor, rule: MemoryRule) -> Tensor:
     """``rule.effective_weights`` for many matrices at once, in fewer passes (lq's norm by repeated squaring where lq
     is 4; no multiply by a softmax scale of 1): the same map, equal up to rounding."""
@@ -61,6 +128,16 @@ def _effective(A: Tensor, rule: MemoryRule) -> Tensor:
             return torch.softmax(A, dim=-1)
         return torch.softmax(A.flatten(-2), dim=-1).view_as(A)
     return effective_weights(A, rule)
+
+
+def _lq_scale(A: Tensor, lq: float) -> Tensor:
+    """``||A_i||_lq^(2 - lq)`` per matrix of A ``[..., n, D_out, D_in]`` -> ``[..., n]``, 1 where A_i = 0 (F(0) = 0
+    whatever it scales): Moneta's F(A_i) = A_i * this."""
+    if lq == 4.0:
+        n = _Lq4Power.apply(A)
+        return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
+    norm = torch.linalg.vector_norm(A, ord=lq, dim=(-2, -1))
+    return torch.where(norm > 0, norm, torch.ones_like(norm)).pow(2.0 - lq)
 
 
 def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tuple[Tensor, ...],
@@ -78,15 +155,22 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     a, _, _, _, d, _ = anchor_forward(k, v, W_bar, residual=residual, activation=activation, loss=rule.loss,
                                       p=rule.p, delta=delta)
     A_tok, A_out, S_out = [], [], []
+    # lq with momentum: a token's read F(A_i) x = ||A_i||_lq^(2 - lq) A_i x, and A_i x has the dual form of the decay
+    # path (b_i A_0 x + f_i S_0 x - sum_j G[i, j] (a_j . x) d_j): A_i is formed only for its norm
+    dual = rule.retention == "lq" and rule.optimizer == "momentum"
     for A, S, ai, di in zip(A0, S0, a, d):
-        U = di.unsqueeze(-1) * ai.unsqueeze(-2)  # [B, H, m, D_out, D_in]: token j's gradient u_j
         if rule.optimizer == "momentum":
             b, f, G, el, pl = coef
-            Ai = _with_starts((b, f, -G), (A, S), U)  # [B, H, n, D_out, D_in]
+            Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
             S_out.append(torch.addcmul(-((pl.unsqueeze(-1) * di).mT @ ai), el[..., None, None], S))  # no U
+            if dual:  # the last state from its own row of the coefficients: no gradient into every token's A_i
+                A_out.append(torch.addcmul(torch.addcmul(-((G[..., -1, :, None] * di).mT @ ai), b[..., -1, None, None],
+                                                         A), f[..., -1, None, None], S))
+                A_tok.append((_lq_scale(Ai, rule.lq), A, S, ai, di))
+                continue
         elif rule.optimizer == "orthogonal":
             e, Pt, beta = coef
-            Si = _with_starts((e, -Pt), (S,), U)  # Titans' momentum at every token
+            Si = _rank_states((e, -Pt), (S,), di, ai)  # Titans' momentum at every token
             steps, a_i = [], A
             for i in range(Si.shape[2]):
                 a_i = orthogonal_step(beta[..., i, None, None] * a_i, Si[:, :, i])
@@ -95,14 +179,20 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             S_out.append(Si[:, :, -1].clone())
         else:
             b, e, Pe, Pb = coef
-            Si = _with_starts((e, -Pe), (S,), U)  # the momentum of the raw gradients, every token
+            Si = _rank_states((e, -Pe), (S,), di, ai)  # the momentum of the raw gradients, every token
             Ai = _with_starts((b, Pb), (A,), newton_schulz(Si, rule.ns_steps))
             S_out.append(Si[:, :, -1].clone())  # not a view: it would keep every token's S alive
         A_tok.append(Ai)
         A_out.append(Ai[:, :, -1].clone())
     h = q
     for i, Ai in enumerate(A_tok):  # o_i = M(q_i; F(A_i)), every token through its own memory
-        h = (_effective(Ai, rule) @ h.unsqueeze(-1)).squeeze(-1)
+        if dual:
+            scale, A, S, ai, di = Ai
+            b, f, G = coef[:3]
+            y = torch.addcmul(b.unsqueeze(-1) * (h @ A.mT), f.unsqueeze(-1), h @ S.mT) - (G * (h @ ai.mT)) @ di
+            h = scale.unsqueeze(-1) * y
+        else:
+            h = (_effective(Ai, rule) @ h.unsqueeze(-1)).squeeze(-1)
         if i < len(A_tok) - 1:
             h = activate(h, activation)
     return (h + q if residual else h), A_out, S_out
