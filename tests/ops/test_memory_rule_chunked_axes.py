@@ -144,7 +144,10 @@ def test_lattice_chunked_equals_reference_and_streams_cut_anywhere():
                                         (MemoryRule(loss="lp", p=2.5, window=3), 1),
                                         (MemoryRule(loss="lp", p=3.0, retention="lq", optimizer="muon", ns_steps=2,
                                                     window=2), 2),
-                                        (MemoryRule(optimizer="orthogonal", window=2), 1)])
+                                        (MemoryRule(optimizer="orthogonal", window=2), 1),
+                                        (MemoryRule(loss="lp", p=3.0, retention="lq", lq=4.0, window=2), 2),  # dual read
+                                        (MemoryRule(retention="lq", lq=3.0), 1),
+                                        (MemoryRule(retention="kl", softmax_scale=2.5), 2)])
 def test_gradcheck(rule, depth):
     g = torch.Generator().manual_seed(depth)
     B, T, H, K = 1, 5, 1, 2
