@@ -156,6 +156,9 @@ def test_streams_cut_anywhere_and_decoding_equal_one_call(preset):
         assert len(s.window) == (0 if n == 0 else 3 + (layer.to_delta is not None))
         assert all(t.shape[:2] == (2, n) for t in s.window)
     assert n == 0 or not layer.init_state(2).memory.window[2].any()
+    # without momentum (eta = 0) the state carries no S: the carried S never reaches a later token
+    for s in (layer.init_state(2).memory, state.memory, final.memory):
+        assert len(s.momentum) == (len(s.weights) if layer.momentum else 0)
     # pieces from no state (the first call's state carries fewer window tokens)
     o1, s1 = layer(x[:, :2])
     o2, _ = layer(x[:, 2:], s1)
@@ -166,6 +169,32 @@ def test_streams_cut_anywhere_and_decoding_equal_one_call(preset):
         o, state = layer.step(x[:, t], state)
         steps.append(o)
     assert_close(f"{preset} decoded", y, torch.stack(steps, 1), 1e-12)
+
+
+def test_a_state_without_momentum_continues_from_zero_surprise():
+    """The op reads an empty ``initial_state.momentum`` as S = 0, so a momentum-free state (``momentum=False``, or
+    a delta rule's) continues exactly as the same state with zero momentum; with eta = 0 any S gives the same."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H, D = 2, 7, 2, 4
+    q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=F64) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    theta, alpha = 0.3 * torch.rand(B, T, H, generator=g, dtype=F64), 0.2 * torch.rand(B, T, H, generator=g, dtype=F64)
+    eta = 0.8 * torch.rand(B, T, H, generator=g, dtype=F64)
+    W = (torch.randn(B, H, 6, D, generator=g, dtype=F64) / 2, torch.randn(B, H, D, 6, generator=g, dtype=F64) / 2)
+    for e in (eta, torch.zeros_like(eta)):
+        o1, st = neural_memory(q[:, :3], k[:, :3], v[:, :3], theta[:, :3], e[:, :3], alpha[:, :3], W, chunk_size=2,
+                               output_final_state=True)
+        zero = dataclasses.replace(st, momentum=tuple(torch.zeros_like(s) for s in st.momentum))
+        noisy = dataclasses.replace(st, momentum=tuple(torch.randn_like(s) for s in st.momentum))
+        rest = (q[:, 3:], k[:, 3:], v[:, 3:], theta[:, 3:], e[:, 3:], alpha[:, 3:])
+        o_zero, _ = neural_memory(*rest, initial_state=zero, chunk_size=2)
+        o_empty, _ = neural_memory(*rest, initial_state=dataclasses.replace(st, momentum=()), chunk_size=2)
+        assert_close("empty momentum == zero momentum", o_zero, o_empty, 0.0)
+        o_noisy, _ = neural_memory(*rest, initial_state=noisy, chunk_size=2)
+        if e is eta:  # the momentum matters when eta > 0 (the test can fail) ...
+            assert (o_noisy - o_zero).abs().max() > 1e-3
+        else:  # ... and not at all when eta = 0
+            assert_close("eta = 0: S is no state", o_zero, o_noisy, 1e-13)
 
 
 def test_retrieve_and_stats_read_the_effective_weights():

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -303,7 +303,8 @@ class NeuralMemory(nn.Module):
         device = p.device if device is None else device
         dtype = dtype or p.dtype
         W = tuple(w.to(device).expand(batch, *w.shape) for w in self.memory)  # [B, H, D_out, D_in], tied to W_0
-        S = tuple(torch.zeros(batch, *w.shape, device=device, dtype=w.dtype) for w in self.memory)
+        # eta = 0 (momentum=False): S_t = -theta_t u_t never reaches a later token, so the state carries none
+        S = tuple(torch.zeros(batch, *w.shape, device=device, dtype=w.dtype) for w in self.memory) if self.momentum else ()
         window = ()
         n, H, D = self.memory_rule.window - 1, self.heads, self.head_dim
         if n:
@@ -381,6 +382,8 @@ class NeuralMemory(nn.Module):
             o, mem = neural_memory(q, k, v, theta, eta, alpha, tuple(self.memory), output_final_state=True, **kwargs)
         else:
             o, mem = neural_memory(q, k, v, theta, eta, alpha, initial_state=state.memory, output_final_state=True, **kwargs)
+        if not self.momentum:  # eta = 0: the last token's S is no state (see init_state)
+            mem = replace(mem, momentum=())
         if self.record_stats:
             # the memory this call's first writes were computed at: a call that continues a chunk (MAC's segments
             # inside a longer chunk) took their gradients at the chunk's anchor, not at the memory it started from

@@ -162,7 +162,8 @@ class MemoryState:
     Attributes:
         weights: L tensors ``[B, H, D_out, D_in]``, the memory after the last token (W_T).
         momentum: L tensors like ``weights``, the surprise after the last token (S_T); empty for a recurrence
-            without momentum (a delta rule's state).
+            without momentum (a delta rule's state, or a memory whose eta is 0, whose S never reaches a later
+            token: ``NeuralMemory(momentum=False)`` keeps none); a call continued from an empty one starts at S = 0.
         anchor: L tensors like ``weights``, the memory at the last chunk boundary: the point at which the gradients
             of the chunk in progress are taken. Equal to ``weights`` when ``offset == 0``.
         offset: tokens consumed since that boundary, ``0 <= offset < chunk_size``.
@@ -353,7 +354,7 @@ def check_inputs(
         if not 0 <= st.offset < st.chunk_size:
             raise ValueError(f"initial_state.offset must lie in [0, {st.chunk_size}), got {st.offset}")
         weights = _check_weights(st.weights, B, H, K, V, residual, q.device, "initial_state.weights")
-        momentum = st.momentum
+        momentum = st.momentum or None  # empty: a state without momentum continues from S = 0
         anchor = _check_like("initial_state.anchor", st.anchor, weights, B, H)
         offset = st.offset
     elif weights is None:
