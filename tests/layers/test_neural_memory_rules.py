@@ -295,6 +295,8 @@ def test_a_rule_variant_fixes_its_rule_and_reads_the_axes():
     ({"momentum": "no"}, TypeError, "model.memory.momentum must be of type bool"),
     ({"rule": "memora", "impl": "triton"}, ValueError, "model.memory.impl='triton' runs only the rules its path "
                                                         "covers: the Triton kernels cover"),
+    ({"forget_bias": float("nan")}, ValueError, "model.memory.forget_bias must be a finite number, got nan"),
+    ({"forget_bias": True}, TypeError, "model.memory.forget_bias must be of type float, got True"),
     ({"poly_degree": -1}, ValueError, "model.memory.poly_degree must be an int >= 0, got -1"),
     ({"poly_degree": 2}, ValueError, "model.memory.poly_degree=2 needs model.memory.residual=False"),
 ], ids=lambda x: str(x) if isinstance(x, dict) else None)
@@ -306,6 +308,17 @@ def test_bad_rule_config_values_name_the_key(memory, error, match):
 def test_impl_torch_runs_every_rule_on_the_chunked_path():
     for rule in ("moneta", "memora", "yaad", "atlas"):
         assert MnemosConfig(variant="lmm", memory={"rule": rule, "impl": "torch"}).memory.impl == "torch"
+
+
+def test_forget_bias_sets_the_forgetting_gates_start():
+    H = 2
+    default, long = NeuralMemory(8, H), NeuralMemory(8, H, forget_bias=-12.0)
+    assert torch.equal(default.to_gates.bias[-H:], torch.full((H,), -8.0))  # the initialisation before the key
+    assert torch.equal(long.to_gates.bias[-H:], torch.full((H,), -12.0))
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():  # alpha = sigmoid(bias + w.x) with small w: ~6e-6 per token
+        alpha = long._project(x, None)[5]
+    assert alpha.max() < 1e-5 and alpha.min() > 1e-6
 
 
 def test_bad_rule_keywords_of_the_layer_name_the_key():

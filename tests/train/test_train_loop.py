@@ -113,7 +113,7 @@ def test_resume_reads_a_checkpoint_written_before_newer_config_keys(tmp_path):
     model = state["config"]["model"]
     for key in ("layers", "mamba2", "based", "mom", "mac_attn_init_scale"):
         model.pop(key, None)
-    for key in ("rule", "momentum", "poly_degree", "loss", "window"):
+    for key in ("rule", "momentum", "poly_degree", "loss", "window", "forget_bias"):
         model["memory"].pop(key, None)
     _torch.save(state, f)
     train(_cfg(tmp_path, *args, "run.stop_after=1"), resume=True)  # no refusal

@@ -139,6 +139,10 @@ class MemorySettings:
     # a learned, data-dependent momentum gate eta (Titans, Atlas); False: eta = 0, plain gradient descent (Miras'
     # Moneta, Yaad and Memora), and the gate projection has no eta row
     momentum: bool = True
+    # the forgetting gate's initial bias: alpha = sigmoid(bias + w.x) starts at sigmoid(-8) ~ 3.4e-4 per token, a
+    # memory half-life of ~2,000 tokens. Training at a few hundred tokens barely moves it (docs/RESULTS.md, the
+    # passkey probe), so it sets how far past the training length a write survives: -12 ~ 6e-6, ~110K tokens
+    forget_bias: float = -8.0
     # Atlas' polynomial feature map of the memory's keys and queries (arXiv 2505.23735, sec. 3.3), its degree p: the
     # memory reads phi(k) = [sqrt(a_i) vec(k^(x)i)]_{i=0..p} (1 + D + ... + D^p features), with learned a_i > 0 per head
     # initialised to 1/i!, so that phi(q).phi(k) = sum_i a_i (q.k)^i (exp's Taylor series); 0: no feature map. Needs
@@ -161,6 +165,9 @@ class MemorySettings:
             raise ValueError(f"{w}max_chunk_lr must be None or > 0, got {self.max_chunk_lr}")
         if not isinstance(self.momentum, bool):
             raise TypeError(f"{w}momentum must be a bool, got {self.momentum!r}")
+        if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
+                or not math.isfinite(self.forget_bias):
+            raise ValueError(f"{w}forget_bias must be a finite number, got {self.forget_bias!r}")
         if isinstance(self.poly_degree, bool) or not isinstance(self.poly_degree, int) or self.poly_degree < 0:
             raise ValueError(f"{w}poly_degree must be an int >= 0, got {self.poly_degree!r}")
         if self.poly_degree and self.residual:
@@ -202,7 +209,8 @@ class NeuralMemory(nn.Module):
             ``normalize_step`` (torch path only), ``impl`` (passed to :func:`mnemos.ops.neural_memory`), the rule:
             ``rule`` (a preset name) and its axes ``loss``, ``p``, ``retention``, ``lq``, ``softmax_scale``,
             ``softmax_dim``, ``optimizer``, ``ns_steps``, ``window`` (None: the preset's), ``momentum``;
-            ``poly_degree`` (Atlas' polynomial features of q and k).
+            ``forget_bias`` (the forgetting gate's initial bias); ``poly_degree`` (Atlas' polynomial features of q
+            and k).
 
     Attributes:
         memory_rule: the resolved :class:`mnemos.ops.MemoryRule` the memory runs.
@@ -276,7 +284,7 @@ class NeuralMemory(nn.Module):
         with torch.no_grad():
             self.to_gates.bias[:H].fill_(0.0)  # theta = max_lr / 2
             self.to_gates.bias[H:-H].fill_(0.0)  # eta = 0.5 (no rows without momentum)
-            self.to_gates.bias[-H:].fill_(-8.0)  # alpha ~ 3e-4: a memory half-life of ~2000 tokens
+            self.to_gates.bias[-H:].fill_(float(self.forget_bias))  # alpha ~ 3e-4 at -8: a half-life of ~2000 tokens
         rule = self.memory_rule
         if rule.retention == "lq" and rule.lq != 3:
             # A_0 = F^-1(W_0): the memory reads F(A_0) = the normal init above (F(A) = A / ||A||_q^(q-2) has the

@@ -416,7 +416,8 @@ MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": 
 # model keys added since, likewise (MAL's memory read reached the stream only through its attention; MAC's memory
 # was written with the attention output and gated it)
 # (the sections mamba2.* and based.* are not here: no model saved before them reads them, so their defaults do;
-# mac_attn_init_scale only sets an initialisation, 1 reproduces the runs before it)
+# mac_attn_init_scale only sets an initialisation, 1 reproduces the runs before it; so does memory.forget_bias, whose
+# default -8 is the initialisation before it)
 MODEL_KEYS_ADDED = {"mal_memory_residual": False, "mac_memory_residual": False, "mac_attn_init_scale": 1.0}
 # (model.layers came with hybrid stacks: a config saved before it is one variant in every block; the section mom.*
 # is not here, for the reason of mamba2.* and based.*)
