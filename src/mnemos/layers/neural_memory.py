@@ -312,7 +312,8 @@ class NeuralMemory(nn.Module):
         dtype = dtype or p.dtype
         W = tuple(w.to(device).expand(batch, *w.shape) for w in self.memory)  # [B, H, D_out, D_in], tied to W_0
         # eta = 0 (momentum=False): S_t = -theta_t u_t never reaches a later token, so the state carries none
-        S = tuple(torch.zeros(batch, *w.shape, device=device, dtype=w.dtype) for w in self.memory) if self.momentum else ()
+        S = tuple(torch.zeros(batch, *w.shape, device=device, dtype=w.dtype) for w in self.memory) if self.momentum \
+            else ()
         window = ()
         n, H, D = self.memory_rule.window - 1, self.heads, self.head_dim
         if n:
