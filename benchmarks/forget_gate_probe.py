@@ -1,0 +1,78 @@
+"""How much of a memory model's long-context loss is its forgetting gate: a trained checkpoint on S-NIAH passkey
+prompts as trained and with every memory's forgetting-gate bias lowered by each ``--shift`` (alpha = sigmoid(b +
+w.x) about e^shift times smaller; ``memory.forget_bias`` sets b at initialisation, docs/MODELS.md). A diagnostic, not
+a model: the shifted copies are never saved. If long contexts recover with the decay gone, the decay limited them;
+what is still lost with a large shift is the rest (the haystack's own writes).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/forget_gate_probe.py --model RUN/checkpoint \
+        --shifts 5 10 --lengths 512 1024 4096 16384 --samples 3 --out /tmp/forget-probe
+
+Prints the table of ``mnemos eval niah`` (accuracy by length, and by depth and length) and writes its
+``results.json`` / ``report.md`` to ``--out``; each model's name says its shift. Chance for a 5-digit key: 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    import mnemos  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mnemos.data.niah import NIAHConfig
+from mnemos.eval.adapters import MnemosLMAdapter, load_mnemos_checkpoint
+from mnemos.eval.harness import evaluate
+from mnemos.eval.report import write_report
+from mnemos.eval.runner import EvalOptions
+from mnemos.layers import NeuralMemory
+
+
+def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
+    """A copy of the adapter's model with every NeuralMemory's forgetting-gate bias lowered by ``shift``."""
+    model = copy.deepcopy(adapter.model)
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if not memories:
+        raise ValueError(f"{adapter.name} has no neural memory (a forgetting gate to shift)")
+    with torch.no_grad():
+        for m in memories:
+            m.to_gates.bias[-m.heads:] -= shift  # the alpha rows: the last H of [theta, (eta,) alpha]
+    return MnemosLMAdapter(model, name=f"{adapter.name}, forget bias -{shift:g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a mnemos checkpoint directory of a memory model")
+    p.add_argument("--shifts", type=float, nargs="+", default=[5.0, 10.0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 4096, 16384])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--samples", type=int, default=3, help="prompts per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-chunk", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="directory for results.json and report.md (default: none)")
+    args = p.parse_args(argv)
+    if any(not s > 0 for s in args.shifts):
+        p.error(f"--shifts must be > 0, got {args.shifts}")
+    torch.set_num_threads(args.threads)
+    base = load_mnemos_checkpoint(args.model, device="cpu")
+    models = [base] + [shifted(base, s) for s in args.shifts]
+    task = NIAHConfig(kind="passkey", lengths=tuple(args.lengths), depths=tuple(args.depths),
+                      samples_per_cell=args.samples)
+    options = EvalOptions(stream_chunk=args.stream_chunk, progress=False, keep_samples=False)
+    results = evaluate(models, task, seed=args.seed, options=options)
+    if args.out:
+        write_report(results, args.out, plots=False)
+        print((Path(args.out) / "report.md").read_text())
+    else:
+        for c in results.cells:
+            print(c.model["name"], c.params, f"{c.metrics.get('accuracy', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""benchmarks/forget_gate_probe.py: the shifted copies lower every memory's forgetting gate and nothing else."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import forget_gate_probe  # noqa: E402
+
+from mnemos.eval.adapters import MnemosLMAdapter  # noqa: E402
+from mnemos.models import MnemosConfig, MnemosLM  # noqa: E402
+
+
+def test_shift_lowers_alpha_only():
+    torch.manual_seed(0)
+    base = MnemosLMAdapter(MnemosLM(MnemosConfig(variant="mag", vocab_size=32, d_model=16, n_layers=2, n_heads=2)))
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    probe = forget_gate_probe.shifted(base, 5.0)
+    after = probe.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["blocks.0.mixer.memory.to_gates.bias", "blocks.1.mixer.memory.to_gates.bias"]
+    for k in changed:  # the alpha rows (the last H), lowered by exactly the shift; theta's and eta's untouched
+        assert torch.equal(after[k][-2:], before[k][-2:] - 5.0) and torch.equal(after[k][:-2], before[k][:-2])
+    assert all(torch.equal(v, base.model.state_dict()[k]) for k, v in before.items())  # the original is unchanged
+    x = torch.randint(0, 32, (1, 9))
+    with torch.no_grad():  # the shifted memory forgets less, so it reads differently
+        assert not torch.allclose(base.model(x)[0], probe.model(x)[0])
+
+
+def test_a_model_without_memory_is_refused():
+    base = MnemosLMAdapter(MnemosLM(MnemosConfig(variant="swa", vocab_size=32, d_model=16, n_layers=1, n_heads=2)))
+    with pytest.raises(ValueError, match="no neural memory"):
+        forget_gate_probe.shifted(base, 5.0)
