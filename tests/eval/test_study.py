@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -304,3 +305,18 @@ def test_a_run_that_has_not_finished_is_not_evaluated(tmp_path):
     assert out["trained"] == [] and out["evaluated"] == []
     assert f"not run: {job.name} has not finished training" in log.getvalue()
     assert not (tmp_path / "evals" / f"extrap-{job.name}" / "results.json").exists()
+
+
+def test_workers_keep_freed_memory_unless_the_user_says_otherwise(monkeypatch):
+    from mnemos.eval.study import KEEP_FREED_MEMORY, _worker_env
+
+    for key in KEEP_FREED_MEMORY:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = _worker_env(3)
+    assert {k: env[k] for k in KEEP_FREED_MEMORY} == KEEP_FREED_MEMORY
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["MNEMOS_STUDY_THREADS"] == "3"
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    assert paths[0].endswith("src") and paths[1:] == ["/elsewhere"]
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's value wins
+    assert _worker_env(1)["MALLOC_TRIM_THRESHOLD_"] == "0"

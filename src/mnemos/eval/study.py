@@ -545,6 +545,24 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
     return {**summary, "written": [str(p) for p in written]}
 
 
+# glibc's allocator hands large freed blocks back to the system and maps them afresh, so a memory model's state-sized
+# buffers fault their pages in again at every chunk; kept, the study's lmm runs train ~8% faster (C 4) at these sizes
+# (docs/PERFORMANCE.md, "What did not help"). Set for the study's own worker processes only, under any value the user
+# set; other allocators ignore the variables.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000",
+                     "MALLOC_TOP_PAD_": "268435456"}
+
+
+def _worker_env(threads: int) -> dict[str, str]:
+    """The environment of a ``--jobs`` worker: the caller's, ``threads`` threads, :data:`KEEP_FREED_MEMORY` where
+    the caller sets none of its keys, and this package first on ``PYTHONPATH`` (a source checkout works unchanged)."""
+    env = {**KEEP_FREED_MEMORY, **os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "MNEMOS_STUDY_THREADS": str(threads)}
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def _train_parallel(todo: list[TrainJob], out: Path, jobs: int, threads: int,
                     finished: Callable[[TrainJob, dict[str, Any], float], None]) -> None:
     """Run ``todo`` in ``jobs`` subprocesses at a time, each with ``threads`` torch threads, output to its
@@ -552,10 +570,7 @@ def _train_parallel(todo: list[TrainJob], out: Path, jobs: int, threads: int,
     no further runs; the running ones finish or stop on their own signal."""
     queue = list(todo)
     running: list[tuple[TrainJob, subprocess.Popen, float, Any]] = []
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "MNEMOS_STUDY_THREADS": str(threads)}
-    src = str(Path(__file__).resolve().parents[2])  # the package's root, so a source checkout works unchanged
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = _worker_env(threads)
     while queue or running:
         while queue and len(running) < jobs:
             j = queue.pop(0)
