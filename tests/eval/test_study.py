@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -320,3 +321,19 @@ def test_workers_keep_freed_memory_unless_the_user_says_otherwise(monkeypatch):
     assert paths[0].endswith("src") and paths[1:] == ["/elsewhere"]
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # the user's value wins
     assert _worker_env(1)["MALLOC_TRIM_THRESHOLD_"] == "0"
+
+
+def test_sigterm_unwinds_inside_the_block_only():
+    """``--jobs 1`` trains in the study's own process: SIGTERM there must unwind through train_one as in a child
+    (a SystemExit, so the stopped run's record and CPU time are written), and leave the handler as it was."""
+    import signal
+
+    from mnemos.eval.study import _sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        with _sigterm_unwinds():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+    assert e.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

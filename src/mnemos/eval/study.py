@@ -27,6 +27,7 @@ drives :func:`mnemos.train.loop.train` (eval already reads the trainer's checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -398,17 +399,32 @@ def _write_record(run_dir: Path, record: dict[str, Any], old: dict[str, Any], cp
     (run_dir / RECORD).write_text(json.dumps(record, indent=1))
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises SystemExit inside the block (Python's default ends the process on the spot), so that
+    :func:`train_one` records the status "stopped" and the CPU time a stopped run spent; the previous handler comes
+    back after. Only in the main thread (the one place Python delivers signals); elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _child_main(job_path: str) -> int:
     """``python -m mnemos.eval.study --train-one JOB.json``: one run in a subprocess of ``--jobs 2``."""
-    import signal
-
     import torch
 
-    # the study stopped with SIGTERM: unwind, so that train_one records the CPU time this run spent
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     torch.set_num_threads(int(os.environ.get("MNEMOS_STUDY_THREADS", "1")))
     d = json.loads(Path(job_path).read_text())
-    record = train_one(TrainJob(**d["job"]), Path(d["run_dir"]))
+    with _sigterm_unwinds():
+        record = train_one(TrainJob(**d["job"]), Path(d["run_dir"]))
     return 0 if record["status"] != "error" else 1
 
 
@@ -511,7 +527,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
         if jobs == 1:
             for j in todo:
                 t0 = time.perf_counter()
-                record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty())
+                with _sigterm_unwinds():  # in this process too: a stopped run keeps its CPU time
+                    record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty())
                 finished(j, record, time.perf_counter() - t0)
         else:
             _train_parallel(todo, out, jobs, threads or 1, finished)
