@@ -118,11 +118,10 @@ class _Lq4Power(torch.autograd.Function):
 
 
 def _effective(A: Tensor, rule: MemoryRule) -> Tensor:
-    """``rule.effective_weights`` for many matrices at once, in fewer passes (lq's norm by repeated squaring where lq
-    is 4; no multiply by a softmax scale of 1): the same map, equal up to rounding."""
-    if rule.retention == "lq" and rule.lq == 4.0:
-        n = A.square().square().sum((-2, -1), keepdim=True)  # ||A||_4^4
-        return A * torch.where(n > 0, n, torch.ones_like(n)).rsqrt()  # A / ||A||_4^2, F(0) = 0
+    """``rule.effective_weights`` for many matrices at once, in fewer passes (lq: :func:`_lq_scale`; no multiply by a
+    softmax scale of 1): the same map, equal up to rounding."""
+    if rule.retention == "lq":
+        return A * _lq_scale(A, rule.lq)[..., None, None]  # A / ||A||_lq^(lq - 2), F(0) = 0
     if rule.retention == "kl" and rule.softmax_scale == 1.0:
         if rule.softmax_dim == "row":
             return torch.softmax(A, dim=-1)
@@ -131,7 +130,7 @@ def _effective(A: Tensor, rule: MemoryRule) -> Tensor:
 
 
 def _lq_scale(A: Tensor, lq: float) -> Tensor:
-    """``||A_i||_lq^(2 - lq)`` per matrix of A ``[..., n, D_out, D_in]`` -> ``[..., n]``, 1 where A_i = 0 (F(0) = 0
+    """``||A_i||_lq^(2 - lq)`` per matrix of A ``[..., D_out, D_in]`` -> ``[...]``, 1 where A_i = 0 (F(0) = 0
     whatever it scales): Moneta's F(A_i) = A_i * this."""
     if lq == 4.0:
         n = _Lq4Power.apply(A)
