@@ -40,7 +40,7 @@ def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
         raise ValueError(f"{adapter.name} has no neural memory (a forgetting gate to shift)")
     with torch.no_grad():
         for m in memories:
-            m.to_gates.bias[-m.heads:] -= shift  # the alpha rows: the last H of [theta, (eta,) alpha]
+            m.forget_gate_bias.sub_(shift)
     return MnemosLMAdapter(model, name=f"{adapter.name}, forget bias -{shift:g}")
 
 

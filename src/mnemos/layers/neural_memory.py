@@ -284,7 +284,7 @@ class NeuralMemory(nn.Module):
         with torch.no_grad():
             self.to_gates.bias[:H].fill_(0.0)  # theta = max_lr / 2
             self.to_gates.bias[H:-H].fill_(0.0)  # eta = 0.5 (no rows without momentum)
-            self.to_gates.bias[-H:].fill_(float(self.forget_bias))  # alpha ~ 3e-4 at -8: a half-life of ~2000 tokens
+            self.forget_gate_bias.fill_(float(self.forget_bias))  # alpha ~ 3e-4 at -8: a half-life of ~2000 tokens
         rule = self.memory_rule
         if rule.retention == "lq" and rule.lq != 3:
             # A_0 = F^-1(W_0): the memory reads F(A_0) = the normal init above (F(A) = A / ||A||_q^(q-2) has the
@@ -473,6 +473,12 @@ class NeuralMemory(nn.Module):
         q = self._project(x, None if state is None else state.conv)[0]
         A = tuple(self.memory) if state is None else state.memory.weights
         return memory_read(q, self.read_weights(A), residual=self.residual, activation=self.activation)
+
+    @property
+    def forget_gate_bias(self) -> Tensor:
+        """The forgetting gate's bias per head ``[H]``, a view of the gate projection's (its last H rows are alpha's:
+        ``alpha = sigmoid(bias + w.x)``; ``forget_bias`` sets it at initialisation)."""
+        return self.to_gates.bias[-self.heads:]
 
     def read_weights(self, A) -> tuple[Tensor, ...]:
         """The weights the memory reads, ``W = F(A)``, from the accumulators A a state carries (``state.weights``, or
