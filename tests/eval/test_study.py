@@ -286,7 +286,8 @@ def test_a_stopped_run_starts_no_further_runs(tmp_path, monkeypatch):
     trains = [t for t in plan(s)[0] if t.group == "mqar"]
     assert len(trains) >= 4
     done = []
-    study._train_parallel(trains, tmp_path, jobs=2, threads=1, finished=lambda j, r, w: done.append(r["status"]))
+    study._train_parallel(s, trains, tmp_path, jobs=2, threads=1,
+                          finished=lambda j, r, w: done.append(r["status"]))
     assert len(started) == 2 and done == ["stopped", "done"]  # the two launched together; nothing after them
 
 
@@ -337,3 +338,45 @@ def test_sigterm_unwinds_inside_the_block_only():
             time.sleep(5)  # the handler runs at the next bytecode; never reached
     assert e.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_settings_survive_the_round_trip_a_worker_makes():
+    import dataclasses
+
+    from mnemos.eval.study import settings_from_dict
+
+    for size in ("full", "quick", "tiny"):
+        s = study_settings(size)
+        assert settings_from_dict(json.loads(json.dumps(dataclasses.asdict(s)))) == s
+
+
+def test_a_study_directory_without_its_checkpoints_keeps_every_result(tmp_path):
+    """What a committed study directory holds (OUT/.gitignore leaves out checkpoints and logs): a re-run trains and
+    evaluates nothing and reports the same numbers; every run was evaluated when it finished, the lr not chosen too."""
+    import fnmatch
+
+    from mnemos.eval.study import STUDY_GITIGNORE, train_jobs
+
+    run_study(TINY, tmp_path, file=io.StringIO())
+    report = (tmp_path / "report.md").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / ".gitignore").read_text() == STUDY_GITIGNORE
+    for job in train_jobs(TINY):  # both lrs of every model: evaluated at the end of their training
+        if job.group == "mqar":
+            assert (tmp_path / "evals" / job.name / "results.json").is_file(), job.name
+    patterns = [line for line in STUDY_GITIGNORE.splitlines() if line and not line.startswith("#")]
+    removed = 0
+    for path in sorted(tmp_path.rglob("*"), reverse=True):
+        rel = path.relative_to(tmp_path).as_posix()
+        if any(fnmatch.fnmatch(rel, pat.rstrip("/")) or fnmatch.fnmatch(rel, pat + "*") for pat in patterns):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            removed += 1
+    assert removed and not list(tmp_path.rglob("trainer.pt")) and not list(tmp_path.rglob("*.safetensors"))
+    again = run_study(TINY, tmp_path, file=io.StringIO())
+    assert again["trained"] == [] and again["evaluated"] == [] and not again["failed"]
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == results["cells"]
+    strip = lambda text: [line for line in text.splitlines() if "CPU" not in line]  # noqa: E731
+    assert strip((tmp_path / "report.md").read_text()) == strip(report)

@@ -7,11 +7,15 @@ A study is a list of training runs followed by evaluations, all written under on
   ``run.out_dir = OUT/runs/NAME``; it is skipped when its final checkpoint exists, resumed (``train(...,
   resume=True)``) from its last checkpoint (``run.save_every``) when it was killed part-way.
 - **Passkey runs**: S-NIAH passkey (``task.kind=niah``) at <= 512 tokens for the passkey models.
-- **Best learning rate**: per (grid point, model), the outer lr with the highest final validation accuracy (the
-  trainer's own eval, mean over the seeds; ties go to the smaller lr). Only the chosen lr's models are evaluated.
+- **Best learning rate**: per (grid point, model), chosen on the point's first seed (:func:`select_lrs`): the outer
+  lr that reached ``stop_at_accuracy`` first, else the highest final validation accuracy (the trainer's own eval;
+  ties go to the smaller lr). The other seeds train at the chosen lr; the report shows the chosen lr's evaluations.
 - **Evaluations** (:func:`mnemos.eval.harness.run_eval`, each to ``OUT/evals/NAME/results.json``, skipped when
   present): MQAR at the training grid point (a held-out seed); length extrapolation of the main-point models at
-  ``extrapolation_lengths`` with K fixed; passkey at 1K ... 1M tokens streamed; passkey state capacity.
+  ``extrapolation_lengths`` with K fixed; passkey at 1K ... 1M tokens streamed; passkey state capacity. Each run's
+  evaluations run as soon as it finishes (every lr's; the report reads the chosen lr's), so that
+- **a study directory can be committed and continued elsewhere**: ``OUT/.gitignore`` leaves out the checkpoints and
+  logs (:data:`STUDY_GITIGNORE`), and a run whose checkpoint is gone counts as finished from its record.
 - **Report**: every result merged with the report machinery (:mod:`mnemos.eval.report`) into ``OUT/results.json``,
   ``OUT/report.md`` and the figures, plus the study's own tables (runs and their CPU time, the lr selection,
   extrapolation) and the accuracy-vs-step curves read from each run's ``metrics.jsonl``; ``OUT/study.json`` holds
@@ -116,6 +120,9 @@ class StudySettings:
     val_examples: int = 500  # the trainer's evals (task.eval_examples)
     eval_every: int = 250
     save_every: int = 500
+    # the trainer's train-row interval (metrics.jsonl): 50 keeps a 6000-step run's log ~60 KB, small enough for the
+    # study directory to be committed (see STUDY_GITIGNORE)
+    log_every: int = 50
     eval_examples: int = 1000  # MQAR examples per eval cell
     eval_seed: int = 7777  # held out: training draws its sets from seeds 0.. and 1_000_003..
     extrapolation_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024)
@@ -172,7 +179,8 @@ def study_settings(size: str = "full") -> StudySettings:
         return StudySettings(
             size="quick", models=("transformer", "swa", "gated_deltanet", "lmm-d2", "mag"),
             grid=(GridPoint(64, 8, 128, 600, 32),), main=(64, 8), lrs=(3e-3,), warmup_steps=50,
-            train_examples=20000, val_examples=250, eval_every=100, save_every=200, eval_examples=500,
+            train_examples=20000, val_examples=250, eval_every=100, save_every=200, log_every=10,
+            eval_examples=500,
             extrapolation_lengths=(64, 128, 256, 512),
             passkey_models=("lmm-x4", "gated_deltanet"), passkey_seq_len=320, passkey_steps=250,
             passkey_batch_size=16, passkey_lengths=(1024, 4096, 16384), passkey_depths=(0.25, 0.75),
@@ -182,13 +190,22 @@ def study_settings(size: str = "full") -> StudySettings:
         return StudySettings(
             size="tiny", models=("gated_deltanet", "lmm-d2"), grid=(GridPoint(32, 2, 64, 3, 4),), main=(32, 2),
             lrs=(1e-3, 3e-3), d_model=16, n_layers=1, n_heads=2, window=4, segment_len=8, warmup_steps=1,
-            train_examples=64, val_examples=8, eval_every=3, save_every=2, eval_examples=8,
+            train_examples=64, val_examples=8, eval_every=3, save_every=2, log_every=1, eval_examples=8,
             extrapolation_lengths=(32, 64), passkey_models=("gated_deltanet",), passkey_seq_len=288,
             passkey_steps=2, passkey_batch_size=2, passkey_window=8, passkey_lengths=(512,),
             passkey_depths=(0.5,), capacity_models=("gated_deltanet",), capacity_lengths=(512,),
             capacity_samples=1, stream_chunk=128,
         )
     raise ValueError(f"unknown study size {size!r}; expected full, quick or tiny")
+
+
+def settings_from_dict(d: dict[str, Any]) -> StudySettings:
+    """The inverse of ``dataclasses.asdict(settings)`` (JSON lists back to tuples): how a ``--jobs 2`` worker gets
+    the study's settings."""
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    d["grid"] = tuple(GridPoint(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
+                      for g in d["grid"])
+    return StudySettings(**d)
 
 
 # -- the plan --------------------------------------------------------------------------------------------------------
@@ -251,7 +268,7 @@ def train_jobs(s: StudySettings) -> list[TrainJob]:
                         "optim": {"lr": lr, "warmup_steps": s.warmup_steps},
                         "run": {"steps": p.steps, "batch_size": p.batch_size, "seed": seed, "device": "auto",
                                 "eval_every": min(s.eval_every, p.steps), "save_every": s.save_every,
-                                "stop_at_accuracy": s.stop_at_accuracy},
+                                "log_every": s.log_every, "stop_at_accuracy": s.stop_at_accuracy},
                     }
                     jobs.append(TrainJob(f"mqar-{p.key}-{label}-lr{_lr_text(lr)}-s{seed}", label, "mqar", cfg,
                                          p.key, lr, seed))
@@ -262,39 +279,42 @@ def train_jobs(s: StudySettings) -> list[TrainJob]:
                      "train_examples": s.train_examples, "eval_examples": min(s.val_examples, 200)},
             "optim": {"lr": s.passkey_lr, "warmup_steps": s.warmup_steps},
             "run": {"steps": s.passkey_steps, "batch_size": s.passkey_batch_size, "seed": 0, "device": "auto",
-                    "eval_every": min(s.eval_every, s.passkey_steps), "save_every": s.save_every},
+                    "eval_every": min(s.eval_every, s.passkey_steps), "save_every": s.save_every,
+                    "log_every": s.log_every},
         }
         jobs.append(TrainJob(f"passkey-{label}", label, "passkey", cfg, None, s.passkey_lr, 0))
     return jobs
 
 
-def eval_jobs(s: StudySettings, trains: list[TrainJob], chosen: dict[tuple[str, str], float]) -> list[EvalJob]:
-    """The evaluations of the chosen-lr runs (``chosen[(point, label)]``; the first lr where nothing is known)."""
-    jobs = []
-    by_key = {p.key: p for p in s.grid}
-    main = f"L{s.main[0]}-K{s.main[1]}"
-    for t in trains:
-        if t.group == "passkey":
-            continue
-        if t.lr != chosen.get((t.point, t.label), point_lrs(s, t.point)[0]):
-            continue
-        p = by_key[t.point]
-        common = dict(vocab_size=p.vocab_size, num_examples=s.eval_examples)
-        jobs.append(EvalJob(t.name, t.label, "mqar", t.name, [
-            MQARConfig(seq_len=p.seq_len, num_kv_pairs=p.num_kv_pairs, **common)]))
-        if t.point == main:
-            jobs.append(EvalJob(f"extrap-{t.name}", t.label, "extrapolation", t.name, [
-                MQARConfig(seq_len=L, num_kv_pairs=p.num_kv_pairs, noise="disjoint", **common)
-                for L in s.extrapolation_lengths]))
-    for label in s.passkey_models:
-        run = f"passkey-{label}"
-        jobs.append(EvalJob(run, label, "passkey", run, [NIAHConfig(
+def run_evals(s: StudySettings, t: TrainJob) -> list[EvalJob]:
+    """The evaluations of run ``t``: MQAR at its grid point (and length extrapolation at the main point); passkey
+    (and state capacity) for a passkey run. A run is evaluated when it finishes (whatever lr is chosen later), so a
+    study directory whose checkpoints are gone still holds every result (:data:`STUDY_GITIGNORE`)."""
+    if t.group == "passkey":
+        jobs = [EvalJob(t.name, t.label, "passkey", t.name, [NIAHConfig(
             kind="passkey", lengths=s.passkey_lengths, depths=s.passkey_depths, samples_per_cell=s.passkey_samples)],
-            s.stream_chunk))
-        if label in s.capacity_models:
-            jobs.append(EvalJob(f"capacity-{label}", label, "capacity", run, [PasskeyCapacityConfig(
+            s.stream_chunk)]
+        if t.label in s.capacity_models:
+            jobs.append(EvalJob(f"capacity-{t.label}", t.label, "capacity", t.name, [PasskeyCapacityConfig(
                 lengths=s.capacity_lengths, samples_per_length=s.capacity_samples)], s.stream_chunk))
+        return jobs
+    p = next(p for p in s.grid if p.key == t.point)
+    common = dict(vocab_size=p.vocab_size, num_examples=s.eval_examples)
+    jobs = [EvalJob(t.name, t.label, "mqar", t.name, [
+        MQARConfig(seq_len=p.seq_len, num_kv_pairs=p.num_kv_pairs, **common)])]
+    if (p.seq_len, p.num_kv_pairs) == s.main:
+        jobs.append(EvalJob(f"extrap-{t.name}", t.label, "extrapolation", t.name, [
+            MQARConfig(seq_len=L, num_kv_pairs=p.num_kv_pairs, noise="disjoint", **common)
+            for L in s.extrapolation_lengths]))
     return jobs
+
+
+def eval_jobs(s: StudySettings, trains: list[TrainJob], chosen: dict[tuple[str, str], float]) -> list[EvalJob]:
+    """The evaluations the report reads: those of the chosen-lr runs (``chosen[(point, label)]``; the first lr where
+    nothing is known) and of the passkey runs."""
+    return [e for t in trains if t.group == "passkey" or t.lr == chosen.get((t.point, t.label),
+                                                                            point_lrs(s, t.point)[0])
+            for e in run_evals(s, t)]
 
 
 def _first_seed(s: StudySettings, job: TrainJob) -> bool:
@@ -322,6 +342,18 @@ def plan(s: StudySettings) -> tuple[list[TrainJob], list[EvalJob]]:
 
 RECORD = "study_run.json"  # per run: status, steps, cpu_s, wall_s, tokens_per_s, skipped_steps, message
 
+# OUT/.gitignore: what a study directory holds besides its results (checkpoints, logs, the worker's job file). With
+# these left out, OUT is a few MB of JSON and figures that can be committed as it stands and continued elsewhere:
+# a finished run counts as finished from its record (finished_step), and its evaluations ran when it finished
+# (run_evals), so nothing the report needs is lost with the checkpoints
+STUDY_GITIGNORE = """# written by mnemos study: a study directory without these files keeps every result and resumes
+runs/*/checkpoint/
+runs/*/metrics.csv
+runs/*/train.log
+runs/*/study_job.json
+runs/*/*.png
+"""
+
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
@@ -342,13 +374,16 @@ def _checkpoint_step(run_dir: Path) -> int | None:
 
 def finished_step(job: TrainJob, run_dir: Path) -> int | None:
     """The step a finished run ended at: its schedule's last, or the eval where it reached the study's
-    ``stop_at_accuracy`` (its checkpoint is from that step); None while it is not finished."""
+    ``stop_at_accuracy`` (its checkpoint is from that step); None while it is not finished. Without a checkpoint
+    (a study directory kept without its heavy files: :data:`STUDY_GITIGNORE`) the run's record says."""
+    record = _read(run_dir / RECORD) or {}
     step = _checkpoint_step(run_dir)
+    if step is None and record.get("status") == "done":
+        step = record.get("steps")
     if step is None:
         return None
     if step >= job.config["run"]["steps"]:
         return step
-    record = _read(run_dir / RECORD) or {}
     if record.get("status") == "done" and record.get("stopped_at_accuracy") and record.get("steps") == step:
         return step
     return None
@@ -417,14 +452,25 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+def evaluate_finished(s: StudySettings, job: TrainJob, out: Path, record: dict[str, Any]) -> list[str]:
+    """Run the evaluations of ``job`` (:func:`run_evals`) once it has finished or diverged; their outcomes."""
+    if record.get("status") not in ("done", "diverged"):
+        return []
+    return [f"{e.name}: {_eval_one(s, e, out)}" for e in run_evals(s, job)]
+
+
 def _child_main(job_path: str) -> int:
-    """``python -m mnemos.eval.study --train-one JOB.json``: one run in a subprocess of ``--jobs 2``."""
+    """``python -m mnemos.eval.study --train-one JOB.json``: one run (and its evaluations) in a subprocess of
+    ``--jobs 2``."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("MNEMOS_STUDY_THREADS", "1")))
     d = json.loads(Path(job_path).read_text())
+    job = TrainJob(**d["job"])
     with _sigterm_unwinds():
-        record = train_one(TrainJob(**d["job"]), Path(d["run_dir"]))
+        record = train_one(job, Path(d["run_dir"]))
+        for line in evaluate_finished(settings_from_dict(d["settings"]), job, Path(d["out"]), record):
+            print(f"study eval {line}", flush=True)
     return 0 if record["status"] != "error" else 1
 
 
@@ -492,6 +538,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
         raise ValueError(f"jobs must be 1 or 2, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()  # evals written after this were made by this invocation (some when their run finished)
     candidates = train_jobs(settings)
     trains, evals = plan(settings)
     if only is not None and not any(_matches(j.name, only) for j in (*candidates, *evals)):
@@ -501,6 +548,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
     bar = _Progress(sum(_matches(j.name, only) for j in trains) + n_evals, file)
     summary: dict[str, list[str]] = {"trained": [], "evaluated": [], "skipped": [], "failed": []}
     (out / "study_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=1))
+    (out / ".gitignore").write_text(STUDY_GITIGNORE)
     # the runs not done yet, as far as they are known (the first lr stands in for choices not made yet)
     remaining = sum(j.cost for j in trains if _matches(j.name, only) and not run_is_done(j, out / "runs" / j.name))
 
@@ -529,9 +577,10 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
                 t0 = time.perf_counter()
                 with _sigterm_unwinds():  # in this process too: a stopped run keeps its CPU time
                     record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty())
+                    evaluate_finished(settings, j, out, record)
                 finished(j, record, time.perf_counter() - t0)
         else:
-            _train_parallel(todo, out, jobs, threads or 1, finished)
+            _train_parallel(settings, todo, out, jobs, threads or 1, finished)
 
     chosen = select_lrs(settings, candidates, out)
     by_name = {j.name: j for j in candidates}
@@ -543,9 +592,13 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
             outcome = f"not run: {e.run} has not finished training"  # (an --only subset left it part-way)
         else:
             outcome = _eval_one(settings, e, out)
+            results = out / "evals" / e.name / "results.json"
+            if outcome.startswith("skipped") and results.stat().st_mtime >= started:
+                outcome = "done when its run finished"
         if outcome.startswith("done"):
             summary["evaluated"].append(e.name)
-            bar.eval_walls.append(time.perf_counter() - t0)
+            if outcome.startswith("done in"):  # timed here (not at its run's end): the ETA's per-eval time
+                bar.eval_walls.append(time.perf_counter() - t0)
         elif outcome.startswith("skipped"):
             summary["skipped"].append(e.name)
         else:
@@ -580,10 +633,10 @@ def _worker_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _train_parallel(todo: list[TrainJob], out: Path, jobs: int, threads: int,
+def _train_parallel(settings: StudySettings, todo: list[TrainJob], out: Path, jobs: int, threads: int,
                     finished: Callable[[TrainJob, dict[str, Any], float], None]) -> None:
-    """Run ``todo`` in ``jobs`` subprocesses at a time, each with ``threads`` torch threads, output to its
-    ``train.log``. A run that ends "stopped" (its process got SIGTERM or Ctrl-C: the study is being stopped) starts
+    """Run ``todo`` (each run, then its evaluations) in ``jobs`` subprocesses at a time, each with ``threads`` torch
+    threads, output to its ``train.log``. A run that ends "stopped" (its process got SIGTERM or Ctrl-C: the study is being stopped) starts
     no further runs; the running ones finish or stop on their own signal."""
     queue = list(todo)
     running: list[tuple[TrainJob, subprocess.Popen, float, Any]] = []
@@ -593,8 +646,9 @@ def _train_parallel(todo: list[TrainJob], out: Path, jobs: int, threads: int,
             j = queue.pop(0)
             run_dir = out / "runs" / j.name
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "study_job.json").write_text(json.dumps({"job": dataclasses.asdict(j),
-                                                                "run_dir": str(run_dir)}))
+            (run_dir / "study_job.json").write_text(json.dumps({
+                "job": dataclasses.asdict(j), "run_dir": str(run_dir), "out": str(out),
+                "settings": dataclasses.asdict(settings)}))
             log = open(run_dir / "train.log", "a")
             proc = subprocess.Popen([sys.executable, "-m", "mnemos.eval.study", "--train-one",
                                      str(run_dir / "study_job.json")], stdout=log, stderr=subprocess.STDOUT, env=env)
