@@ -173,11 +173,17 @@ def _train(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .eval.study import run_study, study_settings
+    from .eval.study import check_study_dir, run_study, study_settings, write_study_report
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or f"runs/study-{args.study}" + ("" if size == "full" else f"-{size}")
-    run_study(study_settings(size), out, jobs=args.jobs, only=args.only, threads=args.threads)
+    if args.report_only:
+        if not (Path(out) / "study_settings.json").is_file():
+            raise ValueError(f"--report-only: {out} holds no study (no study_settings.json); give the --out of one")
+        check_study_dir(study_settings(size), out)
+        write_study_report(study_settings(size), out)
+    else:
+        run_study(study_settings(size), out, jobs=args.jobs, only=args.only, threads=args.threads)
     print((Path(out) / "report.md").read_text())
     return 0
 
@@ -267,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--only", metavar="PATTERN",
                     help="run only the runs / evals whose name matches (glob; plain text matches anywhere); the "
                          "report still covers everything done")
+    rs.add_argument("--report-only", action="store_true",
+                    help="write the report from the runs and evals done so far; train and evaluate nothing (safe "
+                         "beside a study that is running)")
     _debug_flag(rs)
     rs.set_defaults(func=_study)
 

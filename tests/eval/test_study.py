@@ -380,3 +380,18 @@ def test_a_study_directory_without_its_checkpoints_keeps_every_result(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["cells"] == results["cells"]
     strip = lambda text: [line for line in text.splitlines() if "CPU" not in line]  # noqa: E731
     assert strip((tmp_path / "report.md").read_text()) == strip(report)
+
+
+def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_path, capsys):
+    assert main(["study", "recall", "--tiny", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    assert "holds no study (no study_settings.json)" in capsys.readouterr().err
+    job = next(t for t in plan(TINY)[0] if t.group == "mqar")
+    run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
+    (tmp_path / "report.md").unlink()
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert main(["study", "recall", "--tiny", "--report-only", "--out", str(tmp_path)]) == 0
+    assert f"1/{len(plan(TINY)[0])} runs finished" in capsys.readouterr().out and (tmp_path / "report.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before  # nothing trained
+    for argv in (["--quick"], [], ["--quick", "--report-only"]):
+        assert main(["study", "recall", *argv, "--out", str(tmp_path)]) == 2
+        assert "holds a 'tiny' study; this is the" in capsys.readouterr().err

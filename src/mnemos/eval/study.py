@@ -530,6 +530,16 @@ def _outcome(record: dict[str, Any], run_dir: Path) -> str:
     return text
 
 
+def check_study_dir(settings: StudySettings, out: str | os.PathLike) -> None:
+    """Refuse a directory that holds a study of another size (``study_settings.json``): its runs share names with
+    this one's but not their schedules."""
+    old = _read(Path(out) / "study_settings.json")
+    if old is not None and old.get("size") != settings.size:
+        flag = {"full": "no size flag", "quick": "--quick", "tiny": "--tiny"}
+        raise ValueError(f"{out} holds a {old.get('size')!r} study; this is the {settings.size!r} one: give another "
+                         f"--out, or run the {old.get('size')!r} one ({flag.get(old.get('size'), '?')})")
+
+
 def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1, only: str | None = None,
               threads: int | None = None, file=None) -> dict[str, Any]:
     """Run what is not done yet, then write the report. Returns ``{"trained": [...], "evaluated": [...],
@@ -537,6 +547,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
     if jobs not in (1, 2):
         raise ValueError(f"jobs must be 1 or 2, got {jobs}")
     out = Path(out)
+    check_study_dir(settings, out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()  # evals written after this were made by this invocation (some when their run finished)
     candidates = train_jobs(settings)
