@@ -31,7 +31,7 @@ def test_tiny_study_runs_resumes_and_redoes_a_removed_run(tmp_path):
     for name in ("report.md", "results.json", "study.json", "curves.png", "extrapolation.png"):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "report.md").read_text()
-    for heading in ("# Recall study (tiny)", "best outer lr", "## Length extrapolation", "## Runs",
+    for heading in ("# Recall study (tiny)", "## Targets (issue 12)", "best outer lr", "## Length extrapolation", "## Runs",
                     "### MQAR", "### S-NIAH (passkey)", "### Passkey state capacity"):
         assert heading in report, heading
     assert f"{len(trains)}/{len(trains)} runs finished" in report
@@ -395,3 +395,62 @@ def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_p
     for argv in (["--quick"], [], ["--quick", "--report-only"]):
         assert main(["study", "recall", *argv, "--out", str(tmp_path)]) == 2
         assert "holds a 'tiny' study; this is the" in capsys.readouterr().err
+
+
+def _cell(task, model, params, correct, n, state=100, **metrics):
+    from mnemos.eval.results import Cell
+
+    return Cell(task=task, model={"name": model}, seed=0, task_config={}, params=params,
+                metrics={"correct": correct, "n": n, "accuracy": correct / n, "state_bytes": state, **metrics})
+
+
+def test_targets_are_judged_from_constructed_results():
+    """Each verdict of the report's targets table on results built by hand: met, not met, not run yet."""
+    import dataclasses
+
+    from mnemos.eval.results import EvalResults
+    from mnemos.eval.study import GridPoint, targets_section
+
+    s = dataclasses.replace(study_settings("full"), grid=(GridPoint(64, 8, 128, 10, 32), GridPoint(64, 4, 128, 10, 32)),
+                            passkey_lengths=(16384, 1048576))
+    at = {"seq_len": 64, "num_kv_pairs": 8, "vocab_size": 128}
+    split = dict(near_correct=5, n_near=10, far_correct=1, n_far=90, chance=1 / 64)
+    main = EvalResults([
+        _cell("mqar", "transformer", at, 995, 1000), _cell("mqar", "transformer", at, 985, 1000),  # two seeds: .990
+        _cell("mqar", "gated_deltanet", at, 96, 100, state=12800),
+        _cell("mqar", "lmm-d1-eta0", at, 97, 100, state=12800),  # equal state, better: met
+        _cell("mqar", "lmm-d2", at, 99, 100, state=135680),
+        _cell("mqar", "swa", at, 6, 100, **split),  # far .011 <= chance + .05
+        *[_cell("niah", "lmm-x4", {"kind": "passkey", "length": 16384, "depth": d}, c, 1) for d, c in ((.1, 1), (.9, 1))],
+        *[_cell("niah", "lmm-x4", {"kind": "passkey", "length": 1048576, "depth": d}, c, 1) for d, c in ((.1, 1), (.9, 0))],
+        _cell("niah", "swa", {"kind": "passkey", "length": 16384, "depth": .5}, 0, 1),
+    ])
+    extrap = EvalResults([_cell("mqar", "lmm-d2", {**at, "seq_len": 1024}, 96, 100),
+                          _cell("mqar", "transformer", {**at, "seq_len": 1024}, 70, 100)])
+    records = {"a": {"status": "done", "skipped_steps": 0}, "b": {"status": "done", "skipped_steps": 0}, "c": None}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in targets_section(s, main, extrap, records)
+            if line.startswith("| ") and not line.startswith("| target")}
+    verdict = {k: v.rstrip(" |").rsplit(" | ", 1)[1] for k, v in rows.items()}
+    assert verdict["MQAR (64, 8): transformer ≥ 0.99"] == "met"
+    assert "transformer 0.990 (2 seeds" in rows["MQAR (64, 8): transformer ≥ 0.99"]
+    assert verdict["MQAR (64, 8): gated_deltanet ≥ 0.95"] == "met"
+    assert verdict["MQAR (64, 8): a Titans model ≥ gated_deltanet at ≤ its state"] == "met"
+    assert "lmm-d1-eta0 0.970" in rows["MQAR (64, 8): a Titans model ≥ gated_deltanet at ≤ its state"]
+    assert verdict["MQAR (64, 8): swa at its window's reach (far ≤ chance + 0.05)"] == "met"
+    assert verdict["MQAR (64, 4): transformer ≥ 0.99"] == "not run yet"
+    assert verdict["extrapolation: a Titans model trained at L 64 ≥ 0.95 at L 1024, above the transformer"] == "met"
+    assert verdict["passkey: a Titans model trained at ≤ 512 tokens ≥ 0.95 at 16,384 tokens"] == "met"
+    assert verdict["passkey: a Titans model trained at ≤ 512 tokens ≥ 0.9 at 1,048,576 tokens"] == "**not met**"
+    assert verdict["passkey: swa ≤ 0.10 beyond its window (64)"] == "met"
+    assert verdict["zero skipped steps in every study run"] == "met"
+
+    # the Titans model below gated_deltanet, then the only Titans model larger than it: not met either way
+    main.cells[3].metrics.update(correct=90, accuracy=0.9)
+    rows = targets_section(s, main, extrap, records)
+    assert any("at ≤ its state | lmm-d1-eta0 0.900" in r and r.endswith("**not met** |") for r in rows)
+    del main.cells[3]
+    rows = targets_section(s, main, extrap, {"a": {"status": "done", "skipped_steps": 3}})
+    assert any("no Titans model at ≤ 12,800 B (best at any size: lmm-d2 0.990" in r and r.endswith("**not met** |")
+               for r in rows)
+    assert any(r.startswith("| zero skipped steps") and "3 in 1 finished runs" in r and r.endswith("**not met** |")
+               for r in rows)
