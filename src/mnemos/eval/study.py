@@ -647,8 +647,8 @@ def _worker_env(threads: int) -> dict[str, str]:
 def _train_parallel(settings: StudySettings, todo: list[TrainJob], out: Path, jobs: int, threads: int,
                     finished: Callable[[TrainJob, dict[str, Any], float], None]) -> None:
     """Run ``todo`` (each run, then its evaluations) in ``jobs`` subprocesses at a time, each with ``threads`` torch
-    threads, output to its ``train.log``. A run that ends "stopped" (its process got SIGTERM or Ctrl-C: the study is being stopped) starts
-    no further runs; the running ones finish or stop on their own signal."""
+    threads, output to its ``train.log``. A run that ends "stopped" (its process got SIGTERM or Ctrl-C: the study is
+    being stopped) starts no further runs; the running ones finish or stop on their own signal."""
     queue = list(todo)
     running: list[tuple[TrainJob, subprocess.Popen, float, Any]] = []
     env = _worker_env(threads)
@@ -954,6 +954,9 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
                 text = (f"{acc(best.model)} against {acc('gated_deltanet')}" if small else
                         f"no Titans model at ≤ {gdn.metric_max('state_bytes'):,} B (best at any size: "
                         f"{acc(best.model)}); gated_deltanet {gdn.accuracy:.3f}")
+                n_titans = sum(_titans(m) for m in s.models)
+                if len(titans) < n_titans:
+                    text += f" ({len(titans)} of the {n_titans} Titans models evaluated so far)"
                 add(f"{where}: a Titans model ≥ gated_deltanet at ≤ its state", text,
                     bool(small) and best.accuracy >= gdn.accuracy)
         if "swa" in s.models:
