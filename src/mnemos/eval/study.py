@@ -172,7 +172,8 @@ def study_settings(size: str = "full") -> StudySettings:
             grid=(GridPoint(64, 4, 128, 6000, 32, lrs=HIGH_LRS), GridPoint(64, 8, 128, 6000, 32, (0, 1, 2)),
                   GridPoint(128, 16, 256, 6000, 16, lrs=HIGH_LRS), GridPoint(256, 32, 512, 6000, 8, lrs=HIGH_LRS)),
             main=(64, 8), lrs=(1e-3, 3e-3),
-            passkey_models=("lmm-x4", "lmm-x1", "gated_deltanet", "swa"),
+            # in training order: the default-size memory, its recurrent and windowed baselines, then the small memory
+            passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1"),
             capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet"),
         )
     if size == "quick":
