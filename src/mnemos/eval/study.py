@@ -61,8 +61,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "deltanet": {"variant": "deltanet"},
     "gated_deltanet": {"variant": "gated_deltanet"},
     "lmm-d1": {"variant": "lmm", "memory": {"depth": 1}},
-    # the depth-1 LMM without momentum (eta = 0, the paper's ablation): W alone, Gated DeltaNet's state size
+    # the depth-1 LMM without momentum (eta = 0, the paper's ablation): W alone, Gated DeltaNet's state size; -c1
+    # writes token by token (chunk 1: every gradient at the memory just before it, as Gated DeltaNet's delta rule),
+    # the full study's equal-state model (chunk 4 cost it ~.01-.02 at (64, 8): docs/RESULTS.md)
     "lmm-d1-eta0": {"variant": "lmm", "memory": {"depth": 1, "momentum": False}},
+    "lmm-d1-eta0-c1": {"variant": "lmm", "memory": {"depth": 1, "momentum": False, "chunk_size": 1}},
     "lmm-d2": {"variant": "lmm", "memory": {"depth": 2}},
     "mac": {"variant": "mac"},
     "mag": {"variant": "mag"},
@@ -74,9 +77,11 @@ MODELS: dict[str, dict[str, Any]] = {
 
 
 # training time per token relative to the transformer's, measured at d_model 64, 2 layers, L 64, one thread
-# (2026-12-01: transformer 51k tokens/s); only the progress bar's ETA uses it
+# (2026-12-01: transformer 51k tokens/s; lmm-d1-eta0-c1: 2.5x lmm-d1-eta0 in an A/B on a loaded machine, session 13);
+# only the progress bar's ETA uses it
 RELATIVE_TIME_PER_TOKEN = {"transformer": 1.0, "swa": 0.93, "linear_attention": 1.85, "deltanet": 2.56,
-                           "gated_deltanet": 2.91, "lmm-d1": 2.25, "lmm-d1-eta0": 2.25, "lmm-d2": 4.72, "lmm": 4.72,
+                           "gated_deltanet": 2.91, "lmm-d1": 2.25, "lmm-d1-eta0": 2.25, "lmm-d1-eta0-c1": 5.6,
+                           "lmm-d2": 4.72, "lmm": 4.72,
                            "mac": 5.94, "mag": 4.27, "mal": 4.25}
 
 
@@ -167,7 +172,7 @@ def study_settings(size: str = "full") -> StudySettings:
         # 3250). 3 seeds at the main point, 1 elsewhere
         return StudySettings(
             size="full",
-            models=("transformer", "swa", "linear_attention", "deltanet", "gated_deltanet", "lmm-d1", "lmm-d1-eta0",
+            models=("transformer", "swa", "linear_attention", "deltanet", "gated_deltanet", "lmm-d1", "lmm-d1-eta0-c1",
                     "lmm-d2", "mac", "mag", "mal"),
             grid=(GridPoint(64, 4, 128, 6000, 32, lrs=HIGH_LRS), GridPoint(64, 8, 128, 6000, 32, (0, 1, 2)),
                   GridPoint(128, 16, 256, 6000, 16, lrs=HIGH_LRS), GridPoint(256, 32, 512, 6000, 8, lrs=HIGH_LRS)),
@@ -847,7 +852,7 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, tar
              f"({(cpu_train + cpu_eval) / 3600:.2f} CPU-hours; each run's own process time).", "",
              f"Models: d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads, window {s.window} (swa, mag, mal), "
              f"segment {s.segment_len} (mac), memory at its defaults unless the label says (lmm-d1/d2: depth 1/2; "
-             f"-eta0: no momentum). "
+             f"-eta0: no momentum; -c1: chunk 1). "
              f"Outer lrs {', '.join(map(_lr_text, s.lrs))} (where a grid point names its own: below), chosen per model "
              "and grid point on the point's first seed "
              "(the lr that reached the stopping accuracy first, else the higher final validation accuracy); the "
