@@ -125,9 +125,9 @@ class StudySettings:
     val_examples: int = 500  # the trainer's evals (task.eval_examples)
     eval_every: int = 250
     save_every: int = 500
-    # the trainer's train-row interval (metrics.jsonl): 50 keeps a 6000-step run's log ~60 KB, small enough for the
-    # study directory to be committed (see STUDY_GITIGNORE)
-    log_every: int = 50
+    # the trainer's train-row interval (metrics.jsonl): 100 keeps a 6000-step run's log at ~15 KB (attention) to
+    # ~70 KB (two memory layers' health), small enough for the study directory to be committed (STUDY_GITIGNORE)
+    log_every: int = 100
     eval_examples: int = 1000  # MQAR examples per eval cell
     eval_seed: int = 7777  # held out: training draws its sets from seeds 0.. and 1_000_003..
     extrapolation_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024)
