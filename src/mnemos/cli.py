@@ -178,6 +178,9 @@ def _study(args: argparse.Namespace) -> int:
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or f"runs/study-{args.study}" + ("" if size == "full" else f"-{size}")
     if args.report_only:
+        if args.only is not None or args.jobs != 1:
+            raise ValueError("--report-only trains nothing: it takes neither --only nor --jobs (the report covers "
+                             "every run and eval done)")
         if not (Path(out) / "study_settings.json").is_file():
             raise ValueError(f"--report-only: {out} holds no study (no study_settings.json); give the --out of one")
         check_study_dir(study_settings(size), out)

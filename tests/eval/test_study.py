@@ -385,6 +385,8 @@ def test_a_study_directory_without_its_checkpoints_keeps_every_result(tmp_path):
 def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_path, capsys):
     assert main(["study", "recall", "--tiny", "--report-only", "--out", str(tmp_path / "none")]) == 2
     assert "holds no study (no study_settings.json)" in capsys.readouterr().err
+    assert main(["study", "recall", "--tiny", "--report-only", "--only", "x", "--out", str(tmp_path)]) == 2
+    assert "--report-only trains nothing: it takes neither --only nor --jobs" in capsys.readouterr().err
     job = next(t for t in plan(TINY)[0] if t.group == "mqar")
     run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
     (tmp_path / "report.md").unlink()
