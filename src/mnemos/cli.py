@@ -177,16 +177,17 @@ def _study(args: argparse.Namespace) -> int:
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or f"runs/study-{args.study}" + ("" if size == "full" else f"-{size}")
+    settings = study_settings(size)
     if args.report_only:
         if args.only is not None or args.jobs != 1:
             raise ValueError("--report-only trains nothing: it takes neither --only nor --jobs (the report covers "
                              "every run and eval done)")
         if not (Path(out) / "study_settings.json").is_file():
             raise ValueError(f"--report-only: {out} holds no study (no study_settings.json); give the --out of one")
-        check_study_dir(study_settings(size), out)
-        write_study_report(study_settings(size), out)
+        check_study_dir(settings, out)
+        write_study_report(settings, out)
     else:
-        run_study(study_settings(size), out, jobs=args.jobs, only=args.only, threads=args.threads)
+        run_study(settings, out, jobs=args.jobs, only=args.only, threads=args.threads)
     print((Path(out) / "report.md").read_text())
     return 0
 

@@ -48,7 +48,7 @@ from typing import Any
 from mnemos.checkpoint import read_trainer_state
 from mnemos.data import MQARConfig, NIAHConfig, PasskeyCapacityConfig
 from mnemos.eval.report import write_report
-from mnemos.eval.tables import markdown_report, pool, table
+from mnemos.eval.tables import Pooled, markdown_report, pool, table
 
 __all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "run_study", "study_settings",
            "write_study_report"]
@@ -919,10 +919,8 @@ def _titans(label: str) -> bool:
 
 
 def _summed(points) -> float | None:
-    """Accuracy over every ok cell of ``points`` (pooled counts: seeds, depths)."""
-    cells = [c for p in points for c in p.ok]
-    n = sum(c.metrics.get("n", 0) for c in cells)
-    return sum(c.metrics["correct"] for c in cells) / n if n else None
+    """Accuracy over every cell of ``points`` pooled into one (seeds, depths): :attr:`Pooled.accuracy`."""
+    return Pooled("", "", {}, [c for p in points for c in p.cells]).accuracy
 
 
 def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> list[str]:
