@@ -9,6 +9,13 @@ what is still lost with a large shift is the rest (the haystack's own writes).
 
 Prints the table of ``mnemos eval niah`` (accuracy by length, and by depth and length) and writes its
 ``results.json`` / ``report.md`` to ``--out``; each model's name says its shift. Chance for a 5-digit key: 1e-5.
+
+``--task mqar`` asks the same of MQAR length extrapolation (a model trained at a short L, evaluated at longer ones
+with K fixed): ``--kv-pairs`` K, ``--vocab`` the model's vocabulary, ``--samples`` sequences a length; the noise is
+``disjoint`` (it never repeats a key, as the recall study's extrapolation evals), so a lost pair is the memory's doing:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/forget_gate_probe.py --task mqar --model RUN/checkpoint \
+        --shifts 10 --lengths 64 256 1024 --kv-pairs 8 --vocab 128 --samples 1000
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ try:
     import mnemos  # noqa: F401
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mnemos.data import MQARConfig
 from mnemos.data.niah import NIAHConfig
 from mnemos.eval.adapters import MnemosLMAdapter, load_mnemos_checkpoint
 from mnemos.eval.harness import evaluate
@@ -47,10 +55,15 @@ def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a mnemos checkpoint directory of a memory model")
+    p.add_argument("--task", choices=["passkey", "mqar"], default="passkey")
     p.add_argument("--shifts", type=float, nargs="+", default=[5.0, 10.0])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 4096, 16384])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--samples", type=int, default=3, help="prompts per (length, depth)")
+    p.add_argument("--samples", type=int, default=3, help="prompts per (length, depth); mqar: sequences per length")
+    p.add_argument("--kv-pairs", type=int, default=8, help="mqar: key-value pairs per sequence")
+    p.add_argument("--vocab", type=int, default=128, help="mqar: the model's vocabulary (keys and values drawn in it)")
+    p.add_argument("--reach", type=int, default=14, help="mqar: where accuracy splits near / far (the recall study's "
+                   "n_layers * (window - 1))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream-chunk", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
@@ -61,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     base = load_mnemos_checkpoint(args.model, device="cpu")
     models = [base] + [shifted(base, s) for s in args.shifts]
-    task = NIAHConfig(kind="passkey", lengths=tuple(args.lengths), depths=tuple(args.depths),
-                      samples_per_cell=args.samples)
-    options = EvalOptions(stream_chunk=args.stream_chunk, progress=False, keep_samples=False)
-    results = evaluate(models, task, seed=args.seed, options=options)
+    if args.task == "passkey":
+        tasks = [NIAHConfig(kind="passkey", lengths=tuple(args.lengths), depths=tuple(args.depths),
+                            samples_per_cell=args.samples)]
+    else:
+        tasks = [MQARConfig(vocab_size=args.vocab, seq_len=n, num_kv_pairs=args.kv_pairs, num_examples=args.samples,
+                            noise="disjoint") for n in args.lengths]
+    options = EvalOptions(stream_chunk=args.stream_chunk, progress=False, keep_samples=False, mqar_reach=args.reach)
+    results = evaluate(models, tasks, seed=args.seed, options=options)
     if args.out:
         write_report(results, args.out, plots=False)
         print((Path(args.out) / "report.md").read_text())

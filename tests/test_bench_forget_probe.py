@@ -34,3 +34,18 @@ def test_a_model_without_memory_is_refused():
     base = MnemosLMAdapter(MnemosLM(MnemosConfig(variant="swa", vocab_size=32, d_model=16, n_layers=1, n_heads=2)))
     with pytest.raises(ValueError, match="no neural memory"):
         forget_gate_probe.shifted(base, 5.0)
+
+
+def test_mqar_mode_scores_every_model_at_every_length(monkeypatch, capsys):
+    """``--task mqar``: the model as trained and each shifted copy on MQAR at every ``--lengths`` (K fixed), one cell
+    each, with the near / far split at ``--reach``."""
+    torch.manual_seed(0)
+    base = MnemosLMAdapter(MnemosLM(MnemosConfig(variant="lmm", vocab_size=32, d_model=16, n_layers=1, n_heads=2)),
+                           name="tiny")
+    monkeypatch.setattr(forget_gate_probe, "load_mnemos_checkpoint", lambda path, device=None: base)
+    assert forget_gate_probe.main(["--task", "mqar", "--model", "unused", "--shifts", "5", "--lengths", "16", "24",
+                                   "--kv-pairs", "2", "--vocab", "32", "--samples", "4", "--reach", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 4, lines  # 2 models x 2 lengths
+    assert sum(line.startswith("tiny, forget bias -5 ") for line in lines) == 2
+    assert {"'seq_len': 16" in line for line in lines} == {True, False}
