@@ -12,10 +12,12 @@ Prints the table of ``mnemos eval niah`` (accuracy by length, and by depth and l
 
 ``--task mqar`` asks the same of MQAR length extrapolation (a model trained at a short L, evaluated at longer ones
 with K fixed): ``--kv-pairs`` K, ``--vocab`` the model's vocabulary, ``--samples`` sequences a length; the noise is
-``disjoint`` (it never repeats a key, as the recall study's extrapolation evals), so a lost pair is the memory's doing:
+``disjoint`` (it never repeats a key, as the recall study's extrapolation evals), so a lost pair is the memory's doing.
+``--stop-writes`` adds a copy that writes its memories with the K pairs only (theta = 0 after them), to measure what
+the later tokens' writes cost:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/forget_gate_probe.py --task mqar --model RUN/checkpoint \
-        --shifts 10 --lengths 64 256 1024 --kv-pairs 8 --vocab 128 --samples 1000
+        --shifts 10 --stop-writes --lengths 64 256 1024 --kv-pairs 8 --vocab 128 --samples 1000
 """
 
 from __future__ import annotations
@@ -52,6 +54,28 @@ def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
     return MnemosLMAdapter(model, name=f"{adapter.name}, forget bias -{shift:g}")
 
 
+def writes_stopped(adapter: MnemosLMAdapter, after: int) -> MnemosLMAdapter:
+    """A copy of the adapter's model whose memories write only the first ``after`` tokens of each call (theta = 0 from
+    there on: the memory is read, never written, after them). For whole-sequence calls of a model whose memory sees
+    the tokens alone (lmm's persistent prefix counts: pass ``after`` including it); MQAR at L <= ``--stream-chunk``
+    is one call. If accuracy at long L comes back with the later writes gone, those writes are what lost the pairs."""
+    model = copy.deepcopy(adapter.model)
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if not memories:
+        raise ValueError(f"{adapter.name} has no neural memory (writes to stop)")
+    for m in memories:
+        project = m._project
+
+        def stopped(x, conv_state, project=project):
+            q, k, v, theta, eta, alpha, conv = project(x, conv_state)
+            theta = theta.clone()
+            theta[:, after:] = 0.0
+            return q, k, v, theta, eta, alpha, conv
+
+        m._project = stopped
+    return MnemosLMAdapter(model, name=f"{adapter.name}, writes stop after {after} tokens")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a mnemos checkpoint directory of a memory model")
@@ -62,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=3, help="prompts per (length, depth); mqar: sequences per length")
     p.add_argument("--kv-pairs", type=int, default=8, help="mqar: key-value pairs per sequence")
     p.add_argument("--vocab", type=int, default=128, help="mqar: the model's vocabulary (keys and values drawn in it)")
+    p.add_argument("--stop-writes", action="store_true", help="mqar: also a copy whose memories stop writing after "
+                   "the K pairs (and the persistent prefix): the writes after the pairs, measured")
     p.add_argument("--reach", type=int, default=14, help="mqar: where accuracy splits near / far (the recall study's "
                    "n_layers * (window - 1))")
     p.add_argument("--seed", type=int, default=0)
@@ -74,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     base = load_mnemos_checkpoint(args.model, device="cpu")
     models = [base] + [shifted(base, s) for s in args.shifts]
+    if args.stop_writes:
+        if args.task != "mqar":
+            p.error("--stop-writes is an MQAR probe (--task mqar)")
+        models.append(writes_stopped(base, base.model.config.num_persistent + 2 * args.kv_pairs))
     if args.task == "passkey":
         tasks = [NIAHConfig(kind="passkey", lengths=tuple(args.lengths), depths=tuple(args.depths),
                             samples_per_cell=args.samples)]

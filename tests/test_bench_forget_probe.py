@@ -49,3 +49,19 @@ def test_mqar_mode_scores_every_model_at_every_length(monkeypatch, capsys):
     assert len(lines) == 4, lines  # 2 models x 2 lengths
     assert sum(line.startswith("tiny, forget bias -5 ") for line in lines) == 2
     assert {"'seq_len': 16" in line for line in lines} == {True, False}
+
+
+def test_stopped_writes_leave_earlier_outputs_and_change_later_ones():
+    """``writes_stopped(after)``: theta is 0 from the memory call's token ``after`` on (lmm's persistent prefix
+    counts), so every output before it is the model's own and the later ones read a memory they no longer write."""
+    torch.manual_seed(0)
+    cfg = MnemosConfig(variant="lmm", vocab_size=32, d_model=16, n_layers=2, n_heads=2, num_persistent=3)
+    base = MnemosLMAdapter(MnemosLM(cfg), name="tiny")
+    probe = forget_gate_probe.writes_stopped(base, cfg.num_persistent + 5)
+    x = torch.randint(0, 32, (2, 12))
+    with torch.no_grad():
+        y0, y1 = base.model(x)[0], probe.model(x)[0]
+    assert torch.allclose(y0[:, :5], y1[:, :5]) and not torch.allclose(y0[:, 5:], y1[:, 5:])
+    with pytest.raises(ValueError, match="no neural memory"):
+        forget_gate_probe.writes_stopped(MnemosLMAdapter(MnemosLM(MnemosConfig(
+            variant="swa", vocab_size=32, d_model=16, n_layers=1, n_heads=2))), 3)
