@@ -14,7 +14,8 @@ Prints the table of ``mnemos eval niah`` (accuracy by length, and by depth and l
 with K fixed): ``--kv-pairs`` K, ``--vocab`` the model's vocabulary, ``--samples`` sequences a length; the noise is
 ``disjoint`` (it never repeats a key, as the recall study's extrapolation evals), so a lost pair is the memory's doing.
 ``--stop-writes`` adds a copy that writes its memories with the K pairs only (theta = 0 after them), to measure what
-the later tokens' writes cost:
+the later tokens' writes cost (with ``--task passkey``: written up to the end of each prompt's needle, with and
+without each shift, streamed one prompt at a time; printed before the harness's tables):
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/forget_gate_probe.py --task mqar --model RUN/checkpoint \
         --shifts 10 --stop-writes --lengths 64 256 1024 --kv-pairs 8 --vocab 128 --samples 1000
@@ -54,26 +55,72 @@ def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
     return MnemosLMAdapter(model, name=f"{adapter.name}, forget bias -{shift:g}")
 
 
-def writes_stopped(adapter: MnemosLMAdapter, after: int) -> MnemosLMAdapter:
-    """A copy of the adapter's model whose memories write only the first ``after`` tokens of each call (theta = 0 from
-    there on: the memory is read, never written, after them). For whole-sequence calls of a model whose memory sees
-    the tokens alone (lmm's persistent prefix counts: pass ``after`` including it); MQAR at L <= ``--stream-chunk``
-    is one call. If accuracy at long L comes back with the later writes gone, those writes are what lost the pairs."""
+def writes_stopped(adapter: MnemosLMAdapter, after: int | None) -> MnemosLMAdapter:
+    """A copy of the adapter whose memories write only the first ``after`` tokens of each sequence (theta = 0 from
+    there on: the memory is read, never written, after them; None: never stopped). Tokens are counted per memory
+    from each ``init_state`` (what a model writes there, lmm's persistent prefix, is not counted), over every call of
+    the stream. ``after`` may be set per prompt with :func:`restart_counts`. If accuracy at long contexts comes back
+    with the later writes gone, those writes are what lost the stored items."""
     model = copy.deepcopy(adapter.model)
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     if not memories:
         raise ValueError(f"{adapter.name} has no neural memory (writes to stop)")
     for m in memories:
         project = m._project
+        m._writes = {"after": after, "seen": 0, "prefix": 0}
 
-        def stopped(x, conv_state, project=project):
+        def stopped(x, conv_state, project=project, w=m._writes):
             q, k, v, theta, eta, alpha, conv = project(x, conv_state)
-            theta = theta.clone()
-            theta[:, after:] = 0.0
+            start, w["seen"] = w["seen"], w["seen"] + x.shape[1]
+            stop = None if w["after"] is None else w["prefix"] + w["after"]
+            if stop is not None and stop - start < x.shape[1]:
+                theta = theta.clone()
+                theta[:, max(0, stop - start):] = 0.0
             return q, k, v, theta, eta, alpha, conv
 
         m._project = stopped
-    return MnemosLMAdapter(model, name=f"{adapter.name}, writes stop after {after} tokens")
+    probe = MnemosLMAdapter(model, name=f"{adapter.name}, writes stop" + ("" if after is None else f" after {after}"))
+    init_state = probe.init_state
+
+    def counted_init_state(batch: int):
+        for m in memories:
+            m._writes["seen"] = 0
+        state = init_state(batch)
+        for m in memories:  # the prefix the model wrote while making the state
+            m._writes["prefix"] = m._writes["seen"]
+        return state
+
+    probe.init_state = counted_init_state
+    return probe
+
+
+def restart_counts(adapter: MnemosLMAdapter, after: int | None) -> None:
+    """Set a :func:`writes_stopped` copy's stop for the streams it starts from now on (None: never)."""
+    for m in adapter.model.modules():
+        if isinstance(m, NeuralMemory):
+            m._writes["after"] = after
+
+
+def passkey_with_writes_stopped(adapter: MnemosLMAdapter, samples, stream_chunk: int) -> float:
+    """Exact-match accuracy of a :func:`writes_stopped` copy on S-NIAH prompts, each streamed alone (batch 1) with
+    the memories written up to the end of its needle (and the persistent prefix) only, then greedy answers."""
+    from mnemos.data import ByteTokenizer, exact_match
+
+    tok, right = ByteTokenizer(), 0
+    with torch.no_grad():
+        for s in samples:
+            restart_counts(adapter, s.needle_start + len(s.needle.encode()))
+            state = adapter.init_state(1)
+            ids = s.input_ids.unsqueeze(0)
+            for i in range(0, ids.shape[1], stream_chunk):
+                logits, state = adapter.forward(ids[:, i:i + stream_chunk], state)
+            out = []
+            for _ in range(len(s.answer) + 2):  # the answer and what closes it (" 71432.")
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(nxt))
+                logits, state = adapter.forward(nxt, state)
+            right += exact_match(tok.decode(out), s.answer)
+    return right / len(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=3, help="prompts per (length, depth); mqar: sequences per length")
     p.add_argument("--kv-pairs", type=int, default=8, help="mqar: key-value pairs per sequence")
     p.add_argument("--vocab", type=int, default=128, help="mqar: the model's vocabulary (keys and values drawn in it)")
-    p.add_argument("--stop-writes", action="store_true", help="mqar: also a copy whose memories stop writing after "
-                   "the K pairs (and the persistent prefix): the writes after the pairs, measured")
+    p.add_argument("--stop-writes", action="store_true", help="also copies whose memories stop writing after the K "
+                   "pairs (mqar) or after each prompt's needle (passkey; streamed one prompt at a time, with and "
+                   "without each shift): what the later tokens' writes cost")
     p.add_argument("--reach", type=int, default=14, help="mqar: where accuracy splits near / far (the recall study's "
                    "n_layers * (window - 1))")
     p.add_argument("--seed", type=int, default=0)
@@ -100,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     base = load_mnemos_checkpoint(args.model, device="cpu")
     models = [base] + [shifted(base, s) for s in args.shifts]
-    if args.stop_writes:
-        if args.task != "mqar":
-            p.error("--stop-writes is an MQAR probe (--task mqar)")
-        models.append(writes_stopped(base, base.model.config.num_persistent + 2 * args.kv_pairs))
+    if args.stop_writes and args.task == "mqar":
+        probe = writes_stopped(base, 2 * args.kv_pairs)
+        probe.name = f"{base.name}, writes stop after the {args.kv_pairs} pairs"
+        models.append(probe)
     if args.task == "passkey":
         tasks = [NIAHConfig(kind="passkey", lengths=tuple(args.lengths), depths=tuple(args.depths),
                             samples_per_cell=args.samples)]
@@ -112,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                             noise="disjoint") for n in args.lengths]
     options = EvalOptions(stream_chunk=args.stream_chunk, progress=False, keep_samples=False, mqar_reach=args.reach)
     results = evaluate(models, tasks, seed=args.seed, options=options)
+    if args.stop_writes and args.task == "passkey":  # each prompt its own stop: streamed here, not by the harness
+        print("passkey, memories written up to the end of the needle only (exact match; by length, then depth):")
+        for name, probe in [("", writes_stopped(base, None))] + [
+                (f", forget bias -{sh:g}", writes_stopped(shifted(base, sh), None)) for sh in args.shifts]:
+            for length in args.lengths:
+                accs = [passkey_with_writes_stopped(probe, NIAHConfig(
+                    kind="passkey", lengths=(length,), depths=(d,), samples_per_cell=args.samples).build(args.seed),
+                    args.stream_chunk) for d in args.depths]
+                print(f"  writes stop after the needle{name}: length {length}: {sum(accs) / len(accs):.2f} "
+                      f"(by depth {' / '.join(f'{a:.2f}' for a in accs)})", flush=True)
     if args.out:
         write_report(results, args.out, plots=False)
         print((Path(args.out) / "report.md").read_text())

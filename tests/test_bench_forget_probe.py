@@ -52,16 +52,41 @@ def test_mqar_mode_scores_every_model_at_every_length(monkeypatch, capsys):
 
 
 def test_stopped_writes_leave_earlier_outputs_and_change_later_ones():
-    """``writes_stopped(after)``: theta is 0 from the memory call's token ``after`` on (lmm's persistent prefix
-    counts), so every output before it is the model's own and the later ones read a memory they no longer write."""
+    """``writes_stopped(after)``: theta is 0 from the sequence's token ``after`` on, counted from each ``init_state``
+    over a stream's calls (lmm's persistent prefix, written there, not counted): a stream cut anywhere matches one
+    call, every output before the stop is the model's own, the later ones read a memory they no longer write, and a
+    second stream (a new batch of the harness) stops at the same place."""
     torch.manual_seed(0)
     cfg = MnemosConfig(variant="lmm", vocab_size=32, d_model=16, n_layers=2, n_heads=2, num_persistent=3)
     base = MnemosLMAdapter(MnemosLM(cfg), name="tiny")
-    probe = forget_gate_probe.writes_stopped(base, cfg.num_persistent + 5)
+    probe = forget_gate_probe.writes_stopped(base, 5)
     x = torch.randint(0, 32, (2, 12))
     with torch.no_grad():
-        y0, y1 = base.model(x)[0], probe.model(x)[0]
-    assert torch.allclose(y0[:, :5], y1[:, :5]) and not torch.allclose(y0[:, 5:], y1[:, 5:])
+        y0 = base.forward(x, base.init_state(2))[0]
+        for _ in range(2):  # two streams in a row
+            state, parts = probe.init_state(2), []
+            for a, b in ((0, 4), (4, 7), (7, 12)):  # the stop (token 5) falls inside the second call
+                y, state = probe.forward(x[:, a:b], state)
+                parts.append(y)
+            y1 = torch.cat(parts, dim=1)
+            assert torch.allclose(y0[:, :5], y1[:, :5], atol=1e-6)
+            assert not torch.allclose(y0[:, 5:], y1[:, 5:], atol=1e-3)
+        assert torch.allclose(probe.forward(x, probe.init_state(2))[0], y1, atol=1e-5)  # one call == the stream
+        forget_gate_probe.restart_counts(probe, None)
+        assert torch.allclose(probe.forward(x, probe.init_state(2))[0], y0, atol=1e-6)  # never stopped: the model
+        forget_gate_probe.restart_counts(probe, 0)  # never written: the first output already differs
+        assert not torch.allclose(probe.forward(x, probe.init_state(2))[0][:, 0], y0[:, 0], atol=1e-3)
     with pytest.raises(ValueError, match="no neural memory"):
         forget_gate_probe.writes_stopped(MnemosLMAdapter(MnemosLM(MnemosConfig(
             variant="swa", vocab_size=32, d_model=16, n_layers=1, n_heads=2))), 3)
+
+
+def test_passkey_with_writes_stopped_scores_each_prompt():
+    """The passkey path streams each prompt alone and scores its greedy answer; an untrained model finds no key."""
+    from mnemos.data.niah import NIAHConfig
+
+    torch.manual_seed(0)
+    base = MnemosLMAdapter(MnemosLM(MnemosConfig(variant="lmm", vocab_size=259, d_model=16, n_layers=1, n_heads=2)))
+    samples = NIAHConfig(kind="passkey", lengths=(300,), depths=(0.5,), samples_per_cell=2).build(0)
+    probe = forget_gate_probe.writes_stopped(base, None)
+    assert forget_gate_probe.passkey_with_writes_stopped(probe, samples, stream_chunk=100) == 0.0
