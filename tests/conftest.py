@@ -30,7 +30,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # two workers with a thread per core ea
 
 
 def pytest_collection_modifyitems(items):
-    """Longest first: the tests marked ``longest`` (the demo, ~5 minutes on 2 cores) start at once, so that in a
+    """Longest first: the tests marked ``longest`` (the demo's, 6-7 minutes on one core) start at once, so that in a
     parallel run (``-n auto --dist worksteal``) the other workers run everything else beside them."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
 
