@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--threads", type=_threads, metavar="N",
                     help=THREADS_HELP + "; with --jobs 2 each subprocess gets N (default 1)")
     rs.add_argument("--only", metavar="PATTERN",
-                    help="run only the runs / evals whose name matches (glob; plain text matches anywhere); the "
-                         "report still covers everything done")
+                    help="run only the runs / evals whose name matches (glob; plain text matches anywhere), and the "
+                         "evals of the runs it matches; the report still covers everything done")
     rs.add_argument("--report-only", action="store_true",
                     help="write the report from the runs and evals done so far; train and evaluate nothing (safe "
                          "beside a study that is running)")

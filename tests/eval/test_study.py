@@ -79,6 +79,20 @@ def test_a_run_killed_part_way_resumes_from_its_checkpoint(tmp_path):
     assert run_study(TINY, tmp_path, only=job.name, file=io.StringIO())["trained"] == []  # now finished
 
 
+def test_only_a_passkey_run_also_runs_its_capacity_eval(tmp_path):
+    """``--only passkey-X`` picks the run's evaluations by the run they belong to: the passkey eval and
+    ``capacity-X`` (whose name does not contain the run's)."""
+    job = next(t for t in plan(TINY)[0] if t.group == "passkey" and t.label in TINY.capacity_models)
+    out = run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
+    assert out["trained"] == [job.name]
+    assert set(out["evaluated"]) == {job.name, f"capacity-{job.label}"}, out
+    assert (tmp_path / "evals" / f"capacity-{job.label}" / "results.json").is_file()
+    shutil.rmtree(tmp_path / "evals" / f"capacity-{job.label}")  # a run finished before, its capacity eval missing
+    out = run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
+    assert out["trained"] == [] and out["evaluated"] == [f"capacity-{job.label}"], out
+    assert (tmp_path / "evals" / f"capacity-{job.label}" / "results.json").is_file()
+
+
 def test_progress_never_counts_past_its_total(tmp_path):
     """--only naming a run at the second lr: plan() counts evals under the first lr, so the run's eval was not in
     the total; the bar must still end at i/N with i <= N and no negative ETA."""

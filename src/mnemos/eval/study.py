@@ -523,6 +523,12 @@ def _matches(name: str, only: str | None) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def _eval_selected(e: EvalJob, only: str | None) -> bool:
+    """``--only`` picks an evaluation by its own name or by its run's: ``--only passkey-X`` includes
+    ``capacity-X``, whose name does not contain the run's."""
+    return _matches(e.name, only) or _matches(e.run, only)
+
+
 def _outcome(record: dict[str, Any], run_dir: Path) -> str:
     status = record.get("status")
     text = f"{status} in {_duration(record.get('wall_s', 0))} (cpu {_duration(record.get('cpu_s', 0))})"
@@ -558,10 +564,11 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
     started = time.time()  # evals written after this were made by this invocation (some when their run finished)
     candidates = train_jobs(settings)
     trains, evals = plan(settings)
-    if only is not None and not any(_matches(j.name, only) for j in (*candidates, *evals)):
+    if only is not None and not (any(_matches(j.name, only) for j in candidates)
+                                 or any(_eval_selected(e, only) for e in evals)):
         raise ValueError(f"--only {only!r} matches none of the study's {len(trains)} runs and {len(evals)} evals "
                          f"(e.g. {trains[0].name}, {evals[0].name})")
-    n_evals = sum(_matches(e.name, only) for e in evals)
+    n_evals = sum(_eval_selected(e, only) for e in evals)
     bar = _Progress(sum(_matches(j.name, only) for j in trains) + n_evals, file)
     summary: dict[str, list[str]] = {"trained": [], "evaluated": [], "skipped": [], "failed": []}
     (out / "study_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=1))
@@ -602,7 +609,7 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
     chosen = select_lrs(settings, candidates, out)
     by_name = {j.name: j for j in candidates}
     for e in eval_jobs(settings, candidates, {k: v["lr"] for k, v in chosen.items()}):
-        if not _matches(e.name, only):
+        if not _eval_selected(e, only):
             continue
         t0 = time.perf_counter()
         if e.run in by_name and not run_is_done(by_name[e.run], out / "runs" / e.run):
