@@ -59,7 +59,7 @@ def writes_stopped(adapter: MnemosLMAdapter, after: int | None) -> MnemosLMAdapt
     """A copy of the adapter whose memories write only the first ``after`` tokens of each sequence (theta = 0 from
     there on: the memory is read, never written, after them; None: never stopped). Tokens are counted per memory
     from each ``init_state`` (what a model writes there, lmm's persistent prefix, is not counted), over every call of
-    the stream. ``after`` may be set per prompt with :func:`restart_counts`. If accuracy at long contexts comes back
+    the stream. ``after`` may be set per prompt with :func:`set_stop`. If accuracy at long contexts comes back
     with the later writes gone, those writes are what lost the stored items."""
     model = copy.deepcopy(adapter.model)
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
@@ -94,7 +94,7 @@ def writes_stopped(adapter: MnemosLMAdapter, after: int | None) -> MnemosLMAdapt
     return probe
 
 
-def restart_counts(adapter: MnemosLMAdapter, after: int | None) -> None:
+def set_stop(adapter: MnemosLMAdapter, after: int | None) -> None:
     """Set a :func:`writes_stopped` copy's stop for the streams it starts from now on (None: never)."""
     for m in adapter.model.modules():
         if isinstance(m, NeuralMemory):
@@ -109,7 +109,7 @@ def passkey_with_writes_stopped(adapter: MnemosLMAdapter, samples, stream_chunk:
     tok, right = ByteTokenizer(), 0
     with torch.no_grad():
         for s in samples:
-            restart_counts(adapter, s.needle_start + len(s.needle.encode()))
+            set_stop(adapter, s.needle_start + len(s.needle.encode()))
             state = adapter.init_state(1)
             ids = s.input_ids.unsqueeze(0)
             for i in range(0, ids.shape[1], stream_chunk):

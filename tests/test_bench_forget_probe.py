@@ -72,9 +72,9 @@ def test_stopped_writes_leave_earlier_outputs_and_change_later_ones():
             assert torch.allclose(y0[:, :5], y1[:, :5], atol=1e-6)
             assert not torch.allclose(y0[:, 5:], y1[:, 5:], atol=1e-3)
         assert torch.allclose(probe.forward(x, probe.init_state(2))[0], y1, atol=1e-5)  # one call == the stream
-        forget_gate_probe.restart_counts(probe, None)
+        forget_gate_probe.set_stop(probe, None)
         assert torch.allclose(probe.forward(x, probe.init_state(2))[0], y0, atol=1e-6)  # never stopped: the model
-        forget_gate_probe.restart_counts(probe, 0)  # never written: the first output already differs
+        forget_gate_probe.set_stop(probe, 0)  # never written: the first output already differs
         assert not torch.allclose(probe.forward(x, probe.init_state(2))[0][:, 0], y0[:, 0], atol=1e-3)
     with pytest.raises(ValueError, match="no neural memory"):
         forget_gate_probe.writes_stopped(MnemosLMAdapter(MnemosLM(MnemosConfig(

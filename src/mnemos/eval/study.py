@@ -564,8 +564,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
     started = time.time()  # evals written after this were made by this invocation (some when their run finished)
     candidates = train_jobs(settings)
     trains, evals = plan(settings)
-    if only is not None and not (any(_matches(j.name, only) for j in candidates)
-                                 or any(_eval_selected(e, only) for e in evals)):
+    # an eval's run is a candidate: a pattern that matches the run matches something
+    if only is not None and not any(_matches(j.name, only) for j in (*candidates, *evals)):
         raise ValueError(f"--only {only!r} matches none of the study's {len(trains)} runs and {len(evals)} evals "
                          f"(e.g. {trains[0].name}, {evals[0].name})")
     n_evals = sum(_eval_selected(e, only) for e in evals)
