@@ -30,6 +30,7 @@ from .backends import split_state, triton_unsupported_reason
 from .common import MemoryState, _no_autocast, activate, check_inputs
 from .rule import MemoryRule, check_orthogonal_depth, check_rule_inputs, normalize_step_unsupported, resolve_rule, \
     torch_unsupported_reason
+from . import cpu_scan
 from .dense_scan import dense_scan
 from .torch_scan import TorchChunkScan, anchor_forward, curvature, scan, step_scale
 
@@ -315,7 +316,9 @@ def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
             gl, pl = G[..., -1, :], (Pm[..., -1:, :] @ band).squeeze(-2)
         rows = (b[..., -1], e[..., -1], f[..., -1], gl, pl)  # at each chunk's last token
         inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()), *(() if dc is None else (dc,)))
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        if cpu_scan.unsupported_reason(q.device, dt, L, n, opts, window=P > 0, delta=dc is not None) is None:
+            o_c, WS, last_anchor = cpu_scan.scan(inputs[:11], WS, A, opts, L)  # the same loop, compiled
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             o_c, *rest = TorchChunkScan.apply(dict(L=L, kw=opts, delta=dc is not None), *inputs)
             WS, last_anchor = rest[:L], rest[L:]
         else:

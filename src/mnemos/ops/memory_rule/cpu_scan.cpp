@@ -1,0 +1,700 @@
+// The memory rule's chunk loop on the CPU: the compiled form of torch_scan.py.
+//
+// Same math, stage for stage, as torch_scan.py (anchor_forward, _read_forward, _state_forward and _chunk_backward;
+// derivation: docs/MEMORY_RULE.md). What differs is how the work is laid out. The torch loop runs ~100 tensor ops per
+// chunk over every (sequence, head) row's state at once: PyTorch's per-op dispatch and its passes over 1-2 MiB of
+// state were most of its time (docs/PERFORMANCE.md). Here a thread walks the chunks of a *group* of rows, 16 rows
+// for float32 (8 for float64): every quantity of the chunk (a token's key, a weight of the state, a gate) is held as
+// one SIMD vector with one lane per row, so every product and every elementwise function is lane-wise (no horizontal
+// sums, no layout transposes), and the group's state stays in the core's L2 while its chunks go by.
+//
+// Covered: any depth L <= 8, window 1, losses l2 and dot, activations gelu and silu, residual or not, a separate
+// anchor for chunk 0 (a stream continued mid-chunk), float32 and float64. cpu_scan.py compiles this file with the
+// system's C++ compiler on first use, calls it through ctypes, lays the tensors out in lanes, and runs the torch loop
+// for anything else.
+//
+// Layouts (contiguous; lanes innermost: "x V" below is one vector of LANES rows): tokens [nc, groups, n, D] x V;
+// per-token coefficients [nc, groups, n] x V (G [nc, groups, n, n] x V); per-chunk ones [nc, groups] x V; states
+// [groups, 2 O, I] x V per layer ([W; S], W [O, I]); anchors and last anchors [groups, O, I] x V; saved chunk starts
+// [nc, groups, 2 O, I] x V.
+//
+// The backward keeps nothing from the forward but the chunk starts: it recomputes each chunk's activations from its
+// starting state (a forward of the chunk, about a quarter of its backward's work) instead of storing them.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int MAXL = 8;
+enum { ACT_GELU = 0, ACT_SILU = 1 };
+enum { LOSS_L2 = 0, LOSS_DOT = 1 };
+
+struct Spec {
+  int64_t L, n, nc, groups, threads;
+  int64_t dims[MAXL + 1];  // widths K, hidden..., V: layer l maps dims[l] -> dims[l + 1]
+  bool residual, has_A;
+  int act, loss;
+};
+
+// one vector of lanes (rows), 64 bytes: every tensor the kernel touches starts on a 64-byte boundary (cpu_scan.py
+// checks) and every offset into it is a whole number of vectors
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int N = 16;
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<double> {
+  static constexpr int N = 8;
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+};
+
+template <typename V>
+using Scalar = typename std::decay<decltype(std::declval<V&>()[0])>::type;
+
+template <typename V, typename S>
+inline V splat(S s) {
+  return V{} + static_cast<Scalar<V>>(s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// activations: value and derivatives, lane-wise. float32 uses its own exp and erf, branch-free so that they stay
+// vector code (exp: Cephes' polynomial, relative error < 2e-7; erf: Abramowitz & Stegun 7.1.26, absolute error
+// < 1.5e-7); float64 takes the C library's, lane by lane.
+
+typedef Lanes<float>::V vf;
+typedef Lanes<float>::I vi;
+typedef Lanes<double>::V vd;
+
+inline vf vexp(vf x) {
+  x = x < -87.0f ? splat<vf>(-87.0f) : x;
+  x = x > 88.0f ? splat<vf>(88.0f) : x;
+  vf t = x * 1.44269504088896341f + 0.5f;
+  vf fx = __builtin_convertvector(__builtin_convertvector(t, vi), vf);  // truncation
+  fx = fx > t ? fx - 1.0f : fx;                                         // floor
+  vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  vf z = r * r;
+  vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+          1.6666665459e-1f) * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  vi e = (__builtin_convertvector(fx, vi) + 127) << 23;
+  return y * (vf)e;
+}
+
+inline vd vexp(vd x) {
+  for (int r = 0; r < Lanes<double>::N; ++r) x[r] = std::exp(x[r]);
+  return x;
+}
+
+// phi(x) = exp(-x^2 / 2) / sqrt(2 pi), Phi(x) = (1 + erf(x / sqrt 2)) / 2
+inline void normal(vf x, vf& phi, vf& Phi) {
+  vf ax = (x < 0.0f ? -x : x) * 0.70710678118654752f;
+  vf t = 1.0f / (1.0f + 0.3275911f * ax);
+  vf g = vexp(-0.5f * x * x);
+  vf poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  vf erf_abs = 1.0f - poly * g;
+  Phi = 0.5f * (1.0f + (x < 0.0f ? -erf_abs : erf_abs));
+  phi = g * 0.39894228040143268f;
+}
+
+inline void normal(vd x, vd& phi, vd& Phi) {
+  for (int r = 0; r < Lanes<double>::N; ++r) {
+    Phi[r] = 0.5 * (1.0 + std::erf(x[r] * 0.70710678118654752));
+    phi[r] = std::exp(-0.5 * x[r] * x[r]) * 0.39894228040143268;
+  }
+}
+
+template <typename V>
+inline V sigmoid(V x) {
+  return 1.0 / (1.0 + vexp(-x));
+}
+template <>
+inline vf sigmoid(vf x) {
+  return 1.0f / (1.0f + vexp(-x));
+}
+
+template <typename V>
+inline void act_fwd(int act, V x, V& y, V& dy) {  // y = act(x), dy = act'(x)
+  typedef Scalar<V> T;
+  if (act == ACT_GELU) {  // gelu = x Phi, gelu' = Phi + x phi
+    V phi, Phi;
+    normal(x, phi, Phi);
+    y = x * Phi;
+    dy = Phi + x * phi;
+  } else {  // silu = x s, silu' = s (1 + x (1 - s))
+    V s = sigmoid(x);
+    y = x * s;
+    dy = s * (T(1) + x * (T(1) - s));
+  }
+}
+
+template <typename V>
+inline V act_value(int act, V x) {
+  V y, dy;
+  act_fwd(act, x, y, dy);
+  return y;
+}
+
+template <typename V>
+inline V act_grad(int act, V x) {
+  V y, dy;
+  act_fwd(act, x, y, dy);
+  return dy;
+}
+
+template <typename V>
+inline V act_grad2(int act, V x) {
+  typedef Scalar<V> T;
+  if (act == ACT_GELU) {  // gelu'' = phi (2 - x^2)
+    V phi, Phi;
+    normal(x, phi, Phi);
+    return phi * (T(2) - x * x);
+  }
+  V s = sigmoid(x);  // silu'' = s (1 - s) (2 + x (1 - 2 s))
+  return s * (T(1) - s) * (T(2) + x * (T(1) - T(2) * s));
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// the one product: C[i, j] = (acc ? C[i, j] : 0) + alpha * sum_p A(i, p) B(j, p), lane-wise, with strided operands
+// A(i, p) = A[i sai + p sap], B(j, p) = B[j sbj + p sbp] (so A B^T, A B and A^T B are all this), in 4 x 4 blocks
+// held in registers
+
+template <typename V>
+void gemm(V* C, int64_t ldc, const V* A, int64_t sai, int64_t sap, const V* B, int64_t sbj, int64_t sbp, int64_t m,
+          int64_t n, int64_t k, bool acc, Scalar<V> alpha) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      V s[4][4] = {};
+      for (int64_t p = 0; p < k; ++p) {
+        V a[4], b[4];
+        for (int u = 0; u < 4; ++u) a[u] = A[(i + u) * sai + p * sap];
+        for (int u = 0; u < 4; ++u) b[u] = B[(j + u) * sbj + p * sbp];
+        for (int u = 0; u < 4; ++u)
+          for (int w = 0; w < 4; ++w) s[u][w] += a[u] * b[w];
+      }
+      for (int u = 0; u < 4; ++u)
+        for (int w = 0; w < 4; ++w) {
+          V& c = C[(i + u) * ldc + j + w];
+          c = acc ? c + alpha * s[u][w] : alpha * s[u][w];
+        }
+    }
+    for (; j < n; ++j) {
+      V s[4] = {};
+      for (int64_t p = 0; p < k; ++p) {
+        V b = B[j * sbj + p * sbp];
+        for (int u = 0; u < 4; ++u) s[u] += A[(i + u) * sai + p * sap] * b;
+      }
+      for (int u = 0; u < 4; ++u) {
+        V& c = C[(i + u) * ldc + j];
+        c = acc ? c + alpha * s[u] : alpha * s[u];
+      }
+    }
+  }
+  for (; i < m; ++i) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      V s[4] = {};
+      for (int64_t p = 0; p < k; ++p) {
+        V a = A[i * sai + p * sap];
+        for (int w = 0; w < 4; ++w) s[w] += a * B[(j + w) * sbj + p * sbp];
+      }
+      for (int w = 0; w < 4; ++w) {
+        V& c = C[i * ldc + j + w];
+        c = acc ? c + alpha * s[w] : alpha * s[w];
+      }
+    }
+    for (; j < n; ++j) {
+      V s = {};
+      for (int64_t p = 0; p < k; ++p) s += A[i * sai + p * sap] * B[j * sbj + p * sbp];
+      V& c = C[i * ldc + j];
+      c = acc ? c + alpha * s : alpha * s;
+    }
+  }
+}
+
+// C[m, n] (+)= alpha A[m, k] B[n, k]^T
+template <typename V>
+inline void mm_abt(V* C, const V* A, const V* B, int64_t m, int64_t n, int64_t k, bool acc, Scalar<V> alpha) {
+  gemm(C, n, A, k, 1, B, k, 1, m, n, k, acc, alpha);
+}
+// C[m, n] (+)= alpha A[m, k] B[k, n]
+template <typename V>
+inline void mm_ab(V* C, const V* A, const V* B, int64_t m, int64_t n, int64_t k, bool acc, Scalar<V> alpha) {
+  gemm(C, n, A, k, 1, B, 1, n, m, n, k, acc, alpha);
+}
+// C[m, n] (+)= alpha A[k, m]^T B[k, n]
+template <typename V>
+inline void mm_atb(V* C, const V* A, const V* B, int64_t m, int64_t n, int64_t k, bool acc, Scalar<V> alpha) {
+  gemm(C, n, A, 1, m, B, 1, n, m, n, k, acc, alpha);
+}
+
+template <typename V>
+inline V sum(const V* x, const V* y, int64_t k) {  // lane-wise sum_p x[p] y[p]
+  V s0 = {}, s1 = {};
+  int64_t p = 0;
+  for (; p + 2 <= k; p += 2) {
+    s0 += x[p] * y[p];
+    s1 += x[p + 1] * y[p + 1];
+  }
+  if (p < k) s0 += x[p] * y[p];
+  return s0 + s1;
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// one group's chunk: its inputs, its activations, the three stages
+
+template <typename V>
+struct Chunk {  // one (chunk, group)'s inputs
+  const V *q, *k, *v, *b, *f, *G, *gl, *pl;
+  V bl, el, fl;
+};
+
+template <typename V>
+Chunk<V> chunk_at(const Spec& s, V* const* in, int64_t c, int64_t g) {
+  const int64_t cg = c * s.groups + g, n = s.n, K = s.dims[0], Vd = s.dims[s.L];
+  Chunk<V> x;
+  x.q = in[0] + cg * n * K;
+  x.k = in[1] + cg * n * K;
+  x.v = in[2] + cg * n * Vd;
+  x.b = in[3] + cg * n;
+  x.f = in[4] + cg * n;
+  x.G = in[5] + cg * n * n;
+  x.bl = in[6][cg];
+  x.el = in[7][cg];
+  x.fl = in[8][cg];
+  x.gl = in[9] + cg * n;
+  x.pl = in[10] + cg * n;
+  return x;
+}
+
+template <typename V>
+struct Work {  // one group's activations of one chunk and the backward's scratch; allocated once per thread
+  std::vector<V> buf;
+  // per layer l (O = dims[l + 1], I = dims[l]): a [n, I] (a[0] = k), d [n, O], x [n, I] (x[0] = q), xw [n, 2 O]
+  // (x W^T | x S^T), p [n, n], y [n, O] (the read's pre-activation); per hidden layer: z, dact, back [n, O];
+  // backward: dd [n, O], da [n, I], dz [n, O]; shared: rW, rS, dy, dx, pred, cg, cp [n, max(n, widths)], dM [n, n]
+  V *a[MAXL], *d[MAXL], *x[MAXL], *xw[MAXL], *p[MAXL], *y[MAXL], *z[MAXL], *dact[MAXL], *back[MAXL];
+  V *dd[MAXL], *da[MAXL], *dz[MAXL], *rW, *rS, *dy, *dx, *pred, *cg, *cp, *dM;
+
+  explicit Work(const Spec& s) {
+    const int64_t n = s.n;
+    int64_t maxw = n;  // the shared buffers also hold [n, n] products
+    for (int l = 0; l <= s.L; ++l) maxw = std::max(maxw, s.dims[l]);
+    int64_t size = 7 * n * maxw + n * n;
+    for (int l = 0; l < s.L; ++l) size += n * (3 * s.dims[l] + 9 * s.dims[l + 1] + n);
+    buf.assign(size, V{});
+    V* at = buf.data();
+    auto take = [&](int64_t count) {
+      V* out = at;
+      at += count;
+      return out;
+    };
+    for (int l = 0; l < s.L; ++l) {
+      const int64_t O = s.dims[l + 1], I = s.dims[l];
+      a[l] = take(n * I);
+      x[l] = take(n * I);
+      da[l] = take(n * I);
+      d[l] = take(n * O);
+      xw[l] = take(n * 2 * O);
+      p[l] = take(n * n);
+      y[l] = take(n * O);
+      z[l] = take(n * O);
+      dact[l] = take(n * O);
+      back[l] = take(n * O);
+      dd[l] = take(n * O);
+      dz[l] = take(n * O);
+    }
+    rW = take(n * maxw);
+    rS = take(n * maxw);
+    dy = take(n * maxw);
+    dx = take(n * maxw);
+    pred = take(n * maxw);
+    cg = take(n * maxw);
+    cp = take(n * maxw);
+    dM = take(n * n);
+  }
+};
+
+// 1. the keys through the anchor memory Aw and the associative loss backpropagated by hand (anchor_forward)
+template <typename V>
+void anchor_forward(const Spec& s, const Chunk<V>& ch, V* const* Aw, Work<V>& w) {
+  const int64_t n = s.n, L = s.L;
+  std::copy(ch.k, ch.k + n * s.dims[0], w.a[0]);
+  for (int l = 0; l < L; ++l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l];
+    V* out = l < L - 1 ? w.z[l] : w.pred;
+    mm_abt(out, w.a[l], Aw[l], n, O, I, false, 1);  // z = a Aw^T
+    if (l < L - 1) {
+      for (int64_t e = 0; e < n * O; ++e) act_fwd(s.act, out[e], w.a[l + 1][e], w.dact[l][e]);
+    } else if (s.residual) {
+      for (int64_t e = 0; e < n * O; ++e) out[e] += ch.k[e];
+    }
+  }
+  const int64_t Vd = s.dims[L];
+  V* dl = w.d[L - 1];
+  if (s.loss == LOSS_L2) {
+    for (int64_t e = 0; e < n * Vd; ++e) dl[e] = Scalar<V>(2) * (w.pred[e] - ch.v[e]);
+  } else {
+    for (int64_t e = 0; e < n * Vd; ++e) dl[e] = -ch.v[e];
+  }
+  for (int64_t l = L - 2; l >= 0; --l) {  // back = d[l + 1] Aw[l + 1], d[l] = back act'(z[l])
+    const int64_t O = s.dims[l + 1], O2 = s.dims[l + 2];
+    mm_ab(w.back[l], w.d[l + 1], Aw[l + 1], n, O, O2, false, 1);
+    for (int64_t e = 0; e < n * O; ++e) w.d[l][e] = w.back[l][e] * w.dact[l][e];
+  }
+}
+
+// 2. the queries through W_1 .. W_n without forming them (_read_forward): y_i = b_i W x_i + f_i S x_i
+//    - sum_j G[i, j] (a_j . x_i) d_j, layer by layer
+template <typename V>
+void read_forward(const Spec& s, const Chunk<V>& ch, V* const* WS, Work<V>& w, V* o) {
+  const int64_t n = s.n, L = s.L;
+  std::copy(ch.q, ch.q + n * s.dims[0], w.x[0]);
+  for (int l = 0; l < L; ++l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l];
+    mm_abt(w.xw[l], w.x[l], WS[l], n, 2 * O, I, false, 1);  // x W^T | x S^T
+    mm_abt(w.p[l], w.x[l], w.a[l], n, n, I, false, 1);       // x a^T
+    V* gp = w.dM;                                            // G p, [n, n]
+    for (int64_t e = 0; e < n * n; ++e) gp[e] = ch.G[e] * w.p[l][e];
+    V* y = w.y[l];
+    for (int64_t i = 0; i < n; ++i) {
+      const V* xw = w.xw[l] + i * 2 * O;
+      for (int64_t o = 0; o < O; ++o) y[i * O + o] = ch.b[i] * xw[o] + ch.f[i] * xw[O + o];
+    }
+    mm_ab(y, gp, w.d[l], n, O, n, true, -1);  // - (G p) d
+    if (l < L - 1) {
+      for (int64_t e = 0; e < n * O; ++e) w.x[l + 1][e] = act_value(s.act, y[e]);
+    } else {
+      for (int64_t e = 0; e < n * O; ++e) o[e] = s.residual ? y[e] + ch.q[e] : y[e];
+    }
+  }
+}
+
+// 3. [W; S] after the chunk's last token, in place (_state_forward): W' = bl W + fl S - sum_j gl_j d_j a_j^T,
+//    S' = el S - sum_j pl_j d_j a_j^T
+template <typename V>
+void state_forward(const Spec& s, const Chunk<V>& ch, V* const* WS, Work<V>& w) {
+  const int64_t n = s.n;
+  for (int l = 0; l < s.L; ++l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
+    V *W = WS[l], *S = WS[l] + OI;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t o = 0; o < O; ++o) {
+        w.cg[j * O + o] = ch.gl[j] * w.d[l][j * O + o];
+        w.cp[j * O + o] = ch.pl[j] * w.d[l][j * O + o];
+      }
+    for (int64_t e = 0; e < OI; ++e) {
+      W[e] = ch.bl * W[e] + ch.fl * S[e];
+      S[e] = ch.el * S[e];
+    }
+    mm_atb(W, w.cg, w.a[l], O, I, n, true, -1);  // - (gl d)^T a
+    mm_atb(S, w.cp, w.a[l], O, I, n, true, -1);  // - (pl d)^T a
+  }
+}
+
+// the gradients of one (chunk, group)
+template <typename V>
+struct ChunkGrads {
+  V *dq, *dk, *dv, *db, *df, *dG, *dbl, *del, *dfl, *dgl, *dpl;
+};
+
+template <typename V>
+ChunkGrads<V> grads_at(const Spec& s, V* const* out, int64_t c, int64_t g) {
+  const int64_t cg = c * s.groups + g, n = s.n, K = s.dims[0], Vd = s.dims[s.L];
+  return ChunkGrads<V>{out[0] + cg * n * K, out[1] + cg * n * K, out[2] + cg * n * Vd, out[3] + cg * n,
+                       out[4] + cg * n,     out[5] + cg * n * n, out[6] + cg,          out[7] + cg,
+                       out[8] + cg,         out[9] + cg * n,     out[10] + cg * n};
+}
+
+// The reverse of the three stages for one (chunk, group) (_chunk_backward). On entry g[l] is the gradient of the
+// chunk's final [W; S], WS[l] its starting state and Aw[l] its anchor, w holds the chunk's activations; on return g[l]
+// is the gradient of the starting state and, where the anchor is separate (dA not null), dA[l] that of the anchor.
+template <typename V>
+void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* WS, V* const* Aw, V* const* g,
+                    V* const* dA, Work<V>& w, const ChunkGrads<V>& out) {
+  const int64_t n = s.n, L = s.L, K = s.dims[0], Vd = s.dims[L];
+  std::fill(out.db, out.db + n, V{});
+  std::fill(out.df, out.df + n, V{});
+  std::fill(out.dG, out.dG + n * n, V{});
+  std::fill(out.dgl, out.dgl + n, V{});
+  std::fill(out.dpl, out.dpl + n, V{});
+  V dbl = {}, dfl = {}, del = {};
+
+  // 4. state: W' = bl W + fl S - d^T diag(gl) a, S' = el S - d^T diag(pl) a
+  for (int l = 0; l < L; ++l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
+    V *gW = g[l], *gS = g[l] + OI;
+    const V *W = WS[l], *S = WS[l] + OI, *d = w.d[l];
+    dbl += sum(gW, W, OI);
+    dfl += sum(gW, S, OI);
+    del += sum(gS, S, OI);
+    mm_abt(w.rW, w.a[l], gW, n, O, I, false, 1);  // a dW'^T
+    mm_abt(w.rS, w.a[l], gS, n, O, I, false, 1);  // a dS'^T
+    for (int64_t j = 0; j < n; ++j) {
+      const V *rWj = w.rW + j * O, *rSj = w.rS + j * O, *dj = d + j * O;
+      V* ddj = w.dd[l] + j * O;
+      for (int64_t o = 0; o < O; ++o) {
+        ddj[o] = -(ch.gl[j] * rWj[o] + ch.pl[j] * rSj[o]);
+        w.cg[j * O + o] = ch.gl[j] * dj[o];
+        w.cp[j * O + o] = ch.pl[j] * dj[o];
+      }
+      out.dgl[j] -= sum(dj, rWj, O);
+      out.dpl[j] -= sum(dj, rSj, O);
+    }
+    mm_ab(w.da[l], w.cg, gW, n, I, O, false, -1);  // da = -((gl d) dW' + (pl d) dS')
+    mm_ab(w.da[l], w.cp, gS, n, I, O, true, -1);
+    for (int64_t e = 0; e < OI; ++e) {  // [dW; dS] = [bl dW'; el dS' + fl dW']
+      gS[e] = ch.el * gS[e] + ch.fl * gW[e];
+      gW[e] = ch.bl * gW[e];
+    }
+  }
+  *out.dbl = dbl;
+  *out.del = del;
+  *out.dfl = dfl;
+
+  // 3. read, last layer first
+  V* dy = w.dy;
+  std::copy(dout, dout + n * Vd, dy);
+  if (s.residual) {
+    std::copy(dout, dout + n * K, out.dq);
+  } else {
+    std::fill(out.dq, out.dq + n * K, V{});
+  }
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
+    V *gW = g[l], *gS = g[l] + OI;
+    const V *W = WS[l], *S = WS[l] + OI, *x = w.x[l], *a = w.a[l], *d = w.d[l], *p = w.p[l];
+    V *bdy = w.cg, *fdy = w.cp, *dM = w.dM;
+    for (int64_t i = 0; i < n; ++i) {
+      const V* dyi = dy + i * O;
+      for (int64_t o = 0; o < O; ++o) {
+        bdy[i * O + o] = ch.b[i] * dyi[o];
+        fdy[i * O + o] = ch.f[i] * dyi[o];
+      }
+      out.db[i] += sum(dyi, w.xw[l] + i * 2 * O, O);
+      out.df[i] += sum(dyi, w.xw[l] + i * 2 * O + O, O);
+    }
+    mm_atb(gW, bdy, x, O, I, n, true, 1);  // dW += (b dy)^T x
+    mm_atb(gS, fdy, x, O, I, n, true, 1);  // dS += (f dy)^T x
+    mm_abt(dM, dy, d, n, n, O, false, -1);  // dM = -dy d^T
+    for (int64_t e = 0; e < n * n; ++e) {
+      out.dG[e] += dM[e] * p[e];
+      dM[e] *= ch.G[e];  // dP = dM G
+    }
+    V* gp = w.rW;  // G p, [n, n]
+    for (int64_t e = 0; e < n * n; ++e) gp[e] = ch.G[e] * p[e];
+    mm_atb(w.dd[l], gp, dy, n, O, n, true, -1);  // dd -= (G p)^T dy
+    V* dx = w.dx;                                 // dx = (b dy) W + (f dy) S + dP a
+    mm_ab(dx, bdy, W, n, I, O, false, 1);
+    mm_ab(dx, fdy, S, n, I, O, true, 1);
+    mm_ab(dx, dM, a, n, I, n, true, 1);
+    mm_atb(w.da[l], dM, x, n, I, n, true, 1);  // da += dP^T x
+    if (l > 0) {
+      const V* yprev = w.y[l - 1];
+      for (int64_t e = 0; e < n * I; ++e) dy[e] = act_grad(s.act, yprev[e]) * dx[e];
+    } else {
+      for (int64_t e = 0; e < n * K; ++e) out.dq[e] += dx[e];
+    }
+  }
+
+  // 2. anchor: the errors first (d[l] = (d[l + 1] Aw[l + 1]) act'(z[l])), then the keys' forward
+  auto dA_into = [&](int64_t l) -> V* {  // where the anchor's gradient for layer l goes
+    return dA != nullptr ? dA[l] : g[l];
+  };
+  for (int64_t l = 0; l < L - 1; ++l) {
+    const int64_t O = s.dims[l + 1], O2 = s.dims[l + 2];
+    V* dback = w.dx;  // [n, O]
+    for (int64_t e = 0; e < n * O; ++e) {
+      dback[e] = w.dd[l][e] * w.dact[l][e];
+      w.dz[l][e] = w.dd[l][e] * w.back[l][e] * act_grad2(s.act, w.z[l][e]);
+    }
+    mm_abt(w.dd[l + 1], dback, Aw[l + 1], n, O2, O, true, 1);  // dd[l + 1] += dback Aw[l + 1]^T
+    mm_atb(dA_into(l + 1), w.d[l + 1], dback, O2, O, n, true, 1);  // dA[l + 1] += d[l + 1]^T dback
+  }
+  const bool l2 = s.loss == LOSS_L2;
+  V* ddL = w.dd[L - 1];
+  for (int64_t e = 0; e < n * Vd; ++e) out.dv[e] = Scalar<V>(l2 ? -2 : -1) * ddL[e];
+  V* dzi = w.dy;  // [n, O], the gradient of layer l's pre-activation
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l];
+    if (l == L - 1) {
+      if (!l2) continue;  // dot: the error does not depend on the memory
+      for (int64_t e = 0; e < n * O; ++e) dzi[e] = Scalar<V>(2) * ddL[e];
+    } else {
+      for (int64_t e = 0; e < n * O; ++e) dzi[e] = w.dz[l][e] + w.da[l + 1][e] * w.dact[l][e];
+    }
+    mm_atb(dA_into(l), dzi, w.a[l], O, I, n, true, 1);  // dA += dz^T a
+    mm_ab(w.da[l], dzi, Aw[l], n, I, O, true, 1);        // da += dz Aw
+  }
+  for (int64_t e = 0; e < n * K; ++e) out.dk[e] = w.da[0][e] + (s.residual && l2 ? Scalar<V>(2) * ddL[e] : V{});
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// the loops over groups (split between threads) and chunks
+
+template <typename F>
+void over_groups(const Spec& s, F&& body) {
+  const int64_t threads = std::max<int64_t>(1, std::min(s.threads, s.groups));
+  if (threads == 1) {
+    body(0, s.groups);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (s.groups + threads - 1) / threads;
+  for (int64_t t = 1; t < threads; ++t) {
+    const int64_t lo = t * per, hi = std::min(s.groups, lo + per);
+    if (lo < hi) pool.emplace_back([&, lo, hi] { body(lo, hi); });
+  }
+  body(0, std::min(s.groups, per));
+  for (auto& th : pool) th.join();
+}
+
+// ptrs: q k v b f G bl el fl gl pl (11), o, then per layer WS[l] (in: start, out: final), A[l] (or null),
+// last_anchor[l] (out), starts[l] (out, or null: no save)
+template <typename T>
+void scan_forward(const Spec& s, void** ptrs) {
+  typedef typename Lanes<T>::V V;
+  V* const* in = reinterpret_cast<V* const*>(ptrs);
+  V* o = in[11];
+  V* const* WS = in + 12;
+  V* const* A = in + 12 + s.L;
+  V* const* last = in + 12 + 2 * s.L;
+  V* const* starts = in + 12 + 3 * s.L;
+  const bool save = starts[0] != nullptr;
+  const int64_t Vd = s.dims[s.L];
+  over_groups(s, [&](int64_t lo, int64_t hi) {
+    Work<V> w(s);
+    V *ws[MAXL], *aw[MAXL];
+    for (int64_t g = lo; g < hi; ++g) {
+      for (int l = 0; l < s.L; ++l) ws[l] = WS[l] + g * 2 * s.dims[l + 1] * s.dims[l];
+      for (int64_t c = 0; c < s.nc; ++c) {
+        const Chunk<V> ch = chunk_at(s, in, c, g);
+        for (int l = 0; l < s.L; ++l) {
+          const int64_t OI = s.dims[l + 1] * s.dims[l];
+          aw[l] = (c == 0 && s.has_A) ? A[l] + g * OI : ws[l];
+          if (save) std::copy(ws[l], ws[l] + 2 * OI, starts[l] + (c * s.groups + g) * 2 * OI);
+          if (c == s.nc - 1) std::copy(ws[l], ws[l] + OI, last[l] + g * OI);
+        }
+        anchor_forward(s, ch, aw, w);
+        read_forward(s, ch, ws, w, o + (c * s.groups + g) * s.n * Vd);
+        state_forward(s, ch, ws, w);
+      }
+    }
+  });
+}
+
+// ptrs: q k v b f G bl el fl gl pl (11), do, dq dk dv db df dG dbl del dfl dgl dpl (11), then per layer g[l] (in: the
+// gradient of the final state, out: of the starting one), dlast[l] (or null), starts[l], A[l] (or null), dA[l] (out,
+// or null)
+template <typename T>
+void scan_backward(const Spec& s, void** ptrs) {
+  typedef typename Lanes<T>::V V;
+  V* const* in = reinterpret_cast<V* const*>(ptrs);
+  const V* dout = in[11];
+  V* const* gout = in + 12;
+  V* const* G = in + 23;
+  V* const* dlast = in + 23 + s.L;
+  V* const* starts = in + 23 + 2 * s.L;
+  V* const* A = in + 23 + 3 * s.L;
+  V* const* dA = in + 23 + 4 * s.L;
+  const int64_t Vd = s.dims[s.L];
+  over_groups(s, [&](int64_t lo, int64_t hi) {
+    Work<V> w(s);
+    V *ws[MAXL], *aw[MAXL], *g[MAXL], *da_group[MAXL];
+    std::vector<V> o_scratch(s.n * Vd);
+    for (int64_t gr = lo; gr < hi; ++gr) {
+      for (int l = 0; l < s.L; ++l) g[l] = G[l] + gr * 2 * s.dims[l + 1] * s.dims[l];
+      for (int64_t c = s.nc - 1; c >= 0; --c) {
+        const Chunk<V> ch = chunk_at(s, in, c, gr);
+        const bool separate = c == 0 && s.has_A;
+        for (int l = 0; l < s.L; ++l) {
+          const int64_t OI = s.dims[l + 1] * s.dims[l];
+          ws[l] = starts[l] + (c * s.groups + gr) * 2 * OI;
+          aw[l] = separate ? A[l] + gr * OI : ws[l];
+          if (separate) {
+            da_group[l] = dA[l] + gr * OI;
+            std::fill(da_group[l], da_group[l] + OI, V{});
+          }
+        }
+        anchor_forward(s, ch, aw, w);  // the chunk's activations again
+        read_forward(s, ch, ws, w, o_scratch.data());
+        chunk_backward(s, ch, dout + (c * s.groups + gr) * s.n * Vd, ws, aw, g, separate ? da_group : nullptr, w,
+                       grads_at(s, gout, c, gr));
+        if (c == s.nc - 1) {  // the last chunk's starting memory is also an output
+          for (int l = 0; l < s.L; ++l) {
+            if (dlast[l] == nullptr) continue;
+            const int64_t OI = s.dims[l + 1] * s.dims[l];
+            const V* dl = dlast[l] + gr * OI;
+            for (int64_t e = 0; e < OI; ++e) g[l][e] += dl[e];
+          }
+        }
+      }
+    }
+  });
+}
+
+bool parse(const int64_t* raw, Spec& s) {
+  s.L = raw[0];
+  s.n = raw[1];
+  s.nc = raw[2];
+  s.groups = raw[3];
+  s.residual = raw[4] != 0;
+  s.act = static_cast<int>(raw[5]);
+  s.loss = static_cast<int>(raw[6]);
+  s.has_A = raw[7] != 0;
+  s.threads = raw[8];
+  if (s.L < 1 || s.L > MAXL || s.n < 1 || s.nc < 1 || s.groups < 1) return false;
+  if (s.act != ACT_GELU && s.act != ACT_SILU) return false;
+  if (s.loss != LOSS_L2 && s.loss != LOSS_DOT) return false;
+  for (int l = 0; l <= s.L; ++l) {
+    s.dims[l] = raw[9 + l];
+    if (s.dims[l] < 1) return false;
+  }
+  return !(s.residual && s.dims[0] != s.dims[s.L]);
+}
+
+}  // namespace
+
+// spec: L, n, nc, groups (of LANES rows), residual, activation (0 gelu, 1 silu), loss (0 l2, 1 dot), has_A, threads,
+// dims[0 .. L]. Returns 0, or 1 for a spec out of range (nothing written).
+extern "C" {
+int mnemos_scan_lanes_f32() { return Lanes<float>::N; }
+int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
+int mnemos_scan_forward_f32(const int64_t* spec, void** ptrs) {
+  Spec s;
+  if (!parse(spec, s)) return 1;
+  scan_forward<float>(s, ptrs);
+  return 0;
+}
+int mnemos_scan_forward_f64(const int64_t* spec, void** ptrs) {
+  Spec s;
+  if (!parse(spec, s)) return 1;
+  scan_forward<double>(s, ptrs);
+  return 0;
+}
+int mnemos_scan_backward_f32(const int64_t* spec, void** ptrs) {
+  Spec s;
+  if (!parse(spec, s)) return 1;
+  scan_backward<float>(s, ptrs);
+  return 0;
+}
+int mnemos_scan_backward_f64(const int64_t* spec, void** ptrs) {
+  Spec s;
+  if (!parse(spec, s)) return 1;
+  scan_backward<double>(s, ptrs);
+  return 0;
+}
+}

@@ -1,0 +1,322 @@
+"""The torch backend's chunk loop compiled for the CPU (``cpu_scan.cpp``), with the torch loop as its fallback.
+
+On CPU tensors the torch path's chunk loop (``torch_scan.py``) spends most of its time in PyTorch's per-op dispatch
+and in passes over every row's state, not in arithmetic (docs/PERFORMANCE.md). ``cpu_scan.cpp`` runs the same three
+stages and their reverse per (sequence, head) row, with that row's state kept in cache, and is what the torch path
+runs on a CPU whenever it can:
+
+- **built on first use** with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``; ~5 s), into
+  ``$MNEMOS_CACHE_DIR`` (default ``~/.cache/mnemos``) under a name that hashes the source, the flags, the compiler
+  and the CPU, and loaded with ctypes: no build step at install and no dependency but a compiler;
+- **covers** window 1, the losses l2 and dot, the activations gelu and silu, without ``normalize_step``, float32 and
+  float64, depth <= 8 and chunks <= 256 tokens; anything else, a missing compiler or a failed build runs the torch
+  loop (the reason is in :func:`unavailable_reason`, and a failed build warns once);
+- **off** with ``MNEMOS_CPU_KERNEL=0`` in the environment or inside ``with cpu_kernel(False):`` (what the tests use to
+  compare the two loops).
+
+The node has the torch loop's contract (``backends.py``) and is exact to it: tests/test_cpu_scan.py compares outputs,
+final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a 1.5e-7 erf).
+Its backward recomputes each chunk's activations from the chunk's saved starting state instead of keeping them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_scan.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread")
+ACTIVATIONS = {"gelu": 0, "silu": 1}
+LOSSES = {"l2": 0, "dot": 1}
+MAX_DEPTH, MAX_CHUNK = 8, 256
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_reason: str | None = None  # why the library is unavailable (None: not tried yet, or loaded)
+_tried = False
+_enabled = [os.environ.get("MNEMOS_CPU_KERNEL", "1") != "0"]
+
+
+@contextlib.contextmanager
+def cpu_kernel(enabled: bool):
+    """Within the block the torch path runs its chunk loop compiled (True, where it can) or in PyTorch (False)."""
+    _enabled.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _enabled.pop()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MNEMOS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mnemos")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(cxx: str) -> Path:
+    """Compile the source into the cache (once per source, flags, compiler and CPU); returns the library's path."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id())).encode()).hexdigest()
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "mnemos-kernels"):
+        target = directory / f"cpu_scan-{key[:16]}.so"
+        if target.exists():
+            return target
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        tmp = directory / f".cpu_scan-{key[:16]}-{os.getpid()}-{threading.get_ident()}.so"
+        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                                timeout=600)
+        if result.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders (test workers) each write their own file first
+        return target
+    raise RuntimeError(f"no writable directory for the compiled kernel ({_cache_dir()} or the temp dir)")
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled loop, built and loaded on first call; None where it cannot be (see :func:`unavailable_reason`)."""
+    global _library, _reason, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        try:
+            cxx = _compiler()
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
+            lib = ctypes.CDLL(str(_build(cxx)))
+            for name in ("mnemos_scan_forward_f32", "mnemos_scan_forward_f64", "mnemos_scan_backward_f32",
+                         "mnemos_scan_backward_f64"):
+                fn = getattr(lib, name)
+                fn.argtypes = (ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p))
+                fn.restype = ctypes.c_int
+            _library = lib
+        except Exception as exc:  # a missing or failing compiler must never stop the torch path
+            _reason = f"the compiled CPU loop could not be built: {exc}"
+            warnings.warn(f"mnemos: {_reason}; the memory rule runs its PyTorch loop", RuntimeWarning, stacklevel=3)
+        _tried = True
+    return _library
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled loop is not in use (None when it is): switched off, or its build failed."""
+    if not _enabled[-1]:
+        return "switched off (MNEMOS_CPU_KERNEL=0 or cpu_kernel(False))"
+    library()
+    return _reason
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype, depth: int, n: int, opts: dict,
+                       window: bool, delta: bool) -> str | None:
+    """Why the compiled loop cannot run a chunk run of the torch path (None when it can). ``opts``: the torch loop's
+    options (residual, activation, loss, normalize)."""
+    if device.type != "cpu":
+        return f"it runs on the CPU; the inputs are on {device}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"it takes float32 or float64, got {dtype}"
+    if opts.get("loss") not in LOSSES:
+        return f"it covers the losses {tuple(LOSSES)}, got {opts.get('loss')!r}"
+    if opts.get("activation") not in ACTIVATIONS:
+        return f"it covers the activations {tuple(ACTIVATIONS)}, got {opts.get('activation')!r}"
+    if opts.get("normalize"):
+        return "normalize_step runs in the torch loop"
+    if window or delta:
+        return "an Omega window or huber's thresholds run in the torch loop"
+    if depth > MAX_DEPTH or n > MAX_CHUNK:
+        return f"it covers depth <= {MAX_DEPTH} and chunks <= {MAX_CHUNK} tokens, got depth {depth}, chunk {n}"
+    return unavailable_reason()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# calls
+
+
+def lanes(dtype: torch.dtype) -> int:
+    """Rows per SIMD vector (the kernel's group): 16 float32 or 8 float64 (64 bytes)."""
+    return 8 if dtype == torch.float64 else 16
+
+
+def _spec(nc: int, n: int, groups: int, dims: Sequence[int], opts: dict, has_A: bool) -> ctypes.Array:
+    raw = [len(dims) - 1, n, nc, groups, int(opts["residual"]), ACTIVATIONS[opts["activation"]], LOSSES[opts["loss"]],
+           int(has_A), torch.get_num_threads(), *dims]
+    return (ctypes.c_int64 * len(raw))(*raw)
+
+
+def _aligned(x: Tensor) -> Tensor:
+    """x contiguous and starting on a 64-byte boundary (the kernel loads whole 64-byte vectors from it)."""
+    x = x.contiguous()
+    return x if x.data_ptr() % 64 == 0 else x.clone()
+
+
+def to_lanes(x: Tensor, lead: int, width: int) -> Tensor:
+    """``[*lead dims, rows, *rest]`` -> ``[*lead dims, groups, *rest, width]``: rows padded with zeros to whole groups of
+    ``width``, each group's rows innermost (the kernel's layout)."""
+    rows = x.shape[lead]
+    pad = -rows % width
+    if pad:
+        x = torch.cat((x, x.new_zeros(*x.shape[:lead], pad, *x.shape[lead + 1:])), dim=lead)
+    x = x.reshape(*x.shape[:lead], -1, width, *x.shape[lead + 1:])
+    return _aligned(x.movedim(lead + 1, -1))
+
+
+def from_lanes(x: Tensor, lead: int, rows: int) -> Tensor:
+    """The reverse of :func:`to_lanes` (a view; the padding rows dropped)."""
+    x = x.movedim(-1, lead + 1)
+    x = x.reshape(*x.shape[:lead], -1, *x.shape[lead + 2:])
+    return x.narrow(lead, 0, rows)
+
+
+def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
+    for t in tensors:
+        assert t is None or (t.is_contiguous() and t.data_ptr() % 64 == 0)
+    return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
+
+
+def _call(name: str, dtype: torch.dtype, spec, ptrs) -> None:
+    lib = library()
+    fn = getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    if fn(spec, ptrs) != 0:
+        raise RuntimeError(f"the compiled CPU loop rejected its inputs: {list(spec)}")
+
+
+class _Layout:
+    """A call's shapes and its tensors' conversions to and from the kernel's lanes. Tokens and coefficients are
+    chunk-major ``[nc, B, H, ...]``, states ``[B, H, ...]``."""
+
+    def __init__(self, q: Tensor, dims: Sequence[int]):
+        self.nc, self.B, self.H, self.n, _ = q.shape
+        self.rows = self.B * self.H
+        self.width = lanes(q.dtype)
+        self.groups = -(-self.rows // self.width)
+        self.dims = list(dims)  # the memory's widths K, hidden..., V
+
+    def chunked(self, x: Tensor) -> Tensor:  # [nc, B, H, ...] -> lanes
+        return to_lanes(x.reshape(self.nc, self.rows, *x.shape[3:]), 1, self.width)
+
+    def state(self, x: Tensor) -> Tensor:  # [B, H, ...] -> lanes
+        return to_lanes(x.reshape(self.rows, *x.shape[2:]), 0, self.width)
+
+    def chunked_back(self, x: Tensor) -> Tensor:
+        y = from_lanes(x, 1, self.rows)
+        return y.reshape(self.nc, self.B, self.H, *y.shape[2:])
+
+    def state_back(self, x: Tensor) -> Tensor:
+        y = from_lanes(x, 0, self.rows)
+        return y.reshape(self.B, self.H, *y.shape[1:])
+
+    def spec(self, opts: dict, has_A: bool):
+        return _spec(self.nc, self.n, self.groups, self.dims, opts, has_A)
+
+
+def forward(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] | None, opts: dict, *,
+            save: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor] | None]:
+    """Every chunk in order (``torch_scan.scan``). ``inputs``: q k v b f G bl el fl gl pl, chunk-major; WS: the L
+    starting ``[W; S]`` (not modified); A: chunk 0's anchors or None. Returns o, the final states, the memory W at the
+    last chunk's start and, with ``save``, every chunk's starting state per layer (in lanes: only
+    :class:`CpuChunkScan`'s backward reads them)."""
+    lay = _Layout(inputs[0], [inputs[0].shape[-1]] + [t.shape[-2] // 2 for t in WS])
+    x = [lay.chunked(t) for t in inputs]
+    ws = [lay.state(t) for t in WS]  # fresh tensors: the kernel updates them in place
+    ws = [t.clone() if t.data_ptr() == w.data_ptr() else t for t, w in zip(ws, WS)]
+    a = None if A is None else [lay.state(t) for t in A]
+    dt, nc, G = x[0].dtype, lay.nc, lay.groups
+    o = x[0].new_empty(nc, G, lay.n, lay.dims[-1], lay.width)
+    last = [x[0].new_empty(G, lay.dims[i + 1], lay.dims[i], lay.width) for i in range(len(ws))]
+    starts = [x[0].new_empty(nc, *t.shape) for t in ws] if save else None
+    L = len(ws)
+    ptrs = _pointers([*x, o, *ws, *(a or [None] * L), *last, *(starts or [None] * L)])
+    _call("mnemos_scan_forward", dt, lay.spec(opts, A is not None), ptrs)
+    return (lay.chunked_back(o), [lay.state_back(t) for t in ws], [lay.state_back(t) for t in last],
+            starts)
+
+
+class CpuChunkScan(torch.autograd.Function):
+    """The compiled chunk loop as one autograd node, with ``torch_scan.TorchChunkScan``'s contract (``backends.py``):
+    ``apply(opts, q, k, v, b, f, G, bl, el, fl, gl, pl, *WS, *A) -> (o, *WS_final, *last_anchor)``. Saves each chunk's
+    starting state; the backward recomputes the chunk's activations from it."""
+
+    @staticmethod
+    def forward(ctx, opts: dict, q, k, v, b, f, G, bl, el, fl, gl, pl, *states):
+        L = opts["L"]
+        inputs = (q, k, v, b, f, G, bl, el, fl, gl, pl)
+        WS, A = list(states[:L]), (list(states[L:]) or None)
+        o, WS_out, last, starts = forward(inputs, WS, A, opts["kw"], save=True)
+        ctx.opts, ctx.has_A = opts, A is not None
+        ctx.dims = [q.shape[-1]] + [t.shape[-2] // 2 for t in WS]
+        ctx.save_for_backward(*inputs, *starts, *(A or ()))
+        return (o, *WS_out, *last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, *grads):
+        L, kw = ctx.opts["L"], ctx.opts["kw"]
+        saved = ctx.saved_tensors
+        inputs, starts = list(saved[:11]), list(saved[11:11 + L])
+        A = list(saved[11 + L:]) if ctx.has_A else None
+        lay = _Layout(inputs[0], ctx.dims)
+        q = inputs[0]
+        if do is None:
+            do = q.new_zeros(*q.shape[:-1], lay.dims[-1])
+        x = [lay.chunked(t) for t in inputs]
+        carry = [lay.state(q.new_zeros(lay.B, lay.H, 2 * o, i) if g is None else g)
+                 for o, i, g in zip(lay.dims[1:], lay.dims, grads[:L])]
+        carry = [c.clone() if g is not None and c.data_ptr() == g.data_ptr() else c  # the kernel writes into it
+                 for c, g in zip(carry, grads[:L])]
+        dlast = [None if g is None else lay.state(g) for g in grads[L:]]
+        outs = [torch.empty_like(t) for t in x]  # dq dk dv db df dG dbl del dfl dgl dpl, in lanes
+        a = None if A is None else [lay.state(t) for t in A]
+        dA = None if A is None else [torch.empty_like(t) for t in a]
+        do = lay.chunked(do)  # held here: the kernel reads it through a raw pointer
+        ptrs = _pointers([*x, do, *outs, *carry, *(dlast or [None] * L), *starts,
+                          *(a or [None] * L), *(dA or [None] * L)])
+        _call("mnemos_scan_backward", q.dtype, lay.spec(kw, A is not None), ptrs)
+        grads_in = [lay.chunked_back(t) for t in outs]
+        dWS = [lay.state_back(t) for t in carry]
+        dA = None if dA is None else [lay.state_back(t) for t in dA]
+        return (None, *grads_in, *dWS, *(dA or ()))
+
+
+def scan(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] | None, opts: dict, L: int):
+    """The chunk loop of a torch-path run (``chunked._run_torch``): the autograd node when a gradient is wanted, else
+    the forward alone. Returns o ``[nc, B, H, n, V]``, the final states and the last chunk's starting memory W."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *WS, *(A or ()))):
+        o, *rest = CpuChunkScan.apply(dict(L=L, kw=opts), *inputs, *WS, *(A or ()))
+        return o, list(rest[:L]), list(rest[L:])
+    o, WS_out, last, _ = forward(inputs, WS, A, opts, save=False)
+    return o, WS_out, last
+
+
+__all__ = ["CpuChunkScan", "cpu_kernel", "forward", "library", "scan", "unavailable_reason", "unsupported_reason"]
