@@ -3,7 +3,9 @@
 Every row is a full training step of ``MnemosLM``: forward, cross-entropy over every position, backward, global
 gradient-norm clipping at 1.0 and an AdamW step (what ``mnemos train`` does per step, without the data loader).
 Sizes (the MQAR preset's): d_model 64, 2 layers, 4 heads (head dim 16), vocab 128, sliding window 8, MAC segments of
-32, 4 persistent tokens, memory depth 2 expansion 4. Memory variants run once per ``--chunk-sizes`` value.
+32, 4 persistent tokens, memory depth 2 expansion 4. Memory variants run once per ``--chunk-sizes`` value and per
+``--loops`` value: the memory rule's chunk loop compiled for the CPU (``compiled``: ops/memory_rule/cpu_scan.cpp,
+what the torch path runs on a CPU by default) and in PyTorch (``torch``: ``MNEMOS_CPU_KERNEL=0``), side by side.
 
 Method: every row is built and warmed up (``--warmup`` steps) first. Then ``--repeats`` rounds, each timing
 ``--steps`` consecutive steps of every row in turn (rows interleaved, so that a busy machine slows every row alike).
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from mnemos.models import MnemosConfig, MnemosLM
 from mnemos.models.config import TITANS_VARIANTS
+from mnemos.ops.memory_rule import cpu_scan
 
 DEFAULT_VARIANTS = ("lmm", "mag", "mac", "mal", "transformer", "swa", "gated_deltanet")
 
@@ -50,7 +53,7 @@ def matmul_gflops(n: int = 512, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def build_row(variant: str, chunk: int | None, args) -> dict:
+def build_row(variant: str, chunk: int | None, loop: str | None, args) -> dict:
     memory = dict(chunk_size=chunk or 16, value_norm=args.value_norm,
                   max_chunk_lr=None if args.max_chunk_lr <= 0 else args.max_chunk_lr)
     cfg = MnemosConfig(variant=variant, vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
@@ -61,16 +64,17 @@ def build_row(variant: str, chunk: int | None, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=g)
-    name = variant if chunk is None else f"{variant} (C {chunk})"
-    return dict(name=name, variant=variant, chunk_size=chunk, model=model, opt=opt, ids=ids, samples=[])
+    name = variant if chunk is None else f"{variant} (C {chunk}{', torch loop' if loop == 'torch' else ''})"
+    return dict(name=name, variant=variant, chunk_size=chunk, loop=loop, model=model, opt=opt, ids=ids, samples=[])
 
 
 def train_step(row: dict) -> float:
     model, opt, ids = row["model"], row["opt"], row["ids"]
-    logits, _ = model(ids[:, :-1])
-    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    with cpu_scan.cpu_kernel(row["loop"] != "torch"):
+        logits, _ = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return float(loss.detach())
@@ -96,6 +100,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     p.add_argument("--chunk-sizes", nargs="+", type=int, default=[4, 16], help="memory chunk sizes (memory variants)")
+    p.add_argument("--loops", nargs="+", choices=("compiled", "torch"), default=["compiled", "torch"],
+                   help="the memory rule's chunk loop on the CPU (memory variants): compiled, torch or both")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
@@ -118,11 +124,14 @@ def main(argv=None) -> int:
         p.error("--threads must be >= 1")
     torch.set_num_threads(args.threads)
 
+    if "compiled" in args.loops and cpu_scan.unavailable_reason() is not None:
+        p.error(f"--loops compiled: {cpu_scan.unavailable_reason()}")
     ceiling = matmul_gflops()
     rows = []
     for v in args.variants:
         for c in (args.chunk_sizes if v in TITANS_VARIANTS else [None]):
-            rows.append(build_row(v, c, args))
+            for loop in (args.loops if v in TITANS_VARIANTS else [None]):
+                rows.append(build_row(v, c, loop, args))
     for row in rows:
         for _ in range(args.warmup):
             row["loss"] = train_step(row)
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
         out = dict(
             settings=vars(args), torch=torch.__version__, python=sys.version.split()[0], commit=git_commit(),
             processor=platform.processor() or platform.machine(), ceiling_gflops=ceiling,
-            rows=[{k: r[k] for k in ("name", "variant", "chunk_size", "samples", "tok_s", "tok_s_median", "loss")}
+            rows=[{k: r[k] for k in ("name", "variant", "chunk_size", "loop", "samples", "tok_s", "tok_s_median", "loss")}
                   for r in rows],
         )
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

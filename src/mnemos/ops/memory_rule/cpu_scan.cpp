@@ -8,7 +8,8 @@
 // one SIMD vector with one lane per row, so every product and every elementwise function is lane-wise (no horizontal
 // sums, no layout transposes), and the group's state stays in the core's L2 while its chunks go by.
 //
-// Covered: any depth L <= 8, window 1, losses l2 and dot, activations gelu and silu, residual or not, a separate
+// Covered: any depth L <= 8, window 1, losses l2 and dot, activations gelu and silu, residual or not, normalize_step
+// (the chunk-summed step bound's per-token scale) or not, a separate
 // anchor for chunk 0 (a stream continued mid-chunk), float32 and float64. cpu_scan.py compiles this file with the
 // system's C++ compiler on first use, calls it through ctypes, lays the tensors out in lanes, and runs the torch loop
 // for anything else.
@@ -39,7 +40,7 @@ enum { LOSS_L2 = 0, LOSS_DOT = 1 };
 struct Spec {
   int64_t L, n, nc, groups, threads;
   int64_t dims[MAXL + 1];  // widths K, hidden..., V: layer l maps dims[l] -> dims[l + 1]
-  bool residual, has_A;
+  bool residual, has_A, normalize;
   int act, loss;
 };
 
@@ -288,13 +289,14 @@ struct Work {  // one group's activations of one chunk and the backward's scratc
   // backward: dd [n, O], da [n, I], dz [n, O]; shared: rW, rS, dy, dx, pred, cg, cp [n, max(n, widths)], dM [n, n]
   V *a[MAXL], *d[MAXL], *x[MAXL], *xw[MAXL], *p[MAXL], *y[MAXL], *z[MAXL], *dact[MAXL], *back[MAXL];
   V *dd[MAXL], *da[MAXL], *dz[MAXL], *rW, *rS, *dy, *dx, *pred, *cg, *cp, *dM;
+  V *du[MAXL], *sc;  // the errors the update uses (d sc; d itself without normalize_step) and sc [n]
 
   explicit Work(const Spec& s) {
     const int64_t n = s.n;
     int64_t maxw = n;  // the shared buffers also hold [n, n] products
     for (int l = 0; l <= s.L; ++l) maxw = std::max(maxw, s.dims[l]);
-    int64_t size = 7 * n * maxw + n * n;
-    for (int l = 0; l < s.L; ++l) size += n * (3 * s.dims[l] + 9 * s.dims[l + 1] + n);
+    int64_t size = 7 * n * maxw + n * n + n;
+    for (int l = 0; l < s.L; ++l) size += n * (3 * s.dims[l] + 10 * s.dims[l + 1] + n);
     buf.assign(size, V{});
     V* at = buf.data();
     auto take = [&](int64_t count) {
@@ -316,7 +318,9 @@ struct Work {  // one group's activations of one chunk and the backward's scratc
       back[l] = take(n * O);
       dd[l] = take(n * O);
       dz[l] = take(n * O);
+      du[l] = s.normalize ? take(n * O) : d[l];
     }
+    sc = take(n);
     rW = take(n * maxw);
     rS = take(n * maxw);
     dy = take(n * maxw);
@@ -327,6 +331,63 @@ struct Work {  // one group's activations of one chunk and the backward's scratc
     dM = take(n * n);
   }
 };
+
+// normalize_step (torch_scan.step_scale): token j's update is du_l = sc_j d_l with sc_j = 1 / max(1, rho_j),
+// rho_j = sum_l |a_l[j]|^2 |d_l[j]|^2 / |d_L[j]|^2, the curvature of its step at the anchor
+template <typename V>
+inline V squared_norm(const V* x, int64_t k) {
+  return sum(x, x, k);
+}
+
+template <typename V>
+void step_scale(const Spec& s, Work<V>& w) {
+  typedef Scalar<V> T;
+  const int64_t n = s.n, L = s.L;
+  for (int64_t j = 0; j < n; ++j) {
+    V num = {};
+    for (int l = 0; l < L; ++l)
+      num += squared_norm(w.a[l] + j * s.dims[l], s.dims[l]) * squared_norm(w.d[l] + j * s.dims[l + 1], s.dims[l + 1]);
+    V q = squared_norm(w.d[L - 1] + j * s.dims[L], s.dims[L]);
+    q = q < T(1e-30) ? splat<V>(1e-30) : q;
+    V rho = num / q;
+    w.sc[j] = T(1) / (rho < T(1) ? splat<V>(1) : rho);
+  }
+  for (int l = 0; l < L; ++l) {
+    const int64_t O = s.dims[l + 1];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t o = 0; o < O; ++o) w.du[l][j * O + o] = w.sc[j] * w.d[l][j * O + o];
+  }
+}
+
+// its reverse (torch_scan._step_scale_backward): on entry dd[l] holds the gradient of du_l and da[l] that of a_l from
+// the read and the state; on return dd[l] holds the gradient of d_l and da[l] has the scale's share added
+template <typename V>
+void step_scale_backward(const Spec& s, Work<V>& w) {
+  typedef Scalar<V> T;
+  const int64_t n = s.n, L = s.L;
+  for (int64_t j = 0; j < n; ++j) {
+    V g_s = {};
+    for (int l = 0; l < L; ++l) g_s += sum(w.dd[l] + j * s.dims[l + 1], w.d[l] + j * s.dims[l + 1], s.dims[l + 1]);
+    const V sc = w.sc[j];
+    V g_rho = sc < T(1) ? -g_s * sc * sc : V{};  // d sc / d rho = -1 / rho^2 = -sc^2 where rho > 1
+    V q = squared_norm(w.d[L - 1] + j * s.dims[L], s.dims[L]);
+    q = q < T(1e-30) ? splat<V>(1e-30) : q;
+    V c = T(2) * g_rho / q;
+    for (int l = 0; l < L; ++l) {
+      const int64_t O = s.dims[l + 1], I = s.dims[l];
+      V *ddj = w.dd[l] + j * O, *daj = w.da[l] + j * I;
+      const V *dj = w.d[l] + j * O, *aj = w.a[l] + j * I;
+      const V ca = c * squared_norm(aj, I), cd = c * squared_norm(dj, O);
+      for (int64_t o = 0; o < O; ++o) ddj[o] = ddj[o] * sc + ca * dj[o];
+      for (int64_t i = 0; i < I; ++i) daj[i] += cd * aj[i];
+    }
+    const int64_t VL = s.dims[L];  // rho's denominator |d_L|^2 (c is 0 wherever rho <= 1, and rho = 1 / sc elsewhere)
+    V* ddL = w.dd[L - 1] + j * VL;
+    const V* dL = w.d[L - 1] + j * VL;
+    const V cs = c / sc;
+    for (int64_t o = 0; o < VL; ++o) ddL[o] -= cs * dL[o];
+  }
+}
 
 // 1. the keys through the anchor memory Aw and the associative loss backpropagated by hand (anchor_forward)
 template <typename V>
@@ -355,6 +416,7 @@ void anchor_forward(const Spec& s, const Chunk<V>& ch, V* const* Aw, Work<V>& w)
     mm_ab(w.back[l], w.d[l + 1], Aw[l + 1], n, O, O2, false, 1);
     for (int64_t e = 0; e < n * O; ++e) w.d[l][e] = w.back[l][e] * w.dact[l][e];
   }
+  if (s.normalize) step_scale(s, w);
 }
 
 // 2. the queries through W_1 .. W_n without forming them (_read_forward): y_i = b_i W x_i + f_i S x_i
@@ -374,7 +436,7 @@ void read_forward(const Spec& s, const Chunk<V>& ch, V* const* WS, Work<V>& w, V
       const V* xw = w.xw[l] + i * 2 * O;
       for (int64_t o = 0; o < O; ++o) y[i * O + o] = ch.b[i] * xw[o] + ch.f[i] * xw[O + o];
     }
-    mm_ab(y, gp, w.d[l], n, O, n, true, -1);  // - (G p) d
+    mm_ab(y, gp, w.du[l], n, O, n, true, -1);  // - (G p) du
     if (l < L - 1) {
       for (int64_t e = 0; e < n * O; ++e) w.x[l + 1][e] = act_value(s.act, y[e]);
     } else {
@@ -393,8 +455,8 @@ void state_forward(const Spec& s, const Chunk<V>& ch, V* const* WS, Work<V>& w) 
     V *W = WS[l], *S = WS[l] + OI;
     for (int64_t j = 0; j < n; ++j)
       for (int64_t o = 0; o < O; ++o) {
-        w.cg[j * O + o] = ch.gl[j] * w.d[l][j * O + o];
-        w.cp[j * O + o] = ch.pl[j] * w.d[l][j * O + o];
+        w.cg[j * O + o] = ch.gl[j] * w.du[l][j * O + o];
+        w.cp[j * O + o] = ch.pl[j] * w.du[l][j * O + o];
       }
     for (int64_t e = 0; e < OI; ++e) {
       W[e] = ch.bl * W[e] + ch.fl * S[e];
@@ -437,7 +499,7 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
   for (int l = 0; l < L; ++l) {
     const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
     V *gW = g[l], *gS = g[l] + OI;
-    const V *W = WS[l], *S = WS[l] + OI, *d = w.d[l];
+    const V *W = WS[l], *S = WS[l] + OI, *d = w.du[l];
     dbl += sum(gW, W, OI);
     dfl += sum(gW, S, OI);
     del += sum(gS, S, OI);
@@ -476,7 +538,7 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
     V *gW = g[l], *gS = g[l] + OI;
-    const V *W = WS[l], *S = WS[l] + OI, *x = w.x[l], *a = w.a[l], *d = w.d[l], *p = w.p[l];
+    const V *W = WS[l], *S = WS[l] + OI, *x = w.x[l], *a = w.a[l], *d = w.du[l], *p = w.p[l];
     V *bdy = w.cg, *fdy = w.cp, *dM = w.dM;
     for (int64_t i = 0; i < n; ++i) {
       const V* dyi = dy + i * O;
@@ -509,6 +571,8 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
       for (int64_t e = 0; e < n * K; ++e) out.dq[e] += dx[e];
     }
   }
+
+  if (s.normalize) step_scale_backward(s, w);  // dd: from the gradient of du to that of d
 
   // 2. anchor: the errors first (d[l] = (d[l + 1] Aw[l + 1]) act'(z[l])), then the keys' forward
   auto dA_into = [&](int64_t l) -> V* {  // where the anchor's gradient for layer l goes
@@ -656,11 +720,12 @@ bool parse(const int64_t* raw, Spec& s) {
   s.loss = static_cast<int>(raw[6]);
   s.has_A = raw[7] != 0;
   s.threads = raw[8];
+  s.normalize = raw[9] != 0;
   if (s.L < 1 || s.L > MAXL || s.n < 1 || s.nc < 1 || s.groups < 1) return false;
   if (s.act != ACT_GELU && s.act != ACT_SILU) return false;
   if (s.loss != LOSS_L2 && s.loss != LOSS_DOT) return false;
   for (int l = 0; l <= s.L; ++l) {
-    s.dims[l] = raw[9 + l];
+    s.dims[l] = raw[10 + l];
     if (s.dims[l] < 1) return false;
   }
   return !(s.residual && s.dims[0] != s.dims[s.L]);
@@ -669,7 +734,7 @@ bool parse(const int64_t* raw, Spec& s) {
 }  // namespace
 
 // spec: L, n, nc, groups (of LANES rows), residual, activation (0 gelu, 1 silu), loss (0 l2, 1 dot), has_A, threads,
-// dims[0 .. L]. Returns 0, or 1 for a spec out of range (nothing written).
+// normalize_step, dims[0 .. L]. Returns 0, or 1 for a spec out of range (nothing written).
 extern "C" {
 int mnemos_scan_lanes_f32() { return Lanes<float>::N; }
 int mnemos_scan_lanes_f64() { return Lanes<double>::N; }

@@ -8,8 +8,8 @@ runs on a CPU whenever it can:
 - **built on first use** with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``; ~5 s), into
   ``$MNEMOS_CACHE_DIR`` (default ``~/.cache/mnemos``) under a name that hashes the source, the flags, the compiler
   and the CPU, and loaded with ctypes: no build step at install and no dependency but a compiler;
-- **covers** window 1, the losses l2 and dot, the activations gelu and silu, without ``normalize_step``, float32 and
-  float64, depth <= 8 and chunks <= 256 tokens; anything else, a missing compiler or a failed build runs the torch
+- **covers** window 1, the losses l2 and dot, the activations gelu and silu, with or without ``normalize_step``,
+  float32 and float64, depth <= 8 and chunks <= 256 tokens; anything else, a missing compiler or a failed build runs the torch
   loop (the reason is in :func:`unavailable_reason`, and a failed build warns once);
 - **off** with ``MNEMOS_CPU_KERNEL=0`` in the environment or inside ``with cpu_kernel(False):`` (what the tests use to
   compare the two loops).
@@ -142,7 +142,7 @@ def unavailable_reason() -> str | None:
 def unsupported_reason(device: torch.device, dtype: torch.dtype, depth: int, n: int, opts: dict,
                        window: bool, delta: bool) -> str | None:
     """Why the compiled loop cannot run a chunk run of the torch path (None when it can). ``opts``: the torch loop's
-    options (residual, activation, loss, normalize)."""
+    options (residual, activation, loss, normalize; lp's p is not covered)."""
     if device.type != "cpu":
         return f"it runs on the CPU; the inputs are on {device}"
     if dtype not in (torch.float32, torch.float64):
@@ -151,8 +151,6 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, depth: int, n: 
         return f"it covers the losses {tuple(LOSSES)}, got {opts.get('loss')!r}"
     if opts.get("activation") not in ACTIVATIONS:
         return f"it covers the activations {tuple(ACTIVATIONS)}, got {opts.get('activation')!r}"
-    if opts.get("normalize"):
-        return "normalize_step runs in the torch loop"
     if window or delta:
         return "an Omega window or huber's thresholds run in the torch loop"
     if depth > MAX_DEPTH or n > MAX_CHUNK:
@@ -171,7 +169,7 @@ def lanes(dtype: torch.dtype) -> int:
 
 def _spec(nc: int, n: int, groups: int, dims: Sequence[int], opts: dict, has_A: bool) -> ctypes.Array:
     raw = [len(dims) - 1, n, nc, groups, int(opts["residual"]), ACTIVATIONS[opts["activation"]], LOSSES[opts["loss"]],
-           int(has_A), torch.get_num_threads(), *dims]
+           int(has_A), torch.get_num_threads(), int(bool(opts.get("normalize"))), *dims]
     return (ctypes.c_int64 * len(raw))(*raw)
 
 
