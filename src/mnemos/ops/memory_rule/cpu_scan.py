@@ -214,10 +214,10 @@ class _Layout:
     """A call's shapes and its tensors' conversions to and from the kernel's lanes. Tokens and coefficients are
     chunk-major ``[nc, B, H, ...]``, states ``[B, H, ...]``."""
 
-    def __init__(self, q: Tensor, dims: Sequence[int]):
-        self.nc, self.B, self.H, self.n, _ = q.shape
+    def __init__(self, q_shape: Sequence[int], dtype: torch.dtype, dims: Sequence[int]):
+        self.nc, self.B, self.H, self.n, _ = q_shape
         self.rows = self.B * self.H
-        self.width = lanes(q.dtype)
+        self.width = lanes(dtype)
         self.groups = -(-self.rows // self.width)
         self.dims = list(dims)  # the memory's widths K, hidden..., V
 
@@ -243,9 +243,9 @@ def forward(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] 
             save: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor] | None]:
     """Every chunk in order (``torch_scan.scan``). ``inputs``: q k v b f G bl el fl gl pl, chunk-major; WS: the L
     starting ``[W; S]`` (not modified); A: chunk 0's anchors or None. Returns o, the final states, the memory W at the
-    last chunk's start and, with ``save``, every chunk's starting state per layer (in lanes: only
-    :class:`CpuChunkScan`'s backward reads them)."""
-    lay = _Layout(inputs[0], [inputs[0].shape[-1]] + [t.shape[-2] // 2 for t in WS])
+    last chunk's start and, with ``save``, what :class:`CpuChunkScan`'s backward reads, in lanes: the inputs, every
+    chunk's starting state per layer and the anchors."""
+    lay = _Layout(inputs[0].shape, inputs[0].dtype, [inputs[0].shape[-1]] + [t.shape[-2] // 2 for t in WS])
     x = [lay.chunked(t) for t in inputs]
     ws = [lay.state(t) for t in WS]  # fresh tensors: the kernel updates them in place
     ws = [t.clone() if t.data_ptr() == w.data_ptr() else t for t, w in zip(ws, WS)]
@@ -257,8 +257,8 @@ def forward(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] 
     L = len(ws)
     ptrs = _pointers([*x, o, *ws, *(a or [None] * L), *last, *(starts or [None] * L)])
     _call("mnemos_scan_forward", dt, lay.spec(opts, A is not None), ptrs)
-    return (lay.chunked_back(o), [lay.state_back(t) for t in ws], [lay.state_back(t) for t in last],
-            starts)
+    saved = [*x, *starts, *(a or ())] if save else None
+    return lay.chunked_back(o), [lay.state_back(t) for t in ws], [lay.state_back(t) for t in last], saved
 
 
 class CpuChunkScan(torch.autograd.Function):
@@ -271,10 +271,11 @@ class CpuChunkScan(torch.autograd.Function):
         L = opts["L"]
         inputs = (q, k, v, b, f, G, bl, el, fl, gl, pl)
         WS, A = list(states[:L]), (list(states[L:]) or None)
-        o, WS_out, last, starts = forward(inputs, WS, A, opts["kw"], save=True)
+        o, WS_out, last, saved = forward(inputs, WS, A, opts["kw"], save=True)
         ctx.opts, ctx.has_A = opts, A is not None
         ctx.dims = [q.shape[-1]] + [t.shape[-2] // 2 for t in WS]
-        ctx.save_for_backward(*inputs, *starts, *(A or ()))
+        ctx.q_shape = q.shape
+        ctx.save_for_backward(*saved)  # in lanes: converted once
         return (o, *WS_out, *last)
 
     @staticmethod
@@ -282,25 +283,22 @@ class CpuChunkScan(torch.autograd.Function):
     def backward(ctx, do, *grads):
         L, kw = ctx.opts["L"], ctx.opts["kw"]
         saved = ctx.saved_tensors
-        inputs, starts = list(saved[:11]), list(saved[11:11 + L])
-        A = list(saved[11 + L:]) if ctx.has_A else None
-        lay = _Layout(inputs[0], ctx.dims)
-        q = inputs[0]
+        x, starts = list(saved[:11]), list(saved[11:11 + L])
+        a = list(saved[11 + L:]) if ctx.has_A else None
+        lay = _Layout(ctx.q_shape, x[0].dtype, ctx.dims)
         if do is None:
-            do = q.new_zeros(*q.shape[:-1], lay.dims[-1])
-        x = [lay.chunked(t) for t in inputs]
-        carry = [lay.state(q.new_zeros(lay.B, lay.H, 2 * o, i) if g is None else g)
+            do = x[0].new_zeros(*ctx.q_shape[:-1], lay.dims[-1])
+        do = lay.chunked(do)  # held here: the kernel reads it through a raw pointer
+        carry = [lay.state(x[0].new_zeros(lay.B, lay.H, 2 * o, i) if g is None else g)
                  for o, i, g in zip(lay.dims[1:], lay.dims, grads[:L])]
         carry = [c.clone() if g is not None and c.data_ptr() == g.data_ptr() else c  # the kernel writes into it
                  for c, g in zip(carry, grads[:L])]
         dlast = [None if g is None else lay.state(g) for g in grads[L:]]
         outs = [torch.empty_like(t) for t in x]  # dq dk dv db df dG dbl del dfl dgl dpl, in lanes
-        a = None if A is None else [lay.state(t) for t in A]
-        dA = None if A is None else [torch.empty_like(t) for t in a]
-        do = lay.chunked(do)  # held here: the kernel reads it through a raw pointer
-        ptrs = _pointers([*x, do, *outs, *carry, *(dlast or [None] * L), *starts,
-                          *(a or [None] * L), *(dA or [None] * L)])
-        _call("mnemos_scan_backward", q.dtype, lay.spec(kw, A is not None), ptrs)
+        dA = None if a is None else [torch.empty_like(t) for t in a]
+        ptrs = _pointers([*x, do, *outs, *carry, *(dlast or [None] * L), *starts, *(a or [None] * L),
+                          *(dA or [None] * L)])
+        _call("mnemos_scan_backward", x[0].dtype, lay.spec(kw, a is not None), ptrs)
         grads_in = [lay.chunked_back(t) for t in outs]
         dWS = [lay.state_back(t) for t in carry]
         dA = None if dA is None else [lay.state_back(t) for t in dA]
