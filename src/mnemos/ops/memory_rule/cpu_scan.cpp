@@ -710,6 +710,40 @@ void scan_backward(const Spec& s, void** ptrs) {
   });
 }
 
+// the lane layout: src [outer, rows, inner] <-> dst [outer, groups, inner, width] (rows padded with zeros to whole
+// groups); a transpose of [width, inner] blocks, done here because PyTorch's copy of that permutation is ~8x slower
+// than a plain copy
+template <typename T>
+void pack(const T* src, T* dst, int64_t outer, int64_t rows, int64_t inner, int64_t width) {
+  const int64_t groups = (rows + width - 1) / width;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t g = 0; g < groups; ++g) {
+      T* out = dst + (o * groups + g) * inner * width;
+      for (int64_t r = 0; r < width; ++r) {
+        const int64_t row = g * width + r;
+        if (row < rows) {
+          const T* in = src + (o * rows + row) * inner;
+          for (int64_t m = 0; m < inner; ++m) out[m * width + r] = in[m];
+        } else {
+          for (int64_t m = 0; m < inner; ++m) out[m * width + r] = T(0);
+        }
+      }
+    }
+}
+
+template <typename T>
+void unpack(const T* src, T* dst, int64_t outer, int64_t rows, int64_t inner, int64_t width) {
+  const int64_t groups = (rows + width - 1) / width;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t g = 0; g < groups; ++g) {
+      const T* in = src + (o * groups + g) * inner * width;
+      for (int64_t r = 0; r < width && g * width + r < rows; ++r) {
+        T* out = dst + (o * rows + g * width + r) * inner;
+        for (int64_t m = 0; m < inner; ++m) out[m] = in[m * width + r];
+      }
+    }
+}
+
 bool parse(const int64_t* raw, Spec& s) {
   s.L = raw[0];
   s.n = raw[1];
@@ -736,6 +770,13 @@ bool parse(const int64_t* raw, Spec& s) {
 // spec: L, n, nc, groups (of LANES rows), residual, activation (0 gelu, 1 silu), loss (0 l2, 1 dot), has_A, threads,
 // normalize_step, dims[0 .. L]. Returns 0, or 1 for a spec out of range (nothing written).
 extern "C" {
+// dims: outer, rows, inner, width; to_lanes != 0: src [outer, rows, inner] -> dst in lanes, else the reverse
+void mnemos_lanes_f32(const int64_t* dims, const float* src, float* dst, int to_lanes) {
+  (to_lanes ? pack<float> : unpack<float>)(src, dst, dims[0], dims[1], dims[2], dims[3]);
+}
+void mnemos_lanes_f64(const int64_t* dims, const double* src, double* dst, int to_lanes) {
+  (to_lanes ? pack<double> : unpack<double>)(src, dst, dims[0], dims[1], dims[2], dims[3]);
+}
 int mnemos_scan_lanes_f32() { return Lanes<float>::N; }
 int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
 int mnemos_scan_forward_f32(const int64_t* spec, void** ptrs) {
