@@ -115,6 +115,23 @@ def test_node_matches_the_torch_loop(cfg):
 
 
 @needs_kernel
+@pytest.mark.parametrize("nc,anchor", [(32, False), (33, True), (70, False), (97, True)])
+def test_node_backward_over_several_segments(nc, anchor):
+    """The backward re-runs the forward 32 chunks at a time from states a first pass found (cpu_scan.cpp, kSegment):
+    chunk counts on, just past and well past a segment boundary, with and without a separate anchor."""
+    cfg = dict(nc=nc, B=2, H=3, n=2, depth=2, K=3, hidden=5, V=3, residual=True, activation="gelu", loss="l2",
+               normalize=True, anchor=anchor, seed=nc)
+    inputs = _node_inputs(cfg)
+    outs = [_apply(node, cfg, inputs) for node in (TorchChunkScan, CpuChunkScan)]
+    for a, b in zip(*outs):
+        assert_close("output", a, b, 1e-12)
+    cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=F64) for o in outs[0]]
+    grads = [torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots)), inputs) for out in outs]
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert_close(f"grad {i}", a, b, 1e-11)
+
+
+@needs_kernel
 def test_node_gradients_with_some_outputs_unused():
     """Outputs whose gradient is None (the final state, the last anchor) count as zero."""
     cfg = dict(nc=3, B=2, H=3, n=4, depth=2, K=3, hidden=5, V=3, residual=True, activation="gelu", loss="l2",

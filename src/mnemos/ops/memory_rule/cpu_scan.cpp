@@ -16,11 +16,10 @@
 //
 // Layouts (contiguous; lanes innermost: "x V" below is one vector of LANES rows): tokens [nc, groups, n, D] x V;
 // per-token coefficients [nc, groups, n] x V (G [nc, groups, n, n] x V); per-chunk ones [nc, groups] x V; states
-// [groups, 2 O, I] x V per layer ([W; S], W [O, I]); anchors and last anchors [groups, O, I] x V; saved chunk starts
-// [nc, groups, 2 O, I] x V.
+// [groups, 2 O, I] x V per layer ([W; S], W [O, I]); anchors and last anchors [groups, O, I] x V.
 //
-// The backward keeps nothing from the forward but the chunk starts: it recomputes each chunk's activations from its
-// starting state (a forward of the chunk, about a quarter of its backward's work) instead of storing them.
+// The backward keeps nothing from the forward but its inputs: it runs each group's forward again, a segment of
+// chunks at a time, keeping that segment's states and activations (scan_backward).
 
 #include <algorithm>
 #include <cmath>
@@ -627,7 +626,7 @@ void over_groups(const Spec& s, F&& body) {
 }
 
 // ptrs: q k v b f G bl el fl gl pl (11), o, then per layer WS[l] (in: start, out: final), A[l] (or null),
-// last_anchor[l] (out), starts[l] (out, or null: no save)
+// last_anchor[l] (out)
 template <typename T>
 void scan_forward(const Spec& s, void** ptrs) {
   typedef typename Lanes<T>::V V;
@@ -636,8 +635,6 @@ void scan_forward(const Spec& s, void** ptrs) {
   V* const* WS = in + 12;
   V* const* A = in + 12 + s.L;
   V* const* last = in + 12 + 2 * s.L;
-  V* const* starts = in + 12 + 3 * s.L;
-  const bool save = starts[0] != nullptr;
   const int64_t Vd = s.dims[s.L];
   over_groups(s, [&](int64_t lo, int64_t hi) {
     Work<V> w(s);
@@ -649,7 +646,6 @@ void scan_forward(const Spec& s, void** ptrs) {
         for (int l = 0; l < s.L; ++l) {
           const int64_t OI = s.dims[l + 1] * s.dims[l];
           aw[l] = (c == 0 && s.has_A) ? A[l] + g * OI : ws[l];
-          if (save) std::copy(ws[l], ws[l] + 2 * OI, starts[l] + (c * s.groups + g) * 2 * OI);
           if (c == s.nc - 1) std::copy(ws[l], ws[l] + OI, last[l] + g * OI);
         }
         anchor_forward(s, ch, aw, w);
@@ -660,9 +656,16 @@ void scan_forward(const Spec& s, void** ptrs) {
   });
 }
 
+// The backward of one group walks its chunks in segments of at most kSegment, last segment first: it re-runs the
+// forward of a segment from the state at the segment's start, keeping every chunk's starting state and activations,
+// then runs the chunks' backward in reverse. The states at the segment starts come from a first forward pass (anchor
+// and state update only; skipped when there is one segment). So the autograd node saves only its inputs and the
+// starting states, nothing per chunk, and the memory this needs is per thread: kSegment chunks of one group.
+constexpr int64_t kSegment = 32;
+
 // ptrs: q k v b f G bl el fl gl pl (11), do, dq dk dv db df dG dbl del dfl dgl dpl (11), then per layer g[l] (in: the
-// gradient of the final state, out: of the starting one), dlast[l] (or null), starts[l], A[l] (or null), dA[l] (out,
-// or null)
+// gradient of the final state, out: of the starting one), dlast[l] (or null), WS0[l] (the starting state), A[l] (or
+// null), dA[l] (out, or null)
 template <typename T>
 void scan_backward(const Spec& s, void** ptrs) {
   typedef typename Lanes<T>::V V;
@@ -671,38 +674,76 @@ void scan_backward(const Spec& s, void** ptrs) {
   V* const* gout = in + 12;
   V* const* G = in + 23;
   V* const* dlast = in + 23 + s.L;
-  V* const* starts = in + 23 + 2 * s.L;
+  V* const* WS0 = in + 23 + 2 * s.L;
   V* const* A = in + 23 + 3 * s.L;
   V* const* dA = in + 23 + 4 * s.L;
-  const int64_t Vd = s.dims[s.L];
+  const int64_t Vd = s.dims[s.L], seg = std::min(kSegment, s.nc), nseg = (s.nc + seg - 1) / seg;
+  int64_t state_size = 0, offset[MAXL];  // one group's [W; S] of every layer, packed
+  for (int l = 0; l < s.L; ++l) {
+    offset[l] = state_size;
+    state_size += 2 * s.dims[l + 1] * s.dims[l];
+  }
   over_groups(s, [&](int64_t lo, int64_t hi) {
-    Work<V> w(s);
-    V *ws[MAXL], *aw[MAXL], *g[MAXL], *da_group[MAXL];
+    std::vector<Work<V>> works;
+    works.reserve(seg);
+    for (int64_t c = 0; c < seg; ++c) works.emplace_back(s);
+    std::vector<V> starts(seg * state_size), bounds(nseg > 1 ? nseg * state_size : 0), cur(state_size);
     std::vector<V> o_scratch(s.n * Vd);
+    V *ws[MAXL], *aw[MAXL], *g[MAXL], *da_group[MAXL];
+    auto anchors = [&](int64_t c, int64_t gr, V* state) {  // chunk c's anchor: its starting W, or the carried A
+      for (int l = 0; l < s.L; ++l) {
+        ws[l] = state + offset[l];
+        aw[l] = (c == 0 && s.has_A) ? A[l] + gr * s.dims[l + 1] * s.dims[l] : ws[l];
+      }
+    };
     for (int64_t gr = lo; gr < hi; ++gr) {
-      for (int l = 0; l < s.L; ++l) g[l] = G[l] + gr * 2 * s.dims[l + 1] * s.dims[l];
-      for (int64_t c = s.nc - 1; c >= 0; --c) {
-        const Chunk<V> ch = chunk_at(s, in, c, gr);
-        const bool separate = c == 0 && s.has_A;
-        for (int l = 0; l < s.L; ++l) {
-          const int64_t OI = s.dims[l + 1] * s.dims[l];
-          ws[l] = starts[l] + (c * s.groups + gr) * 2 * OI;
-          aw[l] = separate ? A[l] + gr * OI : ws[l];
-          if (separate) {
-            da_group[l] = dA[l] + gr * OI;
-            std::fill(da_group[l], da_group[l] + OI, V{});
-          }
+      for (int l = 0; l < s.L; ++l) {
+        const int64_t n2 = 2 * s.dims[l + 1] * s.dims[l];
+        std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, cur.data() + offset[l]);
+        g[l] = G[l] + gr * n2;
+      }
+      if (nseg > 1) {  // the states at the segment starts
+        for (int64_t c = 0; c < s.nc; ++c) {
+          if (c % seg == 0) std::copy(cur.begin(), cur.end(), bounds.begin() + (c / seg) * state_size);
+          const Chunk<V> ch = chunk_at(s, in, c, gr);
+          anchors(c, gr, cur.data());
+          anchor_forward(s, ch, aw, works[0]);
+          state_forward(s, ch, ws, works[0]);
         }
-        anchor_forward(s, ch, aw, w);  // the chunk's activations again
-        read_forward(s, ch, ws, w, o_scratch.data());
-        chunk_backward(s, ch, dout + (c * s.groups + gr) * s.n * Vd, ws, aw, g, separate ? da_group : nullptr, w,
-                       grads_at(s, gout, c, gr));
-        if (c == s.nc - 1) {  // the last chunk's starting memory is also an output
-          for (int l = 0; l < s.L; ++l) {
-            if (dlast[l] == nullptr) continue;
-            const int64_t OI = s.dims[l + 1] * s.dims[l];
-            const V* dl = dlast[l] + gr * OI;
-            for (int64_t e = 0; e < OI; ++e) g[l][e] += dl[e];
+      }
+      for (int64_t sg = nseg - 1; sg >= 0; --sg) {
+        const int64_t c0 = sg * seg, c1 = std::min(s.nc, c0 + seg);
+        if (nseg > 1) std::copy(bounds.begin() + sg * state_size, bounds.begin() + (sg + 1) * state_size, cur.begin());
+        for (int64_t c = c0; c < c1; ++c) {  // the segment's forward again, keeping what its backward reads
+          const Chunk<V> ch = chunk_at(s, in, c, gr);
+          V* start = starts.data() + (c - c0) * state_size;
+          std::copy(cur.begin(), cur.end(), start);
+          anchors(c, gr, start);
+          anchor_forward(s, ch, aw, works[c - c0]);
+          read_forward(s, ch, ws, works[c - c0], o_scratch.data());
+          anchors(c, gr, cur.data());
+          state_forward(s, ch, ws, works[c - c0]);
+        }
+        for (int64_t c = c1 - 1; c >= c0; --c) {
+          const Chunk<V> ch = chunk_at(s, in, c, gr);
+          const bool separate = c == 0 && s.has_A;
+          anchors(c, gr, starts.data() + (c - c0) * state_size);
+          if (separate) {
+            for (int l = 0; l < s.L; ++l) {
+              const int64_t OI = s.dims[l + 1] * s.dims[l];
+              da_group[l] = dA[l] + gr * OI;
+              std::fill(da_group[l], da_group[l] + OI, V{});
+            }
+          }
+          chunk_backward(s, ch, dout + (c * s.groups + gr) * s.n * Vd, ws, aw, g, separate ? da_group : nullptr,
+                         works[c - c0], grads_at(s, gout, c, gr));
+          if (c == s.nc - 1) {  // the last chunk's starting memory is also an output
+            for (int l = 0; l < s.L; ++l) {
+              if (dlast[l] == nullptr) continue;
+              const int64_t OI = s.dims[l + 1] * s.dims[l];
+              const V* dl = dlast[l] + gr * OI;
+              for (int64_t e = 0; e < OI; ++e) g[l][e] += dl[e];
+            }
           }
         }
       }

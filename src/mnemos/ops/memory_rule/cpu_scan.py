@@ -16,7 +16,8 @@ runs on a CPU whenever it can:
 
 The node has the torch loop's contract (``backends.py``) and is exact to it: tests/test_cpu_scan.py compares outputs,
 final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a 1.5e-7 erf).
-Its backward recomputes each chunk's activations from the chunk's saved starting state instead of keeping them.
+The node saves its inputs and nothing per chunk: its backward runs each group's forward again, 32 chunks at a time,
+so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state and activations.
 """
 
 from __future__ import annotations
@@ -267,28 +268,27 @@ def forward(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] 
             save: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor] | None]:
     """Every chunk in order (``torch_scan.scan``). ``inputs``: q k v b f G bl el fl gl pl, chunk-major; WS: the L
     starting ``[W; S]`` (not modified); A: chunk 0's anchors or None. Returns o, the final states, the memory W at the
-    last chunk's start and, with ``save``, what :class:`CpuChunkScan`'s backward reads, in lanes: the inputs, every
-    chunk's starting state per layer and the anchors."""
+    last chunk's start and, with ``save``, what :class:`CpuChunkScan`'s backward reads, in lanes: the inputs, the
+    starting states and the anchors (nothing per chunk: the backward runs the forward again)."""
     lay = _Layout(inputs[0].shape, inputs[0].dtype, [inputs[0].shape[-1]] + [t.shape[-2] // 2 for t in WS])
     x = [lay.chunked(t) for t in inputs]
-    ws = [lay.state(t) for t in WS]  # fresh tensors: the kernel updates them in place
-    ws = [t.clone() if t.data_ptr() == w.data_ptr() else t for t, w in zip(ws, WS)]
+    ws0 = [lay.state(t) for t in WS]
+    ws = [t.clone() for t in ws0] if save else ws0  # the kernel steps these to the final states in place
     a = None if A is None else [lay.state(t) for t in A]
     dt, nc, G = x[0].dtype, lay.nc, lay.groups
     o = x[0].new_empty(nc, G, lay.n, lay.dims[-1], lay.width)
     last = [x[0].new_empty(G, lay.dims[i + 1], lay.dims[i], lay.width) for i in range(len(ws))]
-    starts = [x[0].new_empty(nc, *t.shape) for t in ws] if save else None
     L = len(ws)
-    ptrs = _pointers([*x, o, *ws, *(a or [None] * L), *last, *(starts or [None] * L)])
+    ptrs = _pointers([*x, o, *ws, *(a or [None] * L), *last])
     _call("mnemos_scan_forward", dt, lay.spec(opts, A is not None), ptrs)
-    saved = [*x, *starts, *(a or ())] if save else None
+    saved = [*x, *ws0, *(a or ())] if save else None
     return lay.chunked_back(o), [lay.state_back(t) for t in ws], [lay.state_back(t) for t in last], saved
 
 
 class CpuChunkScan(torch.autograd.Function):
     """The compiled chunk loop as one autograd node, with ``torch_scan.TorchChunkScan``'s contract (``backends.py``):
-    ``apply(opts, q, k, v, b, f, G, bl, el, fl, gl, pl, *WS, *A) -> (o, *WS_final, *last_anchor)``. Saves each chunk's
-    starting state; the backward recomputes the chunk's activations from it."""
+    ``apply(opts, q, k, v, b, f, G, bl, el, fl, gl, pl, *WS, *A) -> (o, *WS_final, *last_anchor)``. Saves its inputs
+    only (in lanes); the backward runs each group's forward again, 32 chunks at a time."""
 
     @staticmethod
     def forward(ctx, opts: dict, q, k, v, b, f, G, bl, el, fl, gl, pl, *states):
@@ -307,7 +307,7 @@ class CpuChunkScan(torch.autograd.Function):
     def backward(ctx, do, *grads):
         L, kw = ctx.opts["L"], ctx.opts["kw"]
         saved = ctx.saved_tensors
-        x, starts = list(saved[:11]), list(saved[11:11 + L])
+        x, ws0 = list(saved[:11]), list(saved[11:11 + L])
         a = list(saved[11 + L:]) if ctx.has_A else None
         lay = _Layout(ctx.q_shape, x[0].dtype, ctx.dims)
         if do is None:
@@ -320,7 +320,7 @@ class CpuChunkScan(torch.autograd.Function):
         dlast = [None if g is None else lay.state(g) for g in grads[L:]]
         outs = [torch.empty_like(t) for t in x]  # dq dk dv db df dG dbl del dfl dgl dpl, in lanes
         dA = None if a is None else [torch.empty_like(t) for t in a]
-        ptrs = _pointers([*x, do, *outs, *carry, *(dlast or [None] * L), *starts, *(a or [None] * L),
+        ptrs = _pointers([*x, do, *outs, *carry, *(dlast or [None] * L), *ws0, *(a or [None] * L),
                           *(dA or [None] * L)])
         _call("mnemos_scan_backward", x[0].dtype, lay.spec(kw, a is not None), ptrs)
         grads_in = [lay.chunked_back(t) for t in outs]
