@@ -77,12 +77,13 @@ MODELS: dict[str, dict[str, Any]] = {
 
 
 # training time per token relative to the transformer's, measured at d_model 64, 2 layers, L 64, one thread
-# (2026-12-01: transformer 51k tokens/s; lmm-d1-eta0-c1: 2.5x lmm-d1-eta0 in an A/B on a loaded machine, session 13);
+# (2026-12-01: transformer 51k tokens/s; lmm-d1-eta0-c1: 2.5x lmm-d1-eta0 in an A/B on a loaded machine, session 13;
+# the depth-2 Titans models with the compiled CPU loop: train_speed.py, 2026-12-02, docs/PERFORMANCE.md);
 # only the progress bar's ETA uses it
 RELATIVE_TIME_PER_TOKEN = {"transformer": 1.0, "swa": 0.93, "linear_attention": 1.85, "deltanet": 2.56,
                            "gated_deltanet": 2.91, "lmm-d1": 2.25, "lmm-d1-eta0": 2.25, "lmm-d1-eta0-c1": 5.6,
-                           "lmm-d2": 4.72, "lmm": 4.72,
-                           "mac": 5.94, "mag": 4.27, "mal": 4.25}
+                           "lmm-d2": 2.4, "lmm": 2.4,
+                           "mac": 5.0, "mag": 2.7, "mal": 2.8}
 
 
 @dataclass(frozen=True)
