@@ -98,6 +98,7 @@ def test_memory_rule_count_matches_the_torch_path(depth):
     from torch.utils.flop_counter import FlopCounterMode
 
     from mnemos.ops import neural_memory
+    from mnemos.ops.memory_rule.cpu_scan import cpu_kernel
 
     B, T, H, D, E, C = 1, 48, 2, 8, 2, 16
     layers = flops.memory_rule_layers(D, depth, E)
@@ -108,8 +109,10 @@ def test_memory_rule_count_matches_the_torch_path(depth):
         batch, m, k = a_shape
         return 2 * batch * m * k * b_shape[-1]
 
-    # the chunked path accumulates in place (baddbmm_), which torch's counter does not know by default
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_inplace}) as counter:
+    # the chunked path accumulates in place (baddbmm_), which torch's counter does not know by default; the torch
+    # loop itself, not its compiled CPU form (whose arithmetic the counter cannot see)
+    with cpu_kernel(False), FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: baddbmm_inplace}) \
+            as counter:
         neural_memory(q, k, v, theta, eta, alpha, weights, chunk_size=C, residual=depth > 1, impl="torch")
     coefficients = B * H * (T // C) * (2 * C**3 + 2 * C**2)
     analytic = flops.memory_rule_counts(B, T, H, layers, C, io_bytes=4)["fwd"]["flops"]
