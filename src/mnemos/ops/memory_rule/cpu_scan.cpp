@@ -290,13 +290,20 @@ struct Work {  // one group's activations of one chunk and the backward's scratc
   V *dd[MAXL], *da[MAXL], *dz[MAXL], *rW, *rS, *dy, *dx, *pred, *cg, *cp, *dM;
   V *du[MAXL], *sc;  // the errors the update uses (d sc; d itself without normalize_step) and sc [n]
 
-  explicit Work(const Spec& s) {
+  static int64_t size(const Spec& s) {  // in vectors
     const int64_t n = s.n;
     int64_t maxw = n;  // the shared buffers also hold [n, n] products
     for (int l = 0; l <= s.L; ++l) maxw = std::max(maxw, s.dims[l]);
-    int64_t size = 7 * n * maxw + n * n + n;
-    for (int l = 0; l < s.L; ++l) size += n * (3 * s.dims[l] + 10 * s.dims[l + 1] + n);
-    buf.assign(size, V{});
+    int64_t total = 7 * n * maxw + n * n + n;
+    for (int l = 0; l < s.L; ++l) total += n * (3 * s.dims[l] + 10 * s.dims[l + 1] + n);
+    return total;
+  }
+
+  explicit Work(const Spec& s) {
+    const int64_t n = s.n;
+    int64_t maxw = n;
+    for (int l = 0; l <= s.L; ++l) maxw = std::max(maxw, s.dims[l]);
+    buf.assign(size(s), V{});
     V* at = buf.data();
     auto take = [&](int64_t count) {
       V* out = at;
@@ -660,8 +667,10 @@ void scan_forward(const Spec& s, void** ptrs) {
 // forward of a segment from the state at the segment's start, keeping every chunk's starting state and activations,
 // then runs the chunks' backward in reverse. The states at the segment starts come from a first forward pass (anchor
 // and state update only; skipped when there is one segment). So the autograd node saves only its inputs and the
-// starting states, nothing per chunk, and the memory this needs is per thread: kSegment chunks of one group.
+// starting states, nothing per chunk, and the memory this needs is per thread: one segment of one group, kept under
+// kSegmentBytes by shortening the segment for large chunks or memories.
 constexpr int64_t kSegment = 32;
+constexpr int64_t kSegmentBytes = int64_t(64) << 20;
 
 // ptrs: q k v b f G bl el fl gl pl (11), do, dq dk dv db df dG dbl del dfl dgl dpl (11), then per layer g[l] (in: the
 // gradient of the final state, out: of the starting one), dlast[l] (or null), WS0[l] (the starting state), A[l] (or
@@ -677,12 +686,14 @@ void scan_backward(const Spec& s, void** ptrs) {
   V* const* WS0 = in + 23 + 2 * s.L;
   V* const* A = in + 23 + 3 * s.L;
   V* const* dA = in + 23 + 4 * s.L;
-  const int64_t Vd = s.dims[s.L], seg = std::min(kSegment, s.nc), nseg = (s.nc + seg - 1) / seg;
   int64_t state_size = 0, offset[MAXL];  // one group's [W; S] of every layer, packed
   for (int l = 0; l < s.L; ++l) {
     offset[l] = state_size;
     state_size += 2 * s.dims[l + 1] * s.dims[l];
   }
+  const int64_t per_chunk = static_cast<int64_t>(sizeof(V)) * (Work<V>::size(s) + state_size);
+  const int64_t seg = std::max<int64_t>(1, std::min({kSegment, s.nc, kSegmentBytes / per_chunk}));
+  const int64_t Vd = s.dims[s.L], nseg = (s.nc + seg - 1) / seg;
   over_groups(s, [&](int64_t lo, int64_t hi) {
     std::vector<Work<V>> works;
     works.reserve(seg);

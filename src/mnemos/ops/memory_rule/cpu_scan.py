@@ -2,22 +2,22 @@
 
 On CPU tensors the torch path's chunk loop (``torch_scan.py``) spends most of its time in PyTorch's per-op dispatch
 and in passes over every row's state, not in arithmetic (docs/PERFORMANCE.md). ``cpu_scan.cpp`` runs the same three
-stages and their reverse per (sequence, head) row, with that row's state kept in cache, and is what the torch path
-runs on a CPU whenever it can:
+stages and their reverse for groups of 16 (sequence, head) rows at a time (8 in float64), one row per SIMD lane, with
+the group's state kept in cache, and is what the torch path runs on a CPU whenever it can:
 
 - **built on first use** with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``; ~5 s), into
   ``$MNEMOS_CACHE_DIR`` (default ``~/.cache/mnemos``) under a name that hashes the source, the flags, the compiler
   and the CPU, and loaded with ctypes: no build step at install and no dependency but a compiler;
 - **covers** window 1, the losses l2 and dot, the activations gelu and silu, with or without ``normalize_step``,
-  float32 and float64, depth <= 8 and chunks <= 256 tokens; anything else, a missing compiler or a failed build runs the torch
-  loop (the reason is in :func:`unavailable_reason`, and a failed build warns once);
+  float32 and float64, depth <= 8 and chunks <= 256 tokens; anything else, a missing compiler or a failed build runs
+  the torch loop (the reason is in :func:`unavailable_reason`, and a failed build warns once);
 - **off** with ``MNEMOS_CPU_KERNEL=0`` in the environment or inside ``with cpu_kernel(False):`` (what the tests use to
   compare the two loops).
 
-The node has the torch loop's contract (``backends.py``) and is exact to it: tests/test_cpu_scan.py compares outputs,
-final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a 1.5e-7 erf).
-The node saves its inputs and nothing per chunk: its backward runs each group's forward again, 32 chunks at a time,
-so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state and activations.
+The node has the torch loop's contract (``backends.py``) and is exact to it: tests/ops/test_cpu_scan.py compares
+outputs, final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a
+1.5e-7 erf). The node saves its inputs and nothing per chunk: its backward runs each group's forward again, up to 32 chunks at a
+time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state and activations.
 """
 
 from __future__ import annotations
