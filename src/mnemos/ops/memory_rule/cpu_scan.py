@@ -16,8 +16,9 @@ the group's state kept in cache, and is what the torch path runs on a CPU whenev
 
 The node has the torch loop's contract (``backends.py``) and is exact to it: tests/ops/test_cpu_scan.py compares
 outputs, final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a
-1.5e-7 erf). The node saves its inputs and nothing per chunk: its backward runs each group's forward again, up to 32 chunks at a
-time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state and activations.
+1.5e-7 erf). The node saves its inputs and nothing per chunk: its backward runs each group's forward again, up to 32
+chunks at a time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state
+and activations.
 """
 
 from __future__ import annotations
