@@ -197,8 +197,8 @@ def _compiled_copy(x: Tensor) -> bool:
 
 
 def to_lanes(x: Tensor, lead: int, width: int) -> Tensor:
-    """``[*lead dims, rows, *rest]`` -> ``[*lead dims, groups, *rest, width]``: rows padded with zeros to whole groups of
-    ``width``, each group's rows innermost (the kernel's layout). A new tensor."""
+    """``[*lead dims, rows, *rest]`` -> ``[*lead dims, groups, *rest, width]``: rows padded with zeros to whole groups
+    of ``width``, each group's rows innermost (the kernel's layout). A new tensor."""
     rows, groups = x.shape[lead], -(-x.shape[lead] // width)
     if _compiled_copy(x):  # the compiled transpose: ~8x PyTorch's permuted copy
         x = x.contiguous()
