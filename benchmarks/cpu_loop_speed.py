@@ -1,0 +1,81 @@
+"""The memory rule's chunk loop on the CPU, compiled (ops/memory_rule/cpu_scan.cpp) against the PyTorch loop, side by
+side in one process: the op alone (``neural_memory_chunked``), forward (no grad: streaming, evaluation) and forward +
+backward (training), at a few shapes.
+
+Method: for each shape every variant runs once to warm up, then ``--repeats`` rounds alternate the two loops; the
+best round's time is reported with the ratio. Inputs as the Titans layer makes them (unit-norm queries and keys),
+memory depth 2, expansion 4, head dim 16, 4 heads, ``normalize_step`` on (the models' default), float32, one thread
+unless ``--threads``.
+
+Usage:
+    python benchmarks/cpu_loop_speed.py
+    python benchmarks/cpu_loop_speed.py --shapes 32x68x4 1x4096x4 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mnemos.ops import neural_memory_chunked
+from mnemos.ops.memory_rule import cpu_scan
+
+DEFAULT_SHAPES = ("32x68x4", "32x68x16", "1x4096x4", "1x4096x16", "8x1024x4")  # batch x tokens x chunk
+
+
+def inputs(B: int, T: int, H: int = 4, D: int = 16, expansion: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda: torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)  # noqa: E731
+    widths = [D, expansion * D, D]
+    return dict(q=unit(), k=unit(), v=torch.randn(B, T, H, D, generator=g),
+                theta=0.2 * torch.rand(B, T, H, generator=g), eta=0.9 * torch.rand(B, T, H, generator=g),
+                alpha=0.1 * torch.rand(B, T, H, generator=g),
+                weights=tuple(torch.randn(H, widths[i + 1], widths[i], generator=g) / widths[i] ** 0.5
+                              for i in range(2)))
+
+
+def run(x: dict, chunk: int, backward: bool) -> float:
+    leaves = {n: (tuple(t.clone().requires_grad_(backward) for t in v) if isinstance(v, tuple)
+                  else v.clone().requires_grad_(backward)) for n, v in x.items()}
+    t0 = time.perf_counter()
+    with torch.set_grad_enabled(backward):
+        o, _ = neural_memory_chunked(leaves["q"], leaves["k"], leaves["v"], leaves["theta"], leaves["eta"],
+                                     leaves["alpha"], leaves["weights"], chunk_size=chunk, normalize_step=True)
+        if backward:
+            o.square().sum().backward()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="BxTxC: batch, tokens, chunk size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if cpu_scan.unavailable_reason() is not None:
+        p.error(f"the compiled loop is unavailable: {cpu_scan.unavailable_reason()}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s); best of {args.repeats} interleaved rounds\n")
+    print("| batch x tokens, chunk | pass | compiled ms | torch loop ms | torch / compiled |")
+    print("|---|---|---|---|---|")
+    for shape in args.shapes:
+        B, T, C = (int(v) for v in shape.split("x"))
+        x = inputs(B, T)
+        for backward in (False, True):
+            best = {True: float("inf"), False: float("inf")}
+            for on in (True, False):  # warm-up
+                with cpu_scan.cpu_kernel(on):
+                    run(x, C, backward)
+            for _ in range(args.repeats):
+                for on in (True, False):
+                    with cpu_scan.cpu_kernel(on):
+                        best[on] = min(best[on], run(x, C, backward))
+            print(f"| {B} x {T}, C {C} | {'fwd+bwd' if backward else 'fwd'} | {1e3 * best[True]:.1f} | "
+                  f"{1e3 * best[False]:.1f} | {best[False] / best[True]:.2f}× |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
