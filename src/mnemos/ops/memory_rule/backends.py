@@ -6,7 +6,8 @@ every chunk's anchor forward, dual-form read and state carry and their reverse, 
 one of two backends:
 
 - ``torch_scan.py``: :class:`~.torch_scan.TorchChunkScan`, the chunk loop in PyTorch with a hand-written backward
-  (every device);
+  (every device); on CPU tensors the torch path runs the same node compiled where it covers the call,
+  :class:`~.cpu_scan.CpuChunkScan` (``cpu_scan.cpp``, built with the system's C++ compiler on first use);
 - ``triton_scan.py``: :class:`~.triton_scan.TritonChunkScan`, the same loop in fused Triton kernels (CUDA; the CPU
   under ``TRITON_INTERPRET=1``), launched per memory depth by ``triton_d1.py`` (matrix memory) and ``triton_d2.py``
   (MLP memory).

@@ -10,7 +10,8 @@ products of eta and (1 - alpha) (:func:`chunk_coefficients`). This module holds 
        first, against the anchor it carried;
     3. the coefficients of every chunk at once (differentiated by autograd);
     4. the chunk loop, one autograd node from a backend (contract: ``backends.py``): ``torch_scan.TorchChunkScan``
-       (PyTorch, hand-written backward) or ``triton_scan.TritonChunkScan`` (fused Triton kernels);
+       (PyTorch, hand-written backward), on CPU tensors its compiled form ``cpu_scan.CpuChunkScan`` where that
+       covers the call, or ``triton_scan.TritonChunkScan`` (fused Triton kernels);
     5. the final :class:`MemoryState`.
 
 A call of one token (decoding) skips 2-4: its update is written out (:func:`_one_token`). Entry points:

@@ -135,8 +135,9 @@ def neural_memory(
             the reference for a rule the torch path does not cover (:func:`~.rule.torch_unsupported_reason`);
             ``MNEMOS_TRITON=0`` in the environment keeps auto on the torch path),
             ``"triton"`` (the kernels; ValueError naming the reason where they cannot run; on the CPU only under
-            ``TRITON_INTERPRET=1``), ``"torch"`` (chunked torch path) or ``"reference"`` (token-by-token, for
-            testing).
+            ``TRITON_INTERPRET=1``), ``"torch"`` (chunked torch path; on CPU tensors its chunk loop runs compiled where
+            it covers the call, ``cpu_scan.py``: ``MNEMOS_CPU_KERNEL=0`` keeps it in PyTorch) or ``"reference"``
+            (token-by-token, for testing).
 
     Returns:
         ``(o, state)``: o ``[B, T, H, V]`` in q's dtype; state a :class:`MemoryState` (float32 for half-precision
