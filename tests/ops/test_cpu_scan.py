@@ -262,6 +262,19 @@ def test_lanes_round_trip(rows, width):
     assert padded[:, rows:].abs().sum() == 0
 
 
+def test_large_states_at_long_chunks_take_the_torch_loop():
+    """The speed rule: a 4 MiB group state at chunk 16 runs compiled when its 16 lanes are full, not when half are
+    empty; at chunk 4, or for a small state, it runs compiled either way."""
+    opts = dict(residual=True, activation="gelu", loss="l2")
+    big = 2 * (256 * 64) * 2  # head dim 64, expansion 4, depth 2: one row's [W; S]
+    reason = lambda n, rows, state: cpu_scan.unsupported_reason(  # noqa: E731
+        torch.device("cpu"), torch.float32, 2, n, opts, window=False, delta=False, rows=rows, state=state)
+    ok = cpu_scan.unavailable_reason()
+    assert reason(16, 16, big) == ok
+    assert "runs faster in the torch loop" in reason(16, 8, big)
+    assert reason(4, 8, big) == ok and reason(16, 8, 4096) == ok
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(device=torch.device("meta")), "runs on the CPU"),
     (dict(dtype=torch.float16), "float32 or float64"),

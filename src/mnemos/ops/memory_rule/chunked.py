@@ -317,7 +317,8 @@ def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
             gl, pl = G[..., -1, :], (Pm[..., -1:, :] @ band).squeeze(-2)
         rows = (b[..., -1], e[..., -1], f[..., -1], gl, pl)  # at each chunk's last token
         inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()), *(() if dc is None else (dc,)))
-        if cpu_scan.unsupported_reason(q.device, dt, L, n, opts, window=P > 0, delta=dc is not None) is None:
+        if cpu_scan.unsupported_reason(q.device, dt, L, n, opts, window=P > 0, delta=dc is not None, rows=B * H,
+                                       state=sum(ws.shape[-2] * ws.shape[-1] for ws in WS)) is None:
             o_c, WS, last_anchor = cpu_scan.scan(inputs[:11], WS, A, opts, L)  # the same loop, compiled
         elif torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             o_c, *rest = TorchChunkScan.apply(dict(L=L, kw=opts, delta=dc is not None), *inputs)

@@ -45,6 +45,11 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17
 ACTIVATIONS = {"gelu": 0, "silu": 1}
 LOSSES = {"l2": 0, "dot": 1}
 MAX_DEPTH, MAX_CHUNK = 8, 256
+# At chunks of 16 or more the torch loop's big products run near the machine's matmul rate and the compiled loop's
+# passes over a group's state leave the L2: above this many bytes of state per real row's share of a group, the torch
+# loop is at least as fast (measured, one thread: head dim 64, expansion 4, chunk 16, 4 MiB per group, all 16 lanes
+# filled: compiled 1.13x faster; 8 rows in a group of 16: 0.72x; docs/PERFORMANCE.md)
+GROUP_STATE_LIMIT = 4 << 20
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -147,9 +152,10 @@ def unavailable_reason() -> str | None:
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype, depth: int, n: int, opts: dict,
-                       window: bool, delta: bool) -> str | None:
-    """Why the compiled loop cannot run a chunk run of the torch path (None when it can). ``opts``: the torch loop's
-    options (residual, activation, loss, normalize; lp's p is not covered)."""
+                       window: bool, delta: bool, rows: int = 0, state: int = 0) -> str | None:
+    """Why the compiled loop cannot, or should not, run a chunk run of the torch path (None when it can). ``opts``: the
+    torch loop's options (residual, activation, loss, normalize; lp's p is not covered); ``rows``: batch x heads;
+    ``state``: the elements of one row's ``[W; S]`` over all layers (0: not known, no speed rule)."""
     if device.type != "cpu":
         return f"it runs on the CPU; the inputs are on {device}"
     if dtype not in (torch.float32, torch.float64):
@@ -162,6 +168,13 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, depth: int, n: 
         return "an Omega window or huber's thresholds run in the torch loop"
     if depth > MAX_DEPTH or n > MAX_CHUNK:
         return f"it covers depth <= {MAX_DEPTH} and chunks <= {MAX_CHUNK} tokens, got depth {depth}, chunk {n}"
+    if n >= 16 and rows > 0 and state > 0:
+        width = lanes(dtype)
+        fill = rows / (-(-rows // width) * width)  # the share of the groups' lanes that hold a real row
+        group_bytes = width * state * dtype.itemsize
+        if group_bytes / fill > GROUP_STATE_LIMIT:
+            return (f"at chunk {n}, a group state of {group_bytes / 2**20:.1f} MiB over {fill:.0%} of its lanes runs "
+                    "faster in the torch loop (docs/PERFORMANCE.md, 'The compiled CPU loop')")
     return unavailable_reason()
 
 
