@@ -135,6 +135,10 @@ def library() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes = (ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p))
                 fn.restype = ctypes.c_int
+            for dtype in (torch.float32, torch.float64):  # the layout this module writes is the one the kernel reads
+                built = getattr(lib, f"mnemos_scan_lanes_{'f64' if dtype == torch.float64 else 'f32'}")()
+                if built != lanes(dtype):
+                    raise RuntimeError(f"the library has {built} lanes for {dtype}, this module lays out {lanes(dtype)}")
             _library = lib
         except Exception as exc:  # a missing or failing compiler must never stop the torch path
             _reason = f"the compiled CPU loop could not be built: {exc}"
