@@ -22,6 +22,7 @@
 // chunks at a time, keeping that segment's states and activations (scan_backward).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -615,27 +616,38 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
 // ---------------------------------------------------------------------------------------------------------------------
 // the loops over groups (split between threads) and chunks
 
+// Runs body(lo, hi) over ranges of groups on s.threads threads; false when any range failed (out of memory: the
+// caller reports it instead of the process aborting in a thread)
 template <typename F>
-void over_groups(const Spec& s, F&& body) {
+bool over_groups(const Spec& s, F&& body) {
   const int64_t threads = std::max<int64_t>(1, std::min(s.threads, s.groups));
+  std::atomic<bool> ok{true};
+  auto guarded = [&](int64_t lo, int64_t hi) {
+    try {
+      body(lo, hi);
+    } catch (...) {
+      ok = false;
+    }
+  };
   if (threads == 1) {
-    body(0, s.groups);
-    return;
+    guarded(0, s.groups);
+    return ok;
   }
   std::vector<std::thread> pool;
   const int64_t per = (s.groups + threads - 1) / threads;
   for (int64_t t = 1; t < threads; ++t) {
     const int64_t lo = t * per, hi = std::min(s.groups, lo + per);
-    if (lo < hi) pool.emplace_back([&, lo, hi] { body(lo, hi); });
+    if (lo < hi) pool.emplace_back([&, lo, hi] { guarded(lo, hi); });
   }
-  body(0, std::min(s.groups, per));
+  guarded(0, std::min(s.groups, per));
   for (auto& th : pool) th.join();
+  return ok;
 }
 
 // ptrs: q k v b f G bl el fl gl pl (11), o, then per layer WS[l] (in: start, out: final), A[l] (or null),
 // last_anchor[l] (out)
 template <typename T>
-void scan_forward(const Spec& s, void** ptrs) {
+bool scan_forward(const Spec& s, void** ptrs) {
   typedef typename Lanes<T>::V V;
   V* const* in = reinterpret_cast<V* const*>(ptrs);
   V* o = in[11];
@@ -643,7 +655,7 @@ void scan_forward(const Spec& s, void** ptrs) {
   V* const* A = in + 12 + s.L;
   V* const* last = in + 12 + 2 * s.L;
   const int64_t Vd = s.dims[s.L];
-  over_groups(s, [&](int64_t lo, int64_t hi) {
+  return over_groups(s, [&](int64_t lo, int64_t hi) {
     Work<V> w(s);
     V *ws[MAXL], *aw[MAXL];
     for (int64_t g = lo; g < hi; ++g) {
@@ -676,7 +688,7 @@ constexpr int64_t kSegmentBytes = int64_t(64) << 20;
 // gradient of the final state, out: of the starting one), dlast[l] (or null), WS0[l] (the starting state), A[l] (or
 // null), dA[l] (out, or null)
 template <typename T>
-void scan_backward(const Spec& s, void** ptrs) {
+bool scan_backward(const Spec& s, void** ptrs) {
   typedef typename Lanes<T>::V V;
   V* const* in = reinterpret_cast<V* const*>(ptrs);
   const V* dout = in[11];
@@ -694,7 +706,7 @@ void scan_backward(const Spec& s, void** ptrs) {
   const int64_t per_chunk = static_cast<int64_t>(sizeof(V)) * (Work<V>::size(s) + state_size);
   const int64_t seg = std::max<int64_t>(1, std::min({kSegment, s.nc, kSegmentBytes / per_chunk}));
   const int64_t Vd = s.dims[s.L], nseg = (s.nc + seg - 1) / seg;
-  over_groups(s, [&](int64_t lo, int64_t hi) {
+  return over_groups(s, [&](int64_t lo, int64_t hi) {
     std::vector<Work<V>> works;
     works.reserve(seg);
     for (int64_t c = 0; c < seg; ++c) works.emplace_back(s);
@@ -820,7 +832,8 @@ bool parse(const int64_t* raw, Spec& s) {
 }  // namespace
 
 // spec: L, n, nc, groups (of LANES rows), residual, activation (0 gelu, 1 silu), loss (0 l2, 1 dot), has_A, threads,
-// normalize_step, dims[0 .. L]. Returns 0, or 1 for a spec out of range (nothing written).
+// normalize_step, dims[0 .. L]. Returns 0, 1 for a spec out of range (nothing written), or 2 when a thread could not
+// allocate its scratch (outputs incomplete).
 extern "C" {
 // dims: outer, rows, inner, width; to_lanes != 0: src [outer, rows, inner] -> dst in lanes, else the reverse
 void mnemos_lanes_f32(const int64_t* dims, const float* src, float* dst, int to_lanes) {
@@ -834,25 +847,21 @@ int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
 int mnemos_scan_forward_f32(const int64_t* spec, void** ptrs) {
   Spec s;
   if (!parse(spec, s)) return 1;
-  scan_forward<float>(s, ptrs);
-  return 0;
+  return scan_forward<float>(s, ptrs) ? 0 : 2;
 }
 int mnemos_scan_forward_f64(const int64_t* spec, void** ptrs) {
   Spec s;
   if (!parse(spec, s)) return 1;
-  scan_forward<double>(s, ptrs);
-  return 0;
+  return scan_forward<double>(s, ptrs) ? 0 : 2;
 }
 int mnemos_scan_backward_f32(const int64_t* spec, void** ptrs) {
   Spec s;
   if (!parse(spec, s)) return 1;
-  scan_backward<float>(s, ptrs);
-  return 0;
+  return scan_backward<float>(s, ptrs) ? 0 : 2;
 }
 int mnemos_scan_backward_f64(const int64_t* spec, void** ptrs) {
   Spec s;
   if (!parse(spec, s)) return 1;
-  scan_backward<double>(s, ptrs);
-  return 0;
+  return scan_backward<double>(s, ptrs) ? 0 : 2;
 }
 }

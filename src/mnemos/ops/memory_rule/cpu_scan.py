@@ -249,7 +249,11 @@ def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
 def _call(name: str, dtype: torch.dtype, spec, ptrs) -> None:
     lib = library()
     fn = getattr(lib, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
-    if fn(spec, ptrs) != 0:
+    code = fn(spec, ptrs)
+    if code == 2:
+        raise MemoryError(f"the compiled CPU loop could not allocate its scratch (spec {list(spec)}); "
+                          "MNEMOS_CPU_KERNEL=0 runs the PyTorch loop")
+    if code != 0:
         raise RuntimeError(f"the compiled CPU loop rejected its inputs: {list(spec)}")
 
 
