@@ -251,6 +251,7 @@ def test_threads_split_groups_without_changing_a_bit():
 # 3. layout, support, fallback
 
 
+@needs_kernel
 @pytest.mark.parametrize("rows,width", [(1, 16), (15, 16), (16, 16), (33, 8)])
 def test_lanes_round_trip(rows, width):
     x = torch.randn(3, rows, 4, 5)

@@ -197,47 +197,26 @@ def _spec(nc: int, n: int, groups: int, dims: Sequence[int], opts: dict, has_A: 
     return (ctypes.c_int64 * len(raw))(*raw)
 
 
-def _aligned(x: Tensor) -> Tensor:
-    """x contiguous and starting on a 64-byte boundary (the kernel loads whole 64-byte vectors from it)."""
-    x = x.contiguous()
-    return x if x.data_ptr() % 64 == 0 else x.clone()
-
-
 def _lanes_copy(src: Tensor, dst: Tensor, outer: int, rows: int, inner: int, width: int, forward: bool) -> Tensor:
     fn = getattr(library(), f"mnemos_lanes_{'f64' if src.dtype == torch.float64 else 'f32'}")
     fn((ctypes.c_int64 * 4)(outer, rows, inner, width), src.data_ptr(), dst.data_ptr(), int(forward))
     return dst
 
 
-def _compiled_copy(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and library() is not None
-
-
 def to_lanes(x: Tensor, lead: int, width: int) -> Tensor:
     """``[*lead dims, rows, *rest]`` -> ``[*lead dims, groups, *rest, width]``: rows padded with zeros to whole groups
-    of ``width``, each group's rows innermost (the kernel's layout). A new tensor."""
+    of ``width``, each group's rows innermost (the kernel's layout). A new tensor, transposed by the library (PyTorch's
+    copy of that permutation is ~8x slower than a plain copy)."""
     rows, groups = x.shape[lead], -(-x.shape[lead] // width)
-    if _compiled_copy(x):  # the compiled transpose: ~8x PyTorch's permuted copy
-        x = x.contiguous()
-        dst = x.new_empty(*x.shape[:lead], groups, *x.shape[lead + 1:], width)
-        return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:]), width, True)
-    pad = groups * width - rows
-    if pad:
-        x = torch.cat((x, x.new_zeros(*x.shape[:lead], pad, *x.shape[lead + 1:])), dim=lead)
-    x = x.reshape(*x.shape[:lead], -1, width, *x.shape[lead + 1:])
-    return _aligned(x.movedim(lead + 1, -1))
+    x = x.contiguous()
+    dst = x.new_empty(*x.shape[:lead], groups, *x.shape[lead + 1:], width)
+    return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:]), width, True)
 
 
 def from_lanes(x: Tensor, lead: int, rows: int) -> Tensor:
-    """The reverse of :func:`to_lanes`, the padding rows dropped: a new contiguous tensor (a view without the
-    compiled library)."""
-    width = x.shape[-1]
-    if _compiled_copy(x) and x.is_contiguous():
-        dst = x.new_empty(*x.shape[:lead], rows, *x.shape[lead + 1:-1])
-        return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:-1]), width, False)
-    x = x.movedim(-1, lead + 1)
-    x = x.reshape(*x.shape[:lead], -1, *x.shape[lead + 2:])
-    return x.narrow(lead, 0, rows)
+    """The reverse of :func:`to_lanes` (x contiguous), the padding rows dropped: a new tensor."""
+    dst = x.new_empty(*x.shape[:lead], rows, *x.shape[lead + 1:-1])
+    return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:-1]), x.shape[-1], False)
 
 
 def _pointers(tensors: Sequence[Tensor | None]) -> ctypes.Array:
@@ -335,10 +314,8 @@ class CpuChunkScan(torch.autograd.Function):
         if do is None:
             do = x[0].new_zeros(*ctx.q_shape[:-1], lay.dims[-1])
         do = lay.chunked(do)  # held here: the kernel reads it through a raw pointer
-        carry = [lay.state(x[0].new_zeros(lay.B, lay.H, 2 * o, i) if g is None else g)
+        carry = [lay.state(x[0].new_zeros(lay.B, lay.H, 2 * o, i) if g is None else g)  # new: the kernel writes it
                  for o, i, g in zip(lay.dims[1:], lay.dims, grads[:L])]
-        carry = [c.clone() if g is not None and c.data_ptr() == g.data_ptr() else c  # the kernel writes into it
-                 for c, g in zip(carry, grads[:L])]
         dlast = [None if g is None else lay.state(g) for g in grads[L:]]
         outs = [torch.empty_like(t) for t in x]  # dq dk dv db df dG dbl del dfl dgl dpl, in lanes
         dA = None if a is None else [torch.empty_like(t) for t in a]
