@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mnemos.checkpoint import load_model_weights
+from mnemos.data import IGNORE_INDEX
 from mnemos.models import VARIANTS, MnemosConfig, MnemosLM
 from mnemos.train.config import load_config
 from mnemos.train.loop import TaskData, carried_forward, loss_and_accuracy, train
@@ -46,9 +47,22 @@ def _by_hand(cfg) -> tuple[list[float], MnemosLM, tuple[float, float]]:
     for step in range(cfg.run.steps):
         d, g = divmod(step, W // K)
         step_loss = torch.zeros(())
+        at = slice(g * K * T, (g + 1) * K * T)  # the step's windows
+        batches = [data.batch(d * A + m, cfg.run.batch_size // A, cfg.run.seed) for m in range(A)]
+        if not any((labels[:, at] != IGNORE_INDEX).any() for _, labels in batches):
+            # nothing labelled in the step's windows: read on (carried) without a graph, no update
+            for m in range(A if carry else 0):
+                with torch.no_grad():
+                    state = states[m] if g else model.init_cache(batches[m][0].shape[0])
+                    for w in range(K):
+                        _, state = model(batches[m][0][:, at][:, w * T : (w + 1) * T], state)
+                    states[m] = state.detach()
+            losses.append(0.0)
+            opt.step()  # no parameter has a gradient: AdamW moves nothing (called, as the trainer does)
+            sched.step()
+            continue
         for m in range(A):
-            inputs, labels = data.batch(d * A + m, cfg.run.batch_size // A, cfg.run.seed)
-            at = slice(g * K * T, (g + 1) * K * T)  # the step's windows
+            inputs, labels = batches[m]
             x, y = inputs[:, at], labels[:, at]
             if m == 0:
                 with torch.no_grad():
@@ -126,6 +140,33 @@ def test_gradient_spans_one_window(tmp_path):
         assert torch.equal(a, b), name
     # the last window read from a fresh state gives another loss: the comparison above sees the carried state
     assert abs(fresh_loss - carried_loss) > 1e-3
+
+
+def test_a_window_without_labels_is_read_not_trained(tmp_path):
+    """Documents whose first window holds only the pairs (8 tokens, 4 pairs): the steps on it make no update (the
+    weights and AdamW's moments stay as they were: no phantom step from the moments of the step before) and the
+    trainer equals the hand-made version, which reads such a window on without a graph."""
+    args = ("run.steps=4", "run.carry_state=true", "task.doc_windows=2", "task.seq_len=8", "optim.grad_accum=2")
+    cfg = _cfg(tmp_path, *args)
+    data = TaskData(cfg)
+    for index in range(4):  # the premise: window 1 of every document is label-free, window 2 is not
+        labels = data.batch(index, 2, cfg.run.seed)[1]
+        assert (labels[:, :8] == IGNORE_INDEX).all() and (labels[:, 8:] != IGNORE_INDEX).any()
+    r = train(cfg)
+    losses, model, _ = _by_hand(cfg)
+    assert r.train_losses == losses and losses[0] == losses[2] == 0.0 and losses[1] > 0 and losses[3] > 0
+    trained = MnemosLM(cfg.model)
+    load_model_weights(tmp_path / "checkpoint", trained)
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # step 3 (window 1 of the second documents) left the weights of step 2 as they were
+    after2, after3 = MnemosLM(cfg.model), MnemosLM(cfg.model)
+    train(_cfg(tmp_path / "two", *args[1:], "run.steps=2"))
+    train(_cfg(tmp_path / "three", *args[1:], "run.steps=3"))
+    load_model_weights(tmp_path / "two" / "checkpoint", after2)
+    load_model_weights(tmp_path / "three" / "checkpoint", after3)
+    for (name, a), b in zip(after2.state_dict().items(), after3.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -526,12 +526,20 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
             index = doc * opt_cfg.grad_accum + m
             if index not in documents:
                 documents[index] = (*data.batch(index, micro, run.seed), data.document_ids(index, micro, run.seed))
-            doc_inputs, doc_labels, doc_ids = documents[index]
+        # a step whose windows hold no labelled position in any row (a recall document's context before its
+        # question) has nothing to learn: its windows are read without a graph (carried on) or not at all, and no
+        # update is made (no gradient, so AdamW moves no weight and no moment; the schedule still advances). Decided
+        # on the whole batch, so every rank decides alike.
+        labelled = windows == 1 or any(
+            bool((documents[doc * opt_cfg.grad_accum + m][1][:, w0 * cfg.task.seq_len:(w0 + span) * cfg.task.seq_len]
+                  != IGNORE_INDEX).any()) for m in range(opt_cfg.grad_accum))
+        for m in range(opt_cfg.grad_accum if labelled or carry else 0):
+            doc_inputs, doc_labels, doc_ids = documents[doc * opt_cfg.grad_accum + m]
             sl = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
             sync = m == opt_cfg.grad_accum - 1 or not hasattr(wrapped, "no_sync")
             _record_memory_stats(memory_layers, logged and m == 0)  # a logged step's first micro-batch only
             parts, aux = [], None
-            with (nullcontext() if sync else wrapped.no_sync()), autocast():
+            with (nullcontext() if sync else wrapped.no_sync()), autocast(), torch.set_grad_enabled(labelled):
                 # the step's windows (one unless run.carry_grad_windows), the state carried between them with its
                 # gradient and cut after the last one
                 for w in range(w0, w0 + span):
@@ -550,6 +558,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
                     parts.append((logits, labels))
                     tokens += inputs.numel() * info.world_size
             _record_memory_stats(memory_layers, False)
+            if not labelled:
+                continue
             # the mean over the labelled positions of the step's windows (of the whole document when the span is it);
             # a window of a longer document may hold no labelled position (a recall example's context)
             logits, labels = parts[0] if span == 1 else (torch.cat([p[0] for p in parts], 1),
