@@ -39,7 +39,8 @@ def test_tiny_study_runs_resumes_and_redoes_a_removed_run(tmp_path):
     assert all(r["status"] == "done" and r["cpu_s"] > 0 for r in study["runs"].values())
     cells = json.loads((tmp_path / "results.json").read_text())["cells"]
     labels = {c["model"]["name"] for c in cells}
-    assert labels == {"gated_deltanet", "lmm-d2"}  # seeds and runs pool under the study's labels
+    # seeds and runs pool under the study's labels; the passkey model's fine-tuning stage has its own row
+    assert labels == {"gated_deltanet", "lmm-d2", "gated_deltanet-carry2"}
     assert {c["task_config"]["noise"] for c in cells if c["task"] == "mqar" and c["params"]["seq_len"] == 64} == \
         {"disjoint"}  # extrapolation beyond the training vocabulary's reach
     lines = log.getvalue().splitlines()
@@ -84,8 +85,9 @@ def test_only_a_passkey_run_also_runs_its_capacity_eval(tmp_path):
     ``capacity-X`` (whose name does not contain the run's)."""
     job = next(t for t in plan(TINY)[0] if t.group == "passkey" and t.label in TINY.capacity_models)
     out = run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
-    assert out["trained"] == [job.name]
-    assert set(out["evaluated"]) == {job.name, f"capacity-{job.label}"}, out
+    stage = f"{job.name}-carry2"  # its fine-tuning stage matches the pattern too, and comes after it
+    assert out["trained"] == [job.name, stage]
+    assert set(out["evaluated"]) == {job.name, f"capacity-{job.label}", stage, f"capacity-{job.label}-carry2"}, out
     assert (tmp_path / "evals" / f"capacity-{job.label}" / "results.json").is_file()
     shutil.rmtree(tmp_path / "evals" / f"capacity-{job.label}")  # a run finished before, its capacity eval missing
     out = run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
@@ -106,6 +108,39 @@ def test_progress_never_counts_past_its_total(tmp_path):
     for line in lines:
         done, total = map(int, line.split("] ")[1].split(" ")[0].split("/"))
         assert done <= total and "ETA -" not in line, line
+
+
+def test_a_passkey_fine_tuning_stage_starts_from_its_run(tmp_path):
+    """A passkey model's carried-state stage (``passkey_carry_stages``) trains on documents of several windows with
+    the state carried, from its passkey run's final checkpoint, and is evaluated as its own row. Two trainings at a
+    time: the stage waits for the run it starts from (started together, it would find no checkpoint and fail)."""
+    out = run_study(TINY, tmp_path, jobs=2, only="passkey-gated_deltanet*", file=io.StringIO())
+    stage = "passkey-gated_deltanet-carry2"
+    assert out["trained"] == ["passkey-gated_deltanet", stage] and not out["failed"], out
+    assert {stage, "capacity-gated_deltanet-carry2"} <= set(out["evaluated"])
+    cfg = json.loads((tmp_path / "runs" / stage / "config.json").read_text())
+    assert cfg["run"]["init_from"] == str(tmp_path / "runs" / "passkey-gated_deltanet" / "checkpoint")
+    assert cfg["run"]["carry_state"] and cfg["task"]["doc_windows"] == 2 and cfg["run"]["steps"] == 4
+    assert "run.init_from" not in (tmp_path / "runs" / stage / "train.log").read_text()  # no error about it
+    cells = json.loads((tmp_path / "evals" / stage / "results.json").read_text())["cells"]
+    assert cells and all(c["status"] == "ok" for c in cells)
+
+
+def test_passkey_stage_settings_are_checked():
+    import dataclasses
+
+    from mnemos.eval.study import base_label, passkey_labels
+
+    full = study_settings("full")
+    assert passkey_labels(full) == ["lmm-x4", "lmm-x4-carry8", "lmm-x4-carry32", "gated_deltanet", "swa", "lmm-x1"]
+    assert [base_label(x) for x in passkey_labels(full)] == ["lmm-x4"] * 3 + ["gated_deltanet", "swa", "lmm-x1"]
+    assert base_label("lmm-d1-eta0-c1") == "lmm-d1-eta0-c1"
+    for bad, match in ((dict(passkey_carry_models=("mag",)), "list them in passkey_models"),
+                       (dict(passkey_carry_stages=()), "needs passkey_carry_stages"),
+                       (dict(passkey_carry_stages=((8, 100),)), "a multiple of windows"),
+                       (dict(passkey_carry_stages=((1, 100),)), "windows >= 2")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(full, **bad)
 
 
 def test_two_trainings_at_a_time_in_subprocesses(tmp_path):
@@ -141,7 +176,7 @@ def test_the_lr_is_chosen_on_the_first_seed_and_the_other_seeds_run_at_it_only(t
     from mnemos.eval.study import GridPoint, select_lrs, train_jobs
 
     s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 3, 4, (0, 1)),),
-                            passkey_models=(), capacity_models=())
+                            passkey_models=(), capacity_models=(), passkey_carry_models=())
     trains, _ = plan(s)
     name = "mqar-L32-K2-gated_deltanet-lr{}-s{}".format
     # both lrs at seed 0, seed 1 at one lr (the first stands in for the choice)
@@ -172,7 +207,7 @@ def test_a_grid_point_with_its_own_lrs_sweeps_those(tmp_path):
     from mnemos.eval.study import HIGH_LRS, GridPoint, point_lrs, select_lrs, study_settings, train_jobs
 
     s = dataclasses.replace(TINY, models=("gated_deltanet",), passkey_models=(), capacity_models=(),
-                            grid=(GridPoint(32, 2, 64, 3, 4), GridPoint(32, 4, 64, 3, 4, lrs=(5e-3, 2e-2))))
+                            passkey_carry_models=(), grid=(GridPoint(32, 2, 64, 3, 4), GridPoint(32, 4, 64, 3, 4, lrs=(5e-3, 2e-2))))
     assert point_lrs(s, "L32-K2") == s.lrs and point_lrs(s, "L32-K4") == (5e-3, 2e-2)
     trains, _ = plan(s)
     assert sorted(t.name for t in trains if "K4" in t.name) == [
@@ -197,7 +232,7 @@ def test_a_run_that_reaches_the_accuracy_threshold_stops_and_counts_as_finished(
     real = loop.validate
     monkeypatch.setattr(loop, "validate", lambda *a, **k: {**real(*a, **k), "val_accuracy": 1.0})
     s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 6, 4),), lrs=(1e-3,),
-                            eval_every=2, passkey_models=(), capacity_models=())
+                            eval_every=2, passkey_models=(), capacity_models=(), passkey_carry_models=())
     (job,) = plan(s)[0]
     assert job.config["run"]["stop_at_accuracy"] == 0.99
     out = run_study(s, tmp_path, file=io.StringIO())
@@ -218,7 +253,7 @@ def test_the_lr_that_reaches_the_threshold_first_is_chosen(tmp_path):
     from mnemos.eval.study import GridPoint, select_lrs, train_jobs
 
     s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 8, 4),),
-                            passkey_models=(), capacity_models=())
+                            passkey_models=(), capacity_models=(), passkey_carry_models=())
 
     def plant(curves):
         for t in train_jobs(s):
@@ -253,7 +288,7 @@ def test_a_run_stopped_with_sigterm_records_the_cpu_time_it_spent(tmp_path):
     from mnemos.eval.study import GridPoint
 
     s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 100000, 4),), lrs=(1e-3,),
-                            eval_every=100000, passkey_models=(), capacity_models=())
+                            eval_every=100000, passkey_models=(), capacity_models=(), passkey_carry_models=())
     (job,) = plan(s)[0]
     run_dir = tmp_path / "runs" / job.name
     run_dir.mkdir(parents=True)
@@ -296,7 +331,7 @@ def test_a_stopped_run_starts_no_further_runs(tmp_path, monkeypatch):
             return 0
 
     monkeypatch.setattr(study.subprocess, "Popen", FakeChild)
-    s = dataclasses.replace(TINY, passkey_models=(), capacity_models=())
+    s = dataclasses.replace(TINY, passkey_models=(), capacity_models=(), passkey_carry_models=())
     trains = [t for t in plan(s)[0] if t.group == "mqar"]
     assert len(trains) >= 4
     done = []

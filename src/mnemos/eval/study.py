@@ -141,6 +141,16 @@ class StudySettings:
     passkey_lengths: tuple[int, ...] = (1024, 4096, 16384, 65536, 262144, 1048576)
     passkey_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     passkey_samples: int = 1
+    # passkey fine-tuning on longer documents (truncated BPTT, docs/TRAINING.md): each of these passkey models, once
+    # its passkey run is done, trains on passkey prompts of ``windows * passkey_seq_len`` tokens read
+    # ``passkey_seq_len`` tokens at a time with the state carried between windows (the gradient spans one window),
+    # stage by stage, each stage starting from the weights of the one before: ``(windows per document, steps)``, the
+    # steps counting windows (a multiple of ``windows``: a run ends at a document's end). Labels ``MODEL-carryW``
+    passkey_carry_models: tuple[str, ...] = ()
+    passkey_carry_stages: tuple[tuple[int, int], ...] = ()
+    passkey_carry_lr: float = 1e-3
+    passkey_carry_warmup_steps: int = 16
+    passkey_carry_val_examples: int = 48  # whole documents: 48 of 16K tokens take ~3 CPU-minutes an eval
     capacity_models: tuple[str, ...] = ()
     capacity_lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384, 32768)
     capacity_samples: int = 20
@@ -157,6 +167,15 @@ class StudySettings:
                 raise ValueError(f"grid point {p.key}: vocab_size {p.vocab_size} must exceed seq_len (Zoology's noise)")
         if not set(self.capacity_models) <= set(self.passkey_models):
             raise ValueError("capacity_models must be trained on passkey: list them in passkey_models too")
+        if not set(self.passkey_carry_models) <= set(self.passkey_models):
+            raise ValueError("passkey_carry_models fine-tune a passkey run: list them in passkey_models too")
+        if self.passkey_carry_models and not self.passkey_carry_stages:
+            raise ValueError("passkey_carry_models needs passkey_carry_stages ((windows, steps), ...)")
+        for stage in self.passkey_carry_stages:
+            ok = isinstance(stage, tuple) and len(stage) == 2 and all(type(x) is int for x in stage)
+            if not ok or stage[0] < 2 or stage[1] < stage[0] or stage[1] % stage[0]:
+                raise ValueError(f"passkey_carry_stages: each stage is (windows >= 2, steps, a multiple of windows), "
+                                 f"got {stage!r}")
 
 
 HIGH_LRS = (3e-3, 1e-2)  # the outer lrs of the full study's grid points other than (64, 8)
@@ -181,6 +200,9 @@ def study_settings(size: str = "full") -> StudySettings:
             # in training order: the default-size memory, its recurrent and windowed baselines, then the small memory
             passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1"),
             capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet"),
+            # the default-size memory read on over 4K-, then 16K-token prompts (100 updates each): trained at 512
+            # tokens it forgets the key by 16K (docs/RESULTS.md, "Passkey")
+            passkey_carry_models=("lmm-x4",), passkey_carry_stages=((8, 800), (32, 3200)),
         )
     if size == "quick":
         return StudySettings(
@@ -201,7 +223,8 @@ def study_settings(size: str = "full") -> StudySettings:
             extrapolation_lengths=(32, 64), passkey_models=("gated_deltanet",), passkey_seq_len=288,
             passkey_steps=2, passkey_batch_size=2, passkey_window=8, passkey_lengths=(512,),
             passkey_depths=(0.5,), capacity_models=("gated_deltanet",), capacity_lengths=(512,),
-            capacity_samples=1, stream_chunk=128,
+            capacity_samples=1, stream_chunk=128, passkey_carry_models=("gated_deltanet",),
+            passkey_carry_stages=((2, 4),), passkey_carry_val_examples=2,
         )
     raise ValueError(f"unknown study size {size!r}; expected full, quick or tiny")
 
@@ -210,6 +233,7 @@ def settings_from_dict(d: dict[str, Any]) -> StudySettings:
     """The inverse of ``dataclasses.asdict(settings)`` (JSON lists back to tuples): how a ``--jobs 2`` worker gets
     the study's settings."""
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    d["passkey_carry_stages"] = tuple(tuple(st) for st in d.get("passkey_carry_stages", ()))
     d["grid"] = tuple(GridPoint(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
                       for g in d["grid"])
     return StudySettings(**d)
@@ -226,6 +250,7 @@ class TrainJob:
     point: str | None = None  # GridPoint.key for MQAR runs
     lr: float = 0.0
     seed: int = 0
+    init_from: str | None = None  # the study run whose final checkpoint this one starts from (run.init_from)
 
     @property
     def cost(self) -> float:
@@ -290,6 +315,18 @@ def train_jobs(s: StudySettings) -> list[TrainJob]:
                     "log_every": s.log_every},
         }
         jobs.append(TrainJob(f"passkey-{label}", label, "passkey", cfg, None, s.passkey_lr, 0))
+        if label not in s.passkey_carry_models:
+            continue
+        before = f"passkey-{label}"
+        for windows, steps in s.passkey_carry_stages:
+            stage = json.loads(json.dumps(cfg))
+            stage["task"].update(doc_windows=windows, eval_examples=s.passkey_carry_val_examples)
+            stage["optim"].update(lr=s.passkey_carry_lr, warmup_steps=s.passkey_carry_warmup_steps)
+            stage["run"].update(steps=steps, carry_state=True, eval_every=max(windows, steps // 5 // windows * windows))
+            name = f"passkey-{label}-carry{windows}"
+            jobs.append(TrainJob(name, f"{label}-carry{windows}", "passkey", stage, None, s.passkey_carry_lr, 0,
+                                 init_from=before))
+            before = name
     return jobs
 
 
@@ -301,7 +338,7 @@ def run_evals(s: StudySettings, t: TrainJob) -> list[EvalJob]:
         jobs = [EvalJob(t.name, t.label, "passkey", t.name, [NIAHConfig(
             kind="passkey", lengths=s.passkey_lengths, depths=s.passkey_depths, samples_per_cell=s.passkey_samples)],
             s.stream_chunk)]
-        if t.label in s.capacity_models:
+        if base_label(t.label) in s.capacity_models:
             jobs.append(EvalJob(f"capacity-{t.label}", t.label, "capacity", t.name, [PasskeyCapacityConfig(
                 lengths=s.capacity_lengths, samples_per_length=s.capacity_samples)], s.stream_chunk))
         return jobs
@@ -412,6 +449,8 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[s
     old = _read(run_dir / RECORD) or {}
     d = json.loads(json.dumps(job.config))
     d["run"].update(out_dir=str(run_dir), progress=progress)
+    if job.init_from:  # a fine-tuning stage: the weights of the study run it follows (its final checkpoint)
+        d["run"]["init_from"] = str(run_dir.parent / job.init_from / "checkpoint")
     cfg = TrainConfig.from_dict(d)
     resume = _checkpoint_step(run_dir) is not None
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -668,7 +707,12 @@ def _train_parallel(settings: StudySettings, todo: list[TrainJob], out: Path, jo
     env = _worker_env(threads)
     while queue or running:
         while queue and len(running) < jobs:
-            j = queue.pop(0)
+            # a fine-tuning stage waits for the run it starts from (queued or running)
+            waiting = {q.name for q in queue} | {r[0].name for r in running}
+            j = next((q for q in queue if q.init_from not in waiting), None)
+            if j is None:
+                break
+            queue.remove(j)
             run_dir = out / "runs" / j.name
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "study_job.json").write_text(json.dumps({
@@ -922,8 +966,20 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, tar
 TITANS = ("lmm", "mac", "mag", "mal")  # the variants whose labels count as "a Titans memory model" in the targets
 
 
+def passkey_labels(s: StudySettings) -> list[str]:
+    """The passkey report rows in training order: each passkey model, then its fine-tuning stages."""
+    return [x for m in s.passkey_models for x in (m, *(f"{m}-carry{w}" for w, _ in s.passkey_carry_stages
+                                                      if m in s.passkey_carry_models))]
+
+
+def base_label(label: str) -> str:
+    """The :data:`MODELS` label of a report row: ``lmm-x4-carry32`` (a passkey fine-tuning stage) is ``lmm-x4``."""
+    head, _, tail = label.rpartition("-carry")
+    return head if head and tail.isdigit() else label
+
+
 def _titans(label: str) -> bool:
-    return MODELS[label]["variant"] in TITANS
+    return MODELS[base_label(label)]["variant"] in TITANS
 
 
 def _summed(points) -> float | None:
@@ -999,7 +1055,7 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
         if length not in s.passkey_lengths:
             continue
         accs = {m: _summed([p for p in niah if p.model == m and p.params["length"] == length])
-                for m in s.passkey_models if _titans(m)}
+                for m in passkey_labels(s) if _titans(m)}
         accs = {m: a for m, a in accs.items() if a is not None}
         if not accs:
             add(target, "—", None)
@@ -1020,10 +1076,14 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
         + (f" ({sum(r.get('status') == 'diverged' for r in finished)} diverged)" if any(
             r.get("status") == "diverged" for r in finished) else ""),
         None if not finished else skipped == 0 and all(r.get("status") == "done" for r in finished))
+    carry = (f" A passkey label ending -carryW is that passkey model fine-tuned on W·{s.passkey_seq_len}-token "
+             f"prompts read {s.passkey_seq_len} tokens at a time with the state carried between them (truncated BPTT: "
+             f"the gradient spans {s.passkey_seq_len} tokens), each stage from the one before."
+             if s.passkey_carry_models else "")
     return ["## Targets (issue 12)", "",
             "Each target with what this study measured so far (the chosen lr's held-out evaluations pooled over the "
             "seeds run; state in bytes per sequence) and its verdict; \"not run yet\" where its runs or evals are "
-            "missing.", "", *table(["target", "measured", "verdict"], rows), ""]
+            "missing." + carry, "", *table(["target", "measured", "verdict"], rows), ""]
 
 
 def _extrapolation_section(s: StudySettings, extrap) -> list[str]:
