@@ -207,7 +207,8 @@ def test_a_grid_point_with_its_own_lrs_sweeps_those(tmp_path):
     from mnemos.eval.study import HIGH_LRS, GridPoint, point_lrs, select_lrs, study_settings, train_jobs
 
     s = dataclasses.replace(TINY, models=("gated_deltanet",), passkey_models=(), capacity_models=(),
-                            passkey_carry_models=(), grid=(GridPoint(32, 2, 64, 3, 4), GridPoint(32, 4, 64, 3, 4, lrs=(5e-3, 2e-2))))
+                            passkey_carry_models=(),
+                            grid=(GridPoint(32, 2, 64, 3, 4), GridPoint(32, 4, 64, 3, 4, lrs=(5e-3, 2e-2))))
     assert point_lrs(s, "L32-K2") == s.lrs and point_lrs(s, "L32-K4") == (5e-3, 2e-2)
     trains, _ = plan(s)
     assert sorted(t.name for t in trains if "K4" in t.name) == [
@@ -495,7 +496,8 @@ def test_targets_are_judged_from_constructed_results():
     assert verdict["MQAR (64, 4): transformer ≥ 0.99"] == "not run yet"
     assert verdict["extrapolation: a Titans model trained at L 64 ≥ 0.95 at L 1024, above the transformer"] == "met"
     only, carried = " (prompts of 512 tokens only)", " (windows of 512 tokens, state carried over longer prompts)"
-    assert verdict[f"passkey: a Titans model trained at ≤ 512 tokens{only} ≥ 0.95 at 16,384 tokens"] == "**not met**"
+    assert verdict[f"passkey: a Titans model trained at ≤ 512 tokens{only} ≥ 0.95 at 16,384 tokens"] == \
+        "**not met**"
     assert rows[f"passkey: a Titans model trained at ≤ 512 tokens{only} ≥ 0.95 at 16,384 tokens"].startswith(
         "| passkey: a Titans model trained at ≤ 512 tokens (prompts of 512 tokens only) ≥ 0.95 at 16,384 tokens | "
         "lmm-x4 0.500 |")  # the stage is not in this row, and lmm-x1 (no cells) is not listed
@@ -518,3 +520,33 @@ def test_targets_are_judged_from_constructed_results():
                for r in rows)
     assert any(r.startswith("| zero skipped steps") and "3 in 1 finished runs" in r and r.endswith("**not met** |")
                for r in rows)
+
+
+def test_leaving_the_plateau_table_reads_each_seed_at_the_early_steps(tmp_path):
+    """The report's "Leaving the plateau" rows, from run directories built by hand: the eval at each step, a run
+    that stopped at the threshold holding its last value, "—" where a finished run logged no eval at the step, and
+    runs not finished left out."""
+    import dataclasses
+
+    from mnemos.eval.study import GridPoint, _early_section, accuracy_at, planned, select_lrs, train_jobs
+
+    rows = [{"step": 500, "val_accuracy": 0.2}, {"step": 1000, "val_accuracy": 0.8},
+            {"step": 1250, "val_accuracy": 0.99}]
+    assert [accuracy_at(rows, k) for k in (500, 1000, 1500)] == [0.2, 0.8, 0.99]
+    assert accuracy_at(rows, 750) is None and accuracy_at([], 500) is None
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 2000, 4, (0, 1, 2)),),
+                            main=(32, 2), lrs=(1e-3,), passkey_models=(), capacity_models=(), passkey_carry_models=())
+    runs = {0: ({"status": "done", "steps": 1250, "stopped_at_accuracy": True}, rows),
+            1: ({"status": "done", "steps": 2000}, [{"step": k, "val_accuracy": a}
+                                                    for k, a in ((500, .1), (1000, .3), (2000, .5))]),
+            2: ({"status": "stopped", "steps": 500}, [{"step": 500, "val_accuracy": .7}])}  # not finished
+    for seed, (record, vals) in runs.items():
+        run_dir = tmp_path / "runs" / f"mqar-L32-K2-gated_deltanet-lr0.001-s{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / RECORD).write_text(json.dumps(record))
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"split": "val", **v}) + "\n" for v in vals))
+    candidates = train_jobs(s)
+    chosen = select_lrs(s, candidates, tmp_path)
+    lines = _early_section(s, planned(s, candidates, {k: v["lr"] for k, v in chosen.items()}), chosen, tmp_path)
+    assert lines[0] == "## Leaving the plateau at L=32 K=2"
+    assert "| gated_deltanet | 0.001 | 0.200 / 0.100 | 0.800 / 0.300 | 0.990 / — | 0.990 / 0.500 | 0, 1 |" in lines
