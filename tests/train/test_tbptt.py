@@ -142,11 +142,13 @@ def test_gradient_spans_one_window(tmp_path):
     assert abs(fresh_loss - carried_loss) > 1e-3
 
 
-def test_a_window_without_labels_is_read_not_trained(tmp_path):
+@pytest.mark.parametrize("carry", ["true", "false"])
+def test_a_window_without_labels_is_read_not_trained(tmp_path, carry):
     """Documents whose first window holds only the pairs (8 tokens, 4 pairs): the steps on it make no update (the
     weights and AdamW's moments stay as they were: no phantom step from the moments of the step before) and the
-    trainer equals the hand-made version, which reads such a window on without a graph."""
-    args = ("run.steps=4", "run.carry_state=true", "task.doc_windows=2", "task.seq_len=8", "optim.grad_accum=2")
+    trainer equals the hand-made version, which reads such a window on without a graph (with the state carried) or
+    not at all (without)."""
+    args = ("run.steps=4", f"run.carry_state={carry}", "task.doc_windows=2", "task.seq_len=8", "optim.grad_accum=2")
     cfg = _cfg(tmp_path, *args)
     data = TaskData(cfg)
     for index in range(4):  # the premise: window 1 of every document is label-free, window 2 is not

@@ -533,6 +533,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         labelled = windows == 1 or any(
             bool((documents[doc * opt_cfg.grad_accum + m][1][:, w0 * cfg.task.seq_len:(w0 + span) * cfg.task.seq_len]
                   != IGNORE_INDEX).any()) for m in range(opt_cfg.grad_accum))
+        if not (labelled or carry):  # nothing is read: a logged step shows no memory statistics (not stale ones)
+            _record_memory_stats(memory_layers, logged)
+            _record_memory_stats(memory_layers, False)
         for m in range(opt_cfg.grad_accum if labelled or carry else 0):
             doc_inputs, doc_labels, doc_ids = documents[doc * opt_cfg.grad_accum + m]
             sl = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
