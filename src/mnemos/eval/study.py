@@ -1056,7 +1056,8 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
     kinds = [("", [m for m in s.passkey_models if _titans(m)])]
     if s.passkey_carry_models:
         kinds = [(f" (prompts of {s.passkey_seq_len} tokens only)", kinds[0][1]),
-                 (f" (windows of {s.passkey_seq_len} tokens, state carried over longer prompts)",
+                 (f" (windows of {s.passkey_seq_len} tokens, state carried over prompts of up to "
+                  f"{max(w for w, _ in s.passkey_carry_stages) * s.passkey_seq_len:,} tokens)",
                   [m for m in passkey_labels(s) if m not in s.passkey_models and _titans(m)])]
     for length, level in ((16384, 0.95), (1048576, 0.90)):
         if length not in s.passkey_lengths:
