@@ -1,0 +1,36 @@
+"""benchmarks/rule_floor.py: the lower-bound FLOP counts behind the arithmetic floor of issue 14's presets."""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import rule_floor  # noqa: E402
+from mnemos.ops import RULES  # noqa: E402
+
+LAYERS = [(64, 256), (256, 64)]  # the depth-2 memory of head dim 64, expansion 4
+
+
+def test_titans_needs_nothing_beyond_its_chunked_form():
+    assert rule_floor.extra_flops(RULES["titans"], LAYERS, 100) == (0.0, 0.0)
+    assert rule_floor.extra_flops(RULES["yaad"], LAYERS, 100) == (0.0, 0.0)  # a loss only: the dual form holds
+
+
+def test_dense_retentions_count_five_flops_per_state_entry_and_token():
+    entries = 2 * 64 * 256
+    for name in ("moneta", "memora"):
+        assert rule_floor.extra_flops(RULES[name], LAYERS, 7) == (5 * entries * 7, 10 * entries * 7)
+
+
+def test_muon_counts_newton_schulz_on_every_token():
+    # per layer (m, n) = (64, 256): each NS step X X^T (2 m^2 n), its square (2 m^3), times X (2 m^2 n)
+    ns_step = 2 * 64 * 64 * 256 + 2 * 64 ** 3 + 2 * 64 * 64 * 256
+    entries = 64 * 256
+    atlas = RULES["atlas"]  # 5 steps, window 4
+    per_layer_fwd = 5 * ns_step + 4 * entries + 2 * entries * 3
+    per_layer_fwdbwd = 3 * 5 * ns_step + 2 * (4 * entries + 2 * entries * 3)
+    assert rule_floor.extra_flops(atlas, LAYERS, 3) == (2 * per_layer_fwd * 3, 2 * per_layer_fwdbwd * 3)
+    # no Newton-Schulz steps and a window of one: only the per-token states remain
+    bare = replace(atlas, ns_steps=0, window=1)
+    assert rule_floor.extra_flops(bare, LAYERS, 1) == (2 * 4 * entries, 2 * 2 * 4 * entries)
