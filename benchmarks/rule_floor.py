@@ -38,6 +38,7 @@ import torch
 
 from flops import memory_rule_counts, memory_rule_layers
 from memory_rules_speed import call, make_inputs
+from speed_common import cpu_model, git_commit
 
 try:
     import mnemos  # noqa: F401
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
               f"{target} | {verdict} |")
     if a.out:
         Path(a.out).write_text(json.dumps({"matmul_flops_per_s": rate, "titans_fwdbwd_s": measured, "rows": rows,
-                                           "shape": vars(a), "torch": torch.__version__}, indent=1))
+                                           "args": vars(a), "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                                           "torch": torch.__version__, "git": git_commit()}, indent=1))
     return 0
 
 
