@@ -511,14 +511,22 @@ def test_targets_are_judged_from_constructed_results():
     assert verdict["passkey: swa ≤ 0.10 beyond its window (64)"] == "met"
     assert verdict["zero skipped steps in every study run"] == "met"
 
-    # the Titans model below gated_deltanet, then the only Titans model larger than it: not met either way
+    # the Titans model below gated_deltanet, then the only Titans model larger than it: not judged while other
+    # Titans models are still to be evaluated, not met once every one is
     main.cells[3].metrics.update(correct=90, accuracy=0.9)
     rows = targets_section(s, main, extrap, records)
+    assert any("at ≤ its state | lmm-d1-eta0 0.900" in r and r.endswith("not run yet |") for r in rows)
+    every = dataclasses.replace(s, models=("transformer", "gated_deltanet", "lmm-d1-eta0", "lmm-d2", "swa"))
+    rows = targets_section(every, main, extrap, records)
     assert any("at ≤ its state | lmm-d1-eta0 0.900" in r and r.endswith("**not met** |") for r in rows)
     del main.cells[3]
     rows = targets_section(s, main, extrap, {"a": {"status": "done", "skipped_steps": 3}})
-    assert any("no Titans model at ≤ 12,800 B (best at any size: lmm-d2 0.990" in r and r.endswith("**not met** |")
+    assert any("no Titans model at ≤ 12,800 B (best at any size: lmm-d2 0.990" in r and r.endswith("not run yet |")
                for r in rows)
+    judged = targets_section(dataclasses.replace(every, models=("transformer", "gated_deltanet", "lmm-d2", "swa")),
+                             main, extrap, {})
+    assert any("no Titans model at ≤ 12,800 B (best at any size: lmm-d2 0.990" in r and r.endswith("**not met** |")
+               for r in judged)
     assert any(r.startswith("| zero skipped steps") and "3 in 1 finished runs" in r and r.endswith("**not met** |")
                for r in rows)
 
