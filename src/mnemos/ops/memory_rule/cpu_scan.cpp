@@ -18,6 +18,8 @@
 // per-token coefficients [nc, groups, n] x V (G [nc, groups, n, n] x V); per-chunk ones [nc, groups] x V; states
 // [groups, 2 O, I] x V per layer ([W; S], W [O, I]); anchors and last anchors [groups, O, I] x V.
 //
+// Also here (its own section at the end): Moneta's per-token norms for dense_scan.py.
+//
 // The backward keeps nothing from the forward but its inputs: it runs each group's forward again, a segment of
 // chunks at a time, keeping that segment's states and activations (scan_backward).
 
@@ -616,11 +618,11 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
 // ---------------------------------------------------------------------------------------------------------------------
 // the loops over groups (split between threads) and chunks
 
-// Runs body(lo, hi) over ranges of groups on s.threads threads; false when any range failed (out of memory: the
-// caller reports it instead of the process aborting in a thread)
+// Runs body(lo, hi) over ranges of [0, count) on up to `threads` threads; false when any range failed (out of memory:
+// the caller reports it instead of the process aborting in a thread)
 template <typename F>
-bool over_groups(const Spec& s, F&& body) {
-  const int64_t threads = std::max<int64_t>(1, std::min(s.threads, s.groups));
+bool over_range(int64_t count, int64_t threads, F&& body) {
+  threads = std::max<int64_t>(1, std::min(threads, count));
   std::atomic<bool> ok{true};
   auto guarded = [&](int64_t lo, int64_t hi) {
     try {
@@ -630,18 +632,24 @@ bool over_groups(const Spec& s, F&& body) {
     }
   };
   if (threads == 1) {
-    guarded(0, s.groups);
+    guarded(0, count);
     return ok;
   }
   std::vector<std::thread> pool;
-  const int64_t per = (s.groups + threads - 1) / threads;
+  const int64_t per = (count + threads - 1) / threads;
   for (int64_t t = 1; t < threads; ++t) {
-    const int64_t lo = t * per, hi = std::min(s.groups, lo + per);
+    const int64_t lo = t * per, hi = std::min(count, lo + per);
     if (lo < hi) pool.emplace_back([&, lo, hi] { guarded(lo, hi); });
   }
-  guarded(0, std::min(s.groups, per));
+  guarded(0, std::min(count, per));
   for (auto& th : pool) th.join();
   return ok;
+}
+
+// over_range over the groups of rows, on s.threads threads
+template <typename F>
+bool over_groups(const Spec& s, F&& body) {
+  return over_range(s.groups, s.threads, std::forward<F>(body));
 }
 
 // ptrs: q k v b f G bl el fl gl pl (11), o, then per layer WS[l] (in: start, out: final), A[l] (or null),
@@ -829,6 +837,198 @@ bool parse(const int64_t* raw, Spec& s) {
   return !(s.residual && s.dims[0] != s.dims[s.L]);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Moneta's per-token norms (dense_scan.py, retention "lq" with lq = 4 and the momentum optimiser).
+//
+// Inside a chunk the accumulator of token t is the recurrence of the decay path,
+//     S_t = eta_t S_{t-1} - sum_k Wb[t, k] d_{t+k} a_{t+k}^T,      A_t = beta_t A_{t-1} + S_t,
+// (k over the Omega window's w key-side tokens ending at t; Wb = theta_t gamma_{t+k}), and Moneta's read scales the
+// dual-form read by ||A_t||_4^-2, so all the read needs of every token's state is N_t = sum A_t^4. The torch path forms
+// every A_t ([n, P, Q] per row and layer) to take it, which makes it bound by memory traffic. Here each row's state
+// is walked a tile of TILE entries (whole rows of the matrix) at a time, the tile's A_t and S_t kept in cache while
+// the chunk's n tokens go by: O(n P Q) arithmetic and nothing per token written. The backward runs the tile's
+// forward again, keeping its n states, and walks the tokens in reverse:
+//     dA_t = beta_{t+1} dA_{t+1} + 4 gN_t A_t^3,   dS_t = eta_{t+1} dS_{t+1} + dA_t,
+//     dbeta_t = <dA_t, A_{t-1}>,   deta_t = <dS_t, S_{t-1}>,   dWb[t, k] = -d_e^T dS_t a_e,
+//     dd_e -= Wb[t, k] dS_t a_e,   da_e -= Wb[t, k] dS_t^T d_e   (e = t + k),   dA_{-1} = dA_0 ..., the starts' grads.
+//
+// spec: R (rows: sequence x head), n, w, P, Q, threads. Row r's tensors, contiguous: A0, S0 [P, Q]; d [n + w - 1, P];
+// a [n + w - 1, Q]; beta, eta [n]; Wb [n, w]; N [n].
+
+constexpr int64_t LQ_TILE = 512;
+
+struct LqSpec {
+  int64_t R, n, w, P, Q, threads;
+};
+
+bool parse_lq(const int64_t* raw, LqSpec& s) {
+  s = LqSpec{raw[0], raw[1], raw[2], raw[3], raw[4], raw[5]};
+  return s.R > 0 && s.n > 0 && s.w > 0 && s.P > 0 && s.Q > 0 && s.threads > 0;
+}
+
+// Row r's inputs (ptrs[0 .. 6]: A0 S0 d a beta eta Wb)
+template <typename T>
+struct LqRow {
+  const T *A0, *S0, *d, *a, *beta, *eta, *Wb;
+  LqRow(const LqSpec& s, void** ptrs, int64_t r) {
+    const int64_t PQ = s.P * s.Q, m = s.n + s.w - 1;
+    const int64_t offsets[7] = {r * PQ, r * PQ, r * m * s.P, r * m * s.Q, r * s.n, r * s.n, r * s.n * s.w};
+    const T** fields[7] = {&A0, &S0, &d, &a, &beta, &eta, &Wb};
+    for (int i = 0; i < 7; ++i) *fields[i] = static_cast<const T*>(ptrs[i]) + offsets[i];
+  }
+  // a tile's A and S at the chunk's start: matrix rows p0 .. p0 + size / Q
+  void load(int64_t p0, int64_t size, int64_t Q, T* A, T* S) const {
+    std::copy(A0 + p0 * Q, A0 + p0 * Q + size, A);
+    std::copy(S0 + p0 * Q, S0 + p0 * Q + size, S);
+  }
+};
+
+// One tile (rows p0 .. p0 + tp of the matrix) of one row: step its state through token t (in place)
+template <typename T>
+inline void lq_step(T* __restrict A, T* __restrict S, const T* d, const T* a, const T* Wb, T beta, T eta, int64_t t,
+                    int64_t w, int64_t p0, int64_t tp, int64_t P, int64_t Q) {
+  for (int64_t p = 0; p < tp; ++p) {
+    T* Sp = S + p * Q;
+#pragma omp simd
+    for (int64_t q = 0; q < Q; ++q) Sp[q] *= eta;
+    for (int64_t k = 0; k < w; ++k) {
+      const T c = Wb[t * w + k] * d[(t + k) * P + p0 + p];
+      const T* ae = a + (t + k) * Q;
+#pragma omp simd
+      for (int64_t q = 0; q < Q; ++q) Sp[q] -= c * ae[q];
+    }
+    T* Ap = A + p * Q;
+#pragma omp simd
+    for (int64_t q = 0; q < Q; ++q) Ap[q] = beta * Ap[q] + Sp[q];
+  }
+}
+
+template <typename T>
+inline double fourth_power_sum(const T* A, int64_t size) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < size; ++i) {
+    const T s = A[i] * A[i];
+    acc += s * s;
+  }
+  return acc;
+}
+
+// ptrs: A0 S0 d a beta eta Wb (in), N (out)
+template <typename T>
+bool lq4_forward(const LqSpec& s, void** ptrs) {
+  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, LQ_TILE / s.Q));
+  return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
+    std::vector<T> A(tp_max * s.Q), S(tp_max * s.Q);
+    std::vector<double> N(s.n);
+    for (int64_t r = lo; r < hi; ++r) {
+      const LqRow<T> x(s, ptrs, r);
+      std::fill(N.begin(), N.end(), 0.0);
+      for (int64_t p0 = 0; p0 < s.P; p0 += tp_max) {
+        const int64_t tp = std::min(tp_max, s.P - p0), size = tp * s.Q;
+        x.load(p0, size, s.Q, A.data(), S.data());
+        for (int64_t t = 0; t < s.n; ++t) {
+          lq_step(A.data(), S.data(), x.d, x.a, x.Wb, x.beta[t], x.eta[t], t, s.w, p0, tp, s.P, s.Q);
+          N[t] += fourth_power_sum(A.data(), size);
+        }
+      }
+      T* out = static_cast<T*>(ptrs[7]) + r * s.n;
+      for (int64_t t = 0; t < s.n; ++t) out[t] = static_cast<T>(N[t]);
+    }
+  });
+}
+
+// ptrs: A0 S0 d a beta eta Wb gN (in), dA0 dS0 dd da dbeta deta dWb (out, overwritten)
+template <typename T>
+bool lq4_backward(const LqSpec& s, void** ptrs) {
+  const int64_t PQ = s.P * s.Q, m = s.n + s.w - 1;
+  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, LQ_TILE / s.Q));
+  return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
+    const int64_t tile = tp_max * s.Q;
+    std::vector<T> As((s.n + 1) * tile), Ss((s.n + 1) * tile), dA(tile), dS(tile), dSt(tile);
+    std::vector<double> dbeta(s.n), deta(s.n), dWb(s.n * s.w);
+    for (int64_t r = lo; r < hi; ++r) {
+      const LqRow<T> x(s, ptrs, r);
+      const T *d = x.d, *a = x.a, *beta = x.beta, *eta = x.eta, *Wb = x.Wb;
+      const T* gN = static_cast<const T*>(ptrs[7]) + r * s.n;
+      T* dA0 = static_cast<T*>(ptrs[8]) + r * PQ;
+      T* dS0 = static_cast<T*>(ptrs[9]) + r * PQ;
+      T* dd = static_cast<T*>(ptrs[10]) + r * m * s.P;
+      T* da = static_cast<T*>(ptrs[11]) + r * m * s.Q;
+      std::fill(dd, dd + m * s.P, T(0));
+      std::fill(da, da + m * s.Q, T(0));
+      std::fill(dbeta.begin(), dbeta.end(), 0.0);
+      std::fill(deta.begin(), deta.end(), 0.0);
+      std::fill(dWb.begin(), dWb.end(), 0.0);
+      for (int64_t p0 = 0; p0 < s.P; p0 += tp_max) {
+        const int64_t tp = std::min(tp_max, s.P - p0), size = tp * s.Q;
+        // the tile's states: slot 0 the chunk's start, slot t + 1 after token t
+        x.load(p0, size, s.Q, As.data(), Ss.data());
+        for (int64_t t = 0; t < s.n; ++t) {
+          T* An = As.data() + (t + 1) * tile;
+          T* Sn = Ss.data() + (t + 1) * tile;
+          std::copy(As.data() + t * tile, As.data() + t * tile + size, An);
+          std::copy(Ss.data() + t * tile, Ss.data() + t * tile + size, Sn);
+          lq_step(An, Sn, d, a, Wb, beta[t], eta[t], t, s.w, p0, tp, s.P, s.Q);
+        }
+        std::fill(dA.begin(), dA.begin() + size, T(0));
+        std::fill(dS.begin(), dS.begin() + size, T(0));
+        for (int64_t t = s.n - 1; t >= 0; --t) {
+          const T* At = As.data() + (t + 1) * tile;
+          const T* Ap = As.data() + t * tile;
+          const T* Sp = Ss.data() + t * tile;
+          const T g4 = 4 * gN[t], bt = beta[t], et = eta[t];
+          T db = 0, de = 0;
+#pragma omp simd reduction(+ : db, de)
+          for (int64_t i = 0; i < size; ++i) {
+            const T x = At[i];
+            const T dAt = dA[i] + g4 * x * x * x;
+            db += dAt * Ap[i];
+            const T dS_t = dS[i] + dAt;
+            de += dS_t * Sp[i];
+            dSt[i] = dS_t;
+            dA[i] = bt * dAt;
+            dS[i] = et * dS_t;
+          }
+          dbeta[t] += db;
+          deta[t] += de;
+          for (int64_t k = 0; k < s.w; ++k) {
+            const int64_t e = t + k;
+            const T c = Wb[t * s.w + k];
+            const T* ae = a + e * s.Q;
+            const T* de_ = d + e * s.P + p0;
+            T* dae = da + e * s.Q;
+            double dw = 0;
+            for (int64_t p = 0; p < tp; ++p) {
+              const T* row = dSt.data() + p * s.Q;
+              T acc = 0;
+#pragma omp simd reduction(+ : acc)
+              for (int64_t q = 0; q < s.Q; ++q) acc += row[q] * ae[q];
+              dd[e * s.P + p0 + p] -= c * acc;
+              dw += static_cast<double>(de_[p]) * acc;
+              const T cd = c * de_[p];
+#pragma omp simd
+              for (int64_t q = 0; q < s.Q; ++q) dae[q] -= cd * row[q];
+            }
+            dWb[t * s.w + k] -= dw;
+          }
+        }
+        std::copy(dA.begin(), dA.begin() + size, dA0 + p0 * s.Q);
+        std::copy(dS.begin(), dS.begin() + size, dS0 + p0 * s.Q);
+      }
+      T* db_out = static_cast<T*>(ptrs[12]) + r * s.n;
+      T* de_out = static_cast<T*>(ptrs[13]) + r * s.n;
+      T* dw_out = static_cast<T*>(ptrs[14]) + r * s.n * s.w;
+      for (int64_t t = 0; t < s.n; ++t) {
+        db_out[t] = static_cast<T>(dbeta[t]);
+        de_out[t] = static_cast<T>(deta[t]);
+      }
+      for (int64_t i = 0; i < s.n * s.w; ++i) dw_out[i] = static_cast<T>(dWb[i]);
+    }
+  });
+}
+
 }  // namespace
 
 // spec: L, n, nc, groups (of LANES rows), residual, activation (0 gelu, 1 silu), loss (0 l2, 1 dot), has_A, threads,
@@ -844,24 +1044,20 @@ void mnemos_lanes_f64(const int64_t* dims, const double* src, double* dst, int t
 }
 int mnemos_scan_lanes_f32() { return Lanes<float>::N; }
 int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
-int mnemos_scan_forward_f32(const int64_t* spec, void** ptrs) {
-  Spec s;
-  if (!parse(spec, s)) return 1;
-  return scan_forward<float>(s, ptrs) ? 0 : 2;
-}
-int mnemos_scan_forward_f64(const int64_t* spec, void** ptrs) {
-  Spec s;
-  if (!parse(spec, s)) return 1;
-  return scan_forward<double>(s, ptrs) ? 0 : 2;
-}
-int mnemos_scan_backward_f32(const int64_t* spec, void** ptrs) {
-  Spec s;
-  if (!parse(spec, s)) return 1;
-  return scan_backward<float>(s, ptrs) ? 0 : 2;
-}
-int mnemos_scan_backward_f64(const int64_t* spec, void** ptrs) {
-  Spec s;
-  if (!parse(spec, s)) return 1;
-  return scan_backward<double>(s, ptrs) ? 0 : 2;
-}
+// name_f32 / name_f64: parse the spec into SpecT with parser, run fn<T>: 0, 1 (spec out of range), 2 (no memory)
+#define MNEMOS_EXPORT(name, SpecT, parser, fn)                  \
+  int name##_f32(const int64_t* spec, void** ptrs) {            \
+    SpecT s;                                                    \
+    if (!parser(spec, s)) return 1;                             \
+    return fn<float>(s, ptrs) ? 0 : 2;                          \
+  }                                                             \
+  int name##_f64(const int64_t* spec, void** ptrs) {            \
+    SpecT s;                                                    \
+    if (!parser(spec, s)) return 1;                             \
+    return fn<double>(s, ptrs) ? 0 : 2;                         \
+  }
+MNEMOS_EXPORT(mnemos_scan_forward, Spec, parse, scan_forward)
+MNEMOS_EXPORT(mnemos_scan_backward, Spec, parse, scan_backward)
+MNEMOS_EXPORT(mnemos_lq4_forward, LqSpec, parse_lq, lq4_forward)
+MNEMOS_EXPORT(mnemos_lq4_backward, LqSpec, parse_lq, lq4_backward)
 }

@@ -18,7 +18,8 @@ norm of A_i whose power has no low-rank form), and Muon needs NS of every token'
 formed, ``[n, D_out, D_in]`` per layer, as products of the chunk's coefficients and factors (:class:`_RankStates`,
 the outer products never formed; its backward is matmuls too); NS runs on all of a chunk's S_i in one batched
 call. Moneta's lq reads take the dual form of the decay path scaled per token (``F(A_i) x = ||A_i||^(2-lq) A_i x``),
-so there A_i is formed only for its norm. Where the hand-written dual form of
+so there A_i is needed only for its norm, and on the CPU with lq = 4 it is not formed at all: ``cpu_scan.lq4_norms``
+steps the accumulator's recurrence through the chunk in cache (:func:`_lq_norms_scale`). Where the hand-written dual form of
 ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per chunk and layer; autograd
 differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
 so memory is the states at chunk starts, not every token's).
@@ -31,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_scan
 from .common import activate
 from .rule import MemoryRule, effective_weights, newton_schulz, orthogonal_step
 from .torch_scan import anchor_forward
@@ -139,12 +141,25 @@ def _lq_scale(A: Tensor, lq: float) -> Tensor:
     return torch.where(norm > 0, norm, torch.ones_like(norm)).pow(2.0 - lq)
 
 
+def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], lq: float) -> Tensor:
+    """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``: for lq = 4
+    on the CPU from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum A_i^4`` without forming A_i),
+    else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum coefficients, with
+    the recurrence's ``(beta, eta, Wb)`` after the first five."""
+    b, f, G = coef[:3]
+    if lq == 4.0 and len(coef) == 8 and cpu_scan.lq4_norms_unsupported_reason(A) is None:
+        n = cpu_scan.lq4_norms(A, S, d, a, *coef[5:])
+        return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
+    return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), lq)
+
+
 def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tuple[Tensor, ...],
                 A0: Sequence[Tensor], S0: Sequence[Tensor], anchor: Sequence[Tensor], *, rule: MemoryRule,
                 residual: bool, activation: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk: q ``[B, H, n, K]``, key side k, v ``[B, H, m, D]`` (m = n + window - 1), delta ``[B, H, m]`` or
     None; A0, S0, anchor: L x ``[B, H, D_out, D_in]`` (accumulators). ``coef``: momentum ``(b, f, G, el, pl)`` with
-    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``; muon ``(b, e, Pe, Pb)`` with b, e
+    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``, for lq followed by the recurrence's
+    ``(beta, eta, Wb)`` (``[B, H, n]`` twice, ``[B, H, n, window]``: :func:`_lq_norms_scale`); muon ``(b, e, Pe, Pb)`` with b, e
     ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no theta), Pb ``[B, H, n, n]`` (theta
     folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]`` (beta = 1 - alpha), Pt ``[B, H, n,
     m]`` (the band, gamma and theta folded in): every S_i from the chunk's outer products, then A_i =
@@ -159,14 +174,15 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     dual = rule.retention == "lq" and rule.optimizer == "momentum"
     for A, S, ai, di in zip(A0, S0, a, d):
         if rule.optimizer == "momentum":
-            b, f, G, el, pl = coef
-            Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
-            S_out.append(torch.addcmul(-((pl.unsqueeze(-1) * di).mT @ ai), el[..., None, None], S))  # no U
+            b, f, G, el, pl = coef[:5]
+            # (signs on the small factors: a negated state-sized product is one more pass over the state)
+            S_out.append(torch.addcmul(((-pl).unsqueeze(-1) * di).mT @ ai, el[..., None, None], S))  # no U
             if dual:  # the last state from its own row of the coefficients: no gradient into every token's A_i
-                A_out.append(torch.addcmul(torch.addcmul(-((G[..., -1, :, None] * di).mT @ ai), b[..., -1, None, None],
+                A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
-                A_tok.append((_lq_scale(Ai, rule.lq), A, S, ai, di))
+                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule.lq), A, S, ai, di))
                 continue
+            Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
         elif rule.optimizer == "orthogonal":
             e, Pt, beta = coef
             Si = _rank_states((e, -Pt), (S,), di, ai)  # Titans' momentum at every token
@@ -244,11 +260,15 @@ def dense_scan(q, k, v, delta, coef, A0, S0, A, *, rule: MemoryRule, residual: b
     outs = []
     A_run, S_run = list(A0), list(S0)
     last_start = A_run
+    # each input split into its chunks once: indexing x[c] per chunk would backpropagate through a chunk-sized slice
+    # of a zero tensor the size of the whole input, O(nc^2) over the scan
+    per_chunk = [x.unbind(0) for x in (q, k, v, *(() if delta is None else (delta,)), *coef)]
+    if delta is None:
+        per_chunk.insert(3, [None] * nc)
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else A_run
         last_start = A_run
-        args = (q[c], k[c], v[c], None if delta is None else delta[c], *(x[c] for x in coef), *A_run, *S_run,
-                *anchor)
+        args = (*(x[c] for x in per_chunk), *A_run, *S_run, *anchor)
         record = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
         res = DenseChunk.apply(opts, *args) if record else _chunk_of(opts, args)
         outs.append(res[0])
