@@ -354,7 +354,7 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
         if rule.optimizer == "momentum":
             b, e, f, G, Pm = chunk_coefficients(thc, etc, alc)
             coef = (b, f, G @ band, e[..., -1], (Pm[..., -1:, :] @ band).squeeze(-2))
-            if rule.retention == "lq":  # the per-token recurrence's gates, for Moneta's norms (dense_scan._lq_norms)
+            if rule.retention != "decay":  # the per-token recurrence's gates, for cpu_scan's reads of every state
                 wb = torch.stack([band.diagonal(k, dim1=-2, dim2=-1) for k in range(P + 1)], -1)  # [.., n, P + 1]
                 coef += (1.0 - alc, etc, thc.unsqueeze(-1) * wb)
         elif rule.optimizer == "orthogonal":  # Lattice: Titans' momentum (theta in it), each A_i stepped in turn

@@ -18,7 +18,7 @@
 // per-token coefficients [nc, groups, n] x V (G [nc, groups, n, n] x V); per-chunk ones [nc, groups] x V; states
 // [groups, 2 O, I] x V per layer ([W; S], W [O, I]); anchors and last anchors [groups, O, I] x V.
 //
-// Also here (its own section at the end): Moneta's per-token norms for dense_scan.py.
+// Also here (its own section at the end): the per-token reads of Moneta and Memora for dense_scan.py.
 //
 // The backward keeps nothing from the forward but its inputs: it runs each group's forward again, a segment of
 // chunks at a time, keeping that segment's states and activations (scan_backward).
@@ -839,39 +839,46 @@ bool parse(const int64_t* raw, Spec& s) {
 
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Moneta's per-token norms (dense_scan.py, retention "lq" with lq = 4 and the momentum optimiser).
+// Every token's state of a chunk, read without being formed (dense_scan.py: the retentions lq and kl with the
+// momentum optimiser).
 //
 // Inside a chunk the accumulator of token t is the recurrence of the decay path,
 //     S_t = eta_t S_{t-1} - sum_k Wb[t, k] d_{t+k} a_{t+k}^T,      A_t = beta_t A_{t-1} + S_t,
-// (k over the Omega window's w key-side tokens ending at t; Wb = theta_t gamma_{t+k}), and Moneta's read scales the
-// dual-form read by ||A_t||_4^-2, so all the read needs of every token's state is N_t = sum A_t^4. The torch path forms
-// every A_t ([n, P, Q] per row and layer) to take it, which makes it bound by memory traffic. Here each row's state
-// is walked a tile of TILE entries (whole rows of the matrix) at a time, the tile's A_t and S_t kept in cache while
-// the chunk's n tokens go by: O(n P Q) arithmetic and nothing per token written. The backward runs the tile's
-// forward again, keeping its n states, and walks the tokens in reverse:
-//     dA_t = beta_{t+1} dA_{t+1} + 4 gN_t A_t^3,   dS_t = eta_{t+1} dS_{t+1} + dA_t,
+// (k over the Omega window's w key-side tokens ending at t; Wb = theta_t gamma_{t+k}), and a read needs a function of
+// every A_t that has no low-rank form:
+//   - Moneta (lq = 4): N_t = sum A_t^4 (its read is the dual-form read scaled by N_t^-1/2);
+//   - Memora (kl, rows): y_t = softmax(A_t) h_t, the softmax over each matrix row, h_t the layer's input at token t.
+// The torch path forms every A_t ([n, P, Q] per row and layer) for it, which makes it bound by memory traffic. Here
+// each row's state is walked a tile of whole matrix rows (<= TILE entries) at a time, the tile's A_t and S_t kept in
+// cache while the chunk's n tokens go by: O(n P Q) arithmetic and nothing per token written. The backward runs the
+// tile's forward again, keeping its n + 1 states, and walks the tokens in reverse with E_t, the read's gradient
+// with respect to A_t (lq: 4 gN_t A_t^3; kl: gy_t[p] s[p, q] (h_t[q] - y_t[p]) with s = softmax(A_t) by rows):
+//     dA_t = beta_{t+1} dA_{t+1} + E_t,   dS_t = eta_{t+1} dS_{t+1} + dA_t,
 //     dbeta_t = <dA_t, A_{t-1}>,   deta_t = <dS_t, S_{t-1}>,   dWb[t, k] = -d_e^T dS_t a_e,
-//     dd_e -= Wb[t, k] dS_t a_e,   da_e -= Wb[t, k] dS_t^T d_e   (e = t + k),   dA_{-1} = dA_0 ..., the starts' grads.
+//     dd_e -= Wb[t, k] dS_t a_e,   da_e -= Wb[t, k] dS_t^T d_e   (e = t + k),   and the starts' dA_{-1}, dS_{-1}.
 //
 // spec: R (rows: sequence x head), n, w, P, Q, threads. Row r's tensors, contiguous: A0, S0 [P, Q]; d [n + w - 1, P];
-// a [n + w - 1, Q]; beta, eta [n]; Wb [n, w]; N [n].
+// a [n + w - 1, Q]; beta, eta [n]; Wb [n, w]; then the read's own (lq: out N [n]; kl: h [n, Q], out y [n, P]).
+// ptrs forward: A0 S0 d a beta eta Wb, the read's inputs, its output. Backward: A0 S0 d a beta eta Wb, the read's
+// inputs, the gradient of its output, then (out, overwritten) dA0 dS0 dd da dbeta deta dWb and the read's input
+// gradients.
 
-constexpr int64_t LQ_TILE = 512;
+constexpr int64_t STATE_TILE = 512;
 
-struct LqSpec {
+struct RecurSpec {
   int64_t R, n, w, P, Q, threads;
 };
 
-bool parse_lq(const int64_t* raw, LqSpec& s) {
-  s = LqSpec{raw[0], raw[1], raw[2], raw[3], raw[4], raw[5]};
+bool parse_recur(const int64_t* raw, RecurSpec& s) {
+  s = RecurSpec{raw[0], raw[1], raw[2], raw[3], raw[4], raw[5]};
   return s.R > 0 && s.n > 0 && s.w > 0 && s.P > 0 && s.Q > 0 && s.threads > 0;
 }
 
-// Row r's inputs (ptrs[0 .. 6]: A0 S0 d a beta eta Wb)
+// Row r's recurrence inputs (ptrs[0 .. 6]: A0 S0 d a beta eta Wb)
 template <typename T>
-struct LqRow {
+struct RecurRow {
   const T *A0, *S0, *d, *a, *beta, *eta, *Wb;
-  LqRow(const LqSpec& s, void** ptrs, int64_t r) {
+  RecurRow(const RecurSpec& s, void** ptrs, int64_t r) {
     const int64_t PQ = s.P * s.Q, m = s.n + s.w - 1;
     const int64_t offsets[7] = {r * PQ, r * PQ, r * m * s.P, r * m * s.Q, r * s.n, r * s.n, r * s.n * s.w};
     const T** fields[7] = {&A0, &S0, &d, &a, &beta, &eta, &Wb};
@@ -882,80 +889,186 @@ struct LqRow {
     std::copy(A0 + p0 * Q, A0 + p0 * Q + size, A);
     std::copy(S0 + p0 * Q, S0 + p0 * Q + size, S);
   }
+  // step a tile (matrix rows p0 .. p0 + tp) of A and S through token t, in place
+  void step(T* __restrict A, T* __restrict S, int64_t t, int64_t p0, int64_t tp, const RecurSpec& s) const {
+    const int64_t Q = s.Q;
+    for (int64_t p = 0; p < tp; ++p) {
+      T* Sp = S + p * Q;
+#pragma omp simd
+      for (int64_t q = 0; q < Q; ++q) Sp[q] *= eta[t];
+      for (int64_t k = 0; k < s.w; ++k) {
+        const T c = Wb[t * s.w + k] * d[(t + k) * s.P + p0 + p];
+        const T* ae = a + (t + k) * Q;
+#pragma omp simd
+        for (int64_t q = 0; q < Q; ++q) Sp[q] -= c * ae[q];
+      }
+      T* Ap = A + p * Q;
+#pragma omp simd
+      for (int64_t q = 0; q < Q; ++q) Ap[q] = beta[t] * Ap[q] + Sp[q];
+    }
+  }
 };
 
-// One tile (rows p0 .. p0 + tp of the matrix) of one row: step its state through token t (in place)
+// out[q] = exp(x[q] - shift), q < Q; returns their sum
+inline double exp_shifted(const float* x, float shift, float* out, int64_t Q) {
+  constexpr int V = Lanes<float>::N;
+  vf acc = splat<vf>(0.0f);
+  int64_t q = 0;
+  for (; q + V <= Q; q += V) {
+    vf v;
+    std::memcpy(&v, x + q, sizeof(v));
+    v = vexp(v - shift);
+    std::memcpy(out + q, &v, sizeof(v));
+    acc += v;
+  }
+  double sum = 0;
+  for (int i = 0; i < V; ++i) sum += acc[i];
+  for (; q < Q; ++q) sum += (out[q] = std::exp(x[q] - shift));
+  return sum;
+}
+inline double exp_shifted(const double* x, double shift, double* out, int64_t Q) {
+  double sum = 0;
+  for (int64_t q = 0; q < Q; ++q) sum += (out[q] = std::exp(x[q] - shift));
+  return sum;
+}
+
+// Moneta: N_t = sum A_t^4. Inputs: none beyond the recurrence's; output N [n]; backward: gN [n] in, nothing out.
 template <typename T>
-inline void lq_step(T* __restrict A, T* __restrict S, const T* d, const T* a, const T* Wb, T beta, T eta, int64_t t,
-                    int64_t w, int64_t p0, int64_t tp, int64_t P, int64_t Q) {
-  for (int64_t p = 0; p < tp; ++p) {
-    T* Sp = S + p * Q;
-#pragma omp simd
-    for (int64_t q = 0; q < Q; ++q) Sp[q] *= eta;
-    for (int64_t k = 0; k < w; ++k) {
-      const T c = Wb[t * w + k] * d[(t + k) * P + p0 + p];
-      const T* ae = a + (t + k) * Q;
-#pragma omp simd
-      for (int64_t q = 0; q < Q; ++q) Sp[q] -= c * ae[q];
+struct Lq4Read {
+  static constexpr int extra_in = 0;
+  const RecurSpec& s;
+  std::vector<double> N;
+  T *out = nullptr;
+  const T* gN = nullptr;
+  explicit Lq4Read(const RecurSpec& spec) : s(spec), N(spec.n) {}
+  void row(void** ptrs, int64_t r, bool backward) {  // ptrs[7]: N (forward) or gN (backward)
+    if (backward) {
+      gN = static_cast<const T*>(ptrs[7]) + r * s.n;
+    } else {
+      out = static_cast<T*>(ptrs[7]) + r * s.n;
+      std::fill(N.begin(), N.end(), 0.0);
     }
-    T* Ap = A + p * Q;
-#pragma omp simd
-    for (int64_t q = 0; q < Q; ++q) Ap[q] = beta * Ap[q] + Sp[q];
   }
-}
-
-template <typename T>
-inline double fourth_power_sum(const T* A, int64_t size) {
-  T acc = 0;
+  void forward(const T* A, int64_t t, int64_t /*p0*/, int64_t tp) {
+    T acc = 0;
+    const int64_t size = tp * s.Q;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < size; ++i) {
-    const T s = A[i] * A[i];
-    acc += s * s;
+    for (int64_t i = 0; i < size; ++i) {
+      const T x = A[i] * A[i];
+      acc += x * x;
+    }
+    N[t] += acc;
   }
-  return acc;
-}
+  void finish() {
+    for (int64_t t = 0; t < s.n; ++t) out[t] = static_cast<T>(N[t]);
+  }
+  void adjoint(const T* A, int64_t t, int64_t /*p0*/, int64_t tp, T* E) {  // E = dN_t / dA_t * gN_t
+    const T g4 = 4 * gN[t];
+    const int64_t size = tp * s.Q;
+#pragma omp simd
+    for (int64_t i = 0; i < size; ++i) E[i] = g4 * A[i] * A[i] * A[i];
+  }
+  void finish_backward() {}
+};
 
-// ptrs: A0 S0 d a beta eta Wb (in), N (out)
+// Memora (kl, rows): y_t[p] = sum_q softmax(A_t[p, :])[q] h_t[q]. Input h [n, Q] (ptrs[7]); output y [n, P]
+// (forward ptrs[8]); backward: gy [n, P] (ptrs[8]) in, dh [n, Q] out (ptrs[16]).
 template <typename T>
-bool lq4_forward(const LqSpec& s, void** ptrs) {
-  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, LQ_TILE / s.Q));
+struct KlRowRead {
+  static constexpr int extra_in = 1;
+  const RecurSpec& s;
+  std::vector<T> e;
+  const T *h = nullptr, *gy = nullptr;
+  T *y = nullptr, *dh = nullptr;
+  explicit KlRowRead(const RecurSpec& spec) : s(spec), e(spec.Q) {}
+  void row(void** ptrs, int64_t r, bool backward) {
+    h = static_cast<const T*>(ptrs[7]) + r * s.n * s.Q;
+    if (backward) {
+      gy = static_cast<const T*>(ptrs[8]) + r * s.n * s.P;
+      dh = static_cast<T*>(ptrs[16]) + r * s.n * s.Q;
+      std::fill(dh, dh + s.n * s.Q, T(0));
+    } else {
+      y = static_cast<T*>(ptrs[8]) + r * s.n * s.P;
+    }
+  }
+  // e = exp(row - max) and sum(e), into this->e
+  double softmax_terms(const T* row) {
+    T mx = row[0];
+    for (int64_t q = 1; q < s.Q; ++q) mx = std::max(mx, row[q]);
+    return exp_shifted(row, mx, e.data(), s.Q);
+  }
+  T dot_h(const T* ht) const {
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t q = 0; q < s.Q; ++q) acc += e[q] * ht[q];
+    return acc;
+  }
+  void forward(const T* A, int64_t t, int64_t p0, int64_t tp) {
+    const T* ht = h + t * s.Q;
+    for (int64_t p = 0; p < tp; ++p) {
+      const double Z = softmax_terms(A + p * s.Q);
+      y[t * s.P + p0 + p] = static_cast<T>(dot_h(ht) / Z);
+    }
+  }
+  void finish() {}
+  void adjoint(const T* A, int64_t t, int64_t p0, int64_t tp, T* E) {
+    const T* ht = h + t * s.Q;
+    T* dht = dh + t * s.Q;
+    for (int64_t p = 0; p < tp; ++p) {
+      const T invZ = static_cast<T>(1.0 / softmax_terms(A + p * s.Q));
+      const T yp = dot_h(ht) * invZ, g = gy[t * s.P + p0 + p] * invZ;  // g s[q] = g e[q]
+      T* Ep = E + p * s.Q;
+#pragma omp simd
+      for (int64_t q = 0; q < s.Q; ++q) {
+        const T gs = g * e[q];
+        Ep[q] = gs * (ht[q] - yp);
+        dht[q] += gs;
+      }
+    }
+  }
+  void finish_backward() {}
+};
+
+template <typename T, template <typename> class Read>
+bool recur_forward(const RecurSpec& s, void** ptrs) {
+  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, STATE_TILE / s.Q));
   return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
     std::vector<T> A(tp_max * s.Q), S(tp_max * s.Q);
-    std::vector<double> N(s.n);
+    Read<T> rd(s);
     for (int64_t r = lo; r < hi; ++r) {
-      const LqRow<T> x(s, ptrs, r);
-      std::fill(N.begin(), N.end(), 0.0);
+      const RecurRow<T> x(s, ptrs, r);
+      rd.row(ptrs, r, false);
       for (int64_t p0 = 0; p0 < s.P; p0 += tp_max) {
-        const int64_t tp = std::min(tp_max, s.P - p0), size = tp * s.Q;
-        x.load(p0, size, s.Q, A.data(), S.data());
+        const int64_t tp = std::min(tp_max, s.P - p0);
+        x.load(p0, tp * s.Q, s.Q, A.data(), S.data());
         for (int64_t t = 0; t < s.n; ++t) {
-          lq_step(A.data(), S.data(), x.d, x.a, x.Wb, x.beta[t], x.eta[t], t, s.w, p0, tp, s.P, s.Q);
-          N[t] += fourth_power_sum(A.data(), size);
+          x.step(A.data(), S.data(), t, p0, tp, s);
+          rd.forward(A.data(), t, p0, tp);
         }
       }
-      T* out = static_cast<T*>(ptrs[7]) + r * s.n;
-      for (int64_t t = 0; t < s.n; ++t) out[t] = static_cast<T>(N[t]);
+      rd.finish();
     }
   });
 }
 
-// ptrs: A0 S0 d a beta eta Wb gN (in), dA0 dS0 dd da dbeta deta dWb (out, overwritten)
-template <typename T>
-bool lq4_backward(const LqSpec& s, void** ptrs) {
-  const int64_t PQ = s.P * s.Q, m = s.n + s.w - 1;
-  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, LQ_TILE / s.Q));
+template <typename T, template <typename> class Read>
+bool recur_backward(const RecurSpec& s, void** ptrs) {
+  const int64_t m = s.n + s.w - 1;
+  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, STATE_TILE / s.Q));
+  const int o = 8 + Read<T>::extra_in;  // the first output: dA0
   return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
     const int64_t tile = tp_max * s.Q;
-    std::vector<T> As((s.n + 1) * tile), Ss((s.n + 1) * tile), dA(tile), dS(tile), dSt(tile);
+    std::vector<T> As((s.n + 1) * tile), Ss((s.n + 1) * tile), dA(tile), dS(tile), dSt(tile), E(tile);
     std::vector<double> dbeta(s.n), deta(s.n), dWb(s.n * s.w);
+    Read<T> rd(s);
     for (int64_t r = lo; r < hi; ++r) {
-      const LqRow<T> x(s, ptrs, r);
+      const RecurRow<T> x(s, ptrs, r);
+      rd.row(ptrs, r, true);
       const T *d = x.d, *a = x.a, *beta = x.beta, *eta = x.eta, *Wb = x.Wb;
-      const T* gN = static_cast<const T*>(ptrs[7]) + r * s.n;
-      T* dA0 = static_cast<T*>(ptrs[8]) + r * PQ;
-      T* dS0 = static_cast<T*>(ptrs[9]) + r * PQ;
-      T* dd = static_cast<T*>(ptrs[10]) + r * m * s.P;
-      T* da = static_cast<T*>(ptrs[11]) + r * m * s.Q;
+      T* dA0 = static_cast<T*>(ptrs[o]) + r * s.P * s.Q;
+      T* dS0 = static_cast<T*>(ptrs[o + 1]) + r * s.P * s.Q;
+      T* dd = static_cast<T*>(ptrs[o + 2]) + r * m * s.P;
+      T* da = static_cast<T*>(ptrs[o + 3]) + r * m * s.Q;
       std::fill(dd, dd + m * s.P, T(0));
       std::fill(da, da + m * s.Q, T(0));
       std::fill(dbeta.begin(), dbeta.end(), 0.0);
@@ -970,7 +1083,7 @@ bool lq4_backward(const LqSpec& s, void** ptrs) {
           T* Sn = Ss.data() + (t + 1) * tile;
           std::copy(As.data() + t * tile, As.data() + t * tile + size, An);
           std::copy(Ss.data() + t * tile, Ss.data() + t * tile + size, Sn);
-          lq_step(An, Sn, d, a, Wb, beta[t], eta[t], t, s.w, p0, tp, s.P, s.Q);
+          x.step(An, Sn, t, p0, tp, s);
         }
         std::fill(dA.begin(), dA.begin() + size, T(0));
         std::fill(dS.begin(), dS.begin() + size, T(0));
@@ -978,12 +1091,12 @@ bool lq4_backward(const LqSpec& s, void** ptrs) {
           const T* At = As.data() + (t + 1) * tile;
           const T* Ap = As.data() + t * tile;
           const T* Sp = Ss.data() + t * tile;
-          const T g4 = 4 * gN[t], bt = beta[t], et = eta[t];
+          rd.adjoint(At, t, p0, tp, E.data());
+          const T bt = beta[t], et = eta[t];
           T db = 0, de = 0;
 #pragma omp simd reduction(+ : db, de)
           for (int64_t i = 0; i < size; ++i) {
-            const T x = At[i];
-            const T dAt = dA[i] + g4 * x * x * x;
+            const T dAt = dA[i] + E[i];
             db += dAt * Ap[i];
             const T dS_t = dS[i] + dAt;
             de += dS_t * Sp[i];
@@ -997,7 +1110,7 @@ bool lq4_backward(const LqSpec& s, void** ptrs) {
             const int64_t e = t + k;
             const T c = Wb[t * s.w + k];
             const T* ae = a + e * s.Q;
-            const T* de_ = d + e * s.P + p0;
+            const T* d_e = d + e * s.P + p0;
             T* dae = da + e * s.Q;
             double dw = 0;
             for (int64_t p = 0; p < tp; ++p) {
@@ -1006,8 +1119,8 @@ bool lq4_backward(const LqSpec& s, void** ptrs) {
 #pragma omp simd reduction(+ : acc)
               for (int64_t q = 0; q < s.Q; ++q) acc += row[q] * ae[q];
               dd[e * s.P + p0 + p] -= c * acc;
-              dw += static_cast<double>(de_[p]) * acc;
-              const T cd = c * de_[p];
+              dw += static_cast<double>(d_e[p]) * acc;
+              const T cd = c * d_e[p];
 #pragma omp simd
               for (int64_t q = 0; q < s.Q; ++q) dae[q] -= cd * row[q];
             }
@@ -1017,16 +1130,34 @@ bool lq4_backward(const LqSpec& s, void** ptrs) {
         std::copy(dA.begin(), dA.begin() + size, dA0 + p0 * s.Q);
         std::copy(dS.begin(), dS.begin() + size, dS0 + p0 * s.Q);
       }
-      T* db_out = static_cast<T*>(ptrs[12]) + r * s.n;
-      T* de_out = static_cast<T*>(ptrs[13]) + r * s.n;
-      T* dw_out = static_cast<T*>(ptrs[14]) + r * s.n * s.w;
+      T* db_out = static_cast<T*>(ptrs[o + 4]) + r * s.n;
+      T* de_out = static_cast<T*>(ptrs[o + 5]) + r * s.n;
+      T* dw_out = static_cast<T*>(ptrs[o + 6]) + r * s.n * s.w;
       for (int64_t t = 0; t < s.n; ++t) {
         db_out[t] = static_cast<T>(dbeta[t]);
         de_out[t] = static_cast<T>(deta[t]);
       }
       for (int64_t i = 0; i < s.n * s.w; ++i) dw_out[i] = static_cast<T>(dWb[i]);
+      rd.finish_backward();
     }
   });
+}
+
+template <typename T>
+bool lq4_forward(const RecurSpec& s, void** ptrs) {
+  return recur_forward<T, Lq4Read>(s, ptrs);
+}
+template <typename T>
+bool lq4_backward(const RecurSpec& s, void** ptrs) {
+  return recur_backward<T, Lq4Read>(s, ptrs);
+}
+template <typename T>
+bool kl_row_forward(const RecurSpec& s, void** ptrs) {
+  return recur_forward<T, KlRowRead>(s, ptrs);
+}
+template <typename T>
+bool kl_row_backward(const RecurSpec& s, void** ptrs) {
+  return recur_backward<T, KlRowRead>(s, ptrs);
 }
 
 }  // namespace
@@ -1058,6 +1189,8 @@ int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
   }
 MNEMOS_EXPORT(mnemos_scan_forward, Spec, parse, scan_forward)
 MNEMOS_EXPORT(mnemos_scan_backward, Spec, parse, scan_backward)
-MNEMOS_EXPORT(mnemos_lq4_forward, LqSpec, parse_lq, lq4_forward)
-MNEMOS_EXPORT(mnemos_lq4_backward, LqSpec, parse_lq, lq4_backward)
+MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, lq4_forward)
+MNEMOS_EXPORT(mnemos_lq4_backward, RecurSpec, parse_recur, lq4_backward)
+MNEMOS_EXPORT(mnemos_kl_row_forward, RecurSpec, parse_recur, kl_row_forward)
+MNEMOS_EXPORT(mnemos_kl_row_backward, RecurSpec, parse_recur, kl_row_backward)
 }

@@ -14,9 +14,9 @@ the group's state kept in cache, and is what the torch path runs on a CPU whenev
 - **off** with ``MNEMOS_CPU_KERNEL=0`` in the environment or inside ``with cpu_kernel(False):`` (what the tests use to
   compare the two loops).
 
-The same library holds :class:`Lq4Norms`, Moneta's per-token norms for the dense path (``dense_scan.py``): every
-token's ``sum A_t^4`` stepped through the accumulator's recurrence a tile at a time in cache instead of forming
-every token's state.
+The same library holds the per-token reads of the dense path (``dense_scan.py``) for Moneta (:func:`lq4_norms`, every
+token's ``sum A_t^4``) and Memora (:func:`kl_row_read`, every token's ``softmax(A_t) h_t``): the accumulator's
+recurrence stepped a tile at a time in cache instead of forming every token's state.
 
 The node has the torch loop's contract (``backends.py``) and is exact to it: tests/ops/test_cpu_scan.py compares
 outputs, final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a
@@ -136,7 +136,8 @@ def library() -> ctypes.CDLL | None:
                 fn.restype = None
             for name in ("mnemos_scan_forward_f32", "mnemos_scan_forward_f64", "mnemos_scan_backward_f32",
                          "mnemos_scan_backward_f64", "mnemos_lq4_forward_f32", "mnemos_lq4_forward_f64",
-                         "mnemos_lq4_backward_f32", "mnemos_lq4_backward_f64"):
+                         "mnemos_lq4_backward_f32", "mnemos_lq4_backward_f64", "mnemos_kl_row_forward_f32",
+                         "mnemos_kl_row_forward_f64", "mnemos_kl_row_backward_f32", "mnemos_kl_row_backward_f64"):
                 fn = getattr(lib, name)
                 fn.argtypes = (ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p))
                 fn.restype = ctypes.c_int
@@ -344,11 +345,11 @@ def scan(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] | N
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Moneta's per-token norms for dense_scan.py
+# the per-token reads of Moneta and Memora for dense_scan.py
 
 
-def lq4_norms_unsupported_reason(x: Tensor) -> str | None:
-    """Why :func:`lq4_norms` cannot take a call on tensors like x (None when it can)."""
+def state_reads_unsupported_reason(x: Tensor) -> str | None:
+    """Why :func:`lq4_norms` and :func:`kl_row_read` cannot take a call on tensors like x (None when they can)."""
     if x.device.type != "cpu":
         return f"it runs on the CPU; the inputs are on {x.device}"
     if x.dtype not in (torch.float32, torch.float64):
@@ -356,42 +357,56 @@ def lq4_norms_unsupported_reason(x: Tensor) -> str | None:
     return unavailable_reason()
 
 
-def _lq_spec(A0: Tensor, Wb: Tensor) -> ctypes.Array:
+class _StateRead(torch.autograd.Function):
+    """A read of every token's accumulator in a chunk, the accumulators never formed (``cpu_scan.cpp``, "Every
+    token's state of a chunk, read without being formed"). ``apply(name, A0, S0, d, a, beta, eta, Wb, *extra)``:
+    A0, S0 ``[B, H, P, Q]`` the chunk's starting accumulator and momentum, d ``[B, H, m, P]`` and a ``[B, H, m, Q]``
+    the factors of the key-side tokens' gradients (``U_e = d_e a_e^T``), beta = 1 - alpha and eta ``[B, H, n]``,
+    Wb ``[B, H, n, w]`` the weight of key-side token t + k in token t's write (theta_t gamma_{t+k}; m = n + w - 1),
+    with ``S_t = eta_t S_{t-1} - sum_k Wb[t, k] U_{t+k}`` and ``A_t = beta_t A_{t-1} + S_t``; ``extra``: the read's
+    own inputs. name ``"lq4"``: ``N_t = sum A_t^4`` ``[B, H, n]``; ``"kl_row"`` (extra: h ``[B, H, n, Q]``):
+    ``y_t = softmax(A_t, rows) h_t`` ``[B, H, n, P]``."""
+
+    @staticmethod
+    def forward(ctx, name, A0, S0, d, a, beta, eta, Wb, *extra):
+        xs = [t.contiguous() for t in (A0, S0, d, a, beta, eta, Wb, *extra)]
+        B, H, P, Q = A0.shape
+        n = Wb.shape[2]
+        out = xs[0].new_empty(B, H, n) if name == "lq4" else xs[0].new_empty(B, H, n, P)
+        _call(f"mnemos_{name}_forward", A0.dtype, _recur_spec(A0, Wb), _pointers([*xs, out], aligned=False))
+        ctx.name = name
+        ctx.save_for_backward(*xs)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        xs = ctx.saved_tensors
+        outs = [torch.empty_like(t) for t in xs]
+        g = g.contiguous()  # held here: the kernel reads it through a raw pointer
+        _call(f"mnemos_{ctx.name}_backward", xs[0].dtype, _recur_spec(xs[0], xs[6]),
+              _pointers([*xs, g, *outs], aligned=False))
+        return (None, *outs)
+
+
+def _recur_spec(A0: Tensor, Wb: Tensor) -> ctypes.Array:
     B, H, P, Q = A0.shape
     raw = [B * H, Wb.shape[2], Wb.shape[3], P, Q, torch.get_num_threads()]
     return (ctypes.c_int64 * len(raw))(*raw)
 
 
-class Lq4Norms(torch.autograd.Function):
-    """``N_t = sum(A_t ** 4)`` of every token's accumulator in a chunk, the accumulators never formed
-    (``cpu_scan.cpp``, "Moneta's per-token norms"): A0, S0 ``[B, H, P, Q]`` the chunk's starting accumulator and
-    momentum, d ``[B, H, m, P]`` and a ``[B, H, m, Q]`` the factors of the key-side tokens' gradients
-    (``U_e = d_e a_e^T``), beta = 1 - alpha and eta ``[B, H, n]``, Wb ``[B, H, n, w]`` the weight of key-side token
-    t + k in token t's write (theta_t gamma_{t+k}; m = n + w - 1) -> N ``[B, H, n]``, with
-    ``S_t = eta_t S_{t-1} - sum_k Wb[t, k] U_{t+k}`` and ``A_t = beta_t A_{t-1} + S_t``."""
-
-    @staticmethod
-    def forward(ctx, A0, S0, d, a, beta, eta, Wb):
-        xs = [t.contiguous() for t in (A0, S0, d, a, beta, eta, Wb)]
-        N = xs[0].new_empty(A0.shape[0], A0.shape[1], Wb.shape[2])
-        _call("mnemos_lq4_forward", A0.dtype, _lq_spec(A0, Wb), _pointers([*xs, N], aligned=False))
-        ctx.save_for_backward(*xs)
-        return N
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gN):
-        xs = ctx.saved_tensors
-        outs = [torch.empty_like(t) for t in xs]
-        _call("mnemos_lq4_backward", xs[0].dtype, _lq_spec(xs[0], xs[6]),
-              _pointers([*xs, gN.contiguous(), *outs], aligned=False))
-        return tuple(outs)
-
-
 def lq4_norms(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor) -> Tensor:
-    """:class:`Lq4Norms` (inputs in one dtype on the CPU; :func:`lq4_norms_unsupported_reason` says when not)."""
-    return Lq4Norms.apply(A0, S0, d, a, beta, eta, Wb)
+    """Moneta's ``N_t = sum(A_t ** 4)`` ``[B, H, n]`` of every token's accumulator in a chunk (:class:`_StateRead`;
+    inputs in one dtype on the CPU: :func:`state_reads_unsupported_reason` says when not)."""
+    return _StateRead.apply("lq4", A0, S0, d, a, beta, eta, Wb)
 
 
-__all__ = ["CpuChunkScan", "Lq4Norms", "cpu_kernel", "forward", "library", "lq4_norms", "lq4_norms_unsupported_reason",
-           "scan", "unavailable_reason", "unsupported_reason"]
+def kl_row_read(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor,
+                h: Tensor) -> Tensor:
+    """Memora's read ``y_t = softmax(A_t) h_t`` (softmax over each row of A_t) ``[B, H, n, P]`` of every token's
+    accumulator in a chunk at its own input h ``[B, H, n, Q]`` (:class:`_StateRead`)."""
+    return _StateRead.apply("kl_row", A0, S0, d, a, beta, eta, Wb, h)
+
+
+__all__ = ["CpuChunkScan", "cpu_kernel", "forward", "kl_row_read", "library", "lq4_norms", "scan",
+           "state_reads_unsupported_reason", "unavailable_reason", "unsupported_reason"]

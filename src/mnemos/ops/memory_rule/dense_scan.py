@@ -147,7 +147,7 @@ def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[T
     else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum coefficients, with
     the recurrence's ``(beta, eta, Wb)`` after the first five."""
     b, f, G = coef[:3]
-    if lq == 4.0 and len(coef) == 8 and cpu_scan.lq4_norms_unsupported_reason(A) is None:
+    if lq == 4.0 and len(coef) == 8 and cpu_scan.state_reads_unsupported_reason(A) is None:
         n = cpu_scan.lq4_norms(A, S, d, a, *coef[5:])
         return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
     return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), lq)
@@ -170,17 +170,20 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
                                       p=rule.p, delta=delta)
     A_tok, A_out, S_out = [], [], []
     # lq with momentum: a token's read F(A_i) x = ||A_i||_lq^(2 - lq) A_i x, and A_i x has the dual form of the decay
-    # path (b_i A_0 x + f_i S_0 x - sum_j G[i, j] (a_j . x) d_j): A_i is formed only for its norm
+    # path (b_i A_0 x + f_i S_0 x - sum_j G[i, j] (a_j . x) d_j): A_i is formed only for its norm. kl by rows with
+    # momentum on the CPU: cpu_scan.kl_row_read reads every A_i without forming it.
     dual = rule.retention == "lq" and rule.optimizer == "momentum"
+    kl_rows = (rule.retention == "kl" and rule.softmax_dim == "row" and rule.optimizer == "momentum" and len(coef) == 8
+               and cpu_scan.state_reads_unsupported_reason(q) is None)
     for A, S, ai, di in zip(A0, S0, a, d):
         if rule.optimizer == "momentum":
             b, f, G, el, pl = coef[:5]
             # (signs on the small factors: a negated state-sized product is one more pass over the state)
             S_out.append(torch.addcmul(((-pl).unsqueeze(-1) * di).mT @ ai, el[..., None, None], S))  # no U
-            if dual:  # the last state from its own row of the coefficients: no gradient into every token's A_i
+            if dual or kl_rows:  # the last state from its own row of the coefficients: no gradient into every A_i
                 A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
-                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule.lq), A, S, ai, di))
+                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule.lq) if dual else None, A, S, ai, di))
                 continue
             Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
         elif rule.optimizer == "orthogonal":
@@ -206,6 +209,11 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             b, f, G = coef[:3]
             y = torch.addcmul(b.unsqueeze(-1) * (h @ A.mT), f.unsqueeze(-1), h @ S.mT) - (G * (h @ ai.mT)) @ di
             h = scale.unsqueeze(-1) * y
+        elif kl_rows:
+            _, A, S, ai, di = Ai
+            h = cpu_scan.kl_row_read(A, S, di, ai, *coef[5:], h)
+            if rule.softmax_scale != 1.0:
+                h = rule.softmax_scale * h
         else:
             h = (_effective(Ai, rule) @ h.unsqueeze(-1)).squeeze(-1)
         if i < len(A_tok) - 1:

@@ -1,0 +1,199 @@
+"""The reads of every token's state of a chunk on the CPU (cpu_scan.cpp, "Every token's state of a chunk, read without
+being formed"): Moneta's ``N_t = sum A_t^4`` (``cpu_scan.lq4_norms``) and Memora's ``y_t = softmax(A_t) h_t`` by rows
+(``cpu_scan.kl_row_read``), the accumulators stepped through their recurrence in cache instead of formed. Checked
+against the recurrence written out in torch (outputs and every gradient, float64, odd shapes, Omega windows), by
+gradcheck, float32 against float64, across threads, with a non-contiguous output gradient, and through the op: the
+chunked path with the kernels equals the same path forming every token's state (``cpu_kernel(False)``) and the
+token-by-token reference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnemos.ops import MemoryRule, neural_memory
+from mnemos.ops.memory_rule import cpu_scan
+from mnemos.ops.memory_rule.cpu_scan import cpu_kernel, kl_row_read, lq4_norms
+from torch.testing import assert_close
+
+F64 = torch.float64
+pytestmark = pytest.mark.skipif(cpu_scan.unavailable_reason() is not None,
+                                reason=f"compiled kernels unavailable: {cpu_scan.unavailable_reason()}")
+
+
+def states(A0, S0, d, a, beta, eta, Wb):
+    """The obviously-right form: every token's accumulator formed, token after token."""
+    n, w = Wb.shape[-2:]
+    A, S = A0, S0
+    for t in range(n):
+        U = sum(Wb[..., t, k, None, None] * d[..., t + k, :, None] * a[..., t + k, None, :] for k in range(w))
+        S = eta[..., t, None, None] * S - U
+        A = beta[..., t, None, None] * A + S
+        yield A
+
+
+def lq4_reference(*xs):
+    return torch.stack([A.pow(4).sum((-2, -1)) for A in states(*xs)], -1)
+
+
+def kl_reference(*xs):
+    *xs, h = xs
+    return torch.stack([(torch.softmax(A, -1) @ h[..., t, :, None]).squeeze(-1) for t, A in enumerate(states(*xs))],
+                       -2)
+
+
+READS = {"lq4": (lq4_norms, lq4_reference), "kl_row": (kl_row_read, kl_reference)}
+
+
+def inputs(B, H, P, Q, n, w, dtype=F64, seed=0, read="lq4"):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g, dtype=dtype)  # noqa: E731
+    m = n + w - 1
+    xs = [r(B, H, P, Q), r(B, H, P, Q), r(B, H, m, P), r(B, H, m, Q), u(B, H, n), u(B, H, n), u(B, H, n, w)]
+    if read == "kl_row":
+        xs[0] = 3 * xs[0]  # logits spread enough that the softmax is not flat
+        xs.append(r(B, H, n, Q))
+    return xs
+
+
+CONFIGS = [(1, 1, 1, 1, 1, 1), (2, 3, 5, 7, 4, 1), (1, 2, 33, 70, 5, 3), (2, 1, 256, 64, 16, 1), (1, 3, 64, 256, 3, 2),
+           (3, 1, 9, 600, 7, 4), (1, 1, 700, 3, 2, 5)]  # the last two: a tile of one matrix row, a tile of many rows
+
+
+@pytest.mark.parametrize("read", READS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_the_read_and_every_gradient_match_the_states_formed(cfg, read):
+    fast, ref = READS[read]
+    xs = [x.requires_grad_() for x in inputs(*cfg, seed=sum(cfg), read=read)]
+    got, want = fast(*xs), ref(*xs)
+    g = torch.randn(want.shape, dtype=F64)
+    assert_close(got, want, rtol=1e-12, atol=1e-13)
+    names = ("A0", "S0", "d", "a", "beta", "eta", "Wb", "h")
+    for name, x, y in zip(names, torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
+        assert_close(x, y, rtol=1e-11, atol=1e-12 * y.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("read", READS)
+def test_a_non_contiguous_output_gradient(read):
+    """The output's gradient often arrives as a strided view (a slice of a larger one): the kernel must read it, not
+    a copy freed before the call."""
+    fast, ref = READS[read]
+    xs = [x.requires_grad_() for x in inputs(2, 2, 6, 5, 4, 2, seed=11, read=read)]
+    got, want = fast(*xs), ref(*xs)
+    big = torch.randn(*want.shape[:-1], 2 * want.shape[-1] + 1, dtype=F64)
+    g = big[..., 1::2]
+    assert not g.is_contiguous()
+    for x, y in zip(torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
+        assert_close(x, y, rtol=1e-11, atol=1e-12 * y.abs().max().item())
+
+
+@pytest.mark.parametrize("read", READS)
+def test_gradcheck(read):
+    xs = [x.requires_grad_() for x in inputs(1, 2, 3, 5, 3, 2, seed=7, read=read)]
+    assert torch.autograd.gradcheck(READS[read][0], xs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("read", READS)
+def test_float32_against_float64(read):
+    x64 = inputs(2, 2, 64, 48, 8, 2, seed=3, read=read)  # Q = 48: float32's vector exp and its tail
+    x32 = [x.float() for x in x64]
+    fast = READS[read][0]
+    assert_close(fast(*x32).double(), fast(*x64), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("read", READS)
+def test_threads_split_rows_without_changing_a_bit(read):
+    xs = [x.float().requires_grad_() for x in inputs(3, 3, 40, 33, 6, 2, seed=5, read=read)]
+    got = []
+    for threads in (1, 3):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            n = READS[read][0](*xs)
+            got.append((n, torch.autograd.grad(n, xs, torch.ones_like(n))))
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(got[0][0], got[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# through the op
+
+
+def moneta_inputs(B, T, H, D, depth, window, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    dims = [D] + [2 * D] * (depth - 1) + [D]
+    x = dict(q=F.normalize(r(B, T, H, D), dim=-1), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
+             theta=0.3 * torch.sigmoid(r(B, T, H)), eta=torch.sigmoid(r(B, T, H)),
+             alpha=0.2 * torch.sigmoid(r(B, T, H)),
+             weights=tuple(0.3 * r(H, o, i) for i, o in zip(dims, dims[1:])))
+    if window > 1:
+        x["gamma"] = torch.sigmoid(r(B, T, H))
+    return x
+
+
+def call(x, rule, chunk, impl="torch"):
+    x = {n: (tuple(t.detach().requires_grad_() for t in v) if isinstance(v, tuple) else v.detach().requires_grad_())
+         for n, v in x.items()}
+    args = [x.pop(n) for n in ("q", "k", "v", "theta", "eta", "alpha", "weights")]
+    o, st = neural_memory(*args, rule=rule, chunk_size=chunk, impl=impl, output_final_state=True, **x)
+    loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=F64)).sum() + sum(w.square().sum() for w in st.weights)
+    leaves = [*args[:6], *args[6], *x.values()]
+    return o, st, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_moneta_and_memora_with_the_kernels_equal_forming_every_state_and_the_reference(seed, monkeypatch):
+    rnd = random.Random(seed)
+    depth, window, chunk = rnd.choice((1, 2)), rnd.choice((1, 1, 2, 3)), rnd.choice((2, 3, 16))
+    T = rnd.choice((5, 11, 20))
+    read = ("lq4", "kl_row")[seed % 2]
+    if read == "lq4":
+        rule = MemoryRule(loss=rnd.choice(("l2", "lp")), p=3.0, retention="lq", lq=4.0, window=window)
+    else:
+        rule = MemoryRule(loss=rnd.choice(("l2", "huber")), retention="kl", softmax_scale=rnd.choice((1.0, 2.5)),
+                          window=window)
+    x = moneta_inputs(rnd.choice((1, 2)), T, rnd.choice((1, 3)), rnd.choice((4, 6)), depth, window, seed)
+    if rule.loss == "huber":
+        x["delta"] = 0.5 + torch.rand(x["theta"].shape, dtype=F64)
+    name = {"lq4": "lq4_norms", "kl_row": "kl_row_read"}[read]
+    calls = []
+    real = getattr(cpu_scan, name)
+    monkeypatch.setattr(cpu_scan, name, lambda *a: calls.append(1) or real(*a))
+    fast = call(x, rule, chunk)
+    assert calls, f"the chunked path did not take cpu_scan.{name}"
+    calls.clear()
+    with cpu_kernel(False):
+        dense = call(x, rule, chunk)
+    assert not calls
+    ref = call(x, rule, chunk, impl="reference")
+    for other, tol in ((dense, 1e-11), (ref, 1e-9)):
+        assert_close(fast[0], other[0], rtol=tol, atol=tol)
+        for a, b in zip(fast[1].weights, other[1].weights):
+            assert_close(a, b, rtol=tol, atol=tol)
+        for i, (a, b) in enumerate(zip(fast[2], other[2])):
+            assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()), msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("rule", [MemoryRule(retention="lq", lq=3.0), MemoryRule(retention="kl", softmax_dim="all"),
+                                  MemoryRule(retention="kl", optimizer="muon", ns_steps=1)], ids=str)
+def test_what_the_kernels_do_not_cover_forms_the_states(rule, monkeypatch):
+    """lq != 4, kl over the whole matrix, Muon: no kernel; the chunk forms every state (and the op stays exact)."""
+    called = []
+    for name in ("lq4_norms", "kl_row_read"):
+        monkeypatch.setattr(cpu_scan, name, lambda *a: called.append(1))
+    x = moneta_inputs(1, 6, 1, 4, 2, 1, 0)
+    fast, ref = call(x, rule, 4), call(x, rule, 4, impl="reference")
+    assert not called
+    assert_close(fast[0], ref[0], rtol=1e-9, atol=1e-9)
+
+
+def test_unsupported_tensors_are_named():
+    assert "float32 or float64" in cpu_scan.state_reads_unsupported_reason(torch.zeros(1, dtype=torch.bfloat16))
+    assert "CPU" in cpu_scan.state_reads_unsupported_reason(torch.zeros(1, device="meta"))
