@@ -1143,23 +1143,6 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
   });
 }
 
-template <typename T>
-bool lq4_forward(const RecurSpec& s, void** ptrs) {
-  return recur_forward<T, Lq4Read>(s, ptrs);
-}
-template <typename T>
-bool lq4_backward(const RecurSpec& s, void** ptrs) {
-  return recur_backward<T, Lq4Read>(s, ptrs);
-}
-template <typename T>
-bool kl_row_forward(const RecurSpec& s, void** ptrs) {
-  return recur_forward<T, KlRowRead>(s, ptrs);
-}
-template <typename T>
-bool kl_row_backward(const RecurSpec& s, void** ptrs) {
-  return recur_backward<T, KlRowRead>(s, ptrs);
-}
-
 }  // namespace
 
 // spec: L, n, nc, groups (of LANES rows), residual, activation (0 gelu, 1 silu), loss (0 l2, 1 dot), has_A, threads,
@@ -1175,22 +1158,22 @@ void mnemos_lanes_f64(const int64_t* dims, const double* src, double* dst, int t
 }
 int mnemos_scan_lanes_f32() { return Lanes<float>::N; }
 int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
-// name_f32 / name_f64: parse the spec into SpecT with parser, run fn<T>: 0, 1 (spec out of range), 2 (no memory)
-#define MNEMOS_EXPORT(name, SpecT, parser, fn)                  \
+// name_f32 / name_f64: parse the spec into SpecT with parser, run fn<T, ...>: 0, 1 (spec out of range), 2 (no memory)
+#define MNEMOS_EXPORT(name, SpecT, parser, fn, ...)             \
   int name##_f32(const int64_t* spec, void** ptrs) {            \
     SpecT s;                                                    \
     if (!parser(spec, s)) return 1;                             \
-    return fn<float>(s, ptrs) ? 0 : 2;                          \
+    return fn<float, ##__VA_ARGS__>(s, ptrs) ? 0 : 2;           \
   }                                                             \
   int name##_f64(const int64_t* spec, void** ptrs) {            \
     SpecT s;                                                    \
     if (!parser(spec, s)) return 1;                             \
-    return fn<double>(s, ptrs) ? 0 : 2;                         \
+    return fn<double, ##__VA_ARGS__>(s, ptrs) ? 0 : 2;          \
   }
 MNEMOS_EXPORT(mnemos_scan_forward, Spec, parse, scan_forward)
 MNEMOS_EXPORT(mnemos_scan_backward, Spec, parse, scan_backward)
-MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, lq4_forward)
-MNEMOS_EXPORT(mnemos_lq4_backward, RecurSpec, parse_recur, lq4_backward)
-MNEMOS_EXPORT(mnemos_kl_row_forward, RecurSpec, parse_recur, kl_row_forward)
-MNEMOS_EXPORT(mnemos_kl_row_backward, RecurSpec, parse_recur, kl_row_backward)
+MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, recur_forward, Lq4Read)
+MNEMOS_EXPORT(mnemos_lq4_backward, RecurSpec, parse_recur, recur_backward, Lq4Read)
+MNEMOS_EXPORT(mnemos_kl_row_forward, RecurSpec, parse_recur, recur_forward, KlRowRead)
+MNEMOS_EXPORT(mnemos_kl_row_backward, RecurSpec, parse_recur, recur_backward, KlRowRead)
 }
