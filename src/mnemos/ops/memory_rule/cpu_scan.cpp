@@ -909,26 +909,43 @@ struct RecurRow {
   }
 };
 
-// out[q] = exp(x[q] - shift), q < Q; returns their sum
-inline double exp_shifted(const float* x, float shift, float* out, int64_t Q) {
+// e[q] = exp(x[q] - shift) for q < Q (into out unless it is null); returns sum(e), and sum(e h) in *dot
+inline float exp_dot(const float* x, float shift, const float* h, float* out, int64_t Q, float* dot) {
   constexpr int V = Lanes<float>::N;
-  vf acc = splat<vf>(0.0f);
+  vf acc = splat<vf>(0.0f), acc_h = splat<vf>(0.0f);
   int64_t q = 0;
   for (; q + V <= Q; q += V) {
-    vf v;
+    vf v, hv;
     std::memcpy(&v, x + q, sizeof(v));
+    std::memcpy(&hv, h + q, sizeof(hv));
     v = vexp(v - shift);
-    std::memcpy(out + q, &v, sizeof(v));
+    if (out) std::memcpy(out + q, &v, sizeof(v));
     acc += v;
+    acc_h += v * hv;
   }
-  double sum = 0;
-  for (int i = 0; i < V; ++i) sum += acc[i];
-  for (; q < Q; ++q) sum += (out[q] = std::exp(x[q] - shift));
+  float sum = 0, sum_h = 0;
+  for (int i = 0; i < V; ++i) {
+    sum += acc[i];
+    sum_h += acc_h[i];
+  }
+  for (; q < Q; ++q) {
+    const float v = std::exp(x[q] - shift);
+    if (out) out[q] = v;
+    sum += v;
+    sum_h += v * h[q];
+  }
+  *dot = sum_h;
   return sum;
 }
-inline double exp_shifted(const double* x, double shift, double* out, int64_t Q) {
-  double sum = 0;
-  for (int64_t q = 0; q < Q; ++q) sum += (out[q] = std::exp(x[q] - shift));
+inline double exp_dot(const double* x, double shift, const double* h, double* out, int64_t Q, double* dot) {
+  double sum = 0, sum_h = 0;
+  for (int64_t q = 0; q < Q; ++q) {
+    const double v = std::exp(x[q] - shift);
+    if (out) out[q] = v;
+    sum += v;
+    sum_h += v * h[q];
+  }
+  *dot = sum_h;
   return sum;
 }
 
@@ -991,32 +1008,29 @@ struct KlRowRead {
       y = static_cast<T*>(ptrs[8]) + r * s.n * s.P;
     }
   }
-  // e = exp(row - max) and sum(e), into this->e
-  double softmax_terms(const T* row) {
+  // the softmax of one matrix row at h: returns 1 / sum(e) and sets *y = sum(e h) / sum(e), e = exp(row - max(row))
+  // (kept in this->e when keep)
+  T softmax_read(const T* row, const T* ht, bool keep, T* y) {
     T mx = row[0];
-    for (int64_t q = 1; q < s.Q; ++q) mx = std::max(mx, row[q]);
-    return exp_shifted(row, mx, e.data(), s.Q);
-  }
-  T dot_h(const T* ht) const {
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t q = 0; q < s.Q; ++q) acc += e[q] * ht[q];
-    return acc;
+#pragma omp simd reduction(max : mx)
+    for (int64_t q = 1; q < s.Q; ++q) mx = row[q] > mx ? row[q] : mx;
+    T dot;
+    const T invZ = T(1) / exp_dot(row, mx, ht, keep ? e.data() : nullptr, s.Q, &dot);
+    *y = dot * invZ;
+    return invZ;
   }
   void forward(const T* A, int64_t t, int64_t p0, int64_t tp) {
     const T* ht = h + t * s.Q;
-    for (int64_t p = 0; p < tp; ++p) {
-      const double Z = softmax_terms(A + p * s.Q);
-      y[t * s.P + p0 + p] = static_cast<T>(dot_h(ht) / Z);
-    }
+    for (int64_t p = 0; p < tp; ++p) softmax_read(A + p * s.Q, ht, false, y + t * s.P + p0 + p);
   }
   void finish() {}
   void adjoint(const T* A, int64_t t, int64_t p0, int64_t tp, T* E) {
     const T* ht = h + t * s.Q;
     T* dht = dh + t * s.Q;
     for (int64_t p = 0; p < tp; ++p) {
-      const T invZ = static_cast<T>(1.0 / softmax_terms(A + p * s.Q));
-      const T yp = dot_h(ht) * invZ, g = gy[t * s.P + p0 + p] * invZ;  // g s[q] = g e[q]
+      T yp;
+      const T invZ = softmax_read(A + p * s.Q, ht, true, &yp);
+      const T g = gy[t * s.P + p0 + p] * invZ;  // g s[q] = g e[q]
       T* Ep = E + p * s.Q;
 #pragma omp simd
       for (int64_t q = 0; q < s.Q; ++q) {

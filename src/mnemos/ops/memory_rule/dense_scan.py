@@ -141,13 +141,22 @@ def _lq_scale(A: Tensor, lq: float) -> Tensor:
     return torch.where(norm > 0, norm, torch.ones_like(norm)).pow(2.0 - lq)
 
 
+def stateless_reads(rule: MemoryRule, x: Tensor, ncoef: int) -> bool:
+    """Whether a chunk of this rule reads every token's state through ``cpu_scan``'s kernels, forming none: lq = 4 or
+    kl by rows, with momentum, on tensors like x (float32 / float64 on the CPU), the recurrence's gates in the
+    coefficients (``ncoef`` 8)."""
+    covered = (rule.retention == "lq" and rule.lq == 4.0) or (rule.retention == "kl" and rule.softmax_dim == "row")
+    return (covered and rule.optimizer == "momentum" and ncoef == 8
+            and cpu_scan.state_reads_unsupported_reason(x) is None)
+
+
 def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], lq: float) -> Tensor:
     """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``: for lq = 4
     on the CPU from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum A_i^4`` without forming A_i),
     else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum coefficients, with
     the recurrence's ``(beta, eta, Wb)`` after the first five."""
     b, f, G = coef[:3]
-    if lq == 4.0 and len(coef) == 8 and cpu_scan.state_reads_unsupported_reason(A) is None:
+    if lq == 4.0 and len(coef) == 8 and cpu_scan.state_reads_unsupported_reason(A) is None:  # stateless_reads
         n = cpu_scan.lq4_norms(A, S, d, a, *coef[5:])
         return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
     return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), lq)
@@ -173,8 +182,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     # path (b_i A_0 x + f_i S_0 x - sum_j G[i, j] (a_j . x) d_j): A_i is formed only for its norm. kl by rows with
     # momentum on the CPU: cpu_scan.kl_row_read reads every A_i without forming it.
     dual = rule.retention == "lq" and rule.optimizer == "momentum"
-    kl_rows = (rule.retention == "kl" and rule.softmax_dim == "row" and rule.optimizer == "momentum" and len(coef) == 8
-               and cpu_scan.state_reads_unsupported_reason(q) is None)
+    kl_rows = rule.retention == "kl" and stateless_reads(rule, q, len(coef))
     for A, S, ai, di in zip(A0, S0, a, d):
         if rule.optimizer == "momentum":
             b, f, G, el, pl = coef[:5]
@@ -265,6 +273,7 @@ def dense_scan(q, k, v, delta, coef, A0, S0, A, *, rule: MemoryRule, residual: b
     and the last chunk's starting A (the anchor a stream continued from there would use)."""
     nc, L = q.shape[0], len(A0)
     opts = dict(L=L, ncoef=len(coef), kw=dict(rule=rule, residual=residual, activation=activation))
+    stateless = stateless_reads(rule, q, len(coef))
     outs = []
     A_run, S_run = list(A0), list(S0)
     last_start = A_run
@@ -278,7 +287,9 @@ def dense_scan(q, k, v, delta, coef, A0, S0, A, *, rule: MemoryRule, residual: b
         last_start = A_run
         args = (*(x[c] for x in per_chunk), *A_run, *S_run, *anchor)
         record = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-        res = DenseChunk.apply(opts, *args) if record else _chunk_of(opts, args)
+        # a chunk that forms no per-token state is recorded by autograd as it runs (what it saves is a few states per
+        # layer, like the node's inputs), so the backward does not run its forward again
+        res = DenseChunk.apply(opts, *args) if record and not stateless else _chunk_of(opts, args)
         outs.append(res[0])
         A_run, S_run = list(res[1:1 + L]), list(res[1 + L:])
     return torch.stack(outs), A_run, S_run, last_start
