@@ -15,6 +15,7 @@ median is reported with the ratio to Titans.
 Usage (the CPU shape of issue 14: B 2, T 2048, dim 256 = 4 heads x 64, depth 2, chunk 16):
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans yaad --seq-len 512
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans moneta memora --state-reads
 """
 
 from __future__ import annotations
@@ -66,6 +67,32 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def time_state_reads(a) -> None:
+    """cpu_scan.lq4_norms and kl_row_read alone: one chunk (n = --chunk tokens, window 1) of every (sequence, head) row
+    at each layer's [D_out, D_in] of the depth-2 memory; median of 20 calls after one, fwd and fwd+bwd."""
+    from mnemos.ops.memory_rule import cpu_scan
+
+    D, E, n = a.dim // a.heads, a.expansion, a.chunk
+    g = torch.Generator().manual_seed(0)
+    print(f"cpu_scan's per-token reads alone, one chunk of {n} tokens, {a.batch} x {a.heads} rows, window 1")
+    for name, fn in (("lq4_norms", cpu_scan.lq4_norms), ("kl_row_read", cpu_scan.kl_row_read)):
+        for P, Q in ((E * D, D), (D, E * D)):
+            xs = [torch.randn(a.batch, a.heads, *s, generator=g) for s in ((P, Q), (P, Q), (n, P), (n, Q))]
+            xs += [torch.rand(a.batch, a.heads, *s, generator=g) for s in ((n,), (n,), (n, 1))]
+            if name == "kl_row_read":
+                xs.append(torch.randn(a.batch, a.heads, n, Q, generator=g))
+            xs = [x.requires_grad_() for x in xs]
+            out = fn(*xs)
+            grad = torch.ones_like(out)
+            fwd = lambda: fn(*xs)  # noqa: E731
+            both = lambda: torch.autograd.grad(fn(*xs), xs, grad)  # noqa: E731
+            times = []
+            for f in (fwd, both):
+                f()
+                times.append(statistics.median(timed(f) for _ in range(20)))
+            print(f"  {name:<12} [{P:>4}, {Q:>4}]  fwd {times[0] * 1e3:6.2f} ms   fwd+bwd {times[1] * 1e3:6.2f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rules", nargs="*", default=None,
@@ -79,8 +106,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="JSON file to write (default: none)")
+    p.add_argument("--state-reads", action="store_true",
+                   help="also time cpu_scan's per-token reads alone (Moneta's norms, Memora's softmax read) on one "
+                        "chunk of each layer's shape, beside the rules' rows")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.state_reads:
+        time_state_reads(a)
     names = list(a.rules) if a.rules else [*RULES, *EXTRA]
     names = ["titans"] + [n for n in names if n != "titans"]
     rules = {n: RULES[n] if n in RULES else EXTRA[n] for n in names}
