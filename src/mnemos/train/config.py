@@ -12,6 +12,8 @@ file before validation; values are parsed as YAML scalars (``1e-3``, ``true``, `
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -138,9 +140,15 @@ class OptimConfig(_ConfigBase):
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step
+    # lambda of the memory's write penalty: adds lambda x the mean over the model's neural memories and tokens of each
+    # token's write strength theta / its bound (in [0, 1]) to the training loss, so that writes nothing is asked
+    # about get cheaper to skip (docs/TRAINING.md, "The write penalty"); 0: none
+    write_penalty: float = 0.0
 
     def __post_init__(self):
         self._check_types()
+        if not (math.isfinite(self.write_penalty) and self.write_penalty >= 0):
+            raise ValueError(f"optim.write_penalty must be a finite number >= 0, got {self.write_penalty}")
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:

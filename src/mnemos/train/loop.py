@@ -500,6 +500,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     final: dict[str, float] = {}
     tokens = 0
     memory_layers = [layer for layer in model.modules() if isinstance(layer, NeuralMemory)]
+    penalty = opt_cfg.write_penalty
+    if penalty > 0:
+        if not memory_layers:
+            raise ValueError(f"optim.write_penalty={penalty:g} needs a model with a neural memory; "
+                             f"{cfg.model.variant!r} has none")
+        for layer in memory_layers:
+            layer.track_writes = True
     note = ""  # the progress line's summary of the memory's health, from the last logged step
     good_schedule = scheduler.state_dict()  # the schedule as of the last applied update (a skipped step advances it)
 
@@ -556,6 +563,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
                         logits, _ = fwd(inputs, document_ids=doc_ids[sl, at].to(info.device))
                     # the mixers' own losses (MoM's load balancing; None for most): trained, not logged
                     a = model.aux_loss()
+                    if penalty > 0:  # the write penalty: lambda x the mean write strength of the memories
+                        w = penalty * torch.stack([m.write_strength for m in memory_layers]).mean()
+                        a = w if a is None else a + w
                     if a is not None:
                         aux = a if aux is None else aux + a
                     parts.append((logits, labels))
