@@ -18,10 +18,11 @@ norm of A_i whose power has no low-rank form), and Muon needs NS of every token'
 formed, ``[n, D_out, D_in]`` per layer, as products of the chunk's coefficients and factors (:class:`_RankStates`,
 the outer products never formed; its backward is matmuls too); NS runs on all of a chunk's S_i in one batched
 call. Moneta's lq reads take the dual form of the decay path scaled per token (``F(A_i) x = ||A_i||^(2-lq) A_i x``),
-so there A_i is needed only for its norm, and on the CPU with lq = 4 it is not formed at all: ``cpu_scan.lq4_norms``
-steps the accumulator's recurrence through the chunk in cache (:func:`_lq_norms_scale`). Where the hand-written dual form of
-``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per chunk and layer; autograd
-differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
+so there A_i is needed only for its norm. On the CPU with momentum, Moneta's norms (lq = 4) and Memora's reads (kl
+by rows) form no A_i at all: ``cpu_scan.lq4_norms`` / ``kl_row_read`` step the accumulator's recurrence through the
+chunk in cache (:func:`stateless_reads`), and such a chunk is recorded by autograd as it runs. Where the
+hand-written dual form of ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per
+chunk and layer; autograd differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
 so memory is the states at chunk starts, not every token's).
 """
 
@@ -150,16 +151,16 @@ def stateless_reads(rule: MemoryRule, x: Tensor, ncoef: int) -> bool:
             and cpu_scan.state_reads_unsupported_reason(x) is None)
 
 
-def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], lq: float) -> Tensor:
-    """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``: for lq = 4
-    on the CPU from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum A_i^4`` without forming A_i),
-    else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum coefficients, with
-    the recurrence's ``(beta, eta, Wb)`` after the first five."""
+def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], rule: MemoryRule) -> Tensor:
+    """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``: where
+    :func:`stateless_reads` from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum A_i^4`` without
+    forming A_i), else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum
+    coefficients, with the recurrence's ``(beta, eta, Wb)`` after the first five."""
     b, f, G = coef[:3]
-    if lq == 4.0 and len(coef) == 8 and cpu_scan.state_reads_unsupported_reason(A) is None:  # stateless_reads
+    if stateless_reads(rule, A, len(coef)):
         n = cpu_scan.lq4_norms(A, S, d, a, *coef[5:])
         return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
-    return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), lq)
+    return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), rule.lq)
 
 
 def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tuple[Tensor, ...],
@@ -167,10 +168,10 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
                 residual: bool, activation: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk: q ``[B, H, n, K]``, key side k, v ``[B, H, m, D]`` (m = n + window - 1), delta ``[B, H, m]`` or
     None; A0, S0, anchor: L x ``[B, H, D_out, D_in]`` (accumulators). ``coef``: momentum ``(b, f, G, el, pl)`` with
-    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``, for lq followed by the recurrence's
-    ``(beta, eta, Wb)`` (``[B, H, n]`` twice, ``[B, H, n, window]``: :func:`_lq_norms_scale`); muon ``(b, e, Pe, Pb)`` with b, e
-    ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no theta), Pb ``[B, H, n, n]`` (theta
-    folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]`` (beta = 1 - alpha), Pt ``[B, H, n,
+    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``, for lq and kl followed by the
+    recurrence's ``(beta, eta, Wb)`` (``[B, H, n]`` twice, ``[B, H, n, window]``: :func:`stateless_reads`); muon
+    ``(b, e, Pe, Pb)`` with b, e ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no
+    theta), Pb ``[B, H, n, n]`` (theta folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]`` (beta = 1 - alpha), Pt ``[B, H, n,
     m]`` (the band, gamma and theta folded in): every S_i from the chunk's outer products, then A_i =
     orthogonal_step(beta_i A_{i-1}, S_i) token after token (not linear in A: no coefficient form). Returns o
     ``[B, H, n, V]`` and the accumulators A, S after the chunk's last token."""
@@ -191,7 +192,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             if dual or kl_rows:  # the last state from its own row of the coefficients: no gradient into every A_i
                 A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
-                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule.lq) if dual else None, A, S, ai, di))
+                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule) if dual else None, A, S, ai, di))
                 continue
             Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
         elif rule.optimizer == "orthogonal":
