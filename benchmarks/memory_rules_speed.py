@@ -36,6 +36,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mnemos.ops import RULES, MemoryRule, neural_memory
+from speed_common import cpu_model, git_commit
 from mnemos.ops.memory_rule.rule import torch_unsupported_reason
 
 EXTRA = {"lp-decay": MemoryRule(loss="lp", p=3.0)}
@@ -67,7 +68,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def time_state_reads(a) -> None:
+def time_state_reads(a) -> list[dict]:
     """cpu_scan.lq4_norms and kl_row_read alone: one chunk (n = --chunk tokens, window 1) of every (sequence, head) row
     at each layer's [D_out, D_in] of the depth-2 memory; median of 20 calls after one, fwd and fwd+bwd."""
     from mnemos.ops.memory_rule import cpu_scan
@@ -75,6 +76,7 @@ def time_state_reads(a) -> None:
     D, E, n = a.dim // a.heads, a.expansion, a.chunk
     g = torch.Generator().manual_seed(0)
     print(f"cpu_scan's per-token reads alone, one chunk of {n} tokens, {a.batch} x {a.heads} rows, window 1")
+    rows = []
     for name, fn in (("lq4_norms", cpu_scan.lq4_norms), ("kl_row_read", cpu_scan.kl_row_read)):
         for P, Q in ((E * D, D), (D, E * D)):
             xs = [torch.randn(a.batch, a.heads, *s, generator=g) for s in ((P, Q), (P, Q), (n, P), (n, Q))]
@@ -91,6 +93,8 @@ def time_state_reads(a) -> None:
                 f()
                 times.append(statistics.median(timed(f) for _ in range(20)))
             print(f"  {name:<12} [{P:>4}, {Q:>4}]  fwd {times[0] * 1e3:6.2f} ms   fwd+bwd {times[1] * 1e3:6.2f} ms")
+            rows.append(dict(kernel=name, shape=[P, Q], fwd_s=times[0], fwdbwd_s=times[1]))
+    return rows
 
 
 def main() -> None:
@@ -111,8 +115,7 @@ def main() -> None:
                         "chunk of each layer's shape, beside the rules' rows")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    if a.state_reads:
-        time_state_reads(a)
+    reads = time_state_reads(a) if a.state_reads else []
     names = list(a.rules) if a.rules else [*RULES, *EXTRA]
     names = ["titans"] + [n for n in names if n != "titans"]
     rules = {n: RULES[n] if n in RULES else EXTRA[n] for n in names}
@@ -147,8 +150,9 @@ def main() -> None:
     for n, why in skipped.items():
         print(f"{n:<18}  not timed ({why[:110]}...)")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=out, skipped=skipped, torch=torch.__version__),
-                                          indent=1))
+        Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=out, skipped=skipped, state_reads=reads,
+                                               torch=torch.__version__, threads=torch.get_num_threads(),
+                                               cpu=cpu_model(), git=git_commit()), indent=1))
 
 
 if __name__ == "__main__":
