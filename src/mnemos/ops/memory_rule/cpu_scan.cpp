@@ -889,22 +889,36 @@ struct RecurRow {
     std::copy(A0 + p0 * Q, A0 + p0 * Q + size, A);
     std::copy(S0 + p0 * Q, S0 + p0 * Q + size, S);
   }
-  // step a tile (matrix rows p0 .. p0 + tp) of A and S through token t, in place
-  void step(T* __restrict A, T* __restrict S, int64_t t, int64_t p0, int64_t tp, const RecurSpec& s) const {
+  // step a tile (matrix rows p0 .. p0 + tp) of A and S through token t: (Ai, Si) -> (Ao, So), in place when the same
+  void step(const T* Ai, const T* Si, T* Ao, T* So, int64_t t, int64_t p0, int64_t tp, const RecurSpec& s) const {
     const int64_t Q = s.Q;
+    const T bt = beta[t], et = eta[t];
     for (int64_t p = 0; p < tp; ++p) {
-      T* Sp = S + p * Q;
+      const T* sin = Si + p * Q;
+      const T* ain = Ai + p * Q;
+      T* sout = So + p * Q;
+      T* aout = Ao + p * Q;
+      const T c0 = Wb[t * s.w] * d[t * s.P + p0 + p];
+      const T* a0 = a + t * Q;
+      if (s.w == 1) {  // one pass: the momentum and the accumulator together
 #pragma omp simd
-      for (int64_t q = 0; q < Q; ++q) Sp[q] *= eta[t];
-      for (int64_t k = 0; k < s.w; ++k) {
+        for (int64_t q = 0; q < Q; ++q) {
+          const T sq = et * sin[q] - c0 * a0[q];
+          sout[q] = sq;
+          aout[q] = bt * ain[q] + sq;
+        }
+        continue;
+      }
+#pragma omp simd
+      for (int64_t q = 0; q < Q; ++q) sout[q] = et * sin[q] - c0 * a0[q];
+      for (int64_t k = 1; k < s.w; ++k) {
         const T c = Wb[t * s.w + k] * d[(t + k) * s.P + p0 + p];
         const T* ae = a + (t + k) * Q;
 #pragma omp simd
-        for (int64_t q = 0; q < Q; ++q) Sp[q] -= c * ae[q];
+        for (int64_t q = 0; q < Q; ++q) sout[q] -= c * ae[q];
       }
-      T* Ap = A + p * Q;
 #pragma omp simd
-      for (int64_t q = 0; q < Q; ++q) Ap[q] = beta[t] * Ap[q] + Sp[q];
+      for (int64_t q = 0; q < Q; ++q) aout[q] = bt * ain[q] + sout[q];
     }
   }
 };
@@ -953,6 +967,7 @@ inline double exp_dot(const double* x, double shift, const double* h, double* ou
 template <typename T>
 struct Lq4Read {
   static constexpr int extra_in = 0;
+  static constexpr bool cubic = true;  // E_t = 4 gN_t A_t^3: the backward forms it inline (g4)
   const RecurSpec& s;
   std::vector<double> N;
   T *out = nullptr;
@@ -979,6 +994,7 @@ struct Lq4Read {
   void finish() {
     for (int64_t t = 0; t < s.n; ++t) out[t] = static_cast<T>(N[t]);
   }
+  T g4(int64_t t) const { return 4 * gN[t]; }
   void adjoint(const T* A, int64_t t, int64_t /*p0*/, int64_t tp, T* E) {  // E = dN_t / dA_t * gN_t
     const T g4 = 4 * gN[t];
     const int64_t size = tp * s.Q;
@@ -993,6 +1009,8 @@ struct Lq4Read {
 template <typename T>
 struct KlRowRead {
   static constexpr int extra_in = 1;
+  static constexpr bool cubic = false;
+  T g4(int64_t) const { return 0; }
   const RecurSpec& s;
   std::vector<T> e;
   const T *h = nullptr, *gy = nullptr;
@@ -1056,7 +1074,7 @@ bool recur_forward(const RecurSpec& s, void** ptrs) {
         const int64_t tp = std::min(tp_max, s.P - p0);
         x.load(p0, tp * s.Q, s.Q, A.data(), S.data());
         for (int64_t t = 0; t < s.n; ++t) {
-          x.step(A.data(), S.data(), t, p0, tp, s);
+          x.step(A.data(), S.data(), A.data(), S.data(), t, p0, tp, s);
           rd.forward(A.data(), t, p0, tp);
         }
       }
@@ -1092,25 +1110,22 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
         const int64_t tp = std::min(tp_max, s.P - p0), size = tp * s.Q;
         // the tile's states: slot 0 the chunk's start, slot t + 1 after token t
         x.load(p0, size, s.Q, As.data(), Ss.data());
-        for (int64_t t = 0; t < s.n; ++t) {
-          T* An = As.data() + (t + 1) * tile;
-          T* Sn = Ss.data() + (t + 1) * tile;
-          std::copy(As.data() + t * tile, As.data() + t * tile + size, An);
-          std::copy(Ss.data() + t * tile, Ss.data() + t * tile + size, Sn);
-          x.step(An, Sn, t, p0, tp, s);
-        }
+        for (int64_t t = 0; t < s.n; ++t)
+          x.step(As.data() + t * tile, Ss.data() + t * tile, As.data() + (t + 1) * tile, Ss.data() + (t + 1) * tile, t,
+                 p0, tp, s);
         std::fill(dA.begin(), dA.begin() + size, T(0));
         std::fill(dS.begin(), dS.begin() + size, T(0));
         for (int64_t t = s.n - 1; t >= 0; --t) {
           const T* At = As.data() + (t + 1) * tile;
           const T* Ap = As.data() + t * tile;
           const T* Sp = Ss.data() + t * tile;
-          rd.adjoint(At, t, p0, tp, E.data());
-          const T bt = beta[t], et = eta[t];
+          if (!Read<T>::cubic) rd.adjoint(At, t, p0, tp, E.data());
+          const T bt = beta[t], et = eta[t], g4 = rd.g4(t);
           T db = 0, de = 0;
 #pragma omp simd reduction(+ : db, de)
           for (int64_t i = 0; i < size; ++i) {
-            const T dAt = dA[i] + E[i];
+            const T x = At[i];
+            const T dAt = dA[i] + (Read<T>::cubic ? g4 * x * x * x : E[i]);
             db += dAt * Ap[i];
             const T dS_t = dS[i] + dAt;
             de += dS_t * Sp[i];
