@@ -255,6 +255,20 @@ def test_resume_mid_document_is_bit_exact(tmp_path, variant):
     assert rest.train_losses == full.train_losses[4:]
 
 
+def test_resume_from_a_save_before_any_update_is_bit_exact(tmp_path):
+    """Passkey documents of 3 windows hold their answer in the last: steps 1-2 update nothing. A run stopped (and
+    saved) after step 1, before any update, resumes to the uninterrupted run's losses exactly. Saving used to give the
+    optimizer a state there (torch.distributed.checkpoint's zero-gradient step at lr 0: AdamW's step count 1), which
+    shifted every later update's bias correction in both runs and on resume."""
+    args = ("task.kind=niah", "task.niah_kind=passkey", "model.vocab_size=259", "task.seq_len=100",
+            "task.doc_windows=3", "run.carry_state=true", "run.steps=6")
+    full = train(_cfg(tmp_path / "full", *args))
+    assert full.train_losses[:2] == [0.0, 0.0]  # the premise: nothing labelled in the first two windows
+    first = train(_cfg(tmp_path / "cut", *args, "run.stop_after=1"))
+    rest = train(_cfg(tmp_path / "cut", *args), resume=True)
+    assert first.train_losses + rest.train_losses == full.train_losses
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="run.carry_state=true does not support run.compile"):
         _cfg(tmp_path, "run.carry_state=true", "run.compile=true")

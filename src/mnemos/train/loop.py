@@ -479,6 +479,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         state = read_trainer_state(ckpt)
         set_optimizer_state_dict(wrapped, optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
+        if not state["optimizer"].get("state"):  # saved before any update: loading initialised a state, drop it
+            optimizer.state.clear()
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, best = state["step"], state["best_metric"]
@@ -513,7 +515,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     def save(at_step: int, extra: dict | None = None) -> None:
         # full (gathered) state dicts, keyed by parameter names: the same file whether saved by 1 process,
         # DDP or FSDP, and loadable by any of them (a collective under FSDP: every rank takes part)
+        fresh = not optimizer.state  # no update applied yet (a document's label-free first windows)
         model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=full)
+        if fresh:  # get_state_dict gave the optimizer a state (a zero-gradient step at lr 0: AdamW's step count 1),
+            # which would shift every later update's bias correction: take it back, and save none
+            optimizer.state.clear()
+            optim_sd = dict(optim_sd, state={})
         if info.is_main:
             save_checkpoint(ckpt, model_sd, step=at_step, optimizer=optim_sd, scheduler=scheduler, best_metric=best,
                             config=cfg.to_dict(), extra=extra)
@@ -733,7 +740,8 @@ def _write_curve(out: Path, start: int, losses: list[float]) -> tuple[list[int],
         ax.legend(fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    ax.set_yscale("log")
+    if any(v > 0 for v in values):  # a run of label-free steps only (a document's first windows) has no log scale
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "loss_curve.png")
