@@ -994,14 +994,7 @@ struct Lq4Read {
   void finish() {
     for (int64_t t = 0; t < s.n; ++t) out[t] = static_cast<T>(N[t]);
   }
-  T g4(int64_t t) const { return 4 * gN[t]; }
-  void adjoint(const T* A, int64_t t, int64_t /*p0*/, int64_t tp, T* E) {  // E = dN_t / dA_t * gN_t
-    const T g4 = 4 * gN[t];
-    const int64_t size = tp * s.Q;
-#pragma omp simd
-    for (int64_t i = 0; i < size; ++i) E[i] = g4 * A[i] * A[i] * A[i];
-  }
-  void finish_backward() {}
+  T g4(int64_t t) const { return 4 * gN[t]; }  // E_t = g4 A_t^3, formed inline by recur_backward
 };
 
 // Memora (kl, rows): y_t[p] = sum_q softmax(A_t[p, :])[q] h_t[q]. Input h [n, Q] (ptrs[7]); output y [n, P]
@@ -1009,8 +1002,7 @@ struct Lq4Read {
 template <typename T>
 struct KlRowRead {
   static constexpr int extra_in = 1;
-  static constexpr bool cubic = false;
-  T g4(int64_t) const { return 0; }
+  static constexpr bool cubic = false;  // E_t from adjoint()
   const RecurSpec& s;
   std::vector<T> e;
   const T *h = nullptr, *gy = nullptr;
@@ -1058,7 +1050,6 @@ struct KlRowRead {
       }
     }
   }
-  void finish_backward() {}
 };
 
 template <typename T, template <typename> class Read>
@@ -1119,8 +1110,10 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
           const T* At = As.data() + (t + 1) * tile;
           const T* Ap = As.data() + t * tile;
           const T* Sp = Ss.data() + t * tile;
-          if (!Read<T>::cubic) rd.adjoint(At, t, p0, tp, E.data());
-          const T bt = beta[t], et = eta[t], g4 = rd.g4(t);
+          T g4 = 0;
+          if constexpr (Read<T>::cubic) g4 = rd.g4(t);
+          else rd.adjoint(At, t, p0, tp, E.data());
+          const T bt = beta[t], et = eta[t];
           T db = 0, de = 0;
 #pragma omp simd reduction(+ : db, de)
           for (int64_t i = 0; i < size; ++i) {
@@ -1167,7 +1160,6 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
         de_out[t] = static_cast<T>(deta[t]);
       }
       for (int64_t i = 0; i < s.n * s.w; ++i) dw_out[i] = static_cast<T>(dWb[i]);
-      rd.finish_backward();
     }
   });
 }

@@ -22,8 +22,8 @@ so there A_i is needed only for its norm. On the CPU with momentum, Moneta's nor
 by rows) form no A_i at all: ``cpu_scan.lq4_norms`` / ``kl_row_read`` step the accumulator's recurrence through the
 chunk in cache (:func:`stateless_reads`), and such a chunk is recorded by autograd as it runs. Where the
 hand-written dual form of ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per
-chunk and layer; autograd differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
-so memory is the states at chunk starts, not every token's).
+chunk and layer; autograd differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a
+chunk from its starting state, so memory is the states at chunk starts, not every token's).
 """
 
 from __future__ import annotations
@@ -151,13 +151,14 @@ def stateless_reads(rule: MemoryRule, x: Tensor, ncoef: int) -> bool:
             and cpu_scan.state_reads_unsupported_reason(x) is None)
 
 
-def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], rule: MemoryRule) -> Tensor:
+def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], rule: MemoryRule,
+                    stateless: bool) -> Tensor:
     """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``: where
-    :func:`stateless_reads` from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum A_i^4`` without
-    forming A_i), else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum
-    coefficients, with the recurrence's ``(beta, eta, Wb)`` after the first five."""
+    ``stateless`` (:func:`stateless_reads`) from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum
+    A_i^4`` without forming A_i), else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s
+    momentum coefficients, with the recurrence's ``(beta, eta, Wb)`` after the first five."""
     b, f, G = coef[:3]
-    if stateless_reads(rule, A, len(coef)):
+    if stateless:
         n = cpu_scan.lq4_norms(A, S, d, a, *coef[5:])
         return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
     return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), rule.lq)
@@ -171,9 +172,9 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``, for lq and kl followed by the
     recurrence's ``(beta, eta, Wb)`` (``[B, H, n]`` twice, ``[B, H, n, window]``: :func:`stateless_reads`); muon
     ``(b, e, Pe, Pb)`` with b, e ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no
-    theta), Pb ``[B, H, n, n]`` (theta folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]`` (beta = 1 - alpha), Pt ``[B, H, n,
-    m]`` (the band, gamma and theta folded in): every S_i from the chunk's outer products, then A_i =
-    orthogonal_step(beta_i A_{i-1}, S_i) token after token (not linear in A: no coefficient form). Returns o
+    theta), Pb ``[B, H, n, n]`` (theta folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]``
+    (beta = 1 - alpha), Pt ``[B, H, n, m]`` (the band, gamma and theta folded in): every S_i from the chunk's outer
+    products, then A_i = orthogonal_step(beta_i A_{i-1}, S_i) token after token (not linear in A: no coefficient form). Returns o
     ``[B, H, n, V]`` and the accumulators A, S after the chunk's last token."""
     W_bar = tuple(_effective(x, rule) for x in anchor)
     a, _, _, _, d, _ = anchor_forward(k, v, W_bar, residual=residual, activation=activation, loss=rule.loss,
@@ -183,7 +184,8 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     # path (b_i A_0 x + f_i S_0 x - sum_j G[i, j] (a_j . x) d_j): A_i is formed only for its norm. kl by rows with
     # momentum on the CPU: cpu_scan.kl_row_read reads every A_i without forming it.
     dual = rule.retention == "lq" and rule.optimizer == "momentum"
-    kl_rows = rule.retention == "kl" and stateless_reads(rule, q, len(coef))
+    stateless = stateless_reads(rule, q, len(coef))
+    kl_rows = stateless and rule.retention == "kl"
     for A, S, ai, di in zip(A0, S0, a, d):
         if rule.optimizer == "momentum":
             b, f, G, el, pl = coef[:5]
@@ -192,7 +194,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             if dual or kl_rows:  # the last state from its own row of the coefficients: no gradient into every A_i
                 A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
-                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule) if dual else None, A, S, ai, di))
+                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule, stateless) if dual else None, A, S, ai, di))
                 continue
             Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
         elif rule.optimizer == "orthogonal":
