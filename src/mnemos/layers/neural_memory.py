@@ -250,10 +250,11 @@ class NeuralMemory(nn.Module):
         # (``merged_stats``: a model that calls the layer once per segment, as MAC does); the trainer switches it on
         # for logged steps only
         self.record_stats = False
-        # with track_writes, each forward keeps its mean write strength theta / token_lr (in [0, 1], with its graph)
-        # in write_strength: the trainer's optim.write_penalty
+        # with track_writes, each forward appends its mean write strength theta / token_lr (in [0, 1], with its
+        # graph) to write_strengths, one per call (MAC calls a memory once per segment): the trainer's
+        # optim.write_penalty reads and clears them
         self.track_writes = False
-        self.write_strength: Tensor | None = None
+        self.write_strengths: list[Tensor] = []
         self.last_stats: dict[str, float] = {}
         self._merged: dict[str, float] = {}
         self._merged_tokens = 0
@@ -398,7 +399,7 @@ class NeuralMemory(nn.Module):
         if not self.momentum:  # eta = 0: the last token's S is no state (see init_state)
             mem = replace(mem, momentum=())
         if self.track_writes:
-            self.write_strength = (theta / self.token_lr).mean()
+            self.write_strengths.append((theta / self.token_lr).mean())
         if self.record_stats:
             # the memory this call's first writes were computed at: a call that continues a chunk (MAC's segments
             # inside a longer chunk) took their gradients at the chunk's anchor, not at the memory it started from

@@ -571,7 +571,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
                     # the mixers' own losses (MoM's load balancing; None for most): trained, not logged
                     a = model.aux_loss()
                     if penalty > 0:  # the write penalty: lambda x the mean write strength of the memories
-                        w = penalty * torch.stack([m.write_strength for m in memory_layers]).mean()
+                        w = penalty * torch.stack([torch.stack(m.write_strengths).mean() for m in memory_layers]).mean()
+                        for m in memory_layers:
+                            m.write_strengths.clear()
                         a = w if a is None else a + w
                     if a is not None:
                         aux = a if aux is None else aux + a
