@@ -449,6 +449,30 @@ def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_p
         assert "holds a 'tiny' study; this is the" in capsys.readouterr().err
 
 
+def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path):
+    """A grid point's schedule changed between sittings: its runs' saved configs no longer match, so the study
+    names them and trains nothing rather than resume a run under the old cosine schedule (or report it as new)."""
+    import dataclasses
+
+    from mnemos.eval.study import GridPoint, stale_runs
+
+    job = next(t for t in plan(TINY)[0] if t.group == "mqar")
+    run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
+    assert stale_runs(TINY, tmp_path) == {}
+    p = TINY.grid[0]
+    longer = dataclasses.replace(TINY, grid=(GridPoint(p.seq_len, p.num_kv_pairs, p.vocab_size, p.steps + 2,
+                                                       p.batch_size, p.seeds, p.lrs),))
+    assert stale_runs(longer, tmp_path) == {job.name: [f"run.steps: {p.steps + 2} != {p.steps}"]}
+    mtime = (tmp_path / "runs" / job.name / "checkpoint" / "trainer.pt").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=f"(?s)1 run.*{job.name}: run.steps.*remove those run directories"):
+        run_study(longer, tmp_path, file=io.StringIO())
+    assert (tmp_path / "runs" / job.name / "checkpoint" / "trainer.pt").stat().st_mtime_ns == mtime
+    # logging cadence is not a setting of what a run learns
+    assert stale_runs(dataclasses.replace(TINY, log_every=TINY.log_every + 1), tmp_path) == {}
+    shutil.rmtree(tmp_path / "runs" / job.name)
+    assert stale_runs(longer, tmp_path) == {}
+
+
 def _cell(task, model, params, correct, n, state=100, **metrics):
     from mnemos.eval.results import Cell
 

@@ -50,7 +50,7 @@ from mnemos.data import MQARConfig, NIAHConfig, PasskeyCapacityConfig
 from mnemos.eval.report import write_report
 from mnemos.eval.tables import Pooled, markdown_report, pool, table
 
-__all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "run_study", "study_settings",
+__all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "run_study", "stale_runs", "study_settings",
            "write_study_report"]
 
 # model label -> MnemosConfig fields (on top of the study's sizes). Labels name report rows.
@@ -595,6 +595,43 @@ def check_study_dir(settings: StudySettings, out: str | os.PathLike) -> None:
                          f"--out, or run the {old.get('size')!r} one ({flag.get(old.get('size'), '?')})")
 
 
+# run settings that :func:`train_one` sets per sitting, or that change how a run is logged and saved, not what it
+# learns (the study's first (64, 8) runs logged every 50 steps)
+_NOT_COMPARED = {("run", "out_dir"), ("run", "progress"), ("run", "init_from"), ("run", "device"),
+                 ("run", "log_every"), ("run", "save_every")}
+
+
+def _differences(want: Any, have: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """The keys of ``want`` (a job's config, nested dicts) whose value ``have`` (a run's saved config.json) does not
+    hold, as ``a.b: want != have``; keys only ``have`` holds (the trainer's defaults) are not compared."""
+    if path in _NOT_COMPARED:
+        return []
+    if isinstance(want, dict):
+        if not isinstance(have, dict):
+            return [f"{'.'.join(path)}: {want!r} != {have!r}"]
+        return [d for k, v in want.items() for d in _differences(v, have.get(k, _MISSING), (*path, k))]
+    if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)):
+        want, have = list(want), list(have)
+    if have is _MISSING or want != have:
+        return [f"{'.'.join(path)}: {want!r} != {'missing' if have is _MISSING else repr(have)}"]
+    return []
+
+
+_MISSING = object()
+
+
+def stale_runs(settings: StudySettings, out: str | os.PathLike) -> dict[str, list[str]]:
+    """The study's runs in ``out`` trained under other settings than this study gives them (their saved
+    ``config.json`` differs in a key the study sets, e.g. a schedule's length changed): ``{name: [differences]}``.
+    Resuming one would continue an old schedule, and a finished one would be reported as this study's."""
+    stale = {}
+    for j in train_jobs(settings):
+        saved = _read(Path(out) / "runs" / j.name / "config.json")
+        if saved is not None and (diff := _differences(j.config, saved)):
+            stale[j.name] = diff
+    return stale
+
+
 def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1, only: str | None = None,
               threads: int | None = None, file=None) -> dict[str, Any]:
     """Run what is not done yet, then write the report. Returns ``{"trained": [...], "evaluated": [...],
@@ -603,6 +640,13 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
         raise ValueError(f"jobs must be 1 or 2, got {jobs}")
     out = Path(out)
     check_study_dir(settings, out)
+    if stale := stale_runs(settings, out):
+        lines = [f"  {n}: {'; '.join(d[:3])}" for n, d in sorted(stale.items())]
+        raise ValueError(f"{len(stale)} run(s) in {out / 'runs'} were trained under other settings than this "
+                         f"study's (saved config.json: want != have):\n" + "\n".join(lines[:10])
+                         + ("\n  ..." if len(lines) > 10 else "")
+                         + "\nremove those run directories (and their evals) to train them again, or restore the "
+                           "settings they were trained with")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()  # evals written after this were made by this invocation (some when their run finished)
     candidates = train_jobs(settings)
