@@ -450,8 +450,9 @@ def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_p
 
 
 def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path):
-    """A grid point's schedule changed between sittings: its runs' saved configs no longer match, so the study
-    names them and trains nothing rather than resume a run under the old cosine schedule (or report it as new)."""
+    """A grid point's schedule (or a default its models read) changed between sittings: its runs' saved configs no
+    longer match, so the study names them and trains nothing rather than resume a run under the old cosine schedule
+    (or report it as new)."""
     import dataclasses
 
     from mnemos.eval.study import GridPoint, stale_runs
@@ -469,7 +470,23 @@ def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path):
     assert (tmp_path / "runs" / job.name / "checkpoint" / "trainer.pt").stat().st_mtime_ns == mtime
     # logging cadence is not a setting of what a run learns
     assert stale_runs(dataclasses.replace(TINY, log_every=TINY.log_every + 1), tmp_path) == {}
-    shutil.rmtree(tmp_path / "runs" / job.name)
+    # a default of the models changed since the run was trained: its saved (resolved) config keeps the old value;
+    # it counts where the run's variant reads the field
+    lmm = next(t for t in plan(TINY)[0] if t.group == "mqar" and t.label == "lmm-d2")
+    run_study(TINY, tmp_path, only=lmm.name, file=io.StringIO())
+    for name in (job.name, lmm.name):
+        saved = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        saved["model"]["memory"]["max_lr"] /= 2
+        saved["model"]["window"] += 1  # read by neither
+        (tmp_path / "runs" / name / "config.json").write_text(json.dumps(saved))
+    lr = saved["model"]["memory"]["max_lr"]
+    assert job.config["model"]["variant"] == "gated_deltanet"
+    assert stale_runs(TINY, tmp_path) == {lmm.name: [f"model.memory.max_lr: {lr * 2!r} != {lr!r}"]}
+    path = tmp_path / "runs" / job.name / "config.json"
+    path.write_text("{not json")
+    assert "config.json unreadable: JSONDecodeError" in stale_runs(TINY, tmp_path)[job.name][0]
+    for name in (job.name, lmm.name):  # removed: nothing stale is left
+        shutil.rmtree(tmp_path / "runs" / name)
     assert stale_runs(longer, tmp_path) == {}
 
 

@@ -602,8 +602,8 @@ _NOT_COMPARED = {("run", "out_dir"), ("run", "progress"), ("run", "init_from"), 
 
 
 def _differences(want: Any, have: Any, path: tuple[str, ...] = ()) -> list[str]:
-    """The keys of ``want`` (a job's config, nested dicts) whose value ``have`` (a run's saved config.json) does not
-    hold, as ``a.b: want != have``; keys only ``have`` holds (the trainer's defaults) are not compared."""
+    """The keys of ``want`` (nested dicts) whose value ``have`` does not hold, as ``a.b: want != have``; keys only
+    ``have`` holds are not compared."""
     if path in _NOT_COMPARED:
         return []
     if isinstance(want, dict):
@@ -621,13 +621,28 @@ _MISSING = object()
 
 
 def stale_runs(settings: StudySettings, out: str | os.PathLike) -> dict[str, list[str]]:
-    """The study's runs in ``out`` trained under other settings than this study gives them (their saved
-    ``config.json`` differs in a key the study sets, e.g. a schedule's length changed): ``{name: [differences]}``.
-    Resuming one would continue an old schedule, and a finished one would be reported as this study's."""
+    """The study's runs in ``out`` trained under other settings than this study gives them: ``{name: [differences]}``.
+    Both configs are compared resolved (:class:`TrainConfig`, every default filled in, a key an old config lacks read
+    as the trainer reads it), so a changed schedule is caught, and so is a changed default of a field the run's model
+    reads (a run resumed under it would build another model than the one its checkpoint holds). Resuming a stale run would
+    continue an old schedule, and a finished one would be reported as this study's."""
+    from mnemos.train.config import TrainConfig
+
     stale = {}
     for j in train_jobs(settings):
-        saved = _read(Path(out) / "runs" / j.name / "config.json")
-        if saved is not None and (diff := _differences(j.config, saved)):
+        path = Path(out) / "runs" / j.name / "config.json"
+        if not path.is_file():
+            continue
+        cfg = TrainConfig.from_dict(json.loads(json.dumps(j.config)))
+        try:
+            have = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
+        except Exception as e:  # noqa: BLE001 - a config the trainer cannot read is as stale as one that differs
+            stale[j.name] = [f"config.json unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
+            continue
+        # a model field its variant does not read (a memory default, for the transformer) changes nothing it learns
+        diff = [d for d in _differences(cfg.to_dict(), have)
+                if not d.startswith("model.") or cfg.model.reads_field(d.split(":")[0][len("model."):])]
+        if diff:
             stale[j.name] = diff
     return stale
 
