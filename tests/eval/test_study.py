@@ -482,6 +482,11 @@ def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path):
     lr = saved["model"]["memory"]["max_lr"]
     assert job.config["model"]["variant"] == "gated_deltanet"
     assert stale_runs(TINY, tmp_path) == {lmm.name: [f"model.memory.max_lr: {lr * 2!r} != {lr!r}"]}
+    # a config saved before a key existed reads it as the model it saved (value_norm came later, off before)
+    saved["model"]["memory"]["max_lr"] *= 2
+    del saved["model"]["memory"]["value_norm"]
+    (tmp_path / "runs" / lmm.name / "config.json").write_text(json.dumps(saved))
+    assert stale_runs(TINY, tmp_path) == {lmm.name: ["model.memory.value_norm: True != False"]}
     path = tmp_path / "runs" / job.name / "config.json"
     path.write_text("{not json")
     assert "config.json unreadable: JSONDecodeError" in stale_runs(TINY, tmp_path)[job.name][0]

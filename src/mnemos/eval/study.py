@@ -622,10 +622,11 @@ _MISSING = object()
 
 def stale_runs(settings: StudySettings, out: str | os.PathLike) -> dict[str, list[str]]:
     """The study's runs in ``out`` trained under other settings than this study gives them: ``{name: [differences]}``.
-    Both configs are compared resolved (:class:`TrainConfig`, every default filled in, a key an old config lacks read
-    as the trainer reads it), so a changed schedule is caught, and so is a changed default of a field the run's model
+    Both configs are compared resolved (:class:`TrainConfig`, every default filled in; a model key an old config lacks
+    reads as the model it saved, :func:`~mnemos.models.config.saved_model_config`), so a changed schedule is caught, and so is a changed default of a field the run's model
     reads (a run resumed under it would build another model than the one its checkpoint holds). Resuming a stale run would
     continue an old schedule, and a finished one would be reported as this study's."""
+    from mnemos.models.config import saved_model_config
     from mnemos.train.config import TrainConfig
 
     stale = {}
@@ -635,7 +636,10 @@ def stale_runs(settings: StudySettings, out: str | os.PathLike) -> dict[str, lis
             continue
         cfg = TrainConfig.from_dict(json.loads(json.dumps(j.config)))
         try:
-            have = TrainConfig.from_dict(json.loads(path.read_text())).to_dict()
+            saved = json.loads(path.read_text())
+            if isinstance(saved, dict) and "model" in saved:  # a key added since reads as the run was trained
+                saved = {**saved, "model": saved_model_config(saved["model"])}
+            have = TrainConfig.from_dict(saved).to_dict()
         except Exception as e:  # noqa: BLE001 - a config the trainer cannot read is as stale as one that differs
             stale[j.name] = [f"config.json unreadable: {type(e).__name__}: {str(e).splitlines()[0][:200]}"]
             continue
