@@ -173,20 +173,25 @@ def _train(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .eval.study import check_study_dir, run_study, study_settings, write_study_report
+    from .eval.study import check_study_dir, remove_stale_runs, run_study, study_settings, write_study_report
 
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     out = args.out or f"runs/study-{args.study}" + ("" if size == "full" else f"-{size}")
     settings = study_settings(size)
     if args.report_only:
-        if args.only is not None or args.jobs != 1:
-            raise ValueError("--report-only trains nothing: it takes neither --only nor --jobs (the report covers "
-                             "every run and eval done)")
+        if args.only is not None or args.jobs != 1 or args.retrain_stale:
+            raise ValueError("--report-only trains nothing: it takes none of --only, --jobs, --retrain-stale (the "
+                             "report covers every run and eval done)")
         if not (Path(out) / "study_settings.json").is_file():
             raise ValueError(f"--report-only: {out} holds no study (no study_settings.json); give the --out of one")
         check_study_dir(settings, out)
         write_study_report(settings, out)
     else:
+        if args.retrain_stale:
+            check_study_dir(settings, out)
+            removed = remove_stale_runs(settings, out)
+            print(f"study: removed {len(removed)} run(s) trained under other settings, and their evals"
+                  + (f": {', '.join(removed)}" if removed else ""), file=sys.stderr, flush=True)
         run_study(settings, out, jobs=args.jobs, only=args.only, threads=args.threads)
     print((Path(out) / "report.md").read_text())
     return 0
@@ -277,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--only", metavar="PATTERN",
                     help="run only the runs / evals whose name matches (glob; plain text matches anywhere), and the "
                          "evals of the runs it matches; the report still covers everything done")
+    rs.add_argument("--retrain-stale", action="store_true",
+                    help="first delete the runs trained under other settings than the study's (a changed schedule or "
+                         "model default; the study refuses to continue while any is left), the runs fine-tuned from "
+                         "them and their evals; then train and evaluate them again")
     rs.add_argument("--report-only", action="store_true",
                     help="write the report from the runs and evals done so far; train and evaluate nothing (safe "
                          "beside a study that is running)")

@@ -436,7 +436,7 @@ def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_p
     assert main(["study", "recall", "--tiny", "--report-only", "--out", str(tmp_path / "none")]) == 2
     assert "holds no study (no study_settings.json)" in capsys.readouterr().err
     assert main(["study", "recall", "--tiny", "--report-only", "--only", "x", "--out", str(tmp_path)]) == 2
-    assert "--report-only trains nothing: it takes neither --only nor --jobs" in capsys.readouterr().err
+    assert "--report-only trains nothing: it takes none of --only, --jobs, --retrain-stale" in capsys.readouterr().err
     job = next(t for t in plan(TINY)[0] if t.group == "mqar")
     run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
     (tmp_path / "report.md").unlink()
@@ -449,7 +449,7 @@ def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_p
         assert "holds a 'tiny' study; this is the" in capsys.readouterr().err
 
 
-def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path):
+def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path, capsys):
     """A grid point's schedule (or a default its models read) changed between sittings: its runs' saved configs no
     longer match, so the study names them and trains nothing rather than resume a run under the old cosine schedule
     (or report it as new)."""
@@ -490,9 +490,32 @@ def test_a_run_trained_under_other_settings_is_refused_not_resumed(tmp_path):
     path = tmp_path / "runs" / job.name / "config.json"
     path.write_text("{not json")
     assert "config.json unreadable: JSONDecodeError" in stale_runs(TINY, tmp_path)[job.name][0]
-    for name in (job.name, lmm.name):  # removed: nothing stale is left
-        shutil.rmtree(tmp_path / "runs" / name)
-    assert stale_runs(longer, tmp_path) == {}
+    # --retrain-stale removes both (and their evals) and trains them again under the study's settings
+    assert (tmp_path / "evals" / lmm.name / "results.json").is_file()
+    assert main(["study", "recall", "--tiny", "--retrain-stale", "--only", "mqar-L32-K2-*-lr0.001-s0",
+                 "--out", str(tmp_path)]) == 0
+    assert stale_runs(TINY, tmp_path) == {}
+    assert json.loads((tmp_path / "runs" / lmm.name / "config.json").read_text())["model"]["memory"]["max_lr"] == lr * 2
+    assert (tmp_path / "evals" / lmm.name / "results.json").stat().st_mtime_ns > mtime
+
+
+def test_retraining_a_stale_run_removes_the_stages_fine_tuned_from_it(tmp_path):
+    """A passkey run's carried-state stage starts from its weights: when the run is stale and removed, the stage
+    (and both runs' evals) go with it, though the stage's own config is unchanged."""
+    from mnemos.eval.study import remove_stale_runs, stale_runs
+
+    run_study(TINY, tmp_path, only="passkey-*", file=io.StringIO())
+    base, stage = "passkey-gated_deltanet", "passkey-gated_deltanet-carry2"
+    assert (tmp_path / "runs" / stage / "checkpoint").is_dir() and (tmp_path / "evals" / stage).is_dir()
+    assert remove_stale_runs(TINY, tmp_path) == []
+    path = tmp_path / "runs" / base / "config.json"
+    saved = json.loads(path.read_text())
+    saved["optim"]["lr"] *= 2
+    path.write_text(json.dumps(saved))
+    assert list(stale_runs(TINY, tmp_path)) == [base]
+    assert remove_stale_runs(TINY, tmp_path) == [base, stage]
+    left = {p.name for p in (tmp_path / "runs").iterdir()} | {p.name for p in (tmp_path / "evals").iterdir()}
+    assert not left & {base, stage, "capacity-gated_deltanet", "capacity-gated_deltanet-carry2"}, left
 
 
 def _cell(task, model, params, correct, n, state=100, **metrics):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnemos.layers import NeuralMemory, NeuralMemoryState, ShortConvolution
 from mnemos.layers.conv import _CausalDepthwiseConv
@@ -246,6 +247,8 @@ def test_short_conv_matches_conv1d_with_gradients(K, T):
         (dict(dim=12, max_lr=0.0), "max_lr must be"),
         (dict(dim=12, activation="tanh"), "activation must be"),
         (dict(dim=12, expansion=0), "expansion must be"),
+        (dict(dim=12, qk_init="shifted"), "qk_init must be 'successor' or 'random', got 'shifted'"),
+        (dict(dim=12, conv_size=1), r"qk_init='successor' needs conv_size >= 2 .*or set qk_init='random'"),
     ],
 )
 def test_bad_config(kw, match):
@@ -400,3 +403,28 @@ def test_value_norm_keeps_the_mlp_memory_stable_as_values_grow(value_norm):
         assert bool(torch.isfinite(y).all()) and s["inner_loss"] < 0.6 * s["inner_loss_start"], s
     else:
         assert not bool(torch.isfinite(y).all())
+
+
+def test_successor_init_writes_the_next_tokens_key_under_this_tokens_query():
+    """qk_init='successor': the same random draws as 'random' (every other parameter equal under one seed), W_k a
+    copy of W_q, +1 on the conv's current-token tap for q and v and on the previous token's for k. With the conv's
+    random part removed, the key the layer computes at token t + 1 is exactly the query at token t (and the value at
+    t is token t's own): the first write of a pair (a, b) is stored under a's query."""
+    succ, rand = make_layer(qk_init="successor", conv_size=3), make_layer(qk_init="random", conv_size=3)
+    inner = succ.heads * succ.head_dim
+    diffs = {n for (n, p), (_, q) in zip(succ.named_parameters(), rand.named_parameters()) if not torch.equal(p, q)}
+    assert diffs == {"to_qkv.weight", "conv.weight"}
+    Wq, Wk, Wv = succ.to_qkv.weight.split(inner)
+    assert torch.equal(Wk, Wq) and torch.equal(Wq, rand.to_qkv.weight[:inner])
+    assert torch.equal(Wv, rand.to_qkv.weight[2 * inner:])
+    bump = (succ.conv.weight - rand.conv.weight)[:, 0]  # [3 inner, K]
+    expected = torch.zeros_like(bump)
+    expected[:inner, -1] = expected[2 * inner:, -1] = expected[inner:2 * inner, -2] = 1.0
+    torch.testing.assert_close(bump, expected, atol=1e-6, rtol=0)  # (added in float32, before .double())
+    with torch.no_grad():
+        succ.conv.weight.copy_(expected[:, None])
+    x = x_of(2, 9)
+    q, k, v = succ._project(x, None)[:3]
+    torch.testing.assert_close(k[:, 1:], q[:, :-1], atol=1e-12, rtol=0)
+    assert not torch.allclose(k[:, 1:], q[:, 1:])  # (it is the previous token's, not its own)
+    torch.testing.assert_close(v, F.normalize(F.silu(x @ Wv.T).view_as(v), dim=-1), atol=1e-12, rtol=0)

@@ -14,6 +14,7 @@ Checked for each variant (docs: DESIGN.md "Invariants every fast path must keep"
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -158,8 +159,10 @@ def test_bfloat16_autocast_streams_like_one_pass(variant):
             a, cache = model(ids[:, :7], cache)
             b, cache = model(ids[:, 7:], cache)
     assert full.dtype == torch.bfloat16
-    # bf16 logits of magnitude ~4-8: one unit in the last place is 0.03
-    assert_max_err(f"{variant} bf16 pieces", full.float(), torch.cat([a, b], 1).float(), 4e-2)
+    # pieces and one pass round differently: a unit in the last place of the largest bf16 logit (0.03 at magnitude
+    # 4-8, 0.06 at 8-16), with some room
+    ulp = 2.0 ** (math.floor(math.log2(full.float().abs().max().item())) - 7)
+    assert_max_err(f"{variant} bf16 pieces", full.float(), torch.cat([a, b], 1).float(), 1.3 * ulp)
     rel = (full.float() - ref).norm() / ref.norm()
     assert rel < 0.05, f"{variant}: bf16 autocast is {rel:.3f} (relative) away from float32"
 

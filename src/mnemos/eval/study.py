@@ -37,6 +37,7 @@ import fnmatch
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -50,8 +51,8 @@ from mnemos.data import MQARConfig, NIAHConfig, PasskeyCapacityConfig
 from mnemos.eval.report import write_report
 from mnemos.eval.tables import Pooled, markdown_report, pool, table
 
-__all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "run_study", "stale_runs", "study_settings",
-           "write_study_report"]
+__all__ = ["MODELS", "StudySettings", "GridPoint", "TrainJob", "EvalJob", "plan", "remove_stale_runs", "run_study",
+           "stale_runs", "study_settings", "write_study_report"]
 
 # model label -> MnemosConfig fields (on top of the study's sizes). Labels name report rows.
 MODELS: dict[str, dict[str, Any]] = {
@@ -651,6 +652,27 @@ def stale_runs(settings: StudySettings, out: str | os.PathLike) -> dict[str, lis
     return stale
 
 
+def remove_stale_runs(settings: StudySettings, out: str | os.PathLike) -> list[str]:
+    """Delete the stale runs of ``out`` (:func:`stale_runs`), the runs fine-tuned from them (``init_from``: they
+    started from weights that will change) and the evaluations of all of these, so that the next invocation trains
+    and evaluates them again. Returns the names of the runs removed."""
+    out = Path(out)
+    trains = train_jobs(settings)
+    gone = set(stale_runs(settings, out))
+    while True:  # a fine-tuning stage of a removed run, and its own stages
+        more = {t.name for t in trains if t.init_from in gone and (out / "runs" / t.name).exists()} - gone
+        if not more:
+            break
+        gone |= more
+    for name in sorted(gone):
+        shutil.rmtree(out / "runs" / name, ignore_errors=True)
+        for t in trains:
+            if t.name == name:
+                for e in run_evals(settings, t):
+                    shutil.rmtree(out / "evals" / e.name, ignore_errors=True)
+    return sorted(gone)
+
+
 def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1, only: str | None = None,
               threads: int | None = None, file=None) -> dict[str, Any]:
     """Run what is not done yet, then write the report. Returns ``{"trained": [...], "evaluated": [...],
@@ -664,8 +686,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
         raise ValueError(f"{len(stale)} run(s) in {out / 'runs'} were trained under other settings than this "
                          f"study's (saved config.json: want != have):\n" + "\n".join(lines[:10])
                          + ("\n  ..." if len(lines) > 10 else "")
-                         + "\nremove those run directories (and their evals) to train them again, or restore the "
-                           "settings they were trained with")
+                         + "\nremove those run directories (and their evals) to train them again (`mnemos study "
+                           "recall --retrain-stale` does), or restore the settings they were trained with")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()  # evals written after this were made by this invocation (some when their run finished)
     candidates = train_jobs(settings)

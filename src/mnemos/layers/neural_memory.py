@@ -11,6 +11,12 @@ Choices the paper leaves open, and what this layer does:
   q and k, and on v with ``value_norm=True`` (the default): an MLP memory's inner problem is not scale-free, and
   values that outer training grows made it overflow (docs/MODELS.md, "Stability and write strength"); the read goes
   through an RMSNorm, so nothing downstream depends on the values' scale.
+- Initial q / k (``qk_init="successor"``, the default): W_k starts as a copy of W_q, and the conv with +1 on the
+  current token's tap for q and v and on the previous token's for k, so the key written at token t + 1 matches the
+  query of token t from the first step: the memory starts out storing each token's successor under that token's
+  query (MQAR's key -> value; an induction head's lookup in text). Outer training had to find that alignment itself
+  before: in one head of the first layer of every model that recalled, at a step that varied with the seed from
+  ~500 to beyond 6000 (docs/MODELS.md, "How the memory learns to recall"). ``"random"``: the plain inits.
 - Gates: a linear map of the layer input x (before the conv), with bias, one scalar per token and head:
   ``theta = max_lr * sigmoid(.) * (1 - eta)``, ``eta = sigmoid(.)``, ``alpha = sigmoid(.)``. The factor ``1 - eta``
   (``ema_momentum=True``, the default) makes the momentum an exponential moving average of the gradients, so a
@@ -148,6 +154,14 @@ class MemorySettings:
     # initialised to 1/i!, so that phi(q).phi(k) = sum_i a_i (q.k)^i (exp's Taylor series); 0: no feature map. Needs
     # residual=False (the features are not the values' dim)
     poly_degree: int = 0
+    # how the query and key projections start (init only; docs/MODELS.md, "How the memory learns to recall"):
+    # "successor": W_k starts as a copy of W_q, and the causal conv starts with +1 on the current token for the q
+    # and v channels and on the previous token for the k channels (on top of its random init), so that from the first
+    # step the key a token writes matches the query of the token before it: a later query for token a reads the value
+    # written by the token after a's last occurrence (MQAR's key -> value, an induction head's lookup). Without it
+    # that alignment had to be found by outer training, at a step that varied from ~500 to > 6000 with the seed.
+    # "random": nn.Linear's and nn.Conv1d's inits alone (the models before; the same random draws either way)
+    qk_init: Literal["successor", "random"] = "successor"
 
     def __post_init__(self):
         w = self._where
@@ -170,6 +184,11 @@ class MemorySettings:
             raise ValueError(f"{w}forget_bias must be a finite number, got {self.forget_bias!r}")
         if isinstance(self.poly_degree, bool) or not isinstance(self.poly_degree, int) or self.poly_degree < 0:
             raise ValueError(f"{w}poly_degree must be an int >= 0, got {self.poly_degree!r}")
+        if self.qk_init not in ("successor", "random"):
+            raise ValueError(f"{w}qk_init must be 'successor' or 'random', got {self.qk_init!r}")
+        if self.qk_init == "successor" and self.conv_size < 2:
+            raise ValueError(f"{w}qk_init='successor' needs {w}conv_size >= 2 (the key starts on the previous "
+                             f"token), got conv_size={self.conv_size}; or set {w}qk_init='random'")
         if self.poly_degree and self.residual:
             raise ValueError(f"{w}poly_degree={self.poly_degree} needs {w}residual=False: the memory's input, the "
                              "polynomial features of its keys, does not have the values' dim")
@@ -210,7 +229,7 @@ class NeuralMemory(nn.Module):
             ``rule`` (a preset name) and its axes ``loss``, ``p``, ``retention``, ``lq``, ``softmax_scale``,
             ``softmax_dim``, ``optimizer``, ``ns_steps``, ``window`` (None: the preset's), ``momentum``;
             ``forget_bias`` (the forgetting gate's initial bias); ``poly_degree`` (Atlas' polynomial features of q
-            and k).
+            and k); ``qk_init`` (how the q / k projections and the conv start).
 
     Attributes:
         memory_rule: the resolved :class:`mnemos.ops.MemoryRule` the memory runs.
@@ -263,6 +282,8 @@ class NeuralMemory(nn.Module):
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv = ShortConvolution(3 * inner, self.conv_size)
+        if self.qk_init == "successor":
+            self._successor_init()
         self.to_gates = nn.Linear(dim, (3 if self.momentum else 2) * H)  # theta, (eta,) alpha logits
         self.key_dim = sum(D**i for i in range(self.poly_degree + 1)) if self.poly_degree else D  # the memory's input
         widths = [self.key_dim] + [self.expansion * D] * (self.depth - 1) + [D]
@@ -305,6 +326,19 @@ class NeuralMemory(nn.Module):
             if proj is not None:  # delta = softplus(0.5413) = 1; gamma = sigmoid(-log(w - 1)) = 1 / w
                 nn.init.normal_(proj.weight, std=0.02)
                 nn.init.constant_(proj.bias, bias)
+
+    @torch.no_grad()
+    def _successor_init(self) -> None:
+        """``qk_init="successor"`` (see :class:`MemorySettings`): W_k := W_q, and +1 on the conv's tap of the current
+        token (q, v channels) or of the previous one (k channels). Draws no random numbers: the other parameters are
+        those of ``qk_init="random"`` under the same seed."""
+        inner = self.heads * self.head_dim
+        self.to_qkv.weight[inner:2 * inner] = self.to_qkv.weight[:inner]
+        w = self.conv.weight  # [3 * inner, 1, K]; tap K - 1 multiplies the current token, K - 2 the one before
+        K = w.shape[-1]
+        w[:inner, 0, K - 1] += 1.0
+        w[inner:2 * inner, 0, K - 2] += 1.0
+        w[2 * inner:, 0, K - 1] += 1.0
 
     # ------------------------------------------------------------------------------------------------------------------
 

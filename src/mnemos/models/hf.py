@@ -253,7 +253,9 @@ class MnemosForCausalLM(PreTrainedModel, GenerationMixin):
             if document_ids is not None:  # a document's first token is not predicted from the previous document
                 d = document_ids.to(logits.device)
                 targets = targets.masked_fill(d[:, 1:] != d[:, :-1], -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            scores = logits[:, :-1].flatten(0, 1)  # the loss in float32 at least (upcast half / bf16, keep float64)
+            scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+            loss = F.cross_entropy(scores, targets.flatten(), ignore_index=-100)
             aux = self.model.aux_loss()  # MoM's load-balancing loss (None for most variants)
             if aux is not None:
                 loss = loss + aux

@@ -106,7 +106,7 @@ def register_variant(spec: VariantSpec) -> VariantSpec:
         raise TypeError(f"spec must be a VariantSpec, got {type(spec).__name__}")
     if spec.name in VARIANT_REGISTRY:
         raise ValueError(f"variant {spec.name!r} is already registered")
-    unknown = set(spec.init_only) - set(spec.reads)
+    unknown = {f for f in spec.init_only if not spec.reads_field(f)}
     if unknown:
         raise ValueError(f"variant {spec.name!r}: init_only fields {sorted(unknown)} are not among its reads")
     VARIANT_REGISTRY[spec.name] = spec
@@ -157,6 +157,10 @@ def _transformer(c: MnemosConfig) -> nn.Module:
     return Attention(c.d_model, c.n_heads, rope_base=c.rope_base)
 
 
+# the memory.* fields of the Titans variants that only set an initialisation (resume ignores them)
+MEMORY_INIT_ONLY = ("memory.qk_init",)
+
+
 def _swa(c: MnemosConfig) -> nn.Module:
     return Attention(c.d_model, c.n_heads, window=c.window, rope_base=c.rope_base)
 
@@ -167,19 +171,20 @@ def _linear_recurrence(c: MnemosConfig) -> nn.Module:
 
 
 register_variant(VariantSpec(
-    "lmm", "titans", _lmm, NeuralMemoryState, "constant", ("memory", "num_persistent"),
+    "lmm", "titans", _lmm, NeuralMemoryState, "constant", ("memory", "num_persistent"), init_only=MEMORY_INIT_ONLY,
     summary="the neural memory alone as the mixer (persistent tokens written into it at stream start)"))
 register_variant(VariantSpec(
     "mac", "titans", _mac, MACState, "segment_len",
     ("memory", "segment_len", "num_persistent", "rope_base", "mac_memory_residual", "mac_attn_init_scale"),
-    init_only=("mac_attn_init_scale",), rope=True, summary="memory as a context: attention within a segment over retrieved and persistent tokens"))
+    init_only=("mac_attn_init_scale", *MEMORY_INIT_ONLY), rope=True, summary="memory as a context: attention within a segment over retrieved and persistent tokens"))
 register_variant(VariantSpec(
     "mag", "titans", _mag, MAGState, "window",
-    ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"), init_only=("mag_gate_bias",), rope=True,
+    ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"), init_only=("mag_gate_bias", *MEMORY_INIT_ONLY),
+    rope=True,
     summary="memory as a gate: sliding-window attention and the memory, mixed by a learned gate"))
 register_variant(VariantSpec(
     "mal", "titans", _mal, MALState, "window",
-    ("memory", "window", "num_persistent", "rope_base", "mal_memory_residual"), rope=True,
+    ("memory", "window", "num_persistent", "rope_base", "mal_memory_residual"), init_only=MEMORY_INIT_ONLY, rope=True,
     summary="memory as a layer: the memory, then sliding-window attention"))
 register_variant(VariantSpec(
     "transformer", "baseline", _transformer, FullKVCache, "tokens", ("rope_base",), rope=True,
@@ -265,15 +270,19 @@ _RULE_LMM_READS = tuple(f"memory.{f.name}" for f in fields(MemorySettings)
                         if f.name not in ("rule", "momentum", "impl")) + ("num_persistent",)
 register_variant(VariantSpec(
     "moneta", "titans", _rule_lmm("moneta", False), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    init_only=MEMORY_INIT_ONLY,
     summary="Moneta (Miras): the memory alone, lp loss (p 3), lq retention (q 4), plain gradient descent"))
 register_variant(VariantSpec(
     "yaad", "titans", _rule_lmm("yaad", False), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    init_only=MEMORY_INIT_ONLY,
     summary="Yaad (Miras): the memory alone, Huber loss with a learned threshold per token, plain gradient descent"))
 register_variant(VariantSpec(
     "memora", "titans", _rule_lmm("memora", False), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    init_only=MEMORY_INIT_ONLY,
     summary="Memora (Miras): the memory alone, KL retention (softmax rows), plain gradient descent"))
 register_variant(VariantSpec(
     "atlas", "titans", _rule_lmm("atlas", True), NeuralMemoryState, "constant", _RULE_LMM_READS,
+    init_only=MEMORY_INIT_ONLY,
     summary="Atlas: the memory alone, Omega window 4 with learned weights, Muon (Newton-Schulz) momentum"))
 
 
