@@ -596,10 +596,10 @@ def check_study_dir(settings: StudySettings, out: str | os.PathLike) -> None:
                          f"--out, or run the {old.get('size')!r} one ({flag.get(old.get('size'), '?')})")
 
 
-# run settings that :func:`train_one` sets per sitting, or that change how a run is logged and saved, not what it
-# learns (the study's first (64, 8) runs logged every 50 steps)
+# run settings that :func:`train_one` sets per sitting, that hold for one invocation (stop_after), or that change how
+# a run is logged and saved, not what it learns (the study's first (64, 8) runs logged every 50 steps)
 _NOT_COMPARED = {("run", "out_dir"), ("run", "progress"), ("run", "init_from"), ("run", "device"),
-                 ("run", "log_every"), ("run", "save_every")}
+                 ("run", "stop_after"), ("run", "log_every"), ("run", "save_every"), ("run", "tensorboard")}
 
 
 def _differences(want: Any, have: Any, path: tuple[str, ...] = ()) -> list[str]:
