@@ -602,6 +602,9 @@ _NOT_COMPARED = {("run", "out_dir"), ("run", "progress"), ("run", "init_from"), 
                  ("run", "stop_after"), ("run", "log_every"), ("run", "save_every"), ("run", "tensorboard")}
 
 
+_MISSING = object()
+
+
 def _differences(want: Any, have: Any, path: tuple[str, ...] = ()) -> list[str]:
     """The keys of ``want`` (nested dicts) whose value ``have`` does not hold, as ``a.b: want != have``; keys only
     ``have`` holds are not compared."""
@@ -618,15 +621,13 @@ def _differences(want: Any, have: Any, path: tuple[str, ...] = ()) -> list[str]:
     return []
 
 
-_MISSING = object()
-
-
 def stale_runs(settings: StudySettings, out: str | os.PathLike) -> dict[str, list[str]]:
     """The study's runs in ``out`` trained under other settings than this study gives them: ``{name: [differences]}``.
     Both configs are compared resolved (:class:`TrainConfig`, every default filled in; a model key an old config lacks
-    reads as the model it saved, :func:`~mnemos.models.config.saved_model_config`), so a changed schedule is caught, and so is a changed default of a field the run's model
-    reads (a run resumed under it would build another model than the one its checkpoint holds). Resuming a stale run would
-    continue an old schedule, and a finished one would be reported as this study's."""
+    reads as the model it saved, :func:`~mnemos.models.config.saved_model_config`), so a changed schedule is caught,
+    and so is a changed default of a field the run's model reads (a run resumed under it would build another model
+    than the one its checkpoint holds). Resuming a stale run would continue an old schedule, and a finished one would
+    be reported as this study's."""
     from mnemos.models.config import saved_model_config
     from mnemos.train.config import TrainConfig
 
@@ -657,19 +658,17 @@ def remove_stale_runs(settings: StudySettings, out: str | os.PathLike) -> list[s
     started from weights that will change) and the evaluations of all of these, so that the next invocation trains
     and evaluates them again. Returns the names of the runs removed."""
     out = Path(out)
-    trains = train_jobs(settings)
+    trains = {t.name: t for t in train_jobs(settings)}
     gone = set(stale_runs(settings, out))
     while True:  # a fine-tuning stage of a removed run, and its own stages
-        more = {t.name for t in trains if t.init_from in gone and (out / "runs" / t.name).exists()} - gone
+        more = {n for n, t in trains.items() if t.init_from in gone and (out / "runs" / n).exists()} - gone
         if not more:
             break
         gone |= more
     for name in sorted(gone):
         shutil.rmtree(out / "runs" / name, ignore_errors=True)
-        for t in trains:
-            if t.name == name:
-                for e in run_evals(settings, t):
-                    shutil.rmtree(out / "evals" / e.name, ignore_errors=True)
+        for e in run_evals(settings, trains[name]):
+            shutil.rmtree(out / "evals" / e.name, ignore_errors=True)
     return sorted(gone)
 
 
