@@ -201,10 +201,10 @@ def test_the_lr_is_chosen_on_the_first_seed_and_the_other_seeds_run_at_it_only(t
 
 def test_a_grid_point_with_its_own_lrs_sweeps_those(tmp_path):
     """``GridPoint.lrs``: that point trains (and chooses among) its own lrs, the others the study's; the full study
-    gives every point but (64, 8) the higher pair."""
+    gives every point the study's pair, 3e-3 and 1e-2."""
     import dataclasses
 
-    from mnemos.eval.study import HIGH_LRS, GridPoint, point_lrs, select_lrs, study_settings, train_jobs
+    from mnemos.eval.study import GridPoint, point_lrs, select_lrs, study_settings, train_jobs
 
     s = dataclasses.replace(TINY, models=("gated_deltanet",), passkey_models=(), capacity_models=(),
                             passkey_carry_models=(),
@@ -219,7 +219,7 @@ def test_a_grid_point_with_its_own_lrs_sweeps_those(tmp_path):
     assert set(table[("L32-K4", "gated_deltanet")]["by_lr"]) == {5e-3, 2e-2}
     full = study_settings("full")
     assert {p.key: point_lrs(full, p.key) for p in full.grid} == {
-        "L64-K4": HIGH_LRS, "L64-K8": (1e-3, 3e-3), "L128-K16": HIGH_LRS, "L256-K32": HIGH_LRS}
+        k: (3e-3, 1e-2) for k in ("L64-K4", "L64-K8", "L128-K16", "L256-K32")}
 
 
 def test_a_run_that_reaches_the_accuracy_threshold_stops_and_counts_as_finished(tmp_path, monkeypatch):
