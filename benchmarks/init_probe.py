@@ -8,7 +8,8 @@ The rows of docs/MODELS.md, "How the memory learns to recall": the recall study'
   previous token's for k), W_k left independent of W_q;
 - ``--theta-bias B``: the write gate's initial bias (0 in the library: theta at half its bound; 2: 0.88 of it);
 - ``--baselines``: the same ``--init`` applied to the delta-rule baselines' q / k projections and conv
-  (DeltaNet, Gated DeltaNet), which keep their papers' random init in the library.
+  (DeltaNet, Gated DeltaNet; ``successor`` is the library's ``model.delta_qk_init``, whose default is their papers'
+  random init).
 
     PYTHONPATH=src python benchmarks/init_probe.py \\
         results/study-recall/runs/mqar-L64-K8-lmm-d2-lr0.003-s2/config.json --init shift --out /tmp/probe
@@ -21,30 +22,16 @@ import json
 import sys
 
 import torch
-from torch import nn
 
-from mnemos.layers import neural_memory
+from mnemos.layers import neural_memory, successor_init_
 from mnemos.models import baselines
 from mnemos.train.config import TrainConfig
 from mnemos.train.loop import train
 
 
-@torch.no_grad()
-def shift_conv(to_qkv: nn.Linear, conv: nn.Module, copy_q_to_k: bool) -> None:
-    """The successor init on a [q, k, v] projection and its depthwise conv: +1 on the current token's tap for the q
-    and v channels, on the previous token's for k; with ``copy_q_to_k`` also W_k := W_q."""
-    inner = to_qkv.weight.shape[0] // 3
-    if copy_q_to_k:
-        to_qkv.weight[inner:2 * inner] = to_qkv.weight[:inner]
-    w = conv.weight  # [3 * inner, 1, K]; tap K - 1 multiplies the current token
-    K = w.shape[-1]
-    w[:inner, 0, K - 1] += 1.0
-    w[inner:2 * inner, 0, K - 2] += 1.0
-    w[2 * inner:, 0, K - 1] += 1.0
-
-
 def install(init: str, theta_bias: float | None, with_baselines: bool) -> None:
-    """Patch the layers' constructors of this process so that every model built after applies the probe's init."""
+    """Patch the layers' constructors of this process so that every model built after applies the probe's init (the
+    library's own settings, ``memory.qk_init`` and ``model.delta_qk_init``, go through the config: :func:`probe_config`)."""
     memory_init = neural_memory.NeuralMemory.reset_parameters
 
     def reset(self):
@@ -53,18 +40,29 @@ def install(init: str, theta_bias: float | None, with_baselines: bool) -> None:
             if theta_bias is not None:
                 self.to_gates.bias[:self.heads].fill_(theta_bias)
         if init == "shift":  # (qk_init is "random" for this one: the conv's part alone)
-            shift_conv(self.to_qkv, self.conv, copy_q_to_k=False)
+            successor_init_(self.to_qkv, self.conv, copy_q_to_k=False)
 
     neural_memory.NeuralMemory.reset_parameters = reset
-    if with_baselines and init in ("successor", "shift"):
+    if with_baselines and init == "shift":
         recurrence_init = baselines.LinearRecurrence.__init__
 
         def build(self, *args, **kw):
             recurrence_init(self, *args, **kw)
             if self.conv is not None:
-                shift_conv(self.to_qkv, self.conv, copy_q_to_k=init == "successor")
+                successor_init_(self.to_qkv, self.conv, copy_q_to_k=False)
 
         baselines.LinearRecurrence.__init__ = build
+
+
+def probe_config(d: dict, init: str, with_baselines: bool) -> dict:
+    """A run's config dict with the probe's init among the library's settings: ``memory.qk_init`` ("successor" for
+    ``--init successor``, else "random"), and with ``--baselines`` ``model.delta_qk_init`` likewise."""
+    d = json.loads(json.dumps(d))
+    model = d.setdefault("model", {})
+    model.setdefault("memory", {})["qk_init"] = "successor" if init == "successor" else "random"
+    if with_baselines:
+        model["delta_qk_init"] = "successor" if init == "successor" else "random"
+    return d
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps must be >= 1, got {args.steps}")
     with open(args.config) as f:
         d = json.load(f)
-    d.setdefault("model", {}).setdefault("memory", {})["qk_init"] = "successor" if args.init == "successor" else "random"
+    d = probe_config(d, args.init, args.baselines)
     d.setdefault("run", {}).update(out_dir=args.out, stop_after=args.steps, save_every=args.steps, progress=False)
     install(args.init, args.theta_bias, args.baselines)
     torch.set_num_threads(1)

@@ -54,12 +54,18 @@ def test_theta_bias_sets_the_write_gate_bias_only(restore):
 
 
 def test_baselines_get_the_successor_init_only_when_asked(restore):
+    """--baselines: successor goes through the library's model.delta_qk_init (the papers' init without it), shift
+    through the patch (the conv part alone)."""
+    d = {"model": {"variant": "gated_deltanet"}}
+    assert init_probe.probe_config(d, "successor", False)["model"] == {"variant": "gated_deltanet",
+                                                                      "memory": {"qk_init": "successor"}}
+    assert init_probe.probe_config(d, "successor", True)["model"]["delta_qk_init"] == "successor"
+    assert init_probe.probe_config(d, "shift", True)["model"]["delta_qk_init"] == "random"
+    assert d == {"model": {"variant": "gated_deltanet"}}  # (the caller's dict is left as it was)
     before = _params("gated_deltanet")
-    init_probe.install("successor", None, with_baselines=False)
+    init_probe.install("shift", None, with_baselines=False)
     assert all(torch.equal(v, before[k]) for k, v in _params("gated_deltanet").items())
-    init_probe.install("successor", None, with_baselines=True)
+    init_probe.install("shift", None, with_baselines=True)
     after = _params("gated_deltanet")
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
-    assert changed == ["blocks.0.mixer.conv.weight", "blocks.0.mixer.to_qkv.weight"]
-    W = after["blocks.0.mixer.to_qkv.weight"]
-    assert torch.equal(W[16:32], W[:16])
+    assert changed == ["blocks.0.mixer.conv.weight"]

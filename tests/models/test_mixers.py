@@ -145,6 +145,58 @@ def test_bad_kind_is_an_error():
         LinearRecurrence(32, 4, "mamba")
 
 
+@pytest.mark.parametrize("kind", ["deltanet", "gated_deltanet"])
+def test_delta_rule_successor_init_keys_the_next_token_under_this_tokens_query(kind):
+    """qk_init='successor' on a delta-rule baseline: the same random draws as 'random' (every other parameter equal
+    under one seed), W_k a copy of W_q, +1 on the conv's current-token tap for q and v and the previous token's for k;
+    with the conv's random part removed, the (normalised) key at token t + 1 equals the query at token t."""
+    torch.manual_seed(3)
+    succ = LinearRecurrence(24, 3, kind, conv_size=3, qk_init="successor").double()
+    torch.manual_seed(3)
+    rand = LinearRecurrence(24, 3, kind, conv_size=3).double()
+    inner = 24
+    diffs = {n for (n, p), (_, q) in zip(succ.named_parameters(), rand.named_parameters()) if not torch.equal(p, q)}
+    assert diffs == {"to_qkv.weight", "conv.weight"}
+    Wq, Wk, Wv = succ.to_qkv.weight.split(inner)
+    assert torch.equal(Wk, Wq) and torch.equal(Wq, rand.to_qkv.weight[:inner])
+    assert torch.equal(Wv, rand.to_qkv.weight[2 * inner:])
+    bump = (succ.conv.weight - rand.conv.weight)[:, 0]
+    expected = torch.zeros_like(bump)
+    expected[:inner, -1] = expected[2 * inner:, -1] = expected[inner:2 * inner, -2] = 1.0
+    torch.testing.assert_close(bump, expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        succ.conv.weight.copy_(expected[:, None])
+    q, k = succ.features(torch.randn(2, 7, 24, dtype=torch.float64))[:2]
+    torch.testing.assert_close(k[:, 1:], q[:, :-1], atol=1e-12, rtol=0)
+    assert not torch.allclose(k[:, 1:], q[:, 1:])
+
+
+def test_delta_qk_init_reaches_the_model_and_bad_values_are_errors():
+    """model.delta_qk_init builds DeltaNet / Gated DeltaNet blocks with the successor init (every layer), is an
+    initialisation only (resume ignores it), and is refused where it cannot apply."""
+    from mnemos.models import MnemosConfig, MnemosLM
+    from mnemos.models.config import INIT_ONLY_FIELDS, variant_reads
+
+    cfg = MnemosConfig(variant="gated_deltanet", vocab_size=16, d_model=16, n_layers=2, n_heads=2,
+                       delta_qk_init="successor")
+    for block in MnemosLM(cfg).blocks:
+        Wq, Wk, _ = block.mixer.to_qkv.weight.split(16)
+        assert torch.equal(Wq, Wk)
+    plain = MnemosLM(MnemosConfig(variant="deltanet", vocab_size=16, d_model=16, n_layers=1, n_heads=2))
+    Wq, Wk, _ = plain.blocks[0].mixer.to_qkv.weight.split(16)
+    assert not torch.equal(Wq, Wk)  # the papers' init by default
+    assert variant_reads("deltanet", "delta_qk_init") and not variant_reads("linear_attention", "delta_qk_init")
+    assert not variant_reads("lmm", "delta_qk_init") and "delta_qk_init" in INIT_ONLY_FIELDS
+    with pytest.raises(ValueError, match=r"model.delta_qk_init must be 'successor' or 'random', got 'next'"):
+        MnemosConfig(variant="deltanet", delta_qk_init="next")
+    with pytest.raises(ValueError, match=r"qk_init='successor' needs a delta rule's short conv of >= 2 taps"):
+        LinearRecurrence(16, 2, "linear_attention", qk_init="successor")
+    with pytest.raises(ValueError, match=r"conv_size=1"):
+        LinearRecurrence(16, 2, "deltanet", conv_size=1, qk_init="successor")
+    with pytest.raises(ValueError, match=r"qk_init must be one of"):
+        LinearRecurrence(16, 2, "deltanet", qk_init="shifted")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # MAC
 

@@ -2,7 +2,7 @@
 norms and rotary embeddings."""
 
 from .attention import Attention, causal_attention, causal_attention_reference
-from .conv import ShortConvolution
+from .conv import QK_INITS, ShortConvolution, successor_init_
 from .kv_cache import FullKVCache, KVCache, RollingKVCache
 from .neural_memory import MemorySettings, NeuralMemory, NeuralMemoryState
 from .norm import GatedRMSNorm, RMSNorm
@@ -10,5 +10,5 @@ from .rope import RotaryEmbedding
 
 __all__ = [
     "NeuralMemory", "NeuralMemoryState", "MemorySettings", "Attention", "causal_attention", "causal_attention_reference",
-    "KVCache", "FullKVCache", "RollingKVCache", "ShortConvolution", "RMSNorm", "GatedRMSNorm", "RotaryEmbedding",
+    "KVCache", "FullKVCache", "RollingKVCache", "ShortConvolution", "successor_init_", "QK_INITS", "RMSNorm", "GatedRMSNorm", "RotaryEmbedding",
 ]

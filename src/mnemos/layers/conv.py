@@ -70,3 +70,30 @@ class ShortConvolution(nn.Module):
         y = _CausalDepthwiseConv.apply(xt, self.weight[:, 0].to(x.dtype))  # [B, T, Ch]
         # a copy: a view would keep the whole call's input alive for as long as the state lives
         return y, xt[:, xt.shape[1] - (self.kernel_size - 1):].transpose(1, 2).contiguous()
+
+
+QK_INITS = ("successor", "random")
+
+
+@torch.no_grad()
+def successor_init_(to_qkv: nn.Linear, conv: ShortConvolution, *, copy_q_to_k: bool = True) -> None:
+    """The successor init of a ``[q; k; v]`` projection and the short conv after it (``memory.qk_init`` of the neural
+    memory, ``model.delta_qk_init`` of the delta-rule baselines): W_k := W_q (``copy_q_to_k``) and +1 on the conv's
+    tap of the current token for the q and v channels and of the previous token for the k channels, on top of their
+    random init. Then the key computed at token t + 1 starts equal to the query at token t, before any nonlinearity:
+    a write stores each token's successor under that token's query. Draws no random numbers. ``to_qkv`` must have
+    3 equal row blocks and ``conv`` a kernel of at least 2 taps."""
+    rows = to_qkv.weight.shape[0]
+    if rows % 3 or conv.weight.shape[0] != rows:
+        raise ValueError(f"successor_init_: to_qkv must have 3 equal row blocks matching the conv's channels, got "
+                         f"{rows} rows and {conv.weight.shape[0]} channels")
+    K = conv.weight.shape[-1]
+    if K < 2:
+        raise ValueError(f"successor_init_: the key starts on the previous token, so the conv needs >= 2 taps, got {K}")
+    inner = rows // 3
+    if copy_q_to_k:
+        to_qkv.weight[inner:2 * inner] = to_qkv.weight[:inner]
+    w = conv.weight  # [3 * inner, 1, K]; tap K - 1 multiplies the current token, K - 2 the one before
+    w[:inner, 0, K - 1] += 1.0
+    w[inner:2 * inner, 0, K - 2] += 1.0
+    w[2 * inner:, 0, K - 1] += 1.0

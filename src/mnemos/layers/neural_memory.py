@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from ..ops import RULES, MemoryRule, MemoryState, effective_weights, memory_read, neural_memory, step_curvature
 from ..ops.memory_rule import chunked_unsupported_reason, torch_unsupported_reason
-from .conv import ShortConvolution
+from .conv import QK_INITS, ShortConvolution, successor_init_
 from .norm import GatedRMSNorm
 
 
@@ -184,7 +184,7 @@ class MemorySettings:
             raise ValueError(f"{w}forget_bias must be a finite number, got {self.forget_bias!r}")
         if isinstance(self.poly_degree, bool) or not isinstance(self.poly_degree, int) or self.poly_degree < 0:
             raise ValueError(f"{w}poly_degree must be an int >= 0, got {self.poly_degree!r}")
-        if self.qk_init not in ("successor", "random"):
+        if self.qk_init not in QK_INITS:
             raise ValueError(f"{w}qk_init must be 'successor' or 'random', got {self.qk_init!r}")
         if self.qk_init == "successor" and self.conv_size < 2:
             raise ValueError(f"{w}qk_init='successor' needs {w}conv_size >= 2 (the key starts on the previous "
@@ -327,18 +327,10 @@ class NeuralMemory(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02)
                 nn.init.constant_(proj.bias, bias)
 
-    @torch.no_grad()
     def _successor_init(self) -> None:
-        """``qk_init="successor"`` (see :class:`MemorySettings`): W_k := W_q, and +1 on the conv's tap of the current
-        token (q, v channels) or of the previous one (k channels). Draws no random numbers: the other parameters are
-        those of ``qk_init="random"`` under the same seed."""
-        inner = self.heads * self.head_dim
-        self.to_qkv.weight[inner:2 * inner] = self.to_qkv.weight[:inner]
-        w = self.conv.weight  # [3 * inner, 1, K]; tap K - 1 multiplies the current token, K - 2 the one before
-        K = w.shape[-1]
-        w[:inner, 0, K - 1] += 1.0
-        w[inner:2 * inner, 0, K - 2] += 1.0
-        w[2 * inner:, 0, K - 1] += 1.0
+        """``qk_init="successor"`` (see :class:`MemorySettings`; :func:`~mnemos.layers.conv.successor_init_`). Draws
+        no random numbers: the other parameters are those of ``qk_init="random"`` under the same seed."""
+        successor_init_(self.to_qkv, self.conv)
 
     # ------------------------------------------------------------------------------------------------------------------
 

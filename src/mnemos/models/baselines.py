@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import GatedRMSNorm, ShortConvolution
+from ..layers import QK_INITS, GatedRMSNorm, ShortConvolution, successor_init_
 from ..ops import MemoryState, delta_rule, delta_rule_reference, neural_memory
 from .cache import RecurrentState
 
@@ -68,16 +68,25 @@ class LinearRecurrence(nn.Module):
         conv_size: width of the causal conv of the delta rules.
         impl: implementation of the rule (see :func:`mnemos.ops.neural_memory`); for the delta rules ``"reference"``
             selects :func:`mnemos.ops.delta_rule_reference` and anything else the chunked :func:`mnemos.ops.delta_rule`.
+        qk_init: ``"random"`` (the papers' init) or, for the delta rules, ``"successor"``: W_k starts as a copy of W_q
+            and the conv's key taps the previous token (:func:`mnemos.layers.successor_init_`, the neural memory's
+            default ``memory.qk_init``).
     """
 
     def __init__(
-        self, dim: int, heads: int, kind: Kind, *, chunk_size: int = 64, conv_size: int = 4, impl: str = "auto"
+        self, dim: int, heads: int, kind: Kind, *, chunk_size: int = 64, conv_size: int = 4, impl: str = "auto",
+        qk_init: str = "random",
     ):
         super().__init__()
         if kind not in ("linear_attention", "deltanet", "gated_deltanet"):
             raise ValueError(f"kind must be 'linear_attention', 'deltanet' or 'gated_deltanet', got {kind!r}")
         if dim % heads:
             raise ValueError(f"heads ({heads}) must divide dim ({dim})")
+        if qk_init not in QK_INITS:
+            raise ValueError(f"qk_init must be one of {QK_INITS}, got {qk_init!r}")
+        if qk_init == "successor" and (kind == "linear_attention" or conv_size < 2):
+            raise ValueError(f"qk_init='successor' needs a delta rule's short conv of >= 2 taps (the key starts on the "
+                             f"previous token); got kind={kind!r}, conv_size={conv_size}")
         self.dim, self.heads, self.head_dim, self.kind, self.impl = dim, heads, dim // heads, kind, impl
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
@@ -98,6 +107,8 @@ class LinearRecurrence(nn.Module):
         self.to_out_gate = nn.Linear(dim, inner, bias=False)
         self.out_norm = GatedRMSNorm(D)
         self.out_proj = nn.Linear(inner, dim, bias=False)
+        if qk_init == "successor":  # after every random draw: the other parameters are those of "random"
+            successor_init_(self.to_qkv, self.conv)
 
     # ------------------------------------------------------------------------------------------------------------------
 

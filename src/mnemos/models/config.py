@@ -280,6 +280,10 @@ class MnemosConfig(_ConfigBase):
     # step 1500: docs/MODELS.md)
     mac_attn_init_scale: float = 0.0
     rope_base: float = 10000.0
+    # DeltaNet's and Gated DeltaNet's q / k start: "random" (their papers') or "successor" (W_k a copy of W_q, the
+    # conv's key tap on the previous token: memory.qk_init's default for the Titans memory; docs/MODELS.md, "How the
+    # memory learns to recall")
+    delta_qk_init: str = "random"
     # long-term memory
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     # recurrent baselines' layers (each read only by its variant)
@@ -341,6 +345,8 @@ class MnemosConfig(_ConfigBase):
             raise ValueError(f"model.mac_attn_init_scale must be a finite number >= 0, got {self.mac_attn_init_scale}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"model.mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
+        if self.delta_qk_init not in ("successor", "random"):
+            raise ValueError(f"model.delta_qk_init must be 'successor' or 'random', got {self.delta_qk_init!r}")
         if not self.rope_base > 1:
             raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
         if not self.norm_eps > 0:

@@ -99,6 +99,7 @@ class MnemosHFConfig(PreTrainedConfig):
     mac_memory_residual: bool = True
     mac_attn_init_scale: float = 0.0
     rope_base: float = 10000.0
+    delta_qk_init: str = "random"
     memory: dict | None = None
     mamba2: dict | None = None
     based: dict | None = None

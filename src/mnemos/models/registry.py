@@ -167,7 +167,8 @@ def _swa(c: MnemosConfig) -> nn.Module:
 
 def _linear_recurrence(c: MnemosConfig) -> nn.Module:
     # its conv and impl; the chunk is the baseline's own (64: exact for any value)
-    return LinearRecurrence(c.d_model, c.n_heads, c.variant, conv_size=c.memory.conv_size, impl=c.memory.impl)
+    return LinearRecurrence(c.d_model, c.n_heads, c.variant, conv_size=c.memory.conv_size, impl=c.memory.impl,
+                            qk_init="random" if c.variant == "linear_attention" else c.delta_qk_init)
 
 
 register_variant(VariantSpec(
@@ -196,10 +197,12 @@ register_variant(VariantSpec(
     "linear_attention", "baseline", _linear_recurrence, RecurrentState, "constant", ("memory.impl",),
     summary="linear attention on the memory rule (computed in chunks of 64, exact for any chunk size)"))
 register_variant(VariantSpec(
-    "deltanet", "baseline", _linear_recurrence, RecurrentState, "constant", ("memory.conv_size", "memory.impl"),
+    "deltanet", "baseline", _linear_recurrence, RecurrentState, "constant",
+    ("memory.conv_size", "memory.impl", "delta_qk_init"), init_only=("delta_qk_init",),
     summary="DeltaNet (per-token delta rule, computed exactly in chunks of 64)"))
 register_variant(VariantSpec(
-    "gated_deltanet", "baseline", _linear_recurrence, RecurrentState, "constant", ("memory.conv_size", "memory.impl"),
+    "gated_deltanet", "baseline", _linear_recurrence, RecurrentState, "constant",
+    ("memory.conv_size", "memory.impl", "delta_qk_init"), init_only=("delta_qk_init",),
     summary="Gated DeltaNet (decayed delta rule, computed exactly in chunks of 64)"))
 
 
