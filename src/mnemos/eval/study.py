@@ -187,12 +187,12 @@ def study_settings(size: str = "full") -> StudySettings:
         # as the issue asks. At (128, 16) 6000 left the transformer at .946 and climbing and gated_deltanet at .090,
         # while 12000 took them to .994 (step 4750) and .991 (step 7500) — the shorter cosine decays too soon (probes
         # of session 17, docs/RESULTS.md); at (64, 8) 6000 left the transformer's seed 2 at .829 and climbing
-        # (session 19). 2048 tokens a step (batch 2048 / L) but 8192 at (256, 32): with 2048 the
-        # transformer was still on the plateau at step 12000 (.030, 1/K .031), with 8192 it left it at step ~2250 and
-        # passed .98 by 2750 (session 19). Runs stop at 0.99, so a model that learns sooner costs no more. Outer lrs 3e-3 and 1e-2 at every point: at (64, 4) the transformer sat on the
-        # 1/K plateau through 6000 steps at 1e-3 / 3e-3 (.253 / .276) and left it at 1e-2 (.992 at step 3250), and at
-        # (64, 8) lrs 1e-3 / 3e-3 left it below .99 on one seed of three (.829; session 19). 3 seeds at the main
-        # point, 1 elsewhere
+        # (session 19). 2048 tokens a step (batch 2048 / L) but 8192 at (256, 32): with 2048 the transformer was
+        # still on the plateau at step 12000 (.030, 1/K .031), with 8192 it left it at step ~2250 and passed .98 by
+        # 2750 (session 19). Runs stop at 0.99, so a model that learns sooner costs no more. Outer lrs 3e-3 and 1e-2
+        # at every point: at (64, 4) the transformer sat on the 1/K plateau through 6000 steps at 1e-3 / 3e-3 (.253 /
+        # .276) and left it at 1e-2 (.992 at step 3250), and at (64, 8) lrs 1e-3 / 3e-3 left it below .99 on one seed
+        # of three (.829; session 19). 3 seeds at the main point, 1 elsewhere
         return StudySettings(
             size="full",
             models=("transformer", "swa", "linear_attention", "deltanet", "gated_deltanet", "lmm-d1", "lmm-d1-eta0-c1",

@@ -282,8 +282,8 @@ class NeuralMemory(nn.Module):
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv = ShortConvolution(3 * inner, self.conv_size)
-        if self.qk_init == "successor":
-            self._successor_init()
+        if self.qk_init == "successor":  # draws no random numbers: the rest is "random"'s under the same seed
+            successor_init_(self.to_qkv, self.conv)
         self.to_gates = nn.Linear(dim, (3 if self.momentum else 2) * H)  # theta, (eta,) alpha logits
         self.key_dim = sum(D**i for i in range(self.poly_degree + 1)) if self.poly_degree else D  # the memory's input
         widths = [self.key_dim] + [self.expansion * D] * (self.depth - 1) + [D]
@@ -326,11 +326,6 @@ class NeuralMemory(nn.Module):
             if proj is not None:  # delta = softplus(0.5413) = 1; gamma = sigmoid(-log(w - 1)) = 1 / w
                 nn.init.normal_(proj.weight, std=0.02)
                 nn.init.constant_(proj.bias, bias)
-
-    def _successor_init(self) -> None:
-        """``qk_init="successor"`` (see :class:`MemorySettings`; :func:`~mnemos.layers.conv.successor_init_`). Draws
-        no random numbers: the other parameters are those of ``qk_init="random"`` under the same seed."""
-        successor_init_(self.to_qkv, self.conv)
 
     # ------------------------------------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..layers import MemorySettings
+from ..layers import QK_INITS, MemorySettings
 from .registry import COMMON_INIT_ONLY, VARIANT_REGISTRY, variant_spec
 from .registry import HYBRID, stack_reads_field, stack_variants
 
@@ -345,7 +345,7 @@ class MnemosConfig(_ConfigBase):
             raise ValueError(f"model.mac_attn_init_scale must be a finite number >= 0, got {self.mac_attn_init_scale}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"model.mlp_hidden must be None or >= 1, got {self.mlp_hidden}")
-        if self.delta_qk_init not in ("successor", "random"):
+        if self.delta_qk_init not in QK_INITS:
             raise ValueError(f"model.delta_qk_init must be 'successor' or 'random', got {self.delta_qk_init!r}")
         if not self.rope_base > 1:
             raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")

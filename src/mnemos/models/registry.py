@@ -177,7 +177,8 @@ register_variant(VariantSpec(
 register_variant(VariantSpec(
     "mac", "titans", _mac, MACState, "segment_len",
     ("memory", "segment_len", "num_persistent", "rope_base", "mac_memory_residual", "mac_attn_init_scale"),
-    init_only=("mac_attn_init_scale", *MEMORY_INIT_ONLY), rope=True, summary="memory as a context: attention within a segment over retrieved and persistent tokens"))
+    init_only=("mac_attn_init_scale", *MEMORY_INIT_ONLY), rope=True,
+    summary="memory as a context: attention within a segment over retrieved and persistent tokens"))
 register_variant(VariantSpec(
     "mag", "titans", _mag, MAGState, "window",
     ("memory", "window", "num_persistent", "rope_base", "mag_gate_bias"), init_only=("mag_gate_bias", *MEMORY_INIT_ONLY),
