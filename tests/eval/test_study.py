@@ -533,7 +533,7 @@ def test_targets_are_judged_from_constructed_results():
     from mnemos.eval.study import GridPoint, targets_section
 
     s = dataclasses.replace(study_settings("full"), grid=(GridPoint(64, 8, 128, 10, 32), GridPoint(64, 4, 128, 10, 32)),
-                            passkey_lengths=(16384, 1048576))
+                            passkey_lengths=(16384, 1048576), main_models=())
     at = {"seq_len": 64, "num_kv_pairs": 8, "vocab_size": 128}
     split = dict(near_correct=5, n_near=10, far_correct=1, n_far=90, chance=1 / 64)
     main = EvalResults([
@@ -598,6 +598,59 @@ def test_targets_are_judged_from_constructed_results():
                for r in judged)
     assert any(r.startswith("| zero skipped steps") and "3 in 1 finished runs" in r and r.endswith("**not met** |")
                for r in rows)
+
+
+def test_main_models_train_at_the_main_point_only_and_are_judged_with_the_others():
+    """``main_models`` (the one-head ablation): trained at the main point only, with its seeds and lrs; a Gated
+    DeltaNet among them gets its own equal-state row, and the extrapolation target is judged against the best
+    transformer measured, whichever head count."""
+    import dataclasses
+
+    from mnemos.eval.results import EvalResults
+    from mnemos.eval.study import GridPoint, planned, targets_section, train_jobs
+
+    s = dataclasses.replace(study_settings("full"), grid=(GridPoint(64, 8, 128, 10, 32, (0, 1)),
+                                                          GridPoint(64, 4, 128, 10, 32)),
+                            passkey_models=(), capacity_models=(), passkey_carry_models=())
+    assert s.point_models("L64-K8") == s.models + s.main_models and s.point_models("L64-K4") == s.models
+    jobs = planned(s, train_jobs(s), {})
+    one_head = [t for t in jobs if t.label in s.main_models]
+    assert one_head and {t.point for t in one_head} == {"L64-K8"}
+    assert len(one_head) == len(s.main_models) * 3  # 2 lrs at seed 0, the chosen one at seed 1
+    for t in one_head:
+        assert t.config["model"]["n_heads"] == 1 and t.config["model"]["d_model"] == s.d_model
+    lmm = next(t for t in one_head if t.label == "lmm-d1-eta0-c1-h1")
+    assert lmm.config["model"]["memory"] == {"depth": 1, "momentum": False, "chunk_size": 1}
+    assert all(t.config["model"]["n_heads"] == s.n_heads for t in jobs if t.label in s.models)
+    with pytest.raises(ValueError, match="not in models"):
+        dataclasses.replace(s, main_models=("lmm-d2",))
+    with pytest.raises(ValueError, match="distinct"):
+        dataclasses.replace(s, main_models=("gated_deltanet-h1", "gated_deltanet-h1"))
+    with pytest.raises(ValueError, match="unknown study models"):
+        dataclasses.replace(s, main_models=("lmm-h3",))
+
+    at = {"seq_len": 64, "num_kv_pairs": 8, "vocab_size": 128}
+    long = {**at, "seq_len": 1024}
+    main = EvalResults([_cell("mqar", "gated_deltanet", at, 96, 100, state=12800),
+                        _cell("mqar", "gated_deltanet-h1", at, 99, 100, state=37376),
+                        _cell("mqar", "lmm-d1-eta0-c1", at, 97, 100, state=12800),
+                        _cell("mqar", "lmm-d1-eta0-c1-h1", at, 98, 100, state=37376)])
+    extrap = EvalResults([_cell("mqar", "lmm-d1-h1", long, 96, 100), _cell("mqar", "transformer", long, 70, 100),
+                          _cell("mqar", "transformer-h1", long, 97, 100)])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in targets_section(s, main, extrap, {})
+            if line.startswith("| ") and not line.startswith("| target")}
+    verdict = {k: v.rstrip(" |").rsplit(" | ", 1)[1] for k, v in rows.items()}
+    every = len([m for m in s.point_models("L64-K8") if m.startswith(("lmm", "mac", "mag", "mal"))])
+    assert "lmm-d1-eta0-c1 0.970" in rows["MQAR (64, 8): a Titans model ≥ gated_deltanet at ≤ its state"]
+    one = rows["MQAR (64, 8): a Titans model ≥ gated_deltanet-h1 at ≤ its state"]
+    assert "lmm-d1-eta0-c1-h1 0.980" in one and f"(2 of the {every} Titans models" in one
+    assert verdict["MQAR (64, 8): a Titans model ≥ gated_deltanet-h1 at ≤ its state"] == "not run yet"
+    assert "MQAR (64, 4): a Titans model ≥ gated_deltanet-h1 at ≤ its state" not in rows
+    ext = "extrapolation: a Titans model trained at L 64 ≥ 0.95 at L 1024, above the transformer"
+    assert rows[ext].startswith(f"| {ext} | lmm-d1-h1 0.960, transformer-h1 0.970 |") and verdict[ext] == "**not met**"
+    extrap.cells.pop()  # without the one-head transformer: above the four-head one
+    rows = [r for r in targets_section(s, main, extrap, {}) if r.startswith(f"| {ext}")]
+    assert rows == [f"| {ext} | lmm-d1-h1 0.960, transformer 0.700 | met |"]
 
 
 def test_leaving_the_plateau_table_reads_each_seed_at_the_early_steps(tmp_path):
