@@ -77,6 +77,7 @@ MODELS: dict[str, dict[str, Any]] = {
     # length extrapolation (docs/RESULTS.md, "Length extrapolation and the head size")
     "lmm-d1-h1": {"variant": "lmm", "n_heads": 1, "memory": {"depth": 1}},
     "lmm-d1-eta0-c1-h1": {"variant": "lmm", "n_heads": 1, "memory": {"depth": 1, "momentum": False, "chunk_size": 1}},
+    "deltanet-h1": {"variant": "deltanet", "n_heads": 1},
     "gated_deltanet-h1": {"variant": "gated_deltanet", "n_heads": 1},
     "transformer-h1": {"variant": "transformer", "n_heads": 1},
     # two memory sizes of the depth-2 LMM, for the passkey capacity
@@ -225,7 +226,7 @@ def study_settings(size: str = "full") -> StudySettings:
             main=(64, 8), lrs=(3e-3, 1e-2),
             # one head of 64 channels instead of four of 16, at (64, 8) only: with it both the Titans memory and
             # Gated DeltaNet held far more of their accuracy at L 1024 in session 20's probes (docs/RESULTS.md)
-            main_models=("lmm-d1-h1", "lmm-d1-eta0-c1-h1", "gated_deltanet-h1", "transformer-h1"),
+            main_models=("lmm-d1-h1", "lmm-d1-eta0-c1-h1", "gated_deltanet-h1", "deltanet-h1", "transformer-h1"),
             # in training order: the default-size memory, its recurrent and windowed baselines, then the small memory
             passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1"),
             capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet"),
