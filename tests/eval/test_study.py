@@ -619,6 +619,14 @@ def test_main_models_train_at_the_main_point_only_and_are_judged_with_the_others
     assert len(one_head) == len(s.main_models) * 3  # 2 lrs at seed 0, the chosen one at seed 1
     for t in one_head:
         assert t.config["model"]["n_heads"] == 1 and t.config["model"]["d_model"] == s.d_model
+        # the whole schedule of main_models_steps, no stop at 0.99 (the grid's runs keep theirs)
+        assert t.config["run"]["steps"] == s.main_models_steps == 6000 and t.config["run"]["stop_at_accuracy"] == 0
+    assert all(t.config["run"]["steps"] == 10 and t.config["run"]["stop_at_accuracy"] == 0.99
+               for t in jobs if t.label not in s.main_models)
+    assert {t.config["run"]["steps"] for t in planned(dataclasses.replace(s, main_models_steps=0), train_jobs(
+        dataclasses.replace(s, main_models_steps=0)), {}) if t.label in s.main_models} == {10}
+    with pytest.raises(ValueError, match="main_models_steps must be an int >= 0"):
+        dataclasses.replace(s, main_models_steps=-1)
     lmm = next(t for t in one_head if t.label == "lmm-d1-eta0-c1-h1")
     assert lmm.config["model"]["memory"] == {"depth": 1, "momentum": False, "chunk_size": 1}
     assert all(t.config["model"]["n_heads"] == s.n_heads for t in jobs if t.label in s.models)
