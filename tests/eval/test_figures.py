@@ -100,7 +100,7 @@ def test_study_figures(tmp_path):
         run.mkdir(parents=True)
         rows = [{"step": s, "split": "val", "val_accuracy": rng.random()} for s in range(100, 20001, 100)]
         run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    settings = SimpleNamespace(models=labels, main=(64, 4), stop_at_accuracy=0.99)
+    settings = SimpleNamespace(models=labels, main=(64, 4), stop_at_accuracy=0.99, point_models=lambda key: labels)
     chosen = {("L64-K4", label): {"lr": 1e-3} for label in labels}
     lengths = [64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384]
     extrap = EvalResults([_cell("mqar", label, {"seq_len": L, "num_kv_pairs": 4, "vocab_size": 8192},
