@@ -23,7 +23,7 @@ def _scan(inputs_row, labels_row, K):
     return table, scored
 
 
-@pytest.mark.parametrize("noise", ["zoology", "disjoint"])
+@pytest.mark.parametrize("noise", ["zoology", "disjoint", "values"])
 @pytest.mark.parametrize("L,K", [(64, 4), (128, 8), (96, 24), (33, 8)])
 def test_labels_point_at_the_values_of_queried_keys(L, K, noise):
     V = 512
@@ -40,7 +40,7 @@ def test_labels_point_at_the_values_of_queried_keys(L, K, noise):
             assert t >= 2 * K and (t - 2 * K) % 2 == 0  # query slots follow the context at even offsets
             assert table[key] == label
         repeats = sum(tok in table for tok in inputs[n, 2 * K :].tolist()) - K  # keys in the noise, unscored
-        assert repeats == 0 if noise == "disjoint" else repeats >= 0
+        assert repeats == 0 if noise != "zoology" else repeats >= 0
 
 
 def test_blank_non_queries_are_zero():
@@ -213,6 +213,29 @@ def test_noise_modes_share_context_queries_and_labels():
     assert not ((di[:, 2 * K :, None] == keys[:, None, :]).any(-1) & ~scored[:, 2 * K :]).any()
 
 
+def test_values_noise_holds_no_key_id_and_shares_everything_else():
+    """``noise="values"``: after the context every token but the planted queries is a value id, uniform over them;
+    the context, the queries and the labels are the disjoint mode's for the same seed."""
+    V, L, K, N = 128, 1024, 8, 300
+    vi, vl = MQARConfig(vocab_size=V, seq_len=L, num_kv_pairs=K, num_examples=N, noise="values").build(seed=7)
+    di, dl = MQARConfig(vocab_size=V, seq_len=L, num_kv_pairs=K, num_examples=N, noise="disjoint").build(seed=7)
+    scored = vl != IGNORE_INDEX
+    assert torch.equal(vl, dl) and torch.equal(vi[:, : 2 * K], di[:, : 2 * K]) and torch.equal(vi[scored], di[scored])
+    noise = vi[:, 2 * K :][~scored[:, 2 * K :]]
+    assert int(noise.min()) >= V // 2 and int(noise.max()) < V  # no key id, no blank
+    assert ((di[:, 2 * K :][~scored[:, 2 * K :]]) < V // 2).float().mean() > 0.4  # disjoint's noise has them
+    counts = np.bincount(noise.numpy() - V // 2, minlength=V // 2) / noise.numel()
+    assert _within(counts, np.full(V // 2, 2 / V), noise.numel(), noise.numel()).all()  # uniform over the values
+    # a key id follows the context only as a planted query
+    after = vi[:, 2 * K :]
+    assert torch.equal(after < V // 2, scored[:, 2 * K :])
+    # a diagnostic for evals, not a training task
+    from mnemos.train.config import TaskConfig
+
+    with pytest.raises(ValueError, match=r"task.noise must be one of \('zoology', 'disjoint'\), got 'values'"):
+        TaskConfig(kind="mqar", noise="values")
+
+
 def test_disjoint_noise_is_unchanged():
     """``noise="disjoint"`` is bit for bit the generator before ``noise`` existed (outputs recorded then)."""
     inputs, labels = MQARConfig(vocab_size=32, seq_len=20, num_kv_pairs=3, num_examples=2,
@@ -230,7 +253,7 @@ def test_disjoint_noise_is_unchanged():
 
 @pytest.mark.parametrize("noise", ["Zoology", "uniform", "", None, 1])
 def test_bad_noise_names_the_field_and_choices(noise):
-    with pytest.raises(ValueError, match=r"noise must be one of 'zoology', 'disjoint'"):
+    with pytest.raises(ValueError, match=r"noise must be one of 'zoology', 'disjoint', 'values'"):
         MQARConfig(noise=noise)
 
 

@@ -9,7 +9,9 @@ context. Keys come from the lower half of the vocabulary (token 0 excluded, it i
 (``zoology/data/multiquery_ar.py``, ``multiquery_ar``): uniform over the whole vocabulary, so noise may repeat a
 key of the sample, unscored. ``noise="disjoint"`` keeps the sample's keys out of the noise: every key after the
 context is then a scored query and nothing overwrites a stored pair, an easier task whose scores do not compare with
-Zoology's at large K or L.
+Zoology's at large K or L. ``noise="values"`` draws it from the value ids only: no key id at all after the context
+but the planted queries, so the noise holds no key-then-value bigram that looks like a pair (a diagnostic of what
+those cost a recurrent memory past its training length, docs/RESULTS.md; not a training task).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ __all__ = ["IGNORE_INDEX", "MQARConfig", "MQAR_EXTRAPOLATION_GRID", "MQAR_NOISE"
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 # How the tokens after the context that are not queries are drawn (MQARConfig.noise).
-MQAR_NOISE: tuple[str, ...] = ("zoology", "disjoint")
+MQAR_NOISE: tuple[str, ...] = ("zoology", "disjoint", "values")
 
 # (seq_len, num_kv_pairs) of Zoology's MQAR training grid (vocab 8192): one kv pair per 16 tokens.
 MQAR_ZOOLOGY_GRID: tuple[tuple[int, int], ...] = ((64, 4), (128, 8), (256, 16))
@@ -55,7 +57,9 @@ class MQARConfig:
       sample's keys (or values, or 0); such a repeat is not scored (only the planted queries are) and, followed by
       a random token, can overwrite what a recurrent model stored for that key. ``noise="disjoint"``: uniform over
       ``[0, V)`` minus the sample's own keys, so every key after the context is a scored query (the easier task).
-      Keys, values, query slots and labels are the same in both modes for the same seed; only the noise differs.
+      ``noise="values"``: uniform over the value ids ``[V // 2, V)``, so no key id but the queries follows the
+      context (no noise bigram looks like a key-value pair).
+      Keys, values, query slots and labels are the same in every mode for the same seed; only the noise differs.
 
     Worked example (V = 16, K = 3, L = 12; keys in 1..7, values in 8..15)::
 
@@ -143,6 +147,8 @@ class MQARConfig:
         if self.random_non_queries:  # the query slots are overwritten next
             if self.noise == "zoology":
                 inputs[:, 2 * K :] = rng.integers(0, V, size=(N, L - 2 * K))
+            elif self.noise == "values":
+                inputs[:, 2 * K :] = rng.integers(half, V, size=(N, L - 2 * K))
             else:
                 inputs[:, 2 * K :] = _noise_without(keys, V, (N, L - 2 * K), rng)
         inputs[rows, query_pos] = keys

@@ -31,6 +31,7 @@ from mnemos.checkpoint import read_trainer_state
 from mnemos.data import (
     IGNORE_INDEX,
     MQAR_EXTRAPOLATION_GRID,
+    MQAR_NOISE,
     MQAR_ZOOLOGY_GRID,
     MQARConfig,
     mqar_grid,
@@ -84,9 +85,10 @@ class MQARTask(EvalTask):
                             help="per grid point (default %(default)s)")
         parser.add_argument("--power-a", type=float, default=None,
                             help=f"query position power law (default: {ckpt} {d['power_a']})")
-        parser.add_argument("--noise", choices=("zoology", "disjoint"), default=None,
-                            help=f"noise tokens: as Zoology (may repeat keys) or disjoint from the keys (default: "
-                                 f"{ckpt} {d['noise']})")
+        parser.add_argument("--noise", choices=MQAR_NOISE, default=None,
+                            help=f"noise tokens: as Zoology (may repeat keys), disjoint from the sample's keys, or "
+                                 f"value ids only (no key-value bigram in the noise; a diagnostic) (default: {ckpt} "
+                                 f"{d['noise']})")
         parser.add_argument("--reach", type=reach_arg, default="auto", metavar="N|auto|none",
                             help="split accuracy at queries whose key is <= N tokens back (near) or further (far); "
                                  "auto (default): the reach n_layers * (window - 1) of the sliding-window models "
