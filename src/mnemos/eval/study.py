@@ -201,12 +201,15 @@ class StudySettings:
                 raise ValueError(f"passkey_carry_stages: each stage is (windows >= 2, steps, a multiple of windows), "
                                  f"got {stage!r}")
 
+    @property
+    def main_key(self) -> str:
+        """The main point's ``GridPoint.key``."""
+        return f"L{self.main[0]}-K{self.main[1]}"
 
     def point_models(self, key: str) -> tuple[str, ...]:
         """The models trained at grid point ``key`` (``GridPoint.key``): ``models``, and ``main_models`` at the
         main point."""
-        main = f"L{self.main[0]}-K{self.main[1]}"
-        return self.models + self.main_models if key == main else self.models
+        return self.models + self.main_models if key == self.main_key else self.models
 
 
 def study_settings(size: str = "full") -> StudySettings:
@@ -1058,7 +1061,7 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, tar
                      "never). " if s.stop_at_accuracy > 0 else "")
                   + (f"The main-point-only models ({', '.join(s.main_models)}) train their whole "
                      f"{s.main_models_steps or p.steps}-step schedule (no stop; 'reached' read from their logs). "
-                     if s.main_models and p.key == f"L{s.main[0]}-K{s.main[1]}" else "")
+                     if s.main_models and p.key == s.main_key else "")
                   + "At the chosen lr: accuracy near / "
                   "far (the queried key within / beyond n_layers·(window−1) tokens), the share of answers that are a "
                   "context value, and the 1/K level (a random context value's accuracy).", "",
@@ -1139,7 +1142,8 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
                     at[label].accuracy >= level if label in at else None)
         here = s.point_models(g.key)
         # against every Gated DeltaNet trained here (the one-head ablation at the main point too)
-        for gdn_label in [m for m in here if MODELS[m]["variant"] == "gated_deltanet"] * any(map(_titans, here)):
+        gdn_labels = [m for m in here if MODELS[m]["variant"] == "gated_deltanet"] if any(map(_titans, here)) else []
+        for gdn_label in gdn_labels:
             titans = [p for m, p in at.items() if _titans(m)]
             target = f"{where}: a Titans model ≥ {gdn_label} at ≤ its state"
             if gdn_label not in at or not titans:
@@ -1173,7 +1177,7 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
     # above the best transformer measured (the one-head ablation's too, where the study trains it)
     tfs = [p for m, p in at_longest.items() if MODELS[base_label(m)]["variant"] == "transformer"]
     target = f"extrapolation: a Titans model trained at L {s.main[0]} ≥ 0.95 at L {longest}, above the transformer"
-    main_models = s.point_models(f"L{s.main[0]}-K{s.main[1]}")
+    main_models = s.point_models(s.main_key)
     if "transformer" not in main_models or not any(map(_titans, main_models)):
         pass
     elif not titans or not tfs:
