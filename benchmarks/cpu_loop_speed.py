@@ -4,12 +4,15 @@ backward (training), at a few shapes.
 
 Method: for each shape every variant runs once to warm up, then ``--repeats`` rounds alternate the two loops; the
 best round's time is reported with the ratio. Inputs as the Titans layer makes them (unit-norm queries and keys),
-memory depth 2, expansion 4, head dim 16, 4 heads, ``normalize_step`` on (the models' default), float32, one thread
-unless ``--threads``.
+memory depth 2, expansion 4, head dim 16 (``--head-dim``), 4 heads (``--heads``), ``normalize_step`` on (the models'
+default), float32, one thread unless ``--threads``. ``--no-speed-rule`` runs the compiled loop even where
+``cpu_scan.unsupported_reason`` would send a large state to the torch loop (to measure where that rule should sit).
+The kernel's vector width is the build's (``MNEMOS_VECTOR_BYTES`` overrides it; the header line prints it).
 
 Usage:
     python benchmarks/cpu_loop_speed.py
     python benchmarks/cpu_loop_speed.py --shapes 32x68x4 1x4096x4 --repeats 7
+    MNEMOS_VECTOR_BYTES=64 python benchmarks/cpu_loop_speed.py --head-dim 64 --shapes 2x2048x16 --no-speed-rule
 """
 
 from __future__ import annotations
@@ -53,16 +56,23 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="BxTxC: batch, tokens, chunk size")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--no-speed-rule", action="store_true",
+                   help="run the compiled loop at every shape (lift cpu_scan.GROUP_STATE_LIMIT)")
     args = p.parse_args(argv)
+    if args.no_speed_rule:
+        cpu_scan.GROUP_STATE_LIMIT = float("inf")
     torch.set_num_threads(args.threads)
     if cpu_scan.unavailable_reason() is not None:
         p.error(f"the compiled loop is unavailable: {cpu_scan.unavailable_reason()}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s); best of {args.repeats} interleaved rounds\n")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.heads} heads of {args.head_dim}, kernel groups "
+          f"of {cpu_scan.lanes(torch.float32)} rows (float32); best of {args.repeats} interleaved rounds\n")
     print("| batch x tokens, chunk | pass | compiled ms | torch loop ms | torch / compiled |")
     print("|---|---|---|---|---|")
     for shape in args.shapes:
         B, T, C = (int(v) for v in shape.split("x"))
-        x = inputs(B, T)
+        x = inputs(B, T, H=args.heads, D=args.head_dim)
         for backward in (False, True):
             best = {True: float("inf"), False: float("inf")}
             for on in (True, False):  # warm-up

@@ -264,16 +264,44 @@ def test_lanes_round_trip(rows, width):
 
 
 def test_large_states_at_long_chunks_take_the_torch_loop():
-    """The speed rule: a 4 MiB group state at chunk 16 runs compiled when its 16 lanes are full, not when half are
+    """The speed rule: a 4 MiB group state at chunk 16 runs compiled when its lanes are full, not when half are
     empty; at chunk 4, or for a small state, it runs compiled either way."""
     opts = dict(residual=True, activation="gelu", loss="l2")
-    big = 2 * (256 * 64) * 2  # head dim 64, expansion 4, depth 2: one row's [W; S]
+    width = cpu_scan.lanes(torch.float32)  # 16 with AVX-512, else 8
+    big = cpu_scan.GROUP_STATE_LIMIT // (4 * width)  # one row's [W; S] elements: a full group holds exactly the limit
     reason = lambda n, rows, state: cpu_scan.unsupported_reason(  # noqa: E731
         torch.device("cpu"), torch.float32, 2, n, opts, window=False, delta=False, rows=rows, state=state)
     ok = cpu_scan.unavailable_reason()
-    assert reason(16, 16, big) == ok
-    assert "runs faster in the torch loop" in reason(16, 8, big)
-    assert reason(4, 8, big) == ok and reason(16, 8, 4096) == ok
+    assert reason(16, width, big) == ok and reason(16, 2 * width, big) == ok
+    assert "runs faster in the torch loop" in reason(16, width // 2, big)
+    assert "runs faster in the torch loop" in reason(16, width, 2 * big)
+    assert reason(4, width // 2, big) == ok and reason(16, width // 2, 4096) == ok
+
+
+def test_the_vector_width_follows_the_build(tmp_path):
+    """MNEMOS_VECTOR_BYTES builds the kernel at that width, the module lays tensors out in as many lanes, and the
+    compiled loop equals the torch loop in float64 at that width (a fresh process each: the library is loaded once
+    per process); a bad value is refused by name."""
+    code = ("import torch; from mnemos.ops import neural_memory_chunked as op; from mnemos.ops.memory_rule import cpu_scan\n"
+            "g = torch.Generator().manual_seed(0); B, T, H, D = 3, 13, 2, 5  # 6 rows: groups part-filled at any width\n"
+            "x = [torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3)]\n"
+            "gates = [0.3 * torch.rand(B, T, H, generator=g, dtype=torch.float64) for _ in range(3)]\n"
+            "W = (torch.randn(H, 4 * D, D, generator=g, dtype=torch.float64) / 3, "
+            "torch.randn(H, D, 4 * D, generator=g, dtype=torch.float64) / 5)\n"
+            "outs = []\n"
+            "for on in (True, False):\n"
+            "    with cpu_scan.cpu_kernel(on):\n"
+            "        outs.append(op(*x, *gates, W, chunk_size=4, normalize_step=True)[0])\n"
+            "assert (outs[0] - outs[1]).abs().max() < 1e-12, (outs[0] - outs[1]).abs().max()\n"
+            "print(cpu_scan.unavailable_reason(), cpu_scan.lanes(torch.float32), cpu_scan.lanes(torch.float64))")
+    env = {**os.environ, "MNEMOS_CACHE_DIR": str(tmp_path)}
+    # 16 bytes: not the native width anywhere it is tested (32 or 64), 4 / 2 lanes; one build (~5-30 s)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MNEMOS_VECTOR_BYTES": "16"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["None", "4", "2"], out
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "MNEMOS_VECTOR_BYTES": "48"},
+                         capture_output=True, text=True)
+    assert "MNEMOS_VECTOR_BYTES must be 16, 32 or 64" in bad.stdout + bad.stderr
 
 
 @pytest.mark.parametrize("change,match", [

@@ -3,8 +3,8 @@
 // Same math, stage for stage, as torch_scan.py (anchor_forward, _read_forward, _state_forward and _chunk_backward;
 // derivation: docs/MEMORY_RULE.md). What differs is how the work is laid out. The torch loop runs ~100 tensor ops per
 // chunk over every (sequence, head) row's state at once: PyTorch's per-op dispatch and its passes over 1-2 MiB of
-// state were most of its time (docs/PERFORMANCE.md). Here a thread walks the chunks of a *group* of rows, 16 rows
-// for float32 (8 for float64): every quantity of the chunk (a token's key, a weight of the state, a gate) is held as
+// state were most of its time (docs/PERFORMANCE.md). Here a thread walks the chunks of a *group* of rows, one
+// vector's lanes (16 float32 with AVX-512, 8 without): every quantity of the chunk (a token's key, a weight of the state, a gate) is held as
 // one SIMD vector with one lane per row, so every product and every elementwise function is lane-wise (no horizontal
 // sums, no layout transposes), and the group's state stays in the core's L2 while its chunks go by.
 //
@@ -46,21 +46,34 @@ struct Spec {
   int act, loss;
 };
 
-// one vector of lanes (rows), 64 bytes: every tensor the kernel touches starts on a 64-byte boundary (cpu_scan.py
-// checks) and every offset into it is a whole number of vectors
+// one vector of lanes (rows), MNEMOS_VECTOR_BYTES wide: the machine's widest vector register where it has 512-bit
+// ones (-march=native defines __AVX512F__), else 32 bytes (AVX2's; on a CPU without AVX-512 a 64-byte vector is two
+// registers, and the kernel's loops of many live vectors spill: docs/PERFORMANCE.md, "The compiled CPU loop"). Every
+// tensor the kernel touches starts on a 64-byte boundary (cpu_scan.py checks) and every offset into it is a whole
+// number of vectors. cpu_scan.py reads the lane counts back (mnemos_scan_lanes_*) to lay its tensors out.
+#ifndef MNEMOS_VECTOR_BYTES
+#if defined(__AVX512F__)
+#define MNEMOS_VECTOR_BYTES 64
+#else
+#define MNEMOS_VECTOR_BYTES 32
+#endif
+#endif
+constexpr int kVectorBytes = MNEMOS_VECTOR_BYTES;
+static_assert(kVectorBytes == 16 || kVectorBytes == 32 || kVectorBytes == 64, "MNEMOS_VECTOR_BYTES: 16, 32 or 64");
+
 template <typename T>
 struct Lanes;
 template <>
 struct Lanes<float> {
-  static constexpr int N = 16;
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int N = kVectorBytes / 4;
+  typedef float V __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t I __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct Lanes<double> {
-  static constexpr int N = 8;
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
+  static constexpr int N = kVectorBytes / 8;
+  typedef double V __attribute__((vector_size(kVectorBytes)));
+  typedef int64_t I __attribute__((vector_size(kVectorBytes)));
 };
 
 template <typename V>

@@ -2,12 +2,15 @@
 
 On CPU tensors the torch path's chunk loop (``torch_scan.py``) spends most of its time in PyTorch's per-op dispatch
 and in passes over every row's state, not in arithmetic (docs/PERFORMANCE.md). ``cpu_scan.cpp`` runs the same three
-stages and their reverse for groups of 16 (sequence, head) rows at a time (8 in float64), one row per SIMD lane, with
-the group's state kept in cache, and is what the torch path runs on a CPU whenever it can:
+stages and their reverse for a group of (sequence, head) rows at a time, one row per SIMD lane (a group is one vector:
+16 float32 / 8 float64 rows on a CPU with AVX-512, 8 / 4 elsewhere), with the group's state kept in cache, and is what
+the torch path runs on a CPU whenever it can:
 
 - **built on first use** with the system's C++ compiler (``$CXX``, else ``c++`` / ``g++``; ~5 s), into
   ``$MNEMOS_CACHE_DIR`` (default ``~/.cache/mnemos``) under a name that hashes the source, the flags, the compiler
-  and the CPU, and loaded with ctypes: no build step at install and no dependency but a compiler;
+  and the CPU, and loaded with ctypes: no build step at install and no dependency but a compiler. Its vector width
+  is the CPU's: 64 bytes with AVX-512, else 32 (a 64-byte build on an AVX2-only CPU ran 2-7x slower than the 32-byte
+  one, slower than the torch loop: docs/PERFORMANCE.md); ``MNEMOS_VECTOR_BYTES`` (16, 32, 64) overrides it;
 - **covers** window 1, the losses l2 and dot, the activations gelu and silu, with or without ``normalize_step``,
   float32 and float64, depth <= 8 and chunks <= 256 tokens; anything else, a missing compiler or a failed build runs
   the torch loop (the reason is in :func:`unavailable_reason`, and a failed build warns once);
@@ -46,17 +49,32 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_scan.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+def _flags() -> tuple[str, ...]:
+    """The build's flags: :data:`FLAGS`, and the vector width in bytes when ``MNEMOS_VECTOR_BYTES`` (16, 32 or 64) is
+    set; unset, the kernel takes 64 on a CPU with AVX-512 and 32 elsewhere (``cpu_scan.cpp``, "one vector of lanes")."""
+    width = os.environ.get("MNEMOS_VECTOR_BYTES", "").strip()
+    if not width:
+        return FLAGS
+    if width not in ("16", "32", "64"):
+        raise ValueError(f"MNEMOS_VECTOR_BYTES must be 16, 32 or 64, got {width!r}")
+    return (*FLAGS, f"-DMNEMOS_VECTOR_BYTES={width}")
+
+
 ACTIVATIONS = {"gelu": 0, "silu": 1}
 LOSSES = {"l2": 0, "dot": 1}
 MAX_DEPTH, MAX_CHUNK = 8, 256
 # At chunks of 16 or more the torch loop's big products run near the machine's matmul rate and the compiled loop's
 # passes over a group's state leave the L2: above this many bytes of state per real row's share of a group, the torch
 # loop is at least as fast (measured, one thread: head dim 64, expansion 4, chunk 16, 4 MiB per group, all 16 lanes
-# filled: compiled 1.13x faster; 8 rows in a group of 16: 0.72x; docs/PERFORMANCE.md)
+# filled: compiled 1.13x faster; 8 rows in a group of 16: 0.72x, on an AVX-512 CPU; on an AVX2 one, groups of 8
+# rows: 2 MiB at chunk 16 about even, 1.01-1.05x; docs/PERFORMANCE.md)
 GROUP_STATE_LIMIT = 4 << 20
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_lanes: dict[torch.dtype, int] = {}  # rows per vector, as the loaded library was built
 _reason: str | None = None  # why the library is unavailable (None: not tried yet, or loaded)
 _tried = False
 _enabled = [os.environ.get("MNEMOS_CPU_KERNEL", "1") != "0"]
@@ -97,7 +115,8 @@ def _cpu_id() -> str:
 def _build(cxx: str) -> Path:
     """Compile the source into the cache (once per source, flags, compiler and CPU); returns the library's path."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id())).encode()).hexdigest()
+    flags = _flags()
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(flags), version, _cpu_id())).encode()).hexdigest()
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "mnemos-kernels"):
         target = directory / f"cpu_scan-{key[:16]}.so"
         if target.exists():
@@ -107,7 +126,7 @@ def _build(cxx: str) -> Path:
         except OSError:
             continue
         tmp = directory / f".cpu_scan-{key[:16]}-{os.getpid()}-{threading.get_ident()}.so"
-        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+        result = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -141,10 +160,12 @@ def library() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes = (ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p))
                 fn.restype = ctypes.c_int
-            for dtype in (torch.float32, torch.float64):  # the layout this module writes is the one the kernel reads
-                built = getattr(lib, f"mnemos_scan_lanes_{'f64' if dtype == torch.float64 else 'f32'}")()
-                if built != lanes(dtype):
-                    raise RuntimeError(f"the library has {built} lanes for {dtype}, this module lays out {lanes(dtype)}")
+            built = {dtype: getattr(lib, f"mnemos_scan_lanes_{'f64' if dtype == torch.float64 else 'f32'}")()
+                     for dtype in (torch.float32, torch.float64)}  # the layout this module writes is the one it reads
+            if built[torch.float32] != 2 * built[torch.float64] or built[torch.float64] not in (2, 4, 8):
+                raise RuntimeError(f"the library reports {built[torch.float32]} / {built[torch.float64]} lanes for "
+                                   "float32 / float64")
+            _lanes.update(built)
             _library = lib
         except Exception as exc:  # a missing or failing compiler must never stop the torch path
             _reason = f"the compiled CPU loop could not be built: {exc}"
@@ -193,8 +214,11 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, depth: int, n: 
 
 
 def lanes(dtype: torch.dtype) -> int:
-    """Rows per SIMD vector (the kernel's group): 16 float32 or 8 float64 (64 bytes)."""
-    return 8 if dtype == torch.float64 else 16
+    """Rows per SIMD vector (the kernel's group), as the library was built: 16 float32 / 8 float64 on a CPU with
+    AVX-512, 8 / 4 elsewhere (``MNEMOS_VECTOR_BYTES`` overrides). Builds the library if it was not yet; 16 / 8 where it
+    cannot be built (nothing is laid out then)."""
+    library()
+    return _lanes.get(dtype, 8 if dtype == torch.float64 else 16)
 
 
 def _spec(nc: int, n: int, groups: int, dims: Sequence[int], opts: dict, has_A: bool) -> ctypes.Array:
