@@ -282,8 +282,9 @@ def test_the_vector_width_follows_the_build(tmp_path):
     """MNEMOS_VECTOR_BYTES builds the kernel at that width, the module lays tensors out in as many lanes, and the
     compiled loop equals the torch loop in float64 at that width (a fresh process each: the library is loaded once
     per process); a bad value is refused by name."""
-    code = ("import torch; from mnemos.ops import neural_memory_chunked as op; from mnemos.ops.memory_rule import cpu_scan\n"
-            "g = torch.Generator().manual_seed(0); B, T, H, D = 3, 13, 2, 5  # 6 rows: groups part-filled at any width\n"
+    code = ("import torch\nfrom mnemos.ops import neural_memory_chunked as op\n"
+            "from mnemos.ops.memory_rule import cpu_scan\n"
+            "g = torch.Generator().manual_seed(0); B, T, H, D = 3, 13, 2, 5  # 6 rows: part-filled groups\n"
             "x = [torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3)]\n"
             "gates = [0.3 * torch.rand(B, T, H, generator=g, dtype=torch.float64) for _ in range(3)]\n"
             "W = (torch.randn(H, 4 * D, D, generator=g, dtype=torch.float64) / 3, "

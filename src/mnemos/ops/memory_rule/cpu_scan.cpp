@@ -4,9 +4,10 @@
 // derivation: docs/MEMORY_RULE.md). What differs is how the work is laid out. The torch loop runs ~100 tensor ops per
 // chunk over every (sequence, head) row's state at once: PyTorch's per-op dispatch and its passes over 1-2 MiB of
 // state were most of its time (docs/PERFORMANCE.md). Here a thread walks the chunks of a *group* of rows, one
-// vector's lanes (16 float32 with AVX-512, 8 without): every quantity of the chunk (a token's key, a weight of the state, a gate) is held as
-// one SIMD vector with one lane per row, so every product and every elementwise function is lane-wise (no horizontal
-// sums, no layout transposes), and the group's state stays in the core's L2 while its chunks go by.
+// vector's lanes (16 float32 with AVX-512, 8 without): every quantity of the chunk (a token's key, a weight of the
+// state, a gate) is held as one SIMD vector with one lane per row, so every product and every elementwise function
+// is lane-wise (no horizontal sums, no layout transposes), and the group's state stays in the core's L2 while its
+// chunks go by.
 //
 // Covered: any depth L <= 8, window 1, losses l2 and dot, activations gelu and silu, residual or not, normalize_step
 // (the chunk-summed step bound's per-token scale) or not, a separate
@@ -48,7 +49,8 @@ struct Spec {
 
 // one vector of lanes (rows), MNEMOS_VECTOR_BYTES wide: the machine's widest vector register where it has 512-bit
 // ones (-march=native defines __AVX512F__), else 32 bytes (AVX2's; on a CPU without AVX-512 a 64-byte vector is two
-// registers, and the kernel's loops of many live vectors spill: docs/PERFORMANCE.md, "The compiled CPU loop"). Every
+// registers, and the kernel's loops of many live vectors spill: docs/PERFORMANCE.md, "The compiled loop's vector
+// width"). Every
 // tensor the kernel touches starts on a 64-byte boundary (cpu_scan.py checks) and every offset into it is a whole
 // number of vectors. cpu_scan.py reads the lane counts back (mnemos_scan_lanes_*) to lay its tensors out.
 #ifndef MNEMOS_VECTOR_BYTES
