@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="train a Titans model and an SWA baseline on recall; show what memory adds")
     dm.add_argument("--variant", default="lmm", choices=["lmm", "mal", "mag", "mac"],
                     help="the Titans model (default %(default)s)")
-    dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 1300 on CPU, 3000 on CUDA)")
+    dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 800 on CPU, 3000 on CUDA)")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default %(default)s)")
     dm.add_argument("--threads", type=_threads, metavar="N", help=THREADS_HELP)

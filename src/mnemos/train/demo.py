@@ -27,7 +27,7 @@ from .loop import train
 @dataclass
 class DemoConfig:
     memory_variant: str = "lmm"  # the Titans model: lmm, mal, mag or mac (docs/MODELS.md: MAL and MAC learn slower)
-    steps: int = 1300
+    steps: int = 800
     vocab_size: int = 64
     num_kv_pairs: int = 8
     seq_len: int = 64  # training and evaluation length: 8 pairs up front, queries up to 48 tokens later
