@@ -1,6 +1,6 @@
 """`mnemos demo` end to end: the Titans model recalls pairs beyond the SWA baseline's reach, the baseline cannot.
 
-This trains two small models for real (6-7 minutes on one CPU core, about as long on two: the LMM's small ops gain
+This trains two small models for real (3-4 minutes on one CPU core, about as long on two: the LMM's small ops gain
 little from a second thread): the demo's claim is the property tested. It is collected first (``longest``), so that
 the parallel suite runs every other test beside it.
 """
