@@ -312,6 +312,59 @@ def test_a_run_stopped_with_sigterm_records_the_cpu_time_it_spent(tmp_path):
     assert record["status"] == "stopped" and record["cpu_s"] > 0.1
 
 
+def test_a_run_killed_outright_keeps_the_cpu_time_of_its_heartbeats_and_resumes_adding_to_it(tmp_path, monkeypatch):
+    """SIGKILL (a machine taken away) runs no handler: the record the heartbeat last wrote ("unfinished", CPU so far)
+    is what survives, and the next invocation adds its own time to it rather than starting from zero."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mnemos.eval.study import GridPoint
+
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 100000, 4),), lrs=(1e-3,),
+                            eval_every=100000, passkey_models=(), capacity_models=(), passkey_carry_models=())
+    (job,) = plan(s)[0]
+    run_dir = tmp_path / "runs" / job.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "job.json").write_text(json.dumps({"job": dataclasses.asdict(job), "run_dir": str(run_dir)}))
+    src = str(__import__("pathlib").Path(__import__("mnemos").__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", "MNEMOS_STUDY_HEARTBEAT_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "mnemos.eval.study", "--train-one", str(run_dir / "job.json")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        record = {}
+        while record.get("cpu_s", 0) < 0.5 and time.time() < deadline:
+            time.sleep(0.1)
+            try:
+                record = json.loads((run_dir / RECORD).read_text())
+            except (OSError, json.JSONDecodeError):  # not written yet (never half-written: the write is a rename)
+                pass
+        assert record.get("status") == "unfinished", record
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    killed = json.loads((run_dir / RECORD).read_text())
+    assert killed["status"] == "unfinished" and killed["cpu_s"] >= record["cpu_s"] >= 0.5
+    assert not list(run_dir.glob(f".{RECORD}.*"))  # no temporary file left where it was read
+
+    # the next invocation (here one that fails at once) adds to the killed one's time
+    from mnemos.eval import study
+    from mnemos.train import loop
+
+    def failing_train(cfg, *, resume):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loop, "train", failing_train)
+    after = study.train_one(job, run_dir)
+    assert after["status"] == "error" and after["cpu_s"] >= killed["cpu_s"]
+    assert after["wall_s"] >= killed["wall_s"]
+
+
 def test_a_stopped_run_starts_no_further_runs(tmp_path, monkeypatch):
     """``--jobs 2``: once a child reports "stopped" (it got SIGTERM / Ctrl-C), the study launches nothing new."""
     import dataclasses

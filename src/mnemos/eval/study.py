@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import subprocess
 import sys
 import time
@@ -498,7 +499,8 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[s
     cpu0, wall0 = time.process_time(), time.perf_counter()
     record: dict[str, Any] = {"name": job.name, "resumed": resume}
     try:
-        result = train(cfg, resume=resume)
+        with _heartbeat(run_dir, job.name, resume, old, cpu0, wall0):
+            result = train(cfg, resume=resume)
         record.update(status="done", steps=result.step, tokens_per_s=result.tokens_per_s,
                       skipped_steps=result.skipped_steps + old.get("skipped_steps", 0),
                       stopped_at_accuracy=result.stopped_at_accuracy)
@@ -515,11 +517,39 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[s
     return record
 
 
+# how often a training's record is rewritten while it runs (the environment variable: for tests)
+HEARTBEAT_S = float(os.environ.get("MNEMOS_STUDY_HEARTBEAT_S", "60"))
+
+
+@contextlib.contextmanager
+def _heartbeat(run_dir: Path, name: str, resume: bool, old: dict[str, Any], cpu0: float, wall0: float):
+    """Rewrite the run's record (status "unfinished", the CPU and wall time so far) every :data:`HEARTBEAT_S` seconds
+    while the block runs, so that a process killed outright (SIGKILL, a machine taken away) loses at most that much
+    of its recorded time: the next invocation adds to what the record holds. ``time.process_time`` is the whole
+    process's, so a thread can read it."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            _write_record(run_dir, {"name": name, "resumed": resume, "status": "unfinished",
+                                    "skipped_steps": old.get("skipped_steps", 0)}, old, cpu0, wall0)
+
+    thread = threading.Thread(target=beat, name="study-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _write_record(run_dir: Path, record: dict[str, Any], old: dict[str, Any], cpu0: float, wall0: float) -> None:
     """The run's record with this invocation's CPU and wall time added to the earlier ones'."""
     record["cpu_s"] = old.get("cpu_s", 0.0) + time.process_time() - cpu0
     record["wall_s"] = old.get("wall_s", 0.0) + time.perf_counter() - wall0
-    (run_dir / RECORD).write_text(json.dumps(record, indent=1))
+    tmp = run_dir / f".{RECORD}.{os.getpid()}.{threading.get_ident()}"  # whole or not at all: a kill mid-write
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, run_dir / RECORD)
 
 
 @contextlib.contextmanager
