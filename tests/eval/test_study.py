@@ -614,6 +614,8 @@ def test_targets_are_judged_from_constructed_results():
     assert verdict["MQAR (64, 8): a Titans model ≥ gated_deltanet at ≤ its state"] == "met"
     equal_state = rows["MQAR (64, 8): a Titans model ≥ gated_deltanet at ≤ its state"]
     assert "lmm-d1-eta0 0.970" in equal_state and "(2 of the 6 Titans models evaluated so far)" in equal_state
+    # the difference beside its binomial standard error: sqrt(.97 * .03 / 100 + .96 * .04 / 100) = .0260
+    assert "difference +0.0100 ± 0.0260 (1 SE over 100 and 100 queries)" in equal_state
     assert verdict["MQAR (64, 8): swa at its window's reach (far ≤ chance + 0.05)"] == "met"
     assert verdict["MQAR (64, 4): transformer ≥ 0.99"] == "not run yet"
     assert verdict["extrapolation: a Titans model trained at L 64 ≥ 0.95 at L 1024, above the transformer"] == "met"

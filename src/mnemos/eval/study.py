@@ -1146,6 +1146,16 @@ def _summed(points) -> float | None:
     return Pooled("", "", {}, [c for p in points for c in p.cells]).accuracy
 
 
+def _difference(a: Pooled, b: Pooled) -> str:
+    """``a``'s accuracy minus ``b``'s with its binomial standard error over the queries scored (each query counted as
+    independent, which queries of one sequence are not: the real spread is larger), so that a verdict decided by less
+    than the noise reads as such. The verdict itself stays the plain comparison the issue asks for."""
+    na, nb = (sum(c.metrics.get("n", 0) for c in p.ok) for p in (a, b))
+    pa, pb = a.accuracy, b.accuracy
+    se = math.sqrt(pa * (1 - pa) / na + pb * (1 - pb) / nb)
+    return f"difference {pa - pb:+.4f} ± {se:.4f} (1 SE over {na:,} and {nb:,} queries)"
+
+
 def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> list[str]:
     """Issue 12's targets, each with what this study measured and a verdict (``met`` / ``not met`` / ``not run
     yet``), from the evaluations of the chosen-lr runs (pooled over seeds) and the run records. Nothing here is
@@ -1182,7 +1192,7 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
             gdn = at[gdn_label]
             small = [p for p in titans if p.metric_max("state_bytes") <= gdn.metric_max("state_bytes")]
             best = max(small or titans, key=lambda p: p.accuracy)
-            text = (f"{acc(best.model)} against {acc(gdn_label)}" if small else
+            text = (f"{acc(best.model)} against {acc(gdn_label)}; {_difference(best, gdn)}" if small else
                     f"no Titans model at ≤ {gdn.metric_max('state_bytes'):,} B (best at any size: "
                     f"{acc(best.model)}); {gdn_label} {gdn.accuracy:.3f}")
             n_titans = sum(map(_titans, here))
