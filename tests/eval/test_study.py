@@ -132,8 +132,9 @@ def test_passkey_stage_settings_are_checked():
     from mnemos.eval.study import base_label, passkey_labels
 
     full = study_settings("full")
-    assert passkey_labels(full) == ["lmm-x4", "lmm-x4-carry8", "lmm-x4-carry32", "gated_deltanet", "swa", "lmm-x1"]
-    assert [base_label(x) for x in passkey_labels(full)] == ["lmm-x4"] * 3 + ["gated_deltanet", "swa", "lmm-x1"]
+    assert passkey_labels(full) == ["lmm-x4", "lmm-x4-carry8", "lmm-x4-carry32", "lmm-x4-carry128", "gated_deltanet",
+                                    "swa", "lmm-x1"]
+    assert [base_label(x) for x in passkey_labels(full)] == ["lmm-x4"] * 4 + ["gated_deltanet", "swa", "lmm-x1"]
     assert base_label("lmm-d1-eta0-c1") == "lmm-d1-eta0-c1"
     for bad, match in ((dict(passkey_carry_models=("mag",)), "list them in passkey_models"),
                        (dict(passkey_carry_stages=()), "needs passkey_carry_stages"),
@@ -620,7 +621,7 @@ def test_targets_are_judged_from_constructed_results():
     assert verdict["MQAR (64, 4): transformer ≥ 0.99"] == "not run yet"
     assert verdict["extrapolation: a Titans model trained at L 64 ≥ 0.95 at L 1024, above the transformer"] == "met"
     only, carried = " (prompts of 512 tokens only)", " (windows of 512 tokens, state carried over prompts of up to " \
-        "16,384 tokens)"
+        "65,536 tokens)"  # the longest stage's (128 windows)
     assert verdict[f"passkey: a Titans model trained at ≤ 512 tokens{only} ≥ 0.95 at 16,384 tokens"] == \
         "**not met**"
     assert rows[f"passkey: a Titans model trained at ≤ 512 tokens{only} ≥ 0.95 at 16,384 tokens"].startswith(
