@@ -753,3 +753,51 @@ def test_leaving_the_plateau_table_reads_each_seed_at_the_early_steps(tmp_path):
     lines = _early_section(s, planned(s, candidates, {k: v["lr"] for k, v in chosen.items()}), chosen, tmp_path)
     assert lines[0] == "## Leaving the plateau at L=32 K=2"
     assert "| gated_deltanet | 0.001 | 0.200 / 0.100 | 0.800 / 0.300 | 0.990 / — | 0.990 / 0.500 | 0, 1 |" in lines
+
+
+def test_a_run_whose_lr_can_no_longer_be_chosen_stops_where_the_choice_was_made(tmp_path):
+    """The lr is chosen by who reaches the stopping accuracy first: once the earlier lr's run reached it at step r,
+    the later lr's run is cut after its eval at step r (``decided_at``), counts as finished, and the choice and its
+    column stand as they would have; a run already past r is marked so without training."""
+    import dataclasses
+
+    from mnemos.eval.study import GridPoint, _earlier_lr_twin, decided_step, finished_step, run_is_done, select_lrs, \
+        train_jobs, train_one, val_rows
+
+    s = dataclasses.replace(TINY, models=("gated_deltanet",), grid=(GridPoint(32, 2, 64, 12, 4, (0, 1)),),
+                            eval_every=2, passkey_models=(), capacity_models=(), passkey_carry_models=())
+    jobs = [j for j in train_jobs(s) if j.group == "mqar"]
+    first, second = sorted((j for j in jobs if j.seed == 0), key=lambda j: j.lr)
+    other_seed = next(j for j in jobs if j.seed == 1 and j.lr == first.lr)
+    assert first.config["run"]["stop_at_accuracy"] > 0
+    assert _earlier_lr_twin(s, first, second) and not _earlier_lr_twin(s, second, first)
+    assert not _earlier_lr_twin(s, first, other_seed)
+    assert decided_step(s, second, tmp_path) is None  # nothing finished yet
+
+    # the first lr's run finished having reached the stopping accuracy at step 4 (its record and log by hand)
+    won = tmp_path / "runs" / first.name
+    won.mkdir(parents=True)
+    (won / RECORD).write_text(json.dumps({"status": "done", "steps": 4, "stopped_at_accuracy": True}))
+    (won / "metrics.jsonl").write_text("\n".join(json.dumps({"step": step, "split": "val", "val_accuracy": acc})
+                                                 for step, acc in ((2, 0.5), (4, 0.995))) + "\n")
+    assert decided_step(s, second, tmp_path) == (4, first.name)
+    assert decided_step(s, first, tmp_path) is None and decided_step(s, other_seed, tmp_path) is None
+
+    run_dir = tmp_path / "runs" / second.name
+    record = train_one(second, run_dir, decided=(4, first.name))
+    assert record["status"] == "done" and not record["stopped_at_accuracy"]
+    assert (record["steps"], record["decided_at"], record["decided_by"]) == (4, 4, first.name)
+    assert finished_step(second, run_dir) == 4 and run_is_done(second, run_dir)
+    assert [r["step"] for r in val_rows(run_dir)] == [2, 4]
+    entry = select_lrs(s, jobs, tmp_path)[(second.point, second.label)]
+    assert entry["chosen"] and entry["lr"] == first.lr and [r["step"] for r in entry["by_lr"][second.lr]] == [4]
+
+    # a sitting past the decided step (killed after logging an eval its checkpoint does not hold): no training, the
+    # run ends at its checkpoint and the later log is left out
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "split": "val", "val_accuracy": 0.7}) + "\n")
+    before = (run_dir / "checkpoint" / "trainer.pt").stat().st_mtime_ns
+    again = train_one(second, run_dir, decided=(2, first.name))
+    assert (again["status"], again["steps"], again["decided_at"]) == ("done", 4, 4)
+    assert (run_dir / "checkpoint" / "trainer.pt").stat().st_mtime_ns == before
+    assert [r["step"] for r in val_rows(run_dir)] == [2, 4]

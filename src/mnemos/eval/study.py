@@ -474,7 +474,43 @@ def finished_step(job: TrainJob, run_dir: Path) -> int | None:
         return step
     if record.get("status") == "done" and record.get("stopped_at_accuracy") and record.get("steps") == step:
         return step
+    if record.get("status") == "done" and record.get("decided_at") == step:  # cut where its lr lost (decided_step)
+        return step
     return None
+
+
+def _earlier_lr_twin(s: StudySettings, a: TrainJob, b: TrainJob) -> bool:
+    """Whether ``a`` is ``b``'s run at an earlier lr of its grid point (same model, the point's first seed): the run
+    whose outcome can decide ``b``'s lr choice (:func:`decided_step`)."""
+    if a.group != "mqar" or b.group != "mqar" or (a.point, a.label, a.seed) != (b.point, b.label, b.seed):
+        return False
+    lrs = point_lrs(s, a.point)
+    return _first_seed(s, b) and a.lr in lrs and b.lr in lrs and lrs.index(a.lr) < lrs.index(b.lr)
+
+
+def decided_step(s: StudySettings, job: TrainJob, out: Path) -> tuple[int, str] | None:
+    """Where the lr choice of ``job``'s grid point and model is already made against ``job``: ``(r, name)`` when
+    another lr's run there (the point's first seed, where the lr is chosen) finished having reached
+    ``stop_at_accuracy`` at step r (the smallest such r, and that run's name); else None.
+
+    The choice ranks reaching the stopping accuracy sooner first (:func:`select_lrs`), so a run that has not reached
+    it by step r can no longer be chosen, and its steps after r change nothing the study reports but its own curve:
+    :func:`train_one` stops it after its eval at step r (``run.stop_after``), and the report marks it. Only for runs
+    that stop at the accuracy themselves (not the main point's fixed-schedule ablation)."""
+    if (job.group != "mqar" or not _first_seed(s, job) or s.stop_at_accuracy <= 0
+            or not job.config["run"].get("stop_at_accuracy", 0) > 0):
+        return None
+    best: tuple[int, str] | None = None
+    for t in train_jobs(s):
+        if (t.group, t.point, t.label, t.seed) != ("mqar", job.point, job.label, job.seed) or t.lr == job.lr:
+            continue
+        run_dir = out / "runs" / t.name
+        if finished_step(t, run_dir) is None:
+            continue
+        r = reached_step(run_dir, s.stop_at_accuracy)
+        if r is not None and (best is None or r < best[0]):
+            best = (r, t.name)
+    return best
 
 
 def run_is_done(job: TrainJob, run_dir: Path) -> bool:
@@ -483,9 +519,11 @@ def run_is_done(job: TrainJob, run_dir: Path) -> bool:
     return record.get("status") == "diverged" or finished_step(job, run_dir) is not None
 
 
-def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[str, Any]:
+def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False,
+              decided: tuple[int, str] | None = None) -> dict[str, Any]:
     """Train (or resume) one run in this process; write and return its record. The CPU time is this process's
-    (``time.process_time``), added to what earlier invocations recorded."""
+    (``time.process_time``), added to what earlier invocations recorded. ``decided``: :func:`decided_step`'s
+    ``(r, run)``: the run stops after step r (at once if it is past r already), recorded as ``decided_at``."""
     from mnemos.train.config import TrainConfig
     from mnemos.train.loop import train
 
@@ -495,16 +533,28 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False) -> dict[s
     d["run"].update(out_dir=str(run_dir), progress=progress)
     if job.init_from:  # a fine-tuning stage: the weights of the study run it follows (its final checkpoint)
         d["run"]["init_from"] = str(run_dir.parent / job.init_from / "checkpoint")
-    cfg = TrainConfig.from_dict(d)
-    resume = _checkpoint_step(run_dir) is not None
+    start = _checkpoint_step(run_dir)
+    resume = start is not None
     cpu0, wall0 = time.process_time(), time.perf_counter()
     record: dict[str, Any] = {"name": job.name, "resumed": resume}
+    if decided is not None:
+        r, by = decided
+        record.update(decided_by=by)
+        if resume and start >= r:  # past the step where its lr lost: nothing left to learn from it
+            record.update(status="done", steps=start, decided_at=start, skipped_steps=old.get("skipped_steps", 0),
+                          stopped_at_accuracy=False)
+            _write_record(run_dir, record, old, cpu0, wall0)
+            return record
+        d["run"]["stop_after"] = r - (start or 0)
+    cfg = TrainConfig.from_dict(d)
     try:
         with _heartbeat(run_dir, job.name, resume, old, cpu0, wall0):
             result = train(cfg, resume=resume)
         record.update(status="done", steps=result.step, tokens_per_s=result.tokens_per_s,
                       skipped_steps=result.skipped_steps + old.get("skipped_steps", 0),
                       stopped_at_accuracy=result.stopped_at_accuracy)
+        if decided is not None and not result.stopped_at_accuracy and result.step < job.config["run"]["steps"]:
+            record.update(decided_at=result.step)
     except FloatingPointError as e:
         record.update(status="diverged", steps=_checkpoint_step(run_dir), message=str(e))
     except Exception as e:  # recorded; a later invocation tries again
@@ -587,9 +637,12 @@ def _child_main(job_path: str) -> int:
     d = json.loads(Path(job_path).read_text())
     job = TrainJob(**d["job"])
     with _sigterm_unwinds():
-        record = train_one(job, Path(d["run_dir"]))
-        for line in evaluate_finished(settings_from_dict(d["settings"]), job, Path(d["out"]), record):
-            print(f"study eval {line}", flush=True)
+        settings = settings_from_dict(d["settings"]) if "settings" in d else None  # (tests write the job alone)
+        decided = decided_step(settings, job, Path(d["out"])) if settings is not None else None
+        record = train_one(job, Path(d["run_dir"]), decided=decided)
+        if settings is not None:
+            for line in evaluate_finished(settings, job, Path(d["out"]), record):
+                print(f"study eval {line}", flush=True)
     return 0 if record["status"] != "error" else 1
 
 
@@ -796,7 +849,8 @@ def run_study(settings: StudySettings, out: str | os.PathLike, *, jobs: int = 1,
             for j in todo:
                 t0 = time.perf_counter()
                 with _sigterm_unwinds():  # in this process too: a stopped run keeps its CPU time
-                    record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty())
+                    record = train_one(j, out / "runs" / j.name, progress=(file or sys.stderr).isatty(),
+                                       decided=decided_step(settings, j, out))
                     evaluate_finished(settings, j, out, record)
                 finished(j, record, time.perf_counter() - t0)
         else:
@@ -863,9 +917,13 @@ def _train_parallel(settings: StudySettings, todo: list[TrainJob], out: Path, jo
     env = _worker_env(threads)
     while queue or running:
         while queue and len(running) < jobs:
-            # a fine-tuning stage waits for the run it starts from (queued or running)
-            waiting = {q.name for q in queue} | {r[0].name for r in running}
-            j = next((q for q in queue if q.init_from not in waiting), None)
+            # a fine-tuning stage waits for the run it starts from (queued or running); a run at a point's later lr
+            # for the run of its earlier lrs (decided_step: if that one reaches the stopping accuracy, this one stops
+            # at the step it did), other runs going first meanwhile
+            pending = [*queue, *(r[0] for r in running)]
+            waiting = {q.name for q in pending}
+            j = next((q for q in queue if q.init_from not in waiting
+                      and not any(_earlier_lr_twin(settings, w, q) for w in pending)), None)
             if j is None:
                 break
             queue.remove(j)
@@ -920,7 +978,9 @@ def _eval_one(s: StudySettings, e: EvalJob, out: Path) -> str:
 
 def val_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The run's ``val`` records by step (a step logged twice, by a run resumed from an earlier checkpoint, keeps its
-    last record)."""
+    last record); a run cut where its lr lost (its record's ``decided_at``: :func:`decided_step`) ends there, rows
+    logged after its checkpoint by a sitting that was killed left out."""
+    cut = (_read(run_dir / RECORD) or {}).get("decided_at")
     path = run_dir / "metrics.jsonl"
     rows: dict[int, dict[str, Any]] = {}
     if path.is_file():
@@ -929,7 +989,7 @@ def val_rows(run_dir: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-            if row.get("split") == "val":
+            if row.get("split") == "val" and (cut is None or row["step"] <= cut):
                 rows[row["step"]] = row
     return [rows[k] for k in sorted(rows)]
 
@@ -964,7 +1024,8 @@ def select_lrs(s: StudySettings, trains: list[TrainJob], out: Path) -> dict[tupl
         final = final_val(run_dir)
         record = _read(run_dir / RECORD) or {}
         if final is not None and (final["step"] == t.config["run"]["steps"] or (
-                record.get("stopped_at_accuracy") and record.get("steps") == final["step"])):
+                record.get("stopped_at_accuracy") and record.get("steps") == final["step"])
+                or (record.get("status") == "done" and record.get("decided_at") is not None)):
             reached = reached_step(run_dir, s.stop_at_accuracy)
             entry["by_lr"][t.lr].append({**final, "seed": t.seed, "reached": reached})
             if _first_seed(s, t):
@@ -1075,7 +1136,11 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, tar
             if entry is None:
                 continue
             best = entry["by_lr"][entry["lr"]]
-            row = [label] + [_stats([r["val_accuracy"] for r in entry["by_lr"][lr]]) for lr in lrs]
+            row = [label]
+            for lr in lrs:
+                cell = _stats([r["val_accuracy"] for r in entry["by_lr"][lr]])
+                cut = (records.get(f"mqar-{p.key}-{label}-lr{_lr_text(lr)}-s{p.seeds[0]}") or {}).get("decided_at")
+                row.append(cell if cut is None or not entry["by_lr"][lr] else f"{cell} (cut at {cut})")
             row += [_lr_text(entry["lr"]) if best else "—"]
             row += [_stats([r.get(k) for r in best]) for k in MQAR_KEYS[1:]]
             row += [", ".join("—" if r["reached"] is None else str(r["reached"]) for r in best) or "—"]
@@ -1089,7 +1154,8 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, tar
                   "not chosen). "
                   + (f"A run stops at the first eval that reaches {s.stop_at_accuracy:g} (Zoology's rule; the runs "
                      "that finished their schedule are scored as they ended); 'reached' is that step per seed (— : "
-                     "never). " if s.stop_at_accuracy > 0 else "")
+                     "never). A run that had not reached it by the step where the same model's run at another lr did "
+                     "stops there, its lr no longer choosable ('cut at' that step). " if s.stop_at_accuracy > 0 else "")
                   + (f"The main-point-only models ({', '.join(s.main_models)}) train their whole "
                      f"{s.main_models_steps or p.steps}-step schedule (no stop; 'reached' read from their logs). "
                      if s.main_models and p.key == s.main_key else "")
