@@ -353,7 +353,7 @@ def test_a_run_killed_outright_keeps_the_cpu_time_of_its_heartbeats_and_resumes_
     assert killed["status"] == "unfinished" and killed["cpu_s"] >= record["cpu_s"] >= 0.5
     assert not list(run_dir.glob(f".{RECORD}.*"))  # no temporary file left where it was read
 
-    # the next invocation (here one that fails at once) adds to the killed one's time
+    # the next invocation (here one that fails at once) resumes from a checkpoint: it adds to the killed one's time
     from mnemos.eval import study
     from mnemos.train import loop
 
@@ -361,9 +361,23 @@ def test_a_run_killed_outright_keeps_the_cpu_time_of_its_heartbeats_and_resumes_
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(loop, "train", failing_train)
+    monkeypatch.setattr(study, "_checkpoint_step", lambda run_dir: 5)
     after = study.train_one(job, run_dir)
     assert after["status"] == "error" and after["cpu_s"] >= killed["cpu_s"]
-    assert after["wall_s"] >= killed["wall_s"]
+    assert after["wall_s"] >= killed["wall_s"] and "cpu_s_lost" not in after
+
+    # without a checkpoint the run starts over: the time before is kept apart as lost, not counted as the run's
+    monkeypatch.setattr(study, "_checkpoint_step", lambda run_dir: None)
+    again = study.train_one(job, run_dir)
+    assert again["status"] == "error" and again["cpu_s"] < killed["cpu_s"]
+    assert again["cpu_s_lost"] == pytest.approx(after["cpu_s"]) and again["wall_s_lost"] == pytest.approx(after["wall_s"])
+    # ... and kept through later rewrites, added to when it starts over once more
+    monkeypatch.setattr(study, "_checkpoint_step", lambda run_dir: 5)
+    kept = study.train_one(job, run_dir)
+    assert kept["cpu_s_lost"] == again["cpu_s_lost"] and kept["cpu_s"] >= again["cpu_s"]
+    monkeypatch.setattr(study, "_checkpoint_step", lambda run_dir: None)
+    twice = study.train_one(job, run_dir)
+    assert twice["cpu_s_lost"] == pytest.approx(kept["cpu_s_lost"] + kept["cpu_s"])
 
 
 def test_a_stopped_run_starts_no_further_runs(tmp_path, monkeypatch):
@@ -484,6 +498,15 @@ def test_a_study_directory_without_its_checkpoints_keeps_every_result(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["cells"] == results["cells"]
     strip = lambda text: [line for line in text.splitlines() if "CPU" not in line]  # noqa: E731
     assert strip((tmp_path / "report.md").read_text()) == strip(report)
+    assert "lost with their checkpoints" not in report
+    # a run's lost tries (started over without a checkpoint) are stated apart from the runs' own time
+    from mnemos.eval.study import write_study_report
+
+    record_path = tmp_path / "runs" / train_jobs(TINY)[0].name / RECORD
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "cpu_s_lost": 5400.0}))
+    write_study_report(TINY, tmp_path)
+    assert "Besides that, 1h30m of trainings lost with their checkpoints" in (tmp_path / "report.md").read_text()
 
 
 def test_report_only_trains_nothing_and_a_study_of_another_size_is_refused(tmp_path, capsys):

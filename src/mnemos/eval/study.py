@@ -535,6 +535,10 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False,
         d["run"]["init_from"] = str(run_dir.parent / job.init_from / "checkpoint")
     start = _checkpoint_step(run_dir)
     resume = start is not None
+    if not resume and "cpu_s" in old:  # starting over (killed before its first checkpoint, or the checkpoint lost):
+        # what the lost tries spent is not this run's time; it is kept apart, and the report states it
+        old = {"cpu_s_lost": old.get("cpu_s_lost", 0.0) + old["cpu_s"],
+               "wall_s_lost": old.get("wall_s_lost", 0.0) + old.get("wall_s", 0.0)}
     cpu0, wall0 = time.process_time(), time.perf_counter()
     record: dict[str, Any] = {"name": job.name, "resumed": resume}
     if decided is not None:
@@ -568,6 +572,9 @@ def train_one(job: TrainJob, run_dir: Path, *, progress: bool = False,
     return record
 
 
+# a record's keys for time spent outside the run's own process time, carried over when it is rewritten
+LOST_KEYS = ("cpu_s_lost", "wall_s_lost", "cpu_s_estimated")
+
 # how often a training's record is rewritten while it runs (the environment variable: for tests)
 HEARTBEAT_S = float(os.environ.get("MNEMOS_STUDY_HEARTBEAT_S", "60"))
 
@@ -595,9 +602,14 @@ def _heartbeat(run_dir: Path, name: str, resume: bool, old: dict[str, Any], cpu0
 
 
 def _write_record(run_dir: Path, record: dict[str, Any], old: dict[str, Any], cpu0: float, wall0: float) -> None:
-    """The run's record with this invocation's CPU and wall time added to the earlier ones'."""
+    """The run's record with this invocation's CPU and wall time added to the earlier ones', and the time of
+    earlier tries that were lost (``cpu_s_lost``: :func:`train_one` started over) or estimated by hand
+    (``cpu_s_estimated``) carried over."""
     record["cpu_s"] = old.get("cpu_s", 0.0) + time.process_time() - cpu0
     record["wall_s"] = old.get("wall_s", 0.0) + time.perf_counter() - wall0
+    for key in LOST_KEYS:
+        if key in old:
+            record.setdefault(key, old[key])
     tmp = run_dir / f".{RECORD}.{os.getpid()}.{threading.get_ident()}"  # whole or not at all: a kill mid-write
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, run_dir / RECORD)
@@ -1113,12 +1125,15 @@ def write_study_report(s: StudySettings, out: str | os.PathLike) -> list[Path]:
 def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, targets: list[str]) -> list[str]:
     cpu_train = sum((r or {}).get("cpu_s", 0.0) for r in records.values())
     cpu_eval = sum((r or {}).get("cpu_s", 0.0) for r in eval_cpu.values())
+    cpu_lost = sum((r or {}).get("cpu_s_lost", 0.0) for r in records.values())
+    lost = (f" Besides that, {_duration(cpu_lost)} of trainings lost with their checkpoints (killed before their "
+            "first save, or the checkpoint gone) and started over (`cpu_s_lost` in their records)." if cpu_lost else "")
     done = sum(1 for r in records.values() if r and r.get("status") in ("done", "diverged"))
     cmd = "mnemos study recall" + {"full": "", "quick": " --quick", "tiny": " --tiny"}[s.size]
     lines = [f"# Recall study ({s.size})", "",
              f"`{cmd} --out {out}`: {done}/{len(trains)} runs finished. CPU time: training {_duration(cpu_train)}, "
              f"evaluation {_duration(cpu_eval)}, total {_duration(cpu_train + cpu_eval)} "
-             f"({(cpu_train + cpu_eval) / 3600:.2f} CPU-hours; each run's own process time).", "",
+             f"({(cpu_train + cpu_eval) / 3600:.2f} CPU-hours; each run's own process time).{lost}", "",
              f"Models: d_model {s.d_model}, {s.n_layers} layers, {s.n_heads} heads, window {s.window} (swa, mag, mal), "
              f"segment {s.segment_len} (mac), memory at its defaults unless the label says (lmm-d1/d2: depth 1/2; "
              f"-eta0: no momentum; -c1: chunk 1). "
@@ -1183,7 +1198,8 @@ def _study_sections(s, trains, chosen, records, eval_cpu, extrap, out: Path, tar
                      f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "—"])
     lines += ["## Runs", "", "CPU seconds are the run's process time (all its threads), summed over the invocations "
               "that trained it (a run stopped by SIGTERM or Ctrl-C records the time it spent; one killed by SIGKILL loses "
-              "the killed part's).", "",
+              f"at most the last {HEARTBEAT_S:.0f} s of it, the record being rewritten that often while it trains; a "
+              "run that started over without a checkpoint counts its own try only).", "",
               *table(["run", "status", "steps", "final val acc", "skipped steps", "CPU s", "wall s", "tokens/s"], rows),
               ""]
     return lines
