@@ -8,7 +8,9 @@ depths, chunk sizes, outer learning rates, presets and seeds, each checked for t
 
 A run passes when it has neither. Every run is ``mnemos train --preset P --threads 1`` with overrides, in its own
 directory under ``--out``; a run whose ``metrics.jsonl`` reached its last step is not run again (resumable), so a
-killed grid continues where it stopped. Prints a table and writes ``OUT/grid.json`` and ``OUT/grid.md``.
+killed grid continues where it stopped. Each run's CPU time (its process's, from the OS) goes to
+``OUT/NAME/grid_run.json``. Prints a table and writes ``OUT/grid.json`` and ``OUT/grid.md``, and ``OUT/.gitignore``
+(the checkpoints, logs and plots), so that the directory can be committed and the grid grow sitting by sitting.
 
     PYTHONPATH=src python benchmarks/stability_grid.py --out /tmp/grid --quick --jobs 2   # ~1 CPU-hour
     PYTHONPATH=src python benchmarks/stability_grid.py --out /tmp/grid --jobs 2           # the full grid, ~5 CPU-h per lr and seed
@@ -33,6 +35,13 @@ from pathlib import Path
 from mnemos.train.loop import inner_loss_rose
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
+GRID_GITIGNORE = """# written by benchmarks/stability_grid.py: the directory without these keeps every result and resumes
+*/checkpoint/
+*/metrics.csv
+*/train.log
+*/*.png
+"""
+RECORD = "grid_run.json"
 MEMORIES = ((1, 4), (2, 4), (3, 4), (2, 1), (2, 16), (2, 64))  # (depth, chunk)
 STEPS = {"mqar": 300, "lm": 150}
 
@@ -89,7 +98,11 @@ def summarise(run: dict, out: Path) -> dict | None:
             if k.endswith(".curvature_max"):
                 worst_curv = max(worst_curv, v)
     skipped = int(train[-1].get("skipped_steps", 0))
-    return {**run, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
+    try:
+        cpu = json.loads((out / run["name"] / RECORD).read_text()).get("cpu_s")
+    except (OSError, json.JSONDecodeError):
+        cpu = None
+    return {**run, "cpu_s": cpu, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
             "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
             "passed": skipped == 0 and not rose}
 
@@ -105,6 +118,8 @@ def main() -> int:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / ".gitignore").exists():
+        (out / ".gitignore").write_text(GRID_GITIGNORE)
     runs = grid(a.quick, a.lrs, a.seeds, a.presets)
     todo = [r for r in runs if summarise(r, out) is None]
     print(f"stability grid: {len(runs)} runs, {len(runs) - len(todo)} done before", flush=True)
@@ -117,13 +132,19 @@ def main() -> int:
             (out / r["name"]).mkdir(parents=True)
             log = open(out / r["name"] / "train.log", "w")
             running.append((r, subprocess.Popen(command(r, out), stdout=log, stderr=subprocess.STDOUT, env=env),
-                            time.process_time()))
-        time.sleep(1)
+                            time.perf_counter()))
+        time.sleep(0.2)
         for item in list(running):
-            r, proc, _ = item
-            if proc.poll() is None:
+            r, proc, t0 = item
+            # reaped here rather than by proc.poll(), for the child's own CPU time (its rusage)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == 0:
                 continue
+            proc.returncode = os.waitstatus_to_exitcode(status)
             running.remove(item)
+            (out / r["name"] / RECORD).write_text(json.dumps({
+                "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0,
+                "returncode": proc.returncode}))
             s = summarise(r, out)
             print(f"{r['name']}: " + ("did not finish (see train.log)" if s is None else
                   f"{'pass' if s['passed'] else 'FAIL'}: skipped {s['skipped_steps']}, inner loss rose at "
@@ -131,17 +152,21 @@ def main() -> int:
     results = [summarise(r, out) or {**r, "passed": None} for r in runs]
     (out / "grid.json").write_text(json.dumps(results, indent=1))
     lines = ["| preset | variant | depth | chunk | lr | seed | steps | skipped | inner loss rose (logged steps) | "
-             "worst inner end/start | max curvature | final val acc | pass |", "|" + "---|" * 13]
+             "worst inner end/start | max curvature | final val acc | CPU s | pass |", "|" + "---|" * 14]
     for s in results:
         if s["passed"] is None:
             lines.append(f"| {s['preset']} | {s['variant']} | {s['depth']} | {s['chunk']} | {s['lr']:g} | {s['seed']} "
-                         f"| — | not finished | | | | | |")
+                         f"| — | not finished | | | | | | |")
             continue
-        acc = s["final_val_accuracy"]
+        acc, cpu = s["final_val_accuracy"], s.get("cpu_s")
         lines.append(f"| {s['preset']} | {s['variant']} | {s['depth']} | {s['chunk']} | {s['lr']:g} | {s['seed']} | "
                      f"{s['steps']} | {s['skipped_steps']} | {len(s['inner_rose_at'])} | {s['worst_inner_ratio']:.2f} | "
                      f"{s['max_curvature']:.3g} | {'—' if acc is None else f'{acc:.3f}'} | "
-                     f"{'yes' if s['passed'] else '**no**'} |")
+                     f"{'—' if cpu is None else f'{cpu:.0f}'} | {'yes' if s['passed'] else '**no**'} |")
+    done = [s for s in results if s["passed"] is not None]
+    cpu_total = sum(s.get("cpu_s") or 0.0 for s in done)
+    lines += ["", f"{len(done)} of {len(results)} runs finished, {sum(bool(s['passed']) for s in done)} passed; "
+              f"CPU time {cpu_total / 3600:.2f} h (each run's own process; runs made before it was recorded count 0)."]
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(s["passed"] for s in results) else 1
