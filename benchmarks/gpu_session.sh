@@ -57,7 +57,5 @@ step op_speed "$LIMIT_BENCH" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${
 # 3. the layer per impl (titans-pytorch is not installed there)
 step layer_speed "$LIMIT_BENCH" "$PY" benchmarks/layer_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only mnemos mnemos-torch mnemos-triton --out "$OUT/layer_speed-$DEVICE.json"
-[ "$DEVICE" = cuda ] || mv "$OUT/op_speed-cpu.json" "$OUT/op_speed-cuda.json" 2>/dev/null
-[ "$DEVICE" = cuda ] || mv "$OUT/layer_speed-cpu.json" "$OUT/layer_speed-cuda.json" 2>/dev/null
 echo "gpu_session: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed: see its log') ($OUT)"
 exit $status
