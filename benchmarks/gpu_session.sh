@@ -2,17 +2,29 @@
 # Everything a session lent a GPU should run, as one command that fits the device time (15 minutes a session, the
 # machine's start included): the Triton kernels' tests on the GPU, then the operator and layer benchmarks of
 # docs/PERFORMANCE.md ("GPU"), each under its own time limit so that one hanging part cannot eat the others' time.
-# Run from the repository root on the device machine, whose python3 already holds torch, triton and pytest
-# (nothing to install; titans-pytorch and fla are not there, so their rows are left out):
+# Run from the repository root on the device machine, whose python3 already holds torch, triton and pytest:
 #
 #     bash benchmarks/gpu_session.sh            # results under $OUT (the device tool's folder), else ./gpu_out
 #
-# Writes six files (the device tool brings back at most eight): env.txt, tests.log, op_speed.log,
-# op_speed-cuda.json, layer_speed.log, layer_speed-cuda.json. Copy the JSON files to benchmarks/results/ and the
-# tables into docs/PERFORMANCE.md with this command line.
+# The peers (titans-pytorch, flash-linear-attention) are not on that machine: they travel as wheels in .whl/ (ignored
+# by git through .git/info/exclude; the device tool's `carry`), fetched here once with
+#
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+#       titans-pytorch==0.5.5 assoc-scan axial-positional-embedding einx hyper-connections rotary-embedding-torch \
+#       tensordict x-transformers accelerated-scan frozendict torch-einops-utils pyvers loguru \
+#       flash-linear-attention==0.6.0 fla-core==0.6.0
+#
+# and installed there into /tmp/site; without .whl/ their rows are reported unavailable. Device tool call:
+# run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600).
+#
+# Writes eight files (the most the device tool brings back): env.txt, tests.log, op_speed.log, op_speed-cuda.json,
+# layer_speed.log, layer_speed-cuda.json, and the kernels at TF32 dot precisions (MNEMOS_TRITON_DOT_PRECISION):
+# op_precision.log (tf32x3 and tf32) and op_speed-tf32x3-cuda.json. Copy the JSON files to benchmarks/results/ and
+# the tables into docs/PERFORMANCE.md with this command line.
 #
 # GPU_SESSION_DRY=1 checks the script itself on a CPU machine: the same steps on the CPU at tiny shapes, the tests
-# under Triton's interpreter (what CI does), a few minutes.
+# under Triton's interpreter (what CI does), a few minutes; the wheels are not installed there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -23,11 +35,15 @@ PY=${PYTHON:-python3}
 if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   DEVICE=cpu
   SHAPE=(--batch 1 --seq-len 32 --dim 32 --heads 2 --chunk-size 8 --warmup 1 --repeats 1 --no-cpu-memory)
-  LIMIT_TESTS=900 LIMIT_BENCH=300
+  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_PREC=300
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
-  LIMIT_TESTS=240 LIMIT_BENCH=150
+  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_PREC=45
+  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "gpu_session: the wheels in .whl/ did not install"
+  fi
 fi
 
 {
@@ -35,6 +51,7 @@ fi
   git log -1 --format='commit %H' 2>/dev/null
   nvidia-smi 2>&1 | head -15
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")' 2>&1
+  "$PY" -m pip list 2>/dev/null | grep -i -E "^(titans|flash-linear|fla-core|einops|tensordict) " || true
 } > "$OUT/env.txt"
 cat "$OUT/env.txt"
 
@@ -43,19 +60,25 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under the limit, its output to 
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit} s): $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee ${APPEND:+-a} "$OUT/$name.log"  # APPEND=1: add to the log
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc"
   [ "$rc" = 0 ] || status=1
 }
 
 # 1. the Triton kernels against the torch reference, compiled for this GPU (on a CPU: interpreted)
-step tests "$LIMIT_TESTS" "$PY" -m pytest -q -x -p no:cacheprovider tests/ops/test_triton.py
-# 2. operators: the memory rule per impl, the delta rule, SDPA, against the device's measured ceilings
+step tests "$LIMIT_TESTS" "$PY" -m pytest -q --maxfail=3 -p no:cacheprovider tests/ops/test_triton.py
+# 2. operators: the memory rule on the kernels and on the torch path, the delta rule (mnemos, fla), SDPA, against the
+#    device's measured ceilings
 step op_speed "$LIMIT_BENCH" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
-  --only op-torch-d2 op-triton-d2 op-torch-d1 op-triton-d1 op-delta sdpa --out "$OUT/op_speed-$DEVICE.json"
-# 3. the layer per impl (titans-pytorch is not installed there)
+  --only op-triton-d2 op-torch-d2 op-triton-d1 op-delta fla-delta sdpa --out "$OUT/op_speed-$DEVICE.json"
+# 3. the layer: mnemos (auto: the kernels on a GPU) beside titans-pytorch, both of its anchor semantics
 step layer_speed "$LIMIT_BENCH" "$PY" benchmarks/layer_speed.py --device "$DEVICE" "${SHAPE[@]}" \
-  --only mnemos mnemos-torch mnemos-triton --out "$OUT/layer_speed-$DEVICE.json"
+  --only mnemos mnemos-triton titans-paper titans-default --out "$OUT/layer_speed-$DEVICE.json"
+# 4. the kernels with TF32 tensor-core products instead of exact float32 ones (speed only; accuracy: a later check)
+step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32x3 "$PY" benchmarks/op_speed.py --device "$DEVICE" \
+  "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "$OUT/op_speed-tf32x3-$DEVICE.json"
+APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32 "$PY" benchmarks/op_speed.py \
+  --device "$DEVICE" "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32-$DEVICE.json"
 echo "gpu_session: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed: see its log') ($OUT)"
 exit $status

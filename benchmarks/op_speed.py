@@ -468,7 +468,8 @@ BENCH = Bench(
     describe=lambda args, shape, env: [
         f"q, k, v {args.dtype} (memory-rule gates and weights float32), depth 2 (E={shape.expansion}) and 1; "
         f"triton {env['triton'] or 'not installed'}, flash-linear-attention "
-        f"{env['flash_linear_attention'] or 'not installed'}, TRITON_INTERPRET={env['triton_interpret'] or 'unset'}"],
+        f"{env['flash_linear_attention'] or 'not installed'}, TRITON_INTERPRET={env['triton_interpret'] or 'unset'}, "
+        f"kernels' float32 dot precision {env.get('triton_dot_precision', 'ieee')} (MNEMOS_TRITON_DOT_PRECISION)"],
     before_rows=ceilings,
     after_row=add_throughput,
 )

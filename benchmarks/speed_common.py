@@ -331,6 +331,7 @@ def environment(device: torch.device) -> dict:
         "triton": version("triton"),
         "flash_linear_attention": version("flash-linear-attention"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "triton_dot_precision": os.environ.get("MNEMOS_TRITON_DOT_PRECISION", "ieee"),
         "mnemos": getattr(mnemos, "__version__", None),
         "mnemos_path": str(Path(mnemos.__file__).resolve().parent),
         "python": platform.python_version(),
@@ -452,8 +453,8 @@ def print_table(bench: Bench, rows: list[dict], reference: str | None) -> None:
             continue
         lines.append([row["label"], row["semantics"], fmt_seq_len(row), fmt_ms(row["fwd_ms"]), fmt_ms(row["fwdbwd_ms"]),
                       fmt_mib(row.get("fwd_peak_bytes")), fmt_mib(row.get("fwdbwd_peak_bytes")), *bench.columns(row)])
-    widths = [max(len(h), *(len(line[i]) for line in lines if i < len(line) - 1 or len(line) == len(header)))
-              for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(line[i]) for line in lines if i < len(line) - 1 or len(line) == len(header))])
+              for i, h in enumerate(header)]  # a list: every row may have been skipped
     print()
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     for line in lines:

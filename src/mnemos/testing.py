@@ -7,8 +7,9 @@ from torch import Tensor
 
 
 def rel_rmse(ref: Tensor, fast: Tensor) -> float:
-    """RMSE(ref - fast) / RMS(ref), computed in float64 (0 when both are exactly zero)."""
-    ref, fast = ref.detach().double(), fast.detach().double()
+    """RMSE(ref - fast) / RMS(ref), computed in float64 on the CPU (0 when both are exactly zero); the two may live on
+    different devices (a CPU reference against a GPU kernel)."""
+    ref, fast = ref.detach().double().cpu(), fast.detach().double().cpu()
     err = (ref - fast).pow(2).mean().sqrt()
     scale = ref.pow(2).mean().sqrt()
     if scale == 0:

@@ -98,6 +98,64 @@ def test_triton_matches_reference(cfg):
         assert_close(f"grad {name}", gr, gt, TOL[1])
 
 
+NORMALIZE_CONFIGS = [  # (depth, B, H, V, T, residual, activation, loss, with_momentum, first): first > 0 continues a
+    (1, 2, 2, 16, 40, True, "gelu", "l2", True, 0),  # stream cut mid-chunk after `first` tokens
+    (1, 1, 2, 32, 23, False, "silu", "dot", False, 0),
+    (2, 2, 1, 16, 71, True, "gelu", "l2", True, 0),
+    (2, 1, 2, 32, 40, False, "silu", "l2", False, 0),
+    (2, 2, 2, 16, 23, True, "silu", "dot", True, 0),
+    (2, 1, 2, 16, 50, True, "gelu", "l2", True, 21),
+]
+
+
+@pytest.mark.parametrize("cfg", NORMALIZE_CONFIGS, ids=lambda c: "L{}-B{}-H{}-V{}-T{}-{}-{}-first{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[6], c[7], c[9]))
+def test_triton_normalize_step(cfg):
+    """normalize_step on the kernels (depth 1: folded into the coefficients; depth 2: the curvature at the anchor
+    inside the kernels, its gradient written out there) == the reference: outputs, final state, every gradient.
+    Keys are scaled per token into [0.5, 1.7] so that the step scale is 1 for some tokens and below 1 for others
+    (unit keys would sit on its kink for a matrix memory), which the test checks at the initial weights."""
+    from mnemos.ops import step_curvature
+
+    depth, B, H, V, T, residual, activation, loss, with_momentum, first = cfg
+    seed = 7 * T + depth
+    inp = make_inputs(B, T, H, 16, V, depth, expansion=2, with_momentum=with_momentum, seed=seed)
+    scale = 0.5 + 1.2 * torch.rand(B, T, H, 1, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    inp["k"] = inp["k"] * scale
+    inp["alpha"] = inp["alpha"] * 0.05  # mild forgetting: a memory decayed towards zero has a curvature far below 1
+    kw = dict(chunk_size=16, residual=residual, activation=activation, loss=loss, normalize_step=True)
+    state0 = None
+    if first:
+        _, st = run(neural_memory_reference, {n: (x[:, :first] if isinstance(x, torch.Tensor) else x)
+                                               for n, x in inp.items()}, **kw)
+        inp = {n: (x[:, first:] if isinstance(x, torch.Tensor) else x) for n, x in inp.items()}
+        state0 = st
+    start = inp["weights"] if state0 is None else state0.anchor  # the memory the call's first chunk anchors on
+    rho = step_curvature(inp["k"], inp["v"], start, residual=residual, activation=activation)
+    assert (rho > 1.05).float().mean() > 0.2 and (rho < 0.95).float().mean() > 0.05  # both sides of the kink
+    inp = {n: (x if x is None else (tuple(t.detach().requires_grad_() for t in x) if isinstance(x, tuple)
+                                    else x.detach().requires_grad_())) for n, x in inp.items()}
+    results = []
+    for fn, dev in ((neural_memory_reference, inp), ("triton", to_device(inp, EXACT))):
+        call = fn if fn is neural_memory_reference else (lambda *a, **k: neural_memory(*a, impl="triton", **k))
+        s0 = None
+        if state0 is not None:
+            target = dev["q"].device, dev["q"].dtype
+            s0 = MemoryState(*(tuple(t.to(*target) for t in part) for part in
+                               (state0.weights, state0.momentum, state0.anchor)), state0.offset, state0.chunk_size)
+            dev = dict(dev, weights=None, momentum=None)
+        o, s = call(dev["q"], dev["k"], dev["v"], dev["theta"], dev["eta"], dev["alpha"], dev["weights"],
+                    momentum=dev["momentum"], initial_state=s0, output_final_state=True, **kw)
+        cot = torch.randn(o.shape, dtype=F64, generator=torch.Generator().manual_seed(3)).to(o.device, o.dtype)
+        names, tensors = zip(*[(n, t) for n, t in leaves(dev) if t is not None])
+        results.append((o, s, names, torch.autograd.grad(state_loss(o, s, cot), tensors)))
+    (o_r, s_r, names, g_r), (o_t, s_t, _, g_t) = results
+    assert_close("o", o_r, o_t, TOL[0])
+    assert_states_close(s_r, s_t, TOL[0])
+    for name, gr, gt in zip(names, g_r, g_t):
+        assert_close(f"grad {name}", gr, gt, TOL[1])
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("first, rest", [(5, 3), (5, 30), (16, 20), (20, 12)])
 def test_triton_continues_a_stream(depth, first, rest):
@@ -230,7 +288,7 @@ def test_titans_layer_on_the_kernels(monkeypatch):
     monkeypatch.setattr(triton_scan, "_launchers", lambda depth: launched.append(depth) or real(depth))
 
     torch.manual_seed(0)
-    kw = dict(dim=32, heads=2, head_dim=16, depth=2, expansion=2, chunk_size=16, normalize_step=False)  # not in the kernels
+    kw = dict(dim=32, heads=2, head_dim=16, depth=2, expansion=2, chunk_size=16)  # the layer's defaults: normalize_step
     ref = NeuralMemory(**kw, impl="torch").to(EXACT)
     fast = NeuralMemory(**kw, impl="triton").to(EXACT)
     fast.load_state_dict(ref.state_dict())

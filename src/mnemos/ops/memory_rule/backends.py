@@ -159,10 +159,8 @@ def kernels_unsupported_reason(device: torch.device, dtype: torch.dtype, widths:
 
 
 def triton_unsupported_reason(q: Tensor, weights: Sequence[Tensor] | None, initial_state: MemoryState | None,
-                              chunk_size: int, normalize_step: bool = False) -> str | None:
+                              chunk_size: int) -> str | None:
     """Why :func:`~.dispatch.neural_memory_triton` cannot take these inputs (None when it can)."""
-    if normalize_step:
-        return "normalize_step is not implemented in the kernels (impl='torch' runs it)"
     ws = initial_state.weights if initial_state is not None else weights
     if not isinstance(q, Tensor) or q.ndim != 4 or not ws:
         return "malformed inputs"

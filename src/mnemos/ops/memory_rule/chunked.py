@@ -175,7 +175,7 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
     if P == 0 and gamma is not None and not dense:  # window 1: gamma_t scales the token's gradient, as theta_t does
         theta = theta * gamma
     if backend == "triton":
-        reason = triton_unsupported_reason(q, spec.weights, None, chunk_size, normalize_step)
+        reason = triton_unsupported_reason(q, spec.weights, None, chunk_size)
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run this call: {reason}")
     B, T, H, dt, dev = spec.B, spec.T, spec.H, spec.dtype, q.device
@@ -218,7 +218,8 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
             if backend == "torch":
                 o, WS, last_anchor = _run_torch(q, keys, theta, eta, alpha, WS0, A, lengths, P=P, dt=dt, opts=tkw)
             else:
-                o, WS, last_anchor = _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, C=C, dt=dt, kw=kw)
+                o, WS, last_anchor = _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, C=C, dt=dt, kw=kw,
+                                                 normalize=normalize_step)
         o = o.to(q.dtype)
     if not output_final_state:
         return o, None
@@ -371,9 +372,13 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
     return torch.cat(outs, dim=2).transpose(1, 2), A0, S0, [a.clone() for a in last_start]
 
 
-def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw):
+def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw, normalize: bool = False):
     """The kernels' chunk loop: every chunk padded at its end to C tokens (padding sits after every real token of its
-    chunk, so causality keeps it out). Returns o ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start."""
+    chunk, so causality keeps it out). Returns o ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start.
+
+    ``normalize`` (normalize_step): for a matrix memory the step's curvature is |k|^2 whatever the anchor (u = d k^T),
+    so the scale s_j = 1 / max(1, |k_j|^2) folds into the coefficients that weigh token j's update (G's column j and
+    the rows gl, pl), differentiated by autograd; the depth-2 kernels compute it at the anchor themselves."""
     from .triton_scan import TritonChunkScan, scan_forward_only  # here: triton is optional, imported on first use
 
     B, T, H = theta.shape
@@ -393,6 +398,11 @@ def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw):
 
     qc, kc, vc, thc, etc, alc = (chunks(x) for x in (q, k, v, theta, eta, alpha))
     b, e, f, G, P = chunk_coefficients(thc, etc, alc)  # [nc, B, H, C(, C)]
+    if normalize and L == 1:  # u_j = s_j d_j k_j^T: token j's update weighed by s_j wherever it enters
+        scale = kc.pow(2).sum(-1).clamp_min(1.0).reciprocal().unsqueeze(-2)  # [nc, B, H, 1, C]
+        G, P = G * scale, P * scale
+    elif normalize:
+        kw = dict(kw, normalize=True)
     ar, last = torch.arange(nc, device=dev), torch.tensor(lengths, device=dev) - 1
     rows = lambda x: x.movedim(0, 2)[:, :, ar, last].movedim(2, 0)  # noqa: E731  value at each chunk's last token
     inputs = (qc, kc, vc, b, f, G, rows(b), rows(e), rows(f), rows(G), rows(P), *WS0, *(A or ()))

@@ -168,7 +168,7 @@ def neural_memory(
     if impl == "auto":
         on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
         kernels_ok = on_gpu and kernels_reason is None and os.environ.get("MNEMOS_TRITON", "1") != "0"
-        impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size, normalize_step) is None \
+        impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size) is None \
             else "torch"
     fn = {"torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]  # each checks the rule and its inputs
     return fn(

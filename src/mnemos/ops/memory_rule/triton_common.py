@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -12,9 +14,13 @@ _GELU, _SILU = 0, 1
 _L2, _DOT = 0, 1
 
 # ``tl.dot`` input precision for float32 operands on a GPU, for every kernel. "ieee" is exact float32 (CUDA cores);
-# "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) or "tf32" are the faster candidates, unmeasured (no GPU
-# yet). The interpreter ignores it.
-DOT_PRECISION = "ieee"
+# "tf32x3" (three TF32 tensor-core products, ~float32 accuracy) or "tf32" (one; ~1e-3 relative) are the faster
+# candidates. The environment variable MNEMOS_TRITON_DOT_PRECISION picks one at import (benchmarks/gpu_session.sh
+# measures them side by side); the tests' tolerances assume "ieee". The interpreter ignores it.
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+DOT_PRECISION = os.environ.get("MNEMOS_TRITON_DOT_PRECISION", "ieee")
+if DOT_PRECISION not in DOT_PRECISIONS:
+    raise ValueError(f"MNEMOS_TRITON_DOT_PRECISION must be one of {DOT_PRECISIONS}, got {DOT_PRECISION!r}")
 
 # The depth-2 forward keeps the state at the start of every CHECKPOINT_EVERY-th chunk; its backward rebuilds the
 # states in between (one more forward of the state update per chunk) instead of storing all of them: at B4 T4096 H8

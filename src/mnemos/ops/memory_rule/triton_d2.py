@@ -88,12 +88,40 @@ def _anchor_pass(k, v, anc1, anc2, zs, rc, rk, rv, rh,
 
 
 @triton.jit
+def _step_scale(k, d2, anc2, zs, rc, rv, rh,
+                C: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, BLOCK_H: tl.constexpr, ACT: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr):
+    """``normalize_step`` (torch_scan.step_scale): s = 1 / max(1, rho) per token with rho = (|k|^2 |d1|^2 +
+    |a1|^2 |d2|^2) / |d2|^2 at the anchor (one more pass over the hidden tiles for d1 and a1). Returns s and the
+    squared norms |k|^2, |d1|^2, |a1|^2, |d2|^2 ([C] each; the backward needs them)."""
+    nd1 = tl.zeros((C,), dtype=ACC)
+    na1 = tl.zeros((C,), dtype=ACC)
+    for j0 in range(0, HD, BLOCK_H):
+        z1 = tl.load(zs + rc[:, None] * HD + (j0 + rh)[None, :])
+        w2a = tl.load(anc2 + rv[:, None] * HD + (j0 + rh)[None, :])
+        a1 = act(z1, ACT)
+        d1 = tl.dot(d2, w2a, input_precision=PREC) * act_grad(z1, ACT)
+        nd1 += tl.sum(d1 * d1, axis=1)
+        na1 += tl.sum(a1 * a1, axis=1)
+    nk = tl.sum(k * k, axis=1)
+    nd2 = tl.sum(d2 * d2, axis=1)
+    rho = (nk * nd1 + na1 * nd2) / tl.maximum(nd2, 1e-30)
+    return 1.0 / tl.maximum(rho, 1.0), nk, nd1, na1, nd2
+
+
+@triton.jit
 def _fwd_chunk(q, k, v, b, f, G, bl, el, fl, gl, pl, src1, src2, dst1, dst2, anc1, anc2, zs, rc, rk, rv, rh,
                C: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, BLOCK_H: tl.constexpr,
-               RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+               RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr):
     """One chunk forward: reads the starting state at ``src``, writes the state after the chunk to ``dst`` (may be
-    ``src``: each tile is read before it is rewritten), returns the chunk's outputs ``[C, V]``."""
+    ``src``: each tile is read before it is rewritten), returns the chunk's outputs ``[C, V]``. With NORM every
+    token's errors are scaled by its step scale s before they are used (d1 = (d2 W2a) act'(z1) scales with d2)."""
     d2 = _anchor_pass(k, v, anc1, anc2, zs, rc, rk, rv, rh, C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, ACC, PREC)
+    if NORM:
+        tl.debug_barrier()
+        sc, _, _, _, _ = _step_scale(k, d2, anc2, zs, rc, rv, rh, C, HD, V, BLOCK_H, ACT, ACC, PREC)
+        d2 = d2 * sc[:, None]
     gp1 = G * tl.dot(q, tl.trans(k), input_precision=PREC)  # [C, C]
     tl.debug_barrier()
     # pass 2: per tile, the errors of layer 1, the queries' layer-1 read, the sums of the layer-2 read, the update
@@ -138,8 +166,8 @@ def _fwd_kernel(
     ws1_ptr, ws2_ptr, a1_ptr, a2_ptr, ck1_ptr, ck2_ptr, last1_ptr, last2_ptr, z_ptr,
     nc, BH,
     C: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, BLOCK_H: tl.constexpr,
-    RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, HAS_A: tl.constexpr, SAVE: tl.constexpr,
-    EVERY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, NORM: tl.constexpr, HAS_A: tl.constexpr,
+    SAVE: tl.constexpr, EVERY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (B*H,). The state is updated in place in the workspace ``ws``; with SAVE, the state at the start of
     every EVERY-th chunk is copied to the checkpoints ``ck`` ([nc / EVERY, B*H, ...])."""
@@ -169,7 +197,7 @@ def _fwd_kernel(
                 anc1 = a1_ptr + pid * HD * K
                 anc2 = a2_ptr + pid * V * HD
         o = _fwd_chunk(q, k, v, b, f, G, bl, el, fl, gl, pl, ws1, ws2, ws1, ws2, anc1, anc2, zs, rc, rk, rv, rh,
-                       C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, ACC, PREC)
+                       C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, NORM, ACC, PREC)
         tl.store(o_ptr + row * C * V + rc[:, None] * V + rv[None, :], o)
 
 
@@ -182,8 +210,8 @@ def _bwd_kernel(
     dq_ptr, dk_ptr, dv_ptr, db_ptr, df_ptr, dg_ptr, dbl_ptr, del_ptr, dfl_ptr, dgl_ptr, dpl_ptr,
     nc, BH,
     C: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, BLOCK_H: tl.constexpr,
-    RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, HAS_A: tl.constexpr, HAS_DLAST: tl.constexpr,
-    EVERY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, NORM: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_DLAST: tl.constexpr, EVERY: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (B*H,). Segments of EVERY chunks, last first: rebuild the segment's chunk-start states from its checkpoint
     into ``seg`` ([B*H, EVERY, ...]), then walk its chunks in reverse with the state gradient ``dws`` as the carry."""
@@ -222,15 +250,15 @@ def _bwd_kernel(
                     anc1 = a1_ptr + pid * HD * K
                     anc2 = a2_ptr + pid * V * HD
             _fwd_chunk(q, k, v, b, f, G, bl, el, fl, gl, pl, src1, src2, src1 + 2 * HD * K, src2 + 2 * V * HD,
-                       anc1, anc2, zs, rc, rk, rv, rh, C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, ACC, PREC)
+                       anc1, anc2, zs, rc, rk, rv, rh, C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, NORM, ACC, PREC)
         for cc in range(0, c1 - c0):
             c = c1 - 1 - cc
             _bwd_chunk(q_ptr, k_ptr, v_ptr, do_ptr, b_ptr, f_ptr, g_ptr, bl_ptr, el_ptr, fl_ptr, gl_ptr, pl_ptr,
                        seg1 + (c - c0) * 2 * HD * K, seg2 + (c - c0) * 2 * V * HD, a1_ptr, a2_ptr, dws1, dws2,
                        dl1_ptr, dl2_ptr, da1_ptr, da2_ptr, zs, sda, sdz,
                        dq_ptr, dk_ptr, dv_ptr, db_ptr, df_ptr, dg_ptr, dbl_ptr, del_ptr, dfl_ptr, dgl_ptr, dpl_ptr,
-                       c, nc, BH, pid, rc, rk, rv, rh, C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, HAS_A, HAS_DLAST,
-                       ACC, PREC)
+                       c, nc, BH, pid, rc, rk, rv, rh, C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, NORM, HAS_A,
+                       HAS_DLAST, ACC, PREC)
 
 
 @triton.jit
@@ -240,11 +268,15 @@ def _bwd_chunk(
     dq_ptr, dk_ptr, dv_ptr, db_ptr, df_ptr, dg_ptr, dbl_ptr, del_ptr, dfl_ptr, dgl_ptr, dpl_ptr,
     c, nc, BH, pid, rc, rk, rv, rh,
     C: tl.constexpr, K: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, BLOCK_H: tl.constexpr,
-    RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, HAS_A: tl.constexpr, HAS_DLAST: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACT: tl.constexpr, LOSS: tl.constexpr, NORM: tl.constexpr, HAS_A: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
 ):
     """The backward of chunk c, its starting state at ``ws``: reads the carry ``dws`` (gradient of the state after the
-    chunk) and leaves there the gradient of the state before it; writes the chunk's input gradients."""
+    chunk) and leaves there the gradient of the state before it; writes the chunk's input gradients.
+
+    With NORM, ``d2`` below is the scaled error s d2 (and d1 the scaled s d1) that the forward's update used, so pass I
+    gives the gradients of the scaled errors; pass I.5 turns them into those of the raw ones and adds the terms of s
+    itself (torch_scan._step_scale_backward), before pass II takes them through the anchor."""
     row = c * BH + pid
     q, k, v, b, f, G, bl, el, fl, gl, pl = _load_chunk(q_ptr, k_ptr, v_ptr, b_ptr, f_ptr, g_ptr, bl_ptr, el_ptr,
                                                        fl_ptr, gl_ptr, pl_ptr, row, rc, rk, rv, C, K, V, ACC)
@@ -258,6 +290,11 @@ def _bwd_chunk(
             anc1 = a1_ptr + pid * HD * K
             anc2 = a2_ptr + pid * V * HD
     d2 = _anchor_pass(k, v, anc1, anc2, zs, rc, rk, rv, rh, C, K, HD, V, BLOCK_H, RESIDUAL, ACT, LOSS, ACC, PREC)
+    if NORM:
+        tl.debug_barrier()
+        sc, nk, nd1, na1, nd2 = _step_scale(k, d2, anc2, zs, rc, rv, rh, C, HD, V, BLOCK_H, ACT, ACC, PREC)
+        d2r = d2  # the raw error
+        d2 = d2 * sc[:, None]
     p1 = tl.dot(q, tl.trans(k), input_precision=PREC)
     gp1 = G * p1
     tl.debug_barrier()
@@ -367,6 +404,34 @@ def _bwd_chunk(
     dd2 -= gl[:, None] * r2w + pl[:, None] * r2s + tl.dot(tl.trans(G * p2), do, input_precision=PREC)
     dgl -= tl.sum(d2 * r2w, axis=1)
     dpl -= tl.sum(d2 * r2s, axis=1)
+    if NORM:
+        # dd2 is now the gradient of the scaled s d2 (through s d1 too: pass I took d1 as a function of d2).
+        # rho = |k|^2 |d1|^2 / |d2|^2 + |a1|^2 where s < 1, ds/drho = -s^2; cn = 2 dL/drho / |d2|^2
+        g_s = tl.sum(dd2 * d2r, axis=1)
+        g_rho = tl.where(sc < 1.0, -g_s * sc * sc, 0.0)
+        cn = 2.0 * g_rho / tl.maximum(nd2, 1e-30)
+        dd2 = sc[:, None] * dd2 + (cn * na1 - cn / sc)[:, None] * d2r
+        dk += (cn * nd1)[:, None] * k
+        ce = cn * nk  # rho's gradient along the raw d1 is ce d1: taken back through d1 = (d2 W2a) act'(z1)
+        tl.debug_barrier()
+        # pass I.5: per tile, that gradient through the error path, and rho's term of a1
+        for j0 in range(0, HD, BLOCK_H):
+            z1 = tl.load(zs + rc[:, None] * HD + (j0 + rh)[None, :])
+            w2a = tl.load(anc2 + rv[:, None] * HD + (j0 + rh)[None, :])
+            dact = act_grad(z1, ACT)
+            back = tl.dot(d2r, w2a, input_precision=PREC)
+            dback = ce[:, None] * back * dact * dact  # ce d1 act'(z1), d1 = back act'(z1)
+            dd2 += tl.dot(dback, tl.trans(w2a), input_precision=PREC)
+            dw2a = tl.dot(tl.trans(d2r), dback, input_precision=PREC)  # [V, BLOCK_H]
+            pz = sdz + rc[:, None] * HD + (j0 + rh)[None, :]
+            tl.store(pz, tl.load(pz) + ce[:, None] * back * dact * back * act_grad2(z1, ACT))
+            pa = sda + rc[:, None] * HD + (j0 + rh)[None, :]
+            tl.store(pa, tl.load(pa) + (cn * nd2)[:, None] * act(z1, ACT))
+            if use_a:
+                p = da2_ptr + pid * V * HD + rv[:, None] * HD + (j0 + rh)[None, :]
+            else:
+                p = dws2 + rv[:, None] * HD + (j0 + rh)[None, :]
+            tl.store(p, tl.load(p) + dw2a)
     if LOSS == 0:
         dpred = 2.0 * dd2
         dv = -dpred
@@ -424,7 +489,8 @@ def _sizes(q, v, WS):
     return nc, B * H, C, K, HD, V
 
 
-def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save) -> ScanForward:
+def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save,
+        normalize: bool = False) -> ScanForward:
     nc, BH, C, K, HD, V = _sizes(q, v, WS)
     acc, dev = b.dtype, q.device
     every = triton_common.CHECKPOINT_EVERY
@@ -440,7 +506,7 @@ def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, lo
     opts = launch_opts(activation, loss, acc, HD)
     _fwd_kernel[(BH,)](
         q, k, v, o, b, f, G, bl, el, fl, gl, pl, ws1, ws2, a1, a2, ck1, ck2, last1, last2, zbuf, nc, BH,
-        C=C, K=K, HD=HD, V=V, RESIDUAL=residual, HAS_A=A is not None, SAVE=save, EVERY=every, **opts,
+        C=C, K=K, HD=HD, V=V, RESIDUAL=residual, NORM=normalize, HAS_A=A is not None, SAVE=save, EVERY=every, **opts,
     )
     # what the backward needs: the checkpoints, and their spacing carried as the length of an empty tensor
     saved = [ck1, ck2, torch.empty(every, 0, device=dev)] if save else None
@@ -448,7 +514,7 @@ def fwd(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, lo
 
 
 def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, residual, activation,
-        loss) -> ScanGrads:
+        loss, normalize: bool = False) -> ScanGrads:
     ck1, ck2, spacing = starts
     nc, BH, C, K, HD, V = _sizes(q, v, [ck1[0], ck2[0]])
     acc, dev = b.dtype, q.device
@@ -477,7 +543,8 @@ def bwd(do, dWS, d_last, q, k, v, b, f, G, bl, el, fl, gl, pl, starts, A, *, res
     _bwd_kernel[(BH,)](
         q, k, v, do, b, f, G, bl, el, fl, gl, pl, ck1, ck2, seg1, seg2, a1, a2, dws1, dws2, dl1, dl2, da1, da2,
         *scratch, dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, nc, BH,
-        C=C, K=K, HD=HD, V=V, RESIDUAL=residual, HAS_A=A is not None, HAS_DLAST=has_dlast, EVERY=every, **opts,
+        C=C, K=K, HD=HD, V=V, RESIDUAL=residual, NORM=normalize, HAS_A=A is not None, HAS_DLAST=has_dlast,
+        EVERY=every, **opts,
     )
     return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, [dws1, dws2],
                      [da1, da2] if A is not None else None)
