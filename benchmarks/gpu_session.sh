@@ -35,11 +35,11 @@ PY=${PYTHON:-python3}
 if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   DEVICE=cpu
   SHAPE=(--batch 1 --seq-len 32 --dim 32 --heads 2 --chunk-size 8 --warmup 1 --repeats 1 --no-cpu-memory)
-  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300
+  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_FLA=300
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
-  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=180 LIMIT_PREC=45
+  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_FLA=90
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "gpu_session: the wheels in .whl/ did not install"
@@ -71,15 +71,18 @@ step tests "$LIMIT_TESTS" "$PY" -m pytest -q --maxfail=3 -p no:cacheprovider tes
 # 2. operators: the memory rule on the kernels and on the torch path, the delta rule (mnemos, fla), SDPA, against the
 #    device's measured ceilings
 step op_speed "$LIMIT_BENCH" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
-  --only op-triton-d2 op-torch-d2 op-triton-d1 op-delta fla-delta sdpa --out "$OUT/op_speed-$DEVICE.json"
-# 3. the layer: mnemos (auto: the kernels on a GPU, as mnemos-triton would) beside titans-pytorch, both of its anchor
-#    semantics
+  --only op-triton-d2 op-torch-d2 op-triton-d1 op-delta sdpa --out "$OUT/op_speed-$DEVICE.json"
+# 3. the layer: mnemos (auto: the kernels on a GPU, as mnemos-triton would) beside titans-pytorch's default
 step layer_speed "$LIMIT_LAYER" "$PY" benchmarks/layer_speed.py --device "$DEVICE" "${SHAPE[@]}" \
-  --only mnemos titans-default titans-paper --out "$OUT/layer_speed-$DEVICE.json"
+  --only mnemos titans-default --out "$OUT/layer_speed-$DEVICE.json"  # titans-paper: 36x slower, NaN grads (2026-12-04)
 # 4. the kernels with TF32 tensor-core products instead of exact float32 ones (speed only; accuracy: a later check)
 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32x3 "$PY" benchmarks/op_speed.py --device "$DEVICE" \
   "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "$OUT/op_speed-tf32x3-$DEVICE.json"
 APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32 "$PY" benchmarks/op_speed.py \
   --device "$DEVICE" "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32-$DEVICE.json"
+# 5. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
+#    into op_speed.log
+APPEND=1 step op_speed "$LIMIT_FLA" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
+  --only op-delta fla-delta --out "${TMPDIR:-/tmp}/op_speed-fla-$DEVICE.json"
 echo "gpu_session: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed: see its log') ($OUT)"
 exit $status

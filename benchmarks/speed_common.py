@@ -613,6 +613,9 @@ def main(bench: Bench, argv=None) -> None:
             rows[name][f"{phase}_ms"] = 1e3 * statistics.median(samples[name]) if samples[name] else None
             if device.type == "cuda":
                 rows[name][f"{phase}_peak_bytes"] = max(peaks[name]) if peaks[name] else None
+        # as each phase ends (a run stopped by a time limit keeps what it measured; the table comes at the end)
+        done = [f"{n} {rows[n][f'{phase}_ms']:.4g}" for n in cases if rows[n][f"{phase}_ms"] is not None]
+        print(f"{phase} medians (ms): {', '.join(done) or 'none'}", flush=True)
     cases.clear()
     gc.collect()
 
