@@ -1,0 +1,136 @@
+"""MQAR accuracy by the distance from each query back to its key, for trained checkpoints: where in the context a
+model's recall fails. ``mnemos eval mqar --reach N`` splits at one distance; this splits at many, on the task each
+checkpoint was trained on (its saved ``task``), with the held-out seed of the recall study.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/recall_by_distance.py \
+        --model results/study-recall/runs/NAME/checkpoint [...] --samples 2000
+
+Per checkpoint it prints, per distance bin (distance = query position - key position: 1 for a query right after
+its pair's value), the queries counted, their accuracy and its standard error, and chance / 1/K beside them. For a
+memory with momentum it also prints ``1 - eta^d``: the share of a token's write that has landed in the memory d
+tokens later if the write enters only through the momentum (S_t = eta S_(t-1) - theta u_t, M_t = M_(t-1) + S_t:
+after d tokens M has received (1 - eta^d) / (1 - eta) of the step), with eta the first memory layer's mean
+momentum gate over the run's last logged training steps (``mem.0.eta_mean`` in metrics.jsonl) -- a hypothesis to
+hold the accuracies against, not a fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    import mnemos  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mnemos.data import MQARConfig
+from mnemos.data.mqar import IGNORE_INDEX
+from mnemos.eval.adapters import load_mnemos_checkpoint
+from mnemos.eval.tasks.mqar import saved_mqar_task
+
+DEFAULT_EDGES = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # bins [1, 2), [2, 3), [3, 5), ..., [129, L)
+
+
+def query_distances(inputs: torch.Tensor, labels: torch.Tensor, num_kv_pairs: int):
+    """For every query (label != IGNORE_INDEX): its row, position t and distance t - (key position), the key being
+    the first of the row's K key slots (0, 2, ..., 2K - 2) holding the query token."""
+    rows, t = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    keys = inputs[rows, 0 : 2 * num_kv_pairs : 2]  # [M, K]
+    match = keys == inputs[rows, t].unsqueeze(1)
+    if not bool(match.any(1).all()):
+        raise ValueError("a query is none of its row's context keys: not MQAR data with this num_kv_pairs")
+    slot = match.int().argmax(1)  # the first matching slot
+    return rows, t, t - 2 * slot
+
+
+def by_distance(hit: torch.Tensor, dist: torch.Tensor, edges) -> list[dict]:
+    """Accuracy per bin [edges[i], edges[i + 1]) (the last bin open-ended), with counts and standard errors."""
+    out = []
+    bounds = list(edges) + [math.inf]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        sel = (dist >= lo) & (dist < hi)
+        n = int(sel.sum())
+        acc = float(hit[sel].float().mean()) if n else math.nan
+        se = math.sqrt(acc * (1 - acc) / n) if n else math.nan
+        out.append({"lo": lo, "hi": hi, "n": n, "accuracy": acc, "se": se})
+    return out
+
+
+def mean_eta(run_dir: Path, last: int = 10) -> float | None:
+    """The first memory layer's mean momentum gate over the last ``last`` training lines that log it."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    vals = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("split") == "train" and "mem.0.eta_mean" in rec:
+            vals.append(rec["mem.0.eta_mean"])
+    return sum(vals[-last:]) / len(vals[-last:]) if vals else None
+
+
+def predictions(adapter, inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    pred = torch.empty_like(inputs)
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch):
+            logits, _ = adapter.forward(inputs[i : i + batch], adapter.init_state(min(batch, inputs.shape[0] - i)))
+            pred[i : i + batch] = logits.argmax(-1)
+    return pred
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", nargs="+", required=True, help="checkpoint directories (RUN/checkpoint)")
+    p.add_argument("--samples", type=int, default=2000, help="MQAR sequences per checkpoint (default 2000)")
+    p.add_argument("--seed", type=int, default=7777, help="data seed (default 7777, the recall study's held-out one)")
+    p.add_argument("--edges", type=int, nargs="+", default=list(DEFAULT_EDGES), help="bin lower edges (distances)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the bins as JSON here")
+    args = p.parse_args(argv)
+    if args.samples < 1 or args.batch_size < 1:
+        p.error("--samples and --batch-size must be >= 1")
+    if sorted(set(args.edges)) != args.edges or args.edges[0] < 1:
+        p.error(f"--edges must be increasing distances >= 1, got {args.edges}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    for spec in args.model:
+        task = saved_mqar_task([spec])
+        if not {"seq_len", "vocab_size", "num_kv_pairs"} <= set(task):
+            p.error(f"{spec}: not an MQAR checkpoint with a saved task")
+        cfg = MQARConfig(**task, num_examples=args.samples)
+        inputs, labels = cfg.build(args.seed)
+        adapter = load_mnemos_checkpoint(spec, device="cpu")
+        pred = predictions(adapter, inputs, args.batch_size)
+        rows, t, dist = query_distances(inputs, labels, cfg.num_kv_pairs)
+        hit = pred[rows, t] == labels[rows, t]
+        bins = by_distance(hit, dist, args.edges)
+        eta = mean_eta(Path(spec).resolve().parent)
+        K, V = cfg.num_kv_pairs, cfg.vocab_size
+        print(f"\n{spec}: L {cfg.seq_len}, K {K}, vocab {V}, noise {cfg.noise}, {args.samples} sequences, seed "
+              f"{args.seed}; all queries {float(hit.float().mean()):.4f} (n {hit.numel()}); chance "
+              f"{1 / (V - V // 2):.4f}, 1/K {1 / K:.4f}" + (f"; mem.0 eta (training mean) {eta:.3f}" if eta else ""))
+        print("| distance | queries | accuracy | ± 1 SE |" + (" 1 - eta^d (d = bin's low edge) |" if eta else ""))
+        print("|---|---|---|---|" + ("---|" if eta else ""))
+        for b in bins:
+            span = f"{b['lo']}" if b["hi"] == b["lo"] + 1 else f"{b['lo']}–{'' if b['hi'] == math.inf else b['hi'] - 1}"
+            acc = "—" if b["n"] == 0 else f"{b['accuracy']:.3f}"
+            se = "—" if b["n"] == 0 else f"{b['se']:.3f}"
+            landed = f" {1 - eta ** b['lo']:.2f} |" if eta else ""
+            print(f"| {span} | {b['n']} | {acc} | {se} |{landed}")
+        results[spec] = {"task": task, "samples": args.samples, "seed": args.seed, "eta_mean": eta, "bins": bins,
+                         "accuracy": float(hit.float().mean()), "n": int(hit.numel())}
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""benchmarks/recall_by_distance.py: the distances and bins behind its table, on constructed MQAR rows."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from recall_by_distance import by_distance, mean_eta, query_distances  # noqa: E402
+
+from mnemos.data import MQARConfig  # noqa: E402
+
+
+def test_distances_on_a_hand_made_row():
+    # pairs 3->9, 5->8 at positions 0..3; queries: 5 at t=5 (key at 2: distance 3), 3 at t=7 (key at 0: distance 7)
+    inputs = torch.tensor([[3, 9, 5, 8, 1, 5, 0, 3]])
+    labels = torch.tensor([[-100, -100, -100, -100, -100, 8, -100, 9]])
+    rows, t, dist = query_distances(inputs, labels, 2)
+    assert rows.tolist() == [0, 0] and t.tolist() == [5, 7] and dist.tolist() == [3, 7]
+
+
+def test_distances_agree_with_the_generator():
+    """Every query of generated data maps to a key slot holding its token, and the distance is positive."""
+    cfg = MQARConfig(vocab_size=128, seq_len=64, num_kv_pairs=8, num_examples=50, noise="zoology")
+    inputs, labels = cfg.build(3)
+    rows, t, dist = query_distances(inputs, labels, 8)
+    key_pos = t - dist
+    assert bool((dist > 0).all()) and bool((key_pos % 2 == 0).all()) and bool((key_pos < 16).all())
+    assert torch.equal(inputs[rows, key_pos], inputs[rows, t])
+    assert torch.equal(inputs[rows, key_pos + 1], labels[rows, t])  # the value follows its key
+
+
+def test_a_non_mqar_row_is_refused():
+    inputs = torch.tensor([[3, 9, 5, 8, 1, 7]])
+    labels = torch.tensor([[-100, -100, -100, -100, -100, 8]])
+    with pytest.raises(ValueError, match="none of its row's context keys"):
+        query_distances(inputs, labels, 2)
+
+
+def test_bins_count_every_query_once():
+    dist = torch.tensor([1, 2, 2, 4, 9, 100])
+    hit = torch.tensor([True, False, True, True, False, True])
+    bins = by_distance(hit, dist, [1, 2, 3, 9])
+    assert [b["n"] for b in bins] == [1, 2, 1, 2]
+    assert [b["accuracy"] for b in bins] == [1.0, 0.5, 1.0, 0.5]
+    assert bins[1]["se"] == pytest.approx(math.sqrt(0.25 / 2))
+    assert math.isnan(by_distance(hit, dist, [200])[0]["accuracy"])  # an empty bin: nan, not 0
+
+
+def test_mean_eta_reads_the_last_training_lines(tmp_path):
+    lines = [{"step": i, "split": "train", "mem.0.eta_mean": 0.1 * i} for i in range(1, 6)]
+    lines.append({"step": 6, "split": "val", "val_accuracy": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(__import__("json").dumps(x) for x in lines))
+    assert mean_eta(tmp_path, last=2) == pytest.approx(0.45)
+    assert mean_eta(tmp_path / "nowhere") is None
