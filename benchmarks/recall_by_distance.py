@@ -12,11 +12,17 @@ tokens later if the write enters only through the momentum (S_t = eta S_(t-1) - 
 after d tokens M has received (1 - eta^d) / (1 - eta) of the step), with eta the first memory layer's mean
 momentum gate over the run's last logged training steps (``mem.0.eta_mean`` in metrics.jsonl) -- a hypothesis to
 hold the accuracies against, not a fit.
+
+``--instant-writes`` tests that hypothesis by intervention: a copy of each model whose memories write with eta = 0
+and theta / (1 - eta) in place of (theta, eta), token by token, so every write lands at once with the weight the
+momentum would have given it in the end (a diagnostic: the copy is never saved). If the near queries recover and the
+far ones hold, the delay of the momentum is what costs the near queries.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -30,8 +36,9 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mnemos.data import MQARConfig
 from mnemos.data.mqar import IGNORE_INDEX
-from mnemos.eval.adapters import load_mnemos_checkpoint
+from mnemos.eval.adapters import MnemosLMAdapter, load_mnemos_checkpoint
 from mnemos.eval.tasks.mqar import saved_mqar_task
+from mnemos.layers import NeuralMemory
 
 DEFAULT_EDGES = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # bins [1, 2), [2, 3), [3, 5), ..., [129, L)
 
@@ -74,6 +81,24 @@ def mean_eta(run_dir: Path, last: int = 10) -> float | None:
     return sum(vals[-last:]) / len(vals[-last:]) if vals else None
 
 
+def instant_writes(adapter: MnemosLMAdapter) -> MnemosLMAdapter:
+    """A copy of the adapter whose memories write with (theta / (1 - eta), 0) instead of (theta, eta): no momentum,
+    each write at its eventual weight at once."""
+    model = copy.deepcopy(adapter.model)
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    if not memories:
+        raise ValueError(f"{adapter.name} has no neural memory")
+    for m in memories:
+        project = m._project
+
+        def landed(x, conv_state, project=project):
+            q, k, v, theta, eta, alpha, conv = project(x, conv_state)
+            return q, k, v, theta / (1.0 - eta), torch.zeros_like(eta), alpha, conv
+
+        m._project = landed
+    return MnemosLMAdapter(model, name=f"{adapter.name}, instant writes")
+
+
 def predictions(adapter, inputs: torch.Tensor, batch: int) -> torch.Tensor:
     pred = torch.empty_like(inputs)
     with torch.no_grad():
@@ -92,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the bins as JSON here")
+    p.add_argument("--instant-writes", action="store_true",
+                   help="also each model with eta = 0 and theta / (1 - eta): its writes landed at once")
     args = p.parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:
         p.error("--samples and --batch-size must be >= 1")
@@ -106,26 +133,35 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{spec}: not an MQAR checkpoint with a saved task")
         cfg = MQARConfig(**task, num_examples=args.samples)
         inputs, labels = cfg.build(args.seed)
-        adapter = load_mnemos_checkpoint(spec, device="cpu")
-        pred = predictions(adapter, inputs, args.batch_size)
+        base = load_mnemos_checkpoint(spec, device="cpu")
+        variants = [("", base)]
+        if args.instant_writes:
+            if any(isinstance(m, NeuralMemory) for m in base.model.modules()):
+                variants.append((" [instant writes]", instant_writes(base)))
+            else:
+                print(f"{spec}: no neural memory, no instant-writes copy")
         rows, t, dist = query_distances(inputs, labels, cfg.num_kv_pairs)
-        hit = pred[rows, t] == labels[rows, t]
-        bins = by_distance(hit, dist, args.edges)
         eta = mean_eta(Path(spec).resolve().parent)
         K, V = cfg.num_kv_pairs, cfg.vocab_size
-        print(f"\n{spec}: L {cfg.seq_len}, K {K}, vocab {V}, noise {cfg.noise}, {args.samples} sequences, seed "
-              f"{args.seed}; all queries {float(hit.float().mean()):.4f} (n {hit.numel()}); chance "
-              f"{1 / (V - V // 2):.4f}, 1/K {1 / K:.4f}" + (f"; mem.0 eta (training mean) {eta:.3f}" if eta else ""))
-        print("| distance | queries | accuracy | ± 1 SE |" + (" 1 - eta^d (d = bin's low edge) |" if eta else ""))
-        print("|---|---|---|---|" + ("---|" if eta else ""))
-        for b in bins:
-            span = f"{b['lo']}" if b["hi"] == b["lo"] + 1 else f"{b['lo']}–{'' if b['hi'] == math.inf else b['hi'] - 1}"
-            acc = "—" if b["n"] == 0 else f"{b['accuracy']:.3f}"
-            se = "—" if b["n"] == 0 else f"{b['se']:.3f}"
-            landed = f" {1 - eta ** b['lo']:.2f} |" if eta else ""
-            print(f"| {span} | {b['n']} | {acc} | {se} |{landed}")
-        results[spec] = {"task": task, "samples": args.samples, "seed": args.seed, "eta_mean": eta, "bins": bins,
-                         "accuracy": float(hit.float().mean()), "n": int(hit.numel())}
+        for suffix, adapter in variants:
+            pred = predictions(adapter, inputs, args.batch_size)
+            hit = pred[rows, t] == labels[rows, t]
+            bins = by_distance(hit, dist, args.edges)
+            show_eta = eta is not None and not suffix
+            print(f"\n{spec}{suffix}: L {cfg.seq_len}, K {K}, vocab {V}, noise {cfg.noise}, {args.samples} sequences, "
+                  f"seed {args.seed}; all queries {float(hit.float().mean()):.4f} (n {hit.numel()}); chance "
+                  f"{1 / (V - V // 2):.4f}, 1/K {1 / K:.4f}" + (f"; mem.0 eta (training mean) {eta:.3f}" if show_eta else ""))
+            print("| distance | queries | accuracy | ± 1 SE |" + (" 1 - eta^d (d = bin's low edge) |" if show_eta else ""))
+            print("|---|---|---|---|" + ("---|" if show_eta else ""))
+            for b in bins:
+                span = f"{b['lo']}" if b["hi"] == b["lo"] + 1 else \
+                    f"{b['lo']}–{'' if b['hi'] == math.inf else b['hi'] - 1}"
+                acc = "—" if b["n"] == 0 else f"{b['accuracy']:.3f}"
+                se = "—" if b["n"] == 0 else f"{b['se']:.3f}"
+                landed = f" {1 - eta ** b['lo']:.2f} |" if show_eta else ""
+                print(f"| {span} | {b['n']} | {acc} | {se} |{landed}")
+            results[spec + suffix] = {"task": task, "samples": args.samples, "seed": args.seed, "eta_mean": eta,
+                                      "bins": bins, "accuracy": float(hit.float().mean()), "n": int(hit.numel())}
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, default=str))
         print(f"wrote {args.out}")

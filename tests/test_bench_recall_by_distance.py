@@ -55,3 +55,29 @@ def test_mean_eta_reads_the_last_training_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(__import__("json").dumps(x) for x in lines))
     assert mean_eta(tmp_path, last=2) == pytest.approx(0.45)
     assert mean_eta(tmp_path / "nowhere") is None
+
+
+def test_instant_writes_lands_every_write_at_once():
+    """The intervention's copy writes with eta = 0 and theta / (1 - eta) of the original's gates, leaves the
+    original untouched, and so changes the outputs of a memory model with momentum."""
+    from recall_by_distance import instant_writes
+
+    from mnemos.eval.adapters import build_mnemos_model
+    from mnemos.layers import NeuralMemory
+
+    torch.manual_seed(0)
+    base = build_mnemos_model("lmm", 64, overrides={"d_model": 32, "n_layers": 1, "n_heads": 2})
+    probe = instant_writes(base)
+    x = torch.randn(2, 9, 32)
+    (m0,) = [m for m in base.model.modules() if isinstance(m, NeuralMemory)]
+    (m1,) = [m for m in probe.model.modules() if isinstance(m, NeuralMemory)]
+    with torch.no_grad():
+        _, _, _, theta, eta, alpha, _ = m0._project(x, None)
+        _, _, _, theta1, eta1, alpha1, _ = m1._project(x, None)
+    assert bool((eta > 0).any()) and torch.equal(eta1, torch.zeros_like(eta))
+    assert torch.allclose(theta1, theta / (1 - eta)) and torch.equal(alpha1, alpha)
+    ids = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        a, _ = base.forward(ids, base.init_state(2))
+        b, _ = probe.forward(ids, probe.init_state(2))
+    assert not torch.allclose(a, b)
