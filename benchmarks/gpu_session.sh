@@ -20,7 +20,8 @@
 #
 # Writes eight files (the most the device tool brings back): env.txt, tests.log, op_speed.log, op_speed-cuda.json,
 # layer_speed.log, layer_speed-cuda.json, and the kernels at TF32 dot precisions (MNEMOS_TRITON_DOT_PRECISION):
-# op_precision.log (tf32x3 and tf32) and op_speed-tf32x3-cuda.json. Copy the JSON files to benchmarks/results/ and
+# op_precision.log (their speed, tf32x3 and tf32, and their accuracy) and triton_precision-cuda.json (the accuracy).
+# The steps come in order of priority: what the 600 s call limit cuts is the last (fla's delta rule). Copy the JSON files to benchmarks/results/ and
 # the tables into docs/PERFORMANCE.md with this command line.
 #
 # GPU_SESSION_DRY=1 checks the script itself on a CPU machine: the same steps on the CPU at tiny shapes, the tests
@@ -35,11 +36,14 @@ PY=${PYTHON:-python3}
 if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   DEVICE=cpu
   SHAPE=(--batch 1 --seq-len 32 --dim 32 --heads 2 --chunk-size 8 --warmup 1 --repeats 1 --no-cpu-memory)
-  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_FLA=300
+  ACC_SHAPE=(--batch 1 --seq-len 40 --heads 2 --head-dim 16 --expansion 2 --depth 2 --dtype float32)
+  ACC_ENV=(env TRITON_INTERPRET=1)  # the accuracy step runs the kernels: interpreted on a CPU
+  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_FLA=300
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
-  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_FLA=90
+  ACC_SHAPE=() ACC_ENV=()  # the GPU shape, compiled
+  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_FLA=90
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "gpu_session: the wheels in .whl/ did not install"
@@ -77,10 +81,13 @@ step layer_speed "$LIMIT_LAYER" "$PY" benchmarks/layer_speed.py --device "$DEVIC
   --only mnemos titans-default --out "$OUT/layer_speed-$DEVICE.json"  # titans-paper: 36x slower, NaN grads (2026-12-04)
 # 4. the kernels with TF32 tensor-core products instead of exact float32 ones (speed only; accuracy: a later check)
 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32x3 "$PY" benchmarks/op_speed.py --device "$DEVICE" \
-  "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "$OUT/op_speed-tf32x3-$DEVICE.json"
+  "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32x3-$DEVICE.json"
 APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32 "$PY" benchmarks/op_speed.py \
   --device "$DEVICE" "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32-$DEVICE.json"
-# 5. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
+# 5. what the TF32 precisions cost in accuracy: each against the torch path in float64 (into op_precision.log)
+APPEND=1 step op_precision "$LIMIT_ACC" "${ACC_ENV[@]}" "$PY" benchmarks/triton_precision.py --device "$DEVICE" "${ACC_SHAPE[@]}" \
+  --out "$OUT/triton_precision-$DEVICE.json"
+# 6. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
 #    into op_speed.log
 APPEND=1 step op_speed "$LIMIT_FLA" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only op-delta fla-delta --out "${TMPDIR:-/tmp}/op_speed-fla-$DEVICE.json"

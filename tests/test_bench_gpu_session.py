@@ -44,3 +44,27 @@ def test_op_speed_prints_a_table_when_every_row_is_skipped(tmp_path, monkeypatch
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("skipped: Triton kernels need CUDA") == 2
     assert out.exists()
+
+
+@pytest.mark.triton
+def test_triton_precision_reports_every_row(tmp_path):
+    """benchmarks/triton_precision.py (the GPU session's accuracy step) on a CPU under the interpreter, where the
+    precision is ignored: every row is float32-exact against the float64 reference, so each must be within the
+    tests' tolerance, and a row the tolerance check got wrong would show here."""
+    pytest.importorskip("triton")
+    out = tmp_path / "prec.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "triton_precision.py"), "--device", "cpu", "--batch", "1",
+         "--seq-len", "23", "--heads", "1", "--head-dim", "16", "--expansion", "2", "--depth", "2", "--dtype",
+         "float32", "--precisions", "ieee", "tf32", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = __import__("json").loads(out.read_text())["rows"]
+    assert [(r["depth"], r["dtype"], r["precision"]) for r in rows] == [(2, "float32", "ieee"), (2, "float32", "tf32")]
+    for r in rows:
+        assert r["within_test_tolerance"] and max(r["errors"].values()) < 1e-5, r
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_precision.py"), "--precisions", "fp8"],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                            "TRITON_INTERPRET": "1"})
+    assert bad.returncode == 2 and "--precisions" in bad.stderr
