@@ -307,3 +307,19 @@ def test_titans_layer_on_the_kernels(monkeypatch):
             o, s = fast.step(x_t.to(DEVICE), s)
             assert_close(f"step {t}", o_ref, o, TOL[0])
     assert launched.count(2) == 5  # forward, backward, three steps: all on the kernels
+
+
+def test_dot_precision_from_the_environment():
+    """MNEMOS_TRITON_DOT_PRECISION picks the kernels' dot precision at import; an unknown value is an error naming
+    the variable and the choices, not a silent fallback."""
+    import subprocess
+    import sys
+
+    code = "from mnemos.ops.memory_rule import triton_common as t; print(t.DOT_PRECISION)"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env=dict(env, MNEMOS_TRITON_DOT_PRECISION="tf32x3"))
+    assert ok.returncode == 0 and ok.stdout.strip() == "tf32x3", ok.stderr[-1000:]
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(env, MNEMOS_TRITON_DOT_PRECISION="fp8"))
+    assert bad.returncode != 0 and "MNEMOS_TRITON_DOT_PRECISION must be one of" in bad.stderr
