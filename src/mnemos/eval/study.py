@@ -42,7 +42,7 @@ import threading
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1023,7 +1023,8 @@ def select_lrs(s: StudySettings, trains: list[TrainJob], out: Path) -> dict[tupl
     (each row with its ``seed`` and ``reached``: the step it first reached ``s.stop_at_accuracy``, or None).
     The lr is chosen on the point's first seed among the lrs whose first-seed run finished: the one that reached
     ``stop_at_accuracy`` first, else (none did) the highest final ``val_accuracy``; ties: the smaller lr. ``chosen``
-    is False (and ``lr`` the first) while none has finished. ``by_lr`` holds every finished seed, the other seeds
+    is False (and ``lr`` the first) while none has finished; ``settled`` is True once every lr's first-seed run has
+    finished (until then a later run may change the choice). ``by_lr`` holds every finished seed, the other seeds
     existing at the chosen lr only."""
     table: dict[tuple[str, str], dict[str, Any]] = {}
     for t in trains:
@@ -1048,6 +1049,7 @@ def select_lrs(s: StudySettings, trains: list[TrainJob], out: Path) -> dict[tupl
         if first:
             entry["lr"] = max(first, key=first.__getitem__)
             entry["chosen"] = True
+        entry["settled"] = len(first) == len(entry["by_lr"])  # every lr's first-seed run finished: final choice
     return table
 
 
@@ -1108,7 +1110,11 @@ def write_study_report(s: StudySettings, out: str | os.PathLike) -> list[Path]:
     records = {t.name: _read(out / "runs" / t.name / RECORD) for t in trains}
     eval_cpu = {e.name: _read(out / "evals" / e.name / "study_eval.json")
                 for e in eval_jobs(s, candidates, {k: v["lr"] for k, v in chosen.items()})}
-    targets = targets_section(s, main, extrap, records)
+    unsettled: dict[str, set[str]] = {}
+    for (point, label), entry in chosen.items():
+        if not entry["settled"]:
+            unsettled.setdefault(point, set()).add(label)
+    targets = targets_section(s, main, extrap, records, unsettled)
     lines = _study_sections(s, trains, chosen, records, eval_cpu, extrap, out, targets)
     harness = markdown_report(main).replace("# mnemos evaluation", "## Evaluations (mnemos report)", 1)
     harness = "\n".join(("#" + line) if line.startswith("## ") and not line.startswith("## Evaluations") else line
@@ -1239,14 +1245,22 @@ def _difference(a: Pooled, b: Pooled) -> str:
     return f"difference {pa - pb:+.4f} ± {se:.4f} (1 SE over {na:,} and {nb:,} queries)"
 
 
-def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> list[str]:
+def targets_section(s: StudySettings, main, extrap, records: dict[str, Any],
+                    unsettled: dict[str, set[str]] | None = None) -> list[str]:
     """Issue 12's targets, each with what this study measured and a verdict (``met`` / ``not met`` / ``not run
     yet``), from the evaluations of the chosen-lr runs (pooled over seeds) and the run records. Nothing here is
-    tuned: the thresholds are the issue's."""
+    tuned: the thresholds are the issue's. ``unsettled``: per grid point key, the models whose lr choice is not final
+    yet (an lr's first-seed run unfinished: :func:`select_lrs`' ``settled``); a verdict that such a model's other lr
+    could still change reads ``(provisional)`` and names them."""
     rows: list[list[str]] = []
+    unsettled = unsettled or {}
 
-    def add(target: str, measured: str, ok: bool | None) -> None:
-        rows.append([target, measured, "not run yet" if ok is None else "met" if ok else "**not met**"])
+    def add(target: str, measured: str, ok: bool | None, pending: Sequence[str] = ()) -> None:
+        verdict = "not run yet" if ok is None else "met" if ok else "**not met**"
+        if ok is not None and pending:
+            measured += f" (lr choice not final for {', '.join(sorted(pending))}: an lr's run is unfinished)"
+            verdict += " (provisional)"
+        rows.append([target, measured, verdict])
 
     mqar = [p for p in pool(main, "mqar") if p.status == "ok"]
     for g in s.grid:
@@ -1259,10 +1273,11 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
             seeds = f"{len(p.ok)} seed{'s' * (len(p.ok) > 1)}"
             return f"{label} {p.accuracy:.3f} ({seeds}, {p.metric_max('state_bytes'):,} B)"
 
+        open_ = unsettled.get(g.key, set())
         for label, level in (("transformer", 0.99), ("gated_deltanet", 0.95)):
             if label in s.models:
                 add(f"{where}: {label} ≥ {level}", acc(label) if label in at else "—",
-                    at[label].accuracy >= level if label in at else None)
+                    at[label].accuracy >= level if label in at else None, [label] if label in open_ else ())
         here = s.point_models(g.key)
         # against every Gated DeltaNet trained here (the one-head ablation at the main point too)
         gdn_labels = [m for m in here if MODELS[m]["variant"] == "gated_deltanet"] if any(map(_titans, here)) else []
@@ -1282,8 +1297,10 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
             if len(titans) < n_titans:
                 text += f" ({len(titans)} of the {n_titans} Titans models evaluated so far)"
             met = bool(small) and best.accuracy >= gdn.accuracy
-            # a miss is final only when every Titans model has been evaluated (a later one may meet it)
-            add(target, text, True if met else (False if len(titans) == n_titans else None))
+            # a miss is final only when every Titans model has been evaluated (a later one may meet it); either
+            # verdict is provisional while Gated DeltaNet's lr may change (a miss: or any Titans model's)
+            pending = [m for m in [gdn_label] + ([] if met else [p.model for p in titans]) if m in open_]
+            add(target, text, True if met else (False if len(titans) == n_titans else None), pending)
         if "swa" in s.models:
             p = at.get("swa")
             if p is None:
@@ -1292,7 +1309,8 @@ def targets_section(s: StudySettings, main, extrap, records: dict[str, Any]) -> 
                 far, chance = p.rate("far_correct", "n_far"), p.cells[0].metrics["chance"]
                 near = p.rate("near_correct", "n_near")
                 add(f"{where}: swa at its window's reach (far ≤ chance + 0.05)",
-                    f"near {near:.3f}, far {far:.3f}, chance {chance:.3f}", far <= chance + 0.05)
+                    f"near {near:.3f}, far {far:.3f}, chance {chance:.3f}", far <= chance + 0.05,
+                    ["swa"] if "swa" in open_ else ())
     ext = [p for p in pool(extrap, "mqar") if p.status == "ok"]
     longest = max(s.extrapolation_lengths)
     at_longest = {p.model: p for p in ext if p.params["seq_len"] == longest}
