@@ -91,10 +91,10 @@ def test_large_curvature_steps_are_divided():
     torch.testing.assert_close(o_norm, o_plain, rtol=1e-6, atol=1e-9)  # rho comes back in float32
 
 
-def test_normalize_step_is_refused_by_the_kernels_and_checked():
+def test_normalize_step_is_checked():
+    """A non-bool normalize_step is a TypeError naming it (the kernels take it too: tests/ops/test_triton.py)."""
     inp = make_inputs(1, 4, 1, 4, 4, 2)
     args = [inp[n] for n in ("q", "k", "v", "theta", "eta", "alpha")]
-    with pytest.raises(ValueError, match="normalize_step is not implemented in the kernels"):
-        neural_memory(*args, inp["weights"], normalize_step=True, impl="triton")
-    with pytest.raises(TypeError, match="normalize_step must be a bool"):
-        neural_memory(*args, inp["weights"], normalize_step=1, impl="torch")
+    for impl in ("torch", "triton"):
+        with pytest.raises(TypeError, match="normalize_step must be a bool"):
+            neural_memory(*args, inp["weights"], normalize_step=1, impl=impl)
