@@ -171,6 +171,6 @@ def test_memory_impl_takes_every_choice_of_the_op():
     with pytest.raises(ValueError, match="memory.impl"):
         MnemosConfig(**SMALL, variant="lmm", memory={"impl": "cuda"})
     model = MnemosLM(MnemosConfig(**SMALL, variant="lmm", memory={"impl": "triton"}))
-    if not torch.cuda.is_available():  # here the kernels cannot run (no GPU; and normalize_step is torch-only)
+    if not torch.cuda.is_available():  # the kernels cannot run this call here (no GPU)
         with pytest.raises(ValueError, match="impl='triton' cannot run this call"):
             model(torch.zeros(1, 5, dtype=torch.long))
