@@ -38,12 +38,14 @@ if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   SHAPE=(--batch 1 --seq-len 32 --dim 32 --heads 2 --chunk-size 8 --warmup 1 --repeats 1 --no-cpu-memory)
   ACC_SHAPE=(--batch 1 --seq-len 40 --heads 2 --head-dim 16 --expansion 2 --depth 2 --dtype float32)
   ACC_ENV=(env TRITON_INTERPRET=1)  # the accuracy step runs the kernels: interpreted on a CPU
-  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_FLA=300
+  CHUNK64=() CHUNK32=()  # the tiny shape keeps its chunk of 8
+  LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_CHUNK=300 LIMIT_FLA=300
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
   ACC_SHAPE=() ACC_ENV=()  # the GPU shape, compiled
-  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_FLA=90
+  CHUNK64=(--chunk-size 64) CHUNK32=(--chunk-size 32)
+  LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_CHUNK=40 LIMIT_FLA=90
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "gpu_session: the wheels in .whl/ did not install"
@@ -87,7 +89,13 @@ APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32 "$
 # 5. what the TF32 precisions cost in accuracy: each against the torch path in float64 (into op_precision.log)
 APPEND=1 step op_precision "$LIMIT_ACC" "${ACC_ENV[@]}" "$PY" benchmarks/triton_precision.py --device "$DEVICE" "${ACC_SHAPE[@]}" \
   --out "$OUT/triton_precision-$DEVICE.json"
-# 6. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
+# 6. the kernels at chunk 32 and 64 (fewer, larger sequential steps: how much of the time is per-chunk latency), into
+#    op_speed.log
+APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK64[@]}" \
+  --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c64-$DEVICE.json"
+APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK32[@]}" \
+  --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c32-$DEVICE.json"
+# 7. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
 #    into op_speed.log
 APPEND=1 step op_speed "$LIMIT_FLA" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only op-delta fla-delta --out "${TMPDIR:-/tmp}/op_speed-fla-$DEVICE.json"
