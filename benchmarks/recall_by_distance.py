@@ -93,7 +93,8 @@ def instant_writes(adapter: MnemosLMAdapter) -> MnemosLMAdapter:
 
         def landed(x, conv_state, project=project):
             q, k, v, theta, eta, alpha, conv = project(x, conv_state)
-            return q, k, v, theta / (1.0 - eta), torch.zeros_like(eta), alpha, conv
+            # (1 - eta) floored: an eta that rounds to 1 would give 0 / 0 (with ema_momentum theta carries the factor)
+            return q, k, v, theta / (1.0 - eta).clamp_min(1e-12), torch.zeros_like(eta), alpha, conv
 
         m._project = landed
     return MnemosLMAdapter(model, name=f"{adapter.name}, instant writes")
