@@ -68,3 +68,14 @@ def test_triton_precision_reports_every_row(tmp_path):
                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
                                                                             "TRITON_INTERPRET": "1"})
     assert bad.returncode == 2 and "--precisions" in bad.stderr
+
+
+def test_the_script_writes_at_most_eight_files():
+    """The device tool brings back at most 8 files from $OUT: the step logs ($OUT/NAME.log, one per step name), env.txt
+    and every JSON written under $OUT must fit (a ninth would be left out, silently, on the device)."""
+    text = SCRIPT.read_text()
+    logs = set(re.findall(r"^(?:APPEND=1 )?step (\w+) ", text, re.M))
+    jsons = set(re.findall(r'--out "\$OUT/([^"]+)"', text))
+    assert logs >= {"tests", "op_speed", "layer_speed"} and jsons, (logs, jsons)
+    assert '"$OUT/env.txt"' in text
+    assert len(logs) + len(jsons) + 1 <= 8, sorted(logs) + sorted(jsons)
