@@ -43,12 +43,19 @@ from mnemos.eval.runner import EvalOptions
 from mnemos.layers import NeuralMemory
 
 
-def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
-    """A copy of the adapter's model with every NeuralMemory's forgetting-gate bias lowered by ``shift``."""
+def memory_copy(adapter: MnemosLMAdapter, purpose: str) -> tuple[torch.nn.Module, list[NeuralMemory]]:
+    """A deep copy of the adapter's model and its NeuralMemory layers, for a diagnostic to alter (the adapter's own
+    model is never touched); ValueError naming ``purpose`` when the model has no neural memory."""
     model = copy.deepcopy(adapter.model)
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     if not memories:
-        raise ValueError(f"{adapter.name} has no neural memory (a forgetting gate to shift)")
+        raise ValueError(f"{adapter.name} has no neural memory ({purpose})")
+    return model, memories
+
+
+def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:
+    """A copy of the adapter's model with every NeuralMemory's forgetting-gate bias lowered by ``shift``."""
+    model, memories = memory_copy(adapter, "a forgetting gate to shift")
     with torch.no_grad():
         for m in memories:
             m.forget_gate_bias.sub_(shift)
@@ -61,10 +68,7 @@ def writes_stopped(adapter: MnemosLMAdapter, after: int | None) -> MnemosLMAdapt
     from each ``init_state`` (what a model writes there, lmm's persistent prefix, is not counted), over every call of
     the stream. ``after`` may be set per prompt with :func:`set_stop`. If accuracy at long contexts comes back
     with the later writes gone, those writes are what lost the stored items."""
-    model = copy.deepcopy(adapter.model)
-    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
-    if not memories:
-        raise ValueError(f"{adapter.name} has no neural memory (writes to stop)")
+    model, memories = memory_copy(adapter, "writes to stop")
     for m in memories:
         project = m._project
         m._writes = {"after": after, "seen": 0, "prefix": 0}

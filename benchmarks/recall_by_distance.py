@@ -22,7 +22,6 @@ far ones hold, the delay of the momentum is what costs the near queries.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -39,6 +38,8 @@ from mnemos.data.mqar import IGNORE_INDEX
 from mnemos.eval.adapters import MnemosLMAdapter, load_mnemos_checkpoint
 from mnemos.eval.tasks.mqar import saved_mqar_task
 from mnemos.layers import NeuralMemory
+
+from forget_gate_probe import memory_copy  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 DEFAULT_EDGES = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # bins [1, 2), [2, 3), [3, 5), ..., [129, L)
 
@@ -84,10 +85,7 @@ def mean_eta(run_dir: Path, last: int = 10) -> float | None:
 def instant_writes(adapter: MnemosLMAdapter) -> MnemosLMAdapter:
     """A copy of the adapter whose memories write with (theta / (1 - eta), 0) instead of (theta, eta): no momentum,
     each write at its eventual weight at once."""
-    model = copy.deepcopy(adapter.model)
-    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
-    if not memories:
-        raise ValueError(f"{adapter.name} has no neural memory")
+    model, memories = memory_copy(adapter, "writes to land")
     for m in memories:
         project = m._project
 
