@@ -18,11 +18,18 @@
 # and installed there into /tmp/site; without .whl/ their rows are reported unavailable. Device tool call:
 # run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600).
 #
-# Writes eight files (the most the device tool brings back): env.txt, tests.log, op_speed.log, op_speed-cuda.json,
-# layer_speed.log, layer_speed-cuda.json, and the kernels at TF32 dot precisions (MNEMOS_TRITON_DOT_PRECISION):
-# op_precision.log (their speed, tf32x3 and tf32, and their accuracy) and triton_precision-cuda.json (the accuracy).
-# The steps come in order of priority: what the 600 s call limit cuts is the last (fla's delta rule). Copy the JSON files to benchmarks/results/ and
-# the tables into docs/PERFORMANCE.md with this command line.
+# GPU_SESSION_PARTS picks what runs (below: the parts, each with the files it writes; the script refuses a selection
+# that would write more than the 8 files the device tool brings back). The default, the benchmark plan, writes
+# env.txt, tests.log, op_speed.log, op_speed-cuda.json, layer_speed.log, layer_speed-cuda.json, op_precision.log (the
+# kernels at TF32 dot precisions, MNEMOS_TRITON_DOT_PRECISION: speed and accuracy) and triton_precision-cuda.json.
+# The grid plan, for a session whose kernels were already measured at the same code,
+#
+#     run(command='GPU_SESSION_PARTS="precision grid chunks fla" bash benchmarks/gpu_session.sh', carry=[".whl"], timeout_s=600)
+#
+# spends most of the call on issue 12's stability grid (grid.tar.gz: unpack into results/stability-grid-gpu/ and
+# re-run benchmarks/stability_grid.py there with the same arguments, which resumes it and writes its table).
+# Within a plan the parts come in order of priority: what the 600 s call limit cuts is the last (fla's delta rule).
+# Copy the JSON files to benchmarks/results/ and the tables into docs/PERFORMANCE.md with this command line.
 #
 # GPU_SESSION_DRY=1 checks the script itself on a CPU machine: the same steps on the CPU at tiny shapes, the tests
 # under Triton's interpreter (what CI does), a few minutes; the wheels are not installed there.
@@ -40,17 +47,48 @@ if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   ACC_ENV=(env TRITON_INTERPRET=1)  # the accuracy step runs the kernels: interpreted on a CPU
   CHUNK64=() CHUNK32=()  # the tiny shape keeps its chunk of 8
   LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_CHUNK=300 LIMIT_FLA=300
+  GRID_JOBS=2 GRID_GRACE=30 GRID_RESERVE_DEFAULT=0 GRID_ARGS=(--quick --presets mqar --steps 10 --device cpu)  # 8 runs of 10 steps
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
   ACC_SHAPE=() ACC_ENV=()  # the GPU shape, compiled
   CHUNK64=(--chunk-size 64) CHUNK32=(--chunk-size 32)
   LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_CHUNK=40 LIMIT_FLA=90
+  # the grid: 15 trainings at a time on the 16 cores and the GPU; the reserve is what chunks and fla need after it
+  GRID_JOBS=15 GRID_GRACE=45 GRID_RESERVE_DEFAULT=140 GRID_ARGS=(--lrs 0.01 0.001 0.003 --seeds 0 1 2 3 4 --device cuda)
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "gpu_session: the wheels in .whl/ did not install"
   fi
 fi
+
+# The parts, in the order they run; GPU_SESSION_PARTS picks some (default: every part but the grid, the benchmark plan).
+# Each part's files under $OUT are declared here, and a selection that would write more than the device tool brings
+# back (8, env.txt included) is refused before anything runs. The grid plan of a session with the benchmarks already
+# measured at the commit's kernels: GPU_SESSION_PARTS="precision grid chunks fla".
+declare -A FILES=(
+  [tests]="tests.log" [op_speed]="op_speed.log op_speed-$DEVICE.json" [layer]="layer_speed.log layer_speed-$DEVICE.json"
+  [tf32speed]="op_precision.log" [precision]="op_precision.log triton_precision-$DEVICE.json"
+  [grid]="grid.log grid.tar.gz" [chunks]="op_speed.log" [fla]="op_speed.log"
+)
+ORDER=(tests op_speed layer tf32speed precision grid chunks fla)
+PARTS=${GPU_SESSION_PARTS:-tests op_speed layer tf32speed precision chunks fla}
+declare -A WANT=()
+files=(env.txt)
+for part in $PARTS; do
+  if [ -z "${FILES[$part]+x}" ]; then echo "gpu_session: unknown part '$part' in GPU_SESSION_PARTS (parts: ${ORDER[*]})" >&2; exit 2; fi
+  WANT[$part]=1
+  files+=(${FILES[$part]})
+done
+nfiles=$(printf '%s\n' "${files[@]}" | sort -u | wc -l)
+if [ "$nfiles" -gt 8 ]; then
+  echo "gpu_session: GPU_SESSION_PARTS='$PARTS' would write $nfiles files under \$OUT; the device tool brings back 8" >&2
+  exit 2
+fi
+echo "gpu_session: parts: $PARTS ($nfiles files)"
+[ "${GPU_SESSION_CHECK_ONLY:-0}" = 1 ] && exit 0
+want() { [ -n "${WANT[$1]+x}" ]; }
+BUDGET=${GPU_SESSION_BUDGET:-570}  # seconds this script may take in all (the grid sizes itself to what is left)
 
 {
   date -u
@@ -73,31 +111,49 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under the limit, its output to 
 }
 
 # 1. the Triton kernels against the torch reference, compiled for this GPU (on a CPU: interpreted)
-step tests "$LIMIT_TESTS" "$PY" -m pytest -q --maxfail=3 -p no:cacheprovider tests/ops/test_triton.py
+want tests && step tests "$LIMIT_TESTS" "$PY" -m pytest -q --maxfail=3 -p no:cacheprovider tests/ops/test_triton.py
 # 2. operators: the memory rule on the kernels and on the torch path, the delta rule (mnemos, fla), SDPA, against the
 #    device's measured ceilings
-step op_speed "$LIMIT_BENCH" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
+want op_speed && step op_speed "$LIMIT_BENCH" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only op-triton-d2 op-torch-d2 op-triton-d1 op-delta sdpa --out "$OUT/op_speed-$DEVICE.json"
 # 3. the layer: mnemos (auto: the kernels on a GPU, as mnemos-triton would) beside titans-pytorch's default
-step layer_speed "$LIMIT_LAYER" "$PY" benchmarks/layer_speed.py --device "$DEVICE" "${SHAPE[@]}" \
+want layer && step layer_speed "$LIMIT_LAYER" "$PY" benchmarks/layer_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only mnemos titans-default --out "$OUT/layer_speed-$DEVICE.json"  # titans-paper: 36x slower, NaN grads (2026-12-04)
-# 4. the kernels with TF32 tensor-core products instead of exact float32 ones (speed only; accuracy: a later check)
-step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32x3 "$PY" benchmarks/op_speed.py --device "$DEVICE" \
-  "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32x3-$DEVICE.json"
-APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32 "$PY" benchmarks/op_speed.py \
-  --device "$DEVICE" "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32-$DEVICE.json"
+# 4. the kernels with TF32 tensor-core products instead of exact float32 ones (speed)
+if want tf32speed; then
+  APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32x3 "$PY" benchmarks/op_speed.py \
+    --device "$DEVICE" "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32x3-$DEVICE.json"
+  APPEND=1 step op_precision "$LIMIT_PREC" env MNEMOS_TRITON_DOT_PRECISION=tf32 "$PY" benchmarks/op_speed.py \
+    --device "$DEVICE" "${SHAPE[@]}" --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-tf32-$DEVICE.json"
+fi
 # 5. what the TF32 precisions cost in accuracy: each against the torch path in float64 (into op_precision.log)
-APPEND=1 step op_precision "$LIMIT_ACC" "${ACC_ENV[@]}" "$PY" benchmarks/triton_precision.py --device "$DEVICE" "${ACC_SHAPE[@]}" \
-  --out "$OUT/triton_precision-$DEVICE.json"
-# 6. the kernels at chunk 32 and 64 (fewer, larger sequential steps: how much of the time is per-chunk latency), into
+want precision && APPEND=1 step op_precision "$LIMIT_ACC" "${ACC_ENV[@]}" "$PY" benchmarks/triton_precision.py \
+  --device "$DEVICE" "${ACC_SHAPE[@]}" --out "$OUT/triton_precision-$DEVICE.json"
+# 6. issue 12's stability grid (every Titans variant x depth/chunk x lr x seed, MQAR and LM presets: zero skipped steps,
+#    no inner divergence) on the device, GRID_JOBS trainings at a time (one CPU thread each), lr 1e-2's seeds first; it
+#    starts runs until what is left of BUDGET is the reserve of the parts after it, and brings every finished run back
+#    as grid.tar.gz (metrics and records, no checkpoints) to be unpacked into results/ and resumed (on any machine)
+if want grid; then
+  GRID_DIR=${TMPDIR:-/tmp}/grid
+  reserve=$GRID_RESERVE_DEFAULT
+  deadline=$(( BUDGET - SECONDS - reserve - GRID_GRACE - 20 ))  # SECONDS: since the script began
+  [ "$deadline" -lt 10 ] && deadline=10
+  step grid $(( deadline + GRID_GRACE + 60 )) "$PY" benchmarks/stability_grid.py --out "$GRID_DIR" --jobs "$GRID_JOBS" \
+    --deadline "$deadline" --grace "$GRID_GRACE" --max-crashes 3 "${GRID_ARGS[@]}"
+  tar -czf "$OUT/grid.tar.gz" -C "$GRID_DIR" --exclude='*/checkpoint' --exclude='*.png' --exclude='*/metrics.csv' . \
+    || status=1
+fi
+# 7. the kernels at chunk 32 and 64 (fewer, larger sequential steps: how much of the time is per-chunk latency), into
 #    op_speed.log
-APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK64[@]}" \
-  --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c64-$DEVICE.json"
-APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK32[@]}" \
-  --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c32-$DEVICE.json"
-# 7. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
+if want chunks; then
+  APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK64[@]}" \
+    --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c64-$DEVICE.json"
+  APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK32[@]}" \
+    --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c32-$DEVICE.json"
+fi
+# 8. fla's chunked delta rule beside mnemos's (last and on its own: its autotuning outlasted a 125 s step once),
 #    into op_speed.log
-APPEND=1 step op_speed "$LIMIT_FLA" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
+want fla && APPEND=1 step op_speed "$LIMIT_FLA" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only op-delta fla-delta --out "${TMPDIR:-/tmp}/op_speed-fla-$DEVICE.json"
 echo "gpu_session: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed: see its log') ($OUT)"
 exit $status

@@ -47,28 +47,42 @@ STEPS = {"mqar": 300, "lm": 150}
 
 
 def grid(quick: bool, lrs: list[float], seeds: list[int], presets: list[str]) -> list[dict]:
+    """The runs in the order they are started: lr by lr in the order given, seed by seed within it, so a grid cut
+    short (``--deadline``) has covered whole (lr, seed) slices of every variant, memory and preset."""
     runs = []
-    for preset in presets:
-        if quick:
-            memories = ((3, 4), (2, 64)) if preset == "mqar" else ((2, 4),)
-        else:
-            memories = MEMORIES
-        for variant in VARIANTS:
-            for depth, chunk in memories:
-                for lr in lrs:
-                    for seed in seeds:
+    for lr in lrs:
+        for seed in seeds:
+            for preset in presets:
+                if quick:
+                    memories = ((3, 4), (2, 64)) if preset == "mqar" else ((2, 4),)
+                else:
+                    memories = MEMORIES
+                for variant in VARIANTS:
+                    for depth, chunk in memories:
                         name = f"{preset}-{variant}-d{depth}-c{chunk}-lr{lr:g}-s{seed}"
                         runs.append(dict(name=name, preset=preset, variant=variant, depth=depth, chunk=chunk, lr=lr,
                                          seed=seed, steps=STEPS[preset]))
     return runs
 
 
-def command(run: dict, out: Path) -> list[str]:
+def command(run: dict, out: Path, device: str = "auto") -> list[str]:
     return [sys.executable, "-m", "mnemos.cli", "train", "--preset", run["preset"], "--threads", "1",
             f"model.variant={run['variant']}", f"model.memory.depth={run['depth']}",
             f"model.memory.chunk_size={run['chunk']}", f"optim.lr={run['lr']}", f"run.seed={run['seed']}",
             f"run.steps={run['steps']}", f"run.eval_every={run['steps']}", "run.save_every=0",
-            f"run.out_dir={out / run['name']}"]
+            f"run.device={device}", f"run.out_dir={out / run['name']}"]
+
+
+def run_device(out: Path, name: str) -> str | None:
+    """Where the run trained, from the trainer's first line ("... 1 process(es) on cuda:0, ..."), or None."""
+    try:
+        head = (out / name / "train.log").read_text(errors="replace")[:2000]
+    except OSError:
+        return None
+    for line in head.splitlines():
+        if " process(es) on " in line:
+            return line.split(" process(es) on ", 1)[1].split(",", 1)[0].strip()
+    return None
 
 
 def summarise(run: dict, out: Path) -> dict | None:
@@ -102,7 +116,7 @@ def summarise(run: dict, out: Path) -> dict | None:
         cpu = json.loads((out / run["name"] / RECORD).read_text()).get("cpu_s")
     except (OSError, json.JSONDecodeError):
         cpu = None
-    return {**run, "cpu_s": cpu, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
+    return {**run, "device": run_device(out, run["name"]), "cpu_s": cpu, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
             "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
             "passed": skipped == 0 and not rose}
 
@@ -111,28 +125,59 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--jobs", type=int, default=1, choices=(1, 2))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1); each is one process, one thread")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="the trainer's run.device (default auto: CUDA when there is one, in bfloat16 autocast)")
+    p.add_argument("--deadline", type=float, default=None, metavar="S",
+                   help="start no run after S seconds and stop the ones still running at S + --grace (they stay "
+                        "unfinished and run again next time): a grid sized to a fixed budget, e.g. a GPU lease")
+    p.add_argument("--grace", type=float, default=60.0, metavar="S", help="see --deadline (default 60)")
+    p.add_argument("--max-crashes", type=int, default=None, metavar="N",
+                   help="start no run after N runs exited with an error (a broken install or device fails every run "
+                        "in seconds; on a leased machine that would spend the lease on tracebacks)")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--presets", nargs="+", default=["mqar", "lm"], choices=("mqar", "lm"))
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help=f"train every run N steps instead of the grid's {STEPS} (a check of the pipeline, not of "
+                        "stability; such runs are named ...-stepsN, apart from the grid's)")
     a = p.parse_args()
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / ".gitignore").exists():
         (out / ".gitignore").write_text(GRID_GITIGNORE)
+    if a.steps is not None and a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
     runs = grid(a.quick, a.lrs, a.seeds, a.presets)
+    if a.steps is not None:
+        runs = [{**r, "name": f"{r['name']}-steps{a.steps}", "steps": a.steps} for r in runs]
     todo = [r for r in runs if summarise(r, out) is None]
     print(f"stability grid: {len(runs)} runs, {len(runs) - len(todo)} done before", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running: list[tuple[dict, subprocess.Popen, float]] = []
+    start = time.perf_counter()
+    crashes = 0
     while todo or running:
+        if a.max_crashes is not None and crashes >= a.max_crashes and todo:
+            print(f"stability grid: {crashes} runs exited with an error (--max-crashes {a.max_crashes}), "
+                  f"{len(todo)} runs not started; see their train.log", flush=True)
+            todo = []
+        elapsed = time.perf_counter() - start
+        if a.deadline is not None and elapsed > a.deadline and todo:
+            print(f"stability grid: --deadline {a.deadline:g} s reached, {len(todo)} runs not started", flush=True)
+            todo = []
+        if a.deadline is not None and elapsed > a.deadline + a.grace:
+            for _, proc, _ in running:
+                proc.kill()  # reaped below: its directory stays unfinished, and the next invocation runs it afresh
         while todo and len(running) < a.jobs:
             r = todo.pop(0)
             shutil.rmtree(out / r["name"], ignore_errors=True)  # what a killed attempt left: start it afresh
             (out / r["name"]).mkdir(parents=True)
-            log = open(out / r["name"] / "train.log", "w")
-            running.append((r, subprocess.Popen(command(r, out), stdout=log, stderr=subprocess.STDOUT, env=env),
-                            time.perf_counter()))
+            with open(out / r["name"] / "train.log", "w") as log:  # the child holds its own copy of the descriptor
+                running.append((r, subprocess.Popen(command(r, out, a.device), stdout=log, stderr=subprocess.STDOUT,
+                                                    env=env), time.perf_counter()))
         time.sleep(0.2)
         for item in list(running):
             r, proc, t0 = item
@@ -142,9 +187,11 @@ def main() -> int:
                 continue
             proc.returncode = os.waitstatus_to_exitcode(status)
             running.remove(item)
+            killed = a.deadline is not None and time.perf_counter() - start > a.deadline + a.grace
+            crashes += proc.returncode != 0 and not killed
             (out / r["name"] / RECORD).write_text(json.dumps({
                 "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0,
-                "returncode": proc.returncode}))
+                "returncode": proc.returncode, "device": run_device(out, r["name"])}))
             s = summarise(r, out)
             print(f"{r['name']}: " + ("did not finish (see train.log)" if s is None else
                   f"{'pass' if s['passed'] else 'FAIL'}: skipped {s['skipped_steps']}, inner loss rose at "
@@ -167,6 +214,12 @@ def main() -> int:
     cpu_total = sum(s.get("cpu_s") or 0.0 for s in done)
     lines += ["", f"{len(done)} of {len(results)} runs finished, {sum(bool(s['passed']) for s in done)} passed; "
               f"CPU time {cpu_total / 3600:.2f} h (each run's own process; runs made before it was recorded count 0)."]
+    devices = {}
+    for s in done:
+        devices[s.get("device") or "unrecorded"] = devices.get(s.get("device") or "unrecorded", 0) + 1
+    if devices:
+        lines.append("Trained on: " + ", ".join(f"{d} ({n} runs)" for d, n in sorted(devices.items())) + " (CUDA runs "
+                     "in the trainer's default bfloat16 autocast).")
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(s["passed"] for s in results) else 1

@@ -70,12 +70,31 @@ def test_triton_precision_reports_every_row(tmp_path):
     assert bad.returncode == 2 and "--precisions" in bad.stderr
 
 
-def test_the_script_writes_at_most_eight_files():
-    """The device tool brings back at most 8 files from $OUT: the step logs ($OUT/NAME.log, one per step name), env.txt
-    and every JSON written under $OUT must fit (a ninth would be left out, silently, on the device)."""
+def _check_only(parts: str | None) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "GPU_SESSION_CHECK_ONLY": "1", "GPU_SESSION_DRY": "1", "PYTHON": sys.executable}
+    env.pop("GPU_SESSION_PARTS", None)
+    if parts is not None:
+        env["GPU_SESSION_PARTS"] = parts
+    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_the_plans_fit_the_eight_files_the_device_tool_brings_back():
+    """The device tool brings back at most 8 files from $OUT: the script declares each part's files and refuses a
+    selection of parts that would write more, before anything runs. Every file the script writes under $OUT must be
+    declared (a log of `step NAME`, a `--out "$OUT/..."`, the grid's tarball), or the count would be wrong."""
     text = SCRIPT.read_text()
-    logs = set(re.findall(r"^(?:APPEND=1 )?step (\w+) ", text, re.M))
-    jsons = set(re.findall(r'--out "\$OUT/([^"]+)"', text))
-    assert logs >= {"tests", "op_speed", "layer_speed"} and jsons, (logs, jsons)
-    assert '"$OUT/env.txt"' in text
-    assert len(logs) + len(jsons) + 1 <= 8, sorted(logs) + sorted(jsons)
+    declared = set(" ".join(re.findall(r'\[\w+\]="([^"]+)"', text)).replace("$DEVICE", "cuda").split())
+    logs = {f"{n}.log" for n in re.findall(r"^\s*(?:want \w+ && )?(?:APPEND=1 )?step (\w+) ", text, re.M)}
+    outs = {f.replace("$DEVICE", "cuda") for f in re.findall(r'"\$OUT/([^"$]+(?:\$DEVICE[^"]*)?)"', text)}
+    assert logs >= {"tests.log", "op_speed.log", "layer_speed.log", "grid.log"}, logs
+    assert (logs | outs) - {"env.txt"} <= declared, (logs | outs) - declared - {"env.txt"}
+    assert "grid.tar.gz" in outs and "triton_precision-cuda.json" in outs, outs
+    default = _check_only(None)
+    assert default.returncode == 0 and "(8 files)" in default.stdout, default.stdout + default.stderr
+    grid = _check_only("precision grid chunks fla")
+    assert grid.returncode == 0 and "(6 files)" in grid.stdout, grid.stdout + grid.stderr
+    too_many = _check_only("tests op_speed layer precision grid")
+    assert too_many.returncode == 2 and "would write 10 files" in too_many.stderr, too_many.stderr
+    unknown = _check_only("tests grdi")
+    assert unknown.returncode == 2 and "unknown part 'grdi'" in unknown.stderr, unknown.stderr

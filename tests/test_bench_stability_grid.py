@@ -25,3 +25,49 @@ def test_one_tiny_run_records_its_cpu_time_and_is_not_run_again(tmp_path, monkey
     mtime = (tmp_path / run["name"] / "metrics.jsonl").stat().st_mtime_ns
     stability_grid.main()  # resumable: the finished run is read back, not trained again
     assert (tmp_path / run["name"] / "metrics.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_the_deadline_stops_starting_and_kills_late_runs_which_run_again_next_time(tmp_path, monkeypatch):
+    """--deadline (a grid sized to a GPU lease): past it no run starts, past it + --grace the running ones are killed
+    and left unfinished; the next invocation trains them (and only them) from scratch. The run order is lr-major so a
+    cut grid holds whole (lr, seed) slices."""
+    runs = [dict(name=f"mqar-lmm-d1-c4-lr0.01-s{s}", preset="mqar", variant="lmm", depth=1, chunk=4, lr=0.01, seed=s,
+                 steps=10) for s in (0, 1)]
+    monkeypatch.setattr(stability_grid, "grid", lambda *args: [dict(r) for r in runs])
+    monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--deadline", "0.5", "--grace",
+                                      "0", "--device", "cpu"])
+    assert stability_grid.main() == 1
+    first = json.loads((tmp_path / runs[0]["name"] / stability_grid.RECORD).read_text())
+    assert first["returncode"] != 0  # killed mid-run
+    assert not (tmp_path / runs[1]["name"]).exists()  # never started
+    assert "0 of 2 runs finished" in (tmp_path / "grid.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--jobs", "3", "--device", "cpu"])
+    assert stability_grid.main() == 0
+    rows = json.loads((tmp_path / "grid.json").read_text())
+    assert [r["passed"] for r in rows] == [True, True] and {r["device"] for r in rows} == {"cpu"}
+    assert "Trained on: cpu (2 runs)" in (tmp_path / "grid.md").read_text()
+
+
+def test_the_grid_is_ordered_lr_by_lr_then_seed_by_seed():
+    runs = stability_grid.grid(False, [1e-2, 1e-3], [0, 1], ["mqar", "lm"])
+    assert len(runs) == 2 * 2 * 2 * len(stability_grid.VARIANTS) * len(stability_grid.MEMORIES)
+    slices = [(r["lr"], r["seed"]) for r in runs]
+    assert slices == sorted(slices, key=lambda x: ([1e-2, 1e-3].index(x[0]), x[1]))
+    assert len({r["name"] for r in runs}) == len(runs)
+
+
+def test_max_crashes_stops_a_grid_whose_runs_all_fail(tmp_path, monkeypatch):
+    """A run that exits with an error counts as a crash; after --max-crashes of them no run starts (on a leased GPU a
+    broken install would otherwise spend the lease failing run after run)."""
+    runs = [dict(name=f"mqar-lmm-d1-c4-lr0.01-s{s}", preset="mqar", variant="lmm", depth=1, chunk=4, lr=0.01, seed=s,
+                 steps=10) for s in range(4)]
+    monkeypatch.setattr(stability_grid, "grid", lambda *args: [dict(r) for r in runs])
+    real = stability_grid.command
+    monkeypatch.setattr(stability_grid, "command",
+                        lambda r, out, device="auto": real(r, out, device) + ["model.no_such_key=1"])  # fails at once
+    monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--max-crashes", "2",
+                                      "--device", "cpu"])
+    assert stability_grid.main() == 1
+    started = [r["name"] for r in runs if (tmp_path / r["name"]).exists()]
+    assert started == [runs[0]["name"], runs[1]["name"]]
+    assert "no_such_key" in (tmp_path / runs[0]["name"] / "train.log").read_text()
