@@ -24,7 +24,7 @@
 # kernels at TF32 dot precisions, MNEMOS_TRITON_DOT_PRECISION: speed and accuracy) and triton_precision-cuda.json.
 # The grid plan, for a session whose kernels were already measured at the same code,
 #
-#     run(command='GPU_SESSION_PARTS="precision grid chunks fla" bash benchmarks/gpu_session.sh', carry=[".whl"], timeout_s=600)
+#     run(command='GPU_SESSION_PARTS="precision grid chunks" bash benchmarks/gpu_session.sh', carry=[".whl"], timeout_s=600)
 #
 # spends most of the call on issue 12's stability grid (grid.tar.gz: unpack into results/stability-grid-gpu/ and
 # re-run benchmarks/stability_grid.py there with the same arguments, which resumes it and writes its table).
@@ -47,15 +47,15 @@ if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   ACC_ENV=(env TRITON_INTERPRET=1)  # the accuracy step runs the kernels: interpreted on a CPU
   CHUNK64=() CHUNK32=()  # the tiny shape keeps its chunk of 8
   LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_CHUNK=300 LIMIT_FLA=300
-  GRID_JOBS=2 GRID_GRACE=30 GRID_RESERVE_DEFAULT=0 GRID_ARGS=(--quick --presets mqar --steps 10 --device cpu)  # 8 runs of 10 steps
+  GRID_JOBS=2 GRID_GRACE=30 GRID_ARGS=(--quick --presets mqar --steps 10 --device cpu)  # 8 runs of 10 steps
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
   ACC_SHAPE=() ACC_ENV=()  # the GPU shape, compiled
   CHUNK64=(--chunk-size 64) CHUNK32=(--chunk-size 32)
   LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_CHUNK=40 LIMIT_FLA=90
-  # the grid: 15 trainings at a time on the 16 cores and the GPU; the reserve is what chunks and fla need after it
-  GRID_JOBS=15 GRID_GRACE=45 GRID_RESERVE_DEFAULT=140 GRID_ARGS=(--lrs 0.01 0.001 0.003 --seeds 0 1 2 3 4 --device cuda)
+  # the grid: 15 trainings at a time on the 16 cores and the GPU
+  GRID_JOBS=15 GRID_GRACE=45 GRID_ARGS=(--lrs 0.01 0.001 0.003 --seeds 0 1 2 3 4 --device cuda)
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "gpu_session: the wheels in .whl/ did not install"
@@ -65,7 +65,7 @@ fi
 # The parts, in the order they run; GPU_SESSION_PARTS picks some (default: every part but the grid, the benchmark plan).
 # Each part's files under $OUT are declared here, and a selection that would write more than the device tool brings
 # back (8, env.txt included) is refused before anything runs. The grid plan of a session with the benchmarks already
-# measured at the commit's kernels: GPU_SESSION_PARTS="precision grid chunks fla".
+# measured at the commit's kernels: GPU_SESSION_PARTS="precision grid chunks".
 declare -A FILES=(
   [tests]="tests.log" [op_speed]="op_speed.log op_speed-$DEVICE.json" [layer]="layer_speed.log layer_speed-$DEVICE.json"
   [tf32speed]="op_precision.log" [precision]="op_precision.log triton_precision-$DEVICE.json"
@@ -135,7 +135,9 @@ want precision && APPEND=1 step op_precision "$LIMIT_ACC" "${ACC_ENV[@]}" "$PY" 
 #    as grid.tar.gz (metrics and records, no checkpoints) to be unpacked into results/ and resumed (on any machine)
 if want grid; then
   GRID_DIR=${TMPDIR:-/tmp}/grid
-  reserve=$GRID_RESERVE_DEFAULT
+  reserve=10  # the tarball; then the limits of the parts after the grid
+  want chunks && reserve=$(( reserve + 2 * LIMIT_CHUNK ))
+  want fla && reserve=$(( reserve + LIMIT_FLA ))
   deadline=$(( BUDGET - SECONDS - reserve - GRID_GRACE - 20 ))  # SECONDS: since the script began
   [ "$deadline" -lt 10 ] && deadline=10
   step grid $(( deadline + GRID_GRACE + 60 )) "$PY" benchmarks/stability_grid.py --out "$GRID_DIR" --jobs "$GRID_JOBS" \
