@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from ..ops import RULES, MemoryRule, MemoryState, effective_weights, memory_read, neural_memory, step_curvature
 from ..ops.memory_rule import chunked_unsupported_reason, torch_unsupported_reason
+from ..ops.memory_rule.backends import kernels_unsupported_reason
 from .conv import QK_INITS, ShortConvolution, successor_init_
 from .norm import GatedRMSNorm
 
@@ -512,6 +513,18 @@ class NeuralMemory(nn.Module):
         """The weights the memory reads, ``W = F(A)``, from the accumulators A a state carries (``state.weights``, or
         W_0): :func:`mnemos.ops.effective_weights` of the layer's rule (A itself for retention "decay")."""
         return effective_weights(tuple(A), self.memory_rule)
+
+    def kernels_unsupported_reason(self, device: torch.device | str) -> str | None:
+        """Why this layer's memory does not run the Triton kernels on ``device`` (None where ``impl="auto"`` takes
+        them, in float32 or bfloat16): the impl, the rule (the kernels cover Titans' axes), the depth, the chunk size
+        (16, 32 or 64) or the widths. On CUDA the memory then runs the chunked torch path: same results, slower."""
+        if self.impl in ("torch", "reference"):
+            return f"impl={self.impl!r}"
+        reason = chunked_unsupported_reason(self.memory_rule)
+        if reason is not None:
+            return reason
+        widths = [self.memory[0].shape[-1]] + [w.shape[-2] for w in self.memory]
+        return kernels_unsupported_reason(torch.device(device), torch.float32, widths, self.chunk_size)
 
     @property
     def _normalize_step(self) -> bool:

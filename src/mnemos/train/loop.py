@@ -496,6 +496,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         n_params = model.num_parameters()
         print(f"mnemos {__version__}: {cfg.model.variant}, {n_params / 1e6:.2f}M parameters, {info.world_size} "
               f"process(es) on {info.device}, task {cfg.task.kind}, {run.steps} steps", file=sys.stderr)
+        notice = kernels_notice(model, info.device)
+        if notice:
+            print(notice, file=sys.stderr)
 
     losses: list[float] = []
     skipped = skipped_in_a_row = 0
@@ -661,6 +664,24 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
 def _carried_state_dict(states: list[Cache | None]) -> dict[str, torch.Tensor]:
     """The carried states of the micro-batches as one flat dict, ``{m}.{key}`` (a fresh state: no keys)."""
     return {f"{m}.{k}": v.cpu() for m, st in enumerate(states) if st is not None for k, v in st.state_dict().items()}
+
+
+def kernels_notice(model: torch.nn.Module, device: torch.device) -> str | None:
+    """On CUDA, a line saying which memory layers miss the Triton kernels and why (None on the CPU, or when every
+    layer takes them): such a layer trains on the chunked torch path, exact but several times slower."""
+    if device.type != "cuda":
+        return None
+    reasons: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, NeuralMemory):
+            reason = m.kernels_unsupported_reason(device)
+            if reason is not None:
+                reasons.setdefault(reason, []).append(name)
+    if not reasons:
+        return None
+    parts = [f"{len(names)} memory layer(s): {reason}" for reason, names in reasons.items()]
+    hint = " (memory.chunk_size=16 takes them)" if any("chunk_size" in r for r in reasons) else ""
+    return "note: the chunked torch path, not the Triton kernels, runs " + "; ".join(parts) + hint
 
 
 def _load_carried(extra: dict, model: MnemosLM, batch: int, device, accum: int, ckpt: Path) -> list[Cache | None]:

@@ -1,0 +1,45 @@
+"""The trainer's notice on CUDA when a memory layer misses the Triton kernels (the library's default chunk of 4 is
+below their 16-token tiles): the reasons are the layer's own, computed without a GPU, so they are checked here."""
+
+import pytest
+import torch
+
+from mnemos.layers import NeuralMemory
+from mnemos.models import MemoryConfig, MnemosConfig, MnemosLM
+from mnemos.ops.memory_rule.backends import HAS_TRITON
+from mnemos.train.loop import kernels_notice
+
+CUDA = torch.device("cuda")  # a device name only: nothing is allocated on it
+
+
+def _model(variant="mag", **memory):
+    return MnemosLM(MnemosConfig(variant=variant, vocab_size=32, d_model=64, n_layers=2, n_heads=4, window=8,
+                                 memory=MemoryConfig(**memory)))
+
+
+def test_no_notice_on_the_cpu_or_without_memory_layers():
+    assert kernels_notice(_model(), torch.device("cpu")) is None
+    assert kernels_notice(_model("transformer"), CUDA) is None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="without triton every reason is 'triton is not installed'")
+def test_the_default_chunk_is_named_with_its_fix_and_chunk_16_takes_the_kernels(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a GPU machine
+    notice = kernels_notice(_model(), CUDA)
+    assert notice is not None and "2 memory layer(s)" in notice
+    assert "chunk_size in (16, 32, 64), got 4" in notice and "memory.chunk_size=16" in notice
+    assert kernels_notice(_model(chunk_size=16), CUDA) is None
+    assert kernels_notice(_model("lmm", chunk_size=64, depth=1), CUDA) is None
+
+
+def test_the_reasons_are_the_layers_own(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = NeuralMemory(64, heads=4, chunk_size=16, impl="torch")
+    assert layer.kernels_unsupported_reason("cuda") == "impl='torch'"
+    assert "CUDA" in NeuralMemory(64, heads=4, chunk_size=16).kernels_unsupported_reason("cpu") or not HAS_TRITON
+    depth3 = NeuralMemory(64, heads=4, chunk_size=16, depth=3).kernels_unsupported_reason("cuda")
+    assert ("depth 1 and 2, got depth 3" in depth3) if HAS_TRITON else "triton" in depth3
+    moneta = NeuralMemory(64, heads=4, chunk_size=16, rule="moneta").kernels_unsupported_reason("cuda")
+    assert moneta is not None and "retention" in moneta
+    notice = kernels_notice(_model(rule="moneta", chunk_size=16), CUDA)
+    assert notice is not None and "memory.chunk_size=16" not in notice  # the hint only where the chunk is the reason
