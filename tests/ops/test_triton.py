@@ -65,7 +65,7 @@ def _draw(n: int, seed: int = 99):
         residual = rng.random() < 0.6
         out.append(dict(
             depth=depth, B=rng.choice([1, 2]), H=rng.choice([1, 2]), K=16, V=16 if residual else rng.choice([16, 32]),
-            expansion=rng.choice([2, 4]), C=rng.choice([16, 16, 32]), T=rng.choice([1, 16, 23, 40, 71]),
+            expansion=rng.choice([2, 4]), C=rng.choice([1, 3, 4, 8, 16, 16, 32]), T=rng.choice([1, 16, 23, 40, 71]),
             residual=residual, activation=rng.choice(["gelu", "silu"]), loss="dot" if rng.random() < 0.25 else "l2",
             shared=rng.random() < 0.5, with_momentum=rng.random() < 0.5, seed=rng.randint(0, 2**31),
         ))
@@ -98,18 +98,21 @@ def test_triton_matches_reference(cfg):
         assert_close(f"grad {name}", gr, gt, TOL[1])
 
 
-NORMALIZE_CONFIGS = [  # (depth, B, H, V, T, residual, activation, loss, with_momentum, first): first > 0 continues a
-    (1, 2, 2, 16, 40, True, "gelu", "l2", True, 0),  # stream cut mid-chunk after `first` tokens
-    (1, 1, 2, 32, 23, False, "silu", "dot", False, 0),
-    (2, 2, 1, 16, 71, True, "gelu", "l2", True, 0),
-    (2, 1, 2, 32, 40, False, "silu", "l2", False, 0),
-    (2, 2, 2, 16, 23, True, "silu", "dot", True, 0),
-    (2, 1, 2, 16, 50, True, "gelu", "l2", True, 21),
+NORMALIZE_CONFIGS = [  # (depth, B, H, V, T, residual, activation, loss, with_momentum, first, C): first > 0
+    (1, 2, 2, 16, 40, True, "gelu", "l2", True, 0, 16),  # continues a stream cut mid-chunk after `first` tokens
+    (1, 1, 2, 32, 23, False, "silu", "dot", False, 0, 16),
+    (1, 2, 1, 16, 23, True, "gelu", "l2", True, 6, 4),  # chunks below the 16-token tile: padded inside it
+    (2, 2, 1, 16, 71, True, "gelu", "l2", True, 0, 16),
+    (2, 1, 2, 32, 40, False, "silu", "l2", False, 0, 16),
+    (2, 2, 2, 16, 23, True, "silu", "dot", True, 0, 16),
+    (2, 1, 2, 16, 50, True, "gelu", "l2", True, 21, 16),
+    (2, 2, 1, 16, 30, True, "gelu", "l2", True, 5, 4),
+    (2, 1, 2, 16, 17, True, "silu", "l2", False, 0, 3),
 ]
 
 
-@pytest.mark.parametrize("cfg", NORMALIZE_CONFIGS, ids=lambda c: "L{}-B{}-H{}-V{}-T{}-{}-{}-first{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[6], c[7], c[9]))
+@pytest.mark.parametrize("cfg", NORMALIZE_CONFIGS, ids=lambda c: "L{}-B{}-H{}-V{}-T{}-{}-{}-first{}-C{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[6], c[7], c[9], c[10]))
 def test_triton_normalize_step(cfg):
     """normalize_step on the kernels (depth 1: folded into the coefficients; depth 2: the curvature at the anchor
     inside the kernels, its gradient written out there) == the reference: outputs, final state, every gradient.
@@ -117,13 +120,13 @@ def test_triton_normalize_step(cfg):
     (unit keys would sit on its kink for a matrix memory), which the test checks at the initial weights."""
     from mnemos.ops import step_curvature
 
-    depth, B, H, V, T, residual, activation, loss, with_momentum, first = cfg
+    depth, B, H, V, T, residual, activation, loss, with_momentum, first, C = cfg
     seed = 7 * T + depth
     inp = make_inputs(B, T, H, 16, V, depth, expansion=2, with_momentum=with_momentum, seed=seed)
     scale = 0.5 + 1.2 * torch.rand(B, T, H, 1, generator=torch.Generator().manual_seed(seed), dtype=F64)
     inp["k"] = inp["k"] * scale
     inp["alpha"] = inp["alpha"] * 0.05  # mild forgetting: a memory decayed towards zero has a curvature far below 1
-    kw = dict(chunk_size=16, residual=residual, activation=activation, loss=loss, normalize_step=True)
+    kw = dict(chunk_size=C, residual=residual, activation=activation, loss=loss, normalize_step=True)
     state0 = None
     if first:
         _, st = run(neural_memory_reference, {n: (x[:, :first] if isinstance(x, torch.Tensor) else x)
@@ -157,11 +160,11 @@ def test_triton_normalize_step(cfg):
 
 
 @pytest.mark.parametrize("depth", [1, 2])
-@pytest.mark.parametrize("first, rest", [(5, 3), (5, 30), (16, 20), (20, 12)])
-def test_triton_continues_a_stream(depth, first, rest):
+@pytest.mark.parametrize("first, rest, C", [(5, 3, 16), (5, 30, 16), (16, 20, 16), (20, 12, 16), (5, 14, 4),
+                                           (7, 6, 1)])
+def test_triton_continues_a_stream(depth, first, rest, C):
     """A stream cut anywhere (mid-chunk: the kernels take the carried anchor for their first chunk) continues
-    exactly, gradients through the carried state included."""
-    C = 16
+    exactly, gradients through the carried state included; also with chunks below the kernels' 16-token tile."""
     inp = make_inputs(2, first + rest, 2, 16, 16, depth, expansion=2, with_momentum=True, seed=depth * 1000 + first)
     head = {n: (x[:, :first] if isinstance(x, torch.Tensor) else x) for n, x in inp.items()}
     _, st = run(neural_memory_reference, head, chunk_size=C)
@@ -236,8 +239,8 @@ def test_triton_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="depth 1 and 2"):
         run(neural_memory, to_device(inp, EXACT), impl="triton")
     inp = make_inputs(1, 20, 1, 16, 16, 2, seed=0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        run(neural_memory, to_device(inp, EXACT), impl="triton", chunk_size=8)
+    with pytest.raises(ValueError, match="chunk_size in 1..64"):
+        run(neural_memory, to_device(inp, EXACT), impl="triton", chunk_size=65)
     small = make_inputs(1, 20, 1, 4, 4, 2, seed=0)
     with pytest.raises(ValueError, match="power of two"):
         run(neural_memory, to_device(small, EXACT), impl="triton")
@@ -277,7 +280,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         run(neural_memory, inp, impl="triton")
 
 
-def test_titans_layer_on_the_kernels(monkeypatch):
+@pytest.mark.parametrize("chunk", [16, None])  # None: the layer's default chunk (4), padded to the 16-token tile
+def test_titans_layer_on_the_kernels(monkeypatch, chunk):
     """The Titans layer on impl="triton" == on impl="torch": outputs, parameter gradients, and a decoding stream of
     one-token steps (each a padded chunk continuing mid-chunk in the kernels)."""
     from mnemos.layers import NeuralMemory
@@ -288,7 +292,9 @@ def test_titans_layer_on_the_kernels(monkeypatch):
     monkeypatch.setattr(triton_scan, "_launchers", lambda depth: launched.append(depth) or real(depth))
 
     torch.manual_seed(0)
-    kw = dict(dim=32, heads=2, head_dim=16, depth=2, expansion=2, chunk_size=16)  # the layer's defaults: normalize_step
+    kw = dict(dim=32, heads=2, head_dim=16, depth=2, expansion=2)  # the layer's defaults: normalize_step
+    if chunk is not None:
+        kw["chunk_size"] = chunk
     ref = NeuralMemory(**kw, impl="torch").to(EXACT)
     fast = NeuralMemory(**kw, impl="triton").to(EXACT)
     fast.load_state_dict(ref.state_dict())

@@ -680,8 +680,7 @@ def kernels_notice(model: torch.nn.Module, device: torch.device) -> str | None:
     if not reasons:
         return None
     parts = [f"{len(names)} memory layer(s): {reason}" for reason, names in reasons.items()]
-    hint = " (memory.chunk_size=16 takes them)" if any("chunk_size" in r for r in reasons) else ""
-    return "note: the chunked torch path, not the Triton kernels, runs " + "; ".join(parts) + hint
+    return "note: the chunked torch path, not the Triton kernels, runs " + "; ".join(parts)
 
 
 def _load_carried(extra: dict, model: MnemosLM, batch: int, device, accum: int, ckpt: Path) -> list[Cache | None]:

@@ -135,6 +135,13 @@ def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
+def kernel_tile(chunk_size: int) -> int:
+    """Token rows of the kernels' chunk tile: the chunk size rounded up to a power of two, at least 16 (``tl.dot``'s
+    smallest operand). A chunk of fewer tokens sits at the start of its tile, the rows after it zero, as a partial
+    chunk does: padding after every real token of the chunk, so causality keeps it out of their results."""
+    return max(16, 1 << (chunk_size - 1).bit_length())
+
+
 def kernels_unsupported_reason(device: torch.device, dtype: torch.dtype, widths: Sequence[int],
                                chunk_size: int) -> str | None:
     """Why the kernels cannot run this config (None when they can). ``widths``: the memory's layer widths
@@ -150,8 +157,8 @@ def kernels_unsupported_reason(device: torch.device, dtype: torch.dtype, widths:
         return f"kernels exist for memory depth 1 and 2, got depth {depth}"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) and not (dtype == torch.float64 and interpreting()):
         return f"kernels take float32, bfloat16 or float16 inputs (float64 only under TRITON_INTERPRET=1), got {dtype}"
-    if not _pow2(chunk_size) or chunk_size > 64:
-        return f"kernels need chunk_size in (16, 32, 64), got {chunk_size}"
+    if not 1 <= chunk_size <= 64:
+        return f"kernels need chunk_size in 1..64, got {chunk_size}"
     if any(not _pow2(w) for w in widths) or max(widths[0], widths[-1]) > 128 or max(widths) > 512:
         return (f"kernels need every memory width to be a power of two >= 16, head dims K, V <= 128 and hidden widths "
                 f"<= 512, got {list(widths)}")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends import split_state, triton_unsupported_reason
+from .backends import kernel_tile, split_state, triton_unsupported_reason
 from .common import MemoryState, _no_autocast, activate, check_inputs
 from .rule import MemoryRule, check_orthogonal_depth, check_rule_inputs, normalize_step_unsupported, resolve_rule, \
     torch_unsupported_reason
@@ -373,8 +373,8 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
 
 
 def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw, normalize: bool = False):
-    """The kernels' chunk loop: every chunk padded at its end to C tokens (padding sits after every real token of its
-    chunk, so causality keeps it out). Returns o ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start.
+    """The kernels' chunk loop: every chunk padded at its end to the kernels' tile (:func:`~.backends.kernel_tile` of
+    C tokens; padding sits after every real token of its chunk, so causality keeps it out). Returns o ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start.
 
     ``normalize`` (normalize_step): for a matrix memory the step's curvature is |k|^2 whatever the anchor (u = d k^T),
     so the scale s_j = 1 / max(1, |k_j|^2) folds into the coefficients that weigh token j's update (G's column j and
@@ -383,6 +383,7 @@ def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw, norma
 
     B, T, H = theta.shape
     L, nc, dev = len(WS0), len(lengths), q.device
+    C = kernel_tile(C)  # chunks of fewer than 16 tokens (or of a size not a power of two) padded to the tile
     idx = torch.full((nc, C), T, dtype=torch.long)
     pos = 0
     for c, n in enumerate(lengths):
