@@ -15,6 +15,11 @@ killed grid continues where it stopped. Each run's CPU time (its process's, from
     PYTHONPATH=src python benchmarks/stability_grid.py --out /tmp/grid --quick --jobs 2   # ~1 CPU-hour
     PYTHONPATH=src python benchmarks/stability_grid.py --out /tmp/grid --jobs 2           # the full grid, ~5 CPU-h per lr and seed
 
+``--sample N`` runs N configurations drawn uniformly from the grid the other options define (breadth at a fraction of
+the cost: if all N pass, a failure rate above 3/N is unlikely); ``--deadline`` / ``--max-crashes`` / ``--jobs`` size
+a grid to a fixed budget such as a GPU lease (``benchmarks/gpu_session.sh``, the grid part). The table covers every
+run in ``--out``, those of earlier invocations with other options included.
+
 ``--quick``: the corners where the memory is most at risk (depth 3: the largest curvature; chunk 64: the largest
 summed step at one anchor) for the four variants on the MQAR preset, and the default memory on the LM preset, at
 outer lr 1e-2 (the top of the issue's range), seed 0. The full grid: depth 1, 2, 3 at chunk 4 and chunk 1, 16, 64
@@ -26,6 +31,8 @@ import argparse
 import json
 import math
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +128,35 @@ def summarise(run: dict, out: Path) -> dict | None:
             "passed": skipped == 0 and not rose}
 
 
+def earlier_runs(out: Path, runs: list[dict]) -> list[dict]:
+    """The runs in ``out`` that an earlier invocation made with other options (their record names them), so that the
+    directory's table covers every run in it, not only this invocation's."""
+    names = {r["name"] for r in runs}
+    found = []
+    for record in sorted(out.glob(f"*/{RECORD}")):
+        try:
+            run = json.loads(record.read_text()).get("run")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if run is None:
+            run = parse_name(record.parent.name)  # a record from before runs were written into it
+        if isinstance(run, dict) and run.get("name") == record.parent.name and run["name"] not in names:
+            found.append(run)
+    return found
+
+
+def parse_name(name: str) -> dict | None:
+    """The run a grid directory's name describes (``{preset}-{variant}-d{depth}-c{chunk}-lr{lr}-s{seed}[-stepsN]``),
+    or None."""
+    m = re.fullmatch(r"(mqar|lm)-(\w+)-d(\d+)-c(\d+)-lr([0-9.e+-]+?)-s(\d+)(?:-steps(\d+))?", name)
+    if m is None or m.group(2) not in VARIANTS:
+        return None
+    preset = m.group(1)
+    return dict(name=name, preset=preset, variant=m.group(2), depth=int(m.group(3)), chunk=int(m.group(4)),
+                lr=float(m.group(5)), seed=int(m.group(6)),
+                steps=int(m.group(7)) if m.group(7) else STEPS[preset])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -138,6 +174,11 @@ def main() -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--presets", nargs="+", default=["mqar", "lm"], choices=("mqar", "lm"))
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="run N configurations drawn uniformly (without replacement) from the grid the other options "
+                        "define, instead of all of it: breadth over variants, memories, presets, lrs and seeds at a "
+                        "fraction of the cost (if all N pass, a failure rate above 3/N is unlikely, p < 0.05)")
+    p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="the draw's seed (default 0)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help=f"train every run N steps instead of the grid's {STEPS} (a check of the pipeline, not of "
                         "stability; such runs are named ...-stepsN, apart from the grid's)")
@@ -151,6 +192,11 @@ def main() -> int:
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps must be >= 1, got {a.steps}")
     runs = grid(a.quick, a.lrs, a.seeds, a.presets)
+    if a.sample is not None:
+        if not 1 <= a.sample <= len(runs):
+            p.error(f"--sample must be in 1..{len(runs)} (the grid's size), got {a.sample}")
+        picked = set(random.Random(a.sample_seed).sample(range(len(runs)), a.sample))
+        runs = [r for i, r in enumerate(runs) if i in picked]  # in the grid's order
     if a.steps is not None:
         runs = [{**r, "name": f"{r['name']}-steps{a.steps}", "steps": a.steps} for r in runs]
     todo = [r for r in runs if summarise(r, out) is None]
@@ -191,12 +237,12 @@ def main() -> int:
             crashes += proc.returncode != 0 and not killed
             (out / r["name"] / RECORD).write_text(json.dumps({
                 "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0,
-                "returncode": proc.returncode, "device": run_device(out, r["name"])}))
+                "returncode": proc.returncode, "device": run_device(out, r["name"]), "run": r}))
             s = summarise(r, out)
             print(f"{r['name']}: " + ("did not finish (see train.log)" if s is None else
                   f"{'pass' if s['passed'] else 'FAIL'}: skipped {s['skipped_steps']}, inner loss rose at "
                   f"{len(s['inner_rose_at'])} logged steps, max curvature {s['max_curvature']:.3g}"), flush=True)
-    results = [summarise(r, out) or {**r, "passed": None} for r in runs]
+    results = [summarise(r, out) or {**r, "passed": None} for r in runs + earlier_runs(out, runs)]
     (out / "grid.json").write_text(json.dumps(results, indent=1))
     lines = ["| preset | variant | depth | chunk | lr | seed | steps | skipped | inner loss rose (logged steps) | "
              "worst inner end/start | max curvature | final val acc | CPU s | pass |", "|" + "---|" * 14]

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import stability_grid  # noqa: E402
@@ -71,3 +73,38 @@ def test_max_crashes_stops_a_grid_whose_runs_all_fail(tmp_path, monkeypatch):
     started = [r["name"] for r in runs if (tmp_path / r["name"]).exists()]
     assert started == [runs[0]["name"], runs[1]["name"]]
     assert "no_such_key" in (tmp_path / runs[0]["name"] / "train.log").read_text()
+
+
+def test_sample_draws_a_fixed_subset_and_the_table_keeps_earlier_runs(tmp_path, monkeypatch):
+    """--sample N: N configurations of the grid, the same for the same --sample-seed, in the grid's order; the table
+    of a directory covers the runs an earlier invocation made with other options (a record without the run, from
+    before runs were written into records, is read from its name)."""
+    full = stability_grid.grid(False, [1e-2, 1e-3], [0, 1], ["mqar", "lm"])
+    order = {r["name"]: i for i, r in enumerate(full)}
+    picked = []
+    for _ in range(2):
+        monkeypatch.setattr(stability_grid, "summarise", lambda r, out: picked.append(r["name"]) or
+                            {**r, "passed": True, "skipped_steps": 0, "inner_rose_at": [], "worst_inner_ratio": 0.5,
+                             "max_curvature": 1.0, "final_val_accuracy": None, "cpu_s": 1.0, "device": "cpu"})
+        monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--lrs", "0.01", "0.001",
+                                          "--seeds", "0", "1", "--sample", "7", "--sample-seed", "3"])
+        assert stability_grid.main() == 0
+    first, second = picked[:len(picked) // 2], picked[len(picked) // 2:]
+    drawn = list(dict.fromkeys(first))
+    assert len(drawn) == 7 and first == second and [order[n] for n in drawn] == sorted(order[n] for n in drawn)
+    # an earlier run outside this invocation's selection, its record without the run (the old format)
+    old = full[0]["name"] if full[0]["name"] not in drawn else full[1]["name"]
+    (tmp_path / old).mkdir()
+    (tmp_path / old / stability_grid.RECORD).write_text(json.dumps({"cpu_s": 1.0}))
+    assert stability_grid.parse_name(old)["name"] == old
+    assert stability_grid.parse_name("mqar-lmm-d2-c4-lr0.01-s0-steps10")["steps"] == 10
+    assert stability_grid.parse_name("mqar-transformer-d2-c4-lr0.01-s0") is None
+    picked.clear()
+    monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--sample", "1", "--lrs", "0.01",
+                                      "--seeds", "0"])
+    stability_grid.main()
+    assert old in picked and str(len(set(picked))) + " of " + str(len(set(picked))) in (tmp_path / "grid.md").read_text()
+    bad = ["stability_grid.py", "--out", str(tmp_path), "--sample", "0"]
+    monkeypatch.setattr(sys, "argv", bad)
+    with pytest.raises(SystemExit):
+        stability_grid.main()
