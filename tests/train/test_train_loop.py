@@ -357,3 +357,30 @@ def test_a_run_stops_at_the_first_eval_that_reaches_stop_at_accuracy(tmp_path, m
         _cfg(tmp_path, "run.stop_at_accuracy=1.5")
     with pytest.raises(ValueError, match="run.stop_at_accuracy needs a task scored by accuracy"):
         load_config(None, ["task.kind=lm", "model.vocab_size=259", "run.stop_at_accuracy=0.9"])
+
+
+@pytest.mark.parametrize("empty_ok", [False, True])
+def test_loss_and_accuracy_equals_the_masked_mean_on_every_device_path(empty_ok):
+    """The loss over labelled positions only (the CPU path selects those rows first): equal to the plain masked mean
+    of -log softmax in float64, with the correct count and the gradient of every logit (zero where unlabelled)."""
+    from mnemos.data import IGNORE_INDEX
+    from mnemos.train.loop import loss_and_accuracy
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 11, 7, dtype=torch.float64, generator=g).requires_grad_()
+    labels = torch.randint(0, 7, (3, 11), generator=g)
+    labels[torch.rand(3, 11, generator=g) < 0.7] = IGNORE_INDEX
+    labels[0, 0] = int(logits[0, 0].argmax())  # at least one correct, one labelled
+    loss, correct, n = loss_and_accuracy(logits, labels, empty_ok=empty_ok)
+    mask = labels != IGNORE_INDEX
+    logp = torch.log_softmax(logits, -1)
+    expected = -logp[mask].gather(-1, labels[mask].unsqueeze(-1)).sum() / mask.sum()
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0) and int(n) == int(mask.sum())
+    assert int(correct) == int((logits.argmax(-1) == labels)[mask].sum()) >= 1
+    (grad,) = torch.autograd.grad(loss, logits)
+    (grad_expected,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(grad, grad_expected, rtol=1e-10, atol=1e-15) and grad[~mask].abs().max() == 0
+    none = torch.full_like(labels, IGNORE_INDEX)
+    loss0, correct0, n0 = loss_and_accuracy(logits, none, empty_ok=empty_ok)
+    assert int(n0) == 0 and int(correct0) == 0
+    assert (loss0.item() == 0.0) if empty_ok else torch.isnan(loss0)
