@@ -516,8 +516,9 @@ class NeuralMemory(nn.Module):
 
     def kernels_unsupported_reason(self, device: torch.device | str) -> str | None:
         """Why this layer's memory does not run the Triton kernels on ``device`` (None where ``impl="auto"`` takes
-        them, in float32 or bfloat16): the impl, the rule (the kernels cover Titans' axes), the depth, the chunk size
-        (16, 32 or 64) or the widths. On CUDA the memory then runs the chunked torch path: same results, slower."""
+        them, in float32 or bfloat16): the impl, the rule (the kernels cover Titans' axes), the depth (1 or 2), the
+        chunk size (1 to 64) or the widths. On CUDA the memory then runs the chunked torch path: same results,
+        slower."""
         if self.impl in ("torch", "reference"):
             return f"impl={self.impl!r}"
         reason = chunked_unsupported_reason(self.memory_rule)

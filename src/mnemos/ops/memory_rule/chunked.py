@@ -374,7 +374,8 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
 
 def _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, *, C, dt, kw, normalize: bool = False):
     """The kernels' chunk loop: every chunk padded at its end to the kernels' tile (:func:`~.backends.kernel_tile` of
-    C tokens; padding sits after every real token of its chunk, so causality keeps it out). Returns o ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start.
+    C tokens; padding sits after every real token of its chunk, so causality keeps it out). Returns o
+    ``[B, T, H, V]``, the final ``[W; S]`` and the last chunk's start.
 
     ``normalize`` (normalize_step): for a matrix memory the step's curvature is |k|^2 whatever the anchor (u = d k^T),
     so the scale s_j = 1 / max(1, |k_j|^2) folds into the coefficients that weigh token j's update (G's column j and
