@@ -123,7 +123,12 @@ def summarise(run: dict, out: Path) -> dict | None:
         cpu = json.loads((out / run["name"] / RECORD).read_text()).get("cpu_s")
     except (OSError, json.JSONDecodeError):
         cpu = None
-    return {**run, "device": run_device(out, run["name"]), "cpu_s": cpu, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
+    try:
+        device = json.loads((out / run["name"] / RECORD).read_text()).get("device")
+    except (OSError, json.JSONDecodeError):
+        device = None
+    device = device or run_device(out, run["name"])  # the record's (train.log is not committed), else the log's
+    return {**run, "device": device, "cpu_s": cpu, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
             "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
             "passed": skipped == 0 and not rose}
 
@@ -179,6 +184,9 @@ def main() -> int:
                         "define, instead of all of it: breadth over variants, memories, presets, lrs and seeds at a "
                         "fraction of the cost (if all N pass, a failure rate above 3/N is unlikely, p < 0.05)")
     p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="the draw's seed (default 0)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write grid.json / grid.md from the runs finished so far and train nothing (safe beside a grid "
+                        "that is running)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help=f"train every run N steps instead of the grid's {STEPS} (a check of the pipeline, not of "
                         "stability; such runs are named ...-stepsN, apart from the grid's)")
@@ -199,8 +207,9 @@ def main() -> int:
         runs = [r for i, r in enumerate(runs) if i in picked]  # in the grid's order
     if a.steps is not None:
         runs = [{**r, "name": f"{r['name']}-steps{a.steps}", "steps": a.steps} for r in runs]
-    todo = [r for r in runs if summarise(r, out) is None]
-    print(f"stability grid: {len(runs)} runs, {len(runs) - len(todo)} done before", flush=True)
+    todo = [] if a.report_only else [r for r in runs if summarise(r, out) is None]
+    if not a.report_only:
+        print(f"stability grid: {len(runs)} runs, {len(runs) - len(todo)} done before", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running: list[tuple[dict, subprocess.Popen, float]] = []
     start = time.perf_counter()
@@ -264,10 +273,13 @@ def main() -> int:
     for s in done:
         devices[s.get("device") or "unrecorded"] = devices.get(s.get("device") or "unrecorded", 0) + 1
     if devices:
-        lines.append("Trained on: " + ", ".join(f"{d} ({n} runs)" for d, n in sorted(devices.items())) + " (CUDA runs "
-                     "in the trainer's default bfloat16 autocast).")
+        cuda = any(d.startswith("cuda") for d in devices)
+        lines.append("Trained on: " + ", ".join(f"{d} ({n} runs)" for d, n in sorted(devices.items()))
+                     + (" (CUDA runs in the trainer's default bfloat16 autocast)." if cuda else "."))
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if a.report_only:
+        return 0 if all(s["passed"] is not False for s in results) else 1  # unfinished runs are no failure here
     return 0 if all(s["passed"] for s in results) else 1
 
 

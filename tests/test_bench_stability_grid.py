@@ -108,3 +108,14 @@ def test_sample_draws_a_fixed_subset_and_the_table_keeps_earlier_runs(tmp_path, 
     monkeypatch.setattr(sys, "argv", bad)
     with pytest.raises(SystemExit):
         stability_grid.main()
+
+
+def test_report_only_trains_nothing_and_lists_unfinished_runs(tmp_path, monkeypatch):
+    runs = [dict(name=f"mqar-lmm-d1-c4-lr0.01-s{s}", preset="mqar", variant="lmm", depth=1, chunk=4, lr=0.01, seed=s,
+                 steps=10) for s in (0, 1)]
+    monkeypatch.setattr(stability_grid, "grid", lambda *args: [dict(r) for r in runs])
+    monkeypatch.setattr(stability_grid.subprocess, "Popen", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--report-only"])
+    assert stability_grid.main() == 0  # nothing failed: two runs not finished
+    table = (tmp_path / "grid.md").read_text()
+    assert "0 of 2 runs finished" in table and table.count("not finished") == 2
