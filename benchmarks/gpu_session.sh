@@ -45,14 +45,14 @@ if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   SHAPE=(--batch 1 --seq-len 32 --dim 32 --heads 2 --chunk-size 8 --warmup 1 --repeats 1 --no-cpu-memory)
   ACC_SHAPE=(--batch 1 --seq-len 40 --heads 2 --head-dim 16 --expansion 2 --depth 2 --dtype float32)
   ACC_ENV=(env TRITON_INTERPRET=1)  # the accuracy step runs the kernels: interpreted on a CPU
-  CHUNK64=() CHUNK32=() CHUNK4=(--chunk-size 4)  # the tiny shape keeps its chunk of 8 but for chunk 4's step
+  CHUNK64=() CHUNK4=(--chunk-size 4)  # the tiny shape keeps its chunk of 8 but for chunk 4's step
   LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_CHUNK=300 LIMIT_FLA=300
   GRID_JOBS=2 GRID_GRACE=30 GRID_ARGS=(--quick --presets mqar --steps 10 --device cpu)  # 8 runs of 10 steps
 else
   DEVICE=cuda
   SHAPE=()  # the GPU shape of docs/PERFORMANCE.md: B 4, T 4096, 8 heads of 64, depth 2, chunk 16
   ACC_SHAPE=() ACC_ENV=()  # the GPU shape, compiled
-  CHUNK64=(--chunk-size 64) CHUNK32=(--chunk-size 32) CHUNK4=(--chunk-size 4)
+  CHUNK64=(--chunk-size 64) CHUNK4=(--chunk-size 4)
   LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_CHUNK=40 LIMIT_FLA=90
   # the grid: 15 trainings at a time on the 16 cores and the GPU
   GRID_JOBS=15 GRID_GRACE=45 GRID_ARGS=(--lrs 0.01 0.001 0.003 --seeds 0 1 2 3 4 --device cuda)
@@ -136,7 +136,7 @@ want precision && APPEND=1 step op_precision "$LIMIT_ACC" "${ACC_ENV[@]}" "$PY" 
 if want grid; then
   GRID_DIR=${TMPDIR:-/tmp}/grid
   reserve=10  # the tarball; then the limits of the parts after the grid
-  want chunks && reserve=$(( reserve + 3 * LIMIT_CHUNK + 60 ))
+  want chunks && reserve=$(( reserve + 2 * LIMIT_CHUNK + 60 ))
   want fla && reserve=$(( reserve + LIMIT_FLA ))
   deadline=$(( BUDGET - SECONDS - reserve - GRID_GRACE - 20 ))  # SECONDS: since the script began
   [ "$deadline" -lt 10 ] && deadline=10
@@ -145,14 +145,12 @@ if want grid; then
   tar -czf "$OUT/grid.tar.gz" -C "$GRID_DIR" --exclude='*/checkpoint' --exclude='*.png' --exclude='*/metrics.csv' . \
     || status=1
 fi
-# 7. the kernels at chunk 32 and 64 (fewer, larger sequential steps: how much of the time is per-chunk latency) and
+# 7. the kernels at chunk 64 (fewer, larger sequential steps: how much of the time is per-chunk latency) and
 #    at the library's default chunk of 4 (padded to the 16-token tile), beside the torch path at chunk 4 (what ran
 #    there before session 26), into op_speed.log
 if want chunks; then
   APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK64[@]}" \
     --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c64-$DEVICE.json"
-  APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK32[@]}" \
-    --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c32-$DEVICE.json"
   APPEND=1 step op_speed "$LIMIT_CHUNK" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK4[@]}" \
     --only op-triton-d2 op-triton-d1 --out "${TMPDIR:-/tmp}/op_speed-c4-$DEVICE.json"
   APPEND=1 step op_speed 60 "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" "${CHUNK4[@]}" \
