@@ -88,7 +88,9 @@ fi
 echo "gpu_session: parts: $PARTS ($nfiles files)"
 [ "${GPU_SESSION_CHECK_ONLY:-0}" = 1 ] && exit 0
 want() { [ -n "${WANT[$1]+x}" ]; }
-BUDGET=${GPU_SESSION_BUDGET:-570}  # seconds this script may take in all (the grid sizes itself to what is left)
+# seconds this script may take in all (the grid sizes itself to what is left): the device call's 600 s less a margin;
+# a dry run's interpreted steps take longer than the GPU's, so it gets more
+BUDGET=${GPU_SESSION_BUDGET:-$([ "${GPU_SESSION_DRY:-0}" = 1 ] && echo 3000 || echo 570)}
 
 {
   date -u

@@ -38,7 +38,7 @@ def test_the_deadline_stops_starting_and_kills_late_runs_which_run_again_next_ti
     monkeypatch.setattr(stability_grid, "grid", lambda *args: [dict(r) for r in runs])
     monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--deadline", "0.5", "--grace",
                                       "0", "--device", "cpu"])
-    assert stability_grid.main() == 1
+    assert stability_grid.main() == 0  # runs cut by the deadline are unfinished, not failed
     first = json.loads((tmp_path / runs[0]["name"] / stability_grid.RECORD).read_text())
     assert first["returncode"] != 0  # killed mid-run
     assert not (tmp_path / runs[1]["name"]).exists()  # never started
