@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from mnemos.train.loop import inner_loss_rose
@@ -120,15 +121,11 @@ def summarise(run: dict, out: Path) -> dict | None:
                 worst_curv = max(worst_curv, v)
     skipped = int(train[-1].get("skipped_steps", 0))
     try:
-        cpu = json.loads((out / run["name"] / RECORD).read_text()).get("cpu_s")
+        record = json.loads((out / run["name"] / RECORD).read_text())
     except (OSError, json.JSONDecodeError):
-        cpu = None
-    try:
-        device = json.loads((out / run["name"] / RECORD).read_text()).get("device")
-    except (OSError, json.JSONDecodeError):
-        device = None
-    device = device or run_device(out, run["name"])  # the record's (train.log is not committed), else the log's
-    return {**run, "device": device, "cpu_s": cpu, "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
+        record = {}
+    device = record.get("device") or run_device(out, run["name"])  # the record's (train.log is not committed)
+    return {**run, "device": device, "cpu_s": record.get("cpu_s"), "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
             "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
             "passed": skipped == 0 and not rose}
 
@@ -193,12 +190,12 @@ def main() -> int:
     a = p.parse_args()
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.steps is not None and a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / ".gitignore").exists():
         (out / ".gitignore").write_text(GRID_GITIGNORE)
-    if a.steps is not None and a.steps < 1:
-        p.error(f"--steps must be >= 1, got {a.steps}")
     runs = grid(a.quick, a.lrs, a.seeds, a.presets)
     if a.sample is not None:
         if not 1 <= a.sample <= len(runs):
@@ -269,9 +266,7 @@ def main() -> int:
     cpu_total = sum(s.get("cpu_s") or 0.0 for s in done)
     lines += ["", f"{len(done)} of {len(results)} runs finished, {sum(bool(s['passed']) for s in done)} passed; "
               f"CPU time {cpu_total / 3600:.2f} h (each run's own process; runs made before it was recorded count 0)."]
-    devices = {}
-    for s in done:
-        devices[s.get("device") or "unrecorded"] = devices.get(s.get("device") or "unrecorded", 0) + 1
+    devices = Counter(s.get("device") or "unrecorded" for s in done)
     if devices:
         cuda = any(d.startswith("cuda") for d in devices)
         lines.append("Trained on: " + ", ".join(f"{d} ({n} runs)" for d, n in sorted(devices.items()))
