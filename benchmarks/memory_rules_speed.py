@@ -8,7 +8,8 @@ l2-normalised, v randn, theta = 0.01 sigmoid(randn), eta = sigmoid(randn), alpha
 (expansion 4, residual) of 0.02 randn weights shared by the batch, delta = 1 + softplus(randn) for huber and gamma =
 sigmoid(randn) for a window; everything requires grad and "fwd+bwd" backpropagates (o * g).sum() into all of it.
 
-Method: one thread; every row is warmed up once at T = 2C; then --repeats rounds, each timing every row's fwd (with
+Method: one thread, subnormal floats flushed to zero (``--denormals keep``: not; speed_common.DENORMALS_HELP says
+why); every row is warmed up once at T = 2C; then --repeats rounds, each timing every row's fwd (with
 autograd recording) and then every row's fwd+bwd, interleaved so that a busy machine slows every row alike; the
 median is reported with the ratio to Titans.
 
@@ -36,7 +37,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mnemos.ops import RULES, MemoryRule, neural_memory
-from speed_common import cpu_model, git_commit
+from speed_common import add_denormals_flag, cpu_model, git_commit, set_denormals
 from mnemos.ops.memory_rule.rule import torch_unsupported_reason
 
 EXTRA = {"lp-decay": MemoryRule(loss="lp", p=3.0)}
@@ -113,8 +114,10 @@ def main() -> None:
     p.add_argument("--state-reads", action="store_true",
                    help="also time cpu_scan's per-token reads alone (Moneta's norms, Memora's softmax read) on one "
                         "chunk of each layer's shape, beside the rules' rows")
+    add_denormals_flag(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    flushed = set_denormals(a.denormals)
     reads = time_state_reads(a) if a.state_reads else []
     names = list(a.rules) if a.rules else [*RULES, *EXTRA]
     names = ["titans"] + [n for n in names if n != "titans"]
@@ -138,7 +141,8 @@ def main() -> None:
             r["fwdbwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk).backward(r["grad"])))
     base = {ph: statistics.median(rows["titans"][ph]) for ph in ("fwd", "fwdbwd")}
     print(f"memory rules, chunked torch path: B {B}, T {T}, dim {a.dim} ({H} heads x {D}), depth 2 (expansion "
-          f"{a.expansion}), chunk {a.chunk}, {a.threads} thread(s), float32, median of {a.repeats}")
+          f"{a.expansion}), chunk {a.chunk}, {a.threads} thread(s), float32, median of {a.repeats}, subnormal floats "
+          f"{'flushed to zero' if flushed else 'kept'} (--denormals)")
     print(f"{'rule':<18}{'fwd s':>9}{'x titans':>10}{'fwd+bwd s':>11}{'x titans':>10}  axes")
     out = []
     for n, r in rows.items():
@@ -152,6 +156,7 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=out, skipped=skipped, state_reads=reads,
                                                torch=torch.__version__, threads=torch.get_num_threads(),
+                                               denormals_flushed=flushed,
                                                cpu=cpu_model(), git=git_commit()), indent=1))
 
 

@@ -239,6 +239,7 @@ def probe_main(bench: Bench, spec: dict) -> None:
     """Subprocess entry: build one row, run one call, print the peak-RSS increase as JSON on the last line."""
     torch.set_num_threads(spec["threads"])
     args = argparse.Namespace(**spec["args"])
+    set_denormals(getattr(args, "denormals", "flush"))
     shape = Shape(**spec["shape"])
     device = torch.device("cpu")
     impl = bench.impls[spec["impl"]]
@@ -318,6 +319,26 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+# Subnormal floats (|x| < 1.2e-38 in float32) cost ~100x a normal multiply-add on many Intel CPUs. The benchmarks'
+# synthetic gates (eta = sigmoid(randn): some near 0) make a chunk's products of eta underflow into them after a few
+# hundred tokens, which slowed the CPU torch path's Titans fwd+bwd at T 2048 3.5x on a Xeon with AVX-512 (2.5 s against
+# 0.72 s flushed; nothing at T 512), while training a model with learned gates ran at the same speed either way
+# (docs/PERFORMANCE.md, "Subnormal floats"). So the default flushes them to zero, as a trained model's speed is
+# measured; --denormals keep measures the arithmetic as IEEE defines it.
+DENORMALS_HELP = ("flush (default): subnormal floats become 0 (torch.set_flush_denormal; the synthetic gates' products "
+                  "underflow into them and slow Intel CPUs ~100x per operation); keep: IEEE arithmetic")
+
+
+def add_denormals_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--denormals", choices=["flush", "keep"], default="flush", help=DENORMALS_HELP)
+
+
+def set_denormals(mode: str) -> bool:
+    """``--denormals``: flush subnormal floats to zero (``"flush"``) or keep them (``"keep"``). Returns whether the
+    CPU flushes them now (False where it cannot: ``torch.set_flush_denormal`` needs SSE3)."""
+    return bool(torch.set_flush_denormal(mode == "flush")) and mode == "flush"
+
+
 def environment(device: torch.device) -> dict:
     return {
         "device": device.type,
@@ -366,6 +387,7 @@ def parse_args(bench: Bench, argv=None) -> argparse.Namespace:
                    "(cpu 120, cuda 30)")
     p.add_argument("--no-cpu-memory", action="store_true", help="skip the per-row peak-RSS subprocesses on CPU")
     p.add_argument("--seed", type=int, default=0)
+    add_denormals_flag(p)
     p.add_argument("--out", type=Path, help=f"JSON path (default benchmarks/results/{bench.name}-<device>.json)")
     p.add_argument("--_probe", help=argparse.SUPPRESS)
     bench.add_arguments(p)
@@ -480,6 +502,7 @@ def main(bench: Bench, argv=None) -> None:
         raise SystemExit(f"error: {e}")
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
+    flushed = set_denormals(args.denormals)
     names = list(dict.fromkeys(n for o in (args.only or bench.default_rows) for n in bench.aliases.get(o, [o])))
     amp = args.dtype if bench.autocast else None
 
@@ -492,7 +515,7 @@ def main(bench: Bench, argv=None) -> None:
             "increase of the process's peak RSS over one call (VmHWM after resetting it through /proc/self/clear_refs; "
             "getrusage ru_maxrss where that is unavailable), in a fresh subprocess per row and phase"
         )
-    env = environment(device)
+    env = dict(environment(device), denormals=args.denormals, denormals_flushed=flushed)
     config = {
         "rows": names,
         "shape": dataclasses.asdict(shape),
@@ -514,7 +537,8 @@ def main(bench: Bench, argv=None) -> None:
           f"commit {env['commit']}{' (dirty)' if env['dirty'] else ''}")
     print(f"shape: B={shape.batch} T={shape.seq_len} dim={shape.dim} H={shape.heads} D={shape.head_dim} "
           f"L={shape.depth} E={shape.expansion} C={shape.chunk_size}; dtype {config['dtype']}; "
-          f"warmup {args.warmup}, median of {args.repeats}")
+          f"warmup {args.warmup}, median of {args.repeats}; subnormal floats "
+          f"{'flushed to zero' if flushed else 'kept'} (--denormals)")
     for line in bench.describe(args, shape, env):
         print(line)
     print(f"peak memory: {memory_method}")

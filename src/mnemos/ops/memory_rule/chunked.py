@@ -171,7 +171,10 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         raise ValueError(normalize_step_unsupported(rule))
     check_orthogonal_depth(rule, len(spec.weights))
     P = rule.window - 1  # the tokens before a chunk that its writes also fit
-    dense = rule.retention != "decay" or rule.optimizer != "momentum"  # every token's state formed: dense_scan.py
+    # Moneta's lq = 4 with momentum on the CPU: the hand-written dual form (torch_scan.py), every token's norm from
+    # cpu_scan's kernel; any other retention, Muon and Lattice form every token's state (dense_scan.py)
+    lq = backend == "torch" and lq4_dual_form(rule, q)
+    dense = (rule.retention != "decay" or rule.optimizer != "momentum") and not lq
     if P == 0 and gamma is not None and not dense:  # window 1: gamma_t scales the token's gradient, as theta_t does
         theta = theta * gamma
     if backend == "triton":
@@ -193,7 +196,7 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         if rule.loss == "lp":
             tkw["p"] = rule.p
         huber = rule.loss == "huber"
-        if T == 1 and backend == "torch" and P == 0 and not dense:  # decoding: one token's update, no chunk machinery
+        if T == 1 and backend == "torch" and P == 0 and not dense and not lq:  # decoding: one token's update, no chunk machinery
             bh = lambda x: x.to(dt).transpose(1, 2)  # noqa: E731  [B, 1, H, D] -> [B, H, 1, D]; gates -> [B, H]
             o, W, S = _one_token(bh(q), bh(k), bh(v), bh(theta)[..., 0], bh(eta)[..., 0], bh(alpha)[..., 0], W0, S0,
                                  W0 if A is None else A, delta=bh(delta) if huber else None, **tkw)
@@ -216,7 +219,8 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         else:
             WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
             if backend == "torch":
-                o, WS, last_anchor = _run_torch(q, keys, theta, eta, alpha, WS0, A, lengths, P=P, dt=dt, opts=tkw)
+                o, WS, last_anchor = _run_torch(q, keys, theta, eta, alpha, WS0, A, lengths, P=P, dt=dt, opts=tkw,
+                                                lq=lq)
             else:
                 o, WS, last_anchor = _run_triton(q, k, v, theta, eta, alpha, WS0, A, lengths, C=C, dt=dt, kw=kw,
                                                  normalize=normalize_step)
@@ -286,12 +290,22 @@ def _band(n: int, P: int, device) -> Tensor:
     return (e >= j) & (e <= j + P)
 
 
-def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
+def lq4_dual_form(rule: MemoryRule, x: Tensor) -> bool:
+    """Whether the torch path runs ``rule`` in the hand-written dual form with Moneta's retention (lq = 4, the momentum
+    optimiser) on tensors like x: where ``cpu_scan``'s lq4 kernel reads every token's norm (float32 / float64 on the
+    CPU, the library built)."""
+    return (rule.retention == "lq" and rule.lq == 4.0 and rule.optimizer == "momentum"
+            and cpu_scan.state_reads_unsupported_reason(x) is None)
+
+
+def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts, lq: bool = False):
     """The torch path's chunk loop, one run of equal-length chunks at a time, each in a chunk-major layout of its own
     without padding (a partial chunk costs its own tokens, not a whole chunk's); the state carries from run to run.
     ``keys``: the key side (:func:`_key_side`), P tokens before the call's. With a window (P > 0) each chunk of n
     tokens writes with the n + P key-side tokens that end at its last one, and the coefficient rows that weigh them
     are the band of gamma times the window-1 ones: ``G' = G @ Band``, ``Band[j, e] = gamma_e [j <= e <= j + P]``.
+    ``lq``: Moneta's retention (:func:`lq4_dual_form`; WS holds accumulators), the per-token recurrence's gates
+    ``(1 - alpha, eta, Wb)`` passed beside the coefficients.
     Returns o ``[B, T, H, V]``, the final ``[W; S]`` per layer and the memory at the last chunk's start."""
     B, T, H = theta.shape
     k, v, g, d = keys
@@ -307,6 +321,7 @@ def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
             kc, vc = chunks(k), chunks(v)
             dc = None if d is None else chunks(d)
             gl, pl = G[..., -1, :], Pm[..., -1, :]
+            Wb = thc.unsqueeze(-1) if lq else None  # gamma is in theta
         else:  # key-side tokens first + c n + (0 .. n + P - 1): the chunk's n after the P before them
             idx = (first + n * torch.arange(count, device=q.device).unsqueeze(1)
                    + torch.arange(n + P, device=q.device))  # [count, n + P]
@@ -316,16 +331,20 @@ def _run_torch(q, keys, theta, eta, alpha, WS, A, lengths, *, P, dt, opts):
             band = _band(n, P, q.device).to(dt) * gc.unsqueeze(-2)  # [count, B, H, n, m]
             G = G @ band
             gl, pl = G[..., -1, :], (Pm[..., -1:, :] @ band).squeeze(-2)
+            # token t's write weighs key-side tokens t .. t + P by gamma (the band's nonzero diagonals)
+            Wb = thc.unsqueeze(-1) * gc.unfold(-1, P + 1, 1) if lq else None
+        rec = (1.0 - alc, etc, Wb) if lq else ()
         rows = (b[..., -1], e[..., -1], f[..., -1], gl, pl)  # at each chunk's last token
-        inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()), *(() if dc is None else (dc,)))
-        if cpu_scan.unsupported_reason(q.device, dt, L, n, opts, window=P > 0, delta=dc is not None, rows=B * H,
-                                       state=sum(ws.shape[-2] * ws.shape[-1] for ws in WS)) is None:
+        inputs = (qc, kc, vc, b, f, G, *rows, *WS, *(A or ()), *(() if dc is None else (dc,)), *rec)
+        if cpu_scan.unsupported_reason(q.device, dt, L, n, dict(opts, lq=lq), window=P > 0, delta=dc is not None,
+                                       rows=B * H, state=sum(ws.shape[-2] * ws.shape[-1] for ws in WS)) is None:
             o_c, WS, last_anchor = cpu_scan.scan(inputs[:11], WS, A, opts, L)  # the same loop, compiled
         elif torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            o_c, *rest = TorchChunkScan.apply(dict(L=L, kw=opts, delta=dc is not None), *inputs)
+            o_c, *rest = TorchChunkScan.apply(dict(L=L, kw=opts, delta=dc is not None, lq=lq), *inputs)
             WS, last_anchor = rest[:L], rest[L:]
         else:
-            o_c, WS, last_start, _, _ = scan(*inputs[:11], list(WS), A, save=False, delta=dc, **opts)
+            o_c, WS, last_start, _, _ = scan(*inputs[:11], list(WS), A, save=False, delta=dc, lq=rec or None,
+                                             **opts)
             last_anchor = [split_state(ws)[0].clone() for ws in last_start]
         outs.append(o_c.movedim(0, 2).reshape(B, H, count * n, -1))  # [B, H, tokens, V]
         A = None  # only a stream's first chunk has an anchor of its own

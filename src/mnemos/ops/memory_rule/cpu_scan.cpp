@@ -878,7 +878,7 @@ bool parse(const int64_t* raw, Spec& s) {
 // inputs, the gradient of its output, then (out, overwritten) dA0 dS0 dd da dbeta deta dWb and the read's input
 // gradients.
 
-constexpr int64_t STATE_TILE = 512;
+constexpr int64_t STATE_TILE = 256;
 
 struct RecurSpec {
   int64_t R, n, w, P, Q, threads;
@@ -1130,6 +1130,37 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
           else rd.adjoint(At, t, p0, tp, E.data());
           const T bt = beta[t], et = eta[t];
           T db = 0, de = 0;
+          if (s.w == 1) {  // one pass per matrix row: the adjoints, their dots, and the factors' gradients
+            const T c = Wb[t];
+            const T* at = a + t * s.Q;
+            const T* d_t = d + t * s.P + p0;
+            T* dat = da + t * s.Q;
+            double dw = 0;
+            for (int64_t p = 0; p < tp; ++p) {
+              const int64_t o0 = p * s.Q;
+              const T cd = c * d_t[p];
+              T acc = 0;
+#pragma omp simd reduction(+ : db, de, acc)
+              for (int64_t q = 0; q < s.Q; ++q) {
+                const int64_t i = o0 + q;
+                const T x = At[i];
+                const T dAt = dA[i] + (Read<T>::cubic ? g4 * x * x * x : E[i]);
+                db += dAt * Ap[i];
+                const T dS_t = dS[i] + dAt;
+                de += dS_t * Sp[i];
+                dA[i] = bt * dAt;
+                dS[i] = et * dS_t;
+                acc += dS_t * at[q];
+                dat[q] -= cd * dS_t;
+              }
+              dd[t * s.P + p0 + p] -= c * acc;
+              dw += static_cast<double>(d_t[p]) * acc;
+            }
+            dbeta[t] += db;
+            deta[t] += de;
+            dWb[t] -= dw;
+            continue;
+          }
 #pragma omp simd reduction(+ : db, de)
           for (int64_t i = 0; i < size; ++i) {
             const T x = At[i];

@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import cpu_scan
 from .backends import Coefficients, ScanGrads, split_state
 from .common import activate, activate_grad, activate_grad2, loss_keeps_error, loss_output_grad, \
     loss_output_grad_backward
@@ -117,22 +118,27 @@ def _step_scale_backward(a, d, s, dd, da) -> None:
     dd[-1] = dd[-1] - (c / s) * d[-1]
 
 
-def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
+def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str, scales: Sequence[Tensor] | None = None):
     """``o_i = M(q_i; W_i)`` for every token i of the chunk, without forming W_i.
 
     Layer l maps its query-side input x_i to ``W_{l,i} x_i = b_i W_l x_i + f_i S_l x_i - sum_j G[i, j] (a_{l,j} . x_i)
-    d_{l,j}``. Returns o and, per layer, the input x, ``x @ [W; S]^T`` and ``P = x a^T``, and per hidden layer the
-    pre-activation y (saved for the backward).
+    d_{l,j}``, times ``scales[l][..., i]`` where given (Moneta's read ``F(A_i) x = ||A_i||_4^-2 A_i x``: W is then the
+    accumulator A). Returns o and, per layer, the input x, ``x @ [W; S]^T`` and ``P = x a^T``, per hidden layer the
+    pre-activation y, and per layer the unscaled ``W_{l,i} x_i`` where scaled (else None): saved for the backward.
     """
     L = len(WS)
     bc, fc = b.unsqueeze(-1), f.unsqueeze(-1)
     h = q
     xs, ys, xws, ps = [], [], [], []
+    unscaled: list[Tensor] | None = None if scales is None else []
     for i in range(L):
         d_out = WS[i].shape[-2] // 2
         xw = h @ WS[i].mT  # [B, H, n, 2 D_out]: x W^T | x S^T
         p = h @ a[i].mT  # [B, H, n, n]
         y = torch.addcmul(bc * xw[..., :d_out], fc, xw[..., d_out:]) - (G * p) @ d[i]
+        if unscaled is not None:
+            unscaled.append(y)
+            y = scales[i].unsqueeze(-1) * y
         xs.append(h)
         xws.append(xw)
         ps.append(p)
@@ -140,7 +146,7 @@ def _read_forward(q, WS, a, d, b, f, G, *, residual: bool, activation: str):
             ys.append(y)
             h = activate(y, activation)
     o = y + q if residual else y
-    return o, xs, ys, xws, ps
+    return o, xs, ys, xws, ps, unscaled
 
 
 def _mix(ws: Tensor, top: Tensor, bottom: Tensor, cross: Tensor, inplace: bool = False) -> Tensor:
@@ -162,6 +168,43 @@ def _mix_transposed_(g: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> T
     return g
 
 
+# Moneta's retention (lq = 4) in the dual form: the state [A; S] holds the accumulator, the anchor's gradients are taken
+# at F(A) = r A with r = ||A||_4^-2 per matrix, and token i reads A_i x scaled by its own ||A_i||_4^-2, the norms of
+# every token's accumulator read by cpu_scan's lq4 kernel without forming them (docs/MEMORY_RULE.md, "Moneta in the
+# dual form"). F(0) = 0: where A = 0 the scale is 1.
+
+
+def _lq4_anchor(acc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Moneta's effective anchor of one accumulator ``[B, H, P, Q]``: ``(F(A), r, N, A)`` with ``N = sum A^4`` and
+    ``r = N^-1/2`` (1 where N = 0) ``[B, H]``."""
+    sq = acc * acc
+    N = (sq * sq).sum((-2, -1))
+    r = torch.where(N > 0, N, torch.ones_like(N)).rsqrt()
+    return acc * r[..., None, None], r, N, acc
+
+
+def _lq4_anchor_backward(g: Tensor, anchor: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """The gradient of the accumulator from that of ``F(A) = r A``: ``r g - 2 r^3 <g, A> A^3`` (the second term 0
+    where A = 0, whose scale is the constant 1)."""
+    _, r, N, acc = anchor
+    k = torch.where(N > 0, -2.0 * r.pow(3) * (g * acc).sum((-2, -1)), torch.zeros_like(N))
+    return torch.addcmul(r[..., None, None] * g, k[..., None, None], acc * acc * acc)
+
+
+def _lq4_inputs(ws: Tensor, a: Tensor, d: Tensor, rec: Sequence[Tensor]) -> list[Tensor]:
+    """cpu_scan's lq4 kernel's inputs for one layer: the chunk's starting accumulator and momentum (from ``[A; S]``),
+    the update's factors d, a and the recurrence's ``(beta, eta, Wb)``, contiguous."""
+    A0, S0 = split_state(ws)
+    return [t.contiguous() for t in (A0, S0, d, a, *rec)]
+
+
+def _lq4_scales(WS, a, d, rec) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer, ``N_i = sum A_i^4`` of every token's accumulator ``[B, H, n]`` and the read's scale ``N_i^-1/2``
+    (1 where N_i = 0)."""
+    Ns = [cpu_scan.state_read_forward("lq4", _lq4_inputs(ws, ai, di, rec)) for ws, ai, di in zip(WS, a, d)]
+    return Ns, [torch.where(N > 0, N, torch.ones_like(N)).rsqrt() for N in Ns]
+
+
 def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[Tensor]:
     """``[W; S]`` after the chunk's last real token. bl, el, fl ``[B, H]`` and gl, pl ``[B, H, n]`` are the
     coefficients' values (rows) at that token: ``W' = bl W + fl S - d^T diag(gl) a``, ``S' = el S - d^T diag(pl) a``.
@@ -175,7 +218,7 @@ def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[
 
 
 def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, loss, save: bool,
-         normalize: bool = False, p: float = 3.0, delta: Tensor | None = None):
+         normalize: bool = False, p: float = 3.0, delta: Tensor | None = None, lq: Sequence[Tensor] | None = None):
     """Every chunk in order. Chunk-major inputs: tokens ``[nc, B, H, n, D]``, coefficients ``[nc, B, H, n(, n)]`` and
     ``[nc, B, H(, n)]`` (rows at each chunk's last real token); WS: L x ``[B, H, 2 D_out, D_in]`` at the first chunk's
     start (without ``save`` they are updated in place: the caller must own them); A: the first chunk's anchor
@@ -184,6 +227,8 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
     The keys k, v may hold m >= n tokens per chunk (an Omega window: the chunk's n tokens after the window - 1 before
     them), G ``[nc, B, H, n, m]`` and gl, pl ``[nc, B, H, m]`` then weigh every one of them (the driver folds the
     window's band into them). ``p``: lp's exponent; ``delta`` ``[nc, B, H, m]``: huber's thresholds, else None.
+    ``lq``: Moneta's retention (lq = 4; WS and A hold accumulators): the per-token recurrence's ``(beta, eta, Wb)``
+    ``[nc, B, H, n]`` twice and ``[nc, B, H, n, w]`` (``cpu_scan.lq4_norms``), else None.
 
     Returns o ``[nc, B, H, n, V]``, the final WS, the last chunk's starting WS, and when ``save``: every chunk's
     starting WS and activations."""
@@ -193,14 +238,19 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
     opts = dict(residual=residual, activation=activation)
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else [split_state(ws)[0] for ws in WS]
+        rec = None if lq is None else tuple(x[c] for x in lq)
+        lqa = None if rec is None else [_lq4_anchor(x) for x in anchor]  # the anchor's gradients at F(A)
+        if lqa is not None:
+            anchor = [t[0] for t in lqa]
         dc = None if delta is None else delta[c]
         a, z, dact, back, d, err = anchor_forward(k[c], v[c], anchor, loss=loss, p=p, delta=dc, **opts)
         s = step_scale(a, d).detach() if normalize else None  # the backward differentiates it by hand
         du = d if s is None else [di * s for di in d]  # the errors the update uses: u_l = du_l a_l^T
-        o[c], xs, ys, xws, ps = _read_forward(q[c], WS, a, du, b[c], f[c], G[c], **opts)
+        Ns, scales = (None, None) if rec is None else _lq4_scales(WS, a, du, rec)
+        o[c], xs, ys, xws, ps, unscaled = _read_forward(q[c], WS, a, du, b[c], f[c], G[c], scales=scales, **opts)
         if save:
             starts.append(WS)
-            saved.append((a, z, dact, back, d, xs, ys, xws, ps, s, err, dc))
+            saved.append((a, z, dact, back, d, xs, ys, xws, ps, s, err, dc, lqa, Ns, scales, unscaled))
         last_start = WS if save or c < nc - 1 else [ws.clone() for ws in WS]
         WS = _state_forward(WS, a, du, bl[c], el[c], fl[c], gl[c], pl[c], inplace=not save)
     return o, WS, last_start, starts, saved
@@ -211,15 +261,17 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
 
 
 def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, activation, loss,
-                    normalize: bool = False, p: float = 3.0) -> tuple[ScanGrads, Tensor | None]:
+                    normalize: bool = False, p: float = 3.0, rec: Sequence[Tensor] | None = None
+                    ) -> tuple[ScanGrads, Tensor | None, list[Tensor] | None]:
     """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it; owned, and turned in
     place into the gradient of the state before the chunk); ``coef``: the chunk's coefficients.
 
     dWS is the gradient of the chunk's starting ``[W; S]`` (anchor included when the anchor is W), dA that of a
     separate anchor (None when A is None). Also returns ddelta, the gradient of huber's thresholds (None for any other
-    loss; not part of the backends' contract)."""
+    loss; not part of the backends' contract), and with Moneta's retention (``rec``: the chunk's ``(beta, eta, Wb)``)
+    their gradients (else None)."""
     b, f, G, bl, el, fl, gl, pl = coef
-    a, z, dact, back, d, xs, ys, xws, ps, s, err, delta = acts
+    a, z, dact, back, d, xs, ys, xws, ps, s, err, delta, lqa, Ns, scales, unscaled = acts
     exponent = p  # lp's (the name p is the read's x a^T below)
     du = d if s is None else [di * s for di in d]  # what the update used (normalize: s is a constant)
     L = len(WS)
@@ -252,9 +304,14 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
     dy = do
     dq = do if residual else None
     db = df = dG = 0.0
+    gN: list[Tensor] = [None] * L  # type: ignore[list-item]
     for i in range(L - 1, -1, -1):
         x, xw, p = xs[i], xws[i], ps[i]
         d_out = WS[i].shape[-2] // 2
+        if scales is not None:  # y = scale * y~, scale = N^-1/2: dN = -scale^3 <dy, y~> / 2 (0 where N = 0)
+            ds = (dy * unscaled[i]).sum(-1)
+            gN[i] = torch.where(Ns[i] > 0, -0.5 * scales[i].pow(3) * ds, torch.zeros_like(ds))
+            dy = dy * scales[i].unsqueeze(-1)
         dyy = torch.cat((bc * dy, fc * dy), dim=-1)  # [B, H, n, 2 D_out]
         dWS[i] = _bmm_add(dWS[i], dyy.mT, x)
         db = db + (dy * xw[..., :d_out]).sum(-1)
@@ -271,11 +328,26 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         else:
             dq = dx if dq is None else dq + dx
 
+    dlq = None
+    if scales is not None:  # every token's norm N_i: cpu_scan's kernel, backward
+        dlq = [0.0, 0.0, 0.0]
+        for i in range(L):
+            gA0, gS0, gd, ga, *grec = cpu_scan.state_read_backward("lq4", _lq4_inputs(WS[i], a[i], du[i], rec), gN[i])
+            d_out = WS[i].shape[-2] // 2
+            dWS[i][..., :d_out, :] += gA0
+            dWS[i][..., d_out:, :] += gS0
+            dd[i] = dd[i] + gd
+            da[i] = da[i] + ga
+            dlq = [x + y for x, y in zip(dlq, grec)]
+
     if s is not None:  # dd and da so far are gradients of du = s d and of a through the read and state only
         _step_scale_backward(a, d, s, dd, da)
 
     # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
-    anchor = A if A is not None else [split_state(ws)[0] for ws in WS]
+    if lqa is not None:  # the gradients were taken at F(A)
+        anchor = [t[0] for t in lqa]
+    else:
+        anchor = A if A is not None else [split_state(ws)[0] for ws in WS]
     dA: list[Tensor | None] = [None] * L
     dz: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     for i in range(L - 1):  # d[i] = (d[i+1] @ W[i+1]) * act'(z[i])
@@ -293,6 +365,8 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
             dA[i] = gA if dA[i] is None else dA[i] + gA
             da[i] = _bmm_add(da[i], dzi, anchor[i])
     dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
+    if lqa is not None:  # from F(A)'s gradient to the accumulator's
+        dA = [None if g is None else _lq4_anchor_backward(g, t) for g, t in zip(dA, lqa)]
 
     if A is None:  # the anchor is the chunk's starting memory
         for i in range(L):
@@ -301,7 +375,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         dA_out = None
     else:
         dA_out = [torch.zeros_like(A[i]) if g is None else g for i, g in enumerate(dA)]
-    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out), ddelta
+    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out), ddelta, dlq
 
 
 class TorchChunkScan(torch.autograd.Function):
@@ -309,19 +383,22 @@ class TorchChunkScan(torch.autograd.Function):
     activations, backward is ``_chunk_backward`` over the chunks in reverse. Outputs: o, the final L states
     ``[W; S]``, and the memory at the last chunk's start (the anchor a stream continued from here would use).
 
-    Beyond the contract's inputs, the torch node takes huber's thresholds ``delta`` ``[nc, B, H, m]`` as its last input
-    when ``opts["delta"]`` is true (and gives their gradient), and lp's exponent as ``opts["kw"]["p"]``."""
+    Beyond the contract's inputs, the torch node takes huber's thresholds ``delta`` ``[nc, B, H, m]`` after the states
+    when ``opts["delta"]`` is true, then Moneta's recurrence ``(beta, eta, Wb)`` (:func:`scan`'s ``lq``) when
+    ``opts["lq"]`` is true (and gives their gradients), and lp's exponent as ``opts["kw"]["p"]``."""
 
     @staticmethod
     def forward(ctx, opts: dict, q, k, v, b, f, G, bl, el, fl, gl, pl, *states):
         L = opts["L"]
+        lq = tuple(states[-3:]) if opts.get("lq") else None
+        states = states[:-3] if lq is not None else states
         has_delta = bool(opts.get("delta"))
         delta = states[-1] if has_delta else None
         states = states[:-1] if has_delta else states
         WS, A = list(states[:L]), (list(states[L:]) or None)
         o, WS_out, last_start, starts, saved = scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, save=True,
-                                                    delta=delta, **opts["kw"])
-        ctx.opts, ctx.starts, ctx.acts, ctx.A, ctx.has_delta = opts, starts, saved, A, has_delta
+                                                    delta=delta, lq=lq, **opts["kw"])
+        ctx.opts, ctx.starts, ctx.acts, ctx.A, ctx.has_delta, ctx.lq = opts, starts, saved, A, has_delta, lq
         ctx.coef = Coefficients(b, f, G, bl, el, fl, gl, pl)
         ctx.shapes = (q.shape, k.shape, v.shape)
         ctx.delta_shape = None if delta is None else delta.shape
@@ -340,13 +417,19 @@ class TorchChunkScan(torch.autograd.Function):
         out = ScanGrads(do.new_empty(qs), do.new_empty(ks), do.new_empty(vs), *(torch.empty_like(x) for x in coef),
                         dWS=dWS, dA=None)  # every chunk's gradients, written chunk by chunk
         ddelta = None if ctx.delta_shape is None else do.new_empty(ctx.delta_shape)
+        dlq = None if ctx.lq is None else [torch.empty_like(x) for x in ctx.lq]
         for c in range(nc - 1, -1, -1):
-            g, ddelta_c = _chunk_backward(do[c], dWS, starts[c], A if c == 0 else None, acts[c],
-                                Coefficients(*(x[c] for x in coef)), **ctx.opts["kw"])
+            g, ddelta_c, dlq_c = _chunk_backward(do[c], dWS, starts[c], A if c == 0 else None, acts[c],
+                                                 Coefficients(*(x[c] for x in coef)),
+                                                 rec=None if ctx.lq is None else tuple(x[c] for x in ctx.lq),
+                                                 **ctx.opts["kw"])
             for name in ScanGrads.PER_CHUNK:
                 getattr(out, name)[c] = getattr(g, name)
             if ddelta is not None:
                 ddelta[c] = ddelta_c
+            if dlq is not None:
+                for x, y in zip(dlq, dlq_c):
+                    x[c] = y
             dWS = g.dWS
             if c == nc - 1:  # the last chunk's starting memory is also an output
                 for i, dl in enumerate(d_last_anchor):
@@ -354,4 +437,4 @@ class TorchChunkScan(torch.autograd.Function):
                         dWS[i][..., : dl.shape[-2], :] += dl
             if c == 0:
                 out = out._replace(dWS=dWS, dA=g.dA)
-        return (*out.node_grads(), *(() if ddelta is None else (ddelta,)))
+        return (*out.node_grads(), *(() if ddelta is None else (ddelta,)), *(dlq or ()))
