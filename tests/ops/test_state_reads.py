@@ -168,8 +168,9 @@ def test_moneta_and_memora_with_the_kernels_equal_forming_every_state_and_the_re
     if rule.loss == "huber":
         x["delta"] = 0.5 + torch.rand(x["theta"].shape, dtype=F64)
     calls = []
-    real = cpu_scan.state_read_forward  # Moneta's dual form (torch_scan) and Memora's dense chunk both read through it
+    real, real_lq4 = cpu_scan.state_read_forward, cpu_scan.lq4_rows  # Memora's dense chunk, Moneta's dual form
     monkeypatch.setattr(cpu_scan, "state_read_forward", lambda name, xs: calls.append(name) or real(name, xs))
+    monkeypatch.setattr(cpu_scan, "lq4_rows", lambda *xs: calls.append("lq4") or real_lq4(*xs))
     fast = call(x, rule, chunk)
     assert read in calls, f"the chunked path did not take cpu_scan's {read} kernel"
     calls.clear()
@@ -190,7 +191,7 @@ def test_moneta_and_memora_with_the_kernels_equal_forming_every_state_and_the_re
 def test_what_the_kernels_do_not_cover_forms_the_states(rule, monkeypatch):
     """lq != 4, kl over the whole matrix, Muon: no kernel; the chunk forms every state (and the op stays exact)."""
     called = []
-    for name in ("lq4_norms", "kl_row_read", "state_read_forward"):
+    for name in ("lq4_norms", "kl_row_read", "state_read_forward", "lq4_rows"):
         monkeypatch.setattr(cpu_scan, name, lambda *a: called.append(1))
     x = moneta_inputs(1, 6, 1, 4, 2, 1, 0)
     fast, ref = call(x, rule, 4), call(x, rule, 4, impl="reference")
@@ -201,3 +202,34 @@ def test_what_the_kernels_do_not_cover_forms_the_states(rule, monkeypatch):
 def test_unsupported_tensors_are_named():
     assert "float32 or float64" in cpu_scan.state_reads_unsupported_reason(torch.zeros(1, dtype=torch.bfloat16))
     assert "CPU" in cpu_scan.state_reads_unsupported_reason(torch.zeros(1, device="meta"))
+
+
+@pytest.mark.parametrize("cfg", [(2, 3, 5, 7, 4, 1), (1, 2, 33, 70, 5, 3), (2, 1, 9, 300, 3, 1), (1, 3, 6, 4, 2, 2)],
+                         ids=str)
+def test_lq4_rows_reads_the_halves_of_the_state_in_place_and_adds_its_gradients_into_theirs(cfg):
+    """The torch loop's form of Moneta's read (``cpu_scan.lq4_rows`` / ``lq4_rows_backward``): A0 and S0 are the
+    halves of one ``[A; S]`` tensor (rows 2 P Q apart) and the backward adds the gradients of A0 and S0 into the halves
+    of a state gradient that already holds something. Equal to the autograd node on contiguous copies, and to the same
+    call on tensors whose rows are not at one step (a permuted layout: copied, then added back)."""
+    B, H, P, Q, n, w = cfg
+    A0, S0, *rest = inputs(*cfg, seed=7)
+    WS = torch.cat((A0, S0), dim=-2)  # [B, H, 2P, Q]
+    views = (WS[..., :P, :], WS[..., P:, :])
+    xs = [x.detach().requires_grad_() for x in (A0, S0, *rest)]
+    want = lq4_norms(*xs)
+    gN = torch.randn(want.shape, dtype=F64)
+    grads = torch.autograd.grad(want, xs, gN)
+    assert_close(cpu_scan.lq4_rows(*views, *rest), want, rtol=1e-13, atol=1e-13)
+    before = torch.randn(B, H, 2 * P, Q, dtype=F64)
+    for layout in ("halves", "permuted"):
+        dWS = before.clone()
+        if layout == "halves":
+            dA0, dS0 = dWS[..., :P, :], dWS[..., P:, :]
+        else:  # rows not at one step: [H, B, ...] storage seen as [B, H, ...]
+            dA0 = dWS[..., :P, :].transpose(0, 1).contiguous().transpose(0, 1)
+            dS0 = dWS[..., P:, :].transpose(0, 1).contiguous().transpose(0, 1)
+        got = cpu_scan.lq4_rows_backward(*views, *rest, gN, dA0, dS0)
+        assert_close(dA0, before[..., :P, :] + grads[0], rtol=1e-12, atol=1e-12)
+        assert_close(dS0, before[..., P:, :] + grads[1], rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, grads[2:]):
+            assert_close(a, b, rtol=1e-12, atol=1e-12)

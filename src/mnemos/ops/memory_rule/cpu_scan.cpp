@@ -872,21 +872,25 @@ bool parse(const int64_t* raw, Spec& s) {
 //     dbeta_t = <dA_t, A_{t-1}>,   deta_t = <dS_t, S_{t-1}>,   dWb[t, k] = -d_e^T dS_t a_e,
 //     dd_e -= Wb[t, k] dS_t a_e,   da_e -= Wb[t, k] dS_t^T d_e   (e = t + k),   and the starts' dA_{-1}, dS_{-1}.
 //
-// spec: R (rows: sequence x head), n, w, P, Q, threads. Row r's tensors, contiguous: A0, S0 [P, Q]; d [n + w - 1, P];
-// a [n + w - 1, Q]; beta, eta [n]; Wb [n, w]; then the read's own (lq: out N [n]; kl: h [n, Q], out y [n, P]).
+// spec: R (rows: sequence x head), n, w, P, Q, threads, rs, acc (RecurSpec). Row r's tensors: A0, S0 [P, Q] (each
+// matrix contiguous, rs elements from one row's to the next); the rest contiguous: d [n + w - 1, P]; a [n + w - 1, Q];
+// beta, eta [n]; Wb [n, w]; then the read's own (lq: out N [n]; kl: h [n, Q], out y [n, P]).
 // ptrs forward: A0 S0 d a beta eta Wb, the read's inputs, its output. Backward: A0 S0 d a beta eta Wb, the read's
-// inputs, the gradient of its output, then (out, overwritten) dA0 dS0 dd da dbeta deta dWb and the read's input
-// gradients.
+// inputs, the gradient of its output, then (out, overwritten; with acc, dA0 and dS0 added into) dA0 dS0 dd da dbeta
+// deta dWb and the read's input gradients.
 
-constexpr int64_t STATE_TILE = 256;
+constexpr int64_t STATE_TILE = 512;
 
+// rs: the elements from one row's A0 (and S0) to the next (P Q when contiguous; 2 P Q for the halves of [A; S]);
+// acc (lq4's backward): dA0 and dS0 are added into tensors laid out like A0 and S0 (rs) instead of written contiguous
 struct RecurSpec {
-  int64_t R, n, w, P, Q, threads;
+  int64_t R, n, w, P, Q, threads, rs, acc;
 };
 
 bool parse_recur(const int64_t* raw, RecurSpec& s) {
-  s = RecurSpec{raw[0], raw[1], raw[2], raw[3], raw[4], raw[5]};
-  return s.R > 0 && s.n > 0 && s.w > 0 && s.P > 0 && s.Q > 0 && s.threads > 0;
+  s = RecurSpec{raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]};
+  return s.R > 0 && s.n > 0 && s.w > 0 && s.P > 0 && s.Q > 0 && s.threads > 0 && s.rs >= s.P * s.Q &&
+         (s.acc == 0 || s.acc == 1);
 }
 
 // Row r's recurrence inputs (ptrs[0 .. 6]: A0 S0 d a beta eta Wb)
@@ -894,8 +898,8 @@ template <typename T>
 struct RecurRow {
   const T *A0, *S0, *d, *a, *beta, *eta, *Wb;
   RecurRow(const RecurSpec& s, void** ptrs, int64_t r) {
-    const int64_t PQ = s.P * s.Q, m = s.n + s.w - 1;
-    const int64_t offsets[7] = {r * PQ, r * PQ, r * m * s.P, r * m * s.Q, r * s.n, r * s.n, r * s.n * s.w};
+    const int64_t m = s.n + s.w - 1;
+    const int64_t offsets[7] = {r * s.rs, r * s.rs, r * m * s.P, r * m * s.Q, r * s.n, r * s.n, r * s.n * s.w};
     const T** fields[7] = {&A0, &S0, &d, &a, &beta, &eta, &Wb};
     for (int i = 0; i < 7; ++i) *fields[i] = static_cast<const T*>(ptrs[i]) + offsets[i];
   }
@@ -978,46 +982,306 @@ inline double exp_dot(const double* x, double shift, const double* h, double* ou
   return sum;
 }
 
-// Moneta: N_t = sum A_t^4. Inputs: none beyond the recurrence's; output N [n]; backward: gN [n] in, nothing out.
-template <typename T>
-struct Lq4Read {
-  static constexpr int extra_in = 0;
-  static constexpr bool cubic = true;  // E_t = 4 gN_t A_t^3: the backward forms it inline (g4)
-  const RecurSpec& s;
-  std::vector<double> N;
-  T *out = nullptr;
-  const T* gN = nullptr;
-  explicit Lq4Read(const RecurSpec& spec) : s(spec), N(spec.n) {}
-  void row(void** ptrs, int64_t r, bool backward) {  // ptrs[7]: N (forward) or gN (backward)
-    if (backward) {
-      gN = static_cast<const T*>(ptrs[7]) + r * s.n;
+// Moneta: N_t = sum A_t^4 ([n] per row). Each matrix row's entries are walked a block of NV vectors at a time through
+// all of the chunk's tokens, the block's A and S in registers (in the backward its n + 1 states in L1 and its adjoints
+// in registers), every sum over entries kept as one vector of partial sums per token until the row (or, for dbeta and
+// deta, the (sequence, head) row) is done: no pass over a stored tile per token and no horizontal sum per block. The
+// entries of a matrix row past its last whole vector go through the same steps one at a time (Lq4Tail). The backward
+// recomputes the block's states, then runs the adjoint recurrence in reverse with E_t = 4 gN_t A_t^3 formed inline.
+
+template <typename V>
+inline V vload(const Scalar<V>* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+inline void vstore(Scalar<V>* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V>
+inline double hsum(V v) {
+  double s = 0;
+  for (size_t i = 0; i < sizeof(V) / sizeof(Scalar<V>); ++i) s += v[i];
+  return s;
+}
+
+// one block: NV vectors of matrix row p from entry q0, forward; Nv[t] += the block's A_t^4, lane-wise
+template <typename T, int NV>
+void lq4_block_forward(const RecurRow<T>& x, const RecurSpec& s, int64_t p, int64_t q0,
+                       typename Lanes<T>::V* Nv) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  const int64_t w = s.w, P = s.P, Q = s.Q;
+  V A[NV], S[NV];
+  for (int v = 0; v < NV; ++v) {
+    A[v] = vload<V>(x.A0 + p * Q + q0 + v * L);
+    S[v] = vload<V>(x.S0 + p * Q + q0 + v * L);
+  }
+  for (int64_t t = 0; t < s.n; ++t) {
+    const V bt = splat<V>(x.beta[t]), et = splat<V>(x.eta[t]);
+    const V c0 = splat<V>(x.Wb[t * w] * x.d[t * P + p]);
+    const T* a0 = x.a + t * Q + q0;
+    V U[NV];
+    for (int v = 0; v < NV; ++v) U[v] = et * S[v] - c0 * vload<V>(a0 + v * L);
+    for (int64_t k = 1; k < w; ++k) {
+      const V c = splat<V>(x.Wb[t * w + k] * x.d[(t + k) * P + p]);
+      const T* ak = x.a + (t + k) * Q + q0;
+      for (int v = 0; v < NV; ++v) U[v] -= c * vload<V>(ak + v * L);
+    }
+    V acc = splat<V>(0);
+    for (int v = 0; v < NV; ++v) {
+      S[v] = U[v];
+      A[v] = bt * A[v] + U[v];
+      const V y = A[v] * A[v];
+      acc += y * y;
+    }
+    Nv[t] += acc;
+  }
+}
+
+// one block backward. As, Ss: (n + 1) NV L scratch; dbv, dev [n], dotv [n w]: lane-wise partial sums of dbeta_t,
+// deta_t and dS_t . a_{t+k}; da: the row's [m, Q]; oA, oS: where the block's dA0, dS0 go (added with s.acc)
+template <typename T, int NV>
+void lq4_block_backward(const RecurRow<T>& x, const RecurSpec& s, const T* gN, int64_t p, int64_t q0, T* As, T* Ss,
+                        typename Lanes<T>::V* dbv, typename Lanes<T>::V* dev, typename Lanes<T>::V* dotv, T* da,
+                        T* oA, T* oS) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  constexpr int B = NV * L;
+  const int64_t n = s.n, w = s.w, P = s.P, Q = s.Q;
+  {  // the block's states: slot 0 the chunk's start, slot t + 1 after token t
+    V A[NV], S[NV];
+    for (int v = 0; v < NV; ++v) {
+      A[v] = vload<V>(x.A0 + p * Q + q0 + v * L);
+      S[v] = vload<V>(x.S0 + p * Q + q0 + v * L);
+      vstore(As + v * L, A[v]);
+      vstore(Ss + v * L, S[v]);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const V bt = splat<V>(x.beta[t]), et = splat<V>(x.eta[t]);
+      const V c0 = splat<V>(x.Wb[t * w] * x.d[t * P + p]);
+      const T* a0 = x.a + t * Q + q0;
+      for (int v = 0; v < NV; ++v) S[v] = et * S[v] - c0 * vload<V>(a0 + v * L);
+      for (int64_t k = 1; k < w; ++k) {
+        const V c = splat<V>(x.Wb[t * w + k] * x.d[(t + k) * P + p]);
+        const T* ak = x.a + (t + k) * Q + q0;
+        for (int v = 0; v < NV; ++v) S[v] -= c * vload<V>(ak + v * L);
+      }
+      for (int v = 0; v < NV; ++v) {
+        A[v] = bt * A[v] + S[v];
+        vstore(As + (t + 1) * B + v * L, A[v]);
+        vstore(Ss + (t + 1) * B + v * L, S[v]);
+      }
+    }
+  }
+  V dA[NV], dS[NV];
+  for (int v = 0; v < NV; ++v) dA[v] = dS[v] = splat<V>(0);
+  for (int64_t t = n - 1; t >= 0; --t) {
+    const T* At = As + (t + 1) * B;
+    const T* Ap = As + t * B;
+    const T* Sp = Ss + t * B;
+    const V g4 = splat<V>(4 * gN[t]), bt = splat<V>(x.beta[t]), et = splat<V>(x.eta[t]);
+    V db = splat<V>(0), de = splat<V>(0), dSt[NV];
+    for (int v = 0; v < NV; ++v) {
+      const V y = vload<V>(At + v * L);
+      const V dAt = dA[v] + g4 * y * y * y;
+      db += dAt * vload<V>(Ap + v * L);
+      dSt[v] = dS[v] + dAt;
+      de += dSt[v] * vload<V>(Sp + v * L);
+      dA[v] = bt * dAt;
+      dS[v] = et * dSt[v];
+    }
+    dbv[t] += db;
+    dev[t] += de;
+    for (int64_t k = 0; k < w; ++k) {  // dd_e -= Wb[t, k] dS_t a_e, da_e -= Wb[t, k] d_e dS_t (e = t + k)
+      const int64_t e = t + k;
+      const V cd = splat<V>(x.Wb[t * w + k] * x.d[e * P + p]);
+      const T* ae = x.a + e * Q + q0;
+      T* dae = da + e * Q + q0;
+      V acc = splat<V>(0);
+      for (int v = 0; v < NV; ++v) {
+        acc += dSt[v] * vload<V>(ae + v * L);
+        vstore(dae + v * L, vload<V>(dae + v * L) - cd * dSt[v]);
+      }
+      dotv[t * w + k] += acc;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    if (s.acc) {
+      vstore(oA + v * L, vload<V>(oA + v * L) + dA[v]);
+      vstore(oS + v * L, vload<V>(oS + v * L) + dS[v]);
     } else {
-      out = static_cast<T*>(ptrs[7]) + r * s.n;
-      std::fill(N.begin(), N.end(), 0.0);
+      vstore(oA + v * L, dA[v]);
+      vstore(oS + v * L, dS[v]);
     }
   }
-  void forward(const T* A, int64_t t, int64_t /*p0*/, int64_t tp) {
-    T acc = 0;
-    const int64_t size = tp * s.Q;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < size; ++i) {
-      const T x = A[i] * A[i];
-      acc += x * x;
+}
+
+// the entries of matrix row p from q0 to its end (fewer than a vector), one at a time: forward into N (double), or
+// backward into dbeta, deta, dot (double) and da, oA, oS
+template <typename T>
+struct Lq4Tail {
+  const RecurRow<T>& x;
+  const RecurSpec& s;
+  std::vector<T> As, Ss;
+  explicit Lq4Tail(const RecurRow<T>& row, const RecurSpec& spec)
+      : x(row), s(spec), As((spec.n + 1) * Lanes<T>::N), Ss((spec.n + 1) * Lanes<T>::N) {}
+  // the states of entries q0 .. Q - 1 of row p: slot t holds (Q - q0) entries
+  void states(int64_t p, int64_t q0) {
+    const int64_t Q = s.Q, qb = Q - q0, w = s.w, P = s.P;
+    std::copy(x.A0 + p * Q + q0, x.A0 + p * Q + Q, As.data());
+    std::copy(x.S0 + p * Q + q0, x.S0 + p * Q + Q, Ss.data());
+    for (int64_t t = 0; t < s.n; ++t)
+      for (int64_t j = 0; j < qb; ++j) {
+        T sj = x.eta[t] * Ss[t * qb + j];
+        for (int64_t k = 0; k < w; ++k) sj -= x.Wb[t * w + k] * x.d[(t + k) * P + p] * x.a[(t + k) * Q + q0 + j];
+        Ss[(t + 1) * qb + j] = sj;
+        As[(t + 1) * qb + j] = x.beta[t] * As[t * qb + j] + sj;
+      }
+  }
+  void forward(int64_t p, int64_t q0, double* N) {
+    const int64_t qb = s.Q - q0;
+    states(p, q0);
+    for (int64_t t = 0; t < s.n; ++t)
+      for (int64_t j = 0; j < qb; ++j) {
+        const double y = static_cast<double>(As[(t + 1) * qb + j]);
+        N[t] += y * y * y * y;
+      }
+  }
+  void backward(const T* gN, int64_t p, int64_t q0, double* dbeta, double* deta, double* dot, T* da, T* oA, T* oS) {
+    const int64_t Q = s.Q, qb = Q - q0, w = s.w, P = s.P;
+    states(p, q0);
+    for (int64_t j = 0; j < qb; ++j) {
+      T dA = 0, dS = 0;
+      for (int64_t t = s.n - 1; t >= 0; --t) {
+        const T y = As[(t + 1) * qb + j];
+        const T dAt = dA + 4 * gN[t] * y * y * y;
+        dbeta[t] += static_cast<double>(dAt) * As[t * qb + j];
+        const T dSt = dS + dAt;
+        deta[t] += static_cast<double>(dSt) * Ss[t * qb + j];
+        dA = x.beta[t] * dAt;
+        dS = x.eta[t] * dSt;
+        for (int64_t k = 0; k < w; ++k) {
+          const int64_t e = t + k;
+          dot[t * w + k] += static_cast<double>(dSt) * x.a[e * Q + q0 + j];
+          da[e * Q + q0 + j] -= x.Wb[t * w + k] * x.d[e * P + p] * dSt;
+        }
+      }
+      oA[j] = s.acc ? oA[j] + dA : dA;
+      oS[j] = s.acc ? oS[j] + dS : dS;
     }
-    N[t] += acc;
   }
-  void finish() {
-    for (int64_t t = 0; t < s.n; ++t) out[t] = static_cast<T>(N[t]);
-  }
-  T g4(int64_t t) const { return 4 * gN[t]; }  // E_t = g4 A_t^3, formed inline by recur_backward
 };
+
+// the blocks of one matrix row: 8 vectors while they fit, then 4, then 1; returns where the tail starts
+template <typename F8, typename F4, typename F1>
+int64_t over_blocks(int64_t Q, int L, F8&& f8, F4&& f4, F1&& f1) {
+  int64_t q0 = 0;
+  for (; q0 + 8 * L <= Q; q0 += 8 * L) f8(q0);
+  for (; q0 + 4 * L <= Q; q0 += 4 * L) f4(q0);
+  for (; q0 + L <= Q; q0 += L) f1(q0);
+  return q0;
+}
+
+template <typename T>
+bool lq4_forward(const RecurSpec& s, void** ptrs) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  const int64_t n = s.n;
+  return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
+    std::vector<double> N(n);
+    std::vector<V> Nv(n);
+    for (int64_t r = lo; r < hi; ++r) {
+      const RecurRow<T> x(s, ptrs, r);
+      Lq4Tail<T> tail(x, s);
+      T* out = static_cast<T*>(ptrs[7]) + r * n;
+      std::fill(N.begin(), N.end(), 0.0);
+      std::fill(Nv.begin(), Nv.end(), splat<V>(0));
+      for (int64_t p = 0; p < s.P; ++p) {
+        const int64_t q0 = over_blocks(
+            s.Q, L, [&](int64_t q) { lq4_block_forward<T, 8>(x, s, p, q, Nv.data()); },
+            [&](int64_t q) { lq4_block_forward<T, 4>(x, s, p, q, Nv.data()); },
+            [&](int64_t q) { lq4_block_forward<T, 1>(x, s, p, q, Nv.data()); });
+        if (q0 < s.Q) tail.forward(p, q0, N.data());
+      }
+      for (int64_t t = 0; t < n; ++t) out[t] = static_cast<T>(N[t] + hsum(Nv[t]));
+    }
+  });
+}
+
+// ptrs: A0 S0 d a beta eta Wb, gN [n] (7), then out dA0 dS0 dd da dbeta deta dWb (8 .. 14); dA0 / dS0 contiguous
+// [R, P, Q], or with s.acc added into tensors laid out like A0 / S0
+template <typename T>
+bool lq4_backward(const RecurSpec& s, void** ptrs) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  const int64_t n = s.n, w = s.w, P = s.P, Q = s.Q, m = n + w - 1;
+  return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
+    std::vector<T> As((n + 1) * 8 * L), Ss((n + 1) * 8 * L);
+    std::vector<double> dbeta(n), deta(n), dWb(n * w), dot(n * w);
+    std::vector<V> dbv(n), dev(n), dotv(n * w);
+    for (int64_t r = lo; r < hi; ++r) {
+      const RecurRow<T> x(s, ptrs, r);
+      Lq4Tail<T> tail(x, s);
+      const T* gN = static_cast<const T*>(ptrs[7]) + r * n;
+      const int64_t so = s.acc ? r * s.rs : r * P * Q;
+      T* dA0 = static_cast<T*>(ptrs[8]) + so;
+      T* dS0 = static_cast<T*>(ptrs[9]) + so;
+      T* dd = static_cast<T*>(ptrs[10]) + r * m * P;
+      T* da = static_cast<T*>(ptrs[11]) + r * m * Q;
+      std::fill(dd, dd + m * P, T(0));
+      std::fill(da, da + m * Q, T(0));
+      std::fill(dbeta.begin(), dbeta.end(), 0.0);
+      std::fill(deta.begin(), deta.end(), 0.0);
+      std::fill(dWb.begin(), dWb.end(), 0.0);
+      std::fill(dbv.begin(), dbv.end(), splat<V>(0));
+      std::fill(dev.begin(), dev.end(), splat<V>(0));
+      for (int64_t p = 0; p < P; ++p) {
+        std::fill(dot.begin(), dot.end(), 0.0);
+        std::fill(dotv.begin(), dotv.end(), splat<V>(0));
+        T* oA = dA0 + p * Q;
+        T* oS = dS0 + p * Q;
+        const int64_t q0 = over_blocks(
+            Q, L,
+            [&](int64_t q) {
+              lq4_block_backward<T, 8>(x, s, gN, p, q, As.data(), Ss.data(), dbv.data(), dev.data(), dotv.data(), da,
+                                       oA + q, oS + q);
+            },
+            [&](int64_t q) {
+              lq4_block_backward<T, 4>(x, s, gN, p, q, As.data(), Ss.data(), dbv.data(), dev.data(), dotv.data(), da,
+                                       oA + q, oS + q);
+            },
+            [&](int64_t q) {
+              lq4_block_backward<T, 1>(x, s, gN, p, q, As.data(), Ss.data(), dbv.data(), dev.data(), dotv.data(), da,
+                                       oA + q, oS + q);
+            });
+        if (q0 < Q) tail.backward(gN, p, q0, dbeta.data(), deta.data(), dot.data(), da, oA + q0, oS + q0);
+        for (int64_t t = 0; t < n; ++t)  // dd_e -= Wb[t, k] dS_t . a_e, dWb[t, k] = -d_e^T dS_t a_e (e = t + k)
+          for (int64_t k = 0; k < w; ++k) {
+            const int64_t e = t + k;
+            const double acc = dot[t * w + k] + hsum(dotv[t * w + k]);
+            dd[e * P + p] -= static_cast<T>(x.Wb[t * w + k] * acc);
+            dWb[t * w + k] -= static_cast<double>(x.d[e * P + p]) * acc;
+          }
+      }
+      T* db_out = static_cast<T*>(ptrs[12]) + r * n;
+      T* de_out = static_cast<T*>(ptrs[13]) + r * n;
+      T* dw_out = static_cast<T*>(ptrs[14]) + r * n * w;
+      for (int64_t t = 0; t < n; ++t) {
+        db_out[t] = static_cast<T>(dbeta[t] + hsum(dbv[t]));
+        de_out[t] = static_cast<T>(deta[t] + hsum(dev[t]));
+      }
+      for (int64_t i = 0; i < n * w; ++i) dw_out[i] = static_cast<T>(dWb[i]);
+    }
+  });
+}
 
 // Memora (kl, rows): y_t[p] = sum_q softmax(A_t[p, :])[q] h_t[q]. Input h [n, Q] (ptrs[7]); output y [n, P]
 // (forward ptrs[8]); backward: gy [n, P] (ptrs[8]) in, dh [n, Q] out (ptrs[16]).
 template <typename T>
 struct KlRowRead {
   static constexpr int extra_in = 1;
-  static constexpr bool cubic = false;  // E_t from adjoint()
   const RecurSpec& s;
   std::vector<T> e;
   const T *h = nullptr, *gy = nullptr;
@@ -1125,9 +1389,7 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
           const T* At = As.data() + (t + 1) * tile;
           const T* Ap = As.data() + t * tile;
           const T* Sp = Ss.data() + t * tile;
-          T g4 = 0;
-          if constexpr (Read<T>::cubic) g4 = rd.g4(t);
-          else rd.adjoint(At, t, p0, tp, E.data());
+          rd.adjoint(At, t, p0, tp, E.data());
           const T bt = beta[t], et = eta[t];
           T db = 0, de = 0;
           if (s.w == 1) {  // one pass per matrix row: the adjoints, their dots, and the factors' gradients
@@ -1143,8 +1405,7 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
 #pragma omp simd reduction(+ : db, de, acc)
               for (int64_t q = 0; q < s.Q; ++q) {
                 const int64_t i = o0 + q;
-                const T x = At[i];
-                const T dAt = dA[i] + (Read<T>::cubic ? g4 * x * x * x : E[i]);
+                const T dAt = dA[i] + E[i];
                 db += dAt * Ap[i];
                 const T dS_t = dS[i] + dAt;
                 de += dS_t * Sp[i];
@@ -1163,8 +1424,7 @@ bool recur_backward(const RecurSpec& s, void** ptrs) {
           }
 #pragma omp simd reduction(+ : db, de)
           for (int64_t i = 0; i < size; ++i) {
-            const T x = At[i];
-            const T dAt = dA[i] + (Read<T>::cubic ? g4 * x * x * x : E[i]);
+            const T dAt = dA[i] + E[i];
             db += dAt * Ap[i];
             const T dS_t = dS[i] + dAt;
             de += dS_t * Sp[i];
@@ -1239,8 +1499,8 @@ int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
   }
 MNEMOS_EXPORT(mnemos_scan_forward, Spec, parse, scan_forward)
 MNEMOS_EXPORT(mnemos_scan_backward, Spec, parse, scan_backward)
-MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, recur_forward, Lq4Read)
-MNEMOS_EXPORT(mnemos_lq4_backward, RecurSpec, parse_recur, recur_backward, Lq4Read)
+MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, lq4_forward)
+MNEMOS_EXPORT(mnemos_lq4_backward, RecurSpec, parse_recur, lq4_backward)
 MNEMOS_EXPORT(mnemos_kl_row_forward, RecurSpec, parse_recur, recur_forward, KlRowRead)
 MNEMOS_EXPORT(mnemos_kl_row_backward, RecurSpec, parse_recur, recur_backward, KlRowRead)
 }

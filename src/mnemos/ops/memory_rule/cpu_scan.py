@@ -252,9 +252,12 @@ def from_lanes(x: Tensor, lead: int, rows: int) -> Tensor:
     return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:-1]), x.shape[-1], False)
 
 
-def _pointers(tensors: Sequence[Tensor | None], aligned: bool = True) -> ctypes.Array:
-    for t in tensors:
-        assert t is None or (t.is_contiguous() and (not aligned or t.data_ptr() % 64 == 0))
+def _pointers(tensors: Sequence[Tensor | None], aligned: bool = True, strided: int | Sequence[int] = ()) -> ctypes.Array:
+    """The tensors' data pointers; each contiguous (but those at the positions ``strided``, or the first ``strided``
+    when an int, whose layout the caller checked) and, with ``aligned``, 64-byte aligned."""
+    skip = range(strided) if isinstance(strided, int) else strided
+    for i, t in enumerate(tensors):
+        assert t is None or ((i in skip or t.is_contiguous()) and (not aligned or t.data_ptr() % 64 == 0))
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
@@ -427,9 +430,63 @@ def state_read_backward(name: str, xs: Sequence[Tensor], g: Tensor) -> list[Tens
     return outs
 
 
-def _recur_spec(A0: Tensor, Wb: Tensor) -> ctypes.Array:
+def _row_stride(A0: Tensor, S0: Tensor) -> int | None:
+    """The elements from one (sequence, head) row's matrix to the next when A0 and S0 ``[B, H, P, Q]`` are laid out
+    alike, each matrix contiguous, the rows at one step (contiguous tensors, or the halves of ``[A; S]``); else None."""
     B, H, P, Q = A0.shape
-    raw = [B * H, Wb.shape[2], Wb.shape[3], P, Q, torch.get_num_threads()]
+    st = A0.stride()
+    if S0.stride() != st or st[3] != 1 or st[2] != Q:
+        return None
+    if B > 1 and H > 1 and st[0] != H * st[1]:
+        return None
+    rs = st[1] if H > 1 else (st[0] if B > 1 else P * Q)
+    return rs if rs >= P * Q else None
+
+
+def lq4_rows(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor) -> Tensor:
+    """Moneta's ``N_t = sum(A_t ** 4)`` ``[B, H, n]`` like :func:`lq4_norms`, without autograd, A0 and S0 read where
+    they lie (the halves of the torch loop's ``[A; S]``: :func:`_row_stride`) instead of copied."""
+    rs = _row_stride(A0, S0)
+    if rs is None:
+        A0, S0 = A0.contiguous(), S0.contiguous()
+        rs = A0.shape[-2] * A0.shape[-1]
+    rest = [t.contiguous() for t in (d, a, beta, eta, Wb)]
+    out = A0.new_empty(*A0.shape[:2], Wb.shape[2])
+    _call("mnemos_lq4_forward", A0.dtype, _recur_spec(A0, Wb, rs), _pointers([A0, S0, *rest, out], aligned=False,
+                                                                             strided=2))
+    return out
+
+
+def lq4_rows_backward(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor,
+                      gN: Tensor, dA0: Tensor, dS0: Tensor) -> list[Tensor]:
+    """The backward of :func:`lq4_rows` for ``gN`` ``[B, H, n]``: adds the gradients of A0 and S0 into dA0 and dS0
+    (laid out like A0 and S0, e.g. the halves of the state gradient ``[dA; dS]``; copies added back where they are not
+    :func:`_row_stride`-compatible) and returns those of ``(d, a, beta, eta, Wb)``."""
+    rs = _row_stride(A0, S0)
+    direct = rs is not None and _row_stride(dA0, dS0) == rs
+    if not direct:
+        A0, S0 = A0.contiguous(), S0.contiguous()
+        rs = A0.shape[-2] * A0.shape[-1]
+        gA, gS = torch.zeros_like(A0), torch.zeros_like(S0)
+    else:
+        gA, gS = dA0, dS0
+    rest = [t.contiguous() for t in (d, a, beta, eta, Wb)]
+    outs = [torch.empty_like(t) for t in rest]
+    gN = gN.contiguous()  # held here: the kernel reads it through a raw pointer
+    _call("mnemos_lq4_backward", A0.dtype, _recur_spec(A0, Wb, rs, accumulate=True),
+          _pointers([A0, S0, *rest, gN, gA, gS, *outs], aligned=False, strided=(0, 1, 8, 9)))
+    if not direct:
+        dA0 += gA
+        dS0 += gS
+    return outs
+
+
+def _recur_spec(A0: Tensor, Wb: Tensor, rs: int | None = None, accumulate: bool = False) -> ctypes.Array:
+    """``cpu_scan.cpp``'s RecurSpec: rows, n, w, P, Q, threads, the rows' step in A0 / S0 (rs; contiguous: P Q) and
+    whether lq4's backward adds dA0 / dS0 into tensors laid out like them."""
+    B, H, P, Q = A0.shape
+    raw = [B * H, Wb.shape[2], Wb.shape[3], P, Q, torch.get_num_threads(), P * Q if rs is None else rs,
+           int(accumulate)]
     return (ctypes.c_int64 * len(raw))(*raw)
 
 
@@ -446,6 +503,6 @@ def kl_row_read(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta:
     return _StateRead.apply("kl_row", A0, S0, d, a, beta, eta, Wb, h)
 
 
-__all__ = ["CpuChunkScan", "cpu_kernel", "forward", "kl_row_read", "library", "lq4_norms", "scan",
-           "state_read_backward", "state_read_forward", "state_reads_unsupported_reason", "unavailable_reason",
+__all__ = ["CpuChunkScan", "cpu_kernel", "forward", "kl_row_read", "library", "lq4_norms", "lq4_rows", "lq4_rows_backward",
+           "scan", "state_read_backward", "state_read_forward", "state_reads_unsupported_reason", "unavailable_reason",
            "unsupported_reason"]

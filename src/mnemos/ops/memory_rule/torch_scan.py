@@ -191,17 +191,11 @@ def _lq4_anchor_backward(g: Tensor, anchor: tuple[Tensor, Tensor, Tensor, Tensor
     return torch.addcmul(r[..., None, None] * g, k[..., None, None], acc * acc * acc)
 
 
-def _lq4_inputs(ws: Tensor, a: Tensor, d: Tensor, rec: Sequence[Tensor]) -> list[Tensor]:
-    """cpu_scan's lq4 kernel's inputs for one layer: the chunk's starting accumulator and momentum (from ``[A; S]``),
-    the update's factors d, a and the recurrence's ``(beta, eta, Wb)``, contiguous."""
-    A0, S0 = split_state(ws)
-    return [t.contiguous() for t in (A0, S0, d, a, *rec)]
-
-
 def _lq4_scales(WS, a, d, rec) -> tuple[list[Tensor], list[Tensor]]:
-    """Per layer, ``N_i = sum A_i^4`` of every token's accumulator ``[B, H, n]`` and the read's scale ``N_i^-1/2``
-    (1 where N_i = 0)."""
-    Ns = [cpu_scan.state_read_forward("lq4", _lq4_inputs(ws, ai, di, rec)) for ws, ai, di in zip(WS, a, d)]
+    """Per layer, ``N_i = sum A_i^4`` of every token's accumulator ``[B, H, n]`` (``cpu_scan.lq4_rows``, from the
+    chunk's starting ``[A; S]`` where it lies, the update's factors d, a and the recurrence's ``(beta, eta, Wb)``) and
+    the read's scale ``N_i^-1/2`` (1 where N_i = 0)."""
+    Ns = [cpu_scan.lq4_rows(*split_state(ws), di, ai, *rec) for ws, ai, di in zip(WS, a, d)]
     return Ns, [torch.where(N > 0, N, torch.ones_like(N)).rsqrt() for N in Ns]
 
 
@@ -331,11 +325,9 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
     dlq = None
     if scales is not None:  # every token's norm N_i: cpu_scan's kernel, backward
         dlq = [0.0, 0.0, 0.0]
-        for i in range(L):
-            gA0, gS0, gd, ga, *grec = cpu_scan.state_read_backward("lq4", _lq4_inputs(WS[i], a[i], du[i], rec), gN[i])
-            d_out = WS[i].shape[-2] // 2
-            dWS[i][..., :d_out, :] += gA0
-            dWS[i][..., d_out:, :] += gS0
+        for i in range(L):  # the starting state's gradients are added into dWS's halves in place
+            gd, ga, *grec = cpu_scan.lq4_rows_backward(*split_state(WS[i]), du[i], a[i], *rec, gN[i],
+                                                       *split_state(dWS[i]))
             dd[i] = dd[i] + gd
             da[i] = da[i] + ga
             dlq = [x + y for x, y in zip(dlq, grec)]
