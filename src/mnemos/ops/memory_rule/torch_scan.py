@@ -174,21 +174,28 @@ def _mix_transposed_(g: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> T
 # dual form"). F(0) = 0: where A = 0 the scale is 1.
 
 
-def _lq4_anchor(acc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Moneta's effective anchor of one accumulator ``[B, H, P, Q]``: ``(F(A), r, N, A)`` with ``N = sum A^4`` and
-    ``r = N^-1/2`` (1 where N = 0) ``[B, H]``."""
-    sq = acc * acc
-    N = (sq * sq).sum((-2, -1))
+def _lq4_anchor(acc: Tensor, N: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    """Moneta's effective anchor of one accumulator ``[B, H, P, Q]``: ``(F(A), r, N, A, inherited)`` with ``N = sum
+    A^4`` and ``r = N^-1/2`` (1 where N = 0) ``[B, H]``. ``N`` given: the norm the previous chunk's read took of its
+    last token's accumulator, which is this one (``inherited``; its gradient goes back through that read)."""
+    inherited = N is not None
+    if N is None:
+        sq = acc * acc
+        N = (sq * sq).sum((-2, -1))
     r = torch.where(N > 0, N, torch.ones_like(N)).rsqrt()
-    return acc * r[..., None, None], r, N, acc
+    return acc * r[..., None, None], r, N, acc, inherited
 
 
-def _lq4_anchor_backward(g: Tensor, anchor: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
-    """The gradient of the accumulator from that of ``F(A) = r A``: ``r g - 2 r^3 <g, A> A^3`` (the second term 0
-    where A = 0, whose scale is the constant 1)."""
-    _, r, N, acc = anchor
-    k = torch.where(N > 0, -2.0 * r.pow(3) * (g * acc).sum((-2, -1)), torch.zeros_like(N))
-    return torch.addcmul(r[..., None, None] * g, k[..., None, None], acc * acc * acc)
+def _lq4_anchor_backward(g: Tensor, anchor: tuple) -> tuple[Tensor, Tensor | None]:
+    """From the gradient g of ``F(A) = r A`` to the accumulator's: ``r g - 2 r^3 <g, A> A^3`` (the second term 0 where
+    A = 0, whose scale is the constant 1). With an inherited N, returns ``r g`` and the gradient of N,
+    ``-r^3 <g, A> / 2``, for the previous chunk's read to take back (``(dA, dN)``; dN None otherwise)."""
+    _, r, N, acc, inherited = anchor
+    dot = torch.linalg.vecdot(g.flatten(-2), acc.flatten(-2))  # one pass, no product formed
+    gN = torch.where(N > 0, -0.5 * r.pow(3) * dot, torch.zeros_like(N))
+    if inherited:
+        return g.mul_(r[..., None, None]), gN  # g is this function's to overwrite
+    return torch.addcmul(g.mul_(r[..., None, None]), (4.0 * gN)[..., None, None], acc * acc * acc), None
 
 
 def _lq4_scales(WS, a, d, rec) -> tuple[list[Tensor], list[Tensor]]:
@@ -230,11 +237,13 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
     o = q.new_empty(*q.shape[:-1], v.shape[-1])
     starts, saved = [], []
     opts = dict(residual=residual, activation=activation)
+    L, Ns = len(WS), None
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else [split_state(ws)[0] for ws in WS]
         rec = None if lq is None else tuple(x[c] for x in lq)
-        lqa = None if rec is None else [_lq4_anchor(x) for x in anchor]  # the anchor's gradients at F(A)
-        if lqa is not None:
+        lqa = None
+        if rec is not None:  # the anchor's gradients at F(A); from the second chunk on, its norm is the last read's
+            lqa = [_lq4_anchor(x, None if Ns is None else N[..., -1]) for x, N in zip(anchor, Ns or [None] * L)]
             anchor = [t[0] for t in lqa]
         dc = None if delta is None else delta[c]
         a, z, dact, back, d, err = anchor_forward(k[c], v[c], anchor, loss=loss, p=p, delta=dc, **opts)
@@ -255,15 +264,17 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
 
 
 def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, activation, loss,
-                    normalize: bool = False, p: float = 3.0, rec: Sequence[Tensor] | None = None
-                    ) -> tuple[ScanGrads, Tensor | None, list[Tensor] | None]:
+                    normalize: bool = False, p: float = 3.0, rec: Sequence[Tensor] | None = None,
+                    gN_last: Sequence[Tensor] | None = None
+                    ) -> tuple[ScanGrads, Tensor | None, list[Tensor] | None, list[Tensor] | None]:
     """Gradients of one chunk, given ``do`` (its outputs) and ``dWS_next`` (the state after it; owned, and turned in
     place into the gradient of the state before the chunk); ``coef``: the chunk's coefficients.
 
     dWS is the gradient of the chunk's starting ``[W; S]`` (anchor included when the anchor is W), dA that of a
     separate anchor (None when A is None). Also returns ddelta, the gradient of huber's thresholds (None for any other
     loss; not part of the backends' contract), and with Moneta's retention (``rec``: the chunk's ``(beta, eta, Wb)``)
-    their gradients (else None)."""
+    their gradients and, where this chunk's anchor took its norm from the previous chunk's last read, that norm's
+    gradient per layer (else None), which the previous chunk's call takes as ``gN_last``."""
     b, f, G, bl, el, fl, gl, pl = coef
     a, z, dact, back, d, xs, ys, xws, ps, s, err, delta, lqa, Ns, scales, unscaled = acts
     exponent = p  # lp's (the name p is the read's x a^T below)
@@ -325,6 +336,9 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
     dlq = None
     if scales is not None:  # every token's norm N_i: cpu_scan's kernel, backward
         dlq = [0.0, 0.0, 0.0]
+        if gN_last is not None:  # the next chunk's anchor norm is this chunk's last read's
+            for i in range(L):
+                gN[i][..., -1] += gN_last[i]
         for i in range(L):  # the starting state's gradients are added into dWS's halves in place
             gd, ga, *grec = cpu_scan.lq4_rows_backward(*split_state(WS[i]), du[i], a[i], *rec, gN[i],
                                                        *split_state(dWS[i]))
@@ -357,8 +371,12 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
             dA[i] = gA if dA[i] is None else dA[i] + gA
             da[i] = _bmm_add(da[i], dzi, anchor[i])
     dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
-    if lqa is not None:  # from F(A)'s gradient to the accumulator's
-        dA = [None if g is None else _lq4_anchor_backward(g, t) for g, t in zip(dA, lqa)]
+    gN_anchor = None
+    if lqa is not None:  # from F(A)'s gradient to the accumulator's (and to its norm's, where inherited)
+        back_lq = [(None, None) if g is None else _lq4_anchor_backward(g, t) for g, t in zip(dA, lqa)]
+        dA = [x for x, _ in back_lq]
+        if lqa[0][4]:
+            gN_anchor = [torch.zeros_like(t[2]) if n is None else n for (_, n), t in zip(back_lq, lqa)]
 
     if A is None:  # the anchor is the chunk's starting memory
         for i in range(L):
@@ -367,7 +385,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         dA_out = None
     else:
         dA_out = [torch.zeros_like(A[i]) if g is None else g for i, g in enumerate(dA)]
-    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out), ddelta, dlq
+    return ScanGrads(dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS, dA_out), ddelta, dlq, gN_anchor
 
 
 class TorchChunkScan(torch.autograd.Function):
@@ -410,11 +428,11 @@ class TorchChunkScan(torch.autograd.Function):
                         dWS=dWS, dA=None)  # every chunk's gradients, written chunk by chunk
         ddelta = None if ctx.delta_shape is None else do.new_empty(ctx.delta_shape)
         dlq = None if ctx.lq is None else [torch.empty_like(x) for x in ctx.lq]
+        gN_carry = None  # Moneta: the gradient of the norm a chunk's anchor took from the chunk before
         for c in range(nc - 1, -1, -1):
-            g, ddelta_c, dlq_c = _chunk_backward(do[c], dWS, starts[c], A if c == 0 else None, acts[c],
-                                                 Coefficients(*(x[c] for x in coef)),
-                                                 rec=None if ctx.lq is None else tuple(x[c] for x in ctx.lq),
-                                                 **ctx.opts["kw"])
+            g, ddelta_c, dlq_c, gN_carry = _chunk_backward(
+                do[c], dWS, starts[c], A if c == 0 else None, acts[c], Coefficients(*(x[c] for x in coef)),
+                rec=None if ctx.lq is None else tuple(x[c] for x in ctx.lq), gN_last=gN_carry, **ctx.opts["kw"])
             for name in ScanGrads.PER_CHUNK:
                 getattr(out, name)[c] = getattr(g, name)
             if ddelta is not None:
