@@ -18,9 +18,11 @@ norm of A_i whose power has no low-rank form), and Muon needs NS of every token'
 formed, ``[n, D_out, D_in]`` per layer, as products of the chunk's coefficients and factors (:class:`_RankStates`,
 the outer products never formed; its backward is matmuls too); NS runs on all of a chunk's S_i in one batched
 call. Moneta's lq reads take the dual form of the decay path scaled per token (``F(A_i) x = ||A_i||^(2-lq) A_i x``),
-so there A_i is needed only for its norm. On the CPU with momentum, Moneta's norms (lq = 4) and Memora's reads (kl
-by rows) form no A_i at all: ``cpu_scan.lq4_norms`` / ``kl_row_read`` step the accumulator's recurrence through the
-chunk in cache (:func:`stateless_reads`), and such a chunk is recorded by autograd as it runs. Where the
+so there A_i is needed only for its norm. (Moneta with lq = 4 and momentum on the CPU does not come here: it runs the
+hand-written dual form of ``torch_scan.py``, every token's norm from ``cpu_scan``'s lq4 kernel; this path takes lq on
+other devices, dtypes and exponents.) On the CPU with momentum, Memora's reads (kl by rows) form no A_i at all:
+``cpu_scan.kl_row_read`` steps the accumulator's recurrence through the chunk in cache (:func:`stateless_reads`), and
+such a chunk is recorded by autograd as it runs. Where the
 hand-written dual form of ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per
 chunk and layer; autograd differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a
 chunk from its starting state, so memory is the states at chunk starts, not every token's).
@@ -143,24 +145,17 @@ def _lq_scale(A: Tensor, lq: float) -> Tensor:
 
 
 def stateless_reads(rule: MemoryRule, x: Tensor, ncoef: int) -> bool:
-    """Whether a chunk of this rule reads every token's state through ``cpu_scan``'s kernels, forming none: lq = 4 or
-    kl by rows, with momentum, on tensors like x (float32 / float64 on the CPU), the recurrence's gates in the
-    coefficients (``ncoef`` 8)."""
-    covered = (rule.retention == "lq" and rule.lq == 4.0) or (rule.retention == "kl" and rule.softmax_dim == "row")
-    return (covered and rule.optimizer == "momentum" and ncoef == 8
+    """Whether a chunk of this rule reads every token's state through ``cpu_scan``'s kernel, forming none: kl by rows
+    with momentum on tensors like x (float32 / float64 on the CPU), the recurrence's gates in the coefficients
+    (``ncoef`` 8)."""
+    return (rule.retention == "kl" and rule.softmax_dim == "row" and rule.optimizer == "momentum" and ncoef == 8
             and cpu_scan.state_reads_unsupported_reason(x) is None)
 
 
-def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], rule: MemoryRule,
-                    stateless: bool) -> Tensor:
-    """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``: where
-    ``stateless`` (:func:`stateless_reads`) from the per-token recurrence in cache (``cpu_scan.lq4_norms``: ``sum
-    A_i^4`` without forming A_i), else from the states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s
-    momentum coefficients, with the recurrence's ``(beta, eta, Wb)`` after the first five."""
+def _lq_norms_scale(A: Tensor, S: Tensor, d: Tensor, a: Tensor, coef: Sequence[Tensor], rule: MemoryRule) -> Tensor:
+    """:func:`_lq_scale` of every token's accumulator of a chunk with the momentum optimiser, ``[B, H, n]``, from the
+    states formed by :func:`_rank_states`. ``coef``: :func:`dense_chunk`'s momentum coefficients."""
     b, f, G = coef[:3]
-    if stateless:
-        n = cpu_scan.lq4_norms(A, S, d, a, *coef[5:])
-        return torch.where(n > 0, n, torch.ones_like(n)).rsqrt()
     return _lq_scale(_rank_states((b, f, -G), (A, S), d, a), rule.lq)
 
 
@@ -194,7 +189,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             if dual or kl_rows:  # the last state from its own row of the coefficients: no gradient into every A_i
                 A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
-                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule, stateless) if dual else None, A, S, ai, di))
+                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule) if dual else None, A, S, ai, di))
                 continue
             Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
         elif rule.optimizer == "orthogonal":
