@@ -864,8 +864,9 @@ bool parse(const int64_t* raw, Spec& s) {
 //   - Moneta (lq = 4): N_t = sum A_t^4 (its read is the dual-form read scaled by N_t^-1/2);
 //   - Memora (kl, rows): y_t = softmax(A_t) h_t, the softmax over each matrix row, h_t the layer's input at token t.
 // The torch path forms every A_t ([n, P, Q] per row and layer) for it, which makes it bound by memory traffic. Here
-// each row's state is walked a tile of whole matrix rows (<= STATE_TILE entries) at a time, the tile's A_t and S_t kept in
-// cache while the chunk's n tokens go by: O(n P Q) arithmetic and nothing per token written. The backward runs the
+// each row's state is walked a tile of whole matrix rows (<= STATE_TILE entries) at a time, the tile's A_t and S_t kept
+// in cache while the chunk's n tokens go by: O(n P Q) arithmetic and nothing per token written (Memora's read below;
+// Moneta's, lq4_forward / lq4_backward, walks blocks of vectors with the same recurrences). The backward runs the
 // tile's forward again, keeping its n + 1 states, and walks the tokens in reverse with E_t, the read's gradient
 // with respect to A_t (lq: 4 gN_t A_t^3; kl: gy_t[p] s[p, q] (h_t[q] - y_t[p]) with s = softmax(A_t) by rows):
 //     dA_t = beta_{t+1} dA_{t+1} + E_t,   dS_t = eta_{t+1} dS_{t+1} + dA_t,

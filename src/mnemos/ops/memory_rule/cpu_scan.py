@@ -17,9 +17,11 @@ the torch path runs on a CPU whenever it can:
 - **off** with ``MNEMOS_CPU_KERNEL=0`` in the environment or inside ``with cpu_kernel(False):`` (what the tests use to
   compare the two loops).
 
-The same library holds the per-token reads of the dense path (``dense_scan.py``) for Moneta (:func:`lq4_norms`, every
-token's ``sum A_t^4``) and Memora (:func:`kl_row_read`, every token's ``softmax(A_t) h_t``): the accumulator's
-recurrence stepped a tile at a time in cache instead of forming every token's state.
+The same library holds the per-token reads of every token's accumulator in a chunk, the recurrence stepped a block at
+a time in cache instead of forming every token's state: Moneta's ``sum A_t^4`` for the torch loop's dual form
+(:func:`lq4_rows` / :func:`lq4_rows_backward`, reading the halves of ``[A; S]`` in place; :func:`lq4_norms` is the
+same kernel as an autograd node on its own tensors) and Memora's ``softmax(A_t) h_t`` for the dense path
+(:func:`kl_row_read`).
 
 The node has the torch loop's contract (``backends.py``) and is exact to it: tests/ops/test_cpu_scan.py compares
 outputs, final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a
