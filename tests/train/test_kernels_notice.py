@@ -44,3 +44,17 @@ def test_the_reasons_are_the_layers_own(monkeypatch):
     assert moneta is not None and "retention" in moneta
     notice = kernels_notice(_model(rule="moneta"), CUDA)
     assert notice is not None and "retention" in notice
+
+
+def test_the_opt_out_is_named_for_auto_and_not_for_an_explicit_impl(monkeypatch):
+    """``MNEMOS_TRITON=0`` keeps impl="auto" on the torch path (ops.neural_memory); the layer's reason says so, so
+    the trainer's notice on CUDA names it, while impl="triton" (which the variable does not touch) is unaffected."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("MNEMOS_TRITON", "0")
+    assert "MNEMOS_TRITON=0" in NeuralMemory(64, heads=4, chunk_size=16).kernels_unsupported_reason("cuda")
+    notice = kernels_notice(_model(), CUDA)
+    assert notice is not None and "MNEMOS_TRITON=0" in notice
+    explicit = NeuralMemory(64, heads=4, chunk_size=16, impl="triton").kernels_unsupported_reason("cuda")
+    assert explicit is None or "MNEMOS_TRITON" not in explicit
+    monkeypatch.setenv("MNEMOS_TRITON", "1")
+    assert "MNEMOS_TRITON" not in (NeuralMemory(64, heads=4, chunk_size=16).kernels_unsupported_reason("cuda") or "")

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from ..ops import RULES, MemoryRule, MemoryState, effective_weights, memory_read, neural_memory, step_curvature
 from ..ops.memory_rule import chunked_unsupported_reason, torch_unsupported_reason
-from ..ops.memory_rule.backends import kernels_unsupported_reason
+from ..ops.memory_rule.backends import auto_opt_out_reason, kernels_unsupported_reason
 from .conv import QK_INITS, ShortConvolution, successor_init_
 from .norm import GatedRMSNorm
 
@@ -516,11 +516,13 @@ class NeuralMemory(nn.Module):
 
     def kernels_unsupported_reason(self, device: torch.device | str) -> str | None:
         """Why this layer's memory does not run the Triton kernels on ``device`` (None where ``impl="auto"`` takes
-        them, in float32 or bfloat16): the impl, the rule (the kernels cover Titans' axes), the depth (1 or 2), the
-        chunk size (1 to 64) or the widths. On CUDA the memory then runs the chunked torch path: same results,
-        slower."""
+        them, in float32 or bfloat16): the impl (or ``MNEMOS_TRITON=0`` with impl auto), the rule (the kernels cover
+        Titans' axes), the depth (1 or 2), the chunk size (1 to 64) or the widths. On CUDA the memory then runs the
+        chunked torch path: same results, slower."""
         if self.impl in ("torch", "reference"):
             return f"impl={self.impl!r}"
+        if self.impl == "auto" and auto_opt_out_reason() is not None:
+            return auto_opt_out_reason()
         reason = chunked_unsupported_reason(self.memory_rule)
         if reason is not None:
             return reason

@@ -131,6 +131,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def auto_opt_out_reason() -> str | None:
+    """Why ``impl="auto"`` stays on the torch path whatever the kernels cover: ``MNEMOS_TRITON=0`` in the environment
+    (None when it is not set)."""
+    return "MNEMOS_TRITON=0 keeps impl='auto' on the torch path" if os.environ.get("MNEMOS_TRITON", "1") == "0" else None
+
+
 def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 

@@ -3,12 +3,11 @@ device and config) and :func:`neural_memory_triton` (the chunked rule on the Tri
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from torch import Tensor
 
-from .backends import triton_unsupported_reason
+from .backends import auto_opt_out_reason, triton_unsupported_reason
 from .chunked import chunked_memory_rule, neural_memory_chunked
 from .common import MemoryState
 from .reference import neural_memory_reference
@@ -167,7 +166,7 @@ def neural_memory(
     kernels_reason = chunked_unsupported_reason(rule)  # the Triton kernels cover Titans' axes only
     if impl == "auto":
         on_gpu = isinstance(q, Tensor) and q.device.type == "cuda"
-        kernels_ok = on_gpu and kernels_reason is None and os.environ.get("MNEMOS_TRITON", "1") != "0"
+        kernels_ok = on_gpu and kernels_reason is None and auto_opt_out_reason() is None
         impl = "triton" if kernels_ok and triton_unsupported_reason(q, weights, initial_state, chunk_size) is None \
             else "torch"
     fn = {"torch": neural_memory_chunked, "triton": neural_memory_triton}[impl]  # each checks the rule and its inputs
