@@ -1000,11 +1000,28 @@ template <typename V>
 inline void vstore(Scalar<V>* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
+// the sum of a vector's lanes: its halves added while wider than 16 bytes (one vector add each), then lane by lane
+template <typename S, int Bytes>
+struct VecOf {
+  typedef S type __attribute__((vector_size(Bytes)));
+};
+template <typename S, int Bytes>
+inline S hsum_bytes(typename VecOf<S, Bytes>::type v) {
+  if constexpr (Bytes > 16) {
+    typedef typename VecOf<S, Bytes / 2>::type H;
+    H lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return hsum_bytes<S, Bytes / 2>(lo + hi);
+  } else {
+    S s = 0;
+    for (int i = 0; i < Bytes / static_cast<int>(sizeof(S)); ++i) s += v[i];
+    return s;
+  }
+}
 template <typename V>
 inline double hsum(V v) {
-  double s = 0;
-  for (size_t i = 0; i < sizeof(V) / sizeof(Scalar<V>); ++i) s += v[i];
-  return s;
+  return hsum_bytes<Scalar<V>, sizeof(V)>(v);
 }
 
 // one block: NV vectors of matrix row p from entry q0, forward; Nv[t] += the block's A_t^4, lane-wise
@@ -1076,23 +1093,26 @@ void lq4_block_backward(const RecurRow<T>& x, const RecurSpec& s, const T* gN, i
       }
     }
   }
-  V dA[NV], dS[NV];
-  for (int v = 0; v < NV; ++v) dA[v] = dS[v] = splat<V>(0);
+  // dAt, dSt: the adjoints of A_t and S_t (token t's, before the step back through beta_t, eta_t, which the next
+  // token down folds into its fused multiply-adds: dA_{t-1} = beta_t dA_t + E_{t-1}, dS_{t-1} = eta_t dS_t + dA_{t-1})
+  V dAt[NV], dSt[NV];
+  for (int v = 0; v < NV; ++v) dAt[v] = dSt[v] = splat<V>(0);
+  V bn = splat<V>(0), en = splat<V>(0);  // beta_{t+1}, eta_{t+1}: 0 past the chunk's last token
   for (int64_t t = n - 1; t >= 0; --t) {
     const T* At = As + (t + 1) * B;
     const T* Ap = As + t * B;
     const T* Sp = Ss + t * B;
-    const V g4 = splat<V>(4 * gN[t]), bt = splat<V>(x.beta[t]), et = splat<V>(x.eta[t]);
-    V db = splat<V>(0), de = splat<V>(0), dSt[NV];
+    const V g4 = splat<V>(4 * gN[t]);
+    V db = splat<V>(0), de = splat<V>(0);
     for (int v = 0; v < NV; ++v) {
       const V y = vload<V>(At + v * L);
-      const V dAt = dA[v] + g4 * y * y * y;
-      db += dAt * vload<V>(Ap + v * L);
-      dSt[v] = dS[v] + dAt;
+      dAt[v] = bn * dAt[v] + (g4 * y) * (y * y);
+      db += dAt[v] * vload<V>(Ap + v * L);
+      dSt[v] = en * dSt[v] + dAt[v];
       de += dSt[v] * vload<V>(Sp + v * L);
-      dA[v] = bt * dAt;
-      dS[v] = et * dSt[v];
     }
+    bn = splat<V>(x.beta[t]);
+    en = splat<V>(x.eta[t]);
     dbv[t] += db;
     dev[t] += de;
     for (int64_t k = 0; k < w; ++k) {  // dd_e -= Wb[t, k] dS_t a_e, da_e -= Wb[t, k] d_e dS_t (e = t + k)
@@ -1108,13 +1128,14 @@ void lq4_block_backward(const RecurRow<T>& x, const RecurSpec& s, const T* gN, i
       dotv[t * w + k] += acc;
     }
   }
-  for (int v = 0; v < NV; ++v) {
+  for (int v = 0; v < NV; ++v) {  // the chunk's starting A and S: one step back through beta_0, eta_0
+    const V dA = bn * dAt[v], dS = en * dSt[v];
     if (s.acc) {
-      vstore(oA + v * L, vload<V>(oA + v * L) + dA[v]);
-      vstore(oS + v * L, vload<V>(oS + v * L) + dS[v]);
+      vstore(oA + v * L, vload<V>(oA + v * L) + dA);
+      vstore(oS + v * L, vload<V>(oS + v * L) + dS);
     } else {
-      vstore(oA + v * L, dA[v]);
-      vstore(oS + v * L, dS[v]);
+      vstore(oA + v * L, dA);
+      vstore(oS + v * L, dS);
     }
   }
 }
