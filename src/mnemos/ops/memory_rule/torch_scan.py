@@ -229,7 +229,8 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
     them), G ``[nc, B, H, n, m]`` and gl, pl ``[nc, B, H, m]`` then weigh every one of them (the driver folds the
     window's band into them). ``p``: lp's exponent; ``delta`` ``[nc, B, H, m]``: huber's thresholds, else None.
     ``lq``: Moneta's retention (lq = 4; WS and A hold accumulators): the per-token recurrence's ``(beta, eta, Wb)``
-    ``[nc, B, H, n]`` twice and ``[nc, B, H, n, w]`` (``cpu_scan.lq4_norms``), else None.
+    ``[nc, B, H, n]`` twice and ``[nc, B, H, n, w]`` (``cpu_scan.lq4_rows``), else None. From the second chunk on,
+    a chunk's anchor takes its norm from the previous chunk's read of its last token (the same accumulator).
 
     Returns o ``[nc, B, H, n, V]``, the final WS, the last chunk's starting WS, and when ``save``: every chunk's
     starting WS and activations."""
