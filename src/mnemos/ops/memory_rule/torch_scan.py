@@ -16,7 +16,9 @@ The rule's axes that keep this form live here too: the loss enters only through 
 anchor error (``common.loss_output_grad``; lp and huber save that error, and huber's thresholds delta are one more
 input of the node, for the backward: ``common.loss_output_grad_backward``), and an Omega window only lengthens the
 key side of a chunk (k, v of m = n + window - 1 tokens, G of n x m: the driver folds the band into the coefficients).
-The retentions lq / kl and Muon do not keep it: ``dense_scan.py``.
+Moneta's retention (lq = 4, momentum) keeps it on the CPU with one more read per token, its accumulator's norm, from
+``cpu_scan``'s lq4 kernel (the ``lq`` input below). The other retentions (kl, lq elsewhere) and Muon do not keep it:
+``dense_scan.py``.
 
 Per layer the state is kept stacked as ``[W; S]`` (``[B, H, 2 D_out, D_in]``), so that reading both, updating both
 and backpropagating into both are one matmul each.
