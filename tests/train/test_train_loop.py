@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -155,9 +156,20 @@ def _torchrun(tmp_path: Path, overrides: list[str]) -> list[float]:
     )
     out = tmp_path / "losses.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(out), *overrides]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(script), str(out), *overrides]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # Once in a full CI run (session 27, 2026-12-04) a rank died with SIGABRT and libstdc++'s "terminate called
+        # without an active exception" under an FSDP run, in torch's teardown (pytorch/pytorch#90549 reports the same
+        # abort in its own FSDP tests); it did not come back in six reruns. That signature alone gets one fresh retry.
+        flake = r.returncode != 0 and "terminate called without an active exception" in r.stderr
+        if not flake or attempt == 1:
+            break
+        for o in overrides:
+            if o.startswith("run.out_dir="):
+                shutil.rmtree(o.split("=", 1)[1], ignore_errors=True)
+        out.unlink(missing_ok=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
 
