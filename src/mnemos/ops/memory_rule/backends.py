@@ -134,7 +134,9 @@ def interpreting() -> bool:
 def auto_opt_out_reason() -> str | None:
     """Why ``impl="auto"`` stays on the torch path whatever the kernels cover: ``MNEMOS_TRITON=0`` in the environment
     (None when it is not set)."""
-    return "MNEMOS_TRITON=0 keeps impl='auto' on the torch path" if os.environ.get("MNEMOS_TRITON", "1") == "0" else None
+    if os.environ.get("MNEMOS_TRITON", "1") == "0":
+        return "MNEMOS_TRITON=0 keeps impl='auto' on the torch path"
+    return None
 
 
 def _pow2(n: int) -> bool:

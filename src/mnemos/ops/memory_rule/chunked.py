@@ -196,7 +196,8 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         if rule.loss == "lp":
             tkw["p"] = rule.p
         huber = rule.loss == "huber"
-        if T == 1 and backend == "torch" and P == 0 and not dense and not lq:  # decoding: one token's update, no chunk machinery
+        # decoding: one token's update, no chunk machinery
+        if T == 1 and backend == "torch" and P == 0 and not dense and not lq:
             bh = lambda x: x.to(dt).transpose(1, 2)  # noqa: E731  [B, 1, H, D] -> [B, H, 1, D]; gates -> [B, H]
             o, W, S = _one_token(bh(q), bh(k), bh(v), bh(theta)[..., 0], bh(eta)[..., 0], bh(alpha)[..., 0], W0, S0,
                                  W0 if A is None else A, delta=bh(delta) if huber else None, **tkw)

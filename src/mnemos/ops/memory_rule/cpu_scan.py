@@ -254,7 +254,8 @@ def from_lanes(x: Tensor, lead: int, rows: int) -> Tensor:
     return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:-1]), x.shape[-1], False)
 
 
-def _pointers(tensors: Sequence[Tensor | None], aligned: bool = True, strided: int | Sequence[int] = ()) -> ctypes.Array:
+def _pointers(tensors: Sequence[Tensor | None], aligned: bool = True,
+              strided: int | Sequence[int] = ()) -> ctypes.Array:
     """The tensors' data pointers; each contiguous (but those at the positions ``strided``, or the first ``strided``
     when an int, whose layout the caller checked) and, with ``aligned``, 64-byte aligned."""
     skip = range(strided) if isinstance(strided, int) else strided
@@ -505,6 +506,6 @@ def kl_row_read(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta:
     return _StateRead.apply("kl_row", A0, S0, d, a, beta, eta, Wb, h)
 
 
-__all__ = ["CpuChunkScan", "cpu_kernel", "forward", "kl_row_read", "library", "lq4_norms", "lq4_rows", "lq4_rows_backward",
-           "scan", "state_read_backward", "state_read_forward", "state_reads_unsupported_reason", "unavailable_reason",
-           "unsupported_reason"]
+__all__ = ["CpuChunkScan", "cpu_kernel", "forward", "kl_row_read", "library", "lq4_norms", "lq4_rows",
+           "lq4_rows_backward", "scan", "state_read_backward", "state_read_forward", "state_reads_unsupported_reason",
+           "unavailable_reason", "unsupported_reason"]
