@@ -233,3 +233,21 @@ def test_lq4_rows_reads_the_halves_of_the_state_in_place_and_adds_its_gradients_
         assert_close(dS0, before[..., P:, :] + grads[1], rtol=1e-12, atol=1e-12)
         for a, b in zip(got, grads[2:]):
             assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_moneta_in_half_precision_takes_the_dual_form_in_float32(monkeypatch):
+    """bfloat16 inputs compute in float32 (the op's state dtype): Moneta still runs the dual form with the lq4 kernel,
+    and equals the same call on the inputs' float32 values up to the output's bfloat16 rounding."""
+    rule = MemoryRule(loss="lp", p=3.0, retention="lq", lq=4.0)
+    x = moneta_inputs(2, 11, 2, 8, 2, 1, 5)
+    half = {n: tuple(t.to(torch.bfloat16) for t in v) if isinstance(v, tuple) else v.to(torch.bfloat16)
+            for n, v in x.items()}
+    calls = []
+    real = cpu_scan.lq4_rows
+    monkeypatch.setattr(cpu_scan, "lq4_rows", lambda *xs: calls.append(xs[0].dtype) or real(*xs))
+    args = lambda d: [d[n] for n in ("q", "k", "v", "theta", "eta", "alpha", "weights")]  # noqa: E731
+    got, _ = neural_memory(*args(half), rule=rule, chunk_size=4, impl="torch")
+    assert got.dtype == torch.bfloat16 and calls and set(calls) == {torch.float32}
+    single = {n: tuple(t.float() for t in v) if isinstance(v, tuple) else v.float() for n, v in half.items()}
+    want, _ = neural_memory(*args(single), rule=rule, chunk_size=4, impl="torch")
+    assert_close(got.float(), want, rtol=1e-2, atol=1e-2)

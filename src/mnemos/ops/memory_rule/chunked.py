@@ -173,7 +173,7 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
     P = rule.window - 1  # the tokens before a chunk that its writes also fit
     # Moneta's lq = 4 with momentum on the CPU: the hand-written dual form (torch_scan.py), every token's norm from
     # cpu_scan's kernel; any other retention, Muon and Lattice form every token's state (dense_scan.py)
-    lq = backend == "torch" and lq4_dual_form(rule, q)
+    lq = backend == "torch" and lq4_dual_form(rule, q.new_empty(0, dtype=spec.dtype))  # the dtype it computes in
     dense = (rule.retention != "decay" or rule.optimizer != "momentum") and not lq
     if P == 0 and gamma is not None and not dense:  # window 1: gamma_t scales the token's gradient, as theta_t does
         theta = theta * gamma
