@@ -169,7 +169,8 @@ def test_moneta_and_memora_with_the_kernels_equal_forming_every_state_and_the_re
         x["delta"] = 0.5 + torch.rand(x["theta"].shape, dtype=F64)
     calls = []
     real, real_lq4 = cpu_scan.state_read_forward, cpu_scan.lq4_rows  # Memora's dense chunk, Moneta's dual form
-    monkeypatch.setattr(cpu_scan, "state_read_forward", lambda name, xs: calls.append(name) or real(name, xs))
+    monkeypatch.setattr(cpu_scan, "state_read_forward",
+                        lambda name, xs, *rest: calls.append(name) or real(name, xs, *rest))
     monkeypatch.setattr(cpu_scan, "lq4_rows", lambda *xs: calls.append("lq4") or real_lq4(*xs))
     fast = call(x, rule, chunk)
     assert read in calls, f"the chunked path did not take cpu_scan's {read} kernel"

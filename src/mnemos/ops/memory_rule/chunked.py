@@ -375,7 +375,7 @@ def _run_dense(q, keys, theta, eta, alpha, A0, S0, A, lengths, *, P, dt, rule, r
         if rule.optimizer == "momentum":
             b, e, f, G, Pm = chunk_coefficients(thc, etc, alc)
             coef = (b, f, G @ band, e[..., -1], (Pm[..., -1:, :] @ band).squeeze(-2))
-            if rule.retention != "decay":  # the per-token recurrence's gates, for cpu_scan's reads of every state
+            if rule.retention == "kl":  # the per-token recurrence's gates, for cpu_scan's reads of every state
                 # token t's write weighs key-side tokens t .. t + P by gamma (the band's nonzero diagonals)
                 coef += (1.0 - alc, etc, thc.unsqueeze(-1) * gc.unfold(-1, P + 1, 1))  # Wb [.., n, P + 1]
         elif rule.optimizer == "orthogonal":  # Lattice: Titans' momentum (theta in it), each A_i stepped in turn

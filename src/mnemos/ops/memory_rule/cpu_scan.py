@@ -254,13 +254,11 @@ def from_lanes(x: Tensor, lead: int, rows: int) -> Tensor:
     return _lanes_copy(x, dst, math.prod(x.shape[:lead]), rows, math.prod(x.shape[lead + 1:-1]), x.shape[-1], False)
 
 
-def _pointers(tensors: Sequence[Tensor | None], aligned: bool = True,
-              strided: int | Sequence[int] = ()) -> ctypes.Array:
-    """The tensors' data pointers; each contiguous (but those at the positions ``strided``, or the first ``strided``
-    when an int, whose layout the caller checked) and, with ``aligned``, 64-byte aligned."""
-    skip = range(strided) if isinstance(strided, int) else strided
+def _pointers(tensors: Sequence[Tensor | None], aligned: bool = True, strided: Sequence[int] = ()) -> ctypes.Array:
+    """The tensors' data pointers; each contiguous (but those at the positions ``strided``, whose layout the caller
+    checked) and, with ``aligned``, 64-byte aligned."""
     for i, t in enumerate(tensors):
-        assert t is None or ((i in skip or t.is_contiguous()) and (not aligned or t.data_ptr() % 64 == 0))
+        assert t is None or ((i in strided or t.is_contiguous()) and (not aligned or t.data_ptr() % 64 == 0))
     return (ctypes.c_void_p * len(tensors))(*(None if t is None else t.data_ptr() for t in tensors))
 
 
@@ -414,13 +412,15 @@ class _StateRead(torch.autograd.Function):
         return (None, *state_read_backward(ctx.name, ctx.saved_tensors, g))
 
 
-def state_read_forward(name: str, xs: Sequence[Tensor]) -> Tensor:
-    """:class:`_StateRead`'s forward without autograd: ``xs = (A0, S0, d, a, beta, eta, Wb, *extra)``, contiguous."""
+def state_read_forward(name: str, xs: Sequence[Tensor], rs: int | None = None) -> Tensor:
+    """:class:`_StateRead`'s forward without autograd: ``xs = (A0, S0, d, a, beta, eta, Wb, *extra)``, contiguous, but
+    A0 and S0 may have their rows ``rs`` elements apart (:func:`_row_stride`)."""
     A0, Wb = xs[0], xs[6]
     B, H, P, Q = A0.shape
     n = Wb.shape[2]
     out = A0.new_empty(B, H, n) if name == "lq4" else A0.new_empty(B, H, n, P)
-    _call(f"mnemos_{name}_forward", A0.dtype, _recur_spec(A0, Wb), _pointers([*xs, out], aligned=False))
+    _call(f"mnemos_{name}_forward", A0.dtype, _recur_spec(A0, Wb, rs),
+          _pointers([*xs, out], aligned=False, strided=(0, 1) if rs is not None else ()))
     return out
 
 
@@ -452,12 +452,7 @@ def lq4_rows(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Te
     rs = _row_stride(A0, S0)
     if rs is None:
         A0, S0 = A0.contiguous(), S0.contiguous()
-        rs = A0.shape[-2] * A0.shape[-1]
-    rest = [t.contiguous() for t in (d, a, beta, eta, Wb)]
-    out = A0.new_empty(*A0.shape[:2], Wb.shape[2])
-    _call("mnemos_lq4_forward", A0.dtype, _recur_spec(A0, Wb, rs), _pointers([A0, S0, *rest, out], aligned=False,
-                                                                             strided=2))
-    return out
+    return state_read_forward("lq4", [A0, S0, *(t.contiguous() for t in (d, a, beta, eta, Wb))], rs)
 
 
 def lq4_rows_backward(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor,

@@ -164,7 +164,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
                 residual: bool, activation: str) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One chunk: q ``[B, H, n, K]``, key side k, v ``[B, H, m, D]`` (m = n + window - 1), delta ``[B, H, m]`` or
     None; A0, S0, anchor: L x ``[B, H, D_out, D_in]`` (accumulators). ``coef``: momentum ``(b, f, G, el, pl)`` with
-    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``, for lq and kl followed by the
+    b, f ``[B, H, n]``, G ``[B, H, n, m]``, el ``[B, H]``, pl ``[B, H, m]``, for kl followed by the
     recurrence's ``(beta, eta, Wb)`` (``[B, H, n]`` twice, ``[B, H, n, window]``: :func:`stateless_reads`); muon
     ``(b, e, Pe, Pb)`` with b, e ``[B, H, n]``, Pe ``[B, H, n, m]`` (the window's band and gamma folded in, no
     theta), Pb ``[B, H, n, n]`` (theta folded in); orthogonal (Lattice) ``(e, Pt, beta)`` with e, beta ``[B, H, n]``
