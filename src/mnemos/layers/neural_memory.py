@@ -30,7 +30,8 @@ Choices the paper leaves open, and what this layer does:
   0.0625 at C = 16). Without it a chunk of 16 tokens at 0.4 each summed to 6.4 and the memory diverged within the
   sequence (inner loss 2.4 -> 450 on the MQAR preset; docs/MODELS.md).
   Initial biases: sigmoid(0) = 0.5 for theta's and eta's, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000
-  tokens); the outer model then learns data-dependent gates. Why: all C gradients of a chunk are taken at one
+  tokens); the outer model then learns data-dependent gates. ``write_floor`` / ``forget_floor`` f > 0 replace
+  theta's and alpha's sigmoid by ``relu(sigmoid(.) - f) / (1 - f)``, which can be exactly 0 (default 0: the sigmoid). Why: all C gradients of a chunk are taken at one
   anchor and add up, so near-identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one
   large step. With the free theta and max_lr 0.1, untrained models diverged within 128 tokens of MQAR; in training
   the learned momentum gate climbed to ~0.9 and the memory diverged, and even at max_lr 0.05 one demo seed in six
@@ -75,6 +76,17 @@ from .norm import GatedRMSNorm
 # the Huber threshold delta = softplus(z) starts at 1 (z = its bias, softplus^-1(1)) and stays above DELTA_MIN
 DELTA_BIAS = math.log(math.e - 1.0)
 DELTA_MIN = 1e-4
+
+
+def floored_sigmoid(z: Tensor, floor: float) -> Tensor:
+    """``relu(sigmoid(z) - floor) / (1 - floor)``: a gate in [0, 1] that is exactly 0 wherever ``sigmoid(z) <=
+    floor`` (no gradient there) and 1 at ``z -> inf``; ``floor = 0`` is ``sigmoid(z)`` itself, bit for bit."""
+    s = torch.sigmoid(z)
+    return s if floor == 0 else F.relu(s - floor) / (1.0 - floor)
+
+
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1.0 + math.tanh(0.5 * x))  # no overflow for any finite x
 
 
 @dataclass
@@ -150,6 +162,14 @@ class MemorySettings:
     # memory half-life of ~2,000 tokens. Training at a few hundred tokens barely moves it (docs/RESULTS.md, the
     # passkey probe), so it sets how far past the training length a write survives: -12 ~ 6e-6, ~110K tokens
     forget_bias: float = -8.0
+    # gate floors (init and form; 0, the default, is the plain sigmoid): theta = bound * relu(sigmoid(.) - f) / (1 - f)
+    # with f = write_floor, alpha likewise with f = forget_floor, so a gate can be exactly 0, not just small. A token
+    # whose gate sits below its floor writes (or forgets) nothing and gets no gradient through that gate: over a long
+    # stream a sigmoid's residual write on every filler token adds up (a 1e-4 write rate is 100 full writes over 1M
+    # tokens); a floored gate's zero stays zero (docs/MODELS.md, "Gate floors"). forget_floor must stay below
+    # sigmoid(forget_bias) for the forgetting gate to start live (it would otherwise be 0 and never learn)
+    write_floor: float = 0.0
+    forget_floor: float = 0.0
     # Atlas' polynomial feature map of the memory's keys and queries (arXiv 2505.23735, sec. 3.3), its degree p: the
     # memory reads phi(k) = [sqrt(a_i) vec(k^(x)i)]_{i=0..p} (1 + D + ... + D^p features), with learned a_i > 0 per head
     # initialised to 1/i!, so that phi(q).phi(k) = sum_i a_i (q.k)^i (exp's Taylor series); 0: no feature map. Needs
@@ -183,6 +203,15 @@ class MemorySettings:
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not math.isfinite(self.forget_bias):
             raise ValueError(f"{w}forget_bias must be a finite number, got {self.forget_bias!r}")
+        for name in ("write_floor", "forget_floor"):
+            f = getattr(self, name)
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+                raise ValueError(f"{w}{name} must be a number in [0, 1), got {f!r}")
+        if self.forget_floor and self.forget_floor >= _sigmoid(self.forget_bias):
+            raise ValueError(f"{w}forget_floor={self.forget_floor} is at or above sigmoid({w}forget_bias="
+                             f"{self.forget_bias}) = {_sigmoid(self.forget_bias):.3g}: the forgetting "
+                             f"gate would start at exactly 0 for every token and never learn; raise {w}forget_bias or "
+                             f"lower {w}forget_floor (0: the plain sigmoid)")
         if isinstance(self.poly_degree, bool) or not isinstance(self.poly_degree, int) or self.poly_degree < 0:
             raise ValueError(f"{w}poly_degree must be an int >= 0, got {self.poly_degree!r}")
         if self.qk_init not in QK_INITS:
@@ -229,7 +258,8 @@ class NeuralMemory(nn.Module):
             ``normalize_step`` (torch path only), ``impl`` (passed to :func:`mnemos.ops.neural_memory`), the rule:
             ``rule`` (a preset name) and its axes ``loss``, ``p``, ``retention``, ``lq``, ``softmax_scale``,
             ``softmax_dim``, ``optimizer``, ``ns_steps``, ``window`` (None: the preset's), ``momentum``;
-            ``forget_bias`` (the forgetting gate's initial bias); ``poly_degree`` (Atlas' polynomial features of q
+            ``forget_bias`` (the forgetting gate's initial bias); ``write_floor`` / ``forget_floor`` (gates that can
+            be exactly 0); ``poly_degree`` (Atlas' polynomial features of q
             and k); ``qk_init`` (how the q / k projections and the conv start).
 
     Attributes:
@@ -367,8 +397,8 @@ class NeuralMemory(nn.Module):
             v = F.normalize(v, dim=-1)
         g = self.to_gates(x).view(B, T, -1, H)  # [B, T, 3 (2 without momentum), H]
         g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g  # gates in float32 at least
-        theta = self.token_lr * torch.sigmoid(g[:, :, 0])
-        alpha = torch.sigmoid(g[:, :, -1])
+        theta = self.token_lr * floored_sigmoid(g[:, :, 0], self.write_floor)
+        alpha = floored_sigmoid(g[:, :, -1], self.forget_floor)
         if self.momentum:
             eta = torch.sigmoid(g[:, :, 1])
             if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
