@@ -848,3 +848,20 @@ def test_a_run_whose_lr_can_no_longer_be_chosen_stops_where_the_choice_was_made(
     assert (again["status"], again["steps"], again["decided_at"]) == ("done", 4, 4)
     assert (run_dir / "checkpoint" / "trainer.pt").stat().st_mtime_ns == before
     assert [r["step"] for r in val_rows(run_dir)] == [2, 4]
+
+
+def test_a_model_entry_may_set_its_training_and_the_others_keep_their_configs():
+    """``MODELS[label]["optim"]`` (the floored passkey LMM's write penalty) goes into that model's runs only, and
+    builds a valid config; every other run's optim section is the lr and warmup alone, as before the key existed."""
+    from mnemos.eval.study import MODELS
+    from mnemos.train.config import TrainConfig
+
+    trains, _ = plan(study_settings("full"))
+    by_name = {t.name: t for t in trains}
+    floors = by_name["passkey-lmm-x4-floors"].config
+    assert floors["optim"] == {"lr": 3e-3, "warmup_steps": 100, "write_penalty": 0.3}
+    assert floors["model"]["memory"] == MODELS["lmm-x4-floors"]["memory"] and "optim" not in floors["model"]
+    cfg = TrainConfig.from_dict(json.loads(json.dumps(floors)))
+    assert cfg.optim.write_penalty == 0.3 and cfg.model.memory.write_floor == 0.05
+    assert by_name["passkey-lmm-x4"].config["optim"] == {"lr": 3e-3, "warmup_steps": 100}
+    assert all(set(t.config["optim"]) <= {"lr", "warmup_steps"} for t in trains if t.label != "lmm-x4-floors")

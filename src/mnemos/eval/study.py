@@ -84,6 +84,14 @@ MODELS: dict[str, dict[str, Any]] = {
     # two memory sizes of the depth-2 LMM, for the passkey capacity
     "lmm-x4": {"variant": "lmm", "memory": {"depth": 2, "expansion": 4}},
     "lmm-x1": {"variant": "lmm", "memory": {"depth": 2, "expansion": 1}},
+    # lmm-x4 with gates that can be exactly 0 (memory.write_floor / forget_floor, docs/MODELS.md "Gate floors") and a
+    # write penalty in training (optim.write_penalty, docs/TRAINING.md): it learns to write the needle's digits and
+    # nothing of the haystack, so what it stores does not depend on how much haystack follows (session 28: 1.00 at
+    # 1K ... 64K, docs/RESULTS.md "Gate floors on the passkey"); forget_bias -6 keeps the forgetting gate above its
+    # floor at the start (alpha 1.5e-3), so that it is learnt, not switched off
+    "lmm-x4-floors": {"variant": "lmm", "memory": {"depth": 2, "expansion": 4, "write_floor": 0.05,
+                                                   "forget_floor": 1e-3, "forget_bias": -6.0},
+                      "optim": {"write_penalty": 0.3}},
 }
 
 
@@ -239,8 +247,9 @@ def study_settings(size: str = "full") -> StudySettings:
             main_models=("lmm-d1-h1", "lmm-d1-eta0-c1-h1", "gated_deltanet-h1", "deltanet-h1", "transformer-h1"),
             main_models_steps=6000,
             # in training order: the default-size memory, its recurrent and windowed baselines, then the small memory
-            passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1"),
-            capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet"),
+            # lmm-x4-floors (session 28): lmm-x4 with gate floors and a write penalty (MODELS)
+            passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1", "lmm-x4-floors"),
+            capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet", "lmm-x4-floors"),
             # the default-size memory read on over 4K-, 16K-, then 64K-token prompts (100 updates each): trained at
             # 512 tokens it forgets the key by 16K, and each stage held it about as far as the prompts it read
             # (docs/RESULTS.md, "Passkey"); the 64K stage (session 23) asks whether that keeps scaling toward 1M
@@ -316,7 +325,14 @@ def _model(s: StudySettings, label: str, vocab_size: int, window: int) -> dict[s
     base = {"vocab_size": vocab_size, "d_model": s.d_model, "n_layers": s.n_layers, "n_heads": s.n_heads,
             "window": window, "segment_len": s.segment_len}
     extra = MODELS[label]
-    return {**base, **{k: v for k, v in extra.items() if k != "memory"}, "memory": dict(extra.get("memory", {}))}
+    return {**base, **{k: v for k, v in extra.items() if k not in ("memory", "optim")},
+            "memory": dict(extra.get("memory", {}))}
+
+
+def _optim(label: str, lr: float, warmup_steps: int) -> dict[str, Any]:
+    """A run's ``optim`` section: its lr and warmup, and what the model's :data:`MODELS` entry sets for training
+    (``optim``: the write penalty of ``lmm-x4-floors``)."""
+    return {"lr": lr, "warmup_steps": warmup_steps, **MODELS[label].get("optim", {})}
 
 
 def point_lrs(s: StudySettings, key: str) -> tuple[float, ...]:
@@ -341,7 +357,7 @@ def train_jobs(s: StudySettings) -> list[TrainJob]:
                         "task": {"kind": "mqar", "vocab_size": p.vocab_size, "seq_len": p.seq_len,
                                  "num_kv_pairs": p.num_kv_pairs, "train_examples": s.train_examples,
                                  "eval_examples": s.val_examples},
-                        "optim": {"lr": lr, "warmup_steps": s.warmup_steps},
+                        "optim": _optim(label, lr, s.warmup_steps),
                         "run": {"steps": steps, "batch_size": p.batch_size, "seed": seed, "device": "auto",
                                 "eval_every": min(s.eval_every, steps), "save_every": s.save_every,
                                 "log_every": s.log_every, "stop_at_accuracy": 0.0 if ablation else s.stop_at_accuracy},
@@ -353,7 +369,7 @@ def train_jobs(s: StudySettings) -> list[TrainJob]:
             "model": _model(s, label, 259, s.passkey_window),
             "task": {"kind": "niah", "niah_kind": "passkey", "seq_len": s.passkey_seq_len,
                      "train_examples": s.train_examples, "eval_examples": min(s.val_examples, 200)},
-            "optim": {"lr": s.passkey_lr, "warmup_steps": s.warmup_steps},
+            "optim": _optim(label, s.passkey_lr, s.warmup_steps),
             "run": {"steps": s.passkey_steps, "batch_size": s.passkey_batch_size, "seed": 0, "device": "auto",
                     "eval_every": min(s.eval_every, s.passkey_steps), "save_every": s.save_every,
                     "log_every": s.log_every},
