@@ -133,8 +133,9 @@ def test_passkey_stage_settings_are_checked():
 
     full = study_settings("full")
     assert passkey_labels(full) == ["lmm-x4", "lmm-x4-carry8", "lmm-x4-carry32", "lmm-x4-carry128", "gated_deltanet",
-                                    "swa", "lmm-x1"]
-    assert [base_label(x) for x in passkey_labels(full)] == ["lmm-x4"] * 4 + ["gated_deltanet", "swa", "lmm-x1"]
+                                    "swa", "lmm-x1", "lmm-x4-floors"]
+    assert [base_label(x) for x in passkey_labels(full)] == ["lmm-x4"] * 4 + ["gated_deltanet", "swa", "lmm-x1",
+                                                                             "lmm-x4-floors"]
     assert base_label("lmm-d1-eta0-c1") == "lmm-d1-eta0-c1"
     for bad, match in ((dict(passkey_carry_models=("mag",)), "list them in passkey_models"),
                        (dict(passkey_carry_stages=()), "needs passkey_carry_stages"),
