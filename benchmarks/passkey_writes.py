@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             t = totals.setdefault(layer, {"rest_pairs": 0, "rest_written": 0, "needle_pairs": 0, "needle_written": 0})
             for k in t:
                 t[k] += row[k]
-            print(f"depth {depth} layer {layer}: needle pairs written {row['needle_written']} of {row['needle_pairs']}, "
-                  f"the rest of the prompt {row['rest_written']} of {row['rest_pairs']}; alpha after the needle by head "
-                  f"{' / '.join(f'{a:.2g}' for a in row['alpha_after_needle_per_head'])}", flush=True)
+            alphas = " / ".join(f"{a:.2g}" for a in row["alpha_after_needle_per_head"])
+            print(f"depth {depth} layer {layer}: needle pairs written {row['needle_written']} of "
+                  f"{row['needle_pairs']}, the rest of the prompt {row['rest_written']} of {row['rest_pairs']}; "
+                  f"alpha after the needle by head {alphas}", flush=True)
     for layer, t in totals.items():
         print(f"layer {layer}: written {t['needle_written']} of {t['needle_pairs']} needle (token, head) pairs, "
               f"{t['rest_written']} of {t['rest_pairs']} elsewhere")

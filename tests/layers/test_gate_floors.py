@@ -97,7 +97,8 @@ def test_a_floored_layer_streams_exactly():
     ({"write_floor": 1.0}, r"^model.memory.write_floor must be a number in \[0, 1\), got 1.0"),
     ({"write_floor": -0.1}, r"^model.memory.write_floor must be a number in \[0, 1\)"),
     ({"forget_floor": True}, r"^model.memory.forget_floor must be of type float, got True"),
-    ({"forget_floor": 1e-3}, r"^model.memory.forget_floor=0.001 is at or above sigmoid\(model.memory.forget_bias=-8.0\)"),
+    ({"forget_floor": 1e-3},
+     r"^model.memory.forget_floor=0.001 is at or above sigmoid\(model.memory.forget_bias=-8.0\)"),
 ])
 def test_bad_floors_name_the_key(memory, match):
     with pytest.raises(ValueError, match=match):

@@ -31,9 +31,10 @@ Choices the paper leaves open, and what this layer does:
   sequence (inner loss 2.4 -> 450 on the MQAR preset; docs/MODELS.md).
   Initial biases: sigmoid(0) = 0.5 for theta's and eta's, alpha = sigmoid(-8) ~ 3e-4 (a memory half-life of ~2000
   tokens); the outer model then learns data-dependent gates. ``write_floor`` / ``forget_floor`` f > 0 replace
-  theta's and alpha's sigmoid by ``relu(sigmoid(.) - f) / (1 - f)``, which can be exactly 0 (default 0: the sigmoid). Why: all C gradients of a chunk are taken at one
-  anchor and add up, so near-identical keys within a chunk (repeated tokens, or MAC's attention outputs) make one
-  large step. With the free theta and max_lr 0.1, untrained models diverged within 128 tokens of MQAR; in training
+  theta's and alpha's sigmoid by ``relu(sigmoid(.) - f) / (1 - f)``, which can be exactly 0 (default 0: the
+  sigmoid). Why the bounds: all C gradients of a chunk are taken at one anchor and add up, so near-identical keys
+  within a chunk (repeated tokens, or MAC's attention outputs) make one large step. With the free theta and max_lr
+  0.1, untrained models diverged within 128 tokens of MQAR; in training
   the learned momentum gate climbed to ~0.9 and the memory diverged, and even at max_lr 0.05 one demo seed in six
   diverged (none with the EMA form; docs/MODELS.md, "Stability and write strength"). Strong initial forgetting
   (~0.02 per token) instead decays an MLP memory towards W = 0, a saddle where its inner gradients vanish.
@@ -162,7 +163,7 @@ class MemorySettings:
     # memory half-life of ~2,000 tokens. Training at a few hundred tokens barely moves it (docs/RESULTS.md, the
     # passkey probe), so it sets how far past the training length a write survives: -12 ~ 6e-6, ~110K tokens
     forget_bias: float = -8.0
-    # gate floors (init and form; 0, the default, is the plain sigmoid): theta = bound * relu(sigmoid(.) - f) / (1 - f)
+    # gate floors (0, the default, is the plain sigmoid): theta = bound * relu(sigmoid(.) - f) / (1 - f)
     # with f = write_floor, alpha likewise with f = forget_floor, so a gate can be exactly 0, not just small. A token
     # whose gate sits below its floor writes (or forgets) nothing and gets no gradient through that gate: over a long
     # stream a sigmoid's residual write on every filler token adds up (a 1e-4 write rate is 100 full writes over 1M
