@@ -24,8 +24,10 @@ without each shift, streamed one prompt at a time; printed before the harness's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -51,6 +53,29 @@ def memory_copy(adapter: MnemosLMAdapter, purpose: str) -> tuple[torch.nn.Module
     if not memories:
         raise ValueError(f"{adapter.name} has no neural memory ({purpose})")
     return model, memories
+
+
+@contextlib.contextmanager
+def traced_projections(memories: Sequence[NeuralMemory]) -> Iterator[list[list[tuple[torch.Tensor, ...]]]]:
+    """While open, each layer's ``_project`` outputs ``(q, k, v, theta, eta, alpha)``, detached, are appended to its
+    own list, one entry per call (layers in the order given). On exit every layer has back what it had: its class's
+    method, or the wrapper another diagnostic put on it. The diagnostics that read gates or keys share this."""
+    seen: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in memories]
+    own = [vars(m).get("_project") for m in memories]
+    try:
+        for m, calls in zip(memories, seen, strict=True):
+            def traced(x, conv_state, project=m._project, calls=calls):
+                out = project(x, conv_state)
+                calls.append(tuple(t.detach() for t in out[:6]))
+                return out
+            m._project = traced
+        yield seen
+    finally:
+        for m, project in zip(memories, own, strict=True):
+            if project is None:
+                vars(m).pop("_project", None)
+            else:
+                m._project = project
 
 
 def shifted(adapter: MnemosLMAdapter, shift: float) -> MnemosLMAdapter:

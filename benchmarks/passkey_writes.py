@@ -28,33 +28,22 @@ from mnemos.data.niah import NIAHConfig
 from mnemos.eval.adapters import load_mnemos_checkpoint
 from mnemos.layers import NeuralMemory
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling diagnostics, when imported from elsewhere
+from forget_gate_probe import traced_projections  # noqa: E402
+
 
 def gate_traces(adapter, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Run ``input_ids [1, T]`` through the model from a fresh state; per memory layer (in module order) the write
     strength theta / its bound and the forgetting rate alpha of every prompt token, each ``[T, H]``. The model is
-    not changed (the layers' ``_project`` is wrapped for the call only)."""
+    not changed (the layers' ``_project`` is traced for the call only: ``forget_gate_probe.traced_projections``)."""
     memories = [m for m in adapter.model.modules() if isinstance(m, NeuralMemory)]
     if not memories:
         raise ValueError(f"{adapter.name} has no neural memory: nothing writes")
-    seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in memories]
-    own = [vars(m).get("_project") for m in memories]  # a wrapper another diagnostic put there, kept
-    try:
-        for i, m in enumerate(memories):
-            def traced(x, conv_state, i=i, m=m, project=m._project):
-                out = project(x, conv_state)
-                seen[i].append((out[3][0] / m.token_lr, out[5][0]))  # theta, alpha: [t, H]
-                return out
-            m._project = traced
-        with torch.no_grad():
-            adapter.forward(input_ids, adapter.init_state(1))
-    finally:  # back to what was there: the class's method, or the instance's own wrapper
-        for m, project in zip(memories, own, strict=True):
-            if project is None:
-                vars(m).pop("_project", None)
-            else:
-                m._project = project
+    with traced_projections(memories) as seen, torch.no_grad():
+        adapter.forward(input_ids, adapter.init_state(1))
     T = input_ids.shape[1]  # what a model writes in init_state (lmm's persistent prefix) comes first: drop it
-    return [(torch.cat([t for t, _ in s])[-T:], torch.cat([a for _, a in s])[-T:]) for s in seen]
+    return [(torch.cat([c[3][0] for c in calls])[-T:] / m.token_lr, torch.cat([c[5][0] for c in calls])[-T:])
+            for m, calls in zip(memories, seen, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,36 +25,24 @@ from mnemos.layers.neural_memory import NeuralMemory
 from mnemos.models import MnemosLM
 from mnemos.train.config import TrainConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling diagnostics, when imported from elsewhere
+from forget_gate_probe import traced_projections  # noqa: E402
+
 
 def capture_qk(model: MnemosLM, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Run ``model`` on ``x`` ``[B, T]``; returns its logits and each memory layer's ``(q, k)`` ``[B, T, H, D]``, in
     call order, aligned with x (an LMM's persistent tokens, written first, are cut off)."""
-    caps: list[tuple[torch.Tensor, torch.Tensor]] = []
     layers = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     if not layers:
         raise ValueError("the model has no memory layer (NeuralMemory): nothing to measure")
-    originals = [m._project for m in layers]
-
-    def wrap(orig):
-        def project(inp, conv_state):
-            out = orig(inp, conv_state)
-            caps.append((out[0].detach(), out[1].detach()))
-            return out
-        return project
-
-    try:
-        for m, orig in zip(layers, originals):
-            m._project = wrap(orig)
-        with torch.no_grad():
-            logits, _ = model(x)
-    finally:
-        for m in layers:
-            del m._project  # back to the class's method
+    with traced_projections(layers) as seen, torch.no_grad():
+        logits, _ = model(x)
     T = x.shape[1]
+    caps = [(calls[0][0], calls[0][1]) for calls in seen if len(calls) == 1]
     if len(caps) != len(layers) or any(q.shape[1] < T for q, _ in caps):
-        raise ValueError(f"the model's {len(layers)} memory layers were called {len(caps)} times on pieces of the "
-                         "sequence (MAC writes and reads per segment): this measures models whose memory reads the "
-                         "whole sequence in one call (lmm, mag, mal and the Miras / Atlas memories)")
+        raise ValueError(f"the model's {len(layers)} memory layers were called {sum(map(len, seen))} times on pieces "
+                         "of the sequence (MAC writes and reads per segment): this measures models whose memory reads "
+                         "the whole sequence in one call (lmm, mag, mal and the Miras / Atlas memories)")
     return logits, [(q[:, q.shape[1] - T:], k[:, k.shape[1] - T:]) for q, k in caps]
 
 
