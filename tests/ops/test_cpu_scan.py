@@ -230,6 +230,27 @@ def test_float32_against_float64(depth):
 
 
 @needs_kernel
+def test_subnormals_are_zero_inside_the_kernel_and_only_there():
+    """The compiled loop flushes subnormal floats to zero (a decaying state's tail costs ~100x an operation on x86:
+    docs/PERFORMANCE.md, "Subnormal floats"), and gives the caller's thread back its IEEE arithmetic. A memory holding
+    only subnormal weights, read without the residual and never written (theta = alpha = 0): the torch loop reads
+    tiny non-zero values, the kernel reads zero, and torch after the kernel still makes subnormals."""
+    inp = make_inputs(2, 9, 3, 4, 4, 1, with_momentum=True, seed=5, dtype=torch.float32)
+    inp["weights"] = tuple(w.sign() * 3e-39 for w in inp["weights"])  # every entry subnormal in float32
+    inp["momentum"] = tuple(torch.zeros_like(m) for m in inp["momentum"])
+    inp["theta"], inp["alpha"] = torch.zeros_like(inp["theta"]), torch.zeros_like(inp["alpha"])
+    tiny = torch.finfo(torch.float32).tiny
+    with cpu_kernel(True):
+        o_c, s_c = run(neural_memory_chunked, inp, chunk_size=4, residual=False)
+    assert (torch.tensor([tiny]) / 8).item() != 0.0, "the kernel left flush-to-zero on in the caller's thread"
+    with cpu_kernel(False):
+        o_t, s_t = run(neural_memory_chunked, inp, chunk_size=4, residual=False)
+    assert o_t.abs().max() < tiny and (o_t != 0).float().mean() > 0.5  # the torch loop reads the subnormals
+    assert (o_c == 0).all()
+    assert torch.equal(s_t.weights[0], inp["weights"][0].expand_as(s_t.weights[0]))
+
+
+@needs_kernel
 def test_threads_split_groups_without_changing_a_bit():
     inp = make_inputs(4, 33, 9, 4, 4, 2, with_momentum=True, seed=3, requires_grad=True, dtype=torch.float32)
     names, tensors = zip(*leaves(inp))

@@ -33,6 +33,9 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
@@ -633,13 +636,35 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
 // ---------------------------------------------------------------------------------------------------------------------
 // the loops over groups (split between threads) and chunks
 
-// Runs body(lo, hi) over ranges of [0, count) on up to `threads` threads; false when any range failed (out of memory:
-// the caller reports it instead of the process aborting in a thread)
+// Subnormal floats read and written as zero while a kernel runs on this thread (x86: MXCSR's flush-to-zero and
+// denormals-are-zero bits; aarch64: FPCR.FZ), the thread's own mode restored after. A memory whose writes stop (gate
+// floors: theta = 0 exactly) decays its momentum geometrically through the subnormal range, and on x86 each operation
+// on a subnormal costs ~100 normal ones: a passkey model trained with floors ran this loop 4-6x slower without it
+// (docs/PERFORMANCE.md, "Subnormal floats"). A value below 1.2e-38 (float32; 2.2e-308 float64) lies ~31 orders of
+// magnitude under float32's rounding of an O(1) state, so no output changes beyond that rounding.
+struct FlushSubnormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned int saved = _mm_getcsr();
+  FlushSubnormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushSubnormals() { _mm_setcsr(saved); }
+#elif defined(__aarch64__)
+  uint64_t saved;
+  FlushSubnormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved));
+    asm volatile("msr fpcr, %0" : : "r"(saved | (uint64_t(1) << 24)));  // FZ
+  }
+  ~FlushSubnormals() { asm volatile("msr fpcr, %0" : : "r"(saved)); }
+#endif
+};
+
+// Runs body(lo, hi) over ranges of [0, count) on up to `threads` threads, subnormals flushed (FlushSubnormals); false
+// when any range failed (out of memory: the caller reports it instead of the process aborting in a thread)
 template <typename F>
 bool over_range(int64_t count, int64_t threads, F&& body) {
   threads = std::max<int64_t>(1, std::min(threads, count));
   std::atomic<bool> ok{true};
   auto guarded = [&](int64_t lo, int64_t hi) {
+    FlushSubnormals flush;
     try {
       body(lo, hi);
     } catch (...) {

@@ -25,7 +25,9 @@ same kernel as an autograd node on its own tensors) and Memora's ``softmax(A_t) 
 
 The node has the torch loop's contract (``backends.py``) and is exact to it: tests/ops/test_cpu_scan.py compares
 outputs, final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a
-1.5e-7 erf). The node saves its inputs and nothing per chunk: its backward runs each group's forward again, up to 32
+1.5e-7 erf), and every kernel reads and writes subnormal floats as zero (flush-to-zero for its own run only: a
+decaying memory's tail cost a trained model 2.5x on x86; docs/PERFORMANCE.md, "Subnormal floats"). The node saves its
+inputs and nothing per chunk: its backward runs each group's forward again, up to 32
 chunks at a time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state
 and activations.
 """
