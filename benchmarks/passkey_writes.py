@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         start, end = s.needle_start, s.needle_start + len(s.needle.encode())
         for layer, (theta, alpha) in enumerate(gate_traces(adapter, ids)):
             rest = torch.cat([theta[:start], theta[end:]])
+            after = theta[end:] > 0  # writes after the needle: the ones that can change where its key is kept
             row = {"depth": depth, "layer": layer, "needle_pairs": theta[start:end].numel(),
                    "needle_written": int((theta[start:end] > 0).sum()), "rest_pairs": rest.numel(),
-                   "rest_written": int((rest > 0).sum()),
+                   "rest_written": int((rest > 0).sum()), "after_needle_written": int(after.sum()),
+                   "after_needle_written_per_head": after.sum(0).tolist(),
                    "alpha_after_needle_per_head": alpha[end:].mean(0).tolist()}
             rows.append(row)
             t = totals.setdefault(layer, {"rest_pairs": 0, "rest_written": 0, "needle_pairs": 0, "needle_written": 0})
@@ -74,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                 t[k] += row[k]
             alphas = " / ".join(f"{a:.2g}" for a in row["alpha_after_needle_per_head"])
             print(f"depth {depth} layer {layer}: needle pairs written {row['needle_written']} of "
-                  f"{row['needle_pairs']}, the rest of the prompt {row['rest_written']} of {row['rest_pairs']}; "
+                  f"{row['needle_pairs']}, the rest of the prompt {row['rest_written']} of {row['rest_pairs']} "
+                  f"({row['after_needle_written']} after the needle; by head "
+                  f"{' / '.join(str(n) for n in row['after_needle_written_per_head'])}); "
                   f"alpha after the needle by head {alphas}", flush=True)
     for layer, t in totals.items():
         print(f"layer {layer}: written {t['needle_written']} of {t['needle_pairs']} needle (token, head) pairs, "

@@ -1,6 +1,7 @@
 """benchmarks/passkey_writes.py: the per-token write and forget gates it reports are the layers' own, per layer in
 module order, for the prompt's tokens only (lmm's persistent prefix dropped), and the model is left as it was."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -52,3 +53,33 @@ def test_the_traces_are_the_layers_own_gates_on_the_prompt_tokens():
 def test_a_model_without_a_memory_is_refused_by_name():
     with pytest.raises(ValueError, match="transformer has no neural memory"):
         passkey_writes.gate_traces(_adapter("transformer"), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_the_cli_splits_the_rest_into_before_and_after_the_needle(tmp_path, capsys):
+    """The JSON's per-prompt rows: writes after the needle are a part of the rest, counted per head, and equal to the
+    traces' own count past the needle's end."""
+    from mnemos.data.niah import NIAHConfig
+    from mnemos.train.checkpoint import save_checkpoint
+
+    # _adapter's model on the passkey prompts' byte-level vocabulary, its gates spread so the floor closes some pairs
+    cfg = {**_adapter(write_floor=0.4).model.config.to_dict(), "vocab_size": 259}
+    torch.manual_seed(0)
+    model = MnemosLM(MnemosConfig.from_dict(cfg)).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NeuralMemory):
+                m.to_gates.weight.mul_(50)
+    save_checkpoint(tmp_path / "ck", model, step=0, config={"model": cfg})
+    out = tmp_path / "w.json"
+    assert passkey_writes.main(["--model", str(tmp_path / "ck"), "--length", "512", "--depths", "0.5",
+                                "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2  # one prompt, two memory layers
+    s = NIAHConfig(kind="passkey", lengths=(512,), depths=(0.5,), samples_per_cell=1).build(7777)[0]
+    end = s.needle_start + len(s.needle.encode())
+    traces = passkey_writes.gate_traces(MnemosLMAdapter(model, name="lmm"), s.input_ids.unsqueeze(0))
+    for row, (theta, _) in zip(rows, traces, strict=True):
+        assert row["after_needle_written"] == int((theta[end:] > 0).sum())
+        assert sum(row["after_needle_written_per_head"]) == row["after_needle_written"] <= row["rest_written"]
+    assert any(0 < r["after_needle_written"] < r["rest_written"] for r in rows)  # writes on both sides of it
+    assert "after the needle; by head" in capsys.readouterr().out
