@@ -133,9 +133,9 @@ def test_passkey_stage_settings_are_checked():
 
     full = study_settings("full")
     assert passkey_labels(full) == ["lmm-x4", "lmm-x4-carry8", "lmm-x4-carry32", "lmm-x4-carry128", "gated_deltanet",
-                                    "swa", "lmm-x1", "lmm-x4-floors"]
+                                    "swa", "lmm-x1", "lmm-x4-floors", "lmm-x4-floors-p1"]
     assert [base_label(x) for x in passkey_labels(full)] == ["lmm-x4"] * 4 + ["gated_deltanet", "swa", "lmm-x1",
-                                                                             "lmm-x4-floors"]
+                                                                             "lmm-x4-floors", "lmm-x4-floors-p1"]
     assert base_label("lmm-d1-eta0-c1") == "lmm-d1-eta0-c1"
     for bad, match in ((dict(passkey_carry_models=("mag",)), "list them in passkey_models"),
                        (dict(passkey_carry_stages=()), "needs passkey_carry_stages"),
@@ -865,4 +865,7 @@ def test_a_model_entry_may_set_its_training_and_the_others_keep_their_configs():
     cfg = TrainConfig.from_dict(json.loads(json.dumps(floors)))
     assert cfg.optim.write_penalty == 0.3 and cfg.model.memory.write_floor == 0.05
     assert by_name["passkey-lmm-x4"].config["optim"] == {"lr": 3e-3, "warmup_steps": 100}
-    assert all(set(t.config["optim"]) <= {"lr", "warmup_steps"} for t in trains if t.label != "lmm-x4-floors")
+    p1 = by_name["passkey-lmm-x4-floors-p1"].config
+    assert p1["optim"]["write_penalty"] == 1.0 and p1["model"] == floors["model"]  # the penalty is all that differs
+    assert all(set(t.config["optim"]) <= {"lr", "warmup_steps"} for t in trains
+               if t.label not in ("lmm-x4-floors", "lmm-x4-floors-p1"))

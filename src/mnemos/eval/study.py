@@ -92,6 +92,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "lmm-x4-floors": {"variant": "lmm", "memory": {"depth": 2, "expansion": 4, "write_floor": 0.05,
                                                    "forget_floor": 1e-3, "forget_bias": -6.0},
                       "optim": {"write_penalty": 0.3}},
+    # the same with the write penalty at 1.0 (session 29's probe, seeds 0-2: 16K and 256K on every prompt, 1M on 25
+    # of 27; at 0.3 one seed in three wrote haystack pairs in its first layer and lost everything from 256K on)
+    "lmm-x4-floors-p1": {"variant": "lmm", "memory": {"depth": 2, "expansion": 4, "write_floor": 0.05,
+                                                      "forget_floor": 1e-3, "forget_bias": -6.0},
+                         "optim": {"write_penalty": 1.0}},
 }
 
 
@@ -247,9 +252,9 @@ def study_settings(size: str = "full") -> StudySettings:
             main_models=("lmm-d1-h1", "lmm-d1-eta0-c1-h1", "gated_deltanet-h1", "deltanet-h1", "transformer-h1"),
             main_models_steps=6000,
             # in training order: the default-size memory, its recurrent and windowed baselines, then the small memory
-            # lmm-x4-floors (session 28): lmm-x4 with gate floors and a write penalty (MODELS)
-            passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1", "lmm-x4-floors"),
-            capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet", "lmm-x4-floors"),
+            # lmm-x4-floors (session 28): lmm-x4 with gate floors and a write penalty; -p1 its penalty at 1.0 (MODELS)
+            passkey_models=("lmm-x4", "gated_deltanet", "swa", "lmm-x1", "lmm-x4-floors", "lmm-x4-floors-p1"),
+            capacity_models=("lmm-x4", "lmm-x1", "gated_deltanet", "lmm-x4-floors", "lmm-x4-floors-p1"),
             # the default-size memory read on over 4K-, 16K-, then 64K-token prompts (100 updates each): trained at
             # 512 tokens it forgets the key by 16K, and each stage held it about as far as the prompts it read
             # (docs/RESULTS.md, "Passkey"); the 64K stage (session 23) asks whether that keeps scaling toward 1M
