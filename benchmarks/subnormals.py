@@ -10,22 +10,19 @@ its kernels since session 29, so a ratio near 1 means nothing else in the model 
 "Subnormal floats"). Each RUN is a run directory holding config.json and checkpoint/ (as `mnemos train` writes).
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from mnemos.checkpoint import load_model_weights
-from mnemos.models import MnemosConfig, MnemosLM
+from mnemos.eval.adapters import load_mnemos_checkpoint
 
 
 def fwd_bwd_seconds(model: torch.nn.Module, x: torch.Tensor, flush: bool) -> float:
     torch.set_flush_denormal(flush)
     model.zero_grad(set_to_none=True)
     t = time.perf_counter()
-    out = model(x)
-    logits = out[0] if isinstance(out, tuple) else out
+    logits, _ = model(x)
     logits.float().mean().backward()
     return time.perf_counter() - t
 
@@ -44,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(run)
         if not (run / "config.json").is_file() or not (run / "checkpoint").is_dir():
             raise SystemExit(f"{run}: expected a run directory with config.json and checkpoint/")
-        cfg = json.loads((run / "config.json").read_text())["model"]
-        model = MnemosLM(MnemosConfig(**cfg))
-        load_model_weights(run / "checkpoint", model)
-        x = torch.randint(0, cfg["vocab_size"], (a.batch, a.len), generator=torch.Generator().manual_seed(0))
+        model = load_mnemos_checkpoint(run / "checkpoint", device="cpu").model  # the model its run config builds
+        x = torch.randint(0, model.config.vocab_size, (a.batch, a.len), generator=torch.Generator().manual_seed(0))
         fwd_bwd_seconds(model, x, True)  # warm-up: builds the compiled loop, sizes the allocator
         times = {False: [], True: []}
         for _ in range(a.repeats):

@@ -19,8 +19,8 @@ from mnemos.train.checkpoint import save_checkpoint  # noqa: E402
 def test_a_saved_run_is_timed_both_ways_and_the_switch_is_left_off(tmp_path, capsys):
     torch.manual_seed(0)
     cfg = MnemosConfig(variant="lmm", vocab_size=32, d_model=16, n_layers=1, n_heads=2, memory={"chunk_size": 2})
-    save_checkpoint(tmp_path / "checkpoint", MnemosLM(cfg), step=0)
-    (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    save_checkpoint(tmp_path / "checkpoint", MnemosLM(cfg), step=0, config={"model": cfg.to_dict()})
+    (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))  # as mnemos train writes beside it
     torch.set_flush_denormal(False)
     assert subnormals.main([str(tmp_path), "--batch", "2", "--len", "9", "--repeats", "1"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1].split()

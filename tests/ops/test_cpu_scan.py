@@ -6,6 +6,7 @@ float32 against float64; threads; the fallback when it is off or cannot be built
 from __future__ import annotations
 
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def test_float32_against_float64(depth):
 
 
 @needs_kernel
-@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"),
                     reason="the kernel sets flush-to-zero on x86 and aarch64 only")
 def test_subnormals_are_zero_inside_the_kernel_and_only_there():
     """The compiled loop flushes subnormal floats to zero (a decaying state's tail costs ~100x an operation on x86:
