@@ -61,20 +61,24 @@ def _bmm_add(base: Tensor, x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
 
 
 def anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: bool, activation: str, loss: str,
-                   p: float = 3.0, delta: Tensor | None = None):
+                   p: float = 3.0, delta: Tensor | None = None, scales: Sequence[Tensor] | None = None):
     """Forward the chunk's keys through the anchor memory and backpropagate the associative loss by hand.
 
     Returns per layer l: ``a[l]`` its input (a[0] = k), ``d[l]`` its output error (token j's gradient for layer l is
     ``outer(d[l][j], a[l][j])``); per hidden layer: ``z[l]`` the pre-activation, ``dact[l] = act'(z[l])``,
     ``back[l] = d[l + 1] @ W[l + 1]`` (what the backward needs); and ``err = M(k) - v`` for a loss whose output
     gradient's derivative needs it (lp, huber; None otherwise). ``p``: lp's exponent; ``delta`` ``[..., n]``: huber's
-    thresholds.
+    thresholds. ``scales``: per layer a ``[B, H, 1, 1]`` factor, the memory being ``W[l] = scales[l] anchor[l]``
+    (Moneta's ``F(A) = r A``), applied to the small products instead of forming W; z then also holds the last
+    layer's pre-activation (before the residual), which Moneta's backward reads.
     """
     L = len(anchor)
     a, z = [k], []
     h = k
     for i, w in enumerate(anchor):
         zi = h @ w.mT
+        if scales is not None:
+            zi = zi * scales[i]
         if i < L - 1:
             z.append(zi)
             h = activate(zi, activation)
@@ -82,12 +86,14 @@ def anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: 
         else:
             pred = zi + k if residual else zi
     dact = [activate_grad(zi, activation) for zi in z]
+    if scales is not None:
+        z.append(zi)
     d: list[Tensor] = [None] * L  # type: ignore[list-item]
     back: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     d[-1] = loss_output_grad(pred, v, loss, p, delta)
     err = pred - v if loss_keeps_error(loss) else None
     for i in range(L - 2, -1, -1):
-        back[i] = d[i + 1] @ anchor[i + 1]
+        back[i] = d[i + 1] @ anchor[i + 1] if scales is None else (d[i + 1] * scales[i + 1]) @ anchor[i + 1]
         d[i] = back[i] * dact[i]
     return a, z, dact, back, d, err
 
@@ -176,28 +182,31 @@ def _mix_transposed_(g: Tensor, top: Tensor, bottom: Tensor, cross: Tensor) -> T
 # dual form"). F(0) = 0: where A = 0 the scale is 1.
 
 
-def _lq4_anchor(acc: Tensor, N: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-    """Moneta's effective anchor of one accumulator ``[B, H, P, Q]``: ``(F(A), r, N, A, inherited)`` with ``N = sum
-    A^4`` and ``r = N^-1/2`` (1 where N = 0) ``[B, H]``. ``N`` given: the norm the previous chunk's read took of its
-    last token's accumulator, which is this one (``inherited``; its gradient goes back through that read)."""
+def _lq4_anchor(acc: Tensor, N: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Moneta's effective anchor ``F(A) = r A`` of one accumulator ``[B, H, P, Q]``, kept as ``(r, N, A,
+    inherited)`` with ``N = sum A^4`` and ``r = N^-1/2`` (1 where N = 0) ``[B, H, 1, 1]``; F(A) itself is never
+    formed (:func:`anchor_forward`'s ``scales``). ``N`` given: the norm the previous chunk's read took of its last
+    token's accumulator, which is this one (``inherited``; its gradient goes back through that read)."""
     inherited = N is not None
     if N is None:
         sq = acc * acc
         N = (sq * sq).sum((-2, -1))
     r = torch.where(N > 0, N, torch.ones_like(N)).rsqrt()
-    return acc * r[..., None, None], r, N, acc, inherited
+    return r[..., None, None], N, acc, inherited
 
 
-def _lq4_anchor_backward(g: Tensor, anchor: tuple) -> tuple[Tensor, Tensor | None]:
-    """From the gradient g of ``F(A) = r A`` to the accumulator's: ``r g - 2 r^3 <g, A> A^3`` (the second term 0 where
-    A = 0, whose scale is the constant 1). With an inherited N, returns ``r g`` and the gradient of N,
-    ``-r^3 <g, A> / 2``, for the previous chunk's read to take back (``(dA, dN)``; dN None otherwise)."""
-    _, r, N, acc, inherited = anchor
-    dot = torch.linalg.vecdot(g.flatten(-2), acc.flatten(-2))  # one pass, no product formed
-    gN = torch.where(N > 0, -0.5 * r.pow(3) * dot, torch.zeros_like(N))
+def _lq4_anchor_backward(rg: Tensor, dot: Tensor, anchor: tuple) -> tuple[Tensor, Tensor | None]:
+    """From ``rg = r g``, g the gradient of ``F(A) = r A`` (the backward folds r into the small factors of g's outer
+    products), and ``dot = <r g, A>`` ``[B, H]`` (read off those factors: no pass over the state), to the
+    accumulator's gradient: ``r g - 2 r^3 <g, A> A^3`` (the second term 0 where A = 0, whose scale is the constant 1).
+    With an inherited N, returns ``r g`` and the gradient of N, ``-r^3 <g, A> / 2``, for the previous chunk's read to
+    take back (``(dA, dN)``; dN None otherwise)."""
+    r, N, acc, inherited = anchor
+    r = r.view(N.shape)
+    gN = torch.where(N > 0, (-0.5 * r * r) * dot, torch.zeros_like(N))
     if inherited:
-        return g.mul_(r[..., None, None]), gN  # g is this function's to overwrite
-    return torch.addcmul(g.mul_(r[..., None, None]), (4.0 * gN)[..., None, None], acc * acc * acc), None
+        return rg, gN
+    return torch.addcmul(rg, (4.0 * gN)[..., None, None], acc * acc * acc), None
 
 
 def _lq4_scales(WS, a, d, rec) -> tuple[list[Tensor], list[Tensor]]:
@@ -244,12 +253,12 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
     for c in range(nc):
         anchor = A if (c == 0 and A is not None) else [split_state(ws)[0] for ws in WS]
         rec = None if lq is None else tuple(x[c] for x in lq)
-        lqa = None
+        lqa = ascale = None
         if rec is not None:  # the anchor's gradients at F(A); from the second chunk on, its norm is the last read's
             lqa = [_lq4_anchor(x, None if Ns is None else N[..., -1]) for x, N in zip(anchor, Ns or [None] * L)]
-            anchor = [t[0] for t in lqa]
+            ascale = [t[0] for t in lqa]
         dc = None if delta is None else delta[c]
-        a, z, dact, back, d, err = anchor_forward(k[c], v[c], anchor, loss=loss, p=p, delta=dc, **opts)
+        a, z, dact, back, d, err = anchor_forward(k[c], v[c], anchor, loss=loss, p=p, delta=dc, scales=ascale, **opts)
         s = step_scale(a, d).detach() if normalize else None  # the backward differentiates it by hand
         du = d if s is None else [di * s for di in d]  # the errors the update uses: u_l = du_l a_l^T
         Ns, scales = (None, None) if rec is None else _lq4_scales(WS, a, du, rec)
@@ -317,7 +326,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         x, xw, p = xs[i], xws[i], ps[i]
         d_out = WS[i].shape[-2] // 2
         if scales is not None:  # y = scale * y~, scale = N^-1/2: dN = -scale^3 <dy, y~> / 2 (0 where N = 0)
-            ds = (dy * unscaled[i]).sum(-1)
+            ds = torch.linalg.vecdot(dy, unscaled[i])
             gN[i] = torch.where(Ns[i] > 0, -0.5 * scales[i].pow(3) * ds, torch.zeros_like(ds))
             dy = dy * scales[i].unsqueeze(-1)
         dyy = torch.cat((bc * dy, fc * dy), dim=-1)  # [B, H, n, 2 D_out]
@@ -352,17 +361,25 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
     if s is not None:  # dd and da so far are gradients of du = s d and of a through the read and state only
         _step_scale_backward(a, d, s, dd, da)
 
-    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys
-    if lqa is not None:  # the gradients were taken at F(A)
-        anchor = [t[0] for t in lqa]
-    else:
-        anchor = A if A is not None else [split_state(ws)[0] for ws in WS]
+    # 2. anchor: first the errors (d[0] was computed last), then the forward of the keys. Moneta's anchor is
+    # F(A) = r A: its products are those of A with r on the small factor, dA collects r times F(A)'s gradient, and
+    # <r g, A> is summed from the factors: <x^T (r y), A> = sum(x * ((r y) @ A^T)), and for layer l's own term
+    # <(r dz)^T a, A> = sum(dz * z) with z = r a A^T its pre-activation
+    anchor = A if A is not None else [split_state(ws)[0] for ws in WS]
+    rs = None if lqa is None else [t[0] for t in lqa]
+    dots: list[Tensor] = [0.0] * L  # type: ignore[list-item]
     dA: list[Tensor | None] = [None] * L
     dz: list[Tensor] = [None] * (L - 1)  # type: ignore[list-item]
     for i in range(L - 1):  # d[i] = (d[i+1] @ W[i+1]) * act'(z[i])
         dback = dd[i] * dact[i]
         dz[i] = dd[i] * back[i] * activate_grad2(z[i], activation)
-        dd[i + 1] = _bmm_add(dd[i + 1], dback, anchor[i + 1].mT)
+        if rs is None:
+            dd[i + 1] = _bmm_add(dd[i + 1], dback, anchor[i + 1].mT)
+        else:
+            dback = dback * rs[i + 1]
+            t = dback @ anchor[i + 1].mT
+            dots[i + 1] = torch.linalg.vecdot(d[i + 1], t).sum(-1)
+            dd[i + 1] = dd[i + 1] + t
         dA[i + 1] = d[i + 1].mT @ dback
     dpred, dv, ddelta = loss_output_grad_backward(dd[-1], err, loss, exponent, delta)  # d[L-1] = g(pred - v) (dot: -v)
     dzi = dpred
@@ -370,16 +387,20 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
         if i < L - 1:
             dzi = torch.addcmul(dz[i], da[i + 1], dact[i])
         if dzi is not None:
-            gA = dzi.mT @ a[i]
+            rdz = dzi
+            if rs is not None:
+                rdz = dzi * rs[i]
+                dots[i] = dots[i] + torch.linalg.vecdot(dzi, z[i]).sum(-1)
+            gA = rdz.mT @ a[i]
             dA[i] = gA if dA[i] is None else dA[i] + gA
-            da[i] = _bmm_add(da[i], dzi, anchor[i])
+            da[i] = _bmm_add(da[i], rdz, anchor[i])
     dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
     gN_anchor = None
     if lqa is not None:  # from F(A)'s gradient to the accumulator's (and to its norm's, where inherited)
-        back_lq = [(None, None) if g is None else _lq4_anchor_backward(g, t) for g, t in zip(dA, lqa)]
+        back_lq = [(None, None) if g is None else _lq4_anchor_backward(g, x, t) for g, x, t in zip(dA, dots, lqa)]
         dA = [x for x, _ in back_lq]
-        if lqa[0][4]:
-            gN_anchor = [torch.zeros_like(t[2]) if n is None else n for (_, n), t in zip(back_lq, lqa)]
+        if lqa[0][3]:
+            gN_anchor = [torch.zeros_like(t[1]) if n is None else n for (_, n), t in zip(back_lq, lqa)]
 
     if A is None:  # the anchor is the chunk's starting memory
         for i in range(L):
