@@ -968,6 +968,29 @@ struct RecurRow {
   }
 };
 
+// the sum of a vector's lanes: its halves added while wider than 16 bytes (one vector add each), then lane by lane
+template <typename S, int Bytes>
+struct VecOf {
+  typedef S type __attribute__((vector_size(Bytes)));
+};
+template <typename S, int Bytes>
+inline S hsum_bytes(typename VecOf<S, Bytes>::type v) {
+  if constexpr (Bytes > 16) {
+    typedef typename VecOf<S, Bytes / 2>::type H;
+    H lo, hi;
+    std::memcpy(&lo, &v, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return hsum_bytes<S, Bytes / 2>(lo + hi);
+  } else {
+    S s = 0;
+    for (int i = 0; i < Bytes / static_cast<int>(sizeof(S)); ++i) s += v[i];
+    return s;
+  }
+}
+template <typename V>
+inline double hsum(V v) {
+  return hsum_bytes<Scalar<V>, sizeof(V)>(v);
+}
 // e[q] = exp(x[q] - shift) for q < Q (into out unless it is null); returns sum(e), and sum(e h) in *dot
 inline float exp_dot(const float* x, float shift, const float* h, float* out, int64_t Q, float* dot) {
   constexpr int V = Lanes<float>::N;
@@ -982,11 +1005,7 @@ inline float exp_dot(const float* x, float shift, const float* h, float* out, in
     acc += v;
     acc_h += v * hv;
   }
-  float sum = 0, sum_h = 0;
-  for (int i = 0; i < V; ++i) {
-    sum += acc[i];
-    sum_h += acc_h[i];
-  }
+  float sum = static_cast<float>(hsum(acc)), sum_h = static_cast<float>(hsum(acc_h));
   for (; q < Q; ++q) {
     const float v = std::exp(x[q] - shift);
     if (out) out[q] = v;
@@ -1024,29 +1043,6 @@ inline V vload(const Scalar<V>* p) {
 template <typename V>
 inline void vstore(Scalar<V>* p, V v) {
   std::memcpy(p, &v, sizeof(V));
-}
-// the sum of a vector's lanes: its halves added while wider than 16 bytes (one vector add each), then lane by lane
-template <typename S, int Bytes>
-struct VecOf {
-  typedef S type __attribute__((vector_size(Bytes)));
-};
-template <typename S, int Bytes>
-inline S hsum_bytes(typename VecOf<S, Bytes>::type v) {
-  if constexpr (Bytes > 16) {
-    typedef typename VecOf<S, Bytes / 2>::type H;
-    H lo, hi;
-    std::memcpy(&lo, &v, Bytes / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
-    return hsum_bytes<S, Bytes / 2>(lo + hi);
-  } else {
-    S s = 0;
-    for (int i = 0; i < Bytes / static_cast<int>(sizeof(S)); ++i) s += v[i];
-    return s;
-  }
-}
-template <typename V>
-inline double hsum(V v) {
-  return hsum_bytes<Scalar<V>, sizeof(V)>(v);
 }
 
 // one block: NV vectors of matrix row p from entry q0, forward; Nv[t] += the block's A_t^4, lane-wise
