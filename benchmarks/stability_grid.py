@@ -24,6 +24,7 @@ run in ``--out``, those of earlier invocations with other options included.
 summed step at one anchor) for the four variants on the MQAR preset, and the default memory on the LM preset, at
 outer lr 1e-2 (the top of the issue's range), seed 0. The full grid: depth 1, 2, 3 at chunk 4 and chunk 1, 16, 64
 at depth 2, on both presets; ``--lrs`` and ``--seeds`` widen it to the issue's lr 1e-3 ... 1e-2 and seeds 0-4.
+``--memories 2:1`` keeps only the listed (depth, chunk) points of it (e.g. the token-by-token writes, chunk 1).
 """
 from __future__ import annotations
 
@@ -54,14 +55,18 @@ MEMORIES = ((1, 4), (2, 4), (3, 4), (2, 1), (2, 16), (2, 64))  # (depth, chunk)
 STEPS = {"mqar": 300, "lm": 150}
 
 
-def grid(quick: bool, lrs: list[float], seeds: list[int], presets: list[str]) -> list[dict]:
+def grid(quick: bool, lrs: list[float], seeds: list[int], presets: list[str],
+         only: list[tuple[int, int]] | None = None) -> list[dict]:
     """The runs in the order they are started: lr by lr in the order given, seed by seed within it, so a grid cut
-    short (``--deadline``) has covered whole (lr, seed) slices of every variant, memory and preset."""
+    short (``--deadline``) has covered whole (lr, seed) slices of every variant, memory and preset. ``only``: the
+    (depth, chunk) points to keep (``--memories``), on every preset."""
     runs = []
     for lr in lrs:
         for seed in seeds:
             for preset in presets:
-                if quick:
+                if only is not None:
+                    memories = tuple(only)
+                elif quick:
                     memories = ((3, 4), (2, 64)) if preset == "mqar" else ((2, 4),)
                 else:
                     memories = MEMORIES
@@ -176,6 +181,9 @@ def main() -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--presets", nargs="+", default=["mqar", "lm"], choices=("mqar", "lm"))
+    p.add_argument("--memories", nargs="+", default=None, metavar="D:C",
+                   help="only these (depth, chunk) memories, e.g. 2:1 (default: the full grid's "
+                        + ", ".join(f"{d}:{c}" for d, c in MEMORIES) + "; --quick's corners with --quick)")
     p.add_argument("--sample", type=int, default=None, metavar="N",
                    help="run N configurations drawn uniformly (without replacement) from the grid the other options "
                         "define, instead of all of it: breadth over variants, memories, presets, lrs and seeds at a "
@@ -192,11 +200,19 @@ def main() -> int:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps must be >= 1, got {a.steps}")
+    only = None
+    if a.memories is not None:
+        only = []
+        for m in a.memories:
+            match = re.fullmatch(r"(\d+):(\d+)", m)
+            if match is None or not 1 <= int(match[1]) <= 3 or not 1 <= int(match[2]) <= 64:
+                p.error(f"--memories takes DEPTH:CHUNK with depth 1..3 and chunk 1..64 (e.g. 2:1), got {m!r}")
+            only.append((int(match[1]), int(match[2])))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / ".gitignore").exists():
         (out / ".gitignore").write_text(GRID_GITIGNORE)
-    runs = grid(a.quick, a.lrs, a.seeds, a.presets)
+    runs = grid(a.quick, a.lrs, a.seeds, a.presets, only)
     if a.sample is not None:
         if not 1 <= a.sample <= len(runs):
             p.error(f"--sample must be in 1..{len(runs)} (the grid's size), got {a.sample}")

@@ -58,6 +58,19 @@ def test_the_grid_is_ordered_lr_by_lr_then_seed_by_seed():
     assert len({r["name"] for r in runs}) == len(runs)
 
 
+def test_memories_keeps_only_the_listed_points_and_rejects_a_bad_one(tmp_path, monkeypatch, capsys):
+    runs = stability_grid.grid(False, [1e-2], [0], ["mqar", "lm"], [(2, 1)])
+    assert len(runs) == 2 * len(stability_grid.VARIANTS)
+    assert {(r["depth"], r["chunk"]) for r in runs} == {(2, 1)} and {r["preset"] for r in runs} == {"mqar", "lm"}
+    assert {r["name"] for r in runs} <= {r["name"] for r in stability_grid.grid(False, [1e-2], [0], ["mqar", "lm"])}
+    for bad in ("2x1", "4:16", "2:0"):
+        monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--memories", bad])
+        with pytest.raises(SystemExit):
+            stability_grid.main()
+        assert "--memories takes DEPTH:CHUNK" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written for a refused command
+
+
 def test_max_crashes_stops_a_grid_whose_runs_all_fail(tmp_path, monkeypatch):
     """A run that exits with an error counts as a crash; after --max-crashes of them no run starts (on a leased GPU a
     broken install would otherwise spend the lease failing run after run)."""
