@@ -110,6 +110,22 @@ def test_float32_against_float64(read):
     assert_close(fast(*x32).double(), fast(*x64), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, F64))
+@pytest.mark.parametrize("Q", (5, 33, 64, 70))
+def test_the_softmax_read_takes_each_rows_true_max(Q, dtype):
+    """The kl read shifts each row by its max before the exp: a max that missed an entry (a vector's lanes, the tail
+    past the last whole vector, the first entry) would leave exp(x - max) overflowing to inf. One entry of every row,
+    at each of those places in turn, stands 400 above the rest; the read must equal the reference, finite."""
+    for col in sorted({0, 1, Q // 2, Q - 2, Q - 1}):
+        xs = inputs(1, 2, 6, Q, 3, 1, seed=Q + col, read="kl_row")
+        xs[0] = xs[0].clone()
+        xs[0][..., col] += 400.0  # the row's max, by far; the states stay near A0 (small steps)
+        xs[3] = 1e-3 * xs[3]
+        got = kl_row_read(*(x.to(dtype) for x in xs))
+        assert torch.isfinite(got).all()
+        assert_close(got.double(), kl_reference(*xs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("read", READS)
 def test_threads_split_rows_without_changing_a_bit(read):
     xs = [x.float().requires_grad_() for x in inputs(3, 3, 40, 33, 6, 2, seed=5, read=read)]

@@ -1320,6 +1320,27 @@ bool lq4_backward(const RecurSpec& s, void** ptrs) {
   });
 }
 
+// the largest of x[0 .. Q): whole vectors first, then the tail (an `omp simd reduction(max)` loop from q = 1 left a
+// 15-element scalar tail and a store-forwarding stall on every row of Q = 64 or 256)
+template <typename T>
+inline T row_max(const T* x, int64_t Q) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  int64_t q = 0;
+  T mx = x[0];
+  if (Q >= L) {
+    V m = vload<V>(x);
+    for (q = L; q + L <= Q; q += L) {
+      const V y = vload<V>(x + q);
+      m = m > y ? m : y;
+    }
+    mx = m[0];
+    for (int i = 1; i < L; ++i) mx = m[i] > mx ? m[i] : mx;
+  }
+  for (; q < Q; ++q) mx = x[q] > mx ? x[q] : mx;
+  return mx;
+}
+
 // Memora (kl, rows): y_t[p] = sum_q softmax(A_t[p, :])[q] h_t[q]. Input h [n, Q] (ptrs[7]); output y [n, P]
 // (forward ptrs[8]); backward: gy [n, P] (ptrs[8]) in, dh [n, Q] out (ptrs[16]).
 template <typename T>
@@ -1343,9 +1364,7 @@ struct KlRowRead {
   // the softmax of one matrix row at h: returns 1 / sum(e) and sets *y = sum(e h) / sum(e), e = exp(row - max(row))
   // (kept in this->e when keep)
   T softmax_read(const T* row, const T* ht, bool keep, T* y) {
-    T mx = row[0];
-#pragma omp simd reduction(max : mx)
-    for (int64_t q = 1; q < s.Q; ++q) mx = row[q] > mx ? row[q] : mx;
+    const T mx = row_max(row, s.Q);
     T dot;
     const T invZ = T(1) / exp_dot(row, mx, ht, keep ? e.data() : nullptr, s.Q, &dot);
     *y = dot * invZ;
