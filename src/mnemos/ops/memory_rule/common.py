@@ -66,10 +66,10 @@ def loss_output_grad(pred: Tensor, target: Tensor, loss: str, p: float = 3.0, de
     if loss == "lp":
         ae = e.abs()
         if p >= 2.0:  # |e|^(p-1) and its derivative are finite at e = 0
-            return p * e.sign() * ae.pow(p - 1.0)
-        # |e|^(p-1) through a safe base, so that autograd gives 0, not NaN, where e = 0 (p < 2)
-        nz = ae > 0
-        mag = torch.where(nz, torch.where(nz, ae, torch.ones_like(ae)).pow(p - 1.0), torch.zeros_like(ae))
+            mag = ae.pow(p - 1.0)
+        else:  # through a safe base, so that autograd gives 0, not NaN, where e = 0
+            nz = ae > 0
+            mag = torch.where(nz, torch.where(nz, ae, torch.ones_like(ae)).pow(p - 1.0), torch.zeros_like(ae))
         return p * e.sign() * mag
     inside = e.pow(2).sum(-1) <= delta.pow(2)  # [..., n], as rule.token_loss picks the branch
     return torch.where(inside.unsqueeze(-1), 2.0 * e, delta.unsqueeze(-1) * e.sign())
@@ -94,10 +94,10 @@ def loss_output_grad_backward(grad: Tensor, err: Tensor | None, loss: str, p: fl
         ae = e.abs()
         if p > 2.0:  # p (p-1) |e|^(p-2) is 0, not singular, at e = 0
             dpred = grad * ((p * (p - 1.0)) * ae.pow(p - 2.0))
-            return dpred, -dpred, None
-        nz = ae > 0
-        curv = (p * (p - 1.0)) * torch.where(nz, ae, torch.ones_like(ae)).pow(p - 2.0)
-        dpred = torch.where(nz, grad * curv, torch.zeros_like(grad))
+        else:
+            nz = ae > 0
+            curv = (p * (p - 1.0)) * torch.where(nz, ae, torch.ones_like(ae)).pow(p - 2.0)
+            dpred = torch.where(nz, grad * curv, torch.zeros_like(grad))
         return dpred, -dpred, None
     inside = e.pow(2).sum(-1) <= delta.pow(2)  # [..., n]
     dpred = torch.where(inside.unsqueeze(-1), 2.0 * grad, torch.zeros_like(grad))
