@@ -24,15 +24,16 @@ pytestmark = pytest.mark.skipif(cpu_scan.unavailable_reason() is not None,
                                 reason=f"compiled kernels unavailable: {cpu_scan.unavailable_reason()}")
 
 
-def states(A0, S0, d, a, beta, eta, Wb):
-    """The obviously-right form: every token's accumulator formed, token after token."""
+def states(A0, S0, d, a, beta, eta, Wb, momentum=False):
+    """The obviously-right form: every token's accumulator (with ``momentum``: and momentum) formed, token after
+    token."""
     n, w = Wb.shape[-2:]
     A, S = A0, S0
     for t in range(n):
         U = sum(Wb[..., t, k, None, None] * d[..., t + k, :, None] * a[..., t + k, None, :] for k in range(w))
         S = eta[..., t, None, None] * S - U
         A = beta[..., t, None, None] * A + S
-        yield A
+        yield (A, S) if momentum else A
 
 
 def lq4_reference(*xs):
@@ -75,6 +76,30 @@ def test_the_read_and_every_gradient_match_the_states_formed(cfg, read):
     names = ("A0", "S0", "d", "a", "beta", "eta", "Wb", "h")
     for name, x, y in zip(names, torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
         assert_close(x, y, rtol=1e-11, atol=1e-12 * y.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_the_kl_read_returns_the_last_states_and_takes_their_gradients(cfg):
+    """``kl_row_read(..., final=True)``: the accumulator and momentum after the chunk's last token come out of the
+    kernel's walk (Memora's next chunk starts there), and their gradients enter its backward beside the read's: all
+    three outputs and every input gradient equal the states formed token after token."""
+    xs = [x.requires_grad_() for x in inputs(*cfg, seed=sum(cfg) + 1, read="kl_row")]
+    y, A_n, S_n = kl_row_read(*xs, final=True)
+    want_A, want_S = list(states(*xs[:7], momentum=True))[-1]
+    got, want = (y, A_n, S_n), (kl_reference(*xs), want_A, want_S)
+    for name, x, z in zip(("y", "A_n", "S_n"), got, want):
+        assert_close(x, z, rtol=1e-12, atol=1e-13, msg=name)
+    gs = [torch.randn(z.shape, dtype=F64) for z in want]
+    for with_read in (True, False):  # the last states' gradients alone, and beside the read's
+        pick = slice(0 if with_read else 1, 3)
+        names = ("A0", "S0", "d", "a", "beta", "eta", "Wb", "h")
+        fast = torch.autograd.grad(got[pick], xs, gs[pick], retain_graph=True, allow_unused=True)
+        slow = torch.autograd.grad(want[pick], xs, gs[pick], retain_graph=True, allow_unused=True)
+        for name, x, z in zip(names, fast, slow):
+            if z is None:  # h, when only the last states take a gradient: the kernel's is zero
+                assert x is None or not x.any(), name
+                continue
+            assert_close(x, z, rtol=1e-11, atol=1e-12 * z.abs().max().item(), msg=f"{name} (read: {with_read})")
 
 
 @pytest.mark.parametrize("read", READS)

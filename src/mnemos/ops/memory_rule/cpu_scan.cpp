@@ -36,6 +36,9 @@
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -99,7 +102,23 @@ typedef Lanes<float>::I vi;
 typedef Lanes<double>::V vd;
 
 inline vf vexp(vf x) {
-  x = x < -87.0f ? splat<vf>(-87.0f) : x;
+  x = x < -87.0f ? splat<vf>(-87.0f) : x;  // (a NaN stays NaN: the comparison is false)
+#if defined(__AVX512F__) && MNEMOS_VECTOR_BYTES == 64
+  {
+    // exp(x) = 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts: r exact to float rounding);
+    // vscalefps multiplies by 2^n (inf past the range) and vrndscaleps rounds: 15 vector operations, against 24
+    // with the exponent built from integers below (Memora's kl read runs one exp per state entry and token)
+    const __m512 n = _mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT |
+                                                                             _MM_FROUND_NO_EXC);
+    const vf nv = (vf)n;
+    const vf r = x - nv * 0.693359375f + nv * 2.12194440e-4f;
+    const vf z = r * r;
+    vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+            1.6666665459e-1f) * r + 5.0000001201e-1f;
+    y = y * z + r + 1.0f;
+    return (vf)_mm512_scalef_ps((__m512)y, n);
+  }
+#endif
   x = x > 88.0f ? splat<vf>(88.0f) : x;
   vf t = x * 1.44269504088896341f + 0.5f;
   vf fx = __builtin_convertvector(__builtin_convertvector(t, vi), vf);  // truncation
@@ -889,23 +908,18 @@ bool parse(const int64_t* raw, Spec& s) {
 //   - Moneta (lq = 4): N_t = sum A_t^4 (its read is the dual-form read scaled by N_t^-1/2);
 //   - Memora (kl, rows): y_t = softmax(A_t) h_t, the softmax over each matrix row, h_t the layer's input at token t.
 // The torch path forms every A_t ([n, P, Q] per row and layer) for it, which makes it bound by memory traffic. Here
-// each row's state is walked a tile of whole matrix rows (<= STATE_TILE entries) at a time, the tile's A_t and S_t kept
-// in cache while the chunk's n tokens go by: O(n P Q) arithmetic and nothing per token written (Memora's read below;
-// Moneta's, lq4_forward / lq4_backward, walks blocks of vectors with the same recurrences). The backward runs the
-// tile's forward again, keeping its n + 1 states, and walks the tokens in reverse with E_t, the read's gradient
+// the state is walked a block of vectors at a time through all of the chunk's n tokens, the block's A_t and S_t in
+// registers: O(n P Q) arithmetic and nothing per token written (Moneta: lq4_forward / lq4_backward, a block of one
+// matrix row's entries; Memora: kl_row_forward / kl_row_backward, the lanes across matrix rows). The backward runs
+// the block's forward again, keeping its n + 1 states, and walks the tokens in reverse with E_t, the read's gradient
 // with respect to A_t (lq: 4 gN_t A_t^3; kl: gy_t[p] s[p, q] (h_t[q] - y_t[p]) with s = softmax(A_t) by rows):
 //     dA_t = beta_{t+1} dA_{t+1} + E_t,   dS_t = eta_{t+1} dS_{t+1} + dA_t,
 //     dbeta_t = <dA_t, A_{t-1}>,   deta_t = <dS_t, S_{t-1}>,   dWb[t, k] = -d_e^T dS_t a_e,
 //     dd_e -= Wb[t, k] dS_t a_e,   da_e -= Wb[t, k] dS_t^T d_e   (e = t + k),   and the starts' dA_{-1}, dS_{-1}.
 //
 // spec: R (rows: sequence x head), n, w, P, Q, threads, rs, acc (RecurSpec). Row r's tensors: A0, S0 [P, Q] (each
-// matrix contiguous, rs elements from one row's to the next); the rest contiguous: d [n + w - 1, P]; a [n + w - 1, Q];
-// beta, eta [n]; Wb [n, w]; then the read's own (lq: out N [n]; kl: h [n, Q], out y [n, P]).
-// ptrs forward: A0 S0 d a beta eta Wb, the read's inputs, its output. Backward: A0 S0 d a beta eta Wb, the read's
-// inputs, the gradient of its output, then (out, overwritten; with acc, dA0 and dS0 added into) dA0 dS0 dd da dbeta
-// deta dWb and the read's input gradients.
-
-constexpr int64_t STATE_TILE = 512;
+// matrix contiguous, rs elements from one row's to the next; kl: rs = P Q); the rest contiguous: d [n + w - 1, P];
+// a [n + w - 1, Q]; beta, eta [n]; Wb [n, w]; then the read's own (each kernel's comment lists its pointers).
 
 // rs: the elements from one row's A0 (and S0) to the next (P Q when contiguous; 2 P Q for the halves of [A; S]);
 // acc (lq4's backward): dA0 and dS0 are added into tensors laid out like A0 and S0 (rs) instead of written contiguous
@@ -928,43 +942,6 @@ struct RecurRow {
     const int64_t offsets[7] = {r * s.rs, r * s.rs, r * m * s.P, r * m * s.Q, r * s.n, r * s.n, r * s.n * s.w};
     const T** fields[7] = {&A0, &S0, &d, &a, &beta, &eta, &Wb};
     for (int i = 0; i < 7; ++i) *fields[i] = static_cast<const T*>(ptrs[i]) + offsets[i];
-  }
-  // a tile's A and S at the chunk's start: matrix rows p0 .. p0 + size / Q
-  void load(int64_t p0, int64_t size, int64_t Q, T* A, T* S) const {
-    std::copy(A0 + p0 * Q, A0 + p0 * Q + size, A);
-    std::copy(S0 + p0 * Q, S0 + p0 * Q + size, S);
-  }
-  // step a tile (matrix rows p0 .. p0 + tp) of A and S through token t: (Ai, Si) -> (Ao, So), in place when the same
-  void step(const T* Ai, const T* Si, T* Ao, T* So, int64_t t, int64_t p0, int64_t tp, const RecurSpec& s) const {
-    const int64_t Q = s.Q;
-    const T bt = beta[t], et = eta[t];
-    for (int64_t p = 0; p < tp; ++p) {
-      const T* sin = Si + p * Q;
-      const T* ain = Ai + p * Q;
-      T* sout = So + p * Q;
-      T* aout = Ao + p * Q;
-      const T c0 = Wb[t * s.w] * d[t * s.P + p0 + p];
-      const T* a0 = a + t * Q;
-      if (s.w == 1) {  // one pass: the momentum and the accumulator together
-#pragma omp simd
-        for (int64_t q = 0; q < Q; ++q) {
-          const T sq = et * sin[q] - c0 * a0[q];
-          sout[q] = sq;
-          aout[q] = bt * ain[q] + sq;
-        }
-        continue;
-      }
-#pragma omp simd
-      for (int64_t q = 0; q < Q; ++q) sout[q] = et * sin[q] - c0 * a0[q];
-      for (int64_t k = 1; k < s.w; ++k) {
-        const T c = Wb[t * s.w + k] * d[(t + k) * s.P + p0 + p];
-        const T* ae = a + (t + k) * Q;
-#pragma omp simd
-        for (int64_t q = 0; q < Q; ++q) sout[q] -= c * ae[q];
-      }
-#pragma omp simd
-      for (int64_t q = 0; q < Q; ++q) aout[q] = bt * ain[q] + sout[q];
-    }
   }
 };
 
@@ -991,42 +968,6 @@ template <typename V>
 inline double hsum(V v) {
   return hsum_bytes<Scalar<V>, sizeof(V)>(v);
 }
-// e[q] = exp(x[q] - shift) for q < Q (into out unless it is null); returns sum(e), and sum(e h) in *dot
-inline float exp_dot(const float* x, float shift, const float* h, float* out, int64_t Q, float* dot) {
-  constexpr int V = Lanes<float>::N;
-  vf acc = splat<vf>(0.0f), acc_h = splat<vf>(0.0f);
-  int64_t q = 0;
-  for (; q + V <= Q; q += V) {
-    vf v, hv;
-    std::memcpy(&v, x + q, sizeof(v));
-    std::memcpy(&hv, h + q, sizeof(hv));
-    v = vexp(v - shift);
-    if (out) std::memcpy(out + q, &v, sizeof(v));
-    acc += v;
-    acc_h += v * hv;
-  }
-  float sum = static_cast<float>(hsum(acc)), sum_h = static_cast<float>(hsum(acc_h));
-  for (; q < Q; ++q) {
-    const float v = std::exp(x[q] - shift);
-    if (out) out[q] = v;
-    sum += v;
-    sum_h += v * h[q];
-  }
-  *dot = sum_h;
-  return sum;
-}
-inline double exp_dot(const double* x, double shift, const double* h, double* out, int64_t Q, double* dot) {
-  double sum = 0, sum_h = 0;
-  for (int64_t q = 0; q < Q; ++q) {
-    const double v = std::exp(x[q] - shift);
-    if (out) out[q] = v;
-    sum += v;
-    sum_h += v * h[q];
-  }
-  *dot = sum_h;
-  return sum;
-}
-
 // Moneta: N_t = sum A_t^4 ([n] per row). Each matrix row's entries are walked a block of NV vectors at a time through
 // all of the chunk's tokens, the block's A and S in registers (in the backward its n + 1 states in L1 and its adjoints
 // in registers), every sum over entries kept as one vector of partial sums per token until the row (or, for dbeta and
@@ -1227,6 +1168,7 @@ int64_t over_blocks(int64_t Q, int L, F8&& f8, F4&& f4, F1&& f1) {
   return q0;
 }
 
+// ptrs: A0 S0 d a beta eta Wb, then out N [n] (7)
 template <typename T>
 bool lq4_forward(const RecurSpec& s, void** ptrs) {
   using V = typename Lanes<T>::V;
@@ -1320,214 +1262,314 @@ bool lq4_backward(const RecurSpec& s, void** ptrs) {
   });
 }
 
-// the largest of x[0 .. Q): whole vectors first, then the tail (an `omp simd reduction(max)` loop from q = 1 left a
-// 15-element scalar tail and a store-forwarding stall on every row of Q = 64 or 256)
-template <typename T>
-inline T row_max(const T* x, int64_t Q) {
-  using V = typename Lanes<T>::V;
-  constexpr int L = Lanes<T>::N;
-  int64_t q = 0;
-  T mx = x[0];
-  if (Q >= L) {
-    V m = vload<V>(x);
-    for (q = L; q + L <= Q; q += L) {
-      const V y = vload<V>(x + q);
-      m = m > y ? m : y;
-    }
-    mx = m[0];
-    for (int i = 1; i < L; ++i) mx = m[i] > mx ? m[i] : mx;
-  }
-  for (; q < Q; ++q) mx = x[q] > mx ? x[q] : mx;
-  return mx;
-}
+// Memora (kl, rows): y_t[p] = sum_q softmax(A_t[p, :])[q] h_t[q]. The lanes hold L = Lanes<T>::N matrix rows (one
+// group of rows p0 .. p0 + L), so that a row's max, its sum of exps and its dot with h_t are lane-wise (vertical)
+// operations: no horizontal reduction per row and token. A group's A0 and S0 are transposed once into [Q] vectors
+// (lanes past P padded with zeros: their softmax is uniform and their gradient zero), then walked a block of NV
+// entries q (NV vectors) at a time through all of the chunk's tokens, the block's A and S in registers. The row's
+// softmax spans every block, so the forward keeps per token a running max M, sum Z and dot Y (online softmax: a block
+// whose max exceeds M rescales Z and Y by exp(M_old - M_new), one exp per block and token) and writes y = Y / Z, and
+// the row's M and 1 / Z for the backward (stats [2, n, P]). The backward, given y and those stats, needs no pass over
+// a whole row: per block it recomputes the n + 1 states (in L1), then runs the adjoint recurrence in reverse, the
+// block's dA, dS in registers, E_t = (gy_t / Z_t) e (h_t - y_t) with e = exp(A_t - M_t) formed inline. Sums over the
+// lanes (dh, da over rows; dbeta, deta over everything) are kept as vectors per token and entry and reduced once per
+// (sequence, head) row.
+//
+// The forward also writes the accumulator and momentum after the chunk's last token (A_n, S_n [P, Q]: the next
+// chunk's start, from the registers the walk ends with), and the backward starts its adjoints from their gradients.
+// ptrs forward: A0 S0 d a beta eta Wb h, out y [n, P], out stats [2, n, P], out A_n S_n. Backward: A0 S0 d a beta eta
+// Wb h, y, stats, gy [n, P], gA_n, gS_n (each null: zero), then out dA0 dS0 (contiguous [P, Q]) dd da dbeta deta dWb dh.
 
-// Memora (kl, rows): y_t[p] = sum_q softmax(A_t[p, :])[q] h_t[q]. Input h [n, Q] (ptrs[7]); output y [n, P]
-// (forward ptrs[8]); backward: gy [n, P] (ptrs[8]) in, dh [n, Q] out (ptrs[16]).
 template <typename T>
-struct KlRowRead {
-  static constexpr int extra_in = 1;
+struct KlGroup {  // one group of L matrix rows of one (sequence, head) row: its recurrence inputs in lanes
+  using V = typename Lanes<T>::V;
+  static constexpr int L = Lanes<T>::N;
   const RecurSpec& s;
-  std::vector<T> e;
-  const T *h = nullptr, *gy = nullptr;
-  T *y = nullptr, *dh = nullptr;
-  explicit KlRowRead(const RecurSpec& spec) : s(spec), e(spec.Q) {}
-  void row(void** ptrs, int64_t r, bool backward) {
-    h = static_cast<const T*>(ptrs[7]) + r * s.n * s.Q;
-    if (backward) {
-      gy = static_cast<const T*>(ptrs[8]) + r * s.n * s.P;
-      dh = static_cast<T*>(ptrs[16]) + r * s.n * s.Q;
-      std::fill(dh, dh + s.n * s.Q, T(0));
-    } else {
-      y = static_cast<T*>(ptrs[8]) + r * s.n * s.P;
+  std::vector<V> A, S, c;  // A0, S0 transposed [Q]; c[t w + k] = Wb[t, k] d_{t+k}[rows]
+  int64_t p0 = 0, np = 0;
+  explicit KlGroup(const RecurSpec& spec) : s(spec), A(spec.Q), S(spec.Q), c(spec.n * spec.w) {}
+  static V lanes(const T* x, int64_t np) {  // x[0 .. np) in the first lanes, zeros after
+    V v = splat<V>(0);
+    for (int64_t l = 0; l < np; ++l) v[l] = x[l];
+    return v;
+  }
+  // matrix rows p0 .. p0 + np of x [P, Q] (row-major) into the lanes of dst [Q] (zeros past np, or when x is null)
+  void gather(const T* x, V* dst) const {
+    std::fill(dst, dst + s.Q, splat<V>(0));
+    if (x)
+      for (int64_t l = 0; l < np; ++l)
+        for (int64_t q = 0; q < s.Q; ++q) dst[q][l] = x[(p0 + l) * s.Q + q];
+  }
+  void scatter(const V* src, T* x) const {  // the reverse of gather
+    for (int64_t l = 0; l < np; ++l)
+      for (int64_t q = 0; q < s.Q; ++q) x[(p0 + l) * s.Q + q] = src[q][l];
+  }
+  void load(const RecurRow<T>& x, int64_t first) {
+    const int64_t P = s.P;
+    p0 = first;
+    np = std::min<int64_t>(L, P - p0);
+    gather(x.A0, A.data());
+    gather(x.S0, S.data());
+    for (int64_t t = 0; t < s.n; ++t)
+      for (int64_t k = 0; k < s.w; ++k) c[t * s.w + k] = x.Wb[t * s.w + k] * lanes(x.d + (t + k) * P + p0, np);
+  }
+  // the block's A and S (entries q0 .. q0 + NV) through token t, in place
+  template <int NV>
+  inline void step(const RecurRow<T>& x, int64_t t, int64_t q0, V* Ab, V* Sb) const {
+    const V et = splat<V>(x.eta[t]), bt = splat<V>(x.beta[t]);
+    for (int v = 0; v < NV; ++v) Sb[v] = et * Sb[v];
+    for (int64_t k = 0; k < s.w; ++k) {
+      const V ck = c[t * s.w + k];
+      const T* ak = x.a + (t + k) * s.Q + q0;
+      for (int v = 0; v < NV; ++v) Sb[v] -= ck * ak[v];
     }
-  }
-  // the softmax of one matrix row at h: returns 1 / sum(e) and sets *y = sum(e h) / sum(e), e = exp(row - max(row))
-  // (kept in this->e when keep)
-  T softmax_read(const T* row, const T* ht, bool keep, T* y) {
-    const T mx = row_max(row, s.Q);
-    T dot;
-    const T invZ = T(1) / exp_dot(row, mx, ht, keep ? e.data() : nullptr, s.Q, &dot);
-    *y = dot * invZ;
-    return invZ;
-  }
-  void forward(const T* A, int64_t t, int64_t p0, int64_t tp) {
-    const T* ht = h + t * s.Q;
-    for (int64_t p = 0; p < tp; ++p) softmax_read(A + p * s.Q, ht, false, y + t * s.P + p0 + p);
-  }
-  void finish() {}
-  void adjoint(const T* A, int64_t t, int64_t p0, int64_t tp, T* E) {
-    const T* ht = h + t * s.Q;
-    T* dht = dh + t * s.Q;
-    for (int64_t p = 0; p < tp; ++p) {
-      T yp;
-      const T invZ = softmax_read(A + p * s.Q, ht, true, &yp);
-      const T g = gy[t * s.P + p0 + p] * invZ;  // g s[q] = g e[q]
-      T* Ep = E + p * s.Q;
-#pragma omp simd
-      for (int64_t q = 0; q < s.Q; ++q) {
-        const T gs = g * e[q];
-        Ep[q] = gs * (ht[q] - yp);
-        dht[q] += gs;
-      }
-    }
+    for (int v = 0; v < NV; ++v) Ab[v] = bt * Ab[v] + Sb[v];
   }
 };
 
-template <typename T, template <typename> class Read>
-bool recur_forward(const RecurSpec& s, void** ptrs) {
-  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, STATE_TILE / s.Q));
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+template <typename T, int NV>
+void kl_block_forward(const RecurRow<T>& x, const KlGroup<T>& g, const T* h, int64_t q0, bool first,
+                      typename Lanes<T>::V* M, typename Lanes<T>::V* Z, typename Lanes<T>::V* Y,
+                      typename Lanes<T>::V* oA, typename Lanes<T>::V* oS) {
+  using V = typename Lanes<T>::V;
+  const int64_t Q = g.s.Q;
+  V A[NV], S[NV];
+  for (int v = 0; v < NV; ++v) {
+    A[v] = g.A[q0 + v];
+    S[v] = g.S[q0 + v];
+  }
+  for (int64_t t = 0; t < g.s.n; ++t) {
+    g.template step<NV>(x, t, q0, A, S);
+    V mx = A[0];
+    for (int v = 1; v < NV; ++v) mx = vmax(mx, A[v]);
+    V scale = splat<V>(0);
+    if (!first) {
+      const V m_new = vmax(M[t], mx);
+      scale = vexp(M[t] - m_new);
+      mx = m_new;
+    }
+    const T* ht = h + t * Q + q0;
+    V z = splat<V>(0), y = splat<V>(0);
+    for (int v = 0; v < NV; ++v) {
+      const V e = vexp(A[v] - mx);
+      z += e;
+      y += e * ht[v];
+    }
+    M[t] = mx;
+    Z[t] = first ? z : Z[t] * scale + z;
+    Y[t] = first ? y : Y[t] * scale + y;
+  }
+  for (int v = 0; v < NV; ++v) {  // the states after the chunk's last token
+    oA[q0 + v] = A[v];
+    oS[q0 + v] = S[v];
+  }
+}
+
+template <typename T, int NV, bool ONE>
+void kl_block_backward(const RecurRow<T>& x, const KlGroup<T>& g, const T* h, int64_t q0, const typename Lanes<T>::V* M,
+                       const typename Lanes<T>::V* G, const typename Lanes<T>::V* Yv, typename Lanes<T>::V* As,
+                       typename Lanes<T>::V* Ss, typename Lanes<T>::V* dbv, typename Lanes<T>::V* dev,
+                       typename Lanes<T>::V* dotv, typename Lanes<T>::V* dh, typename Lanes<T>::V* da,
+                       typename Lanes<T>::V* oA, typename Lanes<T>::V* oS) {
+  using V = typename Lanes<T>::V;
+  const int64_t n = g.s.n, w = g.s.w, Q = g.s.Q;
+  {  // the block's states: slot 0 the chunk's start, slot t + 1 after token t
+    V A[NV], S[NV];
+    for (int v = 0; v < NV; ++v) {
+      As[v] = A[v] = g.A[q0 + v];
+      Ss[v] = S[v] = g.S[q0 + v];
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      g.template step<NV>(x, t, q0, A, S);
+      for (int v = 0; v < NV; ++v) {
+        As[(t + 1) * NV + v] = A[v];
+        Ss[(t + 1) * NV + v] = S[v];
+      }
+    }
+  }
+  V dA[NV], dS[NV], dSt[NV];
+  for (int v = 0; v < NV; ++v) {  // on entry oA, oS hold the gradients of the chunk's final A and S
+    dA[v] = oA[q0 + v];
+    dS[v] = oS[q0 + v];
+  }
+  for (int64_t t = n - 1; t >= 0; --t) {
+    const V* At = As + (t + 1) * NV;
+    const V* Ap = As + t * NV;
+    const V* Sp = Ss + t * NV;
+    const V bt = splat<V>(x.beta[t]), et = splat<V>(x.eta[t]), mt = M[t], gt = G[t], yt = Yv[t];
+    const T* ht = h + t * Q + q0;
+    V* dht = dh + t * Q + q0;
+    // window 1: token t's own write's factor gradients in the same pass (no dS_t kept per vector)
+    const V c0 = g.c[t * w];
+    const T* a0 = x.a + t * Q + q0;
+    V* da0 = da + t * Q + q0;
+    V db = splat<V>(0), de = splat<V>(0), acc0 = splat<V>(0);
+    for (int v = 0; v < NV; ++v) {
+      const V gs = gt * vexp(At[v] - mt);  // gy_t / Z_t * e: the read's gradient through the softmax's numerator
+      dht[v] += gs;
+      const V dAt = dA[v] + gs * (ht[v] - yt);
+      db += dAt * Ap[v];
+      const V dSv = dS[v] + dAt;
+      de += dSv * Sp[v];
+      dA[v] = bt * dAt;
+      dS[v] = et * dSv;
+      if (ONE) {
+        acc0 += dSv * a0[v];
+        da0[v] -= c0 * dSv;
+      } else {
+        dSt[v] = dSv;
+      }
+    }
+    dbv[t] += db;
+    dev[t] += de;
+    if (ONE) {
+      dotv[t] += acc0;
+      continue;
+    }
+    for (int64_t k = 0; k < w; ++k) {  // the window's writes into token t: their factors' gradients
+      const int64_t e = t + k;
+      const V ck = g.c[t * w + k];
+      const T* ae = x.a + e * Q + q0;
+      V* dae = da + e * Q + q0;
+      V acc = splat<V>(0);
+      for (int v = 0; v < NV; ++v) {
+        acc += dSt[v] * ae[v];
+        dae[v] -= ck * dSt[v];
+      }
+      dotv[t * w + k] += acc;
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    oA[q0 + v] = dA[v];
+    oS[q0 + v] = dS[v];
+  }
+}
+
+template <typename T>
+bool kl_row_forward(const RecurSpec& s, void** ptrs) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  const int64_t n = s.n, P = s.P, Q = s.Q;
   return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
-    std::vector<T> A(tp_max * s.Q), S(tp_max * s.Q);
-    Read<T> rd(s);
+    KlGroup<T> g(s);
+    std::vector<V> M(n), Z(n), Y(n), oA(Q), oS(Q);
     for (int64_t r = lo; r < hi; ++r) {
       const RecurRow<T> x(s, ptrs, r);
-      rd.row(ptrs, r, false);
-      for (int64_t p0 = 0; p0 < s.P; p0 += tp_max) {
-        const int64_t tp = std::min(tp_max, s.P - p0);
-        x.load(p0, tp * s.Q, s.Q, A.data(), S.data());
-        for (int64_t t = 0; t < s.n; ++t) {
-          x.step(A.data(), S.data(), A.data(), S.data(), t, p0, tp, s);
-          rd.forward(A.data(), t, p0, tp);
+      const T* h = static_cast<const T*>(ptrs[7]) + r * n * Q;
+      T* y = static_cast<T*>(ptrs[8]) + r * n * P;
+      T* stats = static_cast<T*>(ptrs[9]) + r * 2 * n * P;
+      T* A_n = static_cast<T*>(ptrs[10]) + r * P * Q;
+      T* S_n = static_cast<T*>(ptrs[11]) + r * P * Q;
+      for (int64_t p0 = 0; p0 < P; p0 += L) {
+        g.load(x, p0);
+        bool first = true;
+        auto block = [&](auto nv, int64_t q) {
+          kl_block_forward<T, decltype(nv)::value>(x, g, h, q, first, M.data(), Z.data(), Y.data(), oA.data(),
+                                                   oS.data());
+          first = false;
+        };
+        over_blocks(
+            Q, 1, [&](int64_t q) { block(std::integral_constant<int, 8>{}, q); },
+            [&](int64_t q) { block(std::integral_constant<int, 4>{}, q); },
+            [&](int64_t q) { block(std::integral_constant<int, 1>{}, q); });
+        for (int64_t t = 0; t < n; ++t) {
+          const V iz = T(1) / Z[t], yt = Y[t] * iz;
+          for (int64_t l = 0; l < g.np; ++l) {
+            y[t * P + p0 + l] = yt[l];
+            stats[t * P + p0 + l] = M[t][l];
+            stats[(n + t) * P + p0 + l] = iz[l];
+          }
         }
+        g.scatter(oA.data(), A_n);
+        g.scatter(oS.data(), S_n);
       }
-      rd.finish();
     }
   });
 }
 
-template <typename T, template <typename> class Read>
-bool recur_backward(const RecurSpec& s, void** ptrs) {
-  const int64_t m = s.n + s.w - 1;
-  const int64_t tp_max = std::max<int64_t>(1, std::min(s.P, STATE_TILE / s.Q));
-  const int o = 8 + Read<T>::extra_in;  // the first output: dA0
+template <typename T>
+bool kl_row_backward(const RecurSpec& s, void** ptrs) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::N;
+  const int64_t n = s.n, w = s.w, P = s.P, Q = s.Q, m = n + w - 1;
   return over_range(s.R, s.threads, [&](int64_t lo, int64_t hi) {
-    const int64_t tile = tp_max * s.Q;
-    std::vector<T> As((s.n + 1) * tile), Ss((s.n + 1) * tile), dA(tile), dS(tile), dSt(tile), E(tile);
-    std::vector<double> dbeta(s.n), deta(s.n), dWb(s.n * s.w);
-    Read<T> rd(s);
+    KlGroup<T> g(s);
+    std::vector<V> As((n + 1) * 8), Ss((n + 1) * 8), M(n), G(n), Yv(n), dbv(n), dev(n), dotv(n * w), dh(n * Q),
+        da(m * Q), oA(Q), oS(Q);
+    std::vector<double> dWb(n * w);
     for (int64_t r = lo; r < hi; ++r) {
       const RecurRow<T> x(s, ptrs, r);
-      rd.row(ptrs, r, true);
-      const T *d = x.d, *a = x.a, *beta = x.beta, *eta = x.eta, *Wb = x.Wb;
-      T* dA0 = static_cast<T*>(ptrs[o]) + r * s.P * s.Q;
-      T* dS0 = static_cast<T*>(ptrs[o + 1]) + r * s.P * s.Q;
-      T* dd = static_cast<T*>(ptrs[o + 2]) + r * m * s.P;
-      T* da = static_cast<T*>(ptrs[o + 3]) + r * m * s.Q;
-      std::fill(dd, dd + m * s.P, T(0));
-      std::fill(da, da + m * s.Q, T(0));
-      std::fill(dbeta.begin(), dbeta.end(), 0.0);
-      std::fill(deta.begin(), deta.end(), 0.0);
+      const T* h = static_cast<const T*>(ptrs[7]) + r * n * Q;
+      const T* y = static_cast<const T*>(ptrs[8]) + r * n * P;
+      const T* stats = static_cast<const T*>(ptrs[9]) + r * 2 * n * P;
+      const T* gy = ptrs[10] ? static_cast<const T*>(ptrs[10]) + r * n * P : nullptr;
+      const T* gA = ptrs[11] ? static_cast<const T*>(ptrs[11]) + r * P * Q : nullptr;
+      const T* gS = ptrs[12] ? static_cast<const T*>(ptrs[12]) + r * P * Q : nullptr;
+      T* dA0 = static_cast<T*>(ptrs[13]) + r * P * Q;
+      T* dS0 = static_cast<T*>(ptrs[14]) + r * P * Q;
+      T* dd = static_cast<T*>(ptrs[15]) + r * m * P;
+      T* da_out = static_cast<T*>(ptrs[16]) + r * m * Q;
+      std::fill(dd, dd + m * P, T(0));
+      std::fill(dbv.begin(), dbv.end(), splat<V>(0));
+      std::fill(dev.begin(), dev.end(), splat<V>(0));
+      std::fill(dh.begin(), dh.end(), splat<V>(0));
+      std::fill(da.begin(), da.end(), splat<V>(0));
       std::fill(dWb.begin(), dWb.end(), 0.0);
-      for (int64_t p0 = 0; p0 < s.P; p0 += tp_max) {
-        const int64_t tp = std::min(tp_max, s.P - p0), size = tp * s.Q;
-        // the tile's states: slot 0 the chunk's start, slot t + 1 after token t
-        x.load(p0, size, s.Q, As.data(), Ss.data());
-        for (int64_t t = 0; t < s.n; ++t)
-          x.step(As.data() + t * tile, Ss.data() + t * tile, As.data() + (t + 1) * tile, Ss.data() + (t + 1) * tile, t,
-                 p0, tp, s);
-        std::fill(dA.begin(), dA.begin() + size, T(0));
-        std::fill(dS.begin(), dS.begin() + size, T(0));
-        for (int64_t t = s.n - 1; t >= 0; --t) {
-          const T* At = As.data() + (t + 1) * tile;
-          const T* Ap = As.data() + t * tile;
-          const T* Sp = Ss.data() + t * tile;
-          rd.adjoint(At, t, p0, tp, E.data());
-          const T bt = beta[t], et = eta[t];
-          T db = 0, de = 0;
-          if (s.w == 1) {  // one pass per matrix row: the adjoints, their dots, and the factors' gradients
-            const T c = Wb[t];
-            const T* at = a + t * s.Q;
-            const T* d_t = d + t * s.P + p0;
-            T* dat = da + t * s.Q;
-            double dw = 0;
-            for (int64_t p = 0; p < tp; ++p) {
-              const int64_t o0 = p * s.Q;
-              const T cd = c * d_t[p];
-              T acc = 0;
-#pragma omp simd reduction(+ : db, de, acc)
-              for (int64_t q = 0; q < s.Q; ++q) {
-                const int64_t i = o0 + q;
-                const T dAt = dA[i] + E[i];
-                db += dAt * Ap[i];
-                const T dS_t = dS[i] + dAt;
-                de += dS_t * Sp[i];
-                dA[i] = bt * dAt;
-                dS[i] = et * dS_t;
-                acc += dS_t * at[q];
-                dat[q] -= cd * dS_t;
-              }
-              dd[t * s.P + p0 + p] -= c * acc;
-              dw += static_cast<double>(d_t[p]) * acc;
-            }
-            dbeta[t] += db;
-            deta[t] += de;
-            dWb[t] -= dw;
-            continue;
-          }
-#pragma omp simd reduction(+ : db, de)
-          for (int64_t i = 0; i < size; ++i) {
-            const T dAt = dA[i] + E[i];
-            db += dAt * Ap[i];
-            const T dS_t = dS[i] + dAt;
-            de += dS_t * Sp[i];
-            dSt[i] = dS_t;
-            dA[i] = bt * dAt;
-            dS[i] = et * dS_t;
-          }
-          dbeta[t] += db;
-          deta[t] += de;
-          for (int64_t k = 0; k < s.w; ++k) {
-            const int64_t e = t + k;
-            const T c = Wb[t * s.w + k];
-            const T* ae = a + e * s.Q;
-            const T* d_e = d + e * s.P + p0;
-            T* dae = da + e * s.Q;
-            double dw = 0;
-            for (int64_t p = 0; p < tp; ++p) {
-              const T* row = dSt.data() + p * s.Q;
-              T acc = 0;
-#pragma omp simd reduction(+ : acc)
-              for (int64_t q = 0; q < s.Q; ++q) acc += row[q] * ae[q];
-              dd[e * s.P + p0 + p] -= c * acc;
-              dw += static_cast<double>(d_e[p]) * acc;
-              const T cd = c * d_e[p];
-#pragma omp simd
-              for (int64_t q = 0; q < s.Q; ++q) dae[q] -= cd * row[q];
-            }
-            dWb[t * s.w + k] -= dw;
-          }
+      for (int64_t p0 = 0; p0 < P; p0 += L) {
+        g.load(x, p0);
+        for (int64_t t = 0; t < n; ++t) {
+          M[t] = g.lanes(stats + t * P + p0, g.np);
+          G[t] = gy ? g.lanes(gy + t * P + p0, g.np) * g.lanes(stats + (n + t) * P + p0, g.np) : splat<V>(0);
+          Yv[t] = g.lanes(y + t * P + p0, g.np);
         }
-        std::copy(dA.begin(), dA.begin() + size, dA0 + p0 * s.Q);
-        std::copy(dS.begin(), dS.begin() + size, dS0 + p0 * s.Q);
+        std::fill(dotv.begin(), dotv.end(), splat<V>(0));
+        g.gather(gA, oA.data());
+        g.gather(gS, oS.data());
+        auto block = [&](auto nv, int64_t q) {
+          auto run = [&](auto one) {
+            kl_block_backward<T, decltype(nv)::value, decltype(one)::value>(
+                x, g, h, q, M.data(), G.data(), Yv.data(), As.data(), Ss.data(), dbv.data(), dev.data(), dotv.data(),
+                dh.data(), da.data(), oA.data(), oS.data());
+          };
+          if (w == 1)
+            run(std::true_type{});
+          else
+            run(std::false_type{});
+        };
+        over_blocks(
+            Q, 1, [&](int64_t q) { block(std::integral_constant<int, 8>{}, q); },
+            [&](int64_t q) { block(std::integral_constant<int, 4>{}, q); },
+            [&](int64_t q) { block(std::integral_constant<int, 1>{}, q); });
+        g.scatter(oA.data(), dA0);
+        g.scatter(oS.data(), dS0);
+        for (int64_t t = 0; t < n; ++t)  // dd_e -= Wb[t, k] dS_t a_e, dWb[t, k] = -d_e^T dS_t a_e (e = t + k)
+          for (int64_t k = 0; k < w; ++k) {
+            const int64_t e = t + k;
+            const V acc = dotv[t * w + k];
+            double dw = 0;
+            for (int64_t l = 0; l < g.np; ++l) {
+              dd[e * P + p0 + l] -= x.Wb[t * w + k] * acc[l];
+              dw += static_cast<double>(x.d[e * P + p0 + l]) * acc[l];
+            }
+            dWb[t * w + k] -= dw;
+          }
       }
-      T* db_out = static_cast<T*>(ptrs[o + 4]) + r * s.n;
-      T* de_out = static_cast<T*>(ptrs[o + 5]) + r * s.n;
-      T* dw_out = static_cast<T*>(ptrs[o + 6]) + r * s.n * s.w;
-      for (int64_t t = 0; t < s.n; ++t) {
-        db_out[t] = static_cast<T>(dbeta[t]);
-        de_out[t] = static_cast<T>(deta[t]);
+      T* db_out = static_cast<T*>(ptrs[17]) + r * n;
+      T* de_out = static_cast<T*>(ptrs[18]) + r * n;
+      T* dw_out = static_cast<T*>(ptrs[19]) + r * n * w;
+      T* dh_out = static_cast<T*>(ptrs[20]) + r * n * Q;
+      for (int64_t t = 0; t < n; ++t) {
+        db_out[t] = static_cast<T>(hsum(dbv[t]));
+        de_out[t] = static_cast<T>(hsum(dev[t]));
       }
-      for (int64_t i = 0; i < s.n * s.w; ++i) dw_out[i] = static_cast<T>(dWb[i]);
+      for (int64_t i = 0; i < n * w; ++i) dw_out[i] = static_cast<T>(dWb[i]);
+      for (int64_t i = 0; i < n * Q; ++i) dh_out[i] = static_cast<T>(hsum(dh[i]));
+      for (int64_t i = 0; i < m * Q; ++i) da_out[i] = static_cast<T>(hsum(da[i]));
     }
   });
 }
@@ -1563,6 +1605,6 @@ MNEMOS_EXPORT(mnemos_scan_forward, Spec, parse, scan_forward)
 MNEMOS_EXPORT(mnemos_scan_backward, Spec, parse, scan_backward)
 MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, lq4_forward)
 MNEMOS_EXPORT(mnemos_lq4_backward, RecurSpec, parse_recur, lq4_backward)
-MNEMOS_EXPORT(mnemos_kl_row_forward, RecurSpec, parse_recur, recur_forward, KlRowRead)
-MNEMOS_EXPORT(mnemos_kl_row_backward, RecurSpec, parse_recur, recur_backward, KlRowRead)
+MNEMOS_EXPORT(mnemos_kl_row_forward, RecurSpec, parse_recur, kl_row_forward)
+MNEMOS_EXPORT(mnemos_kl_row_backward, RecurSpec, parse_recur, kl_row_backward)
 }

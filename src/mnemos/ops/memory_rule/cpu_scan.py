@@ -398,40 +398,55 @@ class _StateRead(torch.autograd.Function):
     Wb ``[B, H, n, w]`` the weight of key-side token t + k in token t's write (theta_t gamma_{t+k}; m = n + w - 1),
     with ``S_t = eta_t S_{t-1} - sum_k Wb[t, k] U_{t+k}`` and ``A_t = beta_t A_{t-1} + S_t``; ``extra``: the read's
     own inputs. name ``"lq4"``: ``N_t = sum A_t^4`` ``[B, H, n]``; ``"kl_row"`` (extra: h ``[B, H, n, Q]``):
-    ``y_t = softmax(A_t, rows) h_t`` ``[B, H, n, P]``."""
+    ``(y, A_n, S_n)``, ``y_t = softmax(A_t, rows) h_t`` ``[B, H, n, P]`` and the accumulator and momentum after the
+    chunk's last token (its backward also takes y and each row's max and 1 / sum of exps, kept from the forward)."""
 
     @staticmethod
     def forward(ctx, name, A0, S0, d, a, beta, eta, Wb, *extra):
         xs = [t.contiguous() for t in (A0, S0, d, a, beta, eta, Wb, *extra)]
-        out = state_read_forward(name, xs)
-        ctx.name = name
-        ctx.save_for_backward(*xs)
-        return out
+        outs = state_read_forward(name, xs)
+        ctx.name, ctx.n_in = name, len(xs)
+        if name == "lq4":
+            ctx.save_for_backward(*xs)
+            return outs[0]
+        y, stats, A_n, S_n = outs
+        ctx.save_for_backward(*xs, y, stats)
+        return y, A_n, S_n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        return (None, *state_read_backward(ctx.name, ctx.saved_tensors, g))
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        return (None, *state_read_backward(ctx.name, saved[:ctx.n_in], grads, saved[ctx.n_in:]))
 
 
-def state_read_forward(name: str, xs: Sequence[Tensor], rs: int | None = None) -> Tensor:
+def state_read_forward(name: str, xs: Sequence[Tensor], rs: int | None = None) -> list[Tensor]:
     """:class:`_StateRead`'s forward without autograd: ``xs = (A0, S0, d, a, beta, eta, Wb, *extra)``, contiguous, but
-    A0 and S0 may have their rows ``rs`` elements apart (:func:`_row_stride`)."""
+    A0 and S0 may have their rows ``rs`` elements apart (:func:`_row_stride`; lq4 only). Returns ``[N]`` (lq4) or
+    ``[y, stats, A_n, S_n]`` (kl_row; stats ``[B, H, 2, n, P]``: each row's max and 1 / sum of exps, for the
+    backward)."""
     A0, Wb = xs[0], xs[6]
     B, H, P, Q = A0.shape
     n = Wb.shape[2]
-    out = A0.new_empty(B, H, n) if name == "lq4" else A0.new_empty(B, H, n, P)
+    if name == "lq4":
+        outs = [A0.new_empty(B, H, n)]
+    else:
+        outs = [A0.new_empty(B, H, n, P), A0.new_empty(B, H, 2, n, P), A0.new_empty(B, H, P, Q),
+                A0.new_empty(B, H, P, Q)]
     _call(f"mnemos_{name}_forward", A0.dtype, _recur_spec(A0, Wb, rs),
-          _pointers([*xs, out], aligned=False, strided=(0, 1) if rs is not None else ()))
-    return out
+          _pointers([*xs, *outs], aligned=False, strided=(0, 1) if rs is not None else ()))
+    return outs
 
 
-def state_read_backward(name: str, xs: Sequence[Tensor], g: Tensor) -> list[Tensor]:
+def state_read_backward(name: str, xs: Sequence[Tensor], grads: Sequence[Tensor | None],
+                        kept: Sequence[Tensor] = ()) -> list[Tensor]:
     """:class:`_StateRead`'s backward without autograd: the gradients of ``xs`` (contiguous, as given to
-    :func:`state_read_forward`) for the output gradient g, in the order of xs."""
+    :func:`state_read_forward`) for the outputs' gradients ``grads`` (lq4: ``(gN,)``; kl_row: ``(gy, gA_n, gS_n)``,
+    None where an output took none), in the order of xs. ``kept``: kl_row's ``(y, stats)`` from the forward."""
     outs = [torch.empty_like(t) for t in xs]
-    g = g.contiguous()  # held here: the kernel reads it through a raw pointer
-    _call(f"mnemos_{name}_backward", xs[0].dtype, _recur_spec(xs[0], xs[6]), _pointers([*xs, g, *outs], aligned=False))
+    grads = [None if g is None else g.contiguous() for g in grads]  # held here: the kernel reads them by pointer
+    _call(f"mnemos_{name}_backward", xs[0].dtype, _recur_spec(xs[0], xs[6]),
+          _pointers([*xs, *kept, *grads, *outs], aligned=False))
     return outs
 
 
@@ -454,7 +469,7 @@ def lq4_rows(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Te
     rs = _row_stride(A0, S0)
     if rs is None:
         A0, S0 = A0.contiguous(), S0.contiguous()
-    return state_read_forward("lq4", [A0, S0, *(t.contiguous() for t in (d, a, beta, eta, Wb))], rs)
+    return state_read_forward("lq4", [A0, S0, *(t.contiguous() for t in (d, a, beta, eta, Wb))], rs)[0]
 
 
 def lq4_rows_backward(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor,
@@ -497,10 +512,13 @@ def lq4_norms(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: T
 
 
 def kl_row_read(A0: Tensor, S0: Tensor, d: Tensor, a: Tensor, beta: Tensor, eta: Tensor, Wb: Tensor,
-                h: Tensor) -> Tensor:
+                h: Tensor, *, final: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Memora's read ``y_t = softmax(A_t) h_t`` (softmax over each row of A_t) ``[B, H, n, P]`` of every token's
-    accumulator in a chunk at its own input h ``[B, H, n, Q]`` (:class:`_StateRead`)."""
-    return _StateRead.apply("kl_row", A0, S0, d, a, beta, eta, Wb, h)
+    accumulator in a chunk at its own input h ``[B, H, n, Q]`` (:class:`_StateRead`); with ``final``, ``(y, A_n,
+    S_n)``: also the accumulator and momentum after the chunk's last token ``[B, H, P, Q]`` (the kernel steps them
+    anyway; their gradients enter its backward)."""
+    y, A_n, S_n = _StateRead.apply("kl_row", A0, S0, d, a, beta, eta, Wb, h)
+    return (y, A_n, S_n) if final else y
 
 
 __all__ = ["CpuChunkScan", "cpu_kernel", "forward", "kl_row_read", "library", "lq4_norms", "lq4_rows",

@@ -21,7 +21,8 @@ call. Moneta's lq reads take the dual form of the decay path scaled per token (`
 so there A_i is needed only for its norm. (Moneta with lq = 4 and momentum on the CPU does not come here: it runs the
 hand-written dual form of ``torch_scan.py``, every token's norm from ``cpu_scan``'s lq4 kernel; this path takes lq on
 other devices, dtypes and exponents.) On the CPU with momentum, Memora's reads (kl by rows) form no A_i at all:
-``cpu_scan.kl_row_read`` steps the accumulator's recurrence through the chunk in cache (:func:`stateless_reads`), and
+``cpu_scan.kl_row_read`` steps the accumulator's recurrence through the chunk in registers and returns the last A and S
+(:func:`stateless_reads`), and
 such a chunk is recorded by autograd as it runs. Where the
 hand-written dual form of ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per
 chunk and layer; autograd differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a
@@ -177,19 +178,22 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     A_tok, A_out, S_out = [], [], []
     # lq with momentum: a token's read F(A_i) x = ||A_i||_lq^(2 - lq) A_i x, and A_i x has the dual form of the decay
     # path (b_i A_0 x + f_i S_0 x - sum_j G[i, j] (a_j . x) d_j): A_i is formed only for its norm. kl by rows with
-    # momentum on the CPU: cpu_scan.kl_row_read reads every A_i without forming it.
+    # momentum on the CPU: cpu_scan.kl_row_read reads every A_i without forming it, and returns the last A and S.
     dual = rule.retention == "lq" and rule.optimizer == "momentum"
     stateless = stateless_reads(rule, q, len(coef))
     kl_rows = stateless and rule.retention == "kl"
     for A, S, ai, di in zip(A0, S0, a, d):
+        if kl_rows:  # the kernel steps A and S through the chunk: the final ones come out of it (below)
+            A_tok.append((None, A, S, ai, di))
+            continue
         if rule.optimizer == "momentum":
             b, f, G, el, pl = coef[:5]
             # (signs on the small factors: a negated state-sized product is one more pass over the state)
             S_out.append(torch.addcmul(((-pl).unsqueeze(-1) * di).mT @ ai, el[..., None, None], S))  # no U
-            if dual or kl_rows:  # the last state from its own row of the coefficients: no gradient into every A_i
+            if dual:  # the last state from its own row of the coefficients: no gradient into every A_i
                 A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
-                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule) if dual else None, A, S, ai, di))
+                A_tok.append((_lq_norms_scale(A, S, di, ai, coef, rule), A, S, ai, di))
                 continue
             Ai = _rank_states((b, f, -G), (A, S), di, ai)  # [B, H, n, D_out, D_in]
         elif rule.optimizer == "orthogonal":
@@ -217,7 +221,9 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             h = scale.unsqueeze(-1) * y
         elif kl_rows:
             _, A, S, ai, di = Ai
-            h = cpu_scan.kl_row_read(A, S, di, ai, *coef[5:], h)
+            h, A_n, S_n = cpu_scan.kl_row_read(A, S, di, ai, *coef[5:], h, final=True)
+            A_out.append(A_n)
+            S_out.append(S_n)
             if rule.softmax_scale != 1.0:
                 h = rule.softmax_scale * h
         else:
