@@ -304,8 +304,8 @@ def test_large_states_at_long_chunks_take_the_torch_loop():
 
 def test_the_vector_width_follows_the_build(tmp_path):
     """MNEMOS_VECTOR_BYTES builds the kernel at that width, the module lays tensors out in as many lanes, and the
-    compiled loop equals the torch loop in float64 at that width (a fresh process each: the library is loaded once
-    per process); a bad value is refused by name."""
+    compiled loop equals the torch loop in float64 at that width, and so does Memora with the kl read (a fresh process
+    each: the library is loaded once per process); a bad value is refused by name."""
     code = ("import torch\nfrom mnemos.ops import neural_memory_chunked as op\n"
             "from mnemos.ops.memory_rule import cpu_scan\n"
             "g = torch.Generator().manual_seed(0); B, T, H, D = 3, 13, 2, 5  # 6 rows: part-filled groups\n"
@@ -318,6 +318,12 @@ def test_the_vector_width_follows_the_build(tmp_path):
             "    with cpu_scan.cpu_kernel(on):\n"
             "        outs.append(op(*x, *gates, W, chunk_size=4, normalize_step=True)[0])\n"
             "assert (outs[0] - outs[1]).abs().max() < 1e-12, (outs[0] - outs[1]).abs().max()\n"
+            "from mnemos.ops import neural_memory\n"  # Memora: cpu_scan's kl read, its lanes across matrix rows
+            "mem = []\n"
+            "for on in (True, False):\n"
+            "    with cpu_scan.cpu_kernel(on):\n"
+            "        mem.append(neural_memory(*x, *gates, W, rule='memora', chunk_size=4)[0])\n"
+            "assert (mem[0] - mem[1]).abs().max() < 1e-12, (mem[0] - mem[1]).abs().max()\n"
             "print(cpu_scan.unavailable_reason(), cpu_scan.lanes(torch.float32), cpu_scan.lanes(torch.float64))")
     env = {**os.environ, "MNEMOS_CACHE_DIR": str(tmp_path)}
     # 16 bytes: not the native width anywhere it is tested (32 or 64), 4 / 2 lanes; one build (~5-30 s)
