@@ -10,17 +10,22 @@ chunk's anchor (``flops.memory_rule_counts``). The dense retentions and Muon can
   summed (1): >= 5 FLOPs per state entry per token in the forward.
 - ``kl`` (Memora): the softmax of every row of A_t: the same 2 to form it, an exp (counted as 1 FLOP: a lower
   bound), a sum and a scale: >= 5 per entry per token.
-- ``muon`` (Atlas): Newton-Schulz on every token's S (``ns_steps`` iterations of X X^T, (X X^T)^2 and (.) X on the
-  m x n layer matrix, m <= n: 2 m^2 n + 2 m^3 + 2 m^2 n FLOPs each), plus forming S_t and A_t (2 + 2 per entry) and
-  the window's extra outer products (w - 1 per token, 2 FLOPs an entry).
+- ``muon`` (Atlas): Newton-Schulz on every token's S, ``ns_steps`` iterations on the m x n layer matrix (m <= n), at
+  the cheaper of two exact forms: on X itself (X X^T, (X X^T)^2 and (.) X: 2 m^2 n + 2 m^3 + 2 m^2 n FLOPs a step), or
+  in the m x m Gram domain: every iterate is X_k = P_k X_0 with P_k a polynomial in G = X_0 X_0^T, and all of them
+  commute, so G_(k+1) = G_k p(G_k)^2 and P_(k+1) = p(G_k) P_k with p(g) = a + b g + c g^2 take four m x m products a
+  step (8 m^3 FLOPs; cheaper than the first form when n > 1.5 m). The reads never need NS(S_t) itself (its product
+  with a vector is P (S_t x) / ||S_t||), and G_t of S_t = e_t S_0 - (rank <= n tokens) follows from the chunk's
+  S_0 S_0^T by low-rank updates, so neither is counted. Plus forming S_t and A_t (2 + 2 per entry) and the window's
+  extra outer products (w - 1 per token, 2 FLOPs an entry).
 
 The backward costs at least what the forward does for the entrywise work (each entry's gradient goes back through
 the same two recurrences and the power / exp) and twice the forward for Newton-Schulz's matmuls (each matmul's
 backward is two of its size): fwd+bwd >= 2 x fwd (entrywise) and 3 x fwd (NS). Titans' own work is added to every
 rule's (they keep the anchor's gradients and reads). The floor is then (FLOPs) / (this machine's single-thread
 float32 matmul rate, measured on a 1024^3 product): no kernel on this core runs them faster, so a floor above a
-target's multiple of Titans' *measured* time means the target cannot be met on this machine by any implementation
-of the rule as specified.
+target's multiple of Titans' *measured* time means the target cannot be met on this machine by an implementation
+of the rule as specified that evaluates Newton-Schulz in either form (no cheaper exact form is known to us).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/rule_floor.py --out benchmarks/results/rule_floor-cpu.json
 """
@@ -38,7 +43,7 @@ import torch
 
 from flops import memory_rule_counts, memory_rule_layers
 from memory_rules_speed import call, make_inputs
-from speed_common import cpu_model, git_commit
+from speed_common import add_denormals_flag, cpu_model, git_commit, set_denormals
 
 try:
     import mnemos  # noqa: F401
@@ -57,7 +62,7 @@ def extra_flops(rule, layers, tokens: int) -> tuple[float, float]:
         entries = d_in * d_out
         if rule.optimizer == "muon":
             m, n = min(d_in, d_out), max(d_in, d_out)
-            ns = rule.ns_steps * (4 * m * m * n + 2 * m ** 3)
+            ns = rule.ns_steps * min(4 * m * m * n + 2 * m ** 3, 8 * m ** 3)  # on X, or in the Gram domain
             entry = 4 * entries + 2 * entries * (rule.window - 1)
             fwd += ns + entry
             fwdbwd += 3 * ns + 2 * entry
@@ -102,8 +107,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="Titans fwd+bwd timings (median)")
     p.add_argument("--out", default=None)
+    add_denormals_flag(p)  # as memory_rules_speed.py: Titans timed alike in both
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    set_denormals(a.denormals)
     B, T, H, D, E = a.batch, a.seq_len, a.heads, a.head_dim, a.expansion
     layers = memory_rule_layers(D, 2, E)
     titans = memory_rule_counts(B, T, H, layers, a.chunk, io_bytes=4)["fwdbwd"]["flops"]

@@ -24,8 +24,10 @@ def test_dense_retentions_count_five_flops_per_state_entry_and_token():
 
 
 def test_muon_counts_newton_schulz_on_every_token():
-    # per layer (m, n) = (64, 256): each NS step X X^T (2 m^2 n), its square (2 m^3), times X (2 m^2 n)
-    ns_step = 2 * 64 * 64 * 256 + 2 * 64 ** 3 + 2 * 64 * 64 * 256
+    # per layer (m, n) = (64, 256): each NS step in the Gram domain, four 64^3 products (on X itself: X X^T 2 m^2 n,
+    # its square 2 m^3, times X 2 m^2 n, more than twice that)
+    ns_step = 8 * 64 ** 3
+    assert 2 * ns_step < 2 * 64 * 64 * 256 + 2 * 64 ** 3 + 2 * 64 * 64 * 256
     entries = 64 * 256
     atlas = RULES["atlas"]  # 5 steps, window 4
     per_layer_fwd = 5 * ns_step + 4 * entries + 2 * entries * 3
@@ -34,3 +36,11 @@ def test_muon_counts_newton_schulz_on_every_token():
     # no Newton-Schulz steps and a window of one: only the per-token states remain
     bare = replace(atlas, ns_steps=0, window=1)
     assert rule_floor.extra_flops(bare, LAYERS, 1) == (2 * 4 * entries, 2 * 2 * 4 * entries)
+
+
+def test_square_layers_count_newton_schulz_on_x_itself():
+    """m = n: the Gram domain's four m^3 products cost more than X X^T, its square and (.) X (6 m^3): the floor takes
+    the cheaper form."""
+    atlas = replace(RULES["atlas"], window=1)
+    entries = 64 * 64
+    assert rule_floor.extra_flops(atlas, [(64, 64)], 1)[0] == 5 * 6 * 64 ** 3 + 4 * entries
