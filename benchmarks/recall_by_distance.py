@@ -17,6 +17,11 @@ hold the accuracies against, not a fit.
 and theta / (1 - eta) in place of (theta, eta), token by token, so every write lands at once with the weight the
 momentum would have given it in the end (a diagnostic: the copy is never saved). If the near queries recover and the
 far ones hold, the delay of the momentum is what costs the near queries.
+
+``--gates`` prints, for a DeltaNet or Gated DeltaNet checkpoint, what its gates did on the same sequences, per layer
+and head: the mean write strength beta, and for Gated DeltaNet the mean decay a and the retention over the whole
+sequence, ``exp(sum_t log a_t)`` averaged over the sequences (the share of the first token's write left at the end
+by the decay alone): whether a failure is forgetting or weak writing.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from mnemos.data.mqar import IGNORE_INDEX
 from mnemos.eval.adapters import MnemosLMAdapter, load_mnemos_checkpoint
 from mnemos.eval.tasks.mqar import saved_mqar_task
 from mnemos.layers import NeuralMemory
+from mnemos.models.baselines import LinearRecurrence
 
 from forget_gate_probe import memory_copy  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
@@ -98,6 +104,45 @@ def instant_writes(adapter: MnemosLMAdapter) -> MnemosLMAdapter:
     return MnemosLMAdapter(model, name=f"{adapter.name}, instant writes")
 
 
+def delta_gates(model: torch.nn.Module, inputs: torch.Tensor, batch: int = 50) -> list[dict]:
+    """Per delta-rule mixer (DeltaNet / Gated DeltaNet, in model order): per head the mean beta over every token of
+    ``inputs``, and for Gated DeltaNet the mean decay a and the mean over sequences of ``exp(sum_t log a_t)`` (None
+    for DeltaNet, whose state does not decay). Each mixer's gates are read off its own input (a forward hook on the
+    model run as usual)."""
+    mixers = [m for m in model.modules() if isinstance(m, LinearRecurrence) and m.kind != "linear_attention"]
+    if not mixers:
+        raise ValueError("no DeltaNet or Gated DeltaNet mixer in the model")
+    sums = [{"beta": 0.0, "a": 0.0, "retention": 0.0, "tokens": 0, "rows": 0} for _ in mixers]
+
+    def hook(i):
+        def record(mod, args, _out):
+            _, _, _, beta, a, _ = mod.features(args[0])  # [B, T, H] each
+            s = sums[i]
+            s["beta"] = s["beta"] + beta.sum((0, 1))
+            s["tokens"] += beta.shape[0] * beta.shape[1]
+            s["rows"] += beta.shape[0]
+            if a is not None:
+                s["a"] = s["a"] + a.sum((0, 1))
+                s["retention"] = s["retention"] + a.log().sum(1).exp().sum(0)
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mixers)]
+    try:
+        with torch.no_grad():
+            for i in range(0, inputs.shape[0], batch):
+                model(inputs[i : i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for m, s in zip(mixers, sums):
+        gated = m.kind == "gated_deltanet"
+        out.append({"kind": m.kind, "beta": (s["beta"] / s["tokens"]).tolist(),
+                    "a": (s["a"] / s["tokens"]).tolist() if gated else None,
+                    "retention": (s["retention"] / s["rows"]).tolist() if gated else None})
+    return out
+
+
 def predictions(adapter, inputs: torch.Tensor, batch: int) -> torch.Tensor:
     pred = torch.empty_like(inputs)
     with torch.no_grad():
@@ -118,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the bins as JSON here")
     p.add_argument("--instant-writes", action="store_true",
                    help="also each model with eta = 0 and theta / (1 - eta): its writes landed at once")
+    p.add_argument("--gates", action="store_true",
+                   help="also a delta rule's gates per layer and head: mean beta, mean decay a, retention over L")
     args = p.parse_args(argv)
     if args.samples < 1 or args.batch_size < 1:
         p.error("--samples and --batch-size must be >= 1")
@@ -161,6 +208,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {span} | {b['n']} | {acc} | {se} |{landed}")
             results[spec + suffix] = {"task": task, "samples": args.samples, "seed": args.seed, "eta_mean": eta,
                                       "bins": bins, "accuracy": float(hit.float().mean()), "n": int(hit.numel())}
+        if args.gates:
+            if not any(isinstance(m, LinearRecurrence) and m.kind != "linear_attention" for m in base.model.modules()):
+                print(f"{spec}: no DeltaNet or Gated DeltaNet mixer, no gates")
+                continue
+            gates = delta_gates(base.model, inputs, args.batch_size)
+            fmt = lambda xs, f: " ".join(format(x, f) for x in xs)  # noqa: E731
+            print(f"\n{spec}: gates on the same {args.samples} sequences, per head")
+            print(f"| layer | mean beta | mean decay a | retention over {cfg.seq_len} tokens |\n|---|---|---|---|")
+            for i, gt in enumerate(gates):
+                a = "—" if gt["a"] is None else fmt(gt["a"], ".4f")
+                ret = "— (no decay)" if gt["retention"] is None else fmt(gt["retention"], ".2e")
+                print(f"| {i} | {fmt(gt['beta'], '.3f')} | {a} | {ret} |")
+            results[spec]["gates"] = gates
     if args.out:
         args.out.write_text(json.dumps(results, indent=1, default=str))
         print(f"wrote {args.out}")

@@ -81,3 +81,32 @@ def test_instant_writes_lands_every_write_at_once():
         a, _ = base.forward(ids, base.init_state(2))
         b, _ = probe.forward(ids, probe.init_state(2))
     assert not torch.allclose(a, b)
+
+
+def test_delta_gates_report_beta_decay_and_retention():
+    """On a small untrained Gated DeltaNet with one decay pinned per head, the probe's means and the retention
+    exp(sum log a) over the sequence equal what the gates are; a DeltaNet has no decay; a model without delta
+    mixers is refused."""
+    from recall_by_distance import delta_gates
+
+    from mnemos.models import MnemosConfig, MnemosLM
+
+    torch.manual_seed(0)
+    gdn = MnemosLM(MnemosConfig(variant="gated_deltanet", vocab_size=32, d_model=16, n_layers=2, n_heads=2))
+    inputs = torch.randint(0, 32, (5, 12))
+    for m in gdn.modules():
+        if type(m).__name__ == "LinearRecurrence":
+            torch.nn.init.zeros_(m.to_decay.weight)  # the decay then depends on the head only: a = exp(-A dt)
+    out = delta_gates(gdn, inputs, batch=2)
+    assert len(out) == 2 and all(g["kind"] == "gated_deltanet" for g in out)
+    mixers = [m for m in gdn.modules() if type(m).__name__ == "LinearRecurrence"]
+    for g, m in zip(out, mixers):
+        a = torch.exp(-m.A_log.exp() * torch.nn.functional.softplus(m.dt_bias)).clamp_min(1e-3).detach()
+        assert g["a"] == pytest.approx(a.tolist(), rel=1e-5)
+        assert g["retention"] == pytest.approx((a ** 12).tolist(), rel=1e-4)
+        assert all(0 < b < 1 for b in g["beta"])
+    dn = MnemosLM(MnemosConfig(variant="deltanet", vocab_size=32, d_model=16, n_layers=1, n_heads=2))
+    assert delta_gates(dn, inputs)[0]["a"] is None and delta_gates(dn, inputs)[0]["retention"] is None
+    with pytest.raises(ValueError, match="no DeltaNet or Gated DeltaNet"):
+        delta_gates(MnemosLM(MnemosConfig(variant="transformer", vocab_size=32, d_model=16, n_layers=1, n_heads=2)),
+                    inputs)
