@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mnemos.ops import RULES, MemoryRule, delta_rule, effective_weights, neural_memory
-from mnemos.ops.memory_rule.rule import newton_schulz
+from mnemos.ops.memory_rule.rule import newton_schulz, newton_schulz_fast
 from mnemos.testing import assert_close
 
 F64 = torch.float64
@@ -231,6 +231,34 @@ def test_newton_schulz_acts_on_singular_values_and_0_steps_is_the_normalised_inp
     X = newton_schulz(torch.randn(8, 5, generator=g, dtype=F64), 5)  # Muon's band of singular values
     s = torch.linalg.svdvals(X)
     assert s.min() > 0.5 and s.max() < 1.25
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 7, 29), (4, 40, 9), (5, 6, 6), (2, 9, 13), (16, 64), (3, 1, 12), (2, 5, 1)],
+                         ids=str)
+def test_the_chunked_paths_newton_schulz_equals_the_plain_one_and_its_gradient(shape):
+    """newton_schulz_fast (a fused multiply-add a step; the Gram domain where the matrix is wide enough: at 5 steps
+    (3, 2, 7, 29), (4, 40, 9), (16, 64), (3, 1, 12) and its tall twin (2, 5, 1) take it, (5, 6, 6) and (2, 9, 13) the
+    fused form) equals the plain iteration and the SVD form in float64, for 0 .. 5 steps, and so do its input
+    gradients; a zero matrix stays 0."""
+    g = torch.Generator().manual_seed(sum(shape))
+    S = torch.randn(*shape, generator=g, dtype=F64)
+    for steps in range(6):
+        assert_close(f"NS{steps} {shape}", newton_schulz_fast(S, steps), newton_schulz(S, steps), 1e-12)
+        if steps in (1, 5):
+            assert_close(f"SVD NS{steps} {shape}", newton_schulz_fast(S, steps), svd_ns(S, steps), 1e-12)
+        x, y = S.clone().requires_grad_(), S.clone().requires_grad_()
+        w = torch.randn(*shape, generator=g, dtype=F64)
+        (newton_schulz_fast(x, steps) * w).sum().backward()
+        (newton_schulz(y, steps) * w).sum().backward()
+        assert_close(f"grad NS{steps} {shape}", x.grad, y.grad, 1e-10)
+    zero = torch.zeros(*shape, dtype=F64, requires_grad=True)
+    out = newton_schulz_fast(zero, 5)
+    assert not out.any()
+    out.sum().backward()  # finite: the Gram form's norm from the trace has no 0 / 0 at S = 0
+    plain = torch.zeros(*shape, dtype=F64, requires_grad=True)
+    newton_schulz(plain, 5).sum().backward()
+    assert torch.isfinite(zero.grad).all()
+    assert_close(f"grad at 0 {shape}", zero.grad, plain.grad, 1e-10)
 
 
 @pytest.mark.parametrize("dim", ["row", "all"])

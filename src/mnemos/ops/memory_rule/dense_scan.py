@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import cpu_scan
 from .common import activate
-from .rule import MemoryRule, effective_weights, newton_schulz, orthogonal_step
+from .rule import MemoryRule, effective_weights, newton_schulz_fast, orthogonal_step
 from .torch_scan import anchor_forward
 
 
@@ -208,7 +208,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
         else:
             b, e, Pe, Pb = coef
             Si = _rank_states((e, -Pe), (S,), di, ai)  # the momentum of the raw gradients, every token
-            Ai = _with_starts((b, Pb), (A,), newton_schulz(Si, rule.ns_steps))
+            Ai = _with_starts((b, Pb), (A,), newton_schulz_fast(Si, rule.ns_steps))
             S_out.append(Si[:, :, -1].clone())  # not a view: it would keep every token's S alive
         A_tok.append(Ai)
         A_out.append(Ai[:, :, -1].clone())

@@ -256,6 +256,47 @@ def newton_schulz(S: Tensor, steps: int) -> Tensor:
     return X.mT if tall else X
 
 
+def newton_schulz_fast(S: Tensor, steps: int) -> Tensor:
+    """:func:`newton_schulz` in fewer operations, equal up to rounding (the chunked path's; the reference keeps the
+    plain form). On ``X [..., m, n]`` (m <= n after the same transpose) a step is one fused multiply-add
+    ``X <- a X + B X`` with ``B = b G + c G^2``, ``G = X X^T``; and when m is well below n, the whole iteration runs
+    in the m x m Gram domain: every iterate is ``X_k = P_k X_0`` with ``P_k`` a polynomial in ``G_0 = X_0 X_0^T``,
+    all of which commute, so ``p_k = a I + b G_k + c G_k^2``, ``P_(k+1) = p_k P_k``, ``G_(k+1) = G_k p_k^2`` and
+    ``NS(S) = (P_steps / r) S`` with ``r = ||S||_F + eps``, ``||S||_F^2 = tr(S S^T)``: 4 steps - 3 products of m^3
+    and two of m^2 n, against steps (2 m^2 n + m^3), and nothing of S's size but those two products (the
+    normalisation rides on the small matrices). docs/MEMORY_RULE.md, "Newton-Schulz in the Gram domain"."""
+    a, b, c = NS_COEFFICIENTS
+    tall = S.shape[-2] > S.shape[-1]
+    Y = S.mT if tall else S  # [..., m, n], m <= n
+    shape = Y.shape
+    m, n = shape[-2:]
+    gram = steps > 0 and (4 * steps - 3) * m + 2 * n < steps * (2 * n + m)  # the Gram domain: fewer multiply-adds
+    if not gram:
+        X = Y / (torch.linalg.matrix_norm(Y, keepdim=True) + NS_EPS)
+        if steps:
+            X = X.reshape(-1, m, n)
+            for k in range(steps):
+                G = X @ X.mT
+                X = torch.baddbmm(X, torch.baddbmm(G, G, G, beta=b, alpha=c), X, beta=a)  # a X + (b G + c G^2) X
+            X = X.view(shape)
+        return X.mT if tall else X
+    Y = Y.reshape(-1, m, n)
+    G = Y @ Y.mT  # S S^T, unnormalised
+    sq = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||S||_F^2
+    pos = sq > 0
+    r = torch.where(pos, torch.where(pos, sq, 1.0).sqrt(), 0.0) + NS_EPS  # a zero S: r = eps, no 0 / 0 in its gradient
+    G = G / (r * r)[:, None, None]
+    eye = torch.eye(m, dtype=S.dtype, device=S.device)
+    P = None
+    for k in range(steps):
+        p = torch.baddbmm(torch.add(G, eye, alpha=a / b), G, G, beta=b, alpha=c)  # a I + b G + c G^2
+        P = p if P is None else p @ P
+        if k < steps - 1:
+            G = G @ (p @ p)
+    X = ((P / r[:, None, None]) @ Y).view(shape)
+    return X.mT if tall else X
+
+
 def check_orthogonal_depth(rule: MemoryRule, depth: int) -> None:
     """Lattice's slot update is defined for a matrix memory: ValueError for ``optimizer='orthogonal'`` at depth > 1."""
     if rule.optimizer == "orthogonal" and depth != 1:
