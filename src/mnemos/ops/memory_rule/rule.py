@@ -256,21 +256,34 @@ def newton_schulz(S: Tensor, steps: int) -> Tensor:
     return X.mT if tall else X
 
 
+NS_GRAM_SEGMENT = 3  # Gram-domain steps between two formings of X (newton_schulz_fast: bounds P's growth to a^3)
+
+
+def _ns_segments(steps: int) -> list[int]:
+    """The Gram domain's runs of steps, each <= NS_GRAM_SEGMENT, the first the shortest: 5 -> [2, 3]."""
+    count = -(-steps // NS_GRAM_SEGMENT)
+    return [steps // count + (i >= count - steps % count) for i in range(count)] if steps else []
+
+
 def newton_schulz_fast(S: Tensor, steps: int) -> Tensor:
     """:func:`newton_schulz` in fewer operations, equal up to rounding (the chunked path's; the reference keeps the
     plain form). On ``X [..., m, n]`` (m <= n after the same transpose) a step is one fused multiply-add
-    ``X <- a X + B X`` with ``B = b G + c G^2``, ``G = X X^T``; and when m is well below n, the whole iteration runs
-    in the m x m Gram domain: every iterate is ``X_k = P_k X_0`` with ``P_k`` a polynomial in ``G_0 = X_0 X_0^T``,
-    all of which commute, so ``p_k = a I + b G_k + c G_k^2``, ``P_(k+1) = p_k P_k``, ``G_(k+1) = G_k p_k^2`` and
-    ``NS(S) = (P_steps / r) S`` with ``r = ||S||_F + eps``, ``||S||_F^2 = tr(S S^T)``: 4 steps - 3 products of m^3
-    and two of m^2 n, against steps (2 m^2 n + m^3), and nothing of S's size but those two products (the
-    normalisation rides on the small matrices). docs/MEMORY_RULE.md, "Newton-Schulz in the Gram domain"."""
+    ``X <- a X + B X`` with ``B = b G + c G^2``, ``G = X X^T``; and when m is well below n, the steps run in the
+    m x m Gram domain: within a run of steps every iterate is ``X_k = P_k X_j`` with ``P_k`` a polynomial in
+    ``G_j = X_j X_j^T``, all of which commute, so ``p_k = a I + b G_k + c G_k^2``, ``P_(k+1) = p_k P_k``,
+    ``G_(k+1) = G_k p_k^2``, and X is formed only at the end of the run (``X = P X_j``). Runs of at most
+    ``NS_GRAM_SEGMENT`` = 3 steps keep P below a^3 ~ 41 (one run of 5 lets it reach a^5 ~ 490 where X_0 is small, and
+    its float32 rounding then spills into X's large directions: ~30x the plain form's error on a matrix with decaying
+    singular values; two runs match the plain form). The first run starts from ``S S^T / r^2``, ``r = ||S||_F + eps``
+    with ``||S||_F^2 = tr(S S^T)``, and folds 1 / r into its P. Cost: per run of s steps 4 s - 3 products of m^3 and
+    two of m^2 n, against 2 m^2 n + m^3 a step on X (docs/MEMORY_RULE.md, "Newton-Schulz in the Gram domain")."""
     a, b, c = NS_COEFFICIENTS
     tall = S.shape[-2] > S.shape[-1]
     Y = S.mT if tall else S  # [..., m, n], m <= n
     shape = Y.shape
     m, n = shape[-2:]
-    gram = steps > 0 and (4 * steps - 3) * m + 2 * n < steps * (2 * n + m)  # the Gram domain: fewer multiply-adds
+    runs = _ns_segments(steps)
+    gram = sum(4 * s - 3 for s in runs) * m + 2 * n * len(runs) < steps * (2 * n + m)  # fewer multiply-adds
     if not gram:
         X = Y / (torch.linalg.matrix_norm(Y, keepdim=True) + NS_EPS)
         if steps:
@@ -280,20 +293,23 @@ def newton_schulz_fast(S: Tensor, steps: int) -> Tensor:
                 X = torch.baddbmm(X, torch.baddbmm(G, G, G, beta=b, alpha=c), X, beta=a)  # a X + (b G + c G^2) X
             X = X.view(shape)
         return X.mT if tall else X
-    Y = Y.reshape(-1, m, n)
-    G = Y @ Y.mT  # S S^T, unnormalised
-    sq = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||S||_F^2
-    pos = sq > 0
-    r = torch.where(pos, torch.where(pos, sq, 1.0).sqrt(), 0.0) + NS_EPS  # a zero S: r = eps, no 0 / 0 in its gradient
-    G = G / (r * r)[:, None, None]
+    X = Y.reshape(-1, m, n)
     eye = torch.eye(m, dtype=S.dtype, device=S.device)
-    P = None
-    for k in range(steps):
-        p = torch.baddbmm(torch.add(G, eye, alpha=a / b), G, G, beta=b, alpha=c)  # a I + b G + c G^2
-        P = p if P is None else p @ P
-        if k < steps - 1:
-            G = G @ (p @ p)
-    X = ((P / r[:, None, None]) @ Y).view(shape)
+    for i, run in enumerate(runs):
+        G = X @ X.mT
+        if i == 0:  # S S^T: normalise G here, and P below, instead of S
+            sq = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ||S||_F^2
+            pos = sq > 0
+            r = (torch.where(pos, torch.where(pos, sq, 1.0).sqrt(), 0.0) + NS_EPS)[:, None, None]  # S = 0: r = eps
+            G = G / (r * r)
+        P = None
+        for k in range(run):
+            p = torch.baddbmm(torch.add(G, eye, alpha=a / b), G, G, beta=b, alpha=c)  # a I + b G + c G^2
+            P = p if P is None else p @ P
+            if k < run - 1:
+                G = G @ (p @ p)
+        X = (P / r if i == 0 else P) @ X
+    X = X.view(shape)
     return X.mT if tall else X
 
 
