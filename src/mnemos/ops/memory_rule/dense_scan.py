@@ -21,12 +21,12 @@ call. Moneta's lq reads take the dual form of the decay path scaled per token (`
 so there A_i is needed only for its norm. (Moneta with lq = 4 and momentum on the CPU does not come here: it runs the
 hand-written dual form of ``torch_scan.py``, every token's norm from ``cpu_scan``'s lq4 kernel; this path takes lq on
 other devices, dtypes and exponents.) On the CPU with momentum, Memora's reads (kl by rows) form no A_i at all:
-``cpu_scan.kl_row_read`` steps the accumulator's recurrence through the chunk in registers and returns the last A and S
-(:func:`stateless_reads`), and
-such a chunk is recorded by autograd as it runs. Where the
-hand-written dual form of ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per
-chunk and layer; autograd differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a
-chunk from its starting state, so memory is the states at chunk starts, not every token's).
+``cpu_scan.kl_row_read`` steps the accumulator's recurrence through the chunk in registers and returns the last A and
+S (:func:`stateless_reads`), and such a chunk is recorded by autograd as it runs. Where the hand-written dual form of
+``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per chunk and layer; autograd
+differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
+so memory is the states at chunk starts, not every token's). NS runs in the Gram domain where that is cheaper
+(:func:`~.rule.newton_schulz_fast`).
 """
 
 from __future__ import annotations
