@@ -1278,7 +1278,7 @@ bool lq4_backward(const RecurSpec& s, void** ptrs) {
 // The forward also writes the accumulator and momentum after the chunk's last token (A_n, S_n [P, Q]: the next
 // chunk's start, from the registers the walk ends with), and the backward starts its adjoints from their gradients.
 // ptrs forward: A0 S0 d a beta eta Wb h, out y [n, P], out stats [2, n, P], out A_n S_n. Backward: A0 S0 d a beta eta
-// Wb h, y, stats, gy [n, P], gA_n, gS_n (each null: zero), then out dA0 dS0 (contiguous [P, Q]) dd da dbeta deta dWb dh.
+// Wb h, y, stats, gy [n, P], gA_n, gS_n, then out dA0 dS0 (contiguous [P, Q]) dd da dbeta deta dWb dh.
 
 template <typename T>
 struct KlGroup {  // one group of L matrix rows of one (sequence, head) row: its recurrence inputs in lanes
@@ -1293,12 +1293,11 @@ struct KlGroup {  // one group of L matrix rows of one (sequence, head) row: its
     for (int64_t l = 0; l < np; ++l) v[l] = x[l];
     return v;
   }
-  // matrix rows p0 .. p0 + np of x [P, Q] (row-major) into the lanes of dst [Q] (zeros past np, or when x is null)
+  // matrix rows p0 .. p0 + np of x [P, Q] (row-major) into the lanes of dst [Q] (zeros past np)
   void gather(const T* x, V* dst) const {
     std::fill(dst, dst + s.Q, splat<V>(0));
-    if (x)
-      for (int64_t l = 0; l < np; ++l)
-        for (int64_t q = 0; q < s.Q; ++q) dst[q][l] = x[(p0 + l) * s.Q + q];
+    for (int64_t l = 0; l < np; ++l)
+      for (int64_t q = 0; q < s.Q; ++q) dst[q][l] = x[(p0 + l) * s.Q + q];
   }
   void scatter(const V* src, T* x) const {  // the reverse of gather
     for (int64_t l = 0; l < np; ++l)
@@ -1370,7 +1369,7 @@ void kl_block_forward(const RecurRow<T>& x, const KlGroup<T>& g, const T* h, int
   }
 }
 
-template <typename T, int NV, bool ONE>
+template <typename T, int NV>
 void kl_block_backward(const RecurRow<T>& x, const KlGroup<T>& g, const T* h, int64_t q0, const typename Lanes<T>::V* M,
                        const typename Lanes<T>::V* G, const typename Lanes<T>::V* Yv, typename Lanes<T>::V* As,
                        typename Lanes<T>::V* Ss, typename Lanes<T>::V* dbv, typename Lanes<T>::V* dev,
@@ -1404,11 +1403,7 @@ void kl_block_backward(const RecurRow<T>& x, const KlGroup<T>& g, const T* h, in
     const V bt = splat<V>(x.beta[t]), et = splat<V>(x.eta[t]), mt = M[t], gt = G[t], yt = Yv[t];
     const T* ht = h + t * Q + q0;
     V* dht = dh + t * Q + q0;
-    // window 1: token t's own write's factor gradients in the same pass (no dS_t kept per vector)
-    const V c0 = g.c[t * w];
-    const T* a0 = x.a + t * Q + q0;
-    V* da0 = da + t * Q + q0;
-    V db = splat<V>(0), de = splat<V>(0), acc0 = splat<V>(0);
+    V db = splat<V>(0), de = splat<V>(0);
     for (int v = 0; v < NV; ++v) {
       const V gs = gt * vexp(At[v] - mt);  // gy_t / Z_t * e: the read's gradient through the softmax's numerator
       dht[v] += gs;
@@ -1418,19 +1413,10 @@ void kl_block_backward(const RecurRow<T>& x, const KlGroup<T>& g, const T* h, in
       de += dSv * Sp[v];
       dA[v] = bt * dAt;
       dS[v] = et * dSv;
-      if (ONE) {
-        acc0 += dSv * a0[v];
-        da0[v] -= c0 * dSv;
-      } else {
-        dSt[v] = dSv;
-      }
+      dSt[v] = dSv;
     }
     dbv[t] += db;
     dev[t] += de;
-    if (ONE) {
-      dotv[t] += acc0;
-      continue;
-    }
     for (int64_t k = 0; k < w; ++k) {  // the window's writes into token t: their factors' gradients
       const int64_t e = t + k;
       const V ck = g.c[t * w + k];
@@ -1507,9 +1493,9 @@ bool kl_row_backward(const RecurSpec& s, void** ptrs) {
       const T* h = static_cast<const T*>(ptrs[7]) + r * n * Q;
       const T* y = static_cast<const T*>(ptrs[8]) + r * n * P;
       const T* stats = static_cast<const T*>(ptrs[9]) + r * 2 * n * P;
-      const T* gy = ptrs[10] ? static_cast<const T*>(ptrs[10]) + r * n * P : nullptr;
-      const T* gA = ptrs[11] ? static_cast<const T*>(ptrs[11]) + r * P * Q : nullptr;
-      const T* gS = ptrs[12] ? static_cast<const T*>(ptrs[12]) + r * P * Q : nullptr;
+      const T* gy = static_cast<const T*>(ptrs[10]) + r * n * P;
+      const T* gA = static_cast<const T*>(ptrs[11]) + r * P * Q;
+      const T* gS = static_cast<const T*>(ptrs[12]) + r * P * Q;
       T* dA0 = static_cast<T*>(ptrs[13]) + r * P * Q;
       T* dS0 = static_cast<T*>(ptrs[14]) + r * P * Q;
       T* dd = static_cast<T*>(ptrs[15]) + r * m * P;
@@ -1524,22 +1510,16 @@ bool kl_row_backward(const RecurSpec& s, void** ptrs) {
         g.load(x, p0);
         for (int64_t t = 0; t < n; ++t) {
           M[t] = g.lanes(stats + t * P + p0, g.np);
-          G[t] = gy ? g.lanes(gy + t * P + p0, g.np) * g.lanes(stats + (n + t) * P + p0, g.np) : splat<V>(0);
+          G[t] = g.lanes(gy + t * P + p0, g.np) * g.lanes(stats + (n + t) * P + p0, g.np);
           Yv[t] = g.lanes(y + t * P + p0, g.np);
         }
         std::fill(dotv.begin(), dotv.end(), splat<V>(0));
         g.gather(gA, oA.data());
         g.gather(gS, oS.data());
         auto block = [&](auto nv, int64_t q) {
-          auto run = [&](auto one) {
-            kl_block_backward<T, decltype(nv)::value, decltype(one)::value>(
-                x, g, h, q, M.data(), G.data(), Yv.data(), As.data(), Ss.data(), dbv.data(), dev.data(), dotv.data(),
-                dh.data(), da.data(), oA.data(), oS.data());
-          };
-          if (w == 1)
-            run(std::true_type{});
-          else
-            run(std::false_type{});
+          kl_block_backward<T, decltype(nv)::value>(x, g, h, q, M.data(), G.data(), Yv.data(), As.data(), Ss.data(),
+                                                    dbv.data(), dev.data(), dotv.data(), dh.data(), da.data(),
+                                                    oA.data(), oS.data());
         };
         over_blocks(
             Q, 1, [&](int64_t q) { block(std::integral_constant<int, 8>{}, q); },

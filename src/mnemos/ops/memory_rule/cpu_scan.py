@@ -438,13 +438,13 @@ def state_read_forward(name: str, xs: Sequence[Tensor], rs: int | None = None) -
     return outs
 
 
-def state_read_backward(name: str, xs: Sequence[Tensor], grads: Sequence[Tensor | None],
+def state_read_backward(name: str, xs: Sequence[Tensor], grads: Sequence[Tensor],
                         kept: Sequence[Tensor] = ()) -> list[Tensor]:
     """:class:`_StateRead`'s backward without autograd: the gradients of ``xs`` (contiguous, as given to
-    :func:`state_read_forward`) for the outputs' gradients ``grads`` (lq4: ``(gN,)``; kl_row: ``(gy, gA_n, gS_n)``,
-    None where an output took none), in the order of xs. ``kept``: kl_row's ``(y, stats)`` from the forward."""
+    :func:`state_read_forward`) for the outputs' gradients ``grads`` (lq4: ``(gN,)``; kl_row: ``(gy, gA_n, gS_n)``;
+    autograd passes zeros for an output that took none), in the order of xs. ``kept``: kl_row's ``(y, stats)`` from the forward."""
     outs = [torch.empty_like(t) for t in xs]
-    grads = [None if g is None else g.contiguous() for g in grads]  # held here: the kernel reads them by pointer
+    grads = [g.contiguous() for g in grads]  # held here: the kernel reads them by pointer
     _call(f"mnemos_{name}_backward", xs[0].dtype, _recur_spec(xs[0], xs[6]),
           _pointers([*xs, *kept, *grads, *outs], aligned=False))
     return outs
