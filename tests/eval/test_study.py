@@ -54,12 +54,11 @@ def test_tiny_study_runs_resumes_and_redoes_a_removed_run(tmp_path):
     assert _mtimes(tmp_path, [t.name for t in trains]) == before
     assert (tmp_path / "report.md").read_text().startswith("# Recall study (tiny)")
 
-    # a removed run is trained again, and its evaluations redone
+    # a removed run is trained again; one thread and the same seed give the same weights, so its evaluations stand
     gone = "passkey-gated_deltanet"
     shutil.rmtree(tmp_path / "runs" / gone)
     third = run_study(TINY, tmp_path, file=io.StringIO())
-    assert third["trained"] == [gone]
-    assert sorted(third["evaluated"]) == ["capacity-gated_deltanet", gone]  # results older than the checkpoint
+    assert third["trained"] == [gone] and third["evaluated"] == []
 
 
 def test_a_run_killed_part_way_resumes_from_its_checkpoint(tmp_path):
@@ -475,6 +474,54 @@ def test_settings_survive_the_round_trip_a_worker_makes():
     for size in ("full", "quick", "tiny"):
         s = study_settings(size)
         assert settings_from_dict(json.loads(json.dumps(dataclasses.asdict(s)))) == s
+
+
+def test_an_eval_is_redone_when_its_checkpoint_changes_not_when_its_file_times_do(tmp_path):
+    """A git checkout or a copy of the study directory gives every file a new time: an evaluation is kept while the
+    checkpoint's weights and config are the ones it recorded (their sha256), and redone when they differ. One recorded
+    before fingerprints falls back to the file times once and is fingerprinted then."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from mnemos.eval.study import checkpoint_fingerprint
+
+    job = next(t for t in plan(TINY)[0] if t.group == "mqar")
+    run_study(TINY, tmp_path, only=job.name, file=io.StringIO())
+    where, ckpt = tmp_path / "evals" / job.name, tmp_path / "runs" / job.name / "checkpoint"
+    record = lambda: json.loads((where / "study_eval.json").read_text())  # noqa: E731
+    fingerprint = checkpoint_fingerprint(ckpt)
+    assert record()["checkpoint_sha256"] == fingerprint and len(fingerprint) == 64
+    again = lambda: sorted(run_study(TINY, tmp_path, only=job.name, file=io.StringIO())["evaluated"])  # noqa: E731
+    both = sorted(e.name for e in plan(TINY)[1] if e.run == job.name)  # the run's MQAR eval and its length eval
+    assert job.name in both and len(both) == 2
+    # (times in the past: results newer than the study's start count as evaluated by it)
+    base = (where / "results.json").stat().st_mtime - 10_000
+    os.utime(where / "results.json", (base, base))
+    for f in ckpt.iterdir():  # the checkpoint's files newer than the results, its bytes the same
+        os.utime(f, (base + 100, base + 100))
+    assert again() == []
+    # recorded before fingerprints: the file times decide, once
+    (where / "study_eval.json").write_text(json.dumps({"cpu_s": 1.0, "wall_s": 1.0}))
+    os.utime(where / "results.json", (base + 200, base + 200))
+    assert again() == [] and record() == {"cpu_s": 1.0, "wall_s": 1.0, "checkpoint_sha256": fingerprint}
+    (where / "study_eval.json").write_text(json.dumps({"cpu_s": 1.0, "wall_s": 1.0}))
+    os.utime(where / "results.json", (base, base))
+    assert again() == [job.name] and record()["checkpoint_sha256"] == fingerprint
+    # other weights (a run trained on, or retrained differently): redone, and the new fingerprint recorded
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(ckpt / "model.safetensors"))
+    changed = checkpoint_fingerprint(ckpt)
+    assert changed != fingerprint
+    assert again() == both and record()["checkpoint_sha256"] == changed
+    assert again() == []
+    # a config that differs counts as well
+    config = json.loads((ckpt / "config.json").read_text())
+    config["run"]["log_every"] = config["run"].get("log_every", 1) + 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert checkpoint_fingerprint(ckpt) != changed and again() == both
 
 
 def test_a_study_directory_without_its_checkpoints_keeps_every_result(tmp_path):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -983,17 +984,48 @@ def _train_parallel(settings: StudySettings, todo: list[TrainJob], out: Path, jo
                 queue.clear()
 
 
+def checkpoint_fingerprint(ckpt: Path) -> str | None:
+    """sha256 over a checkpoint's config.json and model.safetensors, what an evaluation of it reads (None when either
+    is missing). An evaluation records it (``study_eval.json``) and is redone only when the checkpoint's weights or
+    config differ from it: a file's modification time would not do, since a git checkout or a copy sets it anew."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        path = ckpt / name
+        if not path.is_file():
+            return None
+        h.update(name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def _eval_is_current(where: Path, ckpt: Path) -> bool:
+    """Whether ``where``'s results are of ``ckpt`` as it is now: its recorded fingerprint matches; an evaluation
+    recorded before fingerprints counts as current when its results are newer than the checkpoint, and is
+    fingerprinted then (so a later clone of the directory, with new file times, keeps it). Results without their
+    checkpoint (a committed study directory leaves checkpoints out) are kept."""
+    if not (where / "results.json").is_file():
+        return False
+    fingerprint = checkpoint_fingerprint(ckpt)
+    if fingerprint is None:
+        return True
+    record = _read(where / "study_eval.json") or {}
+    if record.get("checkpoint_sha256") is not None:
+        return record["checkpoint_sha256"] == fingerprint
+    if (where / "results.json").stat().st_mtime < (ckpt / "model.safetensors").stat().st_mtime:
+        return False
+    (where / "study_eval.json").write_text(json.dumps({**record, "checkpoint_sha256": fingerprint}))
+    return True
+
+
 def _eval_one(s: StudySettings, e: EvalJob, out: Path) -> str:
     from mnemos.eval.harness import EvalOptions, run_eval
 
     where = out / "evals" / e.name
     ckpt = out / "runs" / e.run / "checkpoint"
-    results = where / "results.json"
-    if results.is_file() and (not (ckpt / "trainer.pt").is_file()
-                              or results.stat().st_mtime >= (ckpt / "trainer.pt").stat().st_mtime):
+    if _eval_is_current(where, ckpt):
         return "skipped (results.json exists)"
     if _checkpoint_step(ckpt.parent) is None:
         return f"not run: {e.run} has no checkpoint"
+    fingerprint = checkpoint_fingerprint(ckpt)
     # MQAR splits near / far where the trainer's evals do, n_layers * (window - 1), for every model alike
     options = EvalOptions(batch_size=8, stream_chunk=e.stream_chunk, progress=False, keep_samples=False,
                           mqar_reach=s.n_layers * (s.window - 1))
@@ -1003,7 +1035,7 @@ def _eval_one(s: StudySettings, e: EvalJob, out: Path) -> str:
     except Exception as ex:  # one failing eval does not stop the study
         return f"error: {type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    (where / "study_eval.json").write_text(json.dumps({"cpu_s": cpu, "wall_s": wall}))
+    (where / "study_eval.json").write_text(json.dumps({"cpu_s": cpu, "wall_s": wall, "checkpoint_sha256": fingerprint}))
     return f"done in {_duration(wall)} (cpu {_duration(cpu)})"
 
 
