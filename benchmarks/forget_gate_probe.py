@@ -64,8 +64,8 @@ def traced_projections(memories: Sequence[NeuralMemory]) -> Iterator[list[list[t
     own = [vars(m).get("_project") for m in memories]
     try:
         for m, calls in zip(memories, seen, strict=True):
-            def traced(x, conv_state, project=m._project, calls=calls):
-                out = project(x, conv_state)
+            def traced(x, conv_state, clock=None, project=m._project, calls=calls):
+                out = project(x, conv_state, clock)
                 calls.append(tuple(t.detach() for t in out[:6]))
                 return out
             m._project = traced
@@ -98,14 +98,14 @@ def writes_stopped(adapter: MnemosLMAdapter, after: int | None) -> MnemosLMAdapt
         project = m._project
         m._writes = {"after": after, "seen": 0, "prefix": 0}
 
-        def stopped(x, conv_state, project=project, w=m._writes):
-            q, k, v, theta, eta, alpha, conv = project(x, conv_state)
+        def stopped(x, conv_state, clock=None, project=project, w=m._writes):
+            q, k, v, theta, eta, alpha, *rest = project(x, conv_state, clock)
             start, w["seen"] = w["seen"], w["seen"] + x.shape[1]
             stop = None if w["after"] is None else w["prefix"] + w["after"]
             if stop is not None and stop - start < x.shape[1]:
                 theta = theta.clone()
                 theta[:, max(0, stop - start):] = 0.0
-            return q, k, v, theta, eta, alpha, conv
+            return (q, k, v, theta, eta, alpha, *rest)
 
         m._project = stopped
     probe = MnemosLMAdapter(model, name=f"{adapter.name}, writes stop" + ("" if after is None else f" after {after}"))

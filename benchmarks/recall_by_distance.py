@@ -95,10 +95,11 @@ def instant_writes(adapter: MnemosLMAdapter) -> MnemosLMAdapter:
     for m in memories:
         project = m._project
 
-        def landed(x, conv_state, project=project):
-            q, k, v, theta, eta, alpha, conv = project(x, conv_state)
-            # (1 - eta) floored: an eta that rounds to 1 would give 0 / 0 (with ema_momentum theta carries the factor)
-            return q, k, v, theta / (1.0 - eta).clamp_min(1e-12), torch.zeros_like(eta), alpha, conv
+        def landed(x, conv_state, clock=None, project=project):
+            q, k, v, theta, eta, alpha, conv, gate, clock = project(x, conv_state, clock)
+            # (1 - eta) floored: an eta that rounds to 1 would give 0 / 0 (with ema_momentum theta carries the factor;
+            # the gate as learned, before the momentum clock's scaling, whose eventual weight needs later gates)
+            return q, k, v, theta / (1.0 - gate).clamp_min(1e-12), torch.zeros_like(eta), alpha, conv, gate, clock
 
         m._project = landed
     return MnemosLMAdapter(model, name=f"{adapter.name}, instant writes")

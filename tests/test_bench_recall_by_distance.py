@@ -72,8 +72,8 @@ def test_instant_writes_lands_every_write_at_once():
     (m0,) = [m for m in base.model.modules() if isinstance(m, NeuralMemory)]
     (m1,) = [m for m in probe.model.modules() if isinstance(m, NeuralMemory)]
     with torch.no_grad():
-        _, _, _, theta, eta, alpha, _ = m0._project(x, None)
-        _, _, _, theta1, eta1, alpha1, _ = m1._project(x, None)
+        _, _, _, theta, _, alpha, _, eta, _ = m0._project(x, None)  # eta: the momentum gate
+        _, _, _, theta1, eta1, alpha1, *_ = m1._project(x, None)
     assert bool((eta > 0).any()) and torch.equal(eta1, torch.zeros_like(eta))
     assert torch.allclose(theta1, theta / (1 - eta)) and torch.equal(alpha1, alpha)
     ids = torch.randint(0, 64, (2, 40))

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mnemos.cli import main
-from mnemos.eval.study import RECORD, plan, run_study, study_settings
+from mnemos.eval.study import RECORD, STUDY_MEMORY, plan, run_study, study_settings
 
 TINY = study_settings("tiny")
 
@@ -779,7 +779,7 @@ def test_main_models_train_at_the_main_point_only_and_are_judged_with_the_others
     with pytest.raises(ValueError, match="main_models_steps must be an int >= 0"):
         dataclasses.replace(s, main_models_steps=-1)
     lmm = next(t for t in one_head if t.label == "lmm-d1-eta0-c1-h1")
-    assert lmm.config["model"]["memory"] == {"depth": 1, "momentum": False, "chunk_size": 1}
+    assert lmm.config["model"]["memory"] == {**STUDY_MEMORY, "depth": 1, "momentum": False, "chunk_size": 1}
     assert all(t.config["model"]["n_heads"] == s.n_heads for t in jobs if t.label in s.models)
     with pytest.raises(ValueError, match="not in models"):
         dataclasses.replace(s, main_models=("lmm-d2",))
@@ -908,7 +908,8 @@ def test_a_model_entry_may_set_its_training_and_the_others_keep_their_configs():
     by_name = {t.name: t for t in trains}
     floors = by_name["passkey-lmm-x4-floors"].config
     assert floors["optim"] == {"lr": 3e-3, "warmup_steps": 100, "write_penalty": 0.3}
-    assert floors["model"]["memory"] == MODELS["lmm-x4-floors"]["memory"] and "optim" not in floors["model"]
+    assert floors["model"]["memory"] == {**STUDY_MEMORY, **MODELS["lmm-x4-floors"]["memory"]}
+    assert "optim" not in floors["model"]
     cfg = TrainConfig.from_dict(json.loads(json.dumps(floors)))
     assert cfg.optim.write_penalty == 0.3 and cfg.model.memory.write_floor == 0.05
     assert by_name["passkey-lmm-x4"].config["optim"] == {"lr": 3e-3, "warmup_steps": 100}
@@ -916,3 +917,17 @@ def test_a_model_entry_may_set_its_training_and_the_others_keep_their_configs():
     assert p1["optim"]["write_penalty"] == 1.0 and p1["model"] == floors["model"]  # the penalty is all that differs
     assert all(set(t.config["optim"]) <= {"lr", "warmup_steps"} for t in trains
                if t.label not in ("lmm-x4-floors", "lmm-x4-floors-p1"))
+
+
+def test_the_committed_study_directory_matches_the_study_it_was_run_as():
+    """``results/study-recall`` holds the full study's 139 runs: a default changed since (a new memory setting, a
+    model's field) must leave them reproducible as run (``study.STUDY_MEMORY``), or `mnemos study recall` would
+    refuse the directory as stale."""
+    from pathlib import Path
+
+    from mnemos.eval.study import stale_runs
+
+    out = Path(__file__).resolve().parents[2] / "results" / "study-recall"
+    if not (out / "study.json").is_file():
+        pytest.skip("no committed study directory in this checkout")
+    assert stale_runs(study_settings("full"), out) == {}

@@ -52,8 +52,8 @@ def test_the_layer_floors_theta_and_alpha():
     x = torch.randn(2, 11, 8, dtype=F64)
     plain, floored = _layer(), _layer(write_floor=0.2, forget_floor=1e-4)
     with torch.no_grad():
-        _, _, _, th0, eta0, al0, _ = plain._project(x, None)
-        _, _, _, th1, eta1, al1, _ = floored._project(x, None)
+        _, _, _, th0, _, al0, _, eta0, _ = plain._project(x, None)  # eta0: the momentum gate
+        _, _, _, th1, _, al1, _, eta1, _ = floored._project(x, None)
     assert torch.equal(eta0, eta1)
     s = th0 / (plain.token_lr * (1 - eta0))  # the write gate's sigmoid
     torch.testing.assert_close(th1, plain.token_lr * torch.relu(s - 0.2) / 0.8 * (1 - eta0))

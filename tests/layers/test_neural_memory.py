@@ -163,14 +163,99 @@ def test_ema_momentum_bounds_the_step_of_every_token():
     layer = make_layer(max_lr=0.05)
     with torch.no_grad():
         layer.to_gates.bias[3:6].fill_(4.0)  # eta ~ 0.98
-        _, _, _, theta, eta, _, _ = layer._project(x_of(2, 30), None)
+        _, _, _, theta, eta, _, _, gate, _ = layer._project(x_of(2, 30), None)
         free = make_layer(max_lr=0.05, ema_momentum=False)
         free.load_state_dict(layer.state_dict())
-        _, _, _, theta_free, eta_free, _, _ = free._project(x_of(2, 30), None)
-    torch.testing.assert_close(eta, eta_free)
-    torch.testing.assert_close(theta, theta_free * (1 - eta))
-    assert float((theta / (1 - eta)).max()) <= 0.05
+        _, _, _, theta_free, eta_free, *_ = free._project(x_of(2, 30), None)
+    torch.testing.assert_close(gate, eta_free)
+    torch.testing.assert_close(theta, theta_free * (1 - gate))
+    assert float((theta / (1 - gate)).max()) <= 0.05
+    assert bool((eta <= gate).all())  # the momentum clock only ever scales the carried momentum down
     assert float((theta_free / (1 - eta_free)).max()) > 1.0  # what the bound removes: 20x max_lr per token
+
+
+def _gated_layer(eta_logits, clock, theta_logit=8.0):
+    """A layer whose momentum gate's logit at token t of sequence b is eta_logits[b, t] (in every head) and whose
+    write gate sits near its bound; returns (theta, the op's eta, the gate) from its projection of a matching x."""
+    layer = make_layer(momentum_clock=clock)
+    B, T = eta_logits.shape
+    H = layer.heads
+    with torch.no_grad():
+        layer.to_gates.weight.zero_()
+        layer.to_gates.bias.zero_()
+        layer.to_gates.bias[:H].fill_(theta_logit)  # theta's rows, then eta's, then alpha's
+        layer.to_gates.weight[H:2 * H, 0] = 1.0
+        x = torch.zeros(B, T, layer.dim, dtype=F64)
+        x[..., 0] = eta_logits
+        _, _, _, theta, eta, _, _, gate, clock_state = layer._project(x, None)
+    return layer, theta, eta, gate, clock_state
+
+
+def _total_steps(theta, eta):
+    """Each token's gradient's total step on the memory within the sequence: theta_t * sum_k prod_(j=t+1..t+k) eta_j
+    (S_t = eta_t S_(t-1) - theta_t u_t, A_t = A_(t-1) + S_t), per [B, T, H]."""
+    B, T, H = theta.shape
+    total = torch.zeros_like(theta)
+    for t in range(T):
+        carried = torch.ones_like(theta[:, 0])
+        for j in range(t, T):
+            if j > t:
+                carried = carried * eta[:, j]
+            total[:, t] += theta[:, t] * carried
+    return total
+
+
+def test_the_momentum_clock_bounds_every_gradients_total_step():
+    """Without the clock a gradient taken at a low eta and carried by later high etas moves the memory far beyond
+    max_lr (the ema bound assumes the later etas do not rise); with it no token's gradient moves it by more than
+    2 max_lr, for gates that switch between low and high, and at random."""
+    g = torch.Generator().manual_seed(3)
+    T = 96
+    switch = torch.full((1, T), -2.0, dtype=F64)  # eta ~ .12, then ~ .9995 from token 8 on
+    switch[:, 8:] = 7.6
+    alternating = torch.where(torch.arange(T) % 5 == 0, 9.0, -1.0).to(F64)[None]  # one low in five
+    random = 12 * torch.rand(3, T, generator=g, dtype=F64) - 4
+    logits = torch.cat([switch, alternating, random])
+    layer, theta, eta, gate, _ = _gated_layer(logits, clock=False)
+    plain = _total_steps(theta, eta) / layer.token_lr
+    assert float(plain[0].max()) > 20  # the first tokens' gradients carried ~1/(1 - .9995) tokens at their rate
+    layer, theta, eta, gate, _ = _gated_layer(logits, clock=True)
+    clocked = _total_steps(theta, eta) / layer.token_lr
+    assert float(clocked.max()) <= 2.0 + 1e-9
+    assert float(clocked.max()) > 0.9  # the bound is not met by writing nothing
+    assert bool((eta <= gate + 1e-15).all())
+
+
+def test_the_momentum_clock_is_the_plain_ema_while_eta_is_constant_and_streams_exactly():
+    """A constant momentum gate leaves the op's eta as the gate (the EMA form unchanged); a stream cut anywhere
+    carries the last token's clock, so the cut equals the whole sequence, and a state without it starts as the first
+    token of a sequence does."""
+    constant = torch.full((2, 13), 1.3, dtype=F64)
+    _, theta, eta, gate, clock = _gated_layer(constant, clock=True)
+    torch.testing.assert_close(eta[:, 1:], gate[:, 1:], rtol=0, atol=0)
+    # the first token: as if the token before had eta = 0 (its momentum is 0 there anyway)
+    torch.testing.assert_close(eta[:, 0], gate[:, 0] * (1 - gate[:, 0]))
+    torch.testing.assert_close(clock, torch.nn.functional.softplus(torch.full_like(clock, 1.3)))
+    layer = make_layer()
+    assert layer.momentum_clock
+    x = x_of(2, 23)
+    y, state = layer(x)
+    cut = layer.init_state(2)
+    assert torch.equal(cut.clock, torch.zeros(2, layer.heads, dtype=F64))
+    ys = []
+    for a, b in ((0, 5), (5, 6), (6, 17), (17, 23)):
+        part, cut = layer(x[:, a:b], cut)
+        ys.append(part)
+    torch.testing.assert_close(torch.cat(ys, dim=1), y)
+    torch.testing.assert_close(cut.clock, state.clock)
+    _, _, _, _, eta_all, _, _, gate_all, _ = layer._project(x, None)
+    assert not torch.allclose(eta_all, gate_all)  # the random gates vary: the clock did act
+    # off, or without the EMA form, or without momentum: no clock state, the op's eta is the gate
+    for kw in (dict(momentum_clock=False), dict(ema_momentum=False), dict(momentum=False)):
+        other = make_layer(**kw)
+        assert other.init_state(2).clock is None and other(x)[1].clock is None
+        _, _, _, _, e, _, _, gt, c = other._project(x, None)
+        assert c is None and torch.equal(e, gt)
 
 
 @pytest.mark.parametrize("ema", [True, False])
@@ -341,7 +426,7 @@ def test_max_chunk_lr_shares_a_chunk_bound_over_its_tokens(chunk_size, max_lr, m
         bounded.to_gates.bias[:3].fill_(8.0)  # theta near its bound
         plain.to_gates.bias[:3].fill_(8.0)
         x = x_of(2, 30)
-        _, _, _, theta, eta, _, _ = bounded._project(x, None)
+        _, _, _, theta, _, _, _, eta, _ = bounded._project(x, None)  # eta: the momentum gate
         torch.testing.assert_close(bounded(x)[0], plain(x)[0])
     step = theta / (1 - eta)
     assert 0.95 * token_lr < float(step.max()) <= token_lr * (1 + 1e-12)

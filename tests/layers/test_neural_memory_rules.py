@@ -59,7 +59,7 @@ def test_the_layer_runs_its_rule_with_the_gates_it_needs(preset):
     assert layer.to_gates.out_features == (3 if momentum else 2) * layer.heads
     x = x_of(2, 7)
     y, _ = layer(x)
-    q, k, v, theta, eta, alpha, _ = layer._project(x, None)
+    q, k, v, theta, eta, alpha, *_ = layer._project(x, None)
     gates = layer._rule_gates(x)
     assert set(gates) == {n for n, on in (("delta", rule.loss == "huber"), ("gamma", rule.window > 1)) if on}
     assert momentum or torch.equal(eta, torch.zeros_like(eta))

@@ -94,7 +94,7 @@ def test_saved_configs_keep_the_behaviour_they_were_saved_with():
     assert saved_model_config(new) == new
     assert saved_model_config({"variant": "lmm"})["memory"] == {"ema_momentum": False, "max_chunk_lr": None,
                                                                  "value_norm": False, "normalize_step": False,
-                                                                 "qk_init": "random"}
+                                                                 "qk_init": "random", "momentum_clock": False}
     older = MnemosConfig(**SMALL, variant="lmm").to_dict()  # saved before the chunk bound and value norm existed
     del older["memory"]["max_chunk_lr"], older["memory"]["value_norm"], older["memory"]["normalize_step"]
     memory = MnemosConfig.from_dict(saved_model_config(older)).memory

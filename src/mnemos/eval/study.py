@@ -327,12 +327,18 @@ class EvalJob:
     stream_chunk: int | None = None
 
 
+# memory.* settings every model of the study keeps where today's defaults differ from what its runs were trained with:
+# the study's 139 runs (sessions 13-32) predate the momentum clock (``memory.momentum_clock``, on by default since
+# session 32), so the study keeps it off and reproduces as it was run (docs/RESULTS.md, § 0 and "The momentum clock")
+STUDY_MEMORY: dict[str, Any] = {"momentum_clock": False}
+
+
 def _model(s: StudySettings, label: str, vocab_size: int, window: int) -> dict[str, Any]:
     base = {"vocab_size": vocab_size, "d_model": s.d_model, "n_layers": s.n_layers, "n_heads": s.n_heads,
             "window": window, "segment_len": s.segment_len}
     extra = MODELS[label]
     return {**base, **{k: v for k, v in extra.items() if k not in ("memory", "optim")},
-            "memory": dict(extra.get("memory", {}))}
+            "memory": {**STUDY_MEMORY, **extra.get("memory", {})}}
 
 
 def _optim(label: str, lr: float, warmup_steps: int) -> dict[str, Any]:

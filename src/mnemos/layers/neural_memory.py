@@ -22,7 +22,10 @@ Choices the paper leaves open, and what this layer does:
   (``ema_momentum=True``, the default) makes the momentum an exponential moving average of the gradients, so a
   token's gradient moves the memory by at most max_lr in total, however close to 1 the learned eta gets; with
   ``ema_momentum=False`` theta is the paper's free ``max_lr * sigmoid(.)`` and one token's total step is
-  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. max_lr defaults to 0.4 per token (titans-pytorch's
+  ``theta / (1 - eta)``, up to 100x max_lr at eta = 0.99. That bound assumes the later etas do not rise; with
+  ``momentum_clock=True`` (the default) the op's eta is ``eta_t * min(1, (1 - eta_t) / (1 - eta_(t-1)))``, so momentum
+  charged at a low eta slows to a later, higher eta's rate and every gradient's total step is at most 2 max_lr for any
+  gates (the layer's state carries the last token's gate for it). max_lr defaults to 0.4 per token (titans-pytorch's
   bound is 1.0), with ``normalize_step=True`` (default) dividing each token's step by max(1, its curvature at the
   anchor) (:func:`mnemos.ops.step_curvature`: 3-6 for the default depth-2 memory, 1 for a matrix memory with unit
   keys), so the bound means the same for any depth; ``max_chunk_lr`` (default 1.0) bounds the summed step of a
@@ -96,12 +99,17 @@ class NeuralMemoryState:
 
     memory: MemoryState
     conv: Tensor  # [B, 3 * H * D, conv_size - 1]
+    # the momentum clock's last token, -log(1 - eta) per sequence and head [B, H] (``momentum_clock``; None: off, or
+    # a stream's start, where it is 0)
+    clock: Tensor | None = None
 
     def detach(self) -> "NeuralMemoryState":
-        return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+        return NeuralMemoryState(self.memory.detach(), self.conv.detach(),
+                                 None if self.clock is None else self.clock.detach())
 
     def to(self, *args, **kwargs) -> "NeuralMemoryState":
-        return NeuralMemoryState(self.memory.to(*args, **kwargs), self.conv.to(*args, **kwargs))
+        return NeuralMemoryState(self.memory.to(*args, **kwargs), self.conv.to(*args, **kwargs),
+                                 None if self.clock is None else self.clock.to(*args, **kwargs))
 
 
 @dataclass
@@ -130,6 +138,14 @@ class MemorySettings:
     max_lr: float = 0.4
     conv_size: int = 4  # causal depthwise conv after q/k/v (1 = no mixing over time)
     ema_momentum: bool = True  # theta = max_lr * sigmoid(.) * (1 - eta): bounds a token's summed step by max_lr
+    # with ema_momentum (and momentum), the momentum carried into token t is scaled by min(1, (1 - eta_t) /
+    # (1 - eta_(t-1))): eta_t' = eta_t * that. The same rule while eta is constant; when a token's eta rises above the
+    # previous token's, the momentum charged at the lower eta is scaled to the new one's rate. Without it a gradient's
+    # total step is bounded by max_lr only while the later etas do not rise: momentum charged at eta ~ .5 and then
+    # carried by eta ~ .999 kept moving the memory for hundreds of tokens (inner loss 2.9 -> 103 within a sequence,
+    # zero skipped steps; docs/MODELS.md, "The momentum clock"). With it every gradient's total step is <= 2 max_lr
+    # for any gates
+    momentum_clock: bool = True
     # bound of a chunk's summed step (its C tokens' steps are all taken at one anchor): a token's bound is
     # min(max_lr, max_chunk_lr / C). 1.0 keeps the anchored step from increasing the error on the chunk's own keys for
     # any keys (docs/MODELS.md); None: no chunk bound (C * max_lr: the memory diverged within sequences at C 16)
@@ -194,7 +210,7 @@ class MemorySettings:
             raise ValueError(f"{w}max_lr must be > 0, got {self.max_lr}")
         if self.activation not in ("gelu", "silu"):
             raise ValueError(f"{w}activation must be 'gelu' or 'silu', got {self.activation!r}")
-        for name in ("ema_momentum", "normalize_step", "value_norm"):
+        for name in ("ema_momentum", "momentum_clock", "normalize_step", "value_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{w}{name} must be a bool, got {getattr(self, name)!r}")
         if self.max_chunk_lr is not None and not self.max_chunk_lr > 0:
@@ -382,11 +398,17 @@ class NeuralMemory(nn.Module):
             if self.to_delta is not None:
                 window += (torch.ones(batch, n, H, device=device, dtype=gdt),)  # delta
         mem = MemoryState(W, S, W, 0, self.chunk_size, window)
-        return NeuralMemoryState(mem, self.conv.init_state(batch, device, dtype))
+        clock = None
+        if self.momentum and self.ema_momentum and self.momentum_clock:  # as if the token before had eta = 0
+            clock = torch.zeros(batch, H, device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16)
+                                else dtype)
+        return NeuralMemoryState(mem, self.conv.init_state(batch, device, dtype), clock)
 
-    def _project(self, x: Tensor, conv_state: Tensor | None):
-        """x [B, T, dim] -> q, k [B, T, H, K] (K = D without polynomial features), v [B, T, H, D], gates [B, T, H]
-        each, new conv state."""
+    def _project(self, x: Tensor, conv_state: Tensor | None, clock: Tensor | None = None):
+        """x [B, T, dim] -> q, k [B, T, H, K] (K = D without polynomial features), v [B, T, H, D], the op's gates
+        theta, eta, alpha [B, T, H] each, the new conv state, the momentum gate as learned (eta before the clock's
+        scaling; the op's eta without the clock) and the new clock state (``momentum_clock``; else None), continuing
+        ``clock`` [B, H] (None: a stream's start)."""
         B, T, _ = x.shape
         H, D = self.heads, self.head_dim
         qkv, conv_state = self.conv(self.to_qkv(x), conv_state)  # [B, T, 3*H*D]
@@ -401,12 +423,20 @@ class NeuralMemory(nn.Module):
         theta = self.token_lr * floored_sigmoid(g[:, :, 0], self.write_floor)
         alpha = floored_sigmoid(g[:, :, -1], self.forget_floor)
         if self.momentum:
-            eta = torch.sigmoid(g[:, :, 1])
+            eta = gate = torch.sigmoid(g[:, :, 1])
             if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
                 theta = theta * (1.0 - eta)
+                if self.momentum_clock:  # eta_t * min(1, (1 - eta_t) / (1 - eta_(t-1))), in logs: -log(1 - eta)
+                    lc = F.softplus(g[:, :, 1])  # = softplus(logit), exact where 1 - eta rounds to 0
+                    start = lc.new_zeros(B, 1, H) if clock is None else clock.to(lc.dtype).unsqueeze(1)
+                    prev = torch.cat([start, lc[:, :-1]], dim=1)  # [B, T, H]: the token before's
+                    eta = eta * torch.exp(torch.clamp(prev - lc, max=0.0))
+                    clock = lc[:, -1] if T else start[:, 0]
         else:  # plain gradient descent
-            eta = torch.zeros_like(alpha)
-        return q, k, v, theta, eta, alpha, conv_state
+            eta = gate = torch.zeros_like(alpha)
+        if not (self.momentum and self.ema_momentum and self.momentum_clock):
+            clock = None
+        return q, k, v, theta, eta, alpha, conv_state, gate, clock
 
     def _poly_features(self, x: Tensor) -> Tensor:
         """Atlas' polynomial features ``[sqrt(a_0), sqrt(a_1) x, sqrt(a_2) vec(x x^T), ...]``: x ``[B, T, H, D]`` ->
@@ -440,7 +470,8 @@ class NeuralMemory(nn.Module):
         """Run the layer over x ``[B, T, dim]``, continuing ``state`` when given; returns ``(y, state after x)``."""
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, {self.dim}], got shape {tuple(x.shape)}")
-        q, k, v, theta, eta, alpha, conv_state = self._project(x, None if state is None else state.conv)
+        q, k, v, theta, eta, alpha, conv_state, gate, clock = self._project(
+            x, None if state is None else state.conv, None if state is None else state.clock)
         rule_gates = self._rule_gates(x)  # delta, gamma: only where the rule needs them
         # the layer computes the op's inputs itself: no value checks (no GPU syncs; an overflow gives non-finite y)
         kwargs = dict(chunk_size=self.chunk_size, residual=self.residual, activation=self.activation, impl=self.impl,
@@ -457,8 +488,8 @@ class NeuralMemory(nn.Module):
             # the memory this call's first writes were computed at: a call that continues a chunk (MAC's segments
             # inside a longer chunk) took their gradients at the chunk's anchor, not at the memory it started from
             start = tuple(self.memory) if state is None else state.memory.anchor
-            self._record_stats(q, k, v, theta, eta, alpha, o, self.read_weights(start), self.read_weights(mem.weights))
-        return self._output(x, o), NeuralMemoryState(mem, conv_state)
+            self._record_stats(q, k, v, theta, gate, alpha, o, self.read_weights(start), self.read_weights(mem.weights))
+        return self._output(x, o), NeuralMemoryState(mem, conv_state, clock)
 
     @torch.no_grad()
     def _record_stats(self, q, k, v, theta, eta, alpha, o, start, end) -> None:

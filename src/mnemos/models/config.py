@@ -419,7 +419,7 @@ class MnemosConfig(_ConfigBase):
 # The memory rule's keys (memory.rule, its axes, memory.momentum) are not here: their defaults (titans, no overrides,
 # momentum on) are what every model saved before them computes.
 MEMORY_KEYS_ADDED = {"ema_momentum": False, "max_chunk_lr": None, "value_norm": False, "normalize_step": False,
-                     "qk_init": "random"}
+                     "qk_init": "random", "momentum_clock": False}
 # model keys added since, likewise (MAL's memory read reached the stream only through its attention; MAC's memory
 # was written with the attention output and gated it)
 # (the sections mamba2.* and based.* are not here: no model saved before them reads them, so their defaults do;
