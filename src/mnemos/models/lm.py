@@ -407,7 +407,7 @@ class MnemosLM(nn.Module):
             if not bool(torch.isfinite(last).all()):  # argmax of NaN would pick a token silently
                 raise FloatingPointError(
                     f"non-finite logits after {cache.position} tokens: the model's state overflowed (a test-time "
-                    "memory diverging: lower memory.max_lr, keep memory.ema_momentum on)")
+                    "memory diverging: lower memory.max_lr, keep memory.ema_momentum and memory.momentum_clock on)")
             if greedy:
                 nxt = last.argmax(-1)
             else:
