@@ -226,6 +226,32 @@ def test_the_momentum_clock_bounds_every_gradients_total_step():
     assert bool((eta <= gate + 1e-15).all())
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_momentum_charged_low_and_carried_high_diverges_the_memory_without_the_clock(seed):
+    """What outer training found (the stability grid's one failure): a matrix memory (curvature 1, every bound
+    met) whose momentum gate sits at eta ~ .12 for 16 tokens and ~ .9999 after keeps stepping along the early
+    gradients; its inner loss over the sequence grows ~100x within one forward. With the clock it falls."""
+    ends = {}
+    for clock in (False, True):
+        torch.manual_seed(seed)
+        layer = NeuralMemory(dim=16, heads=2, depth=1, chunk_size=4, momentum_clock=clock).double()
+        H = layer.heads
+        with torch.no_grad():
+            layer.to_gates.weight.zero_()
+            layer.to_gates.bias.zero_()
+            layer.to_gates.bias[:H].fill_(8.0)  # theta at its bound
+            layer.to_gates.bias[2 * H:].fill_(-8.0)  # alpha ~ 3e-4
+            layer.to_gates.weight[H:2 * H, 0] = 1.0  # eta's logit = x[..., 0]
+            x = torch.randn(4, 128, 16, dtype=F64, generator=torch.Generator().manual_seed(seed))
+            x[..., 0] = -2.0
+            x[:, 16:, 0] = 9.0
+            layer.record_stats = True
+            layer(x)
+        stats = layer.last_stats
+        ends[clock] = stats["inner_loss"] / stats["inner_loss_start"]
+    assert ends[False] > 30 and ends[True] < 0.6, ends
+
+
 def test_the_momentum_clock_is_the_plain_ema_while_eta_is_constant_and_streams_exactly():
     """A constant momentum gate leaves the op's eta as the gate (the EMA form unchanged); a stream cut anywhere
     carries the last token's clock, so the cut equals the whole sequence, and a state without it starts as the first
