@@ -495,7 +495,8 @@ class NeuralMemory(nn.Module):
     def _record_stats(self, q, k, v, theta, eta, alpha, o, start, end) -> None:
         """Scalar health statistics of one forward, in ``self.last_stats`` (floats; one host sync, logged steps only).
 
-        - ``theta_*``, ``eta_*``, ``alpha_*``: mean and max of the gates over tokens and heads;
+        - ``theta_*``, ``eta_*``, ``alpha_*``: mean and max of the gates over tokens and heads (eta: the momentum gate
+          as learned, before the momentum clock scales it);
         - ``step_max``: the largest total step one token's gradient takes, theta / (1 - eta) (<= max_lr with
           ``ema_momentum``);
         - ``inner_loss_start`` / ``inner_loss``: mean ||M(k_t) - v_t||^2 under the memory the call's writes started
