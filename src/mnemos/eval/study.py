@@ -1003,14 +1003,14 @@ def checkpoint_fingerprint(ckpt: Path) -> str | None:
     return h.hexdigest()
 
 
-def _eval_is_current(where: Path, ckpt: Path) -> bool:
-    """Whether ``where``'s results are of ``ckpt`` as it is now: its recorded fingerprint matches; an evaluation
-    recorded before fingerprints counts as current when its results are newer than the checkpoint, and is
-    fingerprinted then (so a later clone of the directory, with new file times, keeps it). Results without their
-    checkpoint (a committed study directory leaves checkpoints out) are kept."""
+def _eval_is_current(where: Path, ckpt: Path, fingerprint: str | None) -> bool:
+    """Whether ``where``'s results are of ``ckpt`` as it is now (``fingerprint``: its
+    :func:`checkpoint_fingerprint`): its recorded fingerprint matches; an evaluation recorded before fingerprints
+    counts as current when its results are newer than the checkpoint, and is fingerprinted then (so a later clone of
+    the directory, with new file times, keeps it). Results without their checkpoint (a committed study directory
+    leaves checkpoints out) are kept."""
     if not (where / "results.json").is_file():
         return False
-    fingerprint = checkpoint_fingerprint(ckpt)
     if fingerprint is None:
         return True
     record = _read(where / "study_eval.json") or {}
@@ -1027,11 +1027,11 @@ def _eval_one(s: StudySettings, e: EvalJob, out: Path) -> str:
 
     where = out / "evals" / e.name
     ckpt = out / "runs" / e.run / "checkpoint"
-    if _eval_is_current(where, ckpt):
+    fingerprint = checkpoint_fingerprint(ckpt)
+    if _eval_is_current(where, ckpt, fingerprint):
         return "skipped (results.json exists)"
     if _checkpoint_step(ckpt.parent) is None:
         return f"not run: {e.run} has no checkpoint"
-    fingerprint = checkpoint_fingerprint(ckpt)
     # MQAR splits near / far where the trainer's evals do, n_layers * (window - 1), for every model alike
     options = EvalOptions(batch_size=8, stream_chunk=e.stream_chunk, progress=False, keep_samples=False,
                           mqar_reach=s.n_layers * (s.window - 1))

@@ -399,10 +399,15 @@ class NeuralMemory(nn.Module):
                 window += (torch.ones(batch, n, H, device=device, dtype=gdt),)  # delta
         mem = MemoryState(W, S, W, 0, self.chunk_size, window)
         clock = None
-        if self.momentum and self.ema_momentum and self.momentum_clock:  # as if the token before had eta = 0
+        if self._clocked:  # as if the token before had eta = 0
             clock = torch.zeros(batch, H, device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16)
                                 else dtype)
         return NeuralMemoryState(mem, self.conv.init_state(batch, device, dtype), clock)
+
+    @property
+    def _clocked(self) -> bool:
+        """Whether the momentum clock acts: ``momentum_clock`` with the EMA form of a momentum that exists."""
+        return self.momentum and self.ema_momentum and self.momentum_clock
 
     def _project(self, x: Tensor, conv_state: Tensor | None, clock: Tensor | None = None):
         """x [B, T, dim] -> q, k [B, T, H, K] (K = D without polynomial features), v [B, T, H, D], the op's gates
@@ -422,21 +427,20 @@ class NeuralMemory(nn.Module):
         g = g.float() if g.dtype in (torch.float16, torch.bfloat16) else g  # gates in float32 at least
         theta = self.token_lr * floored_sigmoid(g[:, :, 0], self.write_floor)
         alpha = floored_sigmoid(g[:, :, -1], self.forget_floor)
+        new_clock = None
         if self.momentum:
             eta = gate = torch.sigmoid(g[:, :, 1])
             if self.ema_momentum:  # S is a moving average of -lr * gradient: one token's summed step is <= max_lr
                 theta = theta * (1.0 - eta)
-                if self.momentum_clock:  # eta_t * min(1, (1 - eta_t) / (1 - eta_(t-1))), in logs: -log(1 - eta)
-                    lc = F.softplus(g[:, :, 1])  # = softplus(logit), exact where 1 - eta rounds to 0
-                    start = lc.new_zeros(B, 1, H) if clock is None else clock.to(lc.dtype).unsqueeze(1)
-                    prev = torch.cat([start, lc[:, :-1]], dim=1)  # [B, T, H]: the token before's
-                    eta = eta * torch.exp(torch.clamp(prev - lc, max=0.0))
-                    clock = lc[:, -1] if T else start[:, 0]
+            if self._clocked:  # eta_t * min(1, (1 - eta_t) / (1 - eta_(t-1))), in logs: -log(1 - eta)
+                lc = F.softplus(g[:, :, 1])  # = softplus(logit), exact where 1 - eta rounds to 0
+                start = lc.new_zeros(B, 1, H) if clock is None else clock.to(lc.dtype).unsqueeze(1)
+                prev = torch.cat([start, lc[:, :-1]], dim=1)  # [B, T, H]: the token before's
+                eta = eta * torch.exp(torch.clamp(prev - lc, max=0.0))
+                new_clock = lc[:, -1] if T else start[:, 0]
         else:  # plain gradient descent
             eta = gate = torch.zeros_like(alpha)
-        if not (self.momentum and self.ema_momentum and self.momentum_clock):
-            clock = None
-        return q, k, v, theta, eta, alpha, conv_state, gate, clock
+        return q, k, v, theta, eta, alpha, conv_state, gate, new_clock
 
     def _poly_features(self, x: Tensor) -> Tensor:
         """Atlas' polynomial features ``[sqrt(a_0), sqrt(a_1) x, sqrt(a_2) vec(x x^T), ...]``: x ``[B, T, H, D]`` ->
