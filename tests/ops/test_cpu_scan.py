@@ -254,6 +254,30 @@ def test_subnormals_are_zero_inside_the_kernel_and_only_there():
 
 
 @needs_kernel
+def test_the_reused_segment_buffers_carry_nothing_between_calls():
+    """The backward's segment buffers belong to the thread and keep the last call's values (cpu_scan.cpp,
+    segment_scratch): a backward run right after one on other inputs (larger values, a wider memory, more chunks)
+    must give, bit for bit, the gradients it gives right after itself."""
+    small = dict(nc=40, B=2, H=3, n=3, depth=2, K=4, hidden=6, V=4, residual=True, activation="gelu", loss="l2",
+                 normalize=True, anchor=False, seed=11)
+    other = dict(small, nc=70, H=5, hidden=9, depth=3, seed=12)
+
+    def grads(cfg, scale=1.0):
+        inputs = _node_inputs(cfg)
+        inputs = (inputs[0], inputs[1], inputs[2] * scale, *inputs[3:])
+        out = _apply(CpuChunkScan, cfg, inputs)
+        cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(2), dtype=F64) for o in out]
+        return torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots)), inputs)
+
+    grads(small)
+    after_itself = grads(small)
+    grads(other, scale=1e3)
+    after_other = grads(small)
+    for i, (a, b) in enumerate(zip(after_itself, after_other)):
+        assert torch.equal(a, b), f"grad {i} depends on what the call before left in the buffers"
+
+
+@needs_kernel
 def test_threads_split_groups_without_changing_a_bit():
     inp = make_inputs(4, 33, 9, 4, 4, 2, with_momentum=True, seed=3, requires_grad=True, dtype=torch.float32)
     names, tensors = zip(*leaves(inp))

@@ -340,11 +340,16 @@ struct Work {  // one group's activations of one chunk and the backward's scratc
   }
 
   explicit Work(const Spec& s) {
+    buf.assign(size(s), V{});
+    lay_out(s, buf.data());
+  }
+
+  Work(const Spec& s, V* memory) { lay_out(s, memory); }  // on size(s) vectors the caller owns
+
+  void lay_out(const Spec& s, V* at) {
     const int64_t n = s.n;
     int64_t maxw = n;
     for (int l = 0; l <= s.L; ++l) maxw = std::max(maxw, s.dims[l]);
-    buf.assign(size(s), V{});
-    V* at = buf.data();
     auto take = [&](int64_t count) {
       V* out = at;
       at += count;
@@ -751,6 +756,23 @@ bool scan_forward(const Spec& s, void** ptrs) {
 constexpr int64_t kSegment = 32;
 constexpr int64_t kSegmentBytes = int64_t(64) << 20;
 
+// A segment's buffers (its chunks' starting states and activations: up to kSegmentBytes) are the thread's, kept from
+// one call to the next and grown when a call needs more: allocating them per call cost every backward a fresh mapping
+// of tens of MiB, zeroed and page-faulted in (~10% of a [16 x 256, chunk 4] backward's time with glibc's default
+// malloc, which maps blocks over 32 MiB anew each time; docs/PERFORMANCE.md). Zeroed when first allocated; after that
+// they hold the previous call's values, as a segment's buffers already do for the next segment. A worker thread's
+// buffers go with the thread at the call's end; the calling thread keeps its own (at most kSegmentBytes and one
+// state's size) until it exits.
+template <typename V>
+V* segment_scratch(int64_t count) {
+  static thread_local std::vector<V> buf;
+  if (static_cast<int64_t>(buf.size()) < count) {
+    std::vector<V>().swap(buf);  // the old block freed before the new one is taken
+    buf.resize(count);
+  }
+  return buf.data();
+}
+
 // ptrs: q k v b f G bl el fl gl pl (11), do, dq dk dv db df dG dbl del dfl dgl dpl (11), then per layer g[l] (in: the
 // gradient of the final state, out: of the starting one), dlast[l] (or null), WS0[l] (the starting state), A[l] (or
 // null), dA[l] (out, or null)
@@ -774,10 +796,14 @@ bool scan_backward(const Spec& s, void** ptrs) {
   const int64_t seg = std::max<int64_t>(1, std::min({kSegment, s.nc, kSegmentBytes / per_chunk}));
   const int64_t Vd = s.dims[s.L], nseg = (s.nc + seg - 1) / seg;
   return over_groups(s, [&](int64_t lo, int64_t hi) {
+    const int64_t work_size = Work<V>::size(s);
+    V* scratch = segment_scratch<V>(seg * (work_size + state_size) + state_size);
     std::vector<Work<V>> works;
     works.reserve(seg);
-    for (int64_t c = 0; c < seg; ++c) works.emplace_back(s);
-    std::vector<V> starts(seg * state_size), bounds(nseg > 1 ? nseg * state_size : 0), cur(state_size);
+    for (int64_t c = 0; c < seg; ++c) works.emplace_back(s, scratch + c * work_size);
+    V* const starts = scratch + seg * work_size;
+    V* const cur = starts + seg * state_size;
+    std::vector<V> bounds(nseg > 1 ? nseg * state_size : 0);
     std::vector<V> o_scratch(s.n * Vd);
     V *ws[MAXL], *aw[MAXL], *g[MAXL], *da_group[MAXL];
     auto anchors = [&](int64_t c, int64_t gr, V* state) {  // chunk c's anchor: its starting W, or the carried A
@@ -789,35 +815,35 @@ bool scan_backward(const Spec& s, void** ptrs) {
     for (int64_t gr = lo; gr < hi; ++gr) {
       for (int l = 0; l < s.L; ++l) {
         const int64_t n2 = 2 * s.dims[l + 1] * s.dims[l];
-        std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, cur.data() + offset[l]);
+        std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, cur + offset[l]);
         g[l] = G[l] + gr * n2;
       }
       if (nseg > 1) {  // the states at the segment starts
         for (int64_t c = 0; c < s.nc; ++c) {
-          if (c % seg == 0) std::copy(cur.begin(), cur.end(), bounds.begin() + (c / seg) * state_size);
+          if (c % seg == 0) std::copy(cur, cur + state_size, bounds.begin() + (c / seg) * state_size);
           const Chunk<V> ch = chunk_at(s, in, c, gr);
-          anchors(c, gr, cur.data());
+          anchors(c, gr, cur);
           anchor_forward(s, ch, aw, works[0]);
           state_forward(s, ch, ws, works[0]);
         }
       }
       for (int64_t sg = nseg - 1; sg >= 0; --sg) {
         const int64_t c0 = sg * seg, c1 = std::min(s.nc, c0 + seg);
-        if (nseg > 1) std::copy(bounds.begin() + sg * state_size, bounds.begin() + (sg + 1) * state_size, cur.begin());
+        if (nseg > 1) std::copy(bounds.begin() + sg * state_size, bounds.begin() + (sg + 1) * state_size, cur);
         for (int64_t c = c0; c < c1; ++c) {  // the segment's forward again, keeping what its backward reads
           const Chunk<V> ch = chunk_at(s, in, c, gr);
-          V* start = starts.data() + (c - c0) * state_size;
-          std::copy(cur.begin(), cur.end(), start);
+          V* start = starts + (c - c0) * state_size;
+          std::copy(cur, cur + state_size, start);
           anchors(c, gr, start);
           anchor_forward(s, ch, aw, works[c - c0]);
           read_forward(s, ch, ws, works[c - c0], o_scratch.data());
-          anchors(c, gr, cur.data());
+          anchors(c, gr, cur);
           state_forward(s, ch, ws, works[c - c0]);
         }
         for (int64_t c = c1 - 1; c >= c0; --c) {
           const Chunk<V> ch = chunk_at(s, in, c, gr);
           const bool separate = c == 0 && s.has_A;
-          anchors(c, gr, starts.data() + (c - c0) * state_size);
+          anchors(c, gr, starts + (c - c0) * state_size);
           if (separate) {
             for (int l = 0; l < s.L; ++l) {
               const int64_t OI = s.dims[l + 1] * s.dims[l];
