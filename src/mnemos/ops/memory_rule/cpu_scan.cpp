@@ -761,8 +761,8 @@ constexpr int64_t kSegmentBytes = int64_t(64) << 20;
 // of tens of MiB, zeroed and page-faulted in (~10% of a [16 x 256, chunk 4] backward's time with glibc's default
 // malloc, which maps blocks over 32 MiB anew each time; docs/PERFORMANCE.md). Zeroed when first allocated; after that
 // they hold the previous call's values, as a segment's buffers already do for the next segment. A worker thread's
-// buffers go with the thread at the call's end; the calling thread keeps its own (at most kSegmentBytes and one
-// state's size) until it exits.
+// buffers go with the thread at the call's end; the calling thread keeps its own (kSegmentBytes, or one chunk's
+// when a single chunk needs more, plus one state) until it exits.
 template <typename V>
 V* segment_scratch(int64_t count) {
   static thread_local std::vector<V> buf;
