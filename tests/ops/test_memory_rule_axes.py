@@ -275,12 +275,12 @@ def test_the_gram_domains_float32_rounding_stays_that_of_the_plain_form():
     # the gradient: ~19x the plain form's float32 error here (docs/MEMORY_RULE.md); a run of all 5 steps, or a
     # backward that lets P's growth into the small directions, would show as more
     W = torch.randn(8, 64, 256, generator=g, dtype=F64)
-    errors = []
+    grads = []  # the float64 truth, then the plain and the Gram form in float32
     for ns, dtype in ((newton_schulz, F64), (newton_schulz, torch.float32), (newton_schulz_fast, torch.float32)):
         x = S.detach().to(dtype).clone().requires_grad_()
         (ns(x, 5) * W.to(dtype)).sum().backward()
-        errors.append(x.grad.double())
-    plain, fast = ((e - errors[0]).abs().max() for e in errors[1:])
+        grads.append(x.grad.double())
+    plain, fast = ((grad - grads[0]).abs().max() for grad in grads[1:])
     assert fast <= 40 * plain, (fast.item(), plain.item())
 
 

@@ -29,8 +29,8 @@ outputs, final states and every input's gradient in float64. float32 differs by 
 decaying memory's tail cost a trained model 2.5x on x86; docs/PERFORMANCE.md, "Subnormal floats"). The node saves its
 inputs and nothing per chunk: its backward runs each group's forward again, up to 32
 chunks at a time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state
-and activations. That segment's buffers (64 MiB at most, unless one chunk needs more) stay with the calling thread from one backward to the next
-instead of being mapped and zeroed afresh each time (docs/PERFORMANCE.md).
+and activations. That segment's buffers (64 MiB at most, unless one chunk needs more) stay with the calling thread
+from one backward to the next instead of being mapped and zeroed afresh each time (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
