@@ -8,16 +8,21 @@ memory depth 2, expansion 4, head dim 16 (``--head-dim``), 4 heads (``--heads``)
 default), float32, one thread unless ``--threads``. ``--no-speed-rule`` runs the compiled loop even where
 ``cpu_scan.unsupported_reason`` would send a large state to the torch loop (to measure where that rule should sit).
 The kernel's vector width is the build's (``MNEMOS_VECTOR_BYTES`` overrides it; the header line prints it).
+``--against kept-starts`` compares the compiled loop with itself instead: its training forward keeping the states at
+the backward's segment starts (``cpu_scan.SAVED_BOUNDS_BYTES``) against the backward finding them in a pass of its own
+(the budget set to 0); only fwd+bwd differs. ``--depth`` sets the memory's depth (1 = matrix memory).
 
 Usage:
     python benchmarks/cpu_loop_speed.py
     python benchmarks/cpu_loop_speed.py --shapes 32x68x4 1x4096x4 --repeats 7
     MNEMOS_VECTOR_BYTES=64 python benchmarks/cpu_loop_speed.py --head-dim 64 --shapes 2x2048x16 --no-speed-rule
+    python benchmarks/cpu_loop_speed.py --against kept-starts --shapes 16x256x4 --head-dim 32 --depth 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -28,15 +33,15 @@ from mnemos.ops.memory_rule import cpu_scan
 DEFAULT_SHAPES = ("32x68x4", "32x68x16", "1x4096x4", "1x4096x16", "8x1024x4")  # batch x tokens x chunk
 
 
-def inputs(B: int, T: int, H: int = 4, D: int = 16, expansion: int = 4, seed: int = 0) -> dict:
+def inputs(B: int, T: int, H: int = 4, D: int = 16, expansion: int = 4, seed: int = 0, depth: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
     unit = lambda: torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g), dim=-1)  # noqa: E731
-    widths = [D, expansion * D, D]
+    widths = [D] + [expansion * D] * (depth - 1) + [D]
     return dict(q=unit(), k=unit(), v=torch.randn(B, T, H, D, generator=g),
                 theta=0.2 * torch.rand(B, T, H, generator=g), eta=0.9 * torch.rand(B, T, H, generator=g),
                 alpha=0.1 * torch.rand(B, T, H, generator=g),
                 weights=tuple(torch.randn(H, widths[i + 1], widths[i], generator=g) / widths[i] ** 0.5
-                              for i in range(2)))
+                              for i in range(depth)))
 
 
 def run(x: dict, chunk: int, backward: bool) -> float:
@@ -58,6 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--against", choices=("torch", "kept-starts"), default="torch",
+                   help="the other side: the PyTorch loop, or the compiled loop finding its segment starts itself")
     p.add_argument("--no-speed-rule", action="store_true",
                    help="run the compiled loop at every shape (lift cpu_scan.GROUP_STATE_LIMIT)")
     args = p.parse_args(argv)
@@ -66,22 +74,39 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if cpu_scan.unavailable_reason() is not None:
         p.error(f"the compiled loop is unavailable: {cpu_scan.unavailable_reason()}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.heads} heads of {args.head_dim}, kernel groups "
-          f"of {cpu_scan.lanes(torch.float32)} rows (float32); best of {args.repeats} interleaved rounds\n")
-    print("| batch x tokens, chunk | pass | compiled ms | torch loop ms | torch / compiled |")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.heads} heads of {args.head_dim}, memory depth "
+          f"{args.depth}, kernel groups of {cpu_scan.lanes(torch.float32)} rows (float32); best of {args.repeats} "
+          "interleaved rounds\n")
+    other = "torch loop" if args.against == "torch" else "starts found"
+    first = "compiled" if args.against == "torch" else "starts kept"
+
+    @contextlib.contextmanager
+    def side(mine: bool):
+        if args.against == "torch":
+            with cpu_scan.cpu_kernel(mine):
+                yield
+            return
+        budget = cpu_scan.SAVED_BOUNDS_BYTES
+        cpu_scan.SAVED_BOUNDS_BYTES = budget if mine else 0
+        try:
+            yield
+        finally:
+            cpu_scan.SAVED_BOUNDS_BYTES = budget
+
+    print(f"| batch x tokens, chunk | pass | {first} ms | {other} ms | {other} / {first} |")
     print("|---|---|---|---|---|")
     for shape in args.shapes:
         B, T, C = (int(v) for v in shape.split("x"))
-        x = inputs(B, T, H=args.heads, D=args.head_dim)
+        x = inputs(B, T, H=args.heads, D=args.head_dim, depth=args.depth)
         for backward in (False, True):
             best = {True: float("inf"), False: float("inf")}
-            for on in (True, False):  # warm-up
-                with cpu_scan.cpu_kernel(on):
+            for mine in (True, False):  # warm-up
+                with side(mine):
                     run(x, C, backward)
             for _ in range(args.repeats):
-                for on in (True, False):
-                    with cpu_scan.cpu_kernel(on):
-                        best[on] = min(best[on], run(x, C, backward))
+                for mine in (True, False):
+                    with side(mine):
+                        best[mine] = min(best[mine], run(x, C, backward))
             print(f"| {B} x {T}, C {C} | {'fwd+bwd' if backward else 'fwd'} | {1e3 * best[True]:.1f} | "
                   f"{1e3 * best[False]:.1f} | {best[False] / best[True]:.2f}× |")
     return 0

@@ -254,6 +254,43 @@ def test_subnormals_are_zero_inside_the_kernel_and_only_there():
 
 
 @needs_kernel
+@pytest.mark.parametrize("anchor", [False, True])
+def test_the_forward_keeps_the_segment_starts_and_the_backward_uses_them(anchor, monkeypatch):
+    """A training forward keeps the states at the backward's segment starts (chunks 32 and 64 of 70) when they fit
+    in SAVED_BOUNDS_BYTES: they are the states a run of the first 32 / 64 chunks ends in, and the backward from them
+    gives, bit for bit, the gradients of the backward that finds them itself (budget 0: nothing kept)."""
+    cfg = dict(nc=70, B=2, H=3, n=2, depth=2, K=3, hidden=5, V=3, residual=True, activation="gelu", loss="l2",
+               normalize=True, anchor=anchor, seed=5)
+    inputs = _node_inputs(cfg)
+    L, opts = cfg["depth"], dict(residual=True, activation="gelu", loss="l2", normalize=True)
+    tokens, WS, A = inputs[:11], inputs[11:11 + L], (inputs[11 + L:] or None)
+    with torch.no_grad():
+        _, _, _, saved = cpu_scan.forward(tokens, WS, A, opts, save=True)
+        bounds = saved[-1]
+        assert len(saved) == 11 + L * (2 if anchor else 1) + 1 and bounds.shape[1] == 2 * sum(
+            2 * w.shape[-2] // 2 * w.shape[-1] for w in WS)
+        for i, end in enumerate((32, 64)):
+            _, states, _, _ = cpu_scan.forward([t[:end] for t in tokens], WS, A, opts, save=False)
+            lanes = torch.cat([to_lanes(s.reshape(-1, *s.shape[2:]), 0, bounds.shape[-1]).flatten(1, -2)
+                               for s in states], dim=1)
+            half = bounds.shape[1] // 2
+            assert torch.equal(bounds[:, i * half:(i + 1) * half], lanes), f"segment start {end}"
+
+    def grads():
+        out = _apply(CpuChunkScan, cfg, inputs)
+        cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=F64) for o in out]
+        return torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots)), inputs)
+
+    kept = grads()
+    monkeypatch.setattr(cpu_scan, "SAVED_BOUNDS_BYTES", 0)
+    with torch.no_grad():
+        assert len(cpu_scan.forward(tokens, WS, A, opts, save=True)[3]) == 11 + L * (2 if anchor else 1)
+    found = grads()
+    for i, (a, b) in enumerate(zip(kept, found)):
+        assert torch.equal(a, b), f"grad {i} differs between kept and found segment starts"
+
+
+@needs_kernel
 def test_the_reused_segment_buffers_carry_nothing_between_calls():
     """The backward's segment buffers belong to the thread and keep the last call's values (cpu_scan.cpp,
     segment_scratch): a backward run right after one on other inputs (larger values, a wider memory, more chunks)

@@ -716,8 +716,46 @@ bool over_groups(const Spec& s, F&& body) {
   return over_range(s.groups, s.threads, std::forward<F>(body));
 }
 
+// The backward of one group walks its chunks in segments of at most kSegment, last segment first: it re-runs the
+// forward of a segment from the state at the segment's start, keeping every chunk's starting state and activations,
+// then runs the chunks' backward in reverse. The states at the segment starts (but the first, the starting state)
+// are kept by the forward when the caller gives it room for them (``bounds``: what the autograd node keeps, when it
+// fits its byte budget, cpu_scan.py); without them the backward finds them in a first forward pass of its own
+// (anchor and state update only; none when there is one segment). So the node saves its inputs, the starting
+// states and at most those few states, nothing per chunk, and the memory this needs is per thread: one segment of
+// one group, kept under kSegmentBytes by shortening the segment for large chunks or memories.
+constexpr int64_t kSegment = 32;
+constexpr int64_t kSegmentBytes = int64_t(64) << 20;
+
+// one group's [W; S] of every layer, packed: its size in vectors, and each layer's offset in it
+inline int64_t packed_state(const Spec& s, int64_t* offset) {
+  int64_t size = 0;
+  for (int l = 0; l < s.L; ++l) {
+    offset[l] = size;
+    size += 2 * s.dims[l + 1] * s.dims[l];
+  }
+  return size;
+}
+
+// the backward's segment length in chunks
+template <typename V>
+int64_t segment_length(const Spec& s) {
+  int64_t offset[MAXL];
+  const int64_t per_chunk = static_cast<int64_t>(sizeof(V)) * (Work<V>::size(s) + packed_state(s, offset));
+  return std::max<int64_t>(1, std::min({kSegment, s.nc, kSegmentBytes / per_chunk}));
+}
+
+// the vectors one group's saved segment-start states take (0: one segment, nothing to save)
+template <typename T>
+int64_t bounds_size(const Spec& s) {
+  typedef typename Lanes<T>::V V;
+  int64_t offset[MAXL];
+  const int64_t seg = segment_length<V>(s);
+  return ((s.nc + seg - 1) / seg - 1) * packed_state(s, offset);
+}
+
 // ptrs: q k v b f G bl el fl gl pl (11), o, then per layer WS[l] (in: start, out: final), A[l] (or null),
-// last_anchor[l] (out)
+// last_anchor[l] (out), then bounds (out, or null: [groups, bounds_size], the states at chunks seg, 2 seg, ...)
 template <typename T>
 bool scan_forward(const Spec& s, void** ptrs) {
   typedef typename Lanes<T>::V V;
@@ -726,7 +764,10 @@ bool scan_forward(const Spec& s, void** ptrs) {
   V* const* WS = in + 12;
   V* const* A = in + 12 + s.L;
   V* const* last = in + 12 + 2 * s.L;
-  const int64_t Vd = s.dims[s.L];
+  V* const bounds = in[12 + 3 * s.L];
+  const int64_t Vd = s.dims[s.L], seg = segment_length<V>(s), kept = bounds_size<T>(s);
+  int64_t offset[MAXL];
+  const int64_t state_size = packed_state(s, offset);
   return over_groups(s, [&](int64_t lo, int64_t hi) {
     Work<V> w(s);
     V *ws[MAXL], *aw[MAXL];
@@ -734,6 +775,10 @@ bool scan_forward(const Spec& s, void** ptrs) {
       for (int l = 0; l < s.L; ++l) ws[l] = WS[l] + g * 2 * s.dims[l + 1] * s.dims[l];
       for (int64_t c = 0; c < s.nc; ++c) {
         const Chunk<V> ch = chunk_at(s, in, c, g);
+        if (bounds != nullptr && c > 0 && c % seg == 0) {  // a segment's start: the backward starts there
+          V* at = bounds + g * kept + (c / seg - 1) * state_size;
+          for (int l = 0; l < s.L; ++l) std::copy(ws[l], ws[l] + 2 * s.dims[l + 1] * s.dims[l], at + offset[l]);
+        }
         for (int l = 0; l < s.L; ++l) {
           const int64_t OI = s.dims[l + 1] * s.dims[l];
           aw[l] = (c == 0 && s.has_A) ? A[l] + g * OI : ws[l];
@@ -747,14 +792,6 @@ bool scan_forward(const Spec& s, void** ptrs) {
   });
 }
 
-// The backward of one group walks its chunks in segments of at most kSegment, last segment first: it re-runs the
-// forward of a segment from the state at the segment's start, keeping every chunk's starting state and activations,
-// then runs the chunks' backward in reverse. The states at the segment starts come from a first forward pass (anchor
-// and state update only; skipped when there is one segment). So the autograd node saves only its inputs and the
-// starting states, nothing per chunk, and the memory this needs is per thread: one segment of one group, kept under
-// kSegmentBytes by shortening the segment for large chunks or memories.
-constexpr int64_t kSegment = 32;
-constexpr int64_t kSegmentBytes = int64_t(64) << 20;
 
 // A segment's buffers (its chunks' starting states and activations: up to kSegmentBytes) are the thread's, kept from
 // one call to the next and grown when a call needs more: allocating them per call cost every backward a fresh mapping
@@ -775,7 +812,7 @@ V* segment_scratch(int64_t count) {
 
 // ptrs: q k v b f G bl el fl gl pl (11), do, dq dk dv db df dG dbl del dfl dgl dpl (11), then per layer g[l] (in: the
 // gradient of the final state, out: of the starting one), dlast[l] (or null), WS0[l] (the starting state), A[l] (or
-// null), dA[l] (out, or null)
+// null), dA[l] (out, or null), then bounds (the forward's, or null)
 template <typename T>
 bool scan_backward(const Spec& s, void** ptrs) {
   typedef typename Lanes<T>::V V;
@@ -787,13 +824,10 @@ bool scan_backward(const Spec& s, void** ptrs) {
   V* const* WS0 = in + 23 + 2 * s.L;
   V* const* A = in + 23 + 3 * s.L;
   V* const* dA = in + 23 + 4 * s.L;
-  int64_t state_size = 0, offset[MAXL];  // one group's [W; S] of every layer, packed
-  for (int l = 0; l < s.L; ++l) {
-    offset[l] = state_size;
-    state_size += 2 * s.dims[l + 1] * s.dims[l];
-  }
-  const int64_t per_chunk = static_cast<int64_t>(sizeof(V)) * (Work<V>::size(s) + state_size);
-  const int64_t seg = std::max<int64_t>(1, std::min({kSegment, s.nc, kSegmentBytes / per_chunk}));
+  const V* const kept = in[23 + 5 * s.L];
+  int64_t offset[MAXL];
+  const int64_t state_size = packed_state(s, offset);  // one group's [W; S] of every layer, packed
+  const int64_t seg = segment_length<V>(s);
   const int64_t Vd = s.dims[s.L], nseg = (s.nc + seg - 1) / seg;
   return over_groups(s, [&](int64_t lo, int64_t hi) {
     const int64_t work_size = Work<V>::size(s);
@@ -803,7 +837,7 @@ bool scan_backward(const Spec& s, void** ptrs) {
     for (int64_t c = 0; c < seg; ++c) works.emplace_back(s, scratch + c * work_size);
     V* const starts = scratch + seg * work_size;
     V* const cur = starts + seg * state_size;
-    std::vector<V> bounds(nseg > 1 ? nseg * state_size : 0);
+    std::vector<V> bounds(nseg > 1 && kept == nullptr ? nseg * state_size : 0);
     std::vector<V> o_scratch(s.n * Vd);
     V *ws[MAXL], *aw[MAXL], *g[MAXL], *da_group[MAXL];
     auto anchors = [&](int64_t c, int64_t gr, V* state) {  // chunk c's anchor: its starting W, or the carried A
@@ -813,12 +847,16 @@ bool scan_backward(const Spec& s, void** ptrs) {
       }
     };
     for (int64_t gr = lo; gr < hi; ++gr) {
-      for (int l = 0; l < s.L; ++l) {
-        const int64_t n2 = 2 * s.dims[l + 1] * s.dims[l];
-        std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, cur + offset[l]);
-        g[l] = G[l] + gr * n2;
-      }
-      if (nseg > 1) {  // the states at the segment starts
+      auto load_start = [&] {  // the group's starting state into cur
+        for (int l = 0; l < s.L; ++l) {
+          const int64_t n2 = 2 * s.dims[l + 1] * s.dims[l];
+          std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, cur + offset[l]);
+        }
+      };
+      load_start();
+      for (int l = 0; l < s.L; ++l) g[l] = G[l] + gr * 2 * s.dims[l + 1] * s.dims[l];
+      const V* const group_kept = kept == nullptr ? nullptr : kept + gr * (nseg - 1) * state_size;
+      if (nseg > 1 && group_kept == nullptr) {  // the states at the segment starts
         for (int64_t c = 0; c < s.nc; ++c) {
           if (c % seg == 0) std::copy(cur, cur + state_size, bounds.begin() + (c / seg) * state_size);
           const Chunk<V> ch = chunk_at(s, in, c, gr);
@@ -829,7 +867,13 @@ bool scan_backward(const Spec& s, void** ptrs) {
       }
       for (int64_t sg = nseg - 1; sg >= 0; --sg) {
         const int64_t c0 = sg * seg, c1 = std::min(s.nc, c0 + seg);
-        if (nseg > 1) std::copy(bounds.begin() + sg * state_size, bounds.begin() + (sg + 1) * state_size, cur);
+        if (nseg > 1 && group_kept == nullptr) {
+          std::copy(bounds.begin() + sg * state_size, bounds.begin() + (sg + 1) * state_size, cur);
+        } else if (nseg > 1 && sg > 0) {
+          std::copy(group_kept + (sg - 1) * state_size, group_kept + sg * state_size, cur);
+        } else if (nseg > 1) {
+          load_start();
+        }
         for (int64_t c = c0; c < c1; ++c) {  // the segment's forward again, keeping what its backward reads
           const Chunk<V> ch = chunk_at(s, in, c, gr);
           V* start = starts + (c - c0) * state_size;
@@ -1607,6 +1651,15 @@ int mnemos_scan_lanes_f64() { return Lanes<double>::N; }
     if (!parser(spec, s)) return 1;                             \
     return fn<double, ##__VA_ARGS__>(s, ptrs) ? 0 : 2;          \
   }
+// the vectors of one group's segment-start states (scan_forward's bounds), or -1 for a spec out of range
+int64_t mnemos_scan_bounds_f32(const int64_t* spec) {
+  Spec s;
+  return parse(spec, s) ? bounds_size<float>(s) : -1;
+}
+int64_t mnemos_scan_bounds_f64(const int64_t* spec) {
+  Spec s;
+  return parse(spec, s) ? bounds_size<double>(s) : -1;
+}
 MNEMOS_EXPORT(mnemos_scan_forward, Spec, parse, scan_forward)
 MNEMOS_EXPORT(mnemos_scan_backward, Spec, parse, scan_backward)
 MNEMOS_EXPORT(mnemos_lq4_forward, RecurSpec, parse_recur, lq4_forward)

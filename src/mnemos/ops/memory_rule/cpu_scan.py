@@ -170,6 +170,10 @@ def library() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes = (ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p))
                 fn.restype = ctypes.c_int
+            for name in ("mnemos_scan_bounds_f32", "mnemos_scan_bounds_f64"):
+                fn = getattr(lib, name)
+                fn.argtypes = (ctypes.POINTER(ctypes.c_int64),)
+                fn.restype = ctypes.c_int64
             for dtype in (torch.float32, torch.float64):  # the layout this module writes is the one the kernel reads
                 _lanes[dtype] = getattr(lib, f"mnemos_scan_lanes_{'f64' if dtype == torch.float64 else 'f32'}")()
             _library = lib
@@ -305,12 +309,20 @@ class _Layout:
         return _spec(self.nc, self.n, self.groups, self.dims, opts, has_A)
 
 
+# The most bytes of segment-start states a training forward keeps for its backward (cpu_scan.cpp, scan_backward):
+# with them the backward runs the forward once (a segment at a time) instead of twice, ~25% of its time at the LM
+# preset's memory shape (docs/PERFORMANCE.md); over it the backward finds them itself. The backward's own buffers
+# are as large (kSegmentBytes).
+SAVED_BOUNDS_BYTES = 64 << 20
+
+
 def forward(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] | None, opts: dict, *,
             save: bool) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor] | None]:
     """Every chunk in order (``torch_scan.scan``). ``inputs``: q k v b f G bl el fl gl pl, chunk-major; WS: the L
     starting ``[W; S]`` (not modified); A: chunk 0's anchors or None. Returns o, the final states, the memory W at the
     last chunk's start and, with ``save``, what :class:`CpuChunkScan`'s backward reads, in lanes: the inputs, the
-    starting states and the anchors (nothing per chunk: the backward runs the forward again)."""
+    starting states, the anchors and, where the backward runs in several segments and they fit in
+    ``SAVED_BOUNDS_BYTES``, the states at the segments' starts (the backward runs each segment's forward again)."""
     lay = _Layout(inputs[0].shape, inputs[0].dtype, [inputs[0].shape[-1]] + [t.shape[-2] // 2 for t in WS])
     x = [lay.chunked(t) for t in inputs]
     ws0 = [lay.state(t) for t in WS]
@@ -320,16 +332,23 @@ def forward(inputs: Sequence[Tensor], WS: Sequence[Tensor], A: Sequence[Tensor] 
     o = x[0].new_empty(nc, G, lay.n, lay.dims[-1], lay.width)
     last = [x[0].new_empty(G, lay.dims[i + 1], lay.dims[i], lay.width) for i in range(len(ws))]
     L = len(ws)
-    ptrs = _pointers([*x, o, *ws, *(a or [None] * L), *last])
-    _call("mnemos_scan_forward", dt, lay.spec(opts, A is not None), ptrs)
-    saved = [*x, *ws0, *(a or ())] if save else None
+    spec = lay.spec(opts, A is not None)
+    bounds = None
+    if save:
+        size = getattr(library(), f"mnemos_scan_bounds_{'f64' if dt == torch.float64 else 'f32'}")(spec)
+        if 0 < G * size * lay.width * x[0].element_size() <= SAVED_BOUNDS_BYTES:
+            bounds = x[0].new_empty(G, size, lay.width)
+    ptrs = _pointers([*x, o, *ws, *(a or [None] * L), *last, bounds])
+    _call("mnemos_scan_forward", dt, spec, ptrs)
+    saved = [*x, *ws0, *(a or ()), *(() if bounds is None else (bounds,))] if save else None
     return lay.chunked_back(o), [lay.state_back(t) for t in ws], [lay.state_back(t) for t in last], saved
 
 
 class CpuChunkScan(torch.autograd.Function):
     """The compiled chunk loop as one autograd node, with ``torch_scan.TorchChunkScan``'s contract (``backends.py``):
     ``apply(opts, q, k, v, b, f, G, bl, el, fl, gl, pl, *WS, *A) -> (o, *WS_final, *last_anchor)``. Saves its inputs
-    only (in lanes); the backward runs each group's forward again, 32 chunks at a time."""
+    only (in lanes) and, where they fit, the states at the backward's segment starts; the backward runs each group's
+    forward again, a segment (up to 32 chunks) at a time."""
 
     @staticmethod
     def forward(ctx, opts: dict, q, k, v, b, f, G, bl, el, fl, gl, pl, *states):
@@ -338,6 +357,7 @@ class CpuChunkScan(torch.autograd.Function):
         WS, A = list(states[:L]), (list(states[L:]) or None)
         o, WS_out, last, saved = forward(inputs, WS, A, opts["kw"], save=True)
         ctx.opts, ctx.has_A = opts, A is not None
+        ctx.has_bounds = len(saved) > 11 + 2 * L if A is not None else len(saved) > 11 + L
         ctx.dims = [q.shape[-1]] + [t.shape[-2] // 2 for t in WS]
         ctx.q_shape = q.shape
         ctx.save_for_backward(*saved)  # in lanes: converted once
@@ -349,7 +369,8 @@ class CpuChunkScan(torch.autograd.Function):
         L, kw = ctx.opts["L"], ctx.opts["kw"]
         saved = ctx.saved_tensors
         x, ws0 = list(saved[:11]), list(saved[11:11 + L])
-        a = list(saved[11 + L:]) if ctx.has_A else None
+        a = list(saved[11 + L:11 + 2 * L]) if ctx.has_A else None
+        bounds = saved[-1] if ctx.has_bounds else None
         lay = _Layout(ctx.q_shape, x[0].dtype, ctx.dims)
         if do is None:
             do = x[0].new_zeros(*ctx.q_shape[:-1], lay.dims[-1])
@@ -360,7 +381,7 @@ class CpuChunkScan(torch.autograd.Function):
         outs = [torch.empty_like(t) for t in x]  # dq dk dv db df dG dbl del dfl dgl dpl, in lanes
         dA = None if a is None else [torch.empty_like(t) for t in a]
         ptrs = _pointers([*x, do, *outs, *carry, *(dlast or [None] * L), *ws0, *(a or [None] * L),
-                          *(dA or [None] * L)])
+                          *(dA or [None] * L), bounds])
         _call("mnemos_scan_backward", x[0].dtype, lay.spec(kw, a is not None), ptrs)
         grads_in = [lay.chunked_back(t) for t in outs]
         dWS = [lay.state_back(t) for t in carry]
