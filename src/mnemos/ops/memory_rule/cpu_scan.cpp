@@ -518,6 +518,64 @@ void state_forward(const Spec& s, const Chunk<V>& ch, V* const* WS, Work<V>& w) 
   }
 }
 
+// The same update in one pass over [W; S] for chunks of at most 8 tokens, from src to dst (in place when
+// they are the same): the retention and the rank-n update fused per entry, with the two-pass form's arithmetic in its
+// order (bl W + fl S, then the sum over the chunk's tokens from the first, subtracted), so the results are equal bit
+// for bit. At few tokens the two-pass form's three sweeps of the state (and the backward's copy of each chunk's
+// starting state) were bound by memory traffic (docs/PERFORMANCE.md).
+template <typename V, int N>  // N: the chunk's tokens, fixed so that the token loop unrolls with its factors in registers
+void state_forward_fused(const Spec& s, const Chunk<V>& ch, V* const* src, V* const* dst, Work<V>& w) {
+  typedef Scalar<V> T;
+  for (int l = 0; l < s.L; ++l) {
+    const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
+    const V* a = w.a[l];
+    const V* du = w.du[l];
+    for (int64_t o = 0; o < O; ++o) {
+      V cg[N], cp[N];
+      for (int j = 0; j < N; ++j) {
+        cg[j] = ch.gl[j] * du[j * O + o];
+        cp[j] = ch.pl[j] * du[j * O + o];
+      }
+      const V *Wr = src[l] + o * I, *Sr = src[l] + OI + o * I;
+      V *Wd = dst[l] + o * I, *Sd = dst[l] + OI + o * I;
+      for (int64_t i = 0; i < I; ++i) {  // the row's retention, then its update: the row stays in L1 between them
+        const V Wv = Wr[i], Sv = Sr[i];
+        Wd[i] = ch.bl * Wv + ch.fl * Sv;
+        Sd[i] = ch.el * Sv;
+      }
+      for (int64_t i = 0; i < I; ++i) {
+        V sw = {}, ss = {};
+        for (int j = 0; j < N; ++j) {
+          const V x = a[j * I + i];
+          sw += cg[j] * x;
+          ss += cp[j] * x;
+        }
+        Wd[i] = Wd[i] + T(-1) * sw;
+        Sd[i] = Sd[i] + T(-1) * ss;
+      }
+    }
+  }
+}
+
+// [W; S] after the chunk from src (each layer's) into dst (in place when the same)
+template <typename V>
+void state_update(const Spec& s, const Chunk<V>& ch, V* const* src, V* const* dst, Work<V>& w) {
+  switch (s.n) {
+    case 1: return state_forward_fused<V, 1>(s, ch, src, dst, w);
+    case 2: return state_forward_fused<V, 2>(s, ch, src, dst, w);
+    case 3: return state_forward_fused<V, 3>(s, ch, src, dst, w);
+    case 4: return state_forward_fused<V, 4>(s, ch, src, dst, w);
+    case 5: return state_forward_fused<V, 5>(s, ch, src, dst, w);
+    case 6: return state_forward_fused<V, 6>(s, ch, src, dst, w);
+    case 7: return state_forward_fused<V, 7>(s, ch, src, dst, w);
+    case 8: return state_forward_fused<V, 8>(s, ch, src, dst, w);
+    default: break;
+  }
+  if (src != dst)
+    for (int l = 0; l < s.L; ++l) std::copy(src[l], src[l] + 2 * s.dims[l + 1] * s.dims[l], dst[l]);
+  state_forward(s, ch, dst, w);
+}
+
 // the gradients of one (chunk, group)
 template <typename V>
 struct ChunkGrads {
@@ -786,7 +844,7 @@ bool scan_forward(const Spec& s, void** ptrs) {
         }
         anchor_forward(s, ch, aw, w);
         read_forward(s, ch, ws, w, o + (c * s.groups + g) * s.n * Vd);
-        state_forward(s, ch, ws, w);
+        state_update(s, ch, ws, ws, w);
       }
     }
   });
@@ -862,7 +920,7 @@ bool scan_backward(const Spec& s, void** ptrs) {
           const Chunk<V> ch = chunk_at(s, in, c, gr);
           anchors(c, gr, cur);
           anchor_forward(s, ch, aw, works[0]);
-          state_forward(s, ch, ws, works[0]);
+          state_update(s, ch, ws, ws, works[0]);
         }
       }
       for (int64_t sg = nseg - 1; sg >= 0; --sg) {
@@ -874,15 +932,17 @@ bool scan_backward(const Spec& s, void** ptrs) {
         } else if (nseg > 1) {
           load_start();
         }
+        std::copy(cur, cur + state_size, starts);
         for (int64_t c = c0; c < c1; ++c) {  // the segment's forward again, keeping what its backward reads
           const Chunk<V> ch = chunk_at(s, in, c, gr);
           V* start = starts + (c - c0) * state_size;
-          std::copy(cur, cur + state_size, start);
           anchors(c, gr, start);
           anchor_forward(s, ch, aw, works[c - c0]);
           read_forward(s, ch, ws, works[c - c0], o_scratch.data());
-          anchors(c, gr, cur);
-          state_forward(s, ch, ws, works[c - c0]);
+          if (c + 1 == c1) break;  // the state after the segment: not read
+          V* next[MAXL];
+          for (int l = 0; l < s.L; ++l) next[l] = start + state_size + offset[l];
+          state_update(s, ch, ws, next, works[c - c0]);
         }
         for (int64_t c = c1 - 1; c >= c0; --c) {
           const Chunk<V> ch = chunk_at(s, in, c, gr);
