@@ -10,13 +10,17 @@ default), float32, one thread unless ``--threads``. ``--no-speed-rule`` runs the
 The kernel's vector width is the build's (``MNEMOS_VECTOR_BYTES`` overrides it; the header line prints it).
 ``--against kept-starts`` compares the compiled loop with itself instead: its training forward keeping the states at
 the backward's segment starts (``cpu_scan.SAVED_BOUNDS_BYTES``) against the backward finding them in a pass of its own
-(the budget set to 0); only fwd+bwd differs. ``--depth`` sets the memory's depth (1 = matrix memory).
+(the budget set to 0); only fwd+bwd differs. ``--against-source FILE`` compares it with the library built from
+another version of ``cpu_scan.cpp`` (the same calling convention; e.g. ``git show HEAD~1:src/.../cpu_scan.cpp``), both
+loaded in this process: the A/B for a change to the kernel. ``--depth`` sets the memory's depth (1 = matrix memory).
 
 Usage:
     python benchmarks/cpu_loop_speed.py
     python benchmarks/cpu_loop_speed.py --shapes 32x68x4 1x4096x4 --repeats 7
     MNEMOS_VECTOR_BYTES=64 python benchmarks/cpu_loop_speed.py --head-dim 64 --shapes 2x2048x16 --no-speed-rule
     python benchmarks/cpu_loop_speed.py --against kept-starts --shapes 16x256x4 --head-dim 32 --depth 3
+    git show HEAD~1:src/mnemos/ops/memory_rule/cpu_scan.cpp > /tmp/old_scan.cpp
+    python benchmarks/cpu_loop_speed.py --against-source /tmp/old_scan.cpp --shapes 16x256x1 16x256x4 --head-dim 32
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 
@@ -66,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--against", choices=("torch", "kept-starts"), default="torch",
                    help="the other side: the PyTorch loop, or the compiled loop finding its segment starts itself")
+    p.add_argument("--against-source", type=Path, metavar="FILE",
+                   help="the other side: the compiled loop built from this cpu_scan.cpp (overrides --against)")
     p.add_argument("--no-speed-rule", action="store_true",
                    help="run the compiled loop at every shape (lift cpu_scan.GROUP_STATE_LIMIT)")
     args = p.parse_args(argv)
@@ -79,9 +86,28 @@ def main(argv=None) -> int:
           "interleaved rounds\n")
     other = "torch loop" if args.against == "torch" else "starts found"
     first = "compiled" if args.against == "torch" else "starts kept"
+    libraries = {}
+    if args.against_source is not None:
+        if not args.against_source.is_file():
+            p.error(f"--against-source: no file {args.against_source}")
+        first, other = "this source", args.against_source.name
+        libraries[True] = cpu_scan.library()
+        source = cpu_scan.SOURCE
+        cpu_scan.SOURCE, cpu_scan._tried, cpu_scan._library = args.against_source, False, None
+        libraries[False] = cpu_scan.library()
+        cpu_scan.SOURCE = source
+        if libraries[False] is None:
+            p.error(f"--against-source: {cpu_scan.unavailable_reason()}")
 
     @contextlib.contextmanager
     def side(mine: bool):
+        if libraries:
+            cpu_scan._library = libraries[mine]
+            try:
+                yield
+            finally:
+                cpu_scan._library = libraries[True]
+            return
         if args.against == "torch":
             with cpu_scan.cpu_kernel(mine):
                 yield
