@@ -518,11 +518,12 @@ void state_forward(const Spec& s, const Chunk<V>& ch, V* const* WS, Work<V>& w) 
   }
 }
 
-// The same update in one pass over [W; S] for chunks of at most 8 tokens, from src to dst (in place when
-// they are the same): the retention and the rank-n update fused per entry, with the two-pass form's arithmetic in its
-// order (bl W + fl S, then the sum over the chunk's tokens from the first, subtracted), so the results are equal bit
-// for bit. At few tokens the two-pass form's three sweeps of the state (and the backward's copy of each chunk's
-// starting state) were bound by memory traffic (docs/PERFORMANCE.md).
+// The same update in one sweep over [W; S] for chunks of at most 8 tokens, from src to dst (in place when they are
+// the same): row by row, each row's retention and then its rank-n update while the row sits in L1, with the two-pass
+// form's arithmetic in its order (bl W + fl S stored, then the sum over the chunk's tokens from the first subtracted),
+// so the results are equal bit for bit (one loop doing both was 1-2 ulp off: the compiler contracts the sums into
+// FMAs differently). At few tokens the two-pass form's three sweeps of the state (and the backward's copy of each
+// chunk's starting state) were bound by memory traffic (docs/PERFORMANCE.md).
 template <typename V, int N>  // N: the chunk's tokens, fixed so that the token loop unrolls with its factors in registers
 void state_forward_fused(const Spec& s, const Chunk<V>& ch, V* const* src, V* const* dst, Work<V>& w) {
   typedef Scalar<V> T;
@@ -849,7 +850,6 @@ bool scan_forward(const Spec& s, void** ptrs) {
     }
   });
 }
-
 
 // A segment's buffers (its chunks' starting states and activations: up to kSegmentBytes) are the thread's, kept from
 // one call to the next and grown when a call needs more: allocating them per call cost every backward a fresh mapping
