@@ -315,8 +315,9 @@ def test_the_reused_segment_buffers_carry_nothing_between_calls():
 
 
 @needs_kernel
-def test_threads_split_groups_without_changing_a_bit():
-    inp = make_inputs(4, 33, 9, 4, 4, 2, with_momentum=True, seed=3, requires_grad=True, dtype=torch.float32)
+@pytest.mark.parametrize("T", [33, 141])  # 141: 36 chunks, two backward segments (the forward keeps the second's start)
+def test_threads_split_groups_without_changing_a_bit(T):
+    inp = make_inputs(4, T, 9, 4, 4, 2, with_momentum=True, seed=3, requires_grad=True, dtype=torch.float32)
     names, tensors = zip(*leaves(inp))
     before = torch.get_num_threads()
     results = []
