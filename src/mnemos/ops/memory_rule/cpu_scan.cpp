@@ -610,9 +610,6 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
     const int64_t O = s.dims[l + 1], I = s.dims[l], OI = O * I;
     V *gW = g[l], *gS = g[l] + OI;
     const V *W = WS[l], *S = WS[l] + OI, *d = w.du[l];
-    dbl += sum(gW, W, OI);
-    dfl += sum(gW, S, OI);
-    del += sum(gS, S, OI);
     mm_abt(w.rW, w.a[l], gW, n, O, I, false, 1);  // a dW'^T
     mm_abt(w.rS, w.a[l], gS, n, O, I, false, 1);  // a dS'^T
     for (int64_t j = 0; j < n; ++j) {
@@ -628,10 +625,32 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
     }
     mm_ab(w.da[l], w.cg, gW, n, I, O, false, -1);  // da = -((gl d) dW' + (pl d) dS')
     mm_ab(w.da[l], w.cp, gS, n, I, O, true, -1);
-    for (int64_t e = 0; e < OI; ++e) {  // [dW; dS] = [bl dW'; el dS' + fl dW']
+    // <dW', W>, <dW', S>, <dS', S> (each as sum() adds them: even and odd entries apart), and [dW; dS] = [bl dW';
+    // el dS' + fl dW'], in one sweep
+    V b0 = {}, b1 = {}, f0 = {}, f1 = {}, e0 = {}, e1 = {};
+    int64_t e = 0;
+    for (; e + 2 <= OI; e += 2) {
+      b0 += gW[e] * W[e];
+      b1 += gW[e + 1] * W[e + 1];
+      f0 += gW[e] * S[e];
+      f1 += gW[e + 1] * S[e + 1];
+      e0 += gS[e] * S[e];
+      e1 += gS[e + 1] * S[e + 1];
+      for (int64_t u = e; u < e + 2; ++u) {
+        gS[u] = ch.el * gS[u] + ch.fl * gW[u];
+        gW[u] = ch.bl * gW[u];
+      }
+    }
+    if (e < OI) {
+      b0 += gW[e] * W[e];
+      f0 += gW[e] * S[e];
+      e0 += gS[e] * S[e];
       gS[e] = ch.el * gS[e] + ch.fl * gW[e];
       gW[e] = ch.bl * gW[e];
     }
+    dbl += b0 + b1;
+    dfl += f0 + f1;
+    del += e0 + e1;
   }
   *out.dbl = dbl;
   *out.del = del;
