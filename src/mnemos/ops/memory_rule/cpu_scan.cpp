@@ -591,6 +591,78 @@ ChunkGrads<V> grads_at(const Spec& s, V* const* out, int64_t c, int64_t g) {
                        out[8] + cg,         out[9] + cg * n,     out[10] + cg * n};
 }
 
+// In the backward of one layer, the retention's share of the state's backward and the read's rank-n additions to the
+// same gradient [dW'; dS'] ([O, I] each, in place):
+//     sums = (<dW', W>, <dW', S>, <dS', S>), each added as sum() adds (even and odd flat entries apart);
+//     dW = bl dW' + (b dy)^T x,   dS = el dS' + fl dW' + (f dy)^T x   (bdy = b dy, fdy = f dy: [n, O]; x: [n, I]).
+// For chunks of 1 or 2 tokens in one sweep, row by row: the row's retention stored, then its additions while it sits
+// in L1, each in the order and form of the separate passes (retention, then mm_atb's sum over tokens from the first),
+// so equal to them bit for bit; else the retention's sweep (N = 0) and two products (at 4 tokens and more the
+// products' register blocks were as fast or faster: docs/PERFORMANCE.md).
+template <typename V, int N>
+void retain_and_add_rows(int64_t O, int64_t I, V* gW, V* gS, const V* W, const V* S, const V* bdy, const V* fdy,
+                         const V* x, V bl, V el, V fl, V* sums) {
+  V b0 = {}, b1 = {}, f0 = {}, f1 = {}, e0 = {}, e1 = {};
+  for (int64_t o = 0; o < O; ++o) {
+    V *gWr = gW + o * I, *gSr = gS + o * I;
+    const V *Wr = W + o * I, *Sr = S + o * I;
+    auto entry = [&](int64_t i, V& bk, V& fk, V& ek) {
+      const V w = gWr[i], s = gSr[i];
+      bk += w * Wr[i];
+      fk += w * Sr[i];
+      ek += s * Sr[i];
+      gSr[i] = el * s + fl * w;
+      gWr[i] = bl * w;
+    };
+    if (I % 2 == 0) {  // every row starts at an even flat entry
+      for (int64_t i = 0; i < I; i += 2) {
+        entry(i, b0, f0, e0);
+        entry(i + 1, b1, f1, e1);
+      }
+    } else {
+      for (int64_t i = 0; i < I; ++i) {
+        if ((o * I + i) % 2 == 0) {
+          entry(i, b0, f0, e0);
+        } else {
+          entry(i, b1, f1, e1);
+        }
+      }
+    }
+    if constexpr (N > 0) {
+      V cb[N], cf[N];
+      for (int j = 0; j < N; ++j) {
+        cb[j] = bdy[j * O + o];
+        cf[j] = fdy[j * O + o];
+      }
+      for (int64_t i = 0; i < I; ++i) {
+        V sb = {}, sf = {};
+        for (int j = 0; j < N; ++j) {
+          sb += cb[j] * x[j * I + i];
+          sf += cf[j] * x[j * I + i];
+        }
+        gWr[i] = gWr[i] + sb;
+        gSr[i] = gSr[i] + sf;
+      }
+    }
+  }
+  sums[0] = b0 + b1;
+  sums[1] = f0 + f1;
+  sums[2] = e0 + e1;
+}
+
+template <typename V>
+void retain_and_add(const Spec& s, const Chunk<V>& ch, int64_t O, int64_t I, V* gW, V* gS, const V* W, const V* S,
+                    const V* bdy, const V* fdy, const V* x, V* sums) {
+  switch (s.n) {
+    case 1: return retain_and_add_rows<V, 1>(O, I, gW, gS, W, S, bdy, fdy, x, ch.bl, ch.el, ch.fl, sums);
+    case 2: return retain_and_add_rows<V, 2>(O, I, gW, gS, W, S, bdy, fdy, x, ch.bl, ch.el, ch.fl, sums);
+    default: break;
+  }
+  retain_and_add_rows<V, 0>(O, I, gW, gS, W, S, bdy, fdy, x, ch.bl, ch.el, ch.fl, sums);  // the retention alone
+  mm_atb(gW, bdy, x, O, I, s.n, true, 1);  // dW += (b dy)^T x
+  mm_atb(gS, fdy, x, O, I, s.n, true, 1);  // dS += (f dy)^T x
+}
+
 // The reverse of the three stages for one (chunk, group) (_chunk_backward). On entry g[l] is the gradient of the
 // chunk's final [W; S], WS[l] its starting state and Aw[l] its anchor, w holds the chunk's activations; on return g[l]
 // is the gradient of the starting state and, where the anchor is separate (dA not null), dA[l] that of the anchor.
@@ -603,7 +675,6 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
   std::fill(out.dG, out.dG + n * n, V{});
   std::fill(out.dgl, out.dgl + n, V{});
   std::fill(out.dpl, out.dpl + n, V{});
-  V dbl = {}, dfl = {}, del = {};
 
   // 4. state: W' = bl W + fl S - d^T diag(gl) a, S' = el S - d^T diag(pl) a
   for (int l = 0; l < L; ++l) {
@@ -625,36 +696,11 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
     }
     mm_ab(w.da[l], w.cg, gW, n, I, O, false, -1);  // da = -((gl d) dW' + (pl d) dS')
     mm_ab(w.da[l], w.cp, gS, n, I, O, true, -1);
-    // <dW', W>, <dW', S>, <dS', S> (each as sum() adds them: even and odd entries apart), and [dW; dS] = [bl dW';
-    // el dS' + fl dW'], in one sweep
-    V b0 = {}, b1 = {}, f0 = {}, f1 = {}, e0 = {}, e1 = {};
-    int64_t e = 0;
-    for (; e + 2 <= OI; e += 2) {
-      b0 += gW[e] * W[e];
-      b1 += gW[e + 1] * W[e + 1];
-      f0 += gW[e] * S[e];
-      f1 += gW[e + 1] * S[e + 1];
-      e0 += gS[e] * S[e];
-      e1 += gS[e + 1] * S[e + 1];
-      for (int64_t u = e; u < e + 2; ++u) {
-        gS[u] = ch.el * gS[u] + ch.fl * gW[u];
-        gW[u] = ch.bl * gW[u];
-      }
-    }
-    if (e < OI) {
-      b0 += gW[e] * W[e];
-      f0 += gW[e] * S[e];
-      e0 += gS[e] * S[e];
-      gS[e] = ch.el * gS[e] + ch.fl * gW[e];
-      gW[e] = ch.bl * gW[e];
-    }
-    dbl += b0 + b1;
-    dfl += f0 + f1;
-    del += e0 + e1;
   }
-  *out.dbl = dbl;
-  *out.del = del;
-  *out.dfl = dfl;
+  // the retention's part of 4 ([dW; dS] = [bl dW'; el dS' + fl dW'] and the gates' gradients <dW', W>, <dW', S>,
+  // <dS', S>) runs below, each layer's in one sweep with the read's rank-n additions to the same gradient; the gates'
+  // sums are kept per layer and added in layer order, as here before
+  V gate_sums[MAXL][3];
 
   // 3. read, last layer first
   V* dy = w.dy;
@@ -678,8 +724,7 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
       out.db[i] += sum(dyi, w.xw[l] + i * 2 * O, O);
       out.df[i] += sum(dyi, w.xw[l] + i * 2 * O + O, O);
     }
-    mm_atb(gW, bdy, x, O, I, n, true, 1);  // dW += (b dy)^T x
-    mm_atb(gS, fdy, x, O, I, n, true, 1);  // dS += (f dy)^T x
+    retain_and_add(s, ch, O, I, gW, gS, W, S, bdy, fdy, x, gate_sums[l]);  // 4's retention; dW += (b dy)^T x, ...
     mm_abt(dM, dy, d, n, n, O, false, -1);  // dM = -dy d^T
     for (int64_t e = 0; e < n * n; ++e) {
       out.dG[e] += dM[e] * p[e];
@@ -700,6 +745,16 @@ void chunk_backward(const Spec& s, const Chunk<V>& ch, const V* dout, V* const* 
       for (int64_t e = 0; e < n * K; ++e) out.dq[e] += dx[e];
     }
   }
+
+  V dbl = {}, dfl = {}, del = {};
+  for (int l = 0; l < L; ++l) {
+    dbl += gate_sums[l][0];
+    dfl += gate_sums[l][1];
+    del += gate_sums[l][2];
+  }
+  *out.dbl = dbl;
+  *out.del = del;
+  *out.dfl = dfl;
 
   if (s.normalize) step_scale_backward(s, w);  // dd: from the gradient of du to that of d
 
