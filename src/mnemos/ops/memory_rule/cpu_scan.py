@@ -309,10 +309,10 @@ class _Layout:
         return _spec(self.nc, self.n, self.groups, self.dims, opts, has_A)
 
 
-# The most bytes of segment-start states a training forward keeps for its backward (cpu_scan.cpp, scan_backward):
-# with them the backward runs the forward once (a segment at a time) instead of twice, ~25% of its time at the LM
-# preset's memory shape (docs/PERFORMANCE.md); over it the backward finds them itself. The backward's own buffers
-# are as large (kSegmentBytes).
+# The most bytes of segment-start states a training forward keeps for its backward (cpu_scan.cpp, scan_backward), per
+# call (one memory layer's forward; held until its backward): with them the backward runs the forward once (a segment
+# at a time) instead of twice, 8-17% of the op's fwd+bwd at the LM preset's memory shapes (docs/PERFORMANCE.md); over
+# it the backward finds them itself. The backward's own per-thread buffers are as large (kSegmentBytes).
 SAVED_BOUNDS_BYTES = 64 << 20
 
 
