@@ -969,7 +969,8 @@ bool scan_backward(const Spec& s, void** ptrs) {
     for (int64_t c = 0; c < seg; ++c) works.emplace_back(s, scratch + c * work_size);
     V* const starts = scratch + seg * work_size;
     V* const cur = starts + seg * state_size;
-    std::vector<V> bounds(nseg > 1 && kept == nullptr ? nseg * state_size : 0);
+    // the states at segments 1 .. nseg - 1's starts, laid out as the forward keeps them: found here when not kept
+    std::vector<V> found(nseg > 1 && kept == nullptr ? (nseg - 1) * state_size : 0);
     std::vector<V> o_scratch(s.n * Vd);
     V *ws[MAXL], *aw[MAXL], *g[MAXL], *da_group[MAXL];
     auto anchors = [&](int64_t c, int64_t gr, V* state) {  // chunk c's anchor: its starting W, or the carried A
@@ -979,18 +980,18 @@ bool scan_backward(const Spec& s, void** ptrs) {
       }
     };
     for (int64_t gr = lo; gr < hi; ++gr) {
-      auto load_start = [&] {  // the group's starting state into cur
+      auto load_start = [&](V* dst) {  // the group's starting state
         for (int l = 0; l < s.L; ++l) {
           const int64_t n2 = 2 * s.dims[l + 1] * s.dims[l];
-          std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, cur + offset[l]);
+          std::copy(WS0[l] + gr * n2, WS0[l] + (gr + 1) * n2, dst + offset[l]);
         }
       };
-      load_start();
       for (int l = 0; l < s.L; ++l) g[l] = G[l] + gr * 2 * s.dims[l + 1] * s.dims[l];
-      const V* const group_kept = kept == nullptr ? nullptr : kept + gr * (nseg - 1) * state_size;
-      if (nseg > 1 && group_kept == nullptr) {  // the states at the segment starts
+      const V* const seg_starts = kept == nullptr ? found.data() : kept + gr * (nseg - 1) * state_size;
+      if (nseg > 1 && kept == nullptr) {  // find them: the forward's anchor and state update
+        load_start(cur);
         for (int64_t c = 0; c < s.nc; ++c) {
-          if (c % seg == 0) std::copy(cur, cur + state_size, bounds.begin() + (c / seg) * state_size);
+          if (c > 0 && c % seg == 0) std::copy(cur, cur + state_size, found.begin() + (c / seg - 1) * state_size);
           const Chunk<V> ch = chunk_at(s, in, c, gr);
           anchors(c, gr, cur);
           anchor_forward(s, ch, aw, works[0]);
@@ -999,14 +1000,11 @@ bool scan_backward(const Spec& s, void** ptrs) {
       }
       for (int64_t sg = nseg - 1; sg >= 0; --sg) {
         const int64_t c0 = sg * seg, c1 = std::min(s.nc, c0 + seg);
-        if (nseg > 1 && group_kept == nullptr) {
-          std::copy(bounds.begin() + sg * state_size, bounds.begin() + (sg + 1) * state_size, cur);
-        } else if (nseg > 1 && sg > 0) {
-          std::copy(group_kept + (sg - 1) * state_size, group_kept + sg * state_size, cur);
-        } else if (nseg > 1) {
-          load_start();
+        if (sg == 0) {
+          load_start(starts);
+        } else {
+          std::copy(seg_starts + (sg - 1) * state_size, seg_starts + sg * state_size, starts);
         }
-        std::copy(cur, cur + state_size, starts);
         for (int64_t c = c0; c < c1; ++c) {  // the segment's forward again, keeping what its backward reads
           const Chunk<V> ch = chunk_at(s, in, c, gr);
           V* start = starts + (c - c0) * state_size;

@@ -27,8 +27,8 @@ The node has the torch loop's contract (``backends.py``) and is exact to it: tes
 outputs, final states and every input's gradient in float64. float32 differs by rounding only (its GELU uses a
 1.5e-7 erf), and every kernel reads and writes subnormal floats as zero (flush-to-zero for its own run only: a
 decaying memory's tail cost a trained model 2.5x on x86; docs/PERFORMANCE.md, "Subnormal floats"). The node saves its
-inputs and nothing per chunk: its backward runs each group's forward again, up to 32
-chunks at a time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state
+inputs and nothing per chunk (at most the few states where its backward's segments start, SAVED_BOUNDS_BYTES): its
+backward runs each group's forward again, up to 32 chunks at a time, so training holds O(B H state) for a memory layer where the torch loop holds every chunk's state
 and activations. That segment's buffers (64 MiB at most, unless one chunk needs more) stay with the calling thread
 from one backward to the next instead of being mapped and zeroed afresh each time (docs/PERFORMANCE.md).
 """
@@ -357,7 +357,7 @@ class CpuChunkScan(torch.autograd.Function):
         WS, A = list(states[:L]), (list(states[L:]) or None)
         o, WS_out, last, saved = forward(inputs, WS, A, opts["kw"], save=True)
         ctx.opts, ctx.has_A = opts, A is not None
-        ctx.has_bounds = len(saved) > 11 + 2 * L if A is not None else len(saved) > 11 + L
+        ctx.has_bounds = len(saved) > 11 + L * (2 if A is not None else 1)
         ctx.dims = [q.shape[-1]] + [t.shape[-2] // 2 for t in WS]
         ctx.q_shape = q.shape
         ctx.save_for_backward(*saved)  # in lanes: converted once
