@@ -11,7 +11,6 @@ MAG's mixing-gate bias; --zero-last zero-initialises the memory's last layer. On
 """
 import argparse
 import json
-import sys
 import time
 
 import torch

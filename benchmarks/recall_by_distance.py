@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def by_distance(hit: torch.Tensor, dist: torch.Tensor, edges) -> list[dict]:
     """Accuracy per bin [edges[i], edges[i + 1]) (the last bin open-ended), with counts and standard errors."""
     out = []
     bounds = list(edges) + [math.inf]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in pairwise(bounds):
         sel = (dist >= lo) & (dist < hi)
         n = int(sel.sum())
         acc = float(hit[sel].float().mean()) if n else math.nan
@@ -136,7 +137,7 @@ def delta_gates(model: torch.nn.Module, inputs: torch.Tensor, batch: int = 50) -
         for h in handles:
             h.remove()
     out = []
-    for m, s in zip(mixers, sums):
+    for m, s in zip(mixers, sums, strict=True):
         gated = m.kind == "gated_deltanet"
         out.append({"kind": m.kind, "beta": (s["beta"] / s["tokens"]).tolist(),
                     "a": (s["a"] / s["tokens"]).tolist() if gated else None,

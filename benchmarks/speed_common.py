@@ -478,9 +478,9 @@ def print_table(bench: Bench, rows: list[dict], reference: str | None) -> None:
     widths = [max([len(h), *(len(line[i]) for line in lines if i < len(line) - 1 or len(line) == len(header))])
               for i, h in enumerate(header)]  # a list: every row may have been skipped
     print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
     for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)).rstrip())  # a skipped row is short
 
 
 # ----------------------------------------------------------------------------------------------------------------------

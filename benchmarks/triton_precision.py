@@ -103,13 +103,14 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 got = run(inputs, "triton", args.chunk_size, residual, cot)
                 seconds = time.perf_counter() - t0
-                errs = [rel_rmse(ref[0], got[0]), max(rel_rmse(a, b) for a, b in zip(ref[1], got[1]))]
-                errs += [rel_rmse(a, b) for a, b in zip(ref[2][:6], got[2][:6])]
-                errs.append(max(rel_rmse(a, b) for a, b in zip(ref[2][6:], got[2][6:])))
+                errs = [rel_rmse(ref[0], got[0]), max(rel_rmse(a, b) for a, b in zip(ref[1], got[1], strict=True))]
+                errs += [rel_rmse(a, b) for a, b in zip(ref[2][:6], got[2][:6], strict=True)]
+                errs.append(max(rel_rmse(a, b) for a, b in zip(ref[2][6:], got[2][6:], strict=True)))
                 within = errs[0] <= tol_o and errs[1] <= tol_o and all(e <= tol_g for e in errs[2:])
-                rows.append({"depth": depth, "dtype": dtype_name, "precision": prec, "errors": dict(zip(names, errs)),
+                named = dict(zip(names, errs, strict=True))
+                rows.append({"depth": depth, "dtype": dtype_name, "precision": prec, "errors": named,
                              "within_test_tolerance": within, "first_call_s": seconds})
-                print(f"depth {depth} {dtype_name:8s} {prec:6s}: " + ", ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
+                print(f"depth {depth} {dtype_name:8s} {prec:6s}: " + ", ".join(f"{n} {e:.1e}" for n, e in named.items())
                       + f" [{tol_o:g} / {tol_g:g}]: {'within' if within else 'OUTSIDE'} the tests' tolerance", flush=True)
     triton_common.DOT_PRECISION = "ieee"
     if args.out:

@@ -33,7 +33,7 @@ def shown_tick_labels(axis) -> list:
     labels = []
     for locs, ticks in ((axis.get_majorticklocs(), axis.get_major_ticks),
                         (axis.get_minorticklocs(), axis.get_minor_ticks)):
-        for loc, tick in zip(locs, ticks(len(locs))):
+        for loc, tick in zip(locs, ticks(len(locs)), strict=True):
             at = transform.transform(np.array([loc]))[0]
             if not lo - tol <= at <= hi + tol:
                 continue

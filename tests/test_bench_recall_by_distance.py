@@ -100,7 +100,7 @@ def test_delta_gates_report_beta_decay_and_retention():
     out = delta_gates(gdn, inputs, batch=2)
     assert len(out) == 2 and all(g["kind"] == "gated_deltanet" for g in out)
     mixers = [m for m in gdn.modules() if type(m).__name__ == "LinearRecurrence"]
-    for g, m in zip(out, mixers):
+    for g, m in zip(out, mixers, strict=True):
         a = torch.exp(-m.A_log.exp() * torch.nn.functional.softplus(m.dt_bias)).clamp_min(1e-3).detach()
         assert g["a"] == pytest.approx(a.tolist(), rel=1e-5)
         assert g["retention"] == pytest.approx((a ** 12).tolist(), rel=1e-4)

@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"size on\nassociative recall (MQAR: {cfg.num_kv_pairs} key-value pairs, then queries; vocabulary "
         f"{cfg.vocab_size}), {cfg.steps} steps each.\nThe SWA stack ({cfg.n_layers} layers of window {cfg.window}) "
         f"sees at most {cfg.reach} tokens back; "
-        + (f"the LMM model has no attention at all: its only token mixer is the neural memory.\n"
+        + ("the LMM model has no attention at all: its only token mixer is the neural memory.\n"
            if cfg.memory_variant == "lmm" else
            f"the {cfg.memory_variant.upper()} model has the same window plus a neural memory.\n"), flush=True,
     )

@@ -57,7 +57,7 @@ def test_mqar_state_size(tmp_path, sizes):
     rng = random.Random(0)
     cells = [_cell("mqar", name, {"seq_len": L, "num_kv_pairs": L // 16, "vocab_size": 8192},
                    {"correct": rng.randint(0, 50), "n": 50, "state_numel": size}, variant=variant)
-             for (name, variant), size in zip(_models(len(sizes)), sizes) for L in (64, 128, 256, 512)]
+             for (name, variant), size in zip(_models(len(sizes)), sizes, strict=True) for L in (64, 128, 256, 512)]
     with saved_figures() as figures:
         assert plot_mqar_state_size(EvalResults(cells), tmp_path / "s.png") is not None
     assert_no_tick_label_overlap(_one(figures))

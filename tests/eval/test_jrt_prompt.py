@@ -82,7 +82,7 @@ def test_harness_scores_the_jrt_positions_and_keeps_the_plain_score():
     plain, jrt = cells["plain-oracle"].metrics, cells["oracle" + JRT_SUFFIX].metrics
     assert (jrt["n"], jrt["n_near"], jrt["n_far"]) == (plain["n"], plain["n_near"], plain["n_far"])
     rows, t = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-    slot = torch.stack([(inputs[r, 0:8:2] == inputs[r, c]).nonzero()[0, 0] for r, c in zip(rows, t)])
+    slot = torch.stack([(inputs[r, 0:8:2] == inputs[r, c]).nonzero()[0, 0] for r, c in zip(rows, t, strict=True)])
     assert jrt["n_near"] == int(((t - 2 * slot) <= reach).sum())  # query minus the key's plain = 2nd-copy position
     d = cells["oracle" + JRT_SUFFIX].model
     assert d["jrt_prompt"] is True and d["jrt_base"] == "oracle" and "jrt_prompt" not in cells["oracle"].model

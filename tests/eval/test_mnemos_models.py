@@ -50,7 +50,8 @@ def test_checkpoint_directory_loads_by_path(tmp_path):
     tasks = [PasskeyCapacityConfig(lengths=(300,), samples_per_length=2), LMDataConfig(seq_len=64)]
     a, b = evaluate(MnemosLMAdapter(model), tasks, options=opts), evaluate(loaded, tasks, options=opts)
     assert [c.metrics for c in a.cells] == [
-        {**c.metrics, "tokens_per_second": a_c.metrics["tokens_per_second"]} for c, a_c in zip(b.cells, a.cells)
+        {**c.metrics, "tokens_per_second": a_c.metrics["tokens_per_second"]}
+        for c, a_c in zip(b.cells, a.cells, strict=True)
     ]
     assert b.cells[0].model["config"]["variant"] == "lmm"
 

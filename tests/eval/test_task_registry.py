@@ -53,8 +53,8 @@ class CountTask(EvalTask):
 
     def section(self, results, notes):
         points = pool(results, self.name)
-        return ["## Count", "", *table(["model", "accuracy"], [[m, notes.mark(p, acc)] for m, p in
-                                                               zip(model_names(points), points)]), ""] if points else []
+        rows = [[m, notes.mark(p, acc)] for m, p in zip(model_names(points), points, strict=True)]
+        return ["## Count", "", *table(["model", "accuracy"], rows), ""] if points else []
 
     def figures(self, results, out_dir):
         points = pool(results, self.name)

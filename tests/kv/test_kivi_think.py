@@ -162,12 +162,12 @@ def test_snapkv_plus_think_keeps_snapkvs_entries_at_thinks_channels():
         assert torch.equal(out, ref)  # the prompt's own keys are read at full width
         more, _ = stream(model, ids[:, 16:], [1, 1, 6], cache=c_both)
     assert torch.isfinite(more).all()
-    for s, t, b in zip(attn_caches(c_snap), attn_caches(c_think), attn_caches(c_both)):
+    for s, t, b in zip(attn_caches(c_snap), attn_caches(c_think), attn_caches(c_both), strict=True):
         assert isinstance(b, ThinKComposedCache)
         assert torch.equal(b.channels, t.channels)  # ThinK's choice, from the first call
     with compose(snap, think)(model):
         _, c_both = stream(model, ids[:, :16], [16])
-    for s, b in zip(attn_caches(c_snap), attn_caches(c_both)):
+    for s, b in zip(attn_caches(c_snap), attn_caches(c_both), strict=True):
         assert torch.equal(b.kept_positions(), s.kept_positions()) and torch.equal(b.values, s.values)
         n_old = b.num_stored - 3
         assert b.kp.shape == (2, n_old, s.n_heads, 4) and b.kf.shape[1] == 3 and b.nbytes < s.nbytes

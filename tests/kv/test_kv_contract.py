@@ -109,7 +109,7 @@ def test_small_budget_keeps_the_cache_bounded_while_streaming(variant):
             out, cache = stream(model, ids, pieces, on_call=lambda c: sizes.append(
                 [k.num_stored for k in attn_caches(c)]))
         seen, appended = 0, 0
-        for i, (n, s) in enumerate(zip(pieces, sizes)):
+        for i, (n, s) in enumerate(zip(pieces, sizes, strict=True)):
             seen += n
             # SnapKV / PyramidKV append at single-token (decoding) calls, as the paper does, and compress again at
             # the next call of two tokens or more
@@ -171,7 +171,7 @@ def test_no_cross_talk_between_batch_rows(variant):
                 one, c1 = stream(model, ids[i : i + 1], pieces)
                 err = (both[i : i + 1] - one).abs().max().item()
                 assert err <= 1e-10, f"{policy!r}: row {i} differs from running it alone by {err:.2e}"
-                for kv, kv1 in zip(attn_caches(cache), attn_caches(c1)):
+                for kv, kv1 in zip(attn_caches(cache), attn_caches(c1), strict=True):
                     assert torch.equal(kv.kept_positions()[i : i + 1], kv1.kept_positions())
                     for key, t in kv.state_dict().items():
                         if t.ndim:

@@ -179,7 +179,7 @@ def test_shared_context_with_compression_reuses_the_compressed_cache():
 
 
 def test_hugging_face_llama_with_a_policy_in_the_harness():
-    transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
+    pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
     from mnemos.eval import HFCausalLMAdapter
 
     base = HFCausalLMAdapter(tiny_llama(V), name="llama")

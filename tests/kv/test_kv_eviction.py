@@ -12,6 +12,7 @@ score on small inputs (loops over rows, heads and queries in float64; no code sh
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def _h2o_oracle(q, k, budget, k_r, pieces):
                 for i in range(s, s + n):  # each new query attends to the visible keys before and at it
                     keys = [j for j in kept[bi][hi] if j <= i]
                     logits = torch.stack([q[bi, i, hi] @ k[bi, j, hi] / math.sqrt(d) for j in keys])
-                    for j, pr in zip(keys, torch.softmax(logits, 0).tolist()):
+                    for j, pr in zip(keys, torch.softmax(logits, 0).tolist(), strict=True):
                         score[bi][hi][j] += pr
                 if len(kept[bi][hi]) > budget:
                     recent = kept[bi][hi][-k_r:] if k_r else []
@@ -205,7 +206,7 @@ def test_snapkv_appends_while_decoding_and_compresses_each_prompt_chunk():
 def test_pyramid_budgets_are_non_increasing_with_the_global_budget_as_mean(total, n, w, layers):
     budgets = pyramid_budgets(total, n, w, layers)
     assert len(budgets) == layers
-    assert all(a >= b for a, b in zip(budgets, budgets[1:])), f"not non-increasing: {budgets}"
+    assert all(a >= b for a, b in pairwise(budgets)), f"not non-increasing: {budgets}"
     assert sum(budgets) == total * layers, f"mean {sum(budgets) / layers} != {total}"
     assert budgets[-1] >= w and budgets[0] <= n, budgets
     if (total, n) == (2048, 8192):  # c = 2016: lo = c / 20 = 100.8, hi = 2c - lo = 3931.2, window 32 on top

@@ -19,7 +19,7 @@ from mnemos.kv import H2O, KIVI, L2Norm, PyramidKV, SnapKV, StreamingLLM, ThinK,
 
 transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
 from mnemos.kv.hf import PolicyCache, cache_kwarg  # noqa: E402
-from kv_helpers import HF_ARCHS, tiny_llama  # noqa: E402
+from kv_helpers import tiny_llama  # noqa: E402
 
 CTX, NEW = 20, 6
 
@@ -92,7 +92,8 @@ def test_qwen2_and_mistral_take_the_same_hook(arch, window):
         cache = PolicyCache(model, policy)
         out = _generate(model, ids, cache)
         assert out.shape == (2, CTX + NEW)
-        for layer, w in zip(cache.layers, windows):  # a sliding layer keeps no more than its window's live entries
+        # a sliding layer keeps no more than its window's live entries
+        for layer, w in zip(cache.layers, windows, strict=True):
             b, s, h, d = layer.cache.keys.shape
             assert (b, h, d) == (2, 2, 8) and (s == 8 if w is None else s <= 8), f"{arch} {policy!r}: {s} entries"
 
@@ -132,7 +133,7 @@ def test_h2o_on_llama_scores_the_layers_own_queries(model):
     finally:
         handle.remove()
     replay = H2O(10, recent=3).make_cache(1, 2, 8)
-    for q, k in zip(seen["q"], seen["k"]):
+    for q, k in zip(seen["q"], seen["k"], strict=True):
         replay.update_view(k, k, q=q)
     hf = cache.layers[0].cache
     assert torch.equal(hf.kept_positions(), replay.kept_positions())

@@ -267,7 +267,7 @@ def test_sentencekv_reads_the_generated_token_ids(model):
                 o = p + 1
         n_off = len(kv.store)
         want = sorted({st for st in starts[2 : 2 + n_off]})
-        got = sorted(int(x) for x, c in zip(kv.sstart[r], kv.scount[r]) if c > 0)
+        got = sorted(int(x) for x, c in zip(kv.sstart[r], kv.scount[r], strict=True) if c > 0)
         assert got == want, f"row {r}: offloaded sentences {got}, the ids give {want}"
         assert kv.rstart[r].tolist() == starts[2 + n_off :], f"row {r}: tail sentence starts"
 
@@ -327,7 +327,7 @@ def test_duoattention_scores_heads_on_the_hf_model(model):
     ids = torch.randint(1, V, (2, 12), generator=torch.Generator().manual_seed(3))
     ours = attention_maps(model, ids)
     theirs = eager(ids, output_attentions=True).attentions  # [B, Hq, T, T] per layer
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert (a.reshape(b.shape) - b.float()).abs().max() <= 1e-6
     policy = DuoAttention(0.5, sinks=2, recent=3, calibration_length=8, calibration_samples=2)
     cache = PolicyCache(model, policy)

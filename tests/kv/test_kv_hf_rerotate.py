@@ -136,7 +136,7 @@ def _run(model, ids, cache, pieces=PIECES, steps=STEPS, oracles=()):
     for n in list(pieces) + [1] * steps:
         step = ids[:, s : s + n] if s < ids.shape[1] else outs[-1][:, -1:].argmax(-1)
         outs.append(model(step, use_cache=True, **_kw(model, cache)).logits)
-        for r, o in zip(refs, oracles):
+        for r, o in zip(refs, oracles, strict=True):
             r.append(o(step))
         s += n
     return torch.cat(outs, 1), [torch.cat(r, 1) for r in refs]

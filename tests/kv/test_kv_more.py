@@ -68,7 +68,7 @@ def _unimportant(q, k, kept, hist, bi, hi, g):
         for member in range(g):
             qh = hi * g + member
             probs = torch.softmax(torch.stack([q[bi, p, qh] @ k[bi, j, hi] / math.sqrt(d) for j in vis]), 0)
-            for j, pr in zip(vis, probs.tolist()):
+            for j, pr in zip(vis, probs.tolist(), strict=True):
                 if pr < 1.0 / len(vis):
                     count[j] += 1
     return count
@@ -112,7 +112,7 @@ def test_scissorhands_drops_the_persistently_unimportant_in_batches():
 def test_d2o_layer_budgets_have_the_global_budget_as_mean(total, weights):
     got = layer_budgets(total, weights)
     assert sum(got) == total * len(weights), got
-    for g, w in zip(got, weights):
+    for g, w in zip(got, weights, strict=True):
         assert abs(g - total * len(weights) * w / sum(weights)) < 1 + 1e-9 and g >= 1
     if weights == (1.0, 1.0, 2.0):
         assert got == [6, 6, 12]
@@ -251,7 +251,7 @@ def test_composition_without_eviction_is_kivis_cache():
         for c in (both, alone):
             c.update_view(k[:, s : s + n], v[:, s : s + n], q=q[:, s : s + n])
         s += n
-        for got, want in zip(both.dequantized(), alone.dequantized()):
+        for got, want in zip(both.dequantized(), alone.dequantized(), strict=True):
             assert torch.equal(got, want), f"after {s} tokens the composed cache is not KIVI's"
     for name in ("kq", "ks", "kz", "kr", "vq", "vs", "vz", "vr"):
         assert torch.equal(both.state_dict()[name], alone.state_dict()[name]), name
@@ -313,7 +313,7 @@ def test_bad_compositions_and_specs_raise_value_error():
 def test_hugging_face_models_calibrate_d2o_and_take_the_per_head_policies():
     """D2O's scoring pass runs on a Hugging Face model too (alone and composed): its layer weights are 1 / (1 +
     variance) of the model's own attention maps on the synthetic calibration ids."""
-    transformers = pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
+    pytest.importorskip("transformers")  # the optional [hf] extra; installed in CI with [test]
     from mnemos.kv.calibrate import synthetic_ids
     from mnemos.kv.hf import PolicyCache, attention_maps as hf_attention_maps
 

@@ -18,7 +18,7 @@ import torch
 from kv_helpers import ATTENTION_VARIANTS, F64, attn_caches, ids_of, make_model, stream, tiny_llama
 from mnemos.eval.runner import per_sequence_state
 from mnemos.eval.stateful import state_size
-from mnemos.kv import InfLLM, SentenceKV, parse_policy_spec
+from mnemos.kv import InfLLM, SentenceKV
 from mnemos.kv.base import attention_probs
 from mnemos.layers import FullKVCache
 from mnemos.layers.attention import causal_attention, positional_attention
@@ -162,7 +162,7 @@ def test_sentencekv_segments_averages_and_reads_only_the_chosen_sentences():
         cache.store.trace.clear()
         cache.set_token_ids(ids[:, s : s + n])
         had = cache.rep.shape[1] > 0
-        view = cache.update_view(k[:, s : s + n], v[:, s : s + n], q=q[:, s : s + n])
+        cache.update_view(k[:, s : s + n], v[:, s : s + n], q=q[:, s : s + n])
         s += n
         if had:
             starts = cache.selections[-1]
@@ -177,10 +177,11 @@ def test_sentencekv_segments_averages_and_reads_only_the_chosen_sentences():
         # the offloaded sentences and their mean keys equal the brute force
         for bi in range(2):
             sents = _segment(ids[bi, :s].tolist(), s0, {46, 33, 63, 10}, max_len)
-            lo, hi = cache.store_start, cache.store_start + len(cache.store)
+            hi = cache.store_start + len(cache.store)
             want = [(a, min(e, hi)) for a, e in sents if a < hi]
             nv = int((cache.scount[bi] > 0).sum())
-            assert [(int(a), int(a) + int(c)) for a, c in zip(cache.sstart[bi, :nv], cache.scount[bi, :nv])] == want
+            spans = zip(cache.sstart[bi, :nv], cache.scount[bi, :nv], strict=True)
+            assert [(int(a), int(a) + int(c)) for a, c in spans] == want
             for j, (a, e) in enumerate(want):
                 assert torch.allclose(cache.rep[bi, j], k[bi, a:e].mean(0), rtol=0, atol=1e-12)
     assert s == 40 and len(cache.store) == 40 - s0 - r
@@ -226,7 +227,7 @@ def test_no_cross_talk_between_batch_rows(policy):
             one, c1 = stream(model, ids[i : i + 1], [12, 9, 1, 1, 7])
             err = (both[i : i + 1] - one).abs().max().item()
             assert err <= 1e-10, f"{policy!r}: row {i} differs from running it alone by {err:.2e}"
-            for kv, kv1 in zip(attn_caches(cache), attn_caches(c1)):
+            for kv, kv1 in zip(attn_caches(cache), attn_caches(c1), strict=True):
                 assert torch.equal(kv.kept_positions()[i : i + 1], kv1.kept_positions())
                 assert torch.allclose(kv.store.k[i : i + 1], kv1.store.k, rtol=0, atol=1e-10)
                 nv = kv1.rep.shape[1]
@@ -241,7 +242,7 @@ def test_sentencekv_without_token_ids_is_a_clear_error():
 
 
 def test_hugging_face_llama_infllm_equals_the_full_cache():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from mnemos.kv.hf import PolicyCache, cache_kwarg
 
     model = tiny_llama(64)

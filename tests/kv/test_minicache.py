@@ -119,7 +119,7 @@ def test_identical_layers_restore_exactly_and_retain_nothing():
         s += t
         assert lower.num_stored == upper.num_stored == s and lower.retained_positions("k") == [[], []]
         for got in (lower.restored(), _upper_restored(lower, upper)):
-            for x, ref in zip(got, (k[:, :s], v[:, :s])):
+            for x, ref in zip(got, (k[:, :s], v[:, :s]), strict=True):
                 eps = torch.finfo(F64).eps
                 assert ((x - ref).abs() <= 2 * eps * ref.abs()).all(), "exact up to x / |x| * |x| rounding"
                 assert torch.equal(x.norm(dim=-1) > 0, ref.norm(dim=-1) > 0)
@@ -135,7 +135,7 @@ def test_retention_follows_the_running_threshold_and_restores_retained_tokens_ex
     v0, v1 = torch.randn(b, n, h, d, generator=g, dtype=F64), torch.randn(b, n, h, d, generator=g, dtype=F64)
     gamma = 0.3
     lower, upper = _pair(MiniCache(0, t=0.5, gamma=gamma), b, h, d)
-    s, lo, hi, want = 0, None, None, set()
+    s, want = 0, set()
     dist = merge_pair(k0, k1, 0.5)[3].float()  # [B, n, H]
     for t in (8, 1, 1, 10):
         lower.update_view(k0[:, s : s + t], v0[:, s : s + t])
@@ -355,7 +355,7 @@ def test_upper_without_its_lower_and_bad_arguments_raise():
 
 
 def test_hugging_face_llama():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from mnemos.kv.hf import PolicyCache, cache_kwarg
 
     model = tiny_llama(64, layers=3)

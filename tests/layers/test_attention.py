@@ -106,7 +106,7 @@ def test_gradients_match_reference(window, prefix):
     grads_ref = torch.autograd.grad(ref, (q, k, v), g)
     out = causal_attention(q, k, v, window=window, prefix=prefix, block_size=8)
     grads = torch.autograd.grad(out, (q, k, v), g)
-    for name, a, b in zip(("dq", "dk", "dv"), grads_ref, grads):
+    for name, a, b in zip(("dq", "dk", "dv"), grads_ref, grads, strict=True):
         assert_max_err(name, a, b, 1e-11)
 
 

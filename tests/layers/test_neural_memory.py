@@ -41,7 +41,7 @@ def test_step_by_step_equals_parallel(depth, residual, chunk):
         yt, s = layer.step(x[:, t], s)
         ys.append(yt)
     assert_close("y (stepped)", y, torch.stack(ys, 1), 1e-12)
-    for i, (a, b) in enumerate(zip(state.memory.weights, s.memory.weights)):
+    for i, (a, b) in enumerate(zip(state.memory.weights, s.memory.weights, strict=True)):
         assert_close(f"memory.weights[{i}]", a, b, 1e-12)
     assert_close("conv state", state.conv, s.conv, 1e-12)
 
@@ -52,7 +52,7 @@ def test_uneven_pieces_equal_one_call(cuts):
     x = x_of(2, 23)
     y, _ = layer(x)
     state, outs = None, []
-    for a, b in zip([0] + cuts, cuts + [x.shape[1]]):
+    for a, b in zip([0] + cuts, cuts + [x.shape[1]], strict=True):
         o, state = layer(x[:, a:b], state)
         outs.append(o)
     assert_close("y (pieces)", y, torch.cat(outs, 1), 1e-12)
@@ -71,7 +71,7 @@ def test_reference_impl_agrees_including_parameter_grads():
     x.grad = None
     (y_ref * cot).sum().backward()
     assert_close("grad x", x.grad, gx_fast, 1e-10)
-    for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
+    for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters(), strict=True):
         assert p_fast.grad is not None and bool(p_fast.grad.abs().sum() > 0), name
         assert_close(f"grad {name}", p_ref.grad, p_fast.grad, 1e-10)
 
@@ -153,7 +153,7 @@ def test_default_gates_keep_a_long_stream_finite_and_alive():
     with torch.no_grad():
         y, state = layer(torch.randn(1, 3000, 256))
     assert bool(torch.isfinite(y).all())
-    for w, w0 in zip(state.memory.weights, layer.memory):
+    for w, w0 in zip(state.memory.weights, layer.memory, strict=True):
         ratio = (w.norm(dim=(-1, -2)) / w0.norm(dim=(-1, -2))).min().item()
         assert 0.1 < ratio < 10, ratio
 
@@ -300,7 +300,7 @@ def test_saturated_gates_on_repeated_tokens(ema):
     finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(w).all()) for w in state.memory.weights)
     if ema:
         assert finite
-        growth = max((w.norm() / w0.norm()).item() for w, w0 in zip(state.memory.weights, layer.memory))
+        growth = max((w.norm() / w0.norm()).item() for w, w0 in zip(state.memory.weights, layer.memory, strict=True))
         assert growth < 10, growth
     else:
         assert not finite or max(w.abs().max().item() for w in state.memory.weights) > 1e6
@@ -338,7 +338,7 @@ def test_short_conv_matches_conv1d_with_gradients(K, T):
     g = torch.randn_like(y)
     mine = torch.autograd.grad((y * g).sum(), (x, s0, conv.weight), allow_unused=True)
     theirs = torch.autograd.grad((ref * g).sum(), (x, s0, conv.weight), allow_unused=True)
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         if b is None:  # K = 1: no state
             assert a is None or not a.abs().sum()
         else:
@@ -523,7 +523,8 @@ def test_successor_init_writes_the_next_tokens_key_under_this_tokens_query():
     t is token t's own): the first write of a pair (a, b) is stored under a's query."""
     succ, rand = make_layer(qk_init="successor", conv_size=3), make_layer(qk_init="random", conv_size=3)
     inner = succ.heads * succ.head_dim
-    diffs = {n for (n, p), (_, q) in zip(succ.named_parameters(), rand.named_parameters()) if not torch.equal(p, q)}
+    pairs = zip(succ.named_parameters(), rand.named_parameters(), strict=True)
+    diffs = {n for (n, p), (_, q) in pairs if not torch.equal(p, q)}
     assert diffs == {"to_qkv.weight", "conv.weight"}
     Wq, Wk, Wv = succ.to_qkv.weight.split(inner)
     assert torch.equal(Wk, Wq) and torch.equal(Wq, rand.to_qkv.weight[:inner])

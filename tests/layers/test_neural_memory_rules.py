@@ -110,7 +110,7 @@ def test_moneta_starts_from_the_memory_titans_starts_from():
     titans = NeuralMemory(8, 2, depth=2)
     torch.manual_seed(0)
     moneta = NeuralMemory(8, 2, depth=2, rule="moneta")
-    for a, w in zip(effective_weights(tuple(moneta.memory), moneta.memory_rule), titans.memory):
+    for a, w in zip(effective_weights(tuple(moneta.memory), moneta.memory_rule), titans.memory, strict=True):
         assert_close("F(A_0)", a, w, 1e-5)
     assert (moneta.memory[0] - titans.memory[0]).abs().max() > 1e-3  # A_0 itself is not W_0
 
@@ -142,13 +142,13 @@ def test_streams_cut_anywhere_and_decoding_equal_one_call(preset):
     y, final = layer(x)
     # pieces from init_state (window tokens of weight 0 at the start), cut mid-chunk and inside the window
     state, outs = layer.init_state(2, dtype=F64), []
-    for a, b in zip((0, 1, 5), (1, 5, 10)):
+    for a, b in zip((0, 1, 5), (1, 5, 10), strict=True):
         o, state = layer(x[:, a:b], state)
         outs.append(o)
     assert_close(f"{preset} pieces", y, torch.cat(outs, 1), 1e-12)
-    for i, (w, s) in enumerate(zip(final.memory.weights, state.memory.weights)):
+    for i, (w, s) in enumerate(zip(final.memory.weights, state.memory.weights, strict=True)):
         assert_close(f"{preset} weights[{i}]", w, s, 1e-12)
-    for i, (w, s) in enumerate(zip(final.memory.window, state.memory.window)):
+    for i, (w, s) in enumerate(zip(final.memory.window, state.memory.window, strict=True)):
         assert_close(f"{preset} window[{i}]", w, s, 1e-12)
     # the state has one shape from the first token on (the Cache's template): w - 1 window tokens, gamma 0 at start
     n = layer.memory_rule.window - 1

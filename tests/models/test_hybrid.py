@@ -72,7 +72,7 @@ def test_decoding_pieces_causality_and_batch_independence():
         one = model.init_cache(3)
         _, one = model(ids, one)
         pieces, outs = model.init_cache(3), []
-        for a, b in zip((0, 1, 6, 7), (1, 6, 7, 13)):
+        for a, b in zip((0, 1, 6, 7), (1, 6, 7, 13), strict=True):
             logits, pieces = model(ids[:, a:b], pieces)
             outs.append(logits)
         close("pieces", full, torch.cat(outs, 1))

@@ -146,7 +146,7 @@ def test_streaming_after_the_prefix_equals_one_call():
         # pieces cut at or after the prefix
         for cuts in ([M, 7, 11], [9], [M + 1, M + 2, 16]):
             cache, outs = lm.init_cache(2), []
-            for a, b in zip([0] + cuts, cuts + [17]):
+            for a, b in zip([0] + cuts, cuts + [17], strict=True):
                 logits, cache = lm(ids[:, a:b], cache)
                 outs.append(logits)
             close(f"pieces {cuts}", full, torch.cat(outs, 1))

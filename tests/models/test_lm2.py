@@ -159,7 +159,8 @@ def test_closed_write_gates_carry_the_identity_bank():
     assert torch.equal(model.init_cache(2).layers[0].bank, eye)
     states = model.init_cache(2).layers
     assert [s.bank is None for s in states] == [False, True, True]
-    for b, s in zip(model.blocks, states):  # the state formula: (L + 1) N d for L blocks, besides the KV caches
+    # the state formula: (L + 1) N d for L blocks, besides the KV caches
+    for b, s in zip(model.blocks, states, strict=True):
         assert b.mixer.state_numel() == sum(t[0].numel() for t in (s.bank, s.out) if t is not None)
     assert sum(b.mixer.state_numel() for b in model.blocks) == 4 * N * 16
     with torch.no_grad():

@@ -155,7 +155,8 @@ def test_delta_rule_successor_init_keys_the_next_token_under_this_tokens_query(k
     torch.manual_seed(3)
     rand = LinearRecurrence(24, 3, kind, conv_size=3).double()
     inner = 24
-    diffs = {n for (n, p), (_, q) in zip(succ.named_parameters(), rand.named_parameters()) if not torch.equal(p, q)}
+    pairs = zip(succ.named_parameters(), rand.named_parameters(), strict=True)
+    diffs = {n for (n, p), (_, q) in pairs if not torch.equal(p, q)}
     assert diffs == {"to_qkv.weight", "conv.weight"}
     Wq, Wk, Wv = succ.to_qkv.weight.split(inner)
     assert torch.equal(Wk, Wq) and torch.equal(Wq, rand.to_qkv.weight[:inner])
@@ -296,11 +297,11 @@ def test_mac_attention_starts_where_mac_attn_init_scale_says(scale):
         return MnemosLM(cfg).double()
 
     ref, model = build(1.0), build(scale)
-    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters()):
+    for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
         want = p * scale if name.endswith("attn.o_proj.weight") else p
         assert torch.equal(q, want), name
     paper = build(scale, residual=False)
-    for (name, p), (_, q) in zip(build(1.0, residual=False).named_parameters(), paper.named_parameters()):
+    for (name, p), (_, q) in zip(build(1.0, residual=False).named_parameters(), paper.named_parameters(), strict=True):
         assert torch.equal(p, q), f"paper form: {name}"
     mac = model.blocks[0].mixer
     x = x_of(2, 13)

@@ -104,7 +104,7 @@ def test_uneven_pieces_equal_one_pass(variant, cuts):
         one = model.init_cache(2)
         one_logits, one = model(ids, one)
         cache, outs = model.init_cache(2), []
-        for a, b in zip([0] + cuts, cuts + [ids.shape[1]]):
+        for a, b in zip([0] + cuts, cuts + [ids.shape[1]], strict=True):
             logits, cache = model(ids[:, a:b], cache)
             assert cache.position == b
             outs.append(logits)

@@ -22,6 +22,8 @@ Kept tiny (the whole file runs in seconds on one thread): prompts of at most 9 t
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -260,7 +262,7 @@ def documents(ids: torch.Tensor, doc_ids: torch.Tensor) -> list[tuple[int, int, 
     out = []
     for b in range(ids.shape[0]):
         cuts = [0] + [t for t in range(1, ids.shape[1]) if doc_ids[b, t] != doc_ids[b, t - 1]] + [ids.shape[1]]
-        out += [(b, s, e) for s, e in zip(cuts, cuts[1:])]
+        out += [(b, s, e) for s, e in pairwise(cuts)]
     return out
 
 

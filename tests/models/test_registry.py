@@ -97,7 +97,7 @@ def test_every_registered_variant_keeps_the_invariants(variant):
         assert torch.equal(out[:, 5:], again[:, 4:-1].argmax(-1)), f"{variant}: generate != forward's argmax"
         # pieces, the cache carried
         cache, pieces = model.init_cache(3), []
-        for a, b in zip((0, 1, 5, 6), (1, 5, 6, T)):
+        for a, b in zip((0, 1, 5, 6), (1, 5, 6, T), strict=True):
             logits, cache = model(ids[:, a:b], cache)
             pieces.append(logits)
         close(f"{variant} pieces", full, torch.cat(pieces, 1))

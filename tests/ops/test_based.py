@@ -44,7 +44,7 @@ def outputs_and_grads(fn, inp, seed=7, **kw):
     w = lambda t: torch.randn(t.shape, generator=g, dtype=F64)  # noqa: E731
     loss = (y * w(y)).sum() + (kv * w(kv)).sum() + (ks * w(ks)).sum()
     names = [n for n in NAMES if inp[n] is not None]
-    return y, (kv, ks), dict(zip(names, torch.autograd.grad(loss, [inp[n] for n in names])))
+    return y, (kv, ks), dict(zip(names, torch.autograd.grad(loss, [inp[n] for n in names]), strict=True))
 
 
 def _configs(n=24, seed=1):
@@ -104,7 +104,7 @@ def test_a_stream_cut_in_pieces_equals_one_call(cuts):
     with torch.no_grad():
         y, (kv, ks) = call(based_linear_attention, inp, chunk_size=8)
         state, ys = (inp["kv0"], inp["ks0"]), []
-        for a, b in zip([0, *cuts], [*cuts, 37]):
+        for a, b in zip([0, *cuts], [*cuts, 37], strict=True):
             y_p, state = based_linear_attention(inp["q"][:, a:b], inp["k"][:, a:b], inp["v"][:, a:b], chunk_size=8,
                                                 initial_state=state, output_final_state=True)
             ys.append(y_p)
@@ -174,7 +174,7 @@ def test_layer_chunked_equals_its_reference_with_gradients():
     w = torch.randn_like(y)
     grads = torch.autograd.grad((y * w).sum(), list(m.parameters()))
     grads_r = torch.autograd.grad((y_r * w).sum(), list(ref.parameters()))
-    for (name, _), a, b in zip(m.named_parameters(), grads_r, grads):
+    for (name, _), a, b in zip(m.named_parameters(), grads_r, grads, strict=True):
         assert_close(f"grad {name}", a, b, 1e-10)
     assert m.state_numel() == 3 * (4 + 1) * 21 == st.kv[0].numel() + st.k_sum[0].numel()
 

@@ -103,15 +103,15 @@ def test_node_matches_the_torch_loop(cfg):
     outs_c = _apply(CpuChunkScan, cfg, inputs)
     L = cfg["depth"]
     names = ["o", *(f"WS_final[{i}]" for i in range(L)), *(f"last_anchor[{i}]" for i in range(L))]
-    for name, a, b in zip(names, outs_t, outs_c):
+    for name, a, b in zip(names, outs_t, outs_c, strict=True):
         assert_close(name, a, b, 1e-12)
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     cots = [torch.randn(o.shape, generator=g, dtype=F64) for o in outs_t]
-    grads_t = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs_t, cots)), inputs)
-    grads_c = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs_c, cots)), inputs)
+    grads_t = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs_t, cots, strict=True)), inputs)
+    grads_c = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs_c, cots, strict=True)), inputs)
     in_names = "q k v b f G bl el fl gl pl".split() + [f"WS[{i}]" for i in range(L)] + \
         [f"A[{i}]" for i in range(L if cfg["anchor"] else 0)]
-    for name, a, b in zip(in_names, grads_t, grads_c):
+    for name, a, b in zip(in_names, grads_t, grads_c, strict=True):
         assert_close(f"grad {name}", a, b, 1e-11)
 
 
@@ -124,11 +124,11 @@ def test_node_backward_over_several_segments(nc, anchor):
                normalize=True, anchor=anchor, seed=nc)
     inputs = _node_inputs(cfg)
     outs = [_apply(node, cfg, inputs) for node in (TorchChunkScan, CpuChunkScan)]
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert_close("output", a, b, 1e-12)
     cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=F64) for o in outs[0]]
-    grads = [torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots)), inputs) for out in outs]
-    for i, (a, b) in enumerate(zip(*grads)):
+    grads = [torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots, strict=True)), inputs) for out in outs]
+    for i, (a, b) in enumerate(zip(*grads, strict=True)):
         assert_close(f"grad {i}", a, b, 1e-11)
 
 
@@ -142,7 +142,7 @@ def test_node_gradients_with_some_outputs_unused():
     for node in (TorchChunkScan, CpuChunkScan):
         o = _apply(node, cfg, inputs)[0]
         grads.append(torch.autograd.grad((o * o).sum(), inputs))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert_close("grad", a, b, 1e-11)
 
 
@@ -168,7 +168,7 @@ def test_op_matches_reference_and_the_torch_loop(B, T, H, C, depth, normalize):
     inp = {n: (tuple(t.requires_grad_() for t in x) if isinstance(x, tuple) else x.requires_grad_())
            for n, x in inp.items()}
     kw = dict(chunk_size=C, normalize_step=normalize)
-    names, tensors = zip(*leaves(inp))
+    names, tensors = zip(*leaves(inp), strict=True)
     results = []
     for fn, on in ((neural_memory_reference, False), (neural_memory_chunked, False), (neural_memory_chunked, True)):
         with cpu_kernel(on):
@@ -180,7 +180,7 @@ def test_op_matches_reference_and_the_torch_loop(B, T, H, C, depth, normalize):
     assert_states_close(s_r, s_c, 1e-10)
     assert_close("o vs torch loop", o_t, o_c, 1e-12)
     assert_states_close(s_t, s_c, 1e-12)
-    for name, gr, gt, gc in zip(names, g_r, g_t, g_c):
+    for name, gr, gt, gc in zip(names, g_r, g_t, g_c, strict=True):
         assert_close(f"grad {name} vs reference", gr, gc, 1e-9)
         assert_close(f"grad {name} vs torch loop", gt, gc, 1e-11)
 
@@ -210,7 +210,7 @@ def test_a_stream_continued_mid_chunk(first):
     (o_t, s_t, g_t), (o_c, s_c, g_c) = results
     assert_close("o", o_t, o_c, 1e-12)
     assert_states_close(s_t, s_c, 1e-12)
-    for i, (a, b) in enumerate(zip(g_t, g_c)):
+    for i, (a, b) in enumerate(zip(g_t, g_c, strict=True)):
         assert (a is None) == (b is None)
         if a is not None:
             assert_close(f"grad {i}", a, b, 1e-11)
@@ -279,14 +279,14 @@ def test_the_forward_keeps_the_segment_starts_and_the_backward_uses_them(anchor,
     def grads():
         out = _apply(CpuChunkScan, cfg, inputs)
         cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=F64) for o in out]
-        return torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots)), inputs)
+        return torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots, strict=True)), inputs)
 
     kept = grads()
     monkeypatch.setattr(cpu_scan, "SAVED_BOUNDS_BYTES", 0)
     with torch.no_grad():
         assert len(cpu_scan.forward(tokens, WS, A, opts, save=True)[3]) == 11 + L * (2 if anchor else 1)
     found = grads()
-    for i, (a, b) in enumerate(zip(kept, found)):
+    for i, (a, b) in enumerate(zip(kept, found, strict=True)):
         assert torch.equal(a, b), f"grad {i} differs between kept and found segment starts"
 
 
@@ -304,13 +304,13 @@ def test_the_reused_segment_buffers_carry_nothing_between_calls():
         inputs = (inputs[0], inputs[1], inputs[2] * scale, *inputs[3:])
         out = _apply(CpuChunkScan, cfg, inputs)
         cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(2), dtype=F64) for o in out]
-        return torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots)), inputs)
+        return torch.autograd.grad(sum((o * c).sum() for o, c in zip(out, cots, strict=True)), inputs)
 
     grads(small)
     after_itself = grads(small)
     grads(other, scale=1e3)
     after_other = grads(small)
-    for i, (a, b) in enumerate(zip(after_itself, after_other)):
+    for i, (a, b) in enumerate(zip(after_itself, after_other, strict=True)):
         assert torch.equal(a, b), f"grad {i} depends on what the call before left in the buffers"
 
 
@@ -318,7 +318,7 @@ def test_the_reused_segment_buffers_carry_nothing_between_calls():
 @pytest.mark.parametrize("T", [33, 141])  # 141: 36 chunks, two backward segments (the forward keeps the second's start)
 def test_threads_split_groups_without_changing_a_bit(T):
     inp = make_inputs(4, T, 9, 4, 4, 2, with_momentum=True, seed=3, requires_grad=True, dtype=torch.float32)
-    names, tensors = zip(*leaves(inp))
+    names, tensors = zip(*leaves(inp), strict=True)
     before = torch.get_num_threads()
     results = []
     try:
@@ -330,7 +330,7 @@ def test_threads_split_groups_without_changing_a_bit(T):
         torch.set_num_threads(before)
     (o1, g1), (o3, g3) = results
     assert torch.equal(o1, o3)
-    assert all(torch.equal(a, b) for a, b in zip(g1, g3))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g3, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_chunked_equals_the_recurrence(cfg):
     o_c, S_c, g_c = outputs_and_grads(delta_rule, inp, chunk_size=C)
     assert_close("o", o_r, o_c, 1e-10)
     assert_close("S_T", S_r, S_c, 1e-10)
-    for name, a, b in zip([n for n, x in inp.items() if isinstance(x, torch.Tensor)], g_r, g_c):
+    for name, a, b in zip([n for n, x in inp.items() if isinstance(x, torch.Tensor)], g_r, g_c, strict=True):
         assert_close(f"grad {name}", a, b, 1e-9)
 
 
@@ -87,7 +87,7 @@ def test_streaming_in_any_pieces_equals_one_call(cuts):
     inp = make(2, 70, 2, 4, 4, gated=True, with_state=True, seed=5)
     o_full, S_full = call(delta_rule, inp, chunk_size=16)
     outs, S = [], inp["initial_state"]
-    for a, b in zip([0] + cuts, cuts + [70]):
+    for a, b in zip([0] + cuts, cuts + [70], strict=True):
         o, S = delta_rule(*(inp[n][:, a:b] for n in ("q", "k", "v", "beta", "decay")), initial_state=S,
                           chunk_size=16, output_final_state=True)
         outs.append(o)

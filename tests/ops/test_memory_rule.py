@@ -63,7 +63,7 @@ def run(fn, inp, **kw):
 def state_loss(o, state, cot):
     """A scalar touching the outputs and every part of the final state, so all their gradients are compared."""
     loss = (o * cot).sum()
-    for w, s, a in zip(state.weights, state.momentum, state.anchor):
+    for w, s, a in zip(state.weights, state.momentum, state.anchor, strict=True):
         loss = loss + (w * torch.cos(w)).sum() + (s * s).sum() + 0.5 * (a * torch.sin(a)).sum()
     return loss
 
@@ -71,7 +71,7 @@ def state_loss(o, state, cot):
 def assert_states_close(ref: MemoryState, fast: MemoryState, ratio: float):
     assert fast.offset == ref.offset and fast.chunk_size == ref.chunk_size
     for name in ("weights", "momentum", "anchor"):
-        for i, (r, f) in enumerate(zip(getattr(ref, name), getattr(fast, name))):
+        for i, (r, f) in enumerate(zip(getattr(ref, name), getattr(fast, name), strict=True)):
             assert_close(f"state.{name}[{i}]", r, f, ratio)
 
 
@@ -123,10 +123,10 @@ def test_chunked_matches_reference(cfg):
     assert_states_close(s_ref, s_fast, 1e-10)
 
     cot = torch.randn(o_ref.shape, dtype=F64, generator=torch.Generator().manual_seed(cfg["seed"] + 1))
-    names, tensors = zip(*leaves(inp))
+    names, tensors = zip(*leaves(inp), strict=True)
     g_ref = torch.autograd.grad(state_loss(o_ref, s_ref, cot), tensors)
     g_fast = torch.autograd.grad(state_loss(o_fast, s_fast, cot), tensors)
-    for name, gr, gf in zip(names, g_ref, g_fast):
+    for name, gr, gf in zip(names, g_ref, g_fast, strict=True):
         assert_close(f"grad {name}", gr, gf, 1e-9)
 
 
@@ -147,7 +147,7 @@ def test_chunk1_is_sgd_with_momentum(depth, fn):
     o, state = run(fn, inp, chunk_size=1, residual=True, activation="gelu")
 
     layers = [nn.Linear(w.shape[-1], w.shape[-2], bias=False).double() for w in inp["weights"]]
-    for lin, w in zip(layers, inp["weights"]):
+    for lin, w in zip(layers, inp["weights"], strict=True):
         lin.weight.data.copy_(w[0])
 
     def mlp(x):
@@ -165,7 +165,7 @@ def test_chunk1_is_sgd_with_momentum(depth, fn):
         opt.step()
         with torch.no_grad():
             torch.testing.assert_close(o[0, t, 0], mlp(inp["q"][0, t, 0]), rtol=1e-12, atol=1e-12)
-    for lin, w in zip(layers, state.weights):
+    for lin, w in zip(layers, state.weights, strict=True):
         torch.testing.assert_close(w[0, 0], lin.weight.detach(), rtol=1e-12, atol=1e-12)
 
 
@@ -211,7 +211,7 @@ def test_theta_zero_leaves_memory_unchanged(fn, residual):
     inp["theta"] = torch.zeros_like(inp["theta"])
     inp["alpha"] = torch.zeros_like(inp["alpha"])
     o, state = run(fn, inp, chunk_size=4, residual=residual)
-    for w0, w in zip(inp["weights"], state.weights):
+    for w0, w in zip(inp["weights"], state.weights, strict=True):
         torch.testing.assert_close(w, w0.expand_as(w), rtol=0, atol=0)
     torch.testing.assert_close(o, memory_read(inp["q"], inp["weights"], residual=residual), rtol=1e-13, atol=1e-13)
 
@@ -234,7 +234,7 @@ def test_alpha_one_empties_memory(fn):
     o_rest, state_rest = run(fn, rest, chunk_size=C, residual=False)
     torch.testing.assert_close(o[:, cut + 1:], o_rest, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(o[:, cut], torch.zeros_like(o[:, cut]), rtol=0, atol=0)  # M(q; 0) = 0
-    for a, b in zip(state.weights, state_rest.weights):
+    for a, b in zip(state.weights, state_rest.weights, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -249,7 +249,7 @@ def test_streaming_equals_one_call(fn, cuts):
     inp = make_inputs(B, T, H, D, D, 2, with_momentum=True, seed=11)
     o_full, s_full = run(neural_memory_reference, inp, chunk_size=C)
     outs, state = [], None
-    for a, b in zip([0] + cuts, cuts + [T]):
+    for a, b in zip([0] + cuts, cuts + [T], strict=True):
         piece = {n: (x[:, a:b] if isinstance(x, torch.Tensor) else x) for n, x in inp.items()}
         if state is None:
             o, state = run(fn, piece, chunk_size=C)
@@ -283,7 +283,7 @@ def test_gradients_through_a_carried_state(first, rest, C):
     assert_close("o", o_r, o_f, 1e-10)
     assert_states_close(s_r, s_f, 1e-10)
     names = [*tail, *(f"{p}[{i}]" for p in ("weights", "momentum", "anchor") for i in range(2))]
-    for name, gr, gf in zip(names, g_r, g_f):
+    for name, gr, gf in zip(names, g_r, g_f, strict=True):
         if gr is None and gf is None:  # the anchor of a state that stopped on a chunk boundary is never read
             assert name.startswith("anchor") and st.offset == 0
             continue
@@ -353,7 +353,7 @@ def test_batch_independence():
     o2, s2 = run(neural_memory_chunked, pert, chunk_size=4)
     for i in (0, 2):
         torch.testing.assert_close(o2[i], o[i], rtol=0, atol=1e-14)
-        for a, b in zip(s.weights, s2.weights):
+        for a, b in zip(s.weights, s2.weights, strict=True):
             torch.testing.assert_close(a[i], b[i], rtol=0, atol=1e-14)
     assert not torch.allclose(o2[1], o[1])
 
@@ -366,7 +366,7 @@ def test_batch_independence():
 def test_gradcheck(depth, residual, C):
     inp = make_inputs(1, 6, 1, 2, 2, depth, shared=False, expansion=1, with_momentum=True, seed=depth,
                       requires_grad=True)
-    names, tensors = zip(*leaves(inp))
+    names, tensors = zip(*leaves(inp), strict=True)
     L = depth
 
     def f(q, k, v, theta, eta, alpha, *wm):
@@ -390,7 +390,7 @@ def test_low_precision_against_float64(dtype, ratio, depth):
     o, s = run(neural_memory_chunked, low, chunk_size=16)
     assert o.dtype == dtype and all(w.dtype == torch.float32 for w in s.weights + s.momentum)
     assert_close("o", o_ref, o, ratio)
-    for i, (a, b) in enumerate(zip(s_ref.weights, s.weights)):
+    for i, (a, b) in enumerate(zip(s_ref.weights, s.weights, strict=True)):
         assert_close(f"weights[{i}]", a, b, ratio / 10 if dtype == torch.bfloat16 else ratio)
 
 

@@ -5,6 +5,7 @@ gradients and input checks."""
 from __future__ import annotations
 
 import dataclasses
+from itertools import pairwise
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def results(inp, **kw):
 
 def assert_all_close(a, b, ratio):
     assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert_close(f"result[{i}]", x, y, ratio)
 
 
@@ -167,19 +168,19 @@ def test_titans_preset_is_todays_op_bit_for_bit(impl):
     today = results(inp, chunk_size=4, impl=impl)
     for rule in ("titans", RULES["titans"], MemoryRule(), MemoryRule(p=5.0, lq=3.0, ns_steps=2)):
         same = results(inp, chunk_size=4, impl=impl, rule=rule)
-        assert all(torch.equal(a, b) for a, b in zip(today, same)), rule
+        assert all(torch.equal(a, b) for a, b in zip(today, same, strict=True)), rule
     dot_today = results(inp, chunk_size=4, impl=impl, loss="dot")
     dot_rule = results(inp, chunk_size=4, impl=impl, rule="linear_attention")
-    assert all(torch.equal(a, b) for a, b in zip(dot_today, dot_rule))
+    assert all(torch.equal(a, b) for a, b in zip(dot_today, dot_rule, strict=True))
 
 
 def test_auto_takes_the_chunked_path_for_titans_axes_and_the_reference_for_the_rest():
     inp = make(T=6, depth=2, residual=True, seed=12)
     fast = results(inp, chunk_size=2, impl="torch")
-    assert all(torch.equal(a, b) for a, b in zip(fast, results(inp, chunk_size=2, rule="deltanet")))
+    assert all(torch.equal(a, b) for a, b in zip(fast, results(inp, chunk_size=2, rule="deltanet"), strict=True))
     inp = dict(inp, delta=torch.ones_like(inp["theta"]))
     fast = results(inp, chunk_size=2, rule="yaad", impl="torch")
-    assert all(torch.equal(a, b) for a, b in zip(fast, results(inp, chunk_size=2, rule="yaad")))
+    assert all(torch.equal(a, b) for a, b in zip(fast, results(inp, chunk_size=2, rule="yaad"), strict=True))
 
 
 def test_gamma_on_the_fast_path_equals_the_reference():
@@ -218,7 +219,7 @@ def test_window_1_with_gamma_1_equals_no_window(name):
     inp = make(T=7, depth=2, residual=True, seed=16)
     ones = dict(inp, gamma=torch.ones_like(inp["theta"]))
     a, b = results(inp, chunk_size=3, rule=name), results(ones, chunk_size=3, rule=name)
-    assert len(b) == len(a) + 1 and all(torch.equal(x, y) for x, y in zip(a, b))  # b[-1]: gamma's gradient
+    assert len(b) == len(a) + 1 and all(torch.equal(x, y) for x, y in zip(a, b[:-1], strict=True))  # b[-1]: gamma's gradient
 
 
 def test_newton_schulz_acts_on_singular_values_and_0_steps_is_the_normalised_input():
@@ -317,7 +318,7 @@ def test_moneta_norm_identity():
         assert_close(f"lq={lq}", norm(A) ** (3 - lq), norm(W), 1e-13)
     rule = RULES["moneta"]
     o, st = call(make(T=6, depth=2, residual=True, seed=21), chunk_size=2, rule=rule)
-    for a, w in zip(st.weights, effective_weights(st.weights, rule)):
+    for a, w in zip(st.weights, effective_weights(st.weights, rule), strict=True):
         assert_close("state", torch.linalg.vector_norm(a, 4, dim=(-2, -1)) ** -1,
                      torch.linalg.vector_norm(w, 4, dim=(-2, -1)), 1e-13)
     assert torch.equal(effective_weights(torch.zeros(3, 3, dtype=F64), rule), torch.zeros(3, 3, dtype=F64))
@@ -360,7 +361,7 @@ def test_windowed_stream_cut_anywhere_equals_one_call():
 
     def streamed(x, cuts):
         outs, state, bounds = [], None, [0, *cuts, 7]
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in pairwise(bounds):
             p = piece(x, a, b)
             if state is not None:
                 p.pop("weights")
@@ -378,10 +379,10 @@ def test_windowed_stream_cut_anywhere_equals_one_call():
         assert_close(f"o {cuts}", o_ref, o, 1e-13)
         assert st.offset == st_ref.offset and len(st.window) == 4 and st.window[0].shape[1] == 2
         for name in ("weights", "momentum", "anchor", "window"):
-            for a, b in zip(getattr(st_ref, name), getattr(st, name)):
+            for a, b in zip(getattr(st_ref, name), getattr(st, name), strict=True):
                 assert_close(f"state.{name} {cuts}", a, b, 1e-13)
         grads = torch.autograd.grad((o * o).sum(), [x["k"], x["gamma"], x["delta"], x["v"]])
-        for name, a, b in zip(("k", "gamma", "delta", "v"), g_ref, grads):
+        for name, a, b in zip(("k", "gamma", "delta", "v"), g_ref, grads, strict=True):
             assert_close(f"d{name} {cuts}", a, b, 1e-12)
     # a cut stream with its window dropped is not the same stream (the carried tokens matter)
     x = with_grad(inp)

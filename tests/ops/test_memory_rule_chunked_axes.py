@@ -93,13 +93,13 @@ def outcomes(inp: dict, **kw) -> list:
     loss = (o * wave(o)).sum() + sum((w.sin() * w).sum() for w in st.weights) + sum((s * s).sum() for s in st.momentum)
     loss = loss + sum((a * wave(a)).sum() for a in st.anchor) + sum((w * wave(w)).sum() for w in st.window)
     grads = torch.autograd.grad(loss, flat(x), allow_unused=True)
-    zero = lambda t: torch.zeros((), dtype=F64)  # noqa: E731
-    return [o, *st.weights, *st.momentum, *st.anchor, *st.window, *(zero(t) if d is None else d for d in grads)], st
+    zero = torch.zeros((), dtype=F64)  # an input the loss does not reach
+    return [o, *st.weights, *st.momentum, *st.anchor, *st.window, *(zero if d is None else d for d in grads)], st
 
 
 def assert_same(name, a: list, b: list, ratio: float):
     assert len(a) == len(b), name
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert x.shape == y.shape, f"{name}: result[{i}] {tuple(x.shape)} != {tuple(y.shape)}"
         assert bool(torch.isfinite(y).all()), f"{name}: result[{i}] is not finite"
         assert_close(f"{name}: result[{i}]", x, y, ratio)
@@ -118,7 +118,8 @@ def test_chunked_equals_reference_and_streams_cut_anywhere(block):
         fast, st = outcomes(c["inp"], impl="torch", **c["kw"])
         assert_same(c["desc"], ref, fast, 1e-9)
         assert st.offset == st_ref.offset and len(st.window) == len(st_ref.window), c["desc"]
-        for a, b in zip(st_ref.window, st.window):  # the carried tokens are the inputs' own values, bit for bit
+        # the carried tokens are the inputs' own values, bit for bit
+        for a, b in zip(st_ref.window, st.window, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), c["desc"]
         cut, _ = outcomes(c["inp"], impl="torch", cut=c["cut"], **c["kw"])
         assert_same(f"{c['desc']} cut at {c['cut']}", fast, cut, 1e-11)
@@ -189,7 +190,7 @@ def test_decoding_token_by_token_equals_one_call():
                                        **start, **extra, **kw)
             outs.append(o_t)
         assert_close(c["desc"], o, torch.cat(outs, 1), 1e-11)
-        for a, b in zip(st.weights + st.window, state.weights + state.window):
+        for a, b in zip(st.weights + st.window, state.weights + state.window, strict=True):
             assert_close(c["desc"], a, b, 1e-11)
 
 
@@ -234,11 +235,11 @@ def test_window_1_with_gamma_1_is_no_window_and_ones_are_the_default_gamma(loss)
         inp["delta"] = 0.1 + torch.rand_like(inp["theta"])
     plain, _ = outcomes(inp, impl="torch", **kw)
     ones, _ = outcomes(dict(inp, gamma=torch.ones_like(inp["theta"])), impl="torch", **kw)
-    assert len(ones) == len(plain) + 1 and all(torch.equal(a, b) for a, b in zip(plain, ones))
+    assert len(ones) == len(plain) + 1 and all(torch.equal(a, b) for a, b in zip(plain, ones[:-1], strict=True))
     kw3 = dict(kw, rule=MemoryRule(loss=loss, window=3))
     w3, _ = outcomes(inp, impl="torch", **kw3)
     w3_ones, _ = outcomes(dict(inp, gamma=torch.ones_like(inp["theta"])), impl="torch", **kw3)
-    assert all(torch.equal(a, b) for a, b in zip(w3, w3_ones))
+    assert len(w3_ones) == len(w3) + 1 and all(torch.equal(a, b) for a, b in zip(w3, w3_ones[:-1], strict=True))
     assert not torch.allclose(plain[0], w3[0])  # the window matters
 
 
@@ -249,7 +250,7 @@ def test_lq_2_is_decay_and_the_retentions_keep_their_invariants():
     assert_same("lq = 2", decay, lq2, 1e-12)
     # Moneta: ||F(A)||_lq = ||A||_lq^(3 - lq); Memora: rows on the simplex scaled by softmax_scale
     _, st = run(inp, impl="torch", **dict(kw, rule=MemoryRule(retention="lq", lq=4.0)))
-    for a, w in zip(st.weights, effective_weights(st.weights, MemoryRule(retention="lq", lq=4.0))):
+    for a, w in zip(st.weights, effective_weights(st.weights, MemoryRule(retention="lq", lq=4.0)), strict=True):
         norm = lambda x: x.abs().pow(4).sum((-2, -1)).pow(0.25)  # noqa: E731
         assert_close("moneta norm", norm(a).pow(-1.0), norm(w), 1e-12)
     rule = MemoryRule(retention="kl", softmax_scale=2.5)
@@ -296,7 +297,7 @@ def test_auto_runs_the_covered_rules_on_the_chunked_path():
         assert torch_unsupported_reason(resolve_rule(rule)) is None
         auto, _ = outcomes(inp, impl="auto", **kw)
         fast, _ = outcomes(inp, impl="torch", **kw)
-        assert all(torch.equal(a, b) for a, b in zip(auto, fast)), rule
+        assert all(torch.equal(a, b) for a, b in zip(auto, fast, strict=True)), rule
 
 
 def test_uncovered_rules_and_the_kernels_name_the_axis():

@@ -45,10 +45,10 @@ def test_chunked_equals_reference(cfg):
     assert_close("o", o_ref, o_fast, 1e-10)
     assert_states_close(st_ref, st_fast, 1e-10)
     cot = torch.randn(o_ref.shape, dtype=F64, generator=torch.Generator().manual_seed(7))
-    names, xs = zip(*leaves(inp))
+    names, xs = zip(*leaves(inp), strict=True)
     g_ref = torch.autograd.grad(state_loss(o_ref, st_ref, cot), xs, allow_unused=True)
     g_fast = torch.autograd.grad(state_loss(o_fast, st_fast, cot), xs, allow_unused=True)
-    for name, a, b in zip(names, g_ref, g_fast):
+    for name, a, b in zip(names, g_ref, g_fast, strict=True):
         if a is None:
             assert b is None or float(b.abs().max()) == 0, name
         else:

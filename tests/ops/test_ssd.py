@@ -47,7 +47,7 @@ def outputs_and_grads(fn, inp, seed=7, **kw):
     loss = (y * torch.randn(y.shape, generator=g, dtype=F64)).sum() + (S * torch.randn(S.shape, generator=g,
                                                                                         dtype=F64)).sum()
     leaves = [inp[n] for n in NAMES if inp[n] is not None]
-    return y, S, dict(zip([n for n in NAMES if inp[n] is not None], torch.autograd.grad(loss, leaves)))
+    return y, S, dict(zip([n for n in NAMES if inp[n] is not None], torch.autograd.grad(loss, leaves), strict=True))
 
 
 def _configs(n=40, seed=0):
@@ -109,7 +109,7 @@ def test_a_stream_cut_in_pieces_equals_one_call(cuts):
     with torch.no_grad():
         y, S = call(ssd, inp, chunk_size=8)
         S_carry, ys = inp["initial_state"], []
-        for a, b in zip([0, *cuts], [*cuts, 37]):
+        for a, b in zip([0, *cuts], [*cuts, 37], strict=True):
             piece = {n: inp[n][:, a:b] for n in ("x", "dt", "B", "C")}
             y_p, S_carry = call(ssd, {**piece, "A": inp["A"], "initial_state": S_carry}, chunk_size=8)
             ys.append(y_p)
@@ -219,7 +219,7 @@ def test_layer_chunked_equals_its_reference_with_gradients():
     w = torch.randn_like(y)
     grads = torch.autograd.grad((y * w).sum(), list(m.parameters()))
     grads_r = torch.autograd.grad((y_r * w).sum(), list(ref.parameters()))
-    for (name, _), a, b in zip(m.named_parameters(), grads_r, grads):
+    for (name, _), a, b in zip(m.named_parameters(), grads_r, grads, strict=True):
         assert_close(f"grad {name}", a, b, 1e-10)
 
 

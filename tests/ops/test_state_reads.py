@@ -9,6 +9,7 @@ token-by-token reference."""
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 import torch
@@ -73,8 +74,8 @@ def test_the_read_and_every_gradient_match_the_states_formed(cfg, read):
     got, want = fast(*xs), ref(*xs)
     g = torch.randn(want.shape, dtype=F64)
     assert_close(got, want, rtol=1e-12, atol=1e-13)
-    names = ("A0", "S0", "d", "a", "beta", "eta", "Wb", "h")
-    for name, x, y in zip(names, torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
+    names = ("A0", "S0", "d", "a", "beta", "eta", "Wb", "h")[:len(xs)]  # h: the kl read's only
+    for name, x, y in zip(names, torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g), strict=True):
         assert_close(x, y, rtol=1e-11, atol=1e-12 * y.abs().max().item(), msg=name)
 
 
@@ -87,7 +88,7 @@ def test_the_kl_read_returns_the_last_states_and_takes_their_gradients(cfg):
     y, A_n, S_n = kl_row_read(*xs, final=True)
     want_A, want_S = list(states(*xs[:7], momentum=True))[-1]
     got, want = (y, A_n, S_n), (kl_reference(*xs), want_A, want_S)
-    for name, x, z in zip(("y", "A_n", "S_n"), got, want):
+    for name, x, z in zip(("y", "A_n", "S_n"), got, want, strict=True):
         assert_close(x, z, rtol=1e-12, atol=1e-13, msg=name)
     gs = [torch.randn(z.shape, dtype=F64) for z in want]
     for with_read in (True, False):  # the last states' gradients alone, and beside the read's
@@ -95,7 +96,7 @@ def test_the_kl_read_returns_the_last_states_and_takes_their_gradients(cfg):
         names = ("A0", "S0", "d", "a", "beta", "eta", "Wb", "h")
         fast = torch.autograd.grad(got[pick], xs, gs[pick], retain_graph=True, allow_unused=True)
         slow = torch.autograd.grad(want[pick], xs, gs[pick], retain_graph=True, allow_unused=True)
-        for name, x, z in zip(names, fast, slow):
+        for name, x, z in zip(names, fast, slow, strict=True):
             if z is None:  # h, when only the last states take a gradient: the kernel's is zero
                 assert x is None or not x.any(), name
                 continue
@@ -112,7 +113,7 @@ def test_a_non_contiguous_output_gradient(read):
     big = torch.randn(*want.shape[:-1], 2 * want.shape[-1] + 1, dtype=F64)
     g = big[..., 1::2]
     assert not g.is_contiguous()
-    for x, y in zip(torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g)):
+    for x, y in zip(torch.autograd.grad(got, xs, g), torch.autograd.grad(want, xs, g), strict=True):
         assert_close(x, y, rtol=1e-11, atol=1e-12 * y.abs().max().item())
 
 
@@ -164,7 +165,7 @@ def test_threads_split_rows_without_changing_a_bit(read):
         finally:
             torch.set_num_threads(old)
     assert torch.equal(got[0][0], got[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1], strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def moneta_inputs(B, T, H, D, depth, window, seed):
     x = dict(q=F.normalize(r(B, T, H, D), dim=-1), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
              theta=0.3 * torch.sigmoid(r(B, T, H)), eta=torch.sigmoid(r(B, T, H)),
              alpha=0.2 * torch.sigmoid(r(B, T, H)),
-             weights=tuple(0.3 * r(H, o, i) for i, o in zip(dims, dims[1:])))
+             weights=tuple(0.3 * r(H, o, i) for i, o in pairwise(dims)))
     if window > 1:
         x["gamma"] = torch.sigmoid(r(B, T, H))
     return x
@@ -222,9 +223,9 @@ def test_moneta_and_memora_with_the_kernels_equal_forming_every_state_and_the_re
     ref = call(x, rule, chunk, impl="reference")
     for other, tol in ((dense, 1e-11), (ref, 1e-9)):
         assert_close(fast[0], other[0], rtol=tol, atol=tol)
-        for a, b in zip(fast[1].weights, other[1].weights):
+        for a, b in zip(fast[1].weights, other[1].weights, strict=True):
             assert_close(a, b, rtol=tol, atol=tol)
-        for i, (a, b) in enumerate(zip(fast[2], other[2])):
+        for i, (a, b) in enumerate(zip(fast[2], other[2], strict=True)):
             assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()), msg=f"gradient {i}")
 
 
@@ -273,7 +274,7 @@ def test_lq4_rows_reads_the_halves_of_the_state_in_place_and_adds_its_gradients_
         got = cpu_scan.lq4_rows_backward(*views, *rest, gN, dA0, dS0)
         assert_close(dA0, before[..., :P, :] + grads[0], rtol=1e-12, atol=1e-12)
         assert_close(dS0, before[..., P:, :] + grads[1], rtol=1e-12, atol=1e-12)
-        for a, b in zip(got, grads[2:]):
+        for a, b in zip(got, grads[2:], strict=True):
             assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

@@ -53,7 +53,7 @@ def to_device(inp, dtype=None):
 
 def grads(o, s, inp, seed):
     cot = torch.randn(o.shape, dtype=F64, generator=torch.Generator().manual_seed(seed)).to(o.device, o.dtype)
-    names, tensors = zip(*leaves(inp))
+    names, tensors = zip(*leaves(inp), strict=True)
     return names, torch.autograd.grad(state_loss(o, s, cot), tensors)
 
 
@@ -94,7 +94,7 @@ def test_triton_matches_reference(cfg):
     assert_close("o", o_ref, o, TOL[0])
     assert_states_close(s_ref, s, TOL[0])
     _, g = grads(o, s, dev, cfg["seed"])
-    for name, gr, gt in zip(names, g_ref, g):
+    for name, gr, gt in zip(names, g_ref, g, strict=True):
         assert_close(f"grad {name}", gr, gt, TOL[1])
 
 
@@ -150,12 +150,12 @@ def test_triton_normalize_step(cfg):
         o, s = call(dev["q"], dev["k"], dev["v"], dev["theta"], dev["eta"], dev["alpha"], dev["weights"],
                     momentum=dev["momentum"], initial_state=s0, output_final_state=True, **kw)
         cot = torch.randn(o.shape, dtype=F64, generator=torch.Generator().manual_seed(3)).to(o.device, o.dtype)
-        names, tensors = zip(*[(n, t) for n, t in leaves(dev) if t is not None])
+        names, tensors = zip(*[(n, t) for n, t in leaves(dev) if t is not None], strict=True)
         results.append((o, s, names, torch.autograd.grad(state_loss(o, s, cot), tensors)))
     (o_r, s_r, names, g_r), (o_t, s_t, _, g_t) = results
     assert_close("o", o_r, o_t, TOL[0])
     assert_states_close(s_r, s_t, TOL[0])
-    for name, gr, gt in zip(names, g_r, g_t):
+    for name, gr, gt in zip(names, g_r, g_t, strict=True):
         assert_close(f"grad {name}", gr, gt, TOL[1])
 
 
@@ -184,7 +184,7 @@ def test_triton_continues_a_stream(depth, first, rest, C):
     (o_r, s_r, g_r), (o_t, s_t, g_t) = results
     assert_close("o", o_r, o_t, TOL[0])
     assert_states_close(s_r, s_t, TOL[0])
-    for i, (gr, gt) in enumerate(zip(g_r, g_t)):
+    for i, (gr, gt) in enumerate(zip(g_r, g_t, strict=True)):
         assert_close(f"grad #{i}", gr, gt, TOL[1])
 
 
@@ -206,7 +206,7 @@ def test_triton_low_precision(depth, chunk):
         assert_close(f"o ({dtype})", o_ref, o, tol[0])
         assert_states_close(s_ref, s, tol[0])
         _, g = grads(o, s, dev, 1)
-        for name, gr, gt in zip(names, g_ref, g):
+        for name, gr, gt in zip(names, g_ref, g, strict=True):
             assert_close(f"grad {name} ({dtype})", gr, gt, tol[1])
 
 
@@ -221,7 +221,7 @@ def test_triton_checkpoint_spacing(every, monkeypatch):
     dev = to_device(inp, EXACT)
     o, s = run(neural_memory, dev, impl="triton")
     _, g = grads(o, s, dev, 2)
-    for name, gr, gt in zip(names, g_ref, g):
+    for name, gr, gt in zip(names, g_ref, g, strict=True):
         assert_close(f"grad {name}", gr, gt, TOL[1])
 
 
@@ -304,7 +304,7 @@ def test_titans_layer_on_the_kernels(monkeypatch, chunk):
     assert_close("y", y_ref, y, TOL[0])
     y_ref.pow(2).sum().backward()
     y.pow(2).sum().backward()
-    for (name, p_ref), p in zip(ref.named_parameters(), fast.parameters()):
+    for (name, p_ref), p in zip(ref.named_parameters(), fast.parameters(), strict=True):
         assert_close(f"grad {name}", p_ref.grad, p.grad, TOL[1])
     with torch.no_grad():
         for t in range(3):

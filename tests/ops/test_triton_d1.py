@@ -46,7 +46,7 @@ def make_inputs(nc, B, H, C, K, V, *, last_len=None, with_A=False, dtype=F64, se
     WS = torch.cat((W, S), dim=-2)
     A = randn(B, H, V, K) / K**0.5 if with_A else None
     acc = F64 if dtype == F64 else torch.float32
-    out = dict(zip(NAMES, (q, k, v, b, f, G, bl, el, fl, gl, pl)))
+    out = dict(zip(NAMES, (q, k, v, b, f, G, bl, el, fl, gl, pl), strict=True))
     out = {n: x.to(dtype if n in ("q", "k", "v") else acc).contiguous() for n, x in out.items()}
     out["WS"] = [WS.to(acc)]
     out["A"] = [A.to(acc)] if with_A else None
@@ -110,7 +110,7 @@ def check(inp, ref_inp, *, tol_fwd, tol_bwd, none_cotangents=False, **kw):
     dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS0, dA = out
     mine = [dq, dk, dv, db, df, dG, dbl, del_, dfl, dgl, dpl, dWS0[0]] + ([dA[0]] if dA is not None else [])
     assert (dA is None) == (inp["A"] is None)
-    for name, r, x in zip([*NAMES, "WS", "A"], grads, mine):
+    for name, r, x in zip([*NAMES, "WS", "A"][:len(mine)], grads, mine, strict=True):
         assert x.dtype == inp["b"].dtype, name
         assert_close(f"d{name}", r, x, tol_bwd)
 

@@ -49,7 +49,7 @@ def test_round_trip_model_optimizer_scheduler_rng(tmp_path):
     assert state["step"] == 3 and state["best_metric"] == 0.5 and state["config"] == {"a": 1}
     again = (random.random(), np.random.randn(), torch.rand(2))
     assert again[:2] == after[:2] and torch.equal(again[2], after[2])
-    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert m2.head.weight is m2.emb.weight  # tying survives
     assert sched2.last_epoch == sched.last_epoch
@@ -57,7 +57,7 @@ def test_round_trip_model_optimizer_scheduler_rng(tmp_path):
     for mm, oo in ((m, opt), (m2, opt2)):
         mm(torch.tensor([4, 5])).sum().backward()
         oo.step()
-    for a, b in zip(m.parameters(), m2.parameters()):
+    for a, b in zip(m.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

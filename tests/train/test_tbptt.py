@@ -198,10 +198,10 @@ def test_gradient_through_carried_windows_is_the_whole_documents(variant):
         return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
     whole, spanned, cut = grads(None), grads(False), grads(True)
-    err = max((a - b).abs().max().item() for a, b in zip(whole, spanned))
+    err = max((a - b).abs().max().item() for a, b in zip(whole, spanned, strict=True))
     scale = max(a.abs().max().item() for a in whole)
     assert err < 1e-9 * max(scale, 1.0), f"{variant}: gradient through the carried state differs by {err:.3e}"
-    assert max((a - b).abs().max().item() for a, b in zip(whole, cut)) > 1e-8
+    assert max((a - b).abs().max().item() for a, b in zip(whole, cut, strict=True)) > 1e-8
 
 
 def test_gradient_spans_k_windows(tmp_path):

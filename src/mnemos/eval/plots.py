@@ -75,7 +75,7 @@ def figure_legend(fig, fontsize: float = 7) -> None:
 
     handles: dict = {}
     for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     if not handles:
         return
@@ -146,7 +146,7 @@ def _shown_labels(axis, minor: bool) -> list:
     locs = axis.get_minorticklocs() if minor else axis.get_majorticklocs()
     ticks = axis.get_minor_ticks(len(locs)) if minor else axis.get_major_ticks(len(locs))
     shown = []
-    for loc, tick in zip(locs, ticks):
+    for loc, tick in zip(locs, ticks, strict=True):
         if lo - tol <= transform.transform(np.array([loc]))[0] <= hi + tol:
             shown += [(loc, t) for t in (tick.label1, tick.label2) if t.get_visible() and t.get_text().strip()]
     return sorted(shown, key=lambda x: x[0])

@@ -22,6 +22,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable, Hashable, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +130,14 @@ def turns_table(points: Sequence[Pooled], notes: Notes, group: Callable[[Pooled]
         K = n_turns(g)
         n_cols = min(K, 8)
         edges = [round(i * K / n_cols) for i in range(n_cols + 1)]
-        heads = [f"{a + 1}" if b - a == 1 else f"{a + 1}-{b}" for a, b in zip(edges, edges[1:])]
+        heads = [f"{a + 1}" if b - a == 1 else f"{a + 1}-{b}" for a, b in pairwise(edges)]
         rows = []
         for p in mine:
             by_turn = turn_accuracy(p)
             if by_turn is None:
                 rows.append([p.model, p.params["mode"], notes.mark(p, acc)] + [""] * n_cols)
                 continue
-            cols = [f"{sum(by_turn[a:b]) / (b - a):.2f}" for a, b in zip(edges, edges[1:])]
+            cols = [f"{sum(by_turn[a:b]) / (b - a):.2f}" for a, b in pairwise(edges)]
             rows.append([p.model, p.params["mode"], acc(p)] + cols)
         out += [caption(g), "", *table(["model", "mode", "all turns"] + [f"turn {h}" for h in heads], rows), ""]
     return out

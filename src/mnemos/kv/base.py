@@ -251,7 +251,7 @@ def use_kv_policy(model: nn.Module, policy: KVPolicy | None) -> Iterator[nn.Modu
     try:
         yield model
     finally:
-        for a, (p, (i, n)) in zip(layers, before):
+        for a, (p, (i, n)) in zip(layers, before, strict=True):
             a.set_kv_policy(p, i, n)
 
 

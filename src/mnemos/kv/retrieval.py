@@ -79,7 +79,7 @@ class OffloadStore:
         out_k[bi, ki, hi] = self.k[bi, ni, hi]  # the read: only the selected rows of the store
         out_v[bi, ki, hi] = self.v[bi, ni, hi]
         if self.trace is not None:
-            self.trace.extend(zip(bi.tolist(), ni.tolist(), hi.tolist()))
+            self.trace.extend(zip(bi.tolist(), ni.tolist(), hi.tolist(), strict=True))
         return out_k.to(device), out_v.to(device)
 
 
@@ -568,7 +568,7 @@ class SentenceKVCache(_TieredKVCache):
         ids, self._ids = ids[:, :t], (ids[:, t:] if ids.shape[1] > t else None)
         bound, max_len, s0 = set(self.policy.boundary_ids), self.policy.max_len, self.n_sinks
         starts, opens = [], []
-        for row, o in zip(ids.tolist(), self.open_start.tolist()):
+        for row, o in zip(ids.tolist(), self.open_start.tolist(), strict=True):
             st = []
             for i, tok in enumerate(row):
                 p = start + i

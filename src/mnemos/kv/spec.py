@@ -140,7 +140,7 @@ def _one(text: str) -> list[tuple[str, dict[str, Any]]]:
     if unknown:
         raise ValueError(f"{name} has no parameter {unknown[0]!r}; its parameters: {', '.join(params)}")
     keys = list(values)
-    return [(name, dict(zip(keys, combo))) for combo in itertools.product(*(values[k] for k in keys))]
+    return [(name, dict(zip(keys, combo, strict=True))) for combo in itertools.product(*(values[k] for k in keys))]
 
 
 def parse_policy_spec(text: str) -> list[PolicySpec]:

@@ -528,7 +528,7 @@ class NeuralMemory(nn.Module):
         ]).tolist()
         names = ("theta_mean", "theta_max", "eta_mean", "eta_max", "alpha_mean", "alpha_max", "step_max",
                  "inner_loss_start", "inner_loss", "memory_norm", "write_fraction", "curvature_max")
-        self.last_stats = dict(zip(names, stats))
+        self.last_stats = dict(zip(names, stats, strict=True))
         n, total = q.shape[0] * q.shape[1], self._merged_tokens
         for name, value in self.last_stats.items():
             if name not in self._merged:

@@ -384,7 +384,7 @@ class PaddedCache:
     def row_pads(self) -> Tensor:
         """``[B]`` int64: each row's number of left pads (on the CPU)."""
         out = torch.empty(self.batch_size, dtype=torch.int64)
-        for rows, p in zip(self.rows, self.pads):
+        for rows, p in zip(self.rows, self.pads, strict=True):
             out[rows.cpu()] = p
         return out
 
@@ -439,7 +439,7 @@ class PaddedCache:
             "batch_size": torch.tensor(self.batch_size, dtype=torch.int64),
             "pads": torch.tensor(self.pads, dtype=torch.int64),
         }
-        for g, (rows, cache) in enumerate(zip(self.rows, self.groups)):
+        for g, (rows, cache) in enumerate(zip(self.rows, self.groups, strict=True)):
             out[f"rows.{g}"] = rows
             out.update({f"groups.{g}.{k}": v for k, v in cache.state_dict().items()})
         return out

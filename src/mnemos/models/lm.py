@@ -337,13 +337,13 @@ class MnemosLM(nn.Module):
             rows = [(pads == p).nonzero().squeeze(1).to(input_ids.device) for p in starts]
             subs = [None if cache is None else cache.select(r) for r in rows]
         out, aux = None, []
-        for g, (r, start) in enumerate(zip(rows, starts)):
+        for g, (r, start) in enumerate(zip(rows, starts, strict=True)):
             h, subs[g] = self._run(input_ids[r, start:], subs[g])
             if out is None:
                 out = h.new_zeros(B, T, h.shape[-1])
             out[r, start:] = h
             aux.append([getattr(b.mixer, "aux_loss", None) for b in self.blocks])
-        self._merge_aux_losses(aux, [r.numel() * (T - s) for r, s in zip(rows, starts)])
+        self._merge_aux_losses(aux, [r.numel() * (T - s) for r, s in zip(rows, starts, strict=True)])
         if cache is None:
             return out, None
         if isinstance(cache, PaddedCache):
@@ -356,7 +356,7 @@ class MnemosLM(nn.Module):
         approximation of the loss of the batch as a whole: MoM's load balancing is not linear in the tokens)."""
         total = sum(tokens)
         for i, block in enumerate(self.blocks):
-            losses = [(a[i], n) for a, n in zip(aux, tokens) if a[i] is not None]
+            losses = [(a[i], n) for a, n in zip(aux, tokens, strict=True) if a[i] is not None]
             if losses:
                 block.mixer.aux_loss = sum(loss * (n / total) for loss, n in losses)
 

@@ -141,7 +141,7 @@ def _plot(report: DemoReport, path: Path) -> None:
     fig, axes = plt.subplots(1, len(lengths), figsize=(width * len(lengths), height), dpi=120, sharey=True,
                              squeeze=False)
     axes = axes[0]
-    for ax, length in zip(axes, lengths):
+    for ax, length in zip(axes, lengths, strict=True):
         rows = [r for r in report.rows if r["seq_len"] == length]
         for i, r in enumerate(rows):
             ax.bar([i - 0.2, i + 0.2], [r["near"], r["far"]], width=0.38,

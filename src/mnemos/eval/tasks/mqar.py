@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from itertools import pairwise
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -219,7 +220,7 @@ def turns_cell(run: Run, cfg: MQARConfig, params: dict[str, Any]) -> Cell:
             if mode == "shared":
                 last, state = log.prefill(ids[:, : qpos[0] + 1])
                 preds = [int(last.argmax(-1))]
-                for prev, q in zip(qpos, qpos[1:]):  # the noise since the previous query, then the query
+                for prev, q in pairwise(qpos):  # the noise since the previous query, then the query
                     logits, state = log.call(ids[:, prev + 1 : q + 1], state, prev + 1)
                     preds.append(int(logits[0, -1].argmax()))
                 log.size(state)

@@ -278,7 +278,8 @@ def turns_cell(run: Run, samples: list[NIAHSample], params: dict[str, Any]) -> C
             for k, (q, pred) in enumerate(zip(s.queries, predictions, strict=True)):
                 log.score(k, exact_match(pred, q.answer))
             log.samples.append({"answers": [q.answer for q in s.queries], "predictions": predictions,
-                                "correct": [exact_match(p, q.answer) for p, q in zip(predictions, s.queries)],
+                                "correct": [exact_match(p, q.answer)
+                                            for p, q in zip(predictions, s.queries, strict=True)],
                                 "generated_ids": [a.tolist() for a in answers],
                                 "needle_depths": [round(q.needle_depth, 4) for q in s.queries]})
     return log.cell(params, len(samples), tokens=longest)

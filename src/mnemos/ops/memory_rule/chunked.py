@@ -136,7 +136,7 @@ def _one_token(q, k, v, theta, eta, alpha, W0, S0, A, *, residual, activation, l
         d = [di * scale for di in d]
     th, et, be = theta[..., None, None], eta[..., None, None], (1.0 - alpha)[..., None, None]
     W, S = [], []
-    for w, s, ai, di in zip(W0, S0, a, d):
+    for w, s, ai, di in zip(W0, S0, a, d, strict=True):
         S.append(torch.addcmul(et * s, th, di.mT @ ai, value=-1.0))  # S = eta S - theta u, u = d a^T
         W.append(torch.addcmul(S[-1], be, w))  # W = (1 - alpha) W + S
     h = q
@@ -181,8 +181,8 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         reason = triton_unsupported_reason(q, spec.weights, None, chunk_size)
         if reason is not None:
             raise ValueError(f"impl='triton' cannot run this call: {reason}")
-    B, T, H, dt, dev = spec.B, spec.T, spec.H, spec.dtype, q.device
-    C, L = chunk_size, len(spec.weights)
+    B, T, dt, dev = spec.B, spec.T, spec.dtype, q.device
+    C = chunk_size
     with _no_autocast(dev):
         W0 = tuple(w.to(dt).expand(B, *w.shape[-3:]) for w in spec.weights)  # [B, H, D_out, D_in]
         if spec.momentum is None:
@@ -216,9 +216,9 @@ def chunked_memory_rule(q, k, v, theta, eta, alpha, weights, *, chunk_size, mome
         if dense:
             o, A_T, S_T, last_anchor = _run_dense(q, keys, theta, eta, alpha, W0, S0, A, lengths, P=P, dt=dt,
                                                   rule=rule, residual=residual, activation=activation)
-            WS = [torch.cat((a_, s_), dim=-2) for a_, s_ in zip(A_T, S_T)]
+            WS = [torch.cat((a_, s_), dim=-2) for a_, s_ in zip(A_T, S_T, strict=True)]
         else:
-            WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0))
+            WS0 = tuple(torch.cat((w, s), dim=-2) for w, s in zip(W0, S0, strict=True))
             if backend == "torch":
                 o, WS, last_anchor = _run_torch(q, keys, theta, eta, alpha, WS0, A, lengths, P=P, dt=dt, opts=tkw,
                                                 lq=lq)
@@ -268,7 +268,7 @@ def _window_state(k, v, theta, gamma, delta, carried, P: int) -> tuple[Tensor, .
     keep = min(P, n0 + T)
     if T >= keep:
         return tuple(x[:, T - keep:] for x in now)
-    return tuple(torch.cat((c[:, n0 - (keep - T):], x), dim=1) for c, x in zip(carried, now))
+    return tuple(torch.cat((c[:, n0 - (keep - T):], x), dim=1) for c, x in zip(carried, now, strict=True))
 
 
 def _runs(lengths: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -383,7 +383,7 @@ def _check_like(name: str, xs, weights: tuple[Tensor, ...], B: int, H: int) -> t
     """xs must be one [B, H, D_out, D_in] tensor per layer of weights."""
     if isinstance(xs, Tensor) or not isinstance(xs, (tuple, list)) or len(xs) != len(weights):
         raise TypeError(f"{name} must be a tuple of {len(weights)} tensors (one per memory layer), got {_describe(xs)}")
-    for i, (x, w) in enumerate(zip(xs, weights)):
+    for i, (x, w) in enumerate(zip(xs, weights, strict=True)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {_describe(x)}")
         _check_float(f"{name}[{i}]", x)

@@ -376,7 +376,7 @@ class CpuChunkScan(torch.autograd.Function):
             do = x[0].new_zeros(*ctx.q_shape[:-1], lay.dims[-1])
         do = lay.chunked(do)  # held here: the kernel reads it through a raw pointer
         carry = [lay.state(x[0].new_zeros(lay.B, lay.H, 2 * o, i) if g is None else g)  # new: the kernel writes it
-                 for o, i, g in zip(lay.dims[1:], lay.dims, grads[:L])]
+                 for o, i, g in zip(lay.dims[1:], lay.dims[:-1], grads[:L], strict=True)]
         dlast = [None if g is None else lay.state(g) for g in grads[L:]]
         outs = [torch.empty_like(t) for t in x]  # dq dk dv db df dG dbl del dfl dgl dpl, in lanes
         dA = None if a is None else [torch.empty_like(t) for t in a]

@@ -182,7 +182,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
     dual = rule.retention == "lq" and rule.optimizer == "momentum"
     stateless = stateless_reads(rule, q, len(coef))
     kl_rows = stateless and rule.retention == "kl"
-    for A, S, ai, di in zip(A0, S0, a, d):
+    for A, S, ai, di in zip(A0, S0, a, d, strict=True):
         if kl_rows:  # the kernel steps A and S through the chunk: the final ones come out of it (below)
             A_tok.append((None, A, S, ai, di))
             continue
@@ -259,14 +259,14 @@ class DenseChunk(torch.autograd.Function):
     def backward(ctx, *grads):
         xs = ctx.saved_tensors
         need = ctx.needs_input_grad[1:]
-        leaves = [None if x is None else x.detach().requires_grad_(n) for x, n in zip(xs, need)]
+        leaves = [None if x is None else x.detach().requires_grad_(n) for x, n in zip(xs, need, strict=True)]
         with torch.enable_grad():
             outs = _chunk_of(ctx.opts, leaves)
-        wanted = [x for x, n in zip(leaves, need) if n and x is not None]
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [x for x, n in zip(leaves, need, strict=True) if n and x is not None]
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None and o.requires_grad]
         got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                    if pairs and wanted else [None] * len(wanted))
-        return (None, *(next(got) if n and x is not None else None for x, n in zip(leaves, need)))
+        return (None, *(next(got) if n and x is not None else None for x, n in zip(leaves, need, strict=True)))
 
 
 def dense_scan(q, k, v, delta, coef, A0, S0, A, *, rule: MemoryRule, residual: bool, activation: str):

@@ -133,14 +133,14 @@ def neural_memory_reference(
                 th = th / rho.clamp_min(1.0)[:, :, None, None]
 
             if rule.optimizer == "momentum":
-                S = tuple(et * s - th * u for s, u in zip(S, U))
-                A = tuple((1 - al) * a + s for a, s in zip(A, S))
+                S = tuple(et * s - th * u for s, u in zip(S, U, strict=True))
+                A = tuple((1 - al) * a + s for a, s in zip(A, S, strict=True))
             elif rule.optimizer == "orthogonal":  # Lattice: the slots move orthogonally to themselves, stay unit
-                S = tuple(et * s - th * u for s, u in zip(S, U))
-                A = tuple(orthogonal_step((1 - al) * a, s) for a, s in zip(A, S))
+                S = tuple(et * s - th * u for s, u in zip(S, U, strict=True))
+                A = tuple(orthogonal_step((1 - al) * a, s) for a, s in zip(A, S, strict=True))
             else:  # muon: the momentum of the raw gradients, orthogonalised, is the step
-                S = tuple(et * s - u for s, u in zip(S, U))
-                A = tuple((1 - al) * a + th * newton_schulz(s, rule.ns_steps) for a, s in zip(A, S))
+                S = tuple(et * s - u for s, u in zip(S, U, strict=True))
+                A = tuple((1 - al) * a + th * newton_schulz(s, rule.ns_steps) for a, s in zip(A, S, strict=True))
             outputs.append(_memory(q_t, effective_weights(A, rule), residual, activation))
             offset = (offset + 1) % chunk_size
             win = win[-(rule.window - 1):] if rule.window > 1 else []  # what the next token's window keeps

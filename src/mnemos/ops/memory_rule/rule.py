@@ -401,8 +401,8 @@ def check_rule_inputs(rule: MemoryRule, q, delta, gamma, initial_state, *, check
                          f"(window {rule.window}) carries 0 < n <= {rule.window - 1} tokens [B, n, H, K]: continue a "
                          "stream with the rule that began it")
     V = initial_state.weights[-1].shape[-2] if initial_state.weights else None
-    wants = ((B, n, H, q.shape[-1]), (B, n, H, V), (B, n, H), (B, n, H))
-    for name, x, want in zip(("k", "v", "gamma", "delta"), win, wants):
+    wants = ((B, n, H, q.shape[-1]), (B, n, H, V), (B, n, H), (B, n, H))[:len(win)]
+    for name, x, want in zip(("k", "v", "gamma", "delta"), win, wants, strict=False):  # delta only with huber
         if not isinstance(x, Tensor) or tuple(x.shape) != want:
             raise ValueError(f"initial_state.window's {name} must be {want}, got {_describe(x)}")
         _check_float(f"initial_state.window's {name}", x)

@@ -100,7 +100,7 @@ def anchor_forward(k: Tensor, v: Tensor, anchor: Sequence[Tensor], *, residual: 
 
 def curvature(a: Sequence[Tensor], d: Sequence[Tensor]) -> Tensor:
     """``||u||^2 / ||d_L||^2`` per token from the layer inputs a and errors d (u_l = d_l a_l^T): ``[..., n]``."""
-    num = sum(ai.pow(2).sum(-1) * di.pow(2).sum(-1) for ai, di in zip(a, d))
+    num = sum(ai.pow(2).sum(-1) * di.pow(2).sum(-1) for ai, di in zip(a, d, strict=True))
     return num / d[-1].pow(2).sum(-1).clamp_min(1e-30)
 
 
@@ -115,11 +115,11 @@ def _step_scale_backward(a, d, s, dd, da) -> None:
     """The gradient through ``du_l = s d_l`` with ``s = 1 / max(1, rho)``, ``rho = sum_l |a_l|^2 |d_l|^2 / |d_L|^2``.
     On entry ``dd[l]`` is the gradient of du_l and ``da[l]`` that of a_l from the read and the state; on return both
     hold the gradients of d_l and a_l (in place where they can be)."""
-    g_s = sum((x * di).sum(-1, keepdim=True) for x, di in zip(dd, d))  # [B, H, n, 1]
+    g_s = sum((x * di).sum(-1, keepdim=True) for x, di in zip(dd, d, strict=True))  # [B, H, n, 1]
     g_rho = torch.where(s < 1.0, -g_s * s * s, torch.zeros_like(g_s))  # ds/drho = -1/rho^2 = -s^2 where rho > 1
     inv_q = d[-1].pow(2).sum(-1, keepdim=True).clamp_min(1e-30).reciprocal()
     c = 2.0 * g_rho * inv_q
-    for i, (ai, di) in enumerate(zip(a, d)):
+    for i, (ai, di) in enumerate(zip(a, d, strict=True)):
         dd[i] = dd[i] * s + (c * ai.pow(2).sum(-1, keepdim=True)) * di
         da[i] = da[i] + (c * di.pow(2).sum(-1, keepdim=True)) * ai
     # rho's denominator |d_L|^2; c is 0 wherever rho <= 1, and rho = 1 / s wherever it is not
@@ -213,7 +213,7 @@ def _lq4_scales(WS, a, d, rec) -> tuple[list[Tensor], list[Tensor]]:
     """Per layer, ``N_i = sum A_i^4`` of every token's accumulator ``[B, H, n]`` (``cpu_scan.lq4_rows``, from the
     chunk's starting ``[A; S]`` where it lies, the update's factors d, a and the recurrence's ``(beta, eta, Wb)``) and
     the read's scale ``N_i^-1/2`` (1 where N_i = 0)."""
-    Ns = [cpu_scan.lq4_rows(*split_state(ws), di, ai, *rec) for ws, ai, di in zip(WS, a, d)]
+    Ns = [cpu_scan.lq4_rows(*split_state(ws), di, ai, *rec) for ws, ai, di in zip(WS, a, d, strict=True)]
     return Ns, [torch.where(N > 0, N, torch.ones_like(N)).rsqrt() for N in Ns]
 
 
@@ -223,7 +223,7 @@ def _state_forward(WS, a, d, bl, el, fl, gl, pl, inplace: bool = False) -> list[
     ``inplace`` overwrites WS (when nothing keeps the chunk's starting state)."""
     gc, pc = gl.unsqueeze(-1), pl.unsqueeze(-1)
     out = []
-    for ws, ai, di in zip(WS, a, d):
+    for ws, ai, di in zip(WS, a, d, strict=True):
         coef = torch.cat((gc * di, pc * di), dim=-1)  # [B, H, n, 2 D_out]
         out.append(_bmm_add(_mix(ws, bl, el, fl, inplace), coef.mT, ai, alpha=-1.0))
     return out
@@ -255,7 +255,8 @@ def scan(q, k, v, b, f, G, bl, el, fl, gl, pl, WS, A, *, residual, activation, l
         rec = None if lq is None else tuple(x[c] for x in lq)
         lqa = ascale = None
         if rec is not None:  # the anchor's gradients at F(A); from the second chunk on, its norm is the last read's
-            lqa = [_lq4_anchor(x, None if Ns is None else N[..., -1]) for x, N in zip(anchor, Ns or [None] * L)]
+            lqa = [_lq4_anchor(x, None if Ns is None else N[..., -1])
+                   for x, N in zip(anchor, Ns or [None] * L, strict=True)]
             ascale = [t[0] for t in lqa]
         dc = None if delta is None else delta[c]
         a, z, dact, back, d, err = anchor_forward(k[c], v[c], anchor, loss=loss, p=p, delta=dc, scales=ascale, **opts)
@@ -356,7 +357,7 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
                                                        *split_state(dWS[i]))
             dd[i] = dd[i] + gd
             da[i] = da[i] + ga
-            dlq = [x + y for x, y in zip(dlq, grec)]
+            dlq = [x + y for x, y in zip(dlq, grec, strict=True)]
 
     if s is not None:  # dd and da so far are gradients of du = s d and of a through the read and state only
         _step_scale_backward(a, d, s, dd, da)
@@ -397,10 +398,11 @@ def _chunk_backward(do, dWS_next, WS, A, acts, coef: Coefficients, *, residual, 
     dk = da[0] if not (residual and dpred is not None) else da[0] + dpred
     gN_anchor = None
     if lqa is not None:  # from F(A)'s gradient to the accumulator's (and to its norm's, where inherited)
-        back_lq = [(None, None) if g is None else _lq4_anchor_backward(g, x, t) for g, x, t in zip(dA, dots, lqa)]
+        back_lq = [(None, None) if g is None else _lq4_anchor_backward(g, x, t)
+                   for g, x, t in zip(dA, dots, lqa, strict=True)]
         dA = [x for x, _ in back_lq]
         if lqa[0][3]:
-            gN_anchor = [torch.zeros_like(t[1]) if n is None else n for (_, n), t in zip(back_lq, lqa)]
+            gN_anchor = [torch.zeros_like(t[1]) if n is None else n for (_, n), t in zip(back_lq, lqa, strict=True)]
 
     if A is None:  # the anchor is the chunk's starting memory
         for i in range(L):
@@ -445,7 +447,7 @@ class TorchChunkScan(torch.autograd.Function):
         L, coef, starts, acts, A = ctx.opts["L"], ctx.coef, ctx.starts, ctx.acts, ctx.A
         nc = len(starts)
         dWS = [torch.zeros_like(ws) if g is None else g.clone(memory_format=torch.contiguous_format)
-               for ws, g in zip(starts[-1], grads[:L])]  # the carry, updated in place from here on
+               for ws, g in zip(starts[-1], grads[:L], strict=True)]  # the carry, updated in place from here on
         d_last_anchor = grads[L:]
         qs, ks, vs = ctx.shapes
         out = ScanGrads(do.new_empty(qs), do.new_empty(ks), do.new_empty(vs), *(torch.empty_like(x) for x in coef),
@@ -462,7 +464,7 @@ class TorchChunkScan(torch.autograd.Function):
             if ddelta is not None:
                 ddelta[c] = ddelta_c
             if dlq is not None:
-                for x, y in zip(dlq, dlq_c):
+                for x, y in zip(dlq, dlq_c, strict=True):
                     x[c] = y
             dWS = g.dWS
             if c == nc - 1:  # the last chunk's starting memory is also an output
