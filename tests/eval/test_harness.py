@@ -276,8 +276,9 @@ def test_hf_from_pretrained_without_transformers_says_what_to_install(monkeypatc
 def test_load_model_specs():
     assert load_model("baseline:induction:4", vocab_size=64).name == "induction-4"
     assert load_model("baseline:random", vocab_size=64).vocab_size == 64
-    for bad in ("baseline:oracle", "no/such/path", "baseline:induction:x"):
-        with pytest.raises(ValueError):
+    for bad, names in (("baseline:oracle", "unknown baseline 'oracle'"), ("no/such/path", "model 'no/such/path'"),
+                       ("baseline:induction:x", "integer order, got 'x'")):
+        with pytest.raises(ValueError, match=names):
             load_model(bad, vocab_size=64)
 
 
@@ -323,7 +324,7 @@ def test_options_are_validated():
     bad_options = ({"batch_size": 0}, {"stream_chunk": 0}, {"memory_budget_gb": -1.0}, {"memory_budget_gb": "big"},
                    {"capacity_threshold": 0.0}, {"mqar_reach": -1}, {"mqar_reach": "far"})
     for bad in bad_options:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))} must be"):  # the message names the option
             EvalOptions(**bad)
     with pytest.raises(ValueError, match="seed"):
         evaluate(InductionLM(64), TASKS[0], seed=-1)
