@@ -19,7 +19,9 @@ its own bound, ``max_lr`` (recorded with the row).
 
 Method and peak memory: speed_common.py (the same for op_speed.py). "fwd+bwd" backpropagates ``y.backward(g)`` with
 x requiring grad; ratios are taken against the mnemos row at the same T. --dtype bfloat16 runs the rows under
-torch.autocast with float32 parameters and input.
+torch.autocast with float32 parameters and input. Before the rows, the device's matmul (and copy) ceiling is measured
+as op_speed.py measures it; the mnemos rows print their matrix-product FLOPs per second (``mnemos_counts``) and that
+rate's share of the ceiling.
 
 Usage:
     python benchmarks/layer_speed.py                       # CPU, B2 T2048 dim256 H4x64 L2 E4 C16
@@ -38,7 +40,19 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import Bench, Impl, Shape, finite, fmt_ratio, main, triton_unavailable  # noqa: E402
+import flops  # noqa: E402  (benchmarks/flops.py: the analytic FLOP counts)
+from speed_common import (  # noqa: E402
+    Bench,
+    Impl,
+    Shape,
+    add_throughput,
+    ceilings,
+    finite,
+    fmt_num,
+    fmt_ratio,
+    main,
+    triton_unavailable,
+)
 
 ANCHOR_NOTE = (
     "NOTE: titans-pytorch's default (batch_size=None) anchors EVERY gradient at the weights at the start of the call "
@@ -104,18 +118,36 @@ def call_layer(m: nn.Module, x: Tensor) -> Tensor:
     return m(x)[0]
 
 
+def mnemos_counts(s: Shape, args: argparse.Namespace) -> dict:
+    """The FLOPs of mnemos's layer: the memory rule's matrix products (benchmarks/flops.py, the same count as
+    ``torch.utils.flop_counter`` on the torch path less the gates' coefficients) and the layer's linear maps (q, k, v,
+    gates, output: 2 B T in out each), fwd+bwd 3 x forward; elementwise work and the short convs left out. The bytes
+    are the rule's compulsory ones (a lower bound, not shown). titans-pytorch's rows compute other things and get
+    no count."""
+    from mnemos.layers import NeuralMemory
+
+    layer = NeuralMemory(dim=s.dim, heads=s.heads, head_dim=s.head_dim, depth=s.depth, expansion=s.expansion,
+                         chunk_size=s.chunk_size)
+    linear = sum(2 * s.batch * s.seq_len * m.in_features * m.out_features for m in layer.modules()
+                 if isinstance(m, nn.Linear))
+    rule = flops.memory_rule_counts(s.batch, s.seq_len, s.heads, flops.memory_rule_layers(s.head_dim, s.depth,
+                                    s.expansion), s.chunk_size, io_bytes=flops.FP32)
+    return {phase: {"flops": c["flops"] + (1 if phase == "fwd" else 3) * linear, "bytes": c["bytes"]}
+            for phase, c in rule.items()}
+
+
 def layer(name: str, semantics: str, build, **kw) -> Impl:
     return Impl(name, semantics, build, call_layer, inputs=layer_inputs,
                 out_shape=lambda s: (s.batch, s.seq_len, s.dim), **kw)
 
 
 IMPLS = {
-    "mnemos": layer("mnemos", "per chunk (paper)", build_mnemos()),
+    "mnemos": layer("mnemos", "per chunk (paper)", build_mnemos(), counts=mnemos_counts),
     "titans-default": layer("titans-default", "start of call (batch_size=None)", build_titans(per_chunk=False)),
     "titans-paper": layer("titans-paper", "per chunk (batch_size=C)", build_titans(per_chunk=True)),
-    "mnemos-torch": layer("mnemos-torch", "per chunk (paper)", build_mnemos("torch")),
+    "mnemos-torch": layer("mnemos-torch", "per chunk (paper)", build_mnemos("torch"), counts=mnemos_counts),
     "mnemos-triton": layer("mnemos-triton", "per chunk (paper)", build_mnemos("triton"), unavailable=triton_unavailable,
-                           optional=True),
+                           optional=True, counts=mnemos_counts),
 }
 
 
@@ -135,11 +167,15 @@ BENCH = Bench(
     references=("mnemos",),
     autocast=True,
     default_dtype=lambda device: "float32",
-    header=lambda ref: ["semantics (gradient anchor)", "fwd vs mnemos", "f+b vs mnemos", "peak vs mnemos", "finite"],
+    header=lambda ref: ["semantics (gradient anchor)", "fwd vs mnemos", "f+b vs mnemos", "peak vs mnemos",
+                        "f+b TFLOP/s", "%peak", "finite"],
     columns=lambda row: [fmt_ratio(row["ratio_fwd"]), fmt_ratio(row["ratio_fwdbwd"]),
-                         fmt_ratio(row["ratio_peak_fwdbwd"]), finite(row)],
+                         fmt_ratio(row["ratio_peak_fwdbwd"]), fmt_num(row.get("fwdbwd_tflops")),
+                         fmt_num(row.get("fwdbwd_pct_peak")), finite(row)],
     ratio_legend=lambda ref: ("ratios: row / the mnemos row at the same T (> 1 = slower or more memory than mnemos); "
-                              "peak = extra memory above model and input"),
+                              "peak = extra memory above model and input; TFLOP/s = the mnemos layer's matrix-product "
+                              "FLOPs (layer_speed.mnemos_counts) / median time, %peak its share of the matmul "
+                              "ceiling above (titans-pytorch computes other things: no count)"),
     aliases={"titans": ["titans-default", "titans-paper"]},
     add_arguments=add_arguments,
     config=lambda args, shape: {
@@ -149,6 +185,8 @@ BENCH = Bench(
     },
     describe=lambda args, shape, env: [f"titans-pytorch {env['titans_pytorch'] or 'not installed'}"],
     notes=lambda rows: [ANCHOR_NOTE, OTHER_DIFFERENCES_NOTE] if any(n.startswith("titans") for n in rows) else [],
+    before_rows=lambda device, args: ceilings(device, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32),
+    after_row=add_throughput,
 )
 
 

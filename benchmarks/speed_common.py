@@ -45,6 +45,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+import flops  # benchmarks/flops.py (this directory): the ceilings' FLOP and byte counts
+
 REPO = Path(__file__).resolve().parents[1]
 
 try:
@@ -704,3 +706,78 @@ def main(bench: Bench, argv=None) -> None:
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ceilings: what this device reaches on a large matmul and a large copy, measured in the same run as the rows
+
+CEILING_SIZES = {  # matmul n (an n x n x n product), copy tensor bytes, warm-up calls, timed calls (best one reported)
+    "cuda": dict(matmul_n=8192, copy_bytes=2**30, warmup=3, repeats=10),
+    "cpu": dict(matmul_n=1024, copy_bytes=2**27, warmup=1, repeats=3),
+}
+H100_REFERENCE = {"tflops_bf16_matmul": 776.0, "copy_gbps": 3000.0}  # what an H100 SXM reaches on these two tests
+
+
+def _matmul_samples(device: torch.device, dtype: torch.dtype, n: int, warmup: int, repeats: int) -> list[float]:
+    torch.manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    return best_seconds(lambda: torch.mm(a, b, out=c), device, warmup, repeats)
+
+
+def _copy_samples(device: torch.device, nbytes: int, warmup: int, repeats: int) -> list[float]:
+    src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return best_seconds(lambda: dst.copy_(src), device, warmup, repeats)
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """Matmul TFLOP/s (``torch.mm`` of two n x n matrices in ``dtype``) and copy GB/s (``dst.copy_(src)`` of one large
+    tensor, read + write counted); each the best of the timed calls."""
+    size = CEILING_SIZES[device.type]
+    n, nbytes = size["matmul_n"], size["copy_bytes"]
+    mm = _matmul_samples(device, dtype, n, size["warmup"], size["repeats"])
+    cp = _copy_samples(device, nbytes, size["warmup"], size["repeats"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    mm_flops, cp_bytes = flops.matmul_flops(n, n, n), flops.copy_bytes(nbytes)
+    return {
+        "matmul": {"m_n_k": [n, n, n], "dtype": str(dtype).removeprefix("torch."), "flops": mm_flops,
+                   "samples_ms": [1e3 * t for t in mm], "tflops": mm_flops / min(mm) / 1e12},
+        "copy": {"tensor_bytes": nbytes, "bytes_moved": cp_bytes, "samples_ms": [1e3 * t for t in cp],
+                 "gbps": cp_bytes / min(cp) / 1e9},
+        "method": f"best of {size['repeats']} calls after {size['warmup']} warm-up, each bracketed by a "
+                  "device synchronise; copy counts read + write",
+    }
+
+
+def ceilings(device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict]:
+    """The ceilings in ``dtype``, the lines that print them, and what the JSON records of them (a Bench's
+    ``before_rows``)."""
+    c = measure_ceilings(device, dtype)
+    mm, cp = c["matmul"], c["copy"]
+    n = mm["m_n_k"][0]
+    lines = [f"ceilings (this run, {c['method']}): matmul {mm['dtype']} {n}x{n}x{n} {fmt_num(mm['tflops'])} TFLOP/s; "
+             f"copy of {cp['tensor_bytes'] / 2**20:.0f} MiB {fmt_num(cp['gbps'])} GB/s"]
+    if device.type == "cuda":
+        ref = H100_REFERENCE
+        lines.append(f"  (an H100 SXM reaches about {ref['tflops_bf16_matmul']:.0f} TFLOP/s bf16 and "
+                     f"{ref['copy_gbps'] / 1e3:.0f} TB/s on these)")
+    return lines, {"ceilings": {**c, "h100_reference": H100_REFERENCE}}
+
+
+def add_throughput(row: dict, impl: Impl, args: argparse.Namespace, before: dict) -> None:
+    """Achieved TFLOP/s and GB/s of a measured row (median time) with analytic counts (``Impl.counts``), and their
+    shares of the ceilings (a Bench's ``after_row``)."""
+    if impl.counts is None:
+        return
+    c = before["ceilings"]
+    counts = impl.counts(Shape(**row["shape"]), args)
+    row["counts"] = counts
+    for phase in ("fwd", "fwdbwd"):
+        ms = row.get(f"{phase}_ms")
+        tflops = counts[phase]["flops"] / (ms / 1e3) / 1e12 if ms else None
+        gbps = counts[phase]["bytes"] / (ms / 1e3) / 1e9 if ms else None
+        row[f"{phase}_tflops"], row[f"{phase}_gbps"] = tflops, gbps
+        row[f"{phase}_pct_peak"] = 100 * tflops / c["matmul"]["tflops"] if tflops is not None else None
+        row[f"{phase}_pct_bw"] = 100 * gbps / c["copy"]["gbps"] if gbps is not None else None

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -118,3 +119,47 @@ def test_memory_rule_count_matches_the_torch_path(depth):
     analytic = flops.memory_rule_counts(B, T, H, layers, C, io_bytes=4)["fwd"]["flops"]
     # equal today; 5 % of slack so that a reorganised torch path (not a wrong count) does not fail this test
     assert counter.get_total_flops() == pytest.approx(analytic + coefficients, rel=0.05)
+
+
+def test_layer_speed_counts_the_rule_and_the_layers_linear_maps():
+    """layer_speed.py's mnemos rows: the rule's count plus every linear map of the layer, whose FLOPs torch's own
+    counter must agree with (a linear map added to or dropped from the layer, or counted once too often, fails)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import layer_speed
+    from speed_common import Shape
+
+    from mnemos.layers import NeuralMemory
+
+    s = Shape(batch=2, seq_len=24, dim=32, heads=2, head_dim=16, depth=2, expansion=2, chunk_size=8)
+    got = layer_speed.mnemos_counts(s, None)
+    rule = flops.memory_rule_counts(2, 24, 2, flops.memory_rule_layers(16, 2, 2), 8, io_bytes=4)
+    layer = NeuralMemory(dim=32, heads=2, head_dim=16, depth=2, expansion=2, chunk_size=8)
+    linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) >= 3  # q / k / v, the gates and the output at least
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        for m in linears:
+            m(torch.randn(2, 24, m.in_features))
+    linear = counter.get_total_flops()
+    assert got["fwd"]["flops"] == rule["fwd"]["flops"] + linear
+    assert got["fwdbwd"]["flops"] == rule["fwdbwd"]["flops"] + 3 * linear
+
+
+def test_layer_speed_measures_the_ceiling_and_the_mnemos_rows_rate(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "layer.json"
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "layer_speed.py"), "--batch", "1",
+         "--seq-len", "32", "--dim", "32", "--heads", "2", "--chunk-size", "8", "--warmup", "1", "--repeats", "1",
+         "--no-cpu-memory", "--only", "mnemos", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ceilings (this run" in proc.stdout and "%peak" in proc.stdout
+    data = json.loads(out.read_text())
+    row = next(r for r in data["rows"] if r["impl"] == "mnemos")
+    ceiling = data["ceilings"]["matmul"]["tflops"]
+    rate = row["counts"]["fwdbwd"]["flops"] / (row["fwdbwd_ms"] / 1e3) / 1e12
+    assert ceiling > 0 and row["fwdbwd_tflops"] == pytest.approx(rate)
+    assert row["fwdbwd_pct_peak"] == pytest.approx(100 * rate / ceiling)
