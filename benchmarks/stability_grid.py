@@ -6,9 +6,12 @@ depths, chunk sizes, outer learning rates, presets and seeds, each checked for t
   ``mem.{i}.inner_loss_start`` by more than 0.01, ``mnemos.train.loop.inner_loss_rose``, on a logged step). The layer's output is RMS-normalised, so a memory that diverges
   inside the forward leaves the outer loss finite and skips nothing: the model just never learns.
 
-A run passes when it has neither. Every run is ``mnemos train --preset P --threads 1`` with overrides, in its own
-directory under ``--out``; a run whose ``metrics.jsonl`` reached its last step is not run again (resumable), so a
-killed grid continues where it stopped. Each run's CPU time (its process's, from the OS) goes to
+A run passes when it has neither and reaches its last step. One whose process ends with an error before that (the
+trainer stops a run after 10 skipped steps in a row: a diverging memory) is a failure too, reported with the step it
+ended at and not run again (delete its directory to retry); one stopped by a signal is unfinished.
+
+Every run is ``mnemos train --preset P --threads 1`` with overrides, in its own directory under ``--out``; a run whose
+``metrics.jsonl`` reached its last step is not run again (resumable), so a killed grid continues where it stopped. Each run's CPU time (its process's, from the OS) goes to
 ``OUT/NAME/grid_run.json``. Prints a table and writes ``OUT/grid.json`` and ``OUT/grid.md``, and ``OUT/.gitignore``
 (the checkpoints, logs and plots), so that the directory can be committed and the grid grow sitting by sitting.
 
@@ -98,20 +101,37 @@ def run_device(out: Path, name: str) -> str | None:
     return None
 
 
-def summarise(run: dict, out: Path) -> dict | None:
-    """The run's outcome from its metrics.jsonl, or None if it has not reached its last step."""
-    path = out / run["name"] / "metrics.jsonl"
-    if not path.is_file():
+def error_exit(run: dict, out: Path) -> int | None:
+    """The exit code of a run whose process ended with an error (a positive code: the trainer stops a diverging run
+    with FloatingPointError after ``MAX_SKIPPED_IN_A_ROW`` skipped steps in a row, or the run crashed), else None: no
+    record yet, a clean exit, or a stop by a signal (a negative code: ``--deadline``'s kill, a pkill at a sitting's
+    end), which leaves the run to the next invocation."""
+    try:
+        code = json.loads((out / run["name"] / RECORD).read_text()).get("returncode")
+    except (OSError, json.JSONDecodeError):
         return None
+    return code if isinstance(code, int) and code > 0 else None
+
+
+def summarise(run: dict, out: Path) -> dict | None:
+    """The run's outcome from its metrics.jsonl, or None while it is still to run (not recorded, or stopped by a
+    signal before its last step). A run whose process ended with an error before its last step is an outcome too, a
+    failure (``ended_early``: the last logged step and the exit code), not an unfinished run: a diverging memory stops
+    the trainer, and the grid must count that, not run it again. Delete its directory to retry it."""
+    path = out / run["name"] / "metrics.jsonl"
     rows = []
-    for line in path.read_text().splitlines():
+    for line in (path.read_text().splitlines() if path.is_file() else []):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
     train = [r for r in rows if r.get("split") == "train"]
+    ended_early = None
     if not train or train[-1]["step"] < run["steps"]:
-        return None
+        code = error_exit(run, out)
+        if code is None:
+            return None
+        ended_early = {"step": train[-1]["step"] if train else 0, "exit_code": code}
     val = [r for r in rows if r.get("split") == "val"]
     worst_ratio, worst_curv = 0.0, 0.0
     rose = []
@@ -124,7 +144,7 @@ def summarise(run: dict, out: Path) -> dict | None:
                     rose.append(r["step"])
             if k.endswith(".curvature_max"):
                 worst_curv = max(worst_curv, v)
-    skipped = int(train[-1].get("skipped_steps", 0))
+    skipped = int(train[-1].get("skipped_steps", 0)) if train else 0
     try:
         record = json.loads((out / run["name"] / RECORD).read_text())
     except (OSError, json.JSONDecodeError):
@@ -132,7 +152,7 @@ def summarise(run: dict, out: Path) -> dict | None:
     device = record.get("device") or run_device(out, run["name"])  # the record's (train.log is not committed)
     return {**run, "device": device, "cpu_s": record.get("cpu_s"), "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
             "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
-            "passed": skipped == 0 and not rose}
+            "ended_early": ended_early, "passed": ended_early is None and skipped == 0 and not rose}
 
 
 def earlier_runs(out: Path, runs: list[dict]) -> list[dict]:
@@ -261,8 +281,12 @@ def main() -> int:
                 "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - t0,
                 "returncode": proc.returncode, "device": run_device(out, r["name"]), "run": r}))
             s = summarise(r, out)
+            early = s is not None and s["ended_early"]
             print(f"{r['name']}: " + ("did not finish (see train.log)" if s is None else
-                  f"{'pass' if s['passed'] else 'FAIL'}: skipped {s['skipped_steps']}, inner loss rose at "
+                  f"{'pass' if s['passed'] else 'FAIL'}: "
+                  + (f"ended at step {early['step']} with exit code {early['exit_code']} (see train.log), " if early
+                     else "") +
+                  f"skipped {s['skipped_steps']}, inner loss rose at "
                   f"{len(s['inner_rose_at'])} logged steps, max curvature {s['max_curvature']:.3g}"), flush=True)
     results = [summarise(r, out) or {**r, "passed": None} for r in runs + earlier_runs(out, runs)]
     (out / "grid.json").write_text(json.dumps(results, indent=1))
@@ -273,15 +297,22 @@ def main() -> int:
             lines.append(f"| {s['preset']} | {s['variant']} | {s['depth']} | {s['chunk']} | {s['lr']:g} | {s['seed']} "
                          f"| — | not finished | | | | | | |")
             continue
-        acc, cpu = s["final_val_accuracy"], s.get("cpu_s")
+        acc, cpu, early = s["final_val_accuracy"], s.get("cpu_s"), s.get("ended_early")
+        skipped = (f"{s['skipped_steps']} (ended at step {early['step']}, exit code {early['exit_code']})" if early
+                   else s["skipped_steps"])
         lines.append(f"| {s['preset']} | {s['variant']} | {s['depth']} | {s['chunk']} | {s['lr']:g} | {s['seed']} | "
-                     f"{s['steps']} | {s['skipped_steps']} | {len(s['inner_rose_at'])} | {s['worst_inner_ratio']:.2f} | "
+                     f"{s['steps']} | {skipped} | {len(s['inner_rose_at'])} | {s['worst_inner_ratio']:.2f} | "
                      f"{s['max_curvature']:.3g} | {'—' if acc is None else f'{acc:.3f}'} | "
                      f"{'—' if cpu is None else f'{cpu:.0f}'} | {'yes' if s['passed'] else '**no**'} |")
     done = [s for s in results if s["passed"] is not None]
+    ended = [s for s in done if s.get("ended_early")]
     cpu_total = sum(s.get("cpu_s") or 0.0 for s in done)
-    lines += ["", f"{len(done)} of {len(results)} runs finished, {sum(bool(s['passed']) for s in done)} passed; "
-              f"CPU time {cpu_total / 3600:.2f} h (each run's own process; runs made before it was recorded count 0)."]
+    lines += ["", f"{len(done) - len(ended)} of {len(results)} runs finished, {sum(bool(s['passed']) for s in done)} "
+              "passed; "
+              + (f"{len(ended)} ended early with an error (failures, not run again: delete a run's directory to retry "
+                 "it); " if ended else "")
+              + f"CPU time {cpu_total / 3600:.2f} h (each run's own process; runs made before it was recorded count "
+              "0)."]
     devices = Counter(s.get("device") or "unrecorded" for s in done)
     if devices:
         cuda = any(d.startswith("cuda") for d in devices)

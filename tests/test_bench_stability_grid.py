@@ -132,3 +132,25 @@ def test_report_only_trains_nothing_and_lists_unfinished_runs(tmp_path, monkeypa
     assert stability_grid.main() == 0  # nothing failed: two runs not finished
     table = (tmp_path / "grid.md").read_text()
     assert "0 of 2 runs finished" in table and table.count("not finished") == 2
+
+
+def test_a_run_that_diverges_is_a_failure_not_an_unfinished_run(tmp_path, monkeypatch):
+    """The trainer stops a diverging run (10 skipped steps in a row) with an error before its last step; the grid must
+    count that run as failed, say where it ended, and not run it again, while a run stopped by a signal stays
+    unfinished (the deadline test above)."""
+    run = dict(name="mqar-lmm-d1-c4-lr0.01-s0", preset="mqar", variant="lmm", depth=1, chunk=4, lr=0.01, seed=0,
+               steps=40)
+    monkeypatch.setattr(stability_grid, "grid", lambda *args: [dict(run)])
+    real = stability_grid.command
+    monkeypatch.setattr(stability_grid, "command", lambda r, out, device="auto": real(r, out, device) + [
+        "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0"])  # the first update overflows every weight
+    monkeypatch.setattr(sys, "argv", ["stability_grid.py", "--out", str(tmp_path), "--device", "cpu"])
+    assert stability_grid.main() == 1
+    assert "training diverged" in (tmp_path / run["name"] / "train.log").read_text()
+    (row,) = json.loads((tmp_path / "grid.json").read_text())
+    assert row["passed"] is False and row["ended_early"]["exit_code"] > 0 and row["ended_early"]["step"] < 40
+    table = (tmp_path / "grid.md").read_text()
+    assert "0 of 1 runs finished, 0 passed; 1 ended early" in table and "**no**" in table
+    mtime = (tmp_path / run["name"] / stability_grid.RECORD).stat().st_mtime_ns
+    assert stability_grid.main() == 1  # the failure stands: not trained again
+    assert (tmp_path / run["name"] / stability_grid.RECORD).stat().st_mtime_ns == mtime
