@@ -152,6 +152,8 @@ def summarise(run: dict, out: Path) -> dict | None:
     device = record.get("device") or run_device(out, run["name"])  # the record's (train.log is not committed)
     return {**run, "device": device, "cpu_s": record.get("cpu_s"), "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
             "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
+            "val_chance": val[-1].get("val_chance") if val else None,
+            "val_any_value_level": val[-1].get("val_any_value_level") if val else None,
             "ended_early": ended_early, "passed": ended_early is None and skipped == 0 and not rose}
 
 
@@ -313,6 +315,11 @@ def main() -> int:
                  "it); " if ended else "")
               + f"CPU time {cpu_total / 3600:.2f} h (each run's own process; runs made before it was recorded count "
               "0)."]
+    levels = sorted({(s["preset"], s.get("val_chance"), s.get("val_any_value_level")) for s in done
+                     if s.get("val_chance") is not None and s.get("val_any_value_level") is not None})
+    if levels:  # what a shortcut scores, beside the accuracy column (the trainer's own levels, from metrics.jsonl)
+        lines.append("final val acc: validation accuracy at the run's last step; beside it "
+                     + "; ".join(f"{p}: chance {c:.3g}, any context value 1/K {k:.3g}" for p, c, k in levels) + ".")
     devices = Counter(s.get("device") or "unrecorded" for s in done)
     if devices:
         cuda = any(d.startswith("cuda") for d in devices)

@@ -24,6 +24,9 @@ def test_one_tiny_run_records_its_cpu_time_and_is_not_run_again(tmp_path, monkey
     assert row["cpu_s"] == record["cpu_s"] and row["steps"] == 10 and row["skipped_steps"] == 0
     assert (tmp_path / ".gitignore").read_text() == stability_grid.GRID_GITIGNORE
     assert "1 of 1 runs finished" in (tmp_path / "grid.md").read_text()
+    assert row["val_chance"] > 0 and row["val_any_value_level"] > row["val_chance"]
+    assert (f"mqar: chance {row['val_chance']:.3g}, any context value 1/K {row['val_any_value_level']:.3g}"
+            in (tmp_path / "grid.md").read_text())
     mtime = (tmp_path / run["name"] / "metrics.jsonl").stat().st_mtime_ns
     stability_grid.main()  # resumable: the finished run is read back, not trained again
     assert (tmp_path / run["name"] / "metrics.jsonl").stat().st_mtime_ns == mtime
