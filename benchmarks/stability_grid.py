@@ -150,10 +150,10 @@ def summarise(run: dict, out: Path) -> dict | None:
     except (OSError, json.JSONDecodeError):
         record = {}
     device = record.get("device") or run_device(out, run["name"])  # the record's (train.log is not committed)
+    last_val = val[-1] if val else {}
     return {**run, "device": device, "cpu_s": record.get("cpu_s"), "skipped_steps": skipped, "inner_rose_at": sorted(set(rose)), "worst_inner_ratio": worst_ratio,
-            "max_curvature": worst_curv, "final_val_accuracy": val[-1].get("val_accuracy") if val else None,
-            "val_chance": val[-1].get("val_chance") if val else None,
-            "val_any_value_level": val[-1].get("val_any_value_level") if val else None,
+            "max_curvature": worst_curv, "final_val_accuracy": last_val.get("val_accuracy"),
+            "val_chance": last_val.get("val_chance"), "val_any_value_level": last_val.get("val_any_value_level"),
             "ended_early": ended_early, "passed": ended_early is None and skipped == 0 and not rose}
 
 
