@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import cpu_scan
 from .common import activate
+from .muon_rowspace import RowspaceMuon, muon_rowspace, rowspace_pays
 from .rule import MemoryRule, effective_weights, newton_schulz_fast, orthogonal_step
 from .torch_scan import anchor_forward
 
@@ -207,6 +208,12 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             S_out.append(Si[:, :, -1].clone())
         else:
             b, e, Pe, Pb = coef
+            if rule.retention == "decay" and rowspace_pays(S, Pe.shape[-1]):  # NS in the momenta's row space
+                states, A_n, S_n = muon_rowspace(A, S, b, e, Pe, Pb, di, ai, rule.ns_steps, _rank_states)
+                A_tok.append(states)
+                A_out.append(A_n)
+                S_out.append(S_n)
+                continue
             Si = _rank_states((e, -Pe), (S,), di, ai)  # the momentum of the raw gradients, every token
             Ai = _with_starts((b, Pb), (A,), newton_schulz_fast(Si, rule.ns_steps))
             S_out.append(Si[:, :, -1].clone())  # not a view: it would keep every token's S alive
@@ -219,6 +226,8 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
             b, f, G = coef[:3]
             y = torch.addcmul(b.unsqueeze(-1) * (h @ A.mT), f.unsqueeze(-1), h @ S.mT) - (G * (h @ ai.mT)) @ di
             h = scale.unsqueeze(-1) * y
+        elif isinstance(Ai, RowspaceMuon):
+            h = Ai.read(h)
         elif kl_rows:
             _, A, S, ai, di = Ai
             h, A_n, S_n = cpu_scan.kl_row_read(A, S, di, ai, *coef[5:], h, final=True)
