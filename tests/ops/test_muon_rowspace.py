@@ -199,3 +199,4 @@ def test_when_the_row_space_pays():
     assert not rowspace_pays(torch.empty(64, 64), 1)  # square: no long side to shrink
     assert not rowspace_pays(torch.empty(64, 83), 19)  # short side + rank-one terms = long side
     assert not rowspace_pays(torch.empty(256, 64, dtype=torch.bfloat16), 19)  # no QR in bf16
+    assert not rowspace_pays(torch.empty(256, 64, device="meta"), 19)  # measured on the CPU only
