@@ -31,6 +31,9 @@
 # Within a plan the parts come in order of priority: what the 600 s call limit cuts is the last (fla's delta rule).
 # Copy the JSON files to benchmarks/results/ and the tables into docs/PERFORMANCE.md with this command line.
 #
+# The rules part (issue 14: the memory rule's presets on the torch path, Atlas on both its paths) is in no plan yet:
+# GPU_SESSION_PARTS="tests rules" for a session that only needs it.
+#
 # GPU_SESSION_DRY=1 checks the script itself on a CPU machine: the same steps on the CPU at tiny shapes, the tests
 # under Triton's interpreter (what CI does), a few minutes; the wheels are not installed there.
 set -uo pipefail
@@ -47,6 +50,7 @@ if [ "${GPU_SESSION_DRY:-0}" = 1 ]; then
   ACC_ENV=(env TRITON_INTERPRET=1)  # the accuracy step runs the kernels: interpreted on a CPU
   CHUNK64=() CHUNK4=(--chunk-size 4)  # the tiny shape keeps its chunk of 8 but for chunk 4's step
   LIMIT_TESTS=900 LIMIT_BENCH=300 LIMIT_LAYER=300 LIMIT_PREC=300 LIMIT_ACC=300 LIMIT_CHUNK=300 LIMIT_FLA=300
+  RULES_SHAPE=(--batch 1 --seq-len 64 --dim 32 --heads 2 --chunk 8 --repeats 1) LIMIT_RULES=300
   GRID_JOBS=2 GRID_GRACE=30 GRID_ARGS=(--quick --presets mqar --steps 10 --device cpu)  # 8 runs of 10 steps
 else
   DEVICE=cuda
@@ -54,6 +58,7 @@ else
   ACC_SHAPE=() ACC_ENV=()  # the GPU shape, compiled
   CHUNK64=(--chunk-size 64) CHUNK4=(--chunk-size 4)
   LIMIT_TESTS=150 LIMIT_BENCH=125 LIMIT_LAYER=120 LIMIT_PREC=45 LIMIT_ACC=75 LIMIT_CHUNK=40 LIMIT_FLA=90
+  RULES_SHAPE=() LIMIT_RULES=240  # issue 14's shape: B 2, T 2048, dim 256, depth 2, chunk 16
   # the grid: 15 trainings at a time on the 16 cores and the GPU
   GRID_JOBS=15 GRID_GRACE=45 GRID_ARGS=(--lrs 0.01 0.001 0.003 --seeds 0 1 2 3 4 --device cuda)
   if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -70,8 +75,9 @@ declare -A FILES=(
   [tests]="tests.log" [op_speed]="op_speed.log op_speed-$DEVICE.json" [layer]="layer_speed.log layer_speed-$DEVICE.json"
   [tf32speed]="op_precision.log" [precision]="op_precision.log triton_precision-$DEVICE.json"
   [grid]="grid.log grid.tar.gz" [chunks]="op_speed.log" [fla]="op_speed.log"
+  [rules]="memory_rules_speed.log memory_rules_speed-$DEVICE.json"
 )
-ORDER=(tests op_speed layer tf32speed precision grid chunks fla)
+ORDER=(tests op_speed layer tf32speed precision grid chunks fla rules)
 PARTS=${GPU_SESSION_PARTS:-tests op_speed layer tf32speed precision chunks fla}
 declare -A WANT=()
 files=(env.txt)
@@ -162,5 +168,10 @@ fi
 #    into op_speed.log
 want fla && APPEND=1 step op_speed "$LIMIT_FLA" "$PY" benchmarks/op_speed.py --device "$DEVICE" "${SHAPE[@]}" \
   --only op-delta fla-delta --out "${TMPDIR:-/tmp}/op_speed-fla-$DEVICE.json"
+# 9. issue 14's presets on the chunked torch path on the device (the kernels cover Titans only), Atlas on both of its
+#    paths (every momentum formed, what CUDA tensors take; NS in the chunk's row space, the CPU's since session 41):
+#    whether the row space should be the GPU's path too. Not in the default plan: GPU_SESSION_PARTS="rules ..."
+want rules && step memory_rules_speed "$LIMIT_RULES" "$PY" benchmarks/memory_rules_speed.py --device "$DEVICE" \
+  "${RULES_SHAPE[@]}" --rules titans yaad moneta memora atlas-formed atlas-rowspace --out "$OUT/memory_rules_speed-$DEVICE.json"
 echo "gpu_session: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed: see its log') ($OUT)"
 exit $status

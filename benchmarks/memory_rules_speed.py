@@ -2,7 +2,9 @@
 
 Rows: every preset of ``mnemos.ops.RULES`` that the chunked torch path covers (``--rules`` picks; default every
 preset, uncovered ones are listed as "reference only" and not timed: the token-by-token reference is not a speed
-path), plus ``lp-decay`` (Moneta's loss, p = 3, with Titans' retention), to separate a loss's cost from a retention's.
+path), plus ``lp-decay`` (Moneta's loss, p = 3, with Titans' retention), to separate a loss's cost from a retention's,
+and, when named, ``atlas-formed`` / ``atlas-rowspace``: Atlas on one path whatever the device (every token's momentum
+formed; NS in the chunk's row space, which ``atlas`` itself takes on the CPU only).
 Inputs are built directly at [B, T, H, D] like benchmarks/op_speed.py (no projections, conv or norm): q, k
 l2-normalised, v randn, theta = 0.01 sigmoid(randn), eta = sigmoid(randn), alpha = sigmoid(randn - 4), a depth-2 memory
 (expansion 4, residual) of 0.02 randn weights shared by the batch, delta = 1 + softplus(randn) for huber and gamma =
@@ -17,11 +19,14 @@ Usage (the CPU shape of issue 14: B 2, T 2048, dim 256 = 4 heads x 64, depth 2, 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans yaad --seq-len 512
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans moneta memora --state-reads
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans atlas-formed atlas
+    PYTHONPATH=src python benchmarks/memory_rules_speed.py --device cuda --rules titans atlas-formed atlas-rowspace
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -37,12 +42,32 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mnemos.ops import RULES, MemoryRule, neural_memory
 from speed_common import add_denormals_flag, cpu_model, git_commit, set_denormals
+from mnemos.ops.memory_rule import dense_scan
 from mnemos.ops.memory_rule.rule import torch_unsupported_reason
 
 EXTRA = {"lp-decay": MemoryRule(loss="lp", p=3.0)}
+# Atlas on one path whatever the device: "formed" forms every token's momentum (the CPU path before session 41, the
+# GPU's today), "rowspace" runs NS in the chunk's row space (the CPU's since session 41; memory_rule/muon_rowspace.py)
+PATHS = {"atlas-formed": ("atlas", ()), "atlas-rowspace": ("atlas", ("cpu", "cuda"))}
 
 
-def make_inputs(rule: MemoryRule, B: int, T: int, H: int, D: int, E: int, seed: int = 0) -> dict:
+@contextlib.contextmanager
+def atlas_path(name: str):
+    """Within: the row-space path taken on the devices of ``PATHS[name]`` (none: never); a name not in PATHS changes
+    nothing."""
+    if name not in PATHS:
+        yield
+        return
+    devices = PATHS[name][1]
+    real = dense_scan.rowspace_pays
+    dense_scan.rowspace_pays = lambda S, n_keys: real(S, n_keys, devices=devices)
+    try:
+        yield
+    finally:
+        dense_scan.rowspace_pays = real
+
+
+def make_inputs(rule: MemoryRule, B: int, T: int, H: int, D: int, E: int, seed: int = 0, device="cpu") -> dict:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     inp = dict(q=F.normalize(r(B, T, H, D), dim=-1), k=F.normalize(r(B, T, H, D), dim=-1), v=r(B, T, H, D),
@@ -52,8 +77,8 @@ def make_inputs(rule: MemoryRule, B: int, T: int, H: int, D: int, E: int, seed: 
         inp["delta"] = 1.0 + F.softplus(r(B, T, H))
     if rule.window > 1:
         inp["gamma"] = torch.sigmoid(r(B, T, H))
-    return {n: tuple(t.requires_grad_() for t in x) if isinstance(x, tuple) else x.requires_grad_()
-            for n, x in inp.items()}
+    return {n: tuple(t.to(device).requires_grad_() for t in x) if isinstance(x, tuple) else
+            x.to(device).requires_grad_() for n, x in inp.items()}
 
 
 def call(rule: MemoryRule, inp: dict, chunk: int, T: int | None = None):
@@ -62,9 +87,12 @@ def call(rule: MemoryRule, inp: dict, chunk: int, T: int | None = None):
     return neural_memory(*args, rule=rule, chunk_size=chunk, impl="torch", **x)[0]
 
 
-def timed(fn) -> float:
+def timed(fn, device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -109,6 +137,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the CPU's thread count still applies)")
     p.add_argument("--out", default=None, help="JSON file to write (default: none)")
     p.add_argument("--state-reads", action="store_true",
                    help="also time cpu_scan's per-token reads alone (Moneta's norms, Memora's softmax read) on one "
@@ -120,7 +149,7 @@ def main() -> None:
     reads = time_state_reads(a) if a.state_reads else []
     names = list(a.rules) if a.rules else [*RULES, *EXTRA]
     names = ["titans"] + [n for n in names if n != "titans"]
-    rules = {n: RULES[n] if n in RULES else EXTRA[n] for n in names}
+    rules = {n: RULES[n] if n in RULES else RULES[PATHS[n][0]] if n in PATHS else EXTRA[n] for n in names}
     B, T, H = a.batch, a.seq_len, a.heads
     D = a.dim // H
     rows, skipped = {}, {}
@@ -129,17 +158,20 @@ def main() -> None:
         if reason is not None:
             skipped[n] = "reference only: " + reason
             continue
-        inp = make_inputs(rule, B, T, H, D, a.expansion)
-        grad = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1))
-        call(rule, inp, a.chunk, 2 * a.chunk).sum().backward()  # warm-up
+        inp = make_inputs(rule, B, T, H, D, a.expansion, device=a.device)
+        grad = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1)).to(a.device)
+        with atlas_path(n):
+            call(rule, inp, a.chunk, 2 * a.chunk).sum().backward()  # warm-up
         rows[n] = dict(rule=rule, inp=inp, grad=grad, fwd=[], fwdbwd=[])
     for _ in range(a.repeats):
-        for r in rows.values():
-            r["fwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk)))
-        for r in rows.values():
-            r["fwdbwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk).backward(r["grad"])))
+        for n, r in rows.items():
+            with atlas_path(n):
+                r["fwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk), a.device))
+        for n, r in rows.items():
+            with atlas_path(n):
+                r["fwdbwd"].append(timed(lambda: call(r["rule"], r["inp"], a.chunk).backward(r["grad"]), a.device))
     base = {ph: statistics.median(rows["titans"][ph]) for ph in ("fwd", "fwdbwd")}
-    print(f"memory rules, chunked torch path: B {B}, T {T}, dim {a.dim} ({H} heads x {D}), depth 2 (expansion "
+    print(f"memory rules, chunked torch path on {a.device}: B {B}, T {T}, dim {a.dim} ({H} heads x {D}), depth 2 (expansion "
           f"{a.expansion}), chunk {a.chunk}, {a.threads} thread(s), float32, median of {a.repeats}, subnormal floats "
           f"{'flushed to zero' if flushed else 'kept'} (--denormals)")
     print(f"{'rule':<18}{'fwd s':>9}{'x titans':>10}{'fwd+bwd s':>11}{'x titans':>10}  axes")

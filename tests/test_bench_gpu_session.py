@@ -31,6 +31,16 @@ def test_every_row_it_names_exists(module):
         assert set(names) <= set(bench.impls) | set(bench.aliases), set(names) - set(bench.impls)
 
 
+def test_the_rules_it_names_exist():
+    from memory_rules_speed import EXTRA, PATHS
+    from mnemos.ops import RULES
+
+    call = re.search(r"benchmarks/memory_rules_speed\.py(.*?)--rules(.*?)--out", SCRIPT.read_text(), re.S)
+    assert call, "gpu_session.sh no longer runs memory_rules_speed.py with --rules ... --out"
+    names = call.group(2).replace("\\", " ").split()
+    assert {"atlas-formed", "atlas-rowspace"} <= set(names) <= set(RULES) | set(EXTRA) | set(PATHS), names
+
+
 def test_op_speed_prints_a_table_when_every_row_is_skipped(tmp_path, monkeypatch):
     """The precision steps run only Triton rows; on a CPU without the interpreter (the dry run) all of them are
     skipped, and the table must still print with the reasons instead of crashing."""

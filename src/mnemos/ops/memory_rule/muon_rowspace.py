@@ -40,13 +40,14 @@ BASIS_MULTIPLE = 8  # the basis padded with zero columns to a multiple of this: 
 # of 83 ran at a third of the rate of one of 88 on this CPU (docs/PERFORMANCE.md, "Muon in the chunk's row space")
 
 
-def rowspace_pays(S: Tensor, n_keys: int) -> bool:
+def rowspace_pays(S: Tensor, n_keys: int, devices: tuple[str, ...] = ("cpu",)) -> bool:
     """Whether a layer's momentum ``S [..., D_out, D_in]`` is cheaper in the chunk's row space: its short side plus
     the chunk's ``n_keys`` rank-one terms below its long side, on a dtype that Householder QR takes (float32 /
-    float64), on the CPU (where it was measured; on a GPU the batched QR's cost against NS on the full momentum is
-    not measured yet, so the path there stays the one that forms every momentum)."""
+    float64), on one of ``devices``: the CPU by default, where it was measured (on a GPU the batched QR's cost against
+    NS on the full momenta is not measured yet, so the path there stays the one that forms every momentum;
+    ``benchmarks/memory_rules_speed.py`` times both)."""
     m, N = sorted(S.shape[-2:])
-    return m + n_keys < N and S.dtype in (torch.float32, torch.float64) and S.device.type == "cpu"
+    return m + n_keys < N and S.dtype in (torch.float32, torch.float64) and S.device.type in devices
 
 
 def newton_schulz_with_polynomial(L: Tensor, steps: int, polynomial: bool) -> tuple[Tensor, Tensor | None]:
