@@ -26,7 +26,9 @@ S (:func:`stateless_reads`), and such a chunk is recorded by autograd as it runs
 ``torch_scan.py`` never forms a per-token state, this path costs O(n^2 D_out D_in) per chunk and layer; autograd
 differentiates it, one chunk at a time (:class:`DenseChunk`: the backward recomputes a chunk from its starting state,
 so memory is the states at chunk starts, not every token's). NS runs in the Gram domain where that is cheaper
-(:func:`~.rule.newton_schulz_fast`).
+(:func:`~.rule.newton_schulz_fast`); Muon with decay on the CPU, where a layer's short side plus the chunk's rank-one
+terms is below its long side, forms no momentum at all and runs NS in the momenta's shared row space
+(``muon_rowspace.py``).
 """
 
 from __future__ import annotations

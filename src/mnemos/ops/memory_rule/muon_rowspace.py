@@ -12,8 +12,9 @@ Q ``[N, m + k]`` an orthonormal basis of that span (one Householder QR a chunk a
 ``L_i = Y_i Q`` ``[m, m + k]``, and since Newton-Schulz commutes with an orthonormal change of basis on the right
 (``X X^T`` and the norm are unchanged), ``NS(Y_i) = NS(L_i) Q^T`` exactly: the iteration runs in its plain form (the
 reference's rounding behaviour, every iterate formed) on matrices of m + k columns instead of N. At the layer's CPU
-shape (m 64, N 256, chunk 16, window 4) that is 83 columns instead of 256. The reads then need only ``Q^T h`` (wide)
-or ``Q z`` (tall), and the chunk's last accumulator one product with Q^T.
+shape (m 64, N 256, chunk 16, window 4) that is 83 columns (88 with the padding of :data:`BASIS_MULTIPLE`) instead
+of 256. The reads then need only ``Q^T h`` (wide) or ``Q z`` (tall), and the chunk's last accumulator one product with
+Q^T. ``dense_scan.dense_chunk`` takes this path for Muon with retention decay where :func:`rowspace_pays`.
 
 The gradient. Q is a constant of the computation (it is computed without autograd): differentiating ``NS(L_i) Q^T``
 with Q fixed gives the exact derivative for every change of the inputs that keeps the momenta's rows in span(Q), and
