@@ -100,11 +100,15 @@ def test_rowspace_equals_reference_and_streams_cut_anywhere(block, taken):
 @pytest.mark.parametrize("steps", [0, 1, 2, 5])
 def test_plain_newton_schulz_and_its_backward_equal_autograd_through_the_reference(steps):
     """The hand-written backward against autograd through ``rule.newton_schulz``, float64, odd shapes, a zero
-    matrix among them (the norm's gradient there)."""
+    matrix among them (the norm's gradient there), and more matrices than a block (three blocks, the last partial,
+    a zero matrix in the second)."""
+    assert 2 * mr.NS_BLOCK < 75 < 3 * mr.NS_BLOCK
     g = torch.Generator().manual_seed(steps)
-    for shape in ((3, 4, 7), (2, 2, 5, 9), (1, 6)):
+    for shape in ((3, 4, 7), (2, 2, 5, 9), (1, 6), (3, 25, 4, 7)):
         L = torch.randn(*shape, generator=g, dtype=F64)
         L.view(-1, *shape[-2:])[0] = 0.0
+        if L[..., 0, 0].numel() > mr.NS_BLOCK:
+            L.view(-1, *shape[-2:])[mr.NS_BLOCK + 3] = 0.0
         a, b = L.clone().requires_grad_(), L.clone().requires_grad_()
         X, R = newton_schulz_with_polynomial(a, steps, polynomial=True)
         ref = newton_schulz(b, steps)
@@ -114,6 +118,10 @@ def test_plain_newton_schulz_and_its_backward_equal_autograd_through_the_referen
         (ref * w).sum().backward()
         assert_close(f"steps {steps} {shape}: dL", b.grad, a.grad, 1e-12)
         assert R.shape == (*shape[:-2], shape[-2], shape[-2]) and not R.requires_grad
+        flat_L, flat_R = L.view(-1, *shape[-2:]), R.reshape(-1, shape[-2], shape[-2])
+        for i in (0, flat_L.shape[0] - 1):  # R per matrix: the same in a block of one
+            assert_close(f"steps {steps} {shape}: R[{i}]", newton_schulz_with_polynomial(flat_L[i:i + 1], steps, True)[1],
+                         flat_R[i:i + 1], 1e-14)
 
 
 @pytest.mark.parametrize("steps", [0, 2, 5])

@@ -60,12 +60,17 @@ def newton_schulz_with_polynomial(L: Tensor, steps: int, polynomial: bool) -> tu
     return X, (R if polynomial else None)
 
 
+NS_BLOCK = 32  # matrices a block: each block's steps run while its iterates are in cache (fwd+bwd of one chunk's
+# 128 matrices of 64 x 88 on this CPU: 61 -> 52 ms; the op at T 1024: 12.5-13.7 -> 11.2-12.0 s)
+
+
 class _PlainNewtonSchulz(torch.autograd.Function):
     """:func:`newton_schulz_with_polynomial` with its backward written out: three products of ``m^2 n`` and one of
     ``m^3`` a step, against autograd's four and two and its state-sized scalings. Step k, ``X' = a X + B X`` with
     ``B = b G + c G^2``, ``G = X X^T`` (both symmetric), back-propagates ``g -> a g + B^T g + (H + H^T) X``, where
     ``H = b Bg + c (Bg G + G Bg)``, ``Bg = g X^T``, so ``H + H^T = b Bs + c (Bs G + (Bs G)^T)`` with ``Bs = Bg +
-    Bg^T``; then ``X_0 = L / r``, ``r = ||L||_F + eps``. The forward keeps every step's X, G and B (one chunk's: the
+    Bg^T``; then ``X_0 = L / r``, ``r = ||L||_F + eps``. Both directions run :data:`NS_BLOCK` matrices at a time,
+    every step of a block before the next block. The forward keeps every step's X, G and B (one chunk's: the
     caller's backward recomputes chunk by chunk)."""
 
     @staticmethod
@@ -74,41 +79,53 @@ class _PlainNewtonSchulz(torch.autograd.Function):
         shape = L.shape
         m, n = shape[-2:]
         norm = torch.linalg.matrix_norm(L, keepdim=True)
-        r = norm + NS_EPS
-        X = (L / r).reshape(-1, m, n)
+        r = (norm + NS_EPS).reshape(-1, 1, 1)
+        flat = L.reshape(-1, m, n)
         eye = torch.eye(m, dtype=L.dtype, device=L.device)
-        kept, P = [], None
-        for _ in range(steps):
-            G = X @ X.mT
-            Bk = torch.baddbmm(G, G, G, beta=b, alpha=c)  # b G + c G^2
+        out = torch.empty_like(flat)
+        R = flat.new_empty(flat.shape[0], m, m) if polynomial else L.new_empty(0)
+        kept = []
+        for s in range(0, flat.shape[0], NS_BLOCK):
+            X = flat[s:s + NS_BLOCK] / r[s:s + NS_BLOCK]
+            P, block = None, []
+            for _ in range(steps):
+                G = X @ X.mT
+                Bk = torch.baddbmm(G, G, G, beta=b, alpha=c)  # b G + c G^2
+                if polynomial:
+                    p = torch.add(Bk, eye, alpha=a)  # p_k
+                    P = p if P is None else p @ P
+                block += [X, G, Bk]
+                X = torch.baddbmm(X, Bk, X, beta=a)  # a X + (b G + c G^2) X = p_k X
+            out[s:s + NS_BLOCK] = X
             if polynomial:
-                p = torch.add(Bk, eye, alpha=a)  # p_k
-                P = p if P is None else p @ P
-            kept += [X, G, Bk]
-            X = torch.baddbmm(X, Bk, X, beta=a)  # a X + (b G + c G^2) X = p_k X
-        if polynomial:
-            R = (eye.expand(*shape[:-2], m, m) if P is None else P.view(*shape[:-2], m, m)) / r
-        else:
-            R = L.new_empty(0)
+                R[s:s + NS_BLOCK] = (eye if P is None else P) / r[s:s + NS_BLOCK]
+            kept.append(block)
+        ctx.kept = kept  # intermediates, not inputs or outputs: kept on ctx
+        ctx.save_for_backward(L, norm)
+        R = R.view(*shape[:-2], m, m) if polynomial else R
         ctx.mark_non_differentiable(R)
-        ctx.save_for_backward(L, norm, *kept)
-        return X.view(shape), R
+        return out.view(shape), R
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gX: Tensor, _gR):
         a, b, c = NS_COEFFICIENTS
-        L, norm, *kept = ctx.saved_tensors
+        L, norm = ctx.saved_tensors
         m, n = L.shape[-2:]
-        g = gX.reshape(-1, m, n)
-        for k in range(len(kept) // 3 - 1, -1, -1):
-            X, G, Bk = kept[3 * k:3 * k + 3]
-            Bs = g @ X.mT  # the gradient of B, then its symmetric part (B and G are symmetric)
-            Bs = Bs + Bs.mT
-            T = Bs @ G
-            Hs = torch.add(T, T.mT, alpha=1.0).mul_(c).add_(Bs, alpha=b)  # H + H^T = b Bs + c (Bs G + G Bs)
-            g = torch.baddbmm(torch.baddbmm(g, Bk.mT, g, beta=a), Hs, X)
-        g = g.view(L.shape)
+        flat = gX.reshape(-1, m, n)
+        out = torch.empty_like(flat)
+        for i, s in enumerate(range(0, flat.shape[0], NS_BLOCK)):
+            g, block = flat[s:s + NS_BLOCK], ctx.kept[i]
+            for k in range(len(block) // 3 - 1, -1, -1):
+                X, G, Bk = block[3 * k:3 * k + 3]
+                Bs = g @ X.mT  # the gradient of B, then its symmetric part (B and G are symmetric)
+                Bs = Bs + Bs.mT
+                T = Bs @ G
+                Hs = torch.add(T, T.mT).mul_(c).add_(Bs, alpha=b)  # H + H^T = b Bs + c (Bs G + G Bs)
+                g = torch.baddbmm(g, Bk.mT, g, beta=a).baddbmm_(Hs, X)
+            out[s:s + NS_BLOCK] = g
+        ctx.kept = None
+        g = out.view(L.shape)
         r = norm + NS_EPS
         along = (g * L).sum((-2, -1), keepdim=True) / (r * r * torch.where(norm > 0, norm, torch.ones_like(norm)))
         return g / r - along * L, None, None
