@@ -17,7 +17,12 @@ chunk's anchor (``flops.memory_rule_counts``). The dense retentions and Muon can
   step (8 m^3 FLOPs; cheaper than the first form when n > 1.5 m). The reads never need NS(S_t) itself (its product
   with a vector is P (S_t x) / ||S_t||), and G_t of S_t = e_t S_0 - (rank <= n tokens) follows from the chunk's
   S_0 S_0^T by low-rank updates, so neither is counted. Plus forming S_t and A_t (2 + 2 per entry) and the window's
-  extra outer products (w - 1 per token, 2 FLOPs an entry).
+  extra outer products (w - 1 per token, 2 FLOPs an entry). A third exact form (session 41, what mnemos runs on the
+  CPU: ``memory_rule/muon_rowspace.py``): within a chunk of C tokens every S_t has its rows in one subspace of
+  c = min(n, m + C + w - 1) dimensions (S_0's rows and the chunk's key-side vectors), so NS runs on each token's
+  m x c coordinates (4 m^2 c + 2 m^3 a step) and only those are formed (>= 2 FLOPs an entry, against the 4 + 2 (w -
+  1) per entry of S_t and A_t). The count takes the cheapest NS and, separately, the cheapest entry work: their sum is
+  at most any one form's.
 
 The backward costs at least what the forward does for the entrywise work (each entry's gradient goes back through
 the same two recurrences and the power / exp) and twice the forward for Newton-Schulz's matmuls (each matmul's
@@ -25,7 +30,7 @@ backward is two of its size): fwd+bwd >= 2 x fwd (entrywise) and 3 x fwd (NS). T
 rule's (they keep the anchor's gradients and reads). The floor is then (FLOPs) / (this machine's single-thread
 float32 matmul rate, measured on a 1024^3 product): no kernel on this core runs them faster, so a floor above a
 target's multiple of Titans' *measured* time means the target cannot be met on this machine by an implementation
-of the rule as specified that evaluates Newton-Schulz in either form (no cheaper exact form is known to us).
+of the rule as specified that evaluates Newton-Schulz in one of these forms (no cheaper exact form is known to us).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/rule_floor.py --out benchmarks/results/rule_floor-cpu.json
 """
@@ -54,16 +59,21 @@ from mnemos.ops import RULES
 TARGETS = {"moneta": 1.5, "memora": 1.5, "atlas": 4.0}  # issue 14: chunked fwd+bwd <= this x Titans' time
 
 
-def extra_flops(rule, layers, tokens: int) -> tuple[float, float]:
+def extra_flops(rule, layers, tokens: int, chunk: int | None = None) -> tuple[float, float]:
     """(fwd, fwd+bwd) FLOPs a rule needs beyond Titans' chunked form, summed over ``tokens`` (sequence, head, token)
-    triples: the lower bounds of the module docstring."""
+    triples: the lower bounds of the module docstring (Muon's row-space form counted when ``chunk`` is given)."""
     fwd = fwdbwd = 0.0
     for d_in, d_out in layers:
         entries = d_in * d_out
         if rule.optimizer == "muon":
             m, n = min(d_in, d_out), max(d_in, d_out)
-            ns = rule.ns_steps * min(4 * m * m * n + 2 * m ** 3, 8 * m ** 3)  # on X, or in the Gram domain
+            forms = [4 * m * m * n + 2 * m ** 3, 8 * m ** 3]  # on X, in the Gram domain
             entry = 4 * entries + 2 * entries * (rule.window - 1)
+            if chunk is not None:  # in the chunk's row space, on m x c coordinates
+                c = min(n, m + chunk + rule.window - 1)
+                forms.append(4 * m * m * c + 2 * m ** 3)
+                entry = min(entry, 2 * m * c)
+            ns = rule.ns_steps * min(forms)
             fwd += ns + entry
             fwdbwd += 3 * ns + 2 * entry
         elif rule.retention in ("lq", "kl"):
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
     measured = titans_fwdbwd_seconds(B, T, H, D, E, a.chunk, a.repeats)
     rows = []
     for name in ("titans", *TARGETS):
-        _, extra = extra_flops(RULES[name], layers, B * T * H)
+        _, extra = extra_flops(RULES[name], layers, B * T * H, chunk=a.chunk)
         floor = (titans + extra) / rate
         rows.append({"rule": name, "fwdbwd_gflop": (titans + extra) / 1e9, "floor_s": floor,
                      "floor_x_titans": floor / measured, "target_x": TARGETS.get(name)})

@@ -44,3 +44,18 @@ def test_square_layers_count_newton_schulz_on_x_itself():
     atlas = replace(RULES["atlas"], window=1)
     entries = 64 * 64
     assert rule_floor.extra_flops(atlas, [(64, 64)], 1)[0] == 5 * 6 * 64 ** 3 + 4 * entries
+
+
+def test_muon_in_the_chunks_row_space_when_the_chunk_is_given():
+    """Chunk 16, window 4 on (64, 256): every S_t's rows lie in 64 + 16 + 3 = 83 dimensions, so NS on 64 x 83
+    coordinates (4 m^2 c + 2 m^3 a step) is cheaper than the Gram domain's 8 m^3, and only the coordinates are formed;
+    a chunk large enough to span the whole row leaves NS at the Gram domain's count, with the momentum's m x n
+    entries formed once (no accumulator: the reads need only NS of each momentum)."""
+    atlas = RULES["atlas"]
+    c = 64 + 16 + 3
+    ns_step = 4 * 64 * 64 * c + 2 * 64 ** 3
+    assert ns_step < 8 * 64 ** 3
+    per_layer = (5 * ns_step + 2 * 64 * c, 3 * 5 * ns_step + 2 * 2 * 64 * c)
+    assert rule_floor.extra_flops(atlas, LAYERS, 3, chunk=16) == (2 * per_layer[0] * 3, 2 * per_layer[1] * 3)
+    wide = (5 * 8 * 64 ** 3 + 2 * 64 * 256, 3 * 5 * 8 * 64 ** 3 + 2 * 2 * 64 * 256)
+    assert rule_floor.extra_flops(atlas, LAYERS, 3, chunk=512) == (2 * wide[0] * 3, 2 * wide[1] * 3)
