@@ -112,7 +112,8 @@ class _PlainNewtonSchulz(torch.autograd.Function):
         a, b, c = NS_COEFFICIENTS
         L, norm = ctx.saved_tensors
         m, n = L.shape[-2:]
-        flat = gX.reshape(-1, m, n)
+        flat, flat_L = gX.reshape(-1, m, n), L.reshape(-1, m, n)
+        norm = norm.reshape(-1, 1, 1)
         out = torch.empty_like(flat)
         for i, s in enumerate(range(0, flat.shape[0], NS_BLOCK)):
             g, block = flat[s:s + NS_BLOCK], ctx.kept[i]
@@ -123,12 +124,13 @@ class _PlainNewtonSchulz(torch.autograd.Function):
                 T = Bs @ G
                 Hs = torch.add(T, T.mT).mul_(c).add_(Bs, alpha=b)  # H + H^T = b Bs + c (Bs G + G Bs)
                 g = torch.baddbmm(g, Bk.mT, g, beta=a).baddbmm_(Hs, X)
-            out[s:s + NS_BLOCK] = g
+            # X_0 = L / r, r = ||L|| + eps: dL = g / r - L <g, L> / (r^2 ||L||) (0 where L = 0), the block in cache
+            Lb, nb = flat_L[s:s + NS_BLOCK], norm[s:s + NS_BLOCK]
+            rb = nb + NS_EPS
+            along = (g * Lb).sum((-2, -1), keepdim=True) / (rb * rb * torch.where(nb > 0, nb, torch.ones_like(nb)))
+            torch.div(g, rb, out=out[s:s + NS_BLOCK]).addcmul_(Lb, along, value=-1.0)
         ctx.kept = None
-        g = out.view(L.shape)
-        r = norm + NS_EPS
-        along = (g * L).sum((-2, -1), keepdim=True) / (r * r * torch.where(norm > 0, norm, torch.ones_like(norm)))
-        return g / r - along * L, None, None
+        return out.view(L.shape), None, None
 
 
 class _ReadCorrection(torch.autograd.Function):
@@ -226,7 +228,7 @@ def muon_rowspace(A: Tensor, S: Tensor, b: Tensor, e: Tensor, Pe: Tensor, Pb: Te
     record = torch.is_grad_enabled() and (S.requires_grad or Wv.requires_grad)  # the correction's inputs
     X, R = newton_schulz_with_polynomial(L, steps, polynomial=record)
     Xs = (Pb @ X.flatten(-2)).view(X.shape)  # sum_j Pb[i, j] X_j
-    last = Xs[:, :, -1]
+    last = (Pb[..., -1:, :] @ X.flatten(-2)).view(X.shape[:2] + X.shape[3:])  # its last row again: no select backward
     A_end = b[..., -1, None, None] * A + (last @ Q.mT if wide else Q @ last.mT)
     S_end = torch.addcmul(((-Pe[..., -1, :, None]) * d).mT @ a, e[..., -1, None, None], S)
     correction = None
