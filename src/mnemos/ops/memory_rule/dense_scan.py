@@ -101,6 +101,13 @@ class _RankStates(torch.autograd.Function):
         return dC, dR, dG, dd, da
 
 
+def _last_state(S: Tensor, scale: Tensor, row: Tensor, d: Tensor, a: Tensor) -> Tensor:
+    """A chunk's last momentum from its first one and its rank-one terms, no per-token state formed: ``scale S -
+    sum_j row[j] d_j a_j^T`` (scale ``[B, H]``, row ``[B, H, m]``, d ``[B, H, m, P]``, a ``[B, H, m, Q]``; signs on
+    the small factors: a negated state-sized product is one more pass over the state)."""
+    return torch.addcmul(((-row).unsqueeze(-1) * d).mT @ a, scale[..., None, None], S)
+
+
 def _rank_states(coefs: Sequence[Tensor], rows: Sequence[Tensor], d: Tensor, a: Tensor) -> Tensor:
     """:func:`_with_starts` for rank-one terms ``U_j = d_j a_j^T`` without forming them: ``sum_r coefs[r][..., i]
     rows[r] + sum_j G[..., i, j] d_j a_j^T`` (G the last entry of coefs ``[B, H, n, m]``; d ``[B, H, m, P]``, a
@@ -192,7 +199,7 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
         if rule.optimizer == "momentum":
             b, f, G, el, pl = coef[:5]
             # (signs on the small factors: a negated state-sized product is one more pass over the state)
-            S_out.append(torch.addcmul(((-pl).unsqueeze(-1) * di).mT @ ai, el[..., None, None], S))  # no U
+            S_out.append(_last_state(S, el, pl, di, ai))  # no U
             if dual:  # the last state from its own row of the coefficients: no gradient into every A_i
                 A_out.append(torch.addcmul(torch.addcmul(((-G[..., -1, :, None]) * di).mT @ ai, b[..., -1, None, None],
                                                          A), f[..., -1, None, None], S))
@@ -211,10 +218,10 @@ def dense_chunk(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, coef: tup
         else:
             b, e, Pe, Pb = coef
             if rule.retention == "decay" and rowspace_pays(S, Pe.shape[-1]):  # NS in the momenta's row space
-                states, A_n, S_n = muon_rowspace(A, S, b, e, Pe, Pb, di, ai, rule.ns_steps, _rank_states)
+                states, A_n = muon_rowspace(A, S, b, e, Pe, Pb, di, ai, rule.ns_steps, _rank_states)
                 A_tok.append(states)
                 A_out.append(A_n)
-                S_out.append(S_n)
+                S_out.append(_last_state(S, e[..., -1], Pe[..., -1, :], di, ai))
                 continue
             Si = _rank_states((e, -Pe), (S,), di, ai)  # the momentum of the raw gradients, every token
             Ai = _with_starts((b, Pb), (A,), newton_schulz_fast(Si, rule.ns_steps))

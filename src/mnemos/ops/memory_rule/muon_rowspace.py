@@ -212,11 +212,11 @@ class RowspaceMuon(NamedTuple):
 
 
 def muon_rowspace(A: Tensor, S: Tensor, b: Tensor, e: Tensor, Pe: Tensor, Pb: Tensor, d: Tensor, a: Tensor,
-                  steps: int, rank_states) -> tuple[RowspaceMuon, Tensor, Tensor]:
+                  steps: int, rank_states) -> tuple[RowspaceMuon, Tensor]:
     """One layer of a Muon chunk (``dense_scan.dense_chunk``'s coefficients b, e, Pe, Pb; d ``[B, H, k, D_out]``, a
     ``[B, H, k, D_in]`` the anchor's rank-one factors; ``rank_states``: ``dense_scan._rank_states``) -> the chunk's
-    states for the reads, its last accumulator and its last momentum, every NS in the row space (module docstring).
-    """
+    states for the reads and its last accumulator, every NS in the row space (module docstring; the last momentum is
+    ``dense_scan._last_state``'s, as on the other paths)."""
     wide = S.shape[-2] <= S.shape[-1]
     Y0, U, Wv = (S, d, a) if wide else (S.mT, a, d)
     with torch.no_grad():
@@ -230,7 +230,6 @@ def muon_rowspace(A: Tensor, S: Tensor, b: Tensor, e: Tensor, Pe: Tensor, Pb: Te
     Xs = (Pb @ X.flatten(-2)).view(X.shape)  # sum_j Pb[i, j] X_j
     last = (Pb[..., -1:, :] @ X.flatten(-2)).view(X.shape[:2] + X.shape[3:])  # its last row again: no select backward
     A_end = b[..., -1, None, None] * A + (last @ Q.mT if wide else Q @ last.mT)
-    S_end = torch.addcmul(((-Pe[..., -1, :, None]) * d).mT @ a, e[..., -1, None, None], S)
     correction = None
     if record:
         with torch.no_grad():
@@ -239,4 +238,4 @@ def muon_rowspace(A: Tensor, S: Tensor, b: Tensor, e: Tensor, Pe: Tensor, Pb: Te
             V = torch.einsum("bhj,bhjt,bhjdt->bhdt", lastrow, Pe, R @ U.mT.unsqueeze(2))
         A_end = _EndCorrection.apply(A_end, S, Wv, M1, V, Q, wide)
         correction = (S, Wv, R, e.detach(), Pb.detach(), Pe.detach(), U.detach())
-    return RowspaceMuon(Xs, Q, A, b, wide, correction), A_end, S_end
+    return RowspaceMuon(Xs, Q, A, b, wide, correction), A_end
