@@ -10,6 +10,9 @@ l2-normalised, v randn, theta = 0.01 sigmoid(randn), eta = sigmoid(randn), alpha
 (expansion 4, residual) of 0.02 randn weights shared by the batch, delta = 1 + softplus(randn) for huber and gamma =
 sigmoid(randn) for a window; everything requires grad and "fwd+bwd" backpropagates (o * g).sum() into all of it.
 
+A row may also be a preset with some axes changed, ``preset:axis=value,axis=value`` (values are YAML):
+``atlas:ns_steps=1,window=1`` is Atlas with one NS step and no window; the axes are MemoryRule's fields.
+
 Method: one thread, subnormal floats flushed to zero (``--denormals keep``: not; speed_common.DENORMALS_HELP says
 why); every row is warmed up once at T = 2C; then --repeats rounds, each timing every row's fwd (with
 autograd recording) and then every row's fwd+bwd, interleaved so that a busy machine slows every row alike; the
@@ -20,6 +23,7 @@ Usage (the CPU shape of issue 14: B 2, T 2048, dim 256 = 4 heads x 64, depth 2, 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans yaad --seq-len 512
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans moneta memora --state-reads
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans atlas-formed atlas
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules atlas atlas:ns_steps=1 atlas:window=1
     PYTHONPATH=src python benchmarks/memory_rules_speed.py --device cuda --rules titans atlas-formed atlas-rowspace
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -43,6 +48,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from mnemos.ops import RULES, MemoryRule, neural_memory
 from speed_common import add_denormals_flag, cpu_model, git_commit, set_denormals
 from mnemos.ops.memory_rule import dense_scan
+from mnemos.models.config import read_yaml
 from mnemos.ops.memory_rule.rule import torch_unsupported_reason
 
 EXTRA = {"lp-decay": MemoryRule(loss="lp", p=3.0)}
@@ -65,6 +71,31 @@ def atlas_path(name: str):
         yield
     finally:
         dense_scan.rowspace_pays = real
+
+
+def row_rule(name: str) -> MemoryRule:
+    """A row's name -> its rule: a preset, a name of EXTRA, a name of PATHS (Atlas on one path), or
+    ``preset:axis=value,...`` (a preset with those MemoryRule fields replaced, values read as YAML). Anything else is
+    a ValueError naming the row and what is accepted."""
+    base, _, changes = name.partition(":")
+    known = {**RULES, **EXTRA, **{n: RULES[p[0]] for n, p in PATHS.items()}}
+    if base not in known or (":" in name and base not in RULES):
+        raise ValueError(f"--rules: unknown row {name!r}; expected one of {sorted(known)} or "
+                         f"preset:axis=value,... with a preset of {sorted(RULES)}")
+    if ":" not in name:
+        return known[base]
+    fields = {f.name for f in dataclasses.fields(MemoryRule)}
+    axes = {}
+    for item in changes.split(","):
+        key, eq, raw = item.partition("=")
+        if not eq or key.strip() not in fields:
+            raise ValueError(f"--rules: {name!r}: each change must be axis=value with an axis of {sorted(fields)}, "
+                             f"got {item!r}")
+        axes[key.strip()] = read_yaml(raw)
+    try:
+        return dataclasses.replace(RULES[base], **axes)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--rules: {name!r}: {e}") from None
 
 
 def make_inputs(rule: MemoryRule, B: int, T: int, H: int, D: int, E: int, seed: int = 0, device="cpu") -> dict:
@@ -128,7 +159,8 @@ def time_state_reads(a) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rules", nargs="*", default=None,
-                   help="presets (and lp-decay) to time beside titans; bare --rules or none given: all of them")
+                   help="presets (and lp-decay, atlas-formed, atlas-rowspace, or preset:axis=value,...) to time "
+                        "beside titans; bare --rules or none given: every preset and lp-decay")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--dim", type=int, default=256)
@@ -149,7 +181,10 @@ def main() -> None:
     reads = time_state_reads(a) if a.state_reads else []
     names = list(a.rules) if a.rules else [*RULES, *EXTRA]
     names = ["titans"] + [n for n in names if n != "titans"]
-    rules = {n: RULES[n] if n in RULES else RULES[PATHS[n][0]] if n in PATHS else EXTRA[n] for n in names}
+    try:
+        rules = {n: row_rule(n) for n in names}
+    except ValueError as e:
+        p.error(str(e))
     B, T, H = a.batch, a.seq_len, a.heads
     D = a.dim // H
     rows, skipped = {}, {}
@@ -174,16 +209,17 @@ def main() -> None:
     print(f"memory rules, chunked torch path on {a.device}: B {B}, T {T}, dim {a.dim} ({H} heads x {D}), depth 2 (expansion "
           f"{a.expansion}), chunk {a.chunk}, {a.threads} thread(s), float32, median of {a.repeats}, subnormal floats "
           f"{'flushed to zero' if flushed else 'kept'} (--denormals)")
-    print(f"{'rule':<18}{'fwd s':>9}{'x titans':>10}{'fwd+bwd s':>11}{'x titans':>10}  axes")
+    w = max(18, *(len(n) + 2 for n in rules))
+    print(f"{'rule':<{w}}{'fwd s':>9}{'x titans':>10}{'fwd+bwd s':>11}{'x titans':>10}  axes")
     out = []
     for n, r in rows.items():
         f, fb = statistics.median(r["fwd"]), statistics.median(r["fwdbwd"])
         axes = ", ".join(f"{k}={v!r}" for k, v in vars(r["rule"]).items() if getattr(MemoryRule(), k) != v) or "-"
-        print(f"{n:<18}{f:>9.3f}{f / base['fwd']:>10.2f}{fb:>11.3f}{fb / base['fwdbwd']:>10.2f}  {axes}")
+        print(f"{n:<{w}}{f:>9.3f}{f / base['fwd']:>10.2f}{fb:>11.3f}{fb / base['fwdbwd']:>10.2f}  {axes}")
         out.append(dict(rule=n, axes=axes, fwd_s=f, fwdbwd_s=fb, fwd_ratio=f / base["fwd"],
                         fwdbwd_ratio=fb / base["fwdbwd"], fwd_all=r["fwd"], fwdbwd_all=r["fwdbwd"]))
     for n, why in skipped.items():
-        print(f"{n:<18}  not timed ({why[:110]}...)")
+        print(f"{n:<{w}}  not timed ({why[:110]}...)")
     if a.out:
         Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=out, skipped=skipped, state_reads=reads,
                                                torch=torch.__version__, threads=torch.get_num_threads(),
