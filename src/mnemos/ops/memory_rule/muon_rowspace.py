@@ -86,17 +86,17 @@ class _PlainNewtonSchulz(torch.autograd.Function):
         R = flat.new_empty(flat.shape[0], m, m) if polynomial else L.new_empty(0)
         kept = []
         for s in range(0, flat.shape[0], NS_BLOCK):
-            X = flat[s:s + NS_BLOCK] / r[s:s + NS_BLOCK]
+            end = out[s:s + NS_BLOCK]  # the last iterate is written here directly (no copy of the block)
+            X = torch.div(flat[s:s + NS_BLOCK], r[s:s + NS_BLOCK], out=end if steps == 0 else None)
             P, block = None, []
-            for _ in range(steps):
+            for k in range(steps):
                 G = X @ X.mT
                 Bk = torch.baddbmm(G, G, G, beta=b, alpha=c)  # b G + c G^2
                 if polynomial:
                     p = torch.add(Bk, eye, alpha=a)  # p_k
                     P = p if P is None else p @ P
                 block += [X, G, Bk]
-                X = torch.baddbmm(X, Bk, X, beta=a)  # a X + (b G + c G^2) X = p_k X
-            out[s:s + NS_BLOCK] = X
+                X = torch.baddbmm(X, Bk, X, beta=a, out=end if k == steps - 1 else None)  # a X + B X = p_k X
             if polynomial:
                 R[s:s + NS_BLOCK] = (eye if P is None else P) / r[s:s + NS_BLOCK]
             kept.append(block)
@@ -201,10 +201,12 @@ class RowspaceMuon(NamedTuple):
         """Every token's read through its own accumulator, ``A_i h_i`` for h ``[B, H, n, D_in]`` ->
         ``[B, H, n, D_out]``."""
         base = self.b.unsqueeze(-1) * (h @ self.A.mT)
+        # a matrix-vector product per token, as a product and a sum: a bmm with one column ran 3-4x slower here, and
+        # its backward's outer products up to 10x (docs/PERFORMANCE.md, "Atlas' fixed costs")
         if self.wide:
-            y = base + (self.Xs @ (h @ self.Q).unsqueeze(-1)).squeeze(-1)
+            y = base + (self.Xs * (h @ self.Q).unsqueeze(-2)).sum(-1)
         else:
-            y = base + (self.Xs.mT @ h.unsqueeze(-1)).squeeze(-1) @ self.Q.mT
+            y = base + (self.Xs * h.unsqueeze(-1)).sum(-2) @ self.Q.mT
         if self.correction is None:
             return y
         S, Wv, R, e, Pb, Pe, U = self.correction
