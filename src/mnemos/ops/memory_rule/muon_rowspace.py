@@ -202,7 +202,7 @@ class RowspaceMuon(NamedTuple):
         ``[B, H, n, D_out]``."""
         base = self.b.unsqueeze(-1) * (h @ self.A.mT)
         # a matrix-vector product per token, as a product and a sum: a bmm with one column ran 3-4x slower here, and
-        # its backward's outer products up to 10x (docs/PERFORMANCE.md, "Atlas' fixed costs")
+        # its backward's outer products up to 10x (docs/PERFORMANCE.md, "Session 42")
         if self.wide:
             y = base + (self.Xs * (h @ self.Q).unsqueeze(-2)).sum(-1)
         else:
