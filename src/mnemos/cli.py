@@ -34,7 +34,7 @@ def _set_threads(n: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .train.demo import DemoConfig, run_demo
+    from .train.demo import TITANS_VARIANTS, DemoConfig, run_demo
 
     gpu = torch.cuda.is_available()  # on a GPU the same command trains longer and wider models (not yet run on one)
     steps = args.steps if args.steps is not None else (3000 if gpu else DemoConfig.steps)
@@ -42,12 +42,12 @@ def _demo(args: argparse.Namespace) -> int:
                      out_dir=args.out)
     print(f"mnemos {__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads")
     print(
-        f"Training a Titans {cfg.memory_variant.upper()} model and a sliding-window-attention (SWA) model of the same "
-        f"size on\nassociative recall (MQAR: {cfg.num_kv_pairs} key-value pairs, then queries; vocabulary "
+        f"Training {'a Titans ' if cfg.memory_variant in TITANS_VARIANTS else 'an '}{cfg.memory_variant.upper()} model "
+        f"and a sliding-window-attention (SWA) model of the same size on\nassociative recall (MQAR: {cfg.num_kv_pairs} key-value pairs, then queries; vocabulary "
         f"{cfg.vocab_size}), {cfg.steps} steps each.\nThe SWA stack ({cfg.n_layers} layers of window {cfg.window}) "
         f"sees at most {cfg.reach} tokens back; "
-        + ("the LMM model has no attention at all: its only token mixer is the neural memory.\n"
-           if cfg.memory_variant == "lmm" else
+        + (f"the {cfg.memory_variant.upper()} model has no attention at all: its only token mixer is the neural "
+           "memory.\n" if cfg.memory_only else
            f"the {cfg.memory_variant.upper()} model has the same window plus a neural memory.\n"), flush=True,
     )
     report = run_demo(cfg)
@@ -225,11 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.memorize import MemorizeConfig
     from .eval.registry import ints_arg
+    from .train.demo import DEMO_VARIANTS
 
     d = {f.name: f.default for f in fields(MemorizeConfig)}
     dm = sub.add_parser("demo", help="train a Titans model and an SWA baseline on recall; show what memory adds")
-    dm.add_argument("--variant", default="lmm", choices=["lmm", "mal", "mag", "mac"],
-                    help="the Titans model (default %(default)s)")
+    dm.add_argument("--variant", default="lmm", choices=DEMO_VARIANTS,
+                    help="the memory model: a Titans model (lmm, mal, mag, mac) or a memory-only model of its family "
+                         "(moneta, yaad, memora: Miras; atlas); default %(default)s")
     dm.add_argument("--steps", type=int, default=None, help="training steps per model (default 800 on CPU, 3000 on CUDA)")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default %(default)s)")

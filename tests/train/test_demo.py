@@ -54,3 +54,23 @@ def test_recall_by_distance_and_the_table_without_training():
     assert row["any_value_level"] == 0.25 and row["chance"] == 1 / 64
     report = DemoReport(cfg, [{"model": "m", "seq_len": 64, "train_s": 1.0, **row}])
     assert "| 1.00 (1.00) | 1 s |" in report.table() and "1/K = 0.25" in report.table()
+
+
+def test_the_demo_takes_the_rule_family_memory_only_and_rejects_other_variants(capsys):
+    """The rule family's models (moneta, yaad, memora, atlas) are demo variants, memory-only like lmm; the Titans
+    models with attention are not memory-only; anything else is refused by the config (naming every variant) and by
+    the command line."""
+    from mnemos.cli import main
+    from mnemos.models import VARIANTS
+    from mnemos.train.demo import DEMO_VARIANTS, RULE_VARIANTS
+
+    assert set(DEMO_VARIANTS) <= set(VARIANTS)
+    for v in DEMO_VARIANTS:
+        assert DemoConfig(memory_variant=v).memory_only == (v == "lmm" or v in RULE_VARIANTS)
+    assert not DemoConfig(memory_variant="mag").memory_only
+    with pytest.raises(ValueError, match="memory_variant must be one of lmm, mal, mag, mac, moneta, yaad, memora, "
+                                         "atlas, got 'swa'"):
+        DemoConfig(memory_variant="swa")
+    with pytest.raises(SystemExit):
+        main(["demo", "--variant", "transformer"])
+    assert "invalid choice: 'transformer'" in capsys.readouterr().err

@@ -262,7 +262,8 @@ register_variant(VariantSpec(
 def _rule_lmm(rule: str, momentum: bool) -> Callable[[MnemosConfig], nn.Module]:
     """The LMM mixer with ``memory.rule`` set to the preset ``rule`` and ``memory.momentum`` to ``momentum`` (False:
     eta = 0, the plain gradient descent of Miras' models); every other memory.* key applies, the axes included, but
-    ``memory.impl``: "auto", as these rules have one implementation yet, the op's reference (issue 14, section 2)."""
+    ``memory.impl``: "auto", which takes the op's chunked torch path for these rules (the Triton kernels cover
+    Titans' axes only and refuse them; the token-by-token reference is for tests, not a speed path)."""
     def build(c: MnemosConfig) -> nn.Module:
         memory = replace(c.memory, rule=rule, momentum=momentum, impl="auto")
         return LongTermMemory(c.d_model, c.n_heads, num_persistent=c.num_persistent, memory_config=memory)

@@ -24,9 +24,17 @@ from .config import load_config
 from .loop import train
 
 
+TITANS_VARIANTS = ("lmm", "mal", "mag", "mac")
+# the memory-only models of the rule's family (docs/MODELS.md, "The Miras and Atlas memories"), as lmm: no attention
+RULE_VARIANTS = ("moneta", "yaad", "memora", "atlas")
+DEMO_VARIANTS = TITANS_VARIANTS + RULE_VARIANTS
+
+
 @dataclass
 class DemoConfig:
-    memory_variant: str = "lmm"  # the Titans model: lmm, mal, mag or mac (docs/MODELS.md: MAL and MAC learn slower)
+    # the memory model: a Titans model (lmm, mal, mag, mac; docs/MODELS.md: MAL and MAC learn slower) or a memory-only
+    # model of its family (moneta, yaad, memora, atlas)
+    memory_variant: str = "lmm"
     steps: int = 800
     vocab_size: int = 64
     num_kv_pairs: int = 8
@@ -43,11 +51,16 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.memory_variant not in ("mag", "mal", "mac", "lmm"):
-            raise ValueError(f"memory_variant must be one of mag, mal, mac, lmm, got {self.memory_variant!r}")
+        if self.memory_variant not in DEMO_VARIANTS:
+            raise ValueError(f"memory_variant must be one of {', '.join(DEMO_VARIANTS)}, got {self.memory_variant!r}")
         for name in ("steps", "num_kv_pairs", "seq_len", "window", "d_model", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def memory_only(self) -> bool:
+        """Whether the memory model has no attention at all (lmm and the rule family's models)."""
+        return self.memory_variant == "lmm" or self.memory_variant in RULE_VARIANTS
 
     @property
     def reach(self) -> int:
