@@ -23,7 +23,7 @@ Usage (the CPU shape of issue 14: B 2, T 2048, dim 256 = 4 heads x 64, depth 2, 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans yaad --seq-len 512
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans moneta memora --state-reads
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules titans atlas-formed atlas
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules atlas atlas:ns_steps=1 atlas:window=1
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/memory_rules_speed.py --rules atlas atlas:ns_steps=1,window=1
     PYTHONPATH=src python benchmarks/memory_rules_speed.py --device cuda --rules titans atlas-formed atlas-rowspace
 """
 

@@ -41,11 +41,12 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(memory_variant=args.variant, steps=steps, d_model=128 if gpu else 64, seed=args.seed,
                      out_dir=args.out)
     print(f"mnemos {__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads")
+    article = "a Titans" if cfg.memory_variant in TITANS_VARIANTS else "an" if cfg.memory_variant[0] in "aeiou" else "a"
     print(
-        f"Training {'a Titans ' if cfg.memory_variant in TITANS_VARIANTS else 'an '}{cfg.memory_variant.upper()} model "
-        f"and a sliding-window-attention (SWA) model of the same size on\nassociative recall (MQAR: {cfg.num_kv_pairs} key-value pairs, then queries; vocabulary "
-        f"{cfg.vocab_size}), {cfg.steps} steps each.\nThe SWA stack ({cfg.n_layers} layers of window {cfg.window}) "
-        f"sees at most {cfg.reach} tokens back; "
+        f"Training {article} {cfg.memory_variant.upper()} model "
+        f"and a sliding-window-attention (SWA) model of the same size on\nassociative recall (MQAR: "
+        f"{cfg.num_kv_pairs} key-value pairs, then queries; vocabulary {cfg.vocab_size}), {cfg.steps} steps each.\n"
+        f"The SWA stack ({cfg.n_layers} layers of window {cfg.window}) sees at most {cfg.reach} tokens back; "
         + (f"the {cfg.memory_variant.upper()} model has no attention at all: its only token mixer is the neural "
            "memory.\n" if cfg.memory_only else
            f"the {cfg.memory_variant.upper()} model has the same window plus a neural memory.\n"), flush=True,
