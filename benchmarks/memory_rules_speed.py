@@ -48,6 +48,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from mnemos.ops import RULES, MemoryRule, neural_memory
 from speed_common import add_denormals_flag, cpu_model, git_commit, set_denormals
 from mnemos.ops.memory_rule import dense_scan
+from mnemos.layers.neural_memory import MemorySettings
 from mnemos.models.config import read_yaml
 from mnemos.ops.memory_rule.rule import torch_unsupported_reason
 
@@ -92,8 +93,8 @@ def row_rule(name: str) -> MemoryRule:
             raise ValueError(f"--rules: {name!r}: each change must be axis=value with an axis of {sorted(fields)}, "
                              f"got {item!r}")
         axes[key.strip()] = read_yaml(raw)
-    try:
-        return dataclasses.replace(RULES[base], **axes)
+    try:  # the layer's own "preset plus axes" (memory.rule=atlas memory.ns_steps=1), with its range checks
+        return MemorySettings(rule=base, **axes).memory_rule
     except (TypeError, ValueError) as e:
         raise ValueError(f"--rules: {name!r}: {e}") from None
 

@@ -34,14 +34,14 @@ def _set_threads(n: int) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .train.demo import TITANS_VARIANTS, DemoConfig, run_demo
+    from .train.demo import PAPER_VARIANTS, DemoConfig, run_demo
 
     gpu = torch.cuda.is_available()  # on a GPU the same command trains longer and wider models (not yet run on one)
     steps = args.steps if args.steps is not None else (3000 if gpu else DemoConfig.steps)
     cfg = DemoConfig(memory_variant=args.variant, steps=steps, d_model=128 if gpu else 64, seed=args.seed,
                      out_dir=args.out)
     print(f"mnemos {__version__} · torch {torch.__version__} · {torch.get_num_threads()} threads")
-    article = "a Titans" if cfg.memory_variant in TITANS_VARIANTS else "an" if cfg.memory_variant[0] in "aeiou" else "a"
+    article = "a Titans" if cfg.memory_variant in PAPER_VARIANTS else "an" if cfg.memory_variant[0] in "aeiou" else "a"
     print(
         f"Training {article} {cfg.memory_variant.upper()} model "
         f"and a sliding-window-attention (SWA) model of the same size on\nassociative recall (MQAR: "

@@ -20,14 +20,16 @@ import torch
 from ..checkpoint import load_model_weights
 from ..data import MQARConfig, mqar_recall_metrics
 from ..models import MnemosLM
+from ..models.config import ATTENTION_VARIANTS, TITANS_VARIANTS
 from .config import load_config
 from .loop import train
 
 
-TITANS_VARIANTS = ("lmm", "mal", "mag", "mac")
-# the memory-only models of the rule's family (docs/MODELS.md, "The Miras and Atlas memories"), as lmm: no attention
-RULE_VARIANTS = ("moneta", "yaad", "memora", "atlas")
-DEMO_VARIANTS = TITANS_VARIANTS + RULE_VARIANTS
+PAPER_VARIANTS = ("lmm", "mal", "mag", "mac")  # the Titans paper's four
+# the rest of the registry's Titans family: the memory-only models of the rule's family (docs/MODELS.md, "The Miras and
+# Atlas memories")
+RULE_VARIANTS = tuple(v for v in TITANS_VARIANTS if v not in PAPER_VARIANTS)
+DEMO_VARIANTS = PAPER_VARIANTS + RULE_VARIANTS
 
 
 @dataclass
@@ -60,7 +62,7 @@ class DemoConfig:
     @property
     def memory_only(self) -> bool:
         """Whether the memory model has no attention at all (lmm and the rule family's models)."""
-        return self.memory_variant == "lmm" or self.memory_variant in RULE_VARIANTS
+        return self.memory_variant not in ATTENTION_VARIANTS
 
     @property
     def reach(self) -> int:
